@@ -1,0 +1,330 @@
+"""Input data: read rows, turn each into chat messages, then into token ids and an answer mask.
+
+Formats, detected per row (first match wins):
+
+- ``--prompt-field`` / ``--response-field`` given: those two columns (e.g. GSM8K's
+  ``question`` / ``answer``);
+- ``messages``: a list of ``{role, content}`` with roles system, user, assistant; every
+  assistant turn is answer (multi-turn chats train on all of them);
+- ``prompt`` + ``response``;
+- alpaca: ``instruction`` + optional ``input`` + ``output``.
+
+A ``system`` column, where present, becomes the system message of the non-chat formats.
+
+The tokenizer's chat template renders the conversation once; answer tokens are those whose text
+lies inside an assistant turn's content up to and including the end-of-turn token.
+
+Truncation rule ("right"): with ``--max-length N`` a sequence keeps its first N tokens; answer
+tokens past N are dropped (and counted out of m). A row whose first answer token lies past N is
+rejected rather than trained on with nothing to learn.
+
+Every row ends up either as an :class:`Example` or as a :class:`Rejection` naming its file,
+line and field, so nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+TRUNCATION_RULE = "right"  # keep the first max_length tokens
+ROLES = ("system", "user", "assistant")
+BUILTIN_DATA = {"demo": "demo.jsonl"}
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the line (or row) and the field."""
+
+    def __init__(self, path: str, line: int | None, field_name: str | None, reason: str):
+        self.path, self.line, self.field, self.reason = path, line, field_name, reason
+        where = path if line is None else f"{path}:{line}"
+        what = f" field {field_name!r}:" if field_name else ""
+        super().__init__(f"{where}:{what} {reason}")
+
+
+@dataclass
+class FieldSpec:
+    """Which columns hold the prompt and the answer, when they are not a known format."""
+
+    prompt_field: str | None = None
+    response_field: str | None = None
+    system_field: str = "system"
+    id_field: str = "id"
+
+
+@dataclass
+class Example:
+    """One tokenized sample: the ids and which of them are answer tokens."""
+
+    id: str
+    line: int
+    input_ids: list[int]
+    answer_mask: list[bool]
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.answer_mask)
+
+
+@dataclass
+class Rejection:
+    """A row that did not make it into the cache, and why."""
+
+    path: str
+    line: int
+    field: str | None
+    reason: str
+    raw: str = ""
+
+    def as_dict(self) -> dict:
+        return {"file": self.path, "line": self.line, "field": self.field,
+                "reason": self.reason, "raw": self.raw[:2000]}
+
+
+@dataclass
+class RawRow:
+    line: int
+    record: dict | None = None
+    error: DataError | None = None
+    raw: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_data(name: str) -> Path:
+    """A file path, or a built-in data set name (`demo`)."""
+    if name in BUILTIN_DATA and not Path(name).exists():
+        return Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DataError(str(path), None, None, "no such file")
+    if path.is_dir():
+        raise DataError(str(path), None, None, "is a folder; give a .jsonl or .parquet file")
+    return path
+
+
+def read_rows(path: Path) -> Iterator[RawRow]:
+    """Rows of a JSONL or Parquet file, with their 1-based line (JSONL) or row (Parquet) number."""
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    if suffix in {".jsonl", ".json", ".ndjson"}:
+        yield from _read_jsonl(path)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path)
+    else:
+        raise DataError(str(path), None, None,
+                        f"unknown file type {path.suffix!r}: use .jsonl or .parquet")
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
+    with path.open("rb") as handle:
+        for line_no, raw_bytes in enumerate(handle, start=1):
+            if not raw_bytes.strip():
+                continue
+            try:
+                text = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as error:
+                reason = f"not valid UTF-8 (byte {error.start})"
+                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason),
+                             raw=raw_bytes.decode("utf-8", "replace"))
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                reason = f"malformed JSON ({error.msg} at column {error.colno})"
+                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
+                continue
+            if not isinstance(record, dict):
+                reason = f"expected a JSON object, got {type(record).__name__}"
+                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
+                continue
+            yield RawRow(line_no, record=record, raw=text.rstrip("\n"))
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import polars as pl
+
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as error:  # polars raises several types for a broken file
+        raise DataError(str(path), None, None, f"cannot read Parquet: {error}") from error
+    for row_no, record in enumerate(frame.iter_rows(named=True), start=1):
+        yield RawRow(row_no, record=record, raw=json.dumps(record, default=str))
+
+
+def _require_text(record: dict, key: str, path: str, line: int, allow_empty=False) -> str:
+    if key not in record or record[key] is None:
+        raise DataError(path, line, key, "missing")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(path, line, key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(path, line, key, "empty")
+    return value
+
+
+def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dict]:
+    """The row as chat messages, or a DataError saying which field is wrong."""
+    system = record.get(spec.system_field)
+    if system is not None and not isinstance(system, str):
+        raise DataError(path, line, spec.system_field, "expected a string")
+    head = [{"role": "system", "content": system}] if system else []
+
+    if spec.prompt_field or spec.response_field:
+        if not (spec.prompt_field and spec.response_field):
+            raise DataError(path, None, None,
+                            "--prompt-field and --response-field must be given together")
+        prompt = _require_text(record, spec.prompt_field, path, line)
+        answer = _require_text(record, spec.response_field, path, line)
+        return head + [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": answer}]
+    if "messages" in record:
+        return _chat_messages(record["messages"], path, line)
+    if "prompt" in record and "response" in record:
+        prompt = _require_text(record, "prompt", path, line)
+        answer = _require_text(record, "response", path, line)
+        return head + [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": answer}]
+    if "instruction" in record and "output" in record:
+        instruction = _require_text(record, "instruction", path, line)
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise DataError(path, line, "input", "expected a string")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        answer = _require_text(record, "output", path, line)
+        return head + [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": answer}]
+    columns = ", ".join(sorted(record)) or "none"
+    raise DataError(path, line, None,
+                    f"unknown format (columns: {columns}); expected 'messages', "
+                    "'prompt'+'response', 'instruction'+'output', or name the columns with "
+                    "--prompt-field/--response-field")
+
+
+def _chat_messages(messages, path: str, line: int) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, line, "messages", "expected a non-empty list of {role, content}")
+    cleaned = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise DataError(path, line, where, "expected an object with role and content")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(path, line, f"{where}.role",
+                            f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(path, line, f"{where}.content",
+                            f"expected a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise DataError(path, line, f"{where}.content", "empty answer")
+        cleaned.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in cleaned):
+        raise DataError(path, line, "messages", "no assistant turn: nothing to train on")
+    return cleaned
+
+
+def tokenize_conversation(
+    tokenizer, messages: list[dict], max_length: int | None
+) -> tuple[list[int], list[bool], bool]:
+    """Token ids, answer mask and whether truncation happened, for one conversation.
+
+    The template renders prefixes of the conversation; the text between "everything before
+    assistant turn i, with the generation prompt" and "everything through turn i" is turn i's
+    answer, cut just after its end-of-turn token so that a template's trailing newline is not
+    trained on.
+    """
+    full_text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+        if not (through.startswith(before) and full_text.startswith(through)):
+            raise ValueError("the chat template does not render conversations prefix by prefix; "
+                             "cannot locate the answer tokens")
+        end = len(through)
+        end_of_turn = tokenizer.eos_token
+        if end_of_turn and (found := through.rfind(end_of_turn, len(before))) >= 0:
+            end = found + len(end_of_turn)
+        spans.append((len(before), end))
+
+    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    answer_mask = [
+        any(start <= token_start < stop for start, stop in spans)
+        for token_start, _ in encoded["offset_mapping"]
+    ]
+    answer_mask[0] = False  # the first token has nothing before it to predict it
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, answer_mask = input_ids[:max_length], answer_mask[:max_length]
+    return input_ids, answer_mask, truncated
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    if not messages:  # an empty prefix renders as nothing, whatever the template says
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def row_id(record: dict, spec: FieldSpec) -> str:
+    """The row's `id` column if it has one, else a hash of its content (stable across runs)."""
+    if (value := record.get(spec.id_field)) is not None:
+        return str(value)
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def iter_examples(
+    path: Path,
+    tokenizer,
+    spec: FieldSpec | None = None,
+    max_length: int | None = None,
+    on_bad: str = "error",
+) -> Iterator[Example | Rejection]:
+    """Every row of `path` as an Example or (with on_bad="skip") a Rejection; never dropped.
+
+    With on_bad="error" the first bad row raises a DataError naming file, line and field.
+    """
+    if on_bad not in {"error", "skip"}:
+        raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    spec = spec or FieldSpec()
+    path_str = str(path)
+    seen_ids: dict[str, int] = {}
+    for row in read_rows(path):
+        try:
+            if row.error is not None:
+                raise row.error
+            messages = to_messages(row.record, spec, path_str, row.line)
+            example_id = row_id(row.record, spec)
+            if example_id in seen_ids:
+                if spec.id_field in row.record:
+                    raise DataError(path_str, row.line, spec.id_field,
+                                    f"duplicate id {example_id!r} (first on line "
+                                    f"{seen_ids[example_id]})")
+                # Identical rows without ids are legitimate up-sampling: number the repeats.
+                example_id = f"{example_id}#{row.line}"
+            try:
+                input_ids, answer_mask, truncated = tokenize_conversation(
+                    tokenizer, messages, max_length)
+            except ValueError as error:
+                raise DataError(path_str, row.line, "messages", str(error)) from error
+            if not any(answer_mask):
+                raise DataError(path_str, row.line, None,
+                                f"answer truncated to zero tokens by --max-length {max_length} "
+                                f"(the prompt alone has {len(input_ids)}+ tokens)")
+            seen_ids[example_id] = row.line
+            yield Example(example_id, row.line, input_ids, answer_mask, truncated)
+        except DataError as error:
+            if on_bad == "error":
+                raise
+            yield Rejection(path_str, row.line, error.field, error.reason, row.raw)

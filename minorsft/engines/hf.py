@@ -1,0 +1,57 @@
+"""The transformers scoring engine: runs anywhere torch runs (the default without vLLM)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from minorsft.data import Example
+from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.models import load_model, pick_attention, pick_device, pick_dtype
+
+
+def token_budget_batches(examples: list[Example], max_batch_tokens: int) -> list[list[int]]:
+    """Indices of `examples` grouped longest-first so each padded batch fits the token budget.
+
+    Sorting by length first means little padding; the budget counts padded tokens
+    (rows x longest row), which is what the forward pass pays for.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    batches, current, width = [], [], 0
+    for index in order:
+        length = len(examples[index].input_ids)
+        new_width = max(width, length)
+        if current and new_width * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current, new_width = [], length
+        current.append(index)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TransformersEngine:
+    name = "transformers"
+    version = transformers.__version__
+
+    def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto",
+                 max_batch_tokens: int = 8192, attention: str = "auto"):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model = load_model(model_path, self.dtype, self.device,
+                                pick_attention(attention, self.device))
+        self.model.eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.max_batch_tokens = max_batch_tokens
+
+    @torch.inference_mode()
+    def score(self, examples: list[Example]) -> list[float]:
+        scores = [0.0] * len(examples)
+        for batch in token_budget_batches(examples, self.max_batch_tokens):
+            tensors = pad_batch([examples[i].input_ids for i in batch],
+                                [examples[i].answer_mask for i in batch], self.pad_id, self.device)
+            for index, value in zip(batch, answer_logps(self.model, *tensors).tolist(),
+                                    strict=True):
+                scores[index] = value
+        return scores

