@@ -14,9 +14,9 @@ ref_logps      float64          log pi_ref(y|x): the answer's summed reference l
 truncated      bool             whether --max-length cut the sequence
 =============  ===============  =========================================================
 
-The file's key-value metadata ``minorsft`` holds a JSON object: model name and fingerprints, max length
-and truncation rule, dtype, engine and its version, package version, row count. This module
-knows no model: it stores and checks what it is given.
+The file's key-value metadata ``minorsft`` holds a JSON object: model name and fingerprints,
+max length and truncation rule, dtype, engine and its version, package version, row count.
+This module knows no model: it stores and checks what it is given.
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
-        raise ModelError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+        raise ModelError(
+            f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
 def pick_attention(requested: str, device: torch.device) -> str:

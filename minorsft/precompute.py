@@ -17,7 +17,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
 from minorsft.cache import CacheWriter
-from minorsft.data import TRUNCATION_RULE, Example, FieldSpec, Rejection, iter_examples, resolve_data
+from minorsft.data import (
+    TRUNCATION_RULE,
+    Example,
+    FieldSpec,
+    Rejection,
+    iter_examples,
+    resolve_data,
+)
 from minorsft.engines import make_engine
 from minorsft.models import dtype_name, fingerprint, load_tokenizer, resolve_model
 

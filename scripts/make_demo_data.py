@@ -43,7 +43,7 @@ for q, a in facts:
     rows.append({"messages": [
         {"role": "system", "content": "You answer in one short sentence."},
         {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-for index in range(6):
+for _ in range(6):
     x, y = random.randint(2, 12), random.randint(2, 12)
     rows.append({"messages": [
         {"role": "user", "content": f"What is {x} times {y}?"},
