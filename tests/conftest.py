@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny random chat model built from a config (no downloads), demo rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Tom has 3 apples and buys 4 more, so he has 7 apples. The answer is 7.",
+    "You are a helpful assistant. Answer in one short sentence, please.",
+    "system user assistant question answer instruction input output response",
+    "0 1 2 3 4 5 6 7 8 9 + - = x times plus minus how many are left in total",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with a ChatML template, trained in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_model(tokenizer, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).float()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer folder that `--model` accepts."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+DEMO_ROWS = [
+    {"id": "a", "messages": [{"role": "user", "content": "What is the capital of France?"},
+                             {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"id": "b", "prompt": "Tom has 3 apples and buys 4 more.", "response": "He has 7 apples."},
+    {"id": "c", "instruction": "Answer in one short sentence.", "input": "how many are left",
+     "output": "3 are left in total."},
+    {"id": "d", "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "2 plus 3"}, {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "times 2"}, {"role": "assistant", "content": "10"}]},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings for deliberately broken lines) as JSONL."""
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture
+def demo_jsonl(tmp_path) -> Path:
+    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(4) for row in DEMO_ROWS]
+    return write_jsonl(tmp_path / "sft.jsonl", rows)

@@ -1,0 +1,22 @@
+"""Precompute then train on the tiny random model, through the Python API."""
+
+from minorsft.cache import iter_rows, read_metadata
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, run_train
+
+
+def test_precompute_then_train_tiny(tiny_model_dir, demo_jsonl, tmp_path):
+    cache = tmp_path / "ref.parquet"
+    summary = run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                              out=str(cache), max_batch_tokens=256))
+    assert summary.rows_cached == 16 and summary.rows_rejected == 0
+    metadata = read_metadata(cache)
+    assert metadata["rows"] == 16 and metadata["engine"] == "transformers"
+    rows = list(iter_rows(cache))
+    assert [r["id"] for r in rows][:4] == ["a0", "b0", "c0", "d0"]
+    assert all(r["num_tokens"] == sum(r["answer_mask"]) > 0 for r in rows)
+    history = run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"),
+                                    batch_size=8, micro_batch_size=4, lr=1e-3))
+    assert len(history) == 2
+    assert abs(history[0]["m_theta"]) < 1e-5
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
