@@ -73,10 +73,28 @@ def precompute(
     dtype: Annotated[str, typer.Option(
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16. Score in the "
              "dtype you will train in.")] = "auto",
-    engine: Annotated[str, typer.Option(help="Scoring engine: auto or transformers.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    engine: Annotated[str, typer.Option(
+        help="Scoring engine: vllm, transformers, or auto (vllm when it is installed and a "
+             "CUDA GPU is present, else transformers).")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (transformers "
+                                             "engine; vLLM picks its own).")] = "auto",
     max_batch_tokens: Annotated[int, typer.Option(
-        help="Padded tokens per scoring batch (bounds memory).")] = 8192,
+        help="Tokens per scoring batch, which bounds memory: padded tokens per forward pass "
+             "(transformers) or vLLM's max_num_batched_tokens per engine step (prompt "
+             "log-probs hold a [tokens x vocab] fp32 tensor).")] = 8192,
+    tensor_parallel_size: Annotated[int | None, typer.Option(
+        help="vLLM: GPUs to shard the model over.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(
+        help="vLLM: share of GPU memory it may take (default 0.9; on a CPU build, share of "
+             "RAM, default 0.3).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="vLLM: longest sequence + 1 (default: the model's limit).")] = None,
+    verify_sample: Annotated[int, typer.Option(
+        help="Rows recomputed at the end by the trainer's engine to measure the cache's "
+             "drift (stored in the cache metadata; see `minorsft verify`). 0 skips.")] = 16,
+    verify_dtype: Annotated[str, typer.Option(
+        help="The dtype training will use, for that check (auto: fp32 on CPU, bf16 on "
+             "GPU).")] = "auto",
     on_bad: Annotated[str, typer.Option(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
              "writes it to <out>.rejects.jsonl with the reason.")] = "error",
@@ -88,7 +106,10 @@ def precompute(
         config = PrecomputeConfig(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
             response_field=response_field, max_length=max_length or None, dtype=dtype,
-            engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad)
+            engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+            verify_sample=verify_sample, verify_dtype=verify_dtype)
     except ValueError as error:
         _fail(str(error))
     summary = _run(run_precompute, config)
@@ -153,6 +174,49 @@ def train(
     except ValueError as error:
         _fail(str(error))
     _run(run_train, config)
+
+
+@app.command()
+def verify(
+    *,
+    cache: Annotated[Path, typer.Option(help="Cache written by `minorsft precompute`.")] = Path(
+        "cache/ref.parquet"),
+    model: Annotated[str | None, typer.Option(
+        help="The model training will start from; default: the model that wrote the "
+             "cache.")] = None,
+    sample: Annotated[int, typer.Option(help="Random rows to recompute.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample.")] = 0,
+    beta: Annotated[float, typer.Option(help="The beta training will use.")] = 0.04,
+    dtype: Annotated[str, typer.Option(
+        help="The dtype training will use: auto (fp32 on CPU, bf16 on GPU), float32, "
+             "bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_batch_tokens: Annotated[int, typer.Option(help="Tokens per scoring batch.")] = 8192,
+    max_delta_r: Annotated[float, typer.Option(
+        help="Exit with status 1 when any sampled answer's |delta r| exceeds this (nats).")
+    ] = 1.0,
+    rescore: Annotated[bool, typer.Option(
+        help="Also recompute the sample with the cache's own engine (vLLM: starts it) to get "
+             "per-token figures.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    allow_mismatch: Annotated[bool, typer.Option(
+        help="Check even if the cache was written by a different model/tokenizer.")] = False,
+):
+    """Measure how far the cache's reference log-probs are from what training computes."""
+    from minorsft.verify import VerifyConfig, run_verify
+
+    try:
+        config = VerifyConfig(
+            cache=str(cache), model=model, sample=sample, seed=seed, beta=beta, dtype=dtype,
+            device=device, max_batch_tokens=max_batch_tokens, max_delta_r=max_delta_r,
+            rescore=rescore, allow_mismatch=allow_mismatch)
+    except ValueError as error:
+        _fail(str(error))
+    report = _run(run_verify, config)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    if not report.passed:
+        raise typer.Exit(code=1)
 
 
 @cache_app.command("info")

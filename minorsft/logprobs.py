@@ -71,7 +71,8 @@ def answer_logps(
     answer_mask: torch.Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_tokens: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Summed answer log-probs [B] (fp32) for right-padded batches.
 
     Args:
@@ -81,11 +82,18 @@ def answer_logps(
         answer_mask: [B, T], true for answer tokens (never on the first position).
         chunk_tokens: answer positions sent through the output head at once.
         position_ids: optional [B, T] positions.
+        return_tokens: return the per-token log-probs [N] of the answer tokens (row-major
+            order) and their sample index [N] instead of the sums (for drift checks).
     """
     if _final_logit_transform(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids).logits
-        return sequence_logps(logits, input_ids, answer_mask.bool())
+        if not return_tokens:
+            return sequence_logps(logits, input_ids, answer_mask.bool())
+        sample_index, position = answer_mask[:, 1:].bool().nonzero(as_tuple=True)
+        token_logps = torch.log_softmax(logits[sample_index, position].float(), dim=-1)
+        labels = input_ids[sample_index, position + 1].unsqueeze(-1)
+        return token_logps.gather(-1, labels).squeeze(-1), sample_index
 
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
@@ -105,5 +113,7 @@ def answer_logps(
         else:
             chunks.append(_chunk_logps(*args))
     token_logps = torch.cat(chunks) if chunks else picked_hidden.new_zeros(0, dtype=torch.float32)
+    if return_tokens:
+        return token_logps, sample_index
     summed = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     return summed.index_add(0, sample_index, token_logps)

@@ -27,6 +27,12 @@ from minorsft.data import (
 )
 from minorsft.engines import make_engine
 from minorsft.models import dtype_name, fingerprint, load_tokenizer, resolve_model
+from minorsft.verify import (
+    DEFAULT_PRECOMPUTE_SAMPLE,
+    DriftSample,
+    format_report,
+    precompute_drift_check,
+)
 
 
 @dataclass
@@ -45,12 +51,22 @@ class PrecomputeConfig:
     max_batch_tokens: int = 8192
     window_rows: int = 1024
     on_bad: str = "error"
+    # vLLM engine only (None: vLLM's default or minorsft's, see engines/vllm_engine.py)
+    tensor_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    # The drift check at the end (verify.py): rows recomputed by the trainer's engine, 0 = skip.
+    verify_sample: int = DEFAULT_PRECOMPUTE_SAMPLE
+    verify_dtype: str = "auto"  # the dtype training will use
+    verify_beta: float = 0.04
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("--max-length must be at least 2")
         if self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens must be positive")
+        if self.verify_sample < 0:
+            raise ValueError("--verify-sample must be 0 (skip) or positive")
 
 
 @dataclass
@@ -82,7 +98,10 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     tokenizer = load_tokenizer(model_path)
     spec = FieldSpec(config.prompt_field, config.response_field)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
-                         config.max_batch_tokens)
+                         config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
+                         gpu_memory_utilization=config.gpu_memory_utilization,
+                         max_model_len=config.max_model_len)
+    drift_sample = DriftSample(config.verify_sample)
     out = Path(config.out)
     metadata = {
         "model": config.model,
@@ -93,6 +112,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         "dtype": dtype_name(engine.dtype),
         "engine": engine.name,
         "engine_version": engine.version,
+        "engine_settings": engine.describe(),
         "minorsft_version": __version__,
         "source": str(data_path),
         "fields": asdict(spec),
@@ -119,6 +139,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                 if not window:
                     return
                 scores = engine.score(window)
+                drift_sample.offer(window, scores)
                 writer.write({
                     "id": [e.id for e in window],
                     "line": [e.line for e in window],
@@ -150,8 +171,15 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         if rows_cached == 0:
             raise ValueError(f"{data_path}: no usable rows (rejected {rejected}; see "
                              f"{rejects_file})")
-        writer.close({"rows_in": rows_cached + rejected, "rows_rejected": rejected,
-                      "answer_tokens": answer_tokens})
+        extra = {"rows_in": rows_cached + rejected, "rows_rejected": rejected,
+                 "answer_tokens": answer_tokens}
+        if config.verify_sample:
+            report = precompute_drift_check(
+                drift_sample, engine, model_path, metadata, config.verify_dtype, config.device,
+                config.verify_beta, config.max_batch_tokens)
+            console.print(format_report(report), highlight=False)
+            extra["drift"] = report.as_dict()
+        writer.close(extra)
     except BaseException:
         writer.abort()
         raise

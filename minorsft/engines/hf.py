@@ -7,7 +7,7 @@ import transformers
 
 from minorsft.data import Example
 from minorsft.logprobs import answer_logps, pad_batch
-from minorsft.models import load_model, pick_attention, pick_device, pick_dtype
+from minorsft.models import dtype_name, load_model, pick_attention, pick_device, pick_dtype
 
 
 def token_budget_batches(examples: list[Example], max_batch_tokens: int) -> list[list[int]]:
@@ -55,3 +55,26 @@ class TransformersEngine:
                                     strict=True):
                 scores[index] = value
         return scores
+
+    @torch.inference_mode()
+    def score_tokens(self, examples: list[Example]) -> list[list[float]]:
+        """Per-answer-token log-probs of each example, in the order of its answer tokens."""
+        values: list[list[float]] = [[] for _ in examples]
+        for batch in token_budget_batches(examples, self.max_batch_tokens):
+            tensors = pad_batch([examples[i].input_ids for i in batch],
+                                [examples[i].answer_mask for i in batch], self.pad_id, self.device)
+            token_logps, sample_index = answer_logps(self.model, *tensors, return_tokens=True)
+            for row, value in zip(sample_index.tolist(), token_logps.tolist(), strict=True):
+                values[batch[row]].append(value)
+        return values
+
+    def describe(self) -> dict:
+        """The settings worth recording in the cache metadata."""
+        return {"dtype": dtype_name(self.dtype), "device": self.device.type,
+                "max_batch_tokens": self.max_batch_tokens}
+
+    def close(self) -> None:
+        """Drop the model so its memory can be reused."""
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
