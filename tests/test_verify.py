@@ -1,0 +1,165 @@
+"""The drift check (verify.py), the engine choice, and `minorsft verify` on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minorsft.cache import CacheWriter, iter_rows, read_metadata
+from minorsft.cli import app
+from minorsft.data import Example
+from minorsft.engines import make_engine, resolve_engine_name
+from minorsft.engines.hf import TransformersEngine
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.verify import DriftSample, measure_drift, sample_rows
+
+
+class FixedEngine:
+    """A stand-in trainer engine returning given per-token log-probs (the maths test's input)."""
+
+    name, version = "fixed", "0"
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def score_tokens(self, examples):
+        return self.tokens[: len(examples)]
+
+    def describe(self):
+        return {"dtype": "float32"}
+
+
+def _row(row_id, ref_logps, num_tokens):
+    return {"id": row_id, "line": 1, "input_ids": list(range(num_tokens + 1)),
+            "answer_mask": [False] + [True] * num_tokens, "num_tokens": num_tokens,
+            "ref_logps": ref_logps}
+
+
+def test_measure_drift_figures_by_hand():
+    """Two rows, m = 2 and 4.
+
+    Trainer sums: -1.0 and -2.5; cache: -1.5 and -2.0, so delta_r = +0.5 and -0.5.
+    m_theta at step 0 = (0.5/2 + (-0.5)/4) / 2 = 0.0625. Coefficient 2 sigmoid(-beta r) at
+    beta = 1: 2/(1+e^0.5) = 0.75508 and 2/(1+e^-0.5) = 1.24492. Per-token |d| against the
+    reference engine's tokens (which sum to the cached values): 0.35, 0.15, 0, 0, 0, 0.5.
+    """
+    rows = [_row("a", -1.5, 2), _row("b", -2.0, 4)]
+    trainer = FixedEngine([[-0.4, -0.6], [-0.5, -0.5, -0.5, -1.0]])
+    reference_tokens = [[-0.75, -0.75], [-0.5, -0.5, -0.5, -0.5]]
+    report = measure_drift(rows, trainer, beta=1.0, reference={"engine": "x"},
+                           max_delta_r=0.4, reference_token_logps=reference_tokens)
+    assert report.delta_r_abs["max"] == pytest.approx(0.5)
+    assert report.delta_r_mean == pytest.approx(0.0)
+    assert report.m_theta_step0 == pytest.approx(0.0625)
+    assert report.coefficient["min"] == pytest.approx(2 / (1 + math.exp(0.5)))
+    assert report.coefficient["max"] == pytest.approx(2 / (1 + math.exp(-0.5)))
+    assert report.coefficient_max_error == pytest.approx(2 / (1 + math.exp(-0.5)) - 1)
+    assert report.token_abs_max == pytest.approx(0.5)
+    assert report.token_abs_mean == pytest.approx(1.0 / 6)
+    assert report.reference_repeat_max == pytest.approx(0.0)
+    assert not report.passed  # 0.5 > 0.4
+    assert json.dumps(report.as_dict())
+
+
+def test_measure_drift_refuses_a_token_count_mismatch():
+    with pytest.raises(ValueError, match="answer tokens"):
+        measure_drift([_row("a", -1.0, 3)], FixedEngine([[-1.0]]), 0.04, {})
+
+
+def test_samples_are_seeded_and_sized():
+    rows = [{"i": i} for i in range(100)]
+    first = sample_rows(iter(rows), 10, seed=3)
+    assert first == sample_rows(iter(rows), 10, seed=3)
+    assert len(first) == 10 and [r["i"] for r in first] == sorted(r["i"] for r in first)
+    assert sample_rows(iter(rows[:4]), 10) == rows[:4]
+    reservoir = DriftSample(3, seed=1)
+    for start in range(0, 20, 5):
+        window = [Example(str(i), i, [1, 2], [False, True]) for i in range(start, start + 5)]
+        reservoir.offer(window, [float(i) for i in range(start, start + 5)])
+    assert len(reservoir.rows()) == 3
+    assert all(r["ref_logps"] == float(r["id"]) for r in reservoir.rows())
+
+
+def test_auto_engine_is_transformers_without_a_gpu_or_vllm():
+    assert resolve_engine_name("transformers") == "transformers"
+    if not torch.cuda.is_available():
+        assert resolve_engine_name("auto") == "transformers"
+    with pytest.raises(ValueError, match="unknown engine"):
+        resolve_engine_name("tgi")
+
+
+def test_vllm_engine_without_vllm_says_how_to_install(tiny_model_dir):
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="not installed"):
+            make_engine("vllm", str(tiny_model_dir), "float32")
+    else:
+        pytest.skip("vLLM is installed here (tests/vllm covers it)")
+
+
+def test_precompute_stores_the_drift_check(tiny_model_dir, demo_jsonl, tmp_path):
+    """transformers fp32 cache vs transformers fp32 trainer: drift only from batching."""
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache), max_batch_tokens=256, verify_sample=6))
+    drift = read_metadata(cache)["drift"]
+    assert drift["rows"] == 6 and drift["passed"]
+    assert drift["reference"]["engine"] == "transformers"
+    assert drift["delta_r_abs"]["max"] < 1e-4
+    assert drift["token_abs_max"] < 1e-4
+
+
+def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_jsonl, tmp_path):
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache), max_batch_tokens=256, verify_sample=0))
+    assert "drift" not in read_metadata(cache)
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["rows"] == 8 and report["delta_r_abs"]["max"] < 1e-4
+    assert report["token_abs_mean"] is None  # per-token figures need --rescore
+
+    result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "4", "--rescore",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["token_abs_max"] < 1e-4
+
+    # The same cache with every reference log-prob moved by 2 nats: |delta r| = 2 > 1.
+    shifted = tmp_path / "shifted.parquet"
+    rows = list(iter_rows(cache))
+    writer = CacheWriter(shifted, {k: v for k, v in read_metadata(cache).items()
+                                   if k not in {"rows", "format_version"}})
+    writer.write({key: [r[key] - 2.0 if key == "ref_logps" else r[key] for r in rows]
+                  for key in rows[0]})
+    writer.close()
+    result = runner.invoke(app, ["verify", "--cache", str(shifted), "--sample", "4"])
+    assert result.exit_code == 1
+    assert "ABOVE THRESHOLD" in result.output
+
+
+def test_bfloat16_training_dtype_shows_drift(tiny_model_dir, demo_jsonl, tmp_path):
+    """A fp32 cache checked against a bf16 trainer must report a non-zero drift."""
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache), max_batch_tokens=256, verify_sample=8,
+                                    verify_dtype="bfloat16"))
+    drift = read_metadata(cache)["drift"]
+    assert drift["trainer"]["dtype"] == "bfloat16"
+    assert drift["token_abs_max"] > 1e-4
+    assert drift["delta_r_abs"]["max"] > 1e-4
+
+
+def test_transformers_score_tokens_sum_to_score(tiny_model_dir):
+    engine = TransformersEngine(str(tiny_model_dir), dtype="float32", max_batch_tokens=64)
+    examples = [Example("a", 1, [5, 6, 7, 8, 9], [False, False, True, True, True]),
+                Example("b", 2, [5, 9, 7], [False, True, True])]
+    tokens = engine.score_tokens(examples)
+    assert [len(t) for t in tokens] == [3, 2]
+    assert [sum(t) for t in tokens] == pytest.approx(engine.score(examples), abs=1e-5)
