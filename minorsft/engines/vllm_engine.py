@@ -31,8 +31,13 @@ _VLLM_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 def vllm_available() -> bool:
-    """Whether `import vllm` can be attempted (installed); it may still fail to start."""
-    return importlib.util.find_spec("vllm") is not None
+    """Whether vLLM is installed (it may still fail to start).
+
+    A spec without an origin is a namespace package, i.e. some folder called `vllm` on the
+    path, not the library.
+    """
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
 
 def cuda_available() -> bool:
