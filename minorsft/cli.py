@@ -81,7 +81,7 @@ def precompute(
     max_batch_tokens: Annotated[int, typer.Option(
         help="Tokens per scoring batch, which bounds memory: padded tokens per forward pass "
              "(transformers) or vLLM's max_num_batched_tokens per engine step (prompt "
-             "log-probs hold a [tokens x vocab] fp32 tensor).")] = 8192,
+             "log-probs hold a tokens x vocab fp32 tensor).")] = 8192,
     tensor_parallel_size: Annotated[int | None, typer.Option(
         help="vLLM: GPUs to shard the model over.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(

@@ -179,6 +179,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                 config.verify_beta, config.max_batch_tokens)
             console.print(format_report(report), highlight=False)
             extra["drift"] = report.as_dict()
+        else:
+            engine.close()
         writer.close(extra)
     except BaseException:
         writer.abort()
