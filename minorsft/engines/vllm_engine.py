@@ -92,7 +92,8 @@ class VLLMEngine:
 
     def describe(self) -> dict:
         """The settings worth recording in the cache metadata."""
-        return dict(self.settings, dtype=dtype_name(self.dtype), device=self.device.type)
+        return dict(self.settings, dtype=dtype_name(self.dtype), device=self.device.type,
+                    max_model_len=self.max_model_len)
 
     def score_tokens(self, examples: list[Example]) -> list[list[float]]:
         """Per-answer-token log-probs of each example, in the order of its answer tokens."""
