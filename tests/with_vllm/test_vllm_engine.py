@@ -120,7 +120,7 @@ def test_verify_command_on_the_vllm_cache(vllm_cache):
 def test_training_on_the_vllm_cache_starts_at_the_predicted_m_theta(vllm_cache, tmp_path):
     predicted = read_metadata(vllm_cache)["drift"]["m_theta_step0"]
     history = run_train(TrainConfig(cache=str(vllm_cache), output=str(tmp_path / "run"),
-                                    batch_size=ROWS, micro_batch_size=4, max_steps=2, lr=1e-5,
+                                    batch_size=ROWS, micro_batch_size=6, max_steps=2, lr=1e-5,
                                     dtype="float32", shuffle=False))
     assert len(history) == 2
     # Step 0's batch is exactly the drift sample (all rows), so m_theta is what verify predicted.
