@@ -468,3 +468,29 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def cache_stats(path: Path) -> dict:
+    """What `minorsft cache info` shows: layout, schema, metadata and column statistics."""
+    layout = open_cache(path)
+    tables = [pq.read_table(f, columns=["num_tokens", "ref_logps", "truncated"])
+              for f in layout.files]
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise CacheError(f"{path}: the cache has no rows")
+    num_tokens = table["num_tokens"].cast(pa.float64())
+    per_token = pc.divide(table["ref_logps"], num_tokens)
+    quantiles = pc.quantile(num_tokens, q=[0.1, 0.5, 0.9], interpolation="nearest").to_pylist()
+    schema = pq.read_schema(layout.files[0])
+    return {
+        "path": str(path), "layout": layout.kind, "files": len(layout.files),
+        "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
+        "metadata": layout.metadata, "rows": table.num_rows,
+        "num_tokens": {"mean": pc.mean(num_tokens).as_py(), "min": pc.min(num_tokens).as_py(),
+                       "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2],
+                       "max": pc.max(num_tokens).as_py()},
+        "ref_logps_per_token": {"mean": pc.mean(per_token).as_py(),
+                                "min": pc.min(per_token).as_py(),
+                                "max": pc.max(per_token).as_py()},
+        "truncated": pc.sum(table["truncated"]).as_py() or 0,
+    }

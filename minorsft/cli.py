@@ -18,7 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-cache_app = typer.Typer(help="Inspect reference caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
@@ -59,8 +59,9 @@ def precompute(
     *,
     data: Annotated[str, typer.Option(help="Input .jsonl or .parquet file, or 'demo' for the "
                                            "built-in demo set.")],
-    out: Annotated[Path, typer.Option(help="Cache file to write (Parquet).")] = Path(
-        "cache/ref.parquet"),
+    out: Annotated[Path, typer.Option(
+        help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
+             "resumes it.")] = Path("cache/ref.parquet"),
     model: Annotated[str, typer.Option(help="Reference model: a Hugging Face folder, a hub id, "
                                             f"or the built-in '{DEFAULT_MODEL}'.")] = DEFAULT_MODEL,
     prompt_field: Annotated[str | None, typer.Option(
@@ -79,7 +80,15 @@ def precompute(
         help="Padded tokens per scoring batch (bounds memory).")] = 8192,
     on_bad: Annotated[str, typer.Option(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
-             "writes it to <out>.rejects.jsonl with the reason.")] = "error",
+             "writes it to <out>/_rejects.jsonl with the reason.")] = "error",
+    part_rows: Annotated[int, typer.Option(
+        help="Input rows per part file: the unit of resuming and sharding.")] = 4096,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: score only the parts k with k mod N = I (I counts from 0). Run N processes "
+             "(GPUs, nodes) with the same --out, or join their outputs with `minorsft cache "
+             "merge`.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start over: delete the cache at --out instead of resuming it.")] = False,
 ):
     """Score every answer under the frozen reference model and write the Parquet cache."""
     from minorsft.precompute import PrecomputeConfig, run_precompute
@@ -88,14 +97,23 @@ def precompute(
         config = PrecomputeConfig(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
             response_field=response_field, max_length=max_length or None, dtype=dtype,
-            engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad)
+            engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
+            part_rows=part_rows, shard=shard, overwrite=overwrite)
     except ValueError as error:
         _fail(str(error))
     summary = _run(run_precompute, config)
+    resumed = f" ({summary.parts_skipped} parts were already done)" if summary.parts_skipped else ""
+    if not summary.complete:
+        console.print(
+            f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "
+            f"{summary.rows_rejected} rejected{resumed}. The cache is not complete yet: "
+            f"{summary.waiting_for}", highlight=False)
+        return
     console.print(
-        f"[green]wrote[/] {summary.cache_path}: {summary.rows_cached} rows cached, "
-        f"{summary.rows_rejected} rejected, {summary.answer_tokens} answer tokens, "
-        f"{summary.seconds:.1f} s", highlight=False)
+        f"[green]wrote[/] {summary.cache_path}: {summary.rows_in} input rows = "
+        f"{summary.rows_cached} cached + {summary.rows_rejected} rejected, "
+        f"{summary.answer_tokens} answer tokens, {summary.seconds:.1f} s{resumed}",
+        highlight=False)
     if summary.rejects_path:
         console.print(f"rejected rows and reasons: {summary.rejects_path}", highlight=False)
 
@@ -157,33 +175,62 @@ def train(
 
 @cache_app.command("info")
 def cache_info(
-    path: Annotated[Path, typer.Argument(help="A cache file.")],
+    path: Annotated[Path, typer.Argument(help="A cache (parts directory or single file).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Show a cache's metadata, row count and answer-length distribution."""
-    import polars as pl
-
-    from minorsft.cache import CacheError, read_metadata
+    """Show a cache's layout, schema, metadata, row counts, m distribution and drift figures."""
+    from minorsft.cache import CacheError, cache_stats
 
     try:
-        metadata = read_metadata(path)
+        info = cache_stats(path)
     except CacheError as error:
         _fail(str(error))
-    frame = pl.read_parquet(path, columns=["num_tokens", "ref_logps"])
-    stats = {
-        "rows": frame.height,
-        "num_tokens": frame["num_tokens"].describe().to_dicts(),
-        "ref_logps_per_token_mean": float((frame["ref_logps"] / frame["num_tokens"]).mean()),
-    }
     if as_json:
-        typer.echo(json.dumps({"metadata": metadata, "stats": stats}, indent=2))
+        typer.echo(json.dumps(info, indent=2, default=str))
         return
+    metadata = info["metadata"]
     for key, value in metadata.items():
-        typer.echo(f"{key:>20}: {value}")
-    quantiles = {row["statistic"]: row["value"] for row in stats["num_tokens"]}
-    typer.echo(f"{'answer tokens m':>20}: mean {quantiles.get('mean'):.1f}, min "
-               f"{quantiles.get('min')}, median {quantiles.get('50%')}, max {quantiles.get('max')}")
-    typer.echo(f"{'ref log-prob/token':>20}: {stats['ref_logps_per_token_mean']:.4f}")
+        if key != "drift":
+            typer.echo(f"{key:>20}: {value}")
+    typer.echo(f"{'schema':>20}: {info['schema']}")
+    typer.echo(f"{'rows':>20}: {info['rows']} cached"
+               + (f" + {metadata.get('rows_rejected')} rejected = {metadata.get('rows_in')} "
+                  "input rows" if metadata.get("rows_in") is not None else ""))
+    m = info["num_tokens"]
+    typer.echo(f"{'answer tokens m':>20}: mean {m['mean']:.1f}, min {m['min']}, p10 {m['p10']}, "
+               f"median {m['p50']}, p90 {m['p90']}, max {m['max']}")
+    r = info["ref_logps_per_token"]
+    typer.echo(f"{'ref log-prob/token':>20}: mean {r['mean']:.4f}, min {r['min']:.4f}, "
+               f"max {r['max']:.4f}")
+    typer.echo(f"{'truncated rows':>20}: {info['truncated']}")
+    drift = metadata.get("drift")
+    if drift is None:
+        typer.echo(f"{'drift':>20}: not measured for this cache")
+    elif isinstance(drift, dict):
+        for key, value in drift.items():
+            typer.echo(f"{'drift ' + key:>20}: {value}")
+    else:
+        typer.echo(f"{'drift':>20}: {drift}")
+
+
+@cache_app.command("merge")
+def cache_merge(
+    sources: Annotated[list[Path], typer.Argument(
+        help="Parts directories to combine (e.g. one per --shard run).")],
+    out: Annotated[Path, typer.Option(help="The merged cache directory to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a cache.")] = False,
+):
+    """Combine the shards of one precompute (same input and settings) into one cache."""
+    from minorsft.cache import CacheError, merge_caches
+
+    try:
+        layout = merge_caches(sources, out, overwrite)
+    except CacheError as error:
+        _fail(str(error))
+    metadata = layout.metadata
+    console.print(f"[green]merged[/] {len(sources)} source(s) into {out}: {metadata['parts']} "
+                  f"parts, {metadata['rows']} rows cached, {metadata['rows_rejected']} rejected",
+                  highlight=False)
 
 
 def main():

@@ -196,7 +196,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         TextColumn("{task.fields[rows_s]:.1f} rows/s  {task.fields[tok_s]:.0f} tok/s"),
         TimeElapsedColumn(), console=console, transient=False,
     )
-    counters = {"scored_rows": 0, "scored_tokens": 0, "parts": 0}
+    counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     part: _PartBuilder | None = None
     rows_total = 0
     try:
@@ -204,8 +204,15 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
             task = progress.add_task("score", total=_count_lines(data_path), rows_s=0.0,
                                      tok_s=0.0)
 
+            def scored(rows: int, tokens: int) -> None:
+                counters["rows"] += rows
+                counters["tokens"] += tokens
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(task, rows_s=counters["rows"] / elapsed,
+                                tok_s=counters["tokens"] / elapsed)
+
             def finish(builder: _PartBuilder) -> None:
-                manifest["parts"][str(builder.index)] = builder.close(engine)
+                manifest["parts"][str(builder.index)] = builder.close()
                 write_manifest(out, manifest)  # the part counts as done from here on
                 counters["parts"] += 1
 
@@ -220,19 +227,13 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                     continue
                 if part is None:
                     part = _PartBuilder(out, index // config.part_rows, index, metadata,
-                                        config.window_rows)
+                                        config.window_rows, engine, scored)
                 if isinstance(item, Rejection):
                     if config.on_bad == "error":
                         raise item.error
                     part.reject(item, index)
                     continue
-                scored = part.add(item, index, engine)
-                if scored:
-                    counters["scored_rows"] += scored[0]
-                    counters["scored_tokens"] += scored[1]
-                    elapsed = max(time.perf_counter() - started, 1e-9)
-                    progress.update(task, rows_s=counters["scored_rows"] / elapsed,
-                                    tok_s=counters["scored_tokens"] / elapsed)
+                part.add(item, index)
             if part is not None:
                 finish(part)
                 part = None
@@ -330,8 +331,9 @@ class _PartBuilder:
     """One part in the making: its Parquet file (written window by window) and its rejects."""
 
     def __init__(self, out: Path, index: int, first_row: int, metadata: dict,
-                 window_rows: int):
+                 window_rows: int, engine, on_scored):
         self.out, self.index, self.window_rows = out, index, window_rows
+        self.engine, self.on_scored = engine, on_scored
         self.rows_start = self.rows_stop = first_row
         self.file = out / part_name(index)
         self.rejects_file = out / REJECTS_DIR / f"part-{index:05d}.jsonl"
@@ -350,18 +352,17 @@ class _PartBuilder:
         self._seen(index, rejection.line)
         self.rejections.append(json.dumps(rejection.as_dict(), ensure_ascii=False))
 
-    def add(self, example: Example, index: int, engine) -> tuple[int, int] | None:
+    def add(self, example: Example, index: int) -> None:
         self._seen(index, example.line)
         self.window.append(example)
         if len(self.window) >= self.window_rows:
-            return self.flush(engine)
-        return None
+            self.flush()
 
-    def flush(self, engine) -> tuple[int, int] | None:
+    def flush(self) -> None:
         if not self.window:
-            return None
+            return
         window, self.window = self.window, []
-        scores = engine.score(window)
+        scores = self.engine.score(window)
         self.writer.write({
             "id": [e.id for e in window],
             "line": [e.line for e in window],
@@ -372,11 +373,11 @@ class _PartBuilder:
             "truncated": [e.truncated for e in window],
         })
         self.answer_tokens += sum(e.num_tokens for e in window)
-        return len(window), sum(len(e.input_ids) for e in window)
+        self.on_scored(len(window), sum(len(e.input_ids) for e in window))
 
-    def close(self, engine) -> dict:
+    def close(self) -> dict:
         """Score what is left, put the files in place, and return the part's manifest entry."""
-        self.flush(engine)
+        self.flush()
         rows_in = self.rows_stop - self.rows_start
         rows_rejected = len(self.rejections)
         if self.writer.rows + rows_rejected != rows_in:  # every row cached or rejected
