@@ -156,9 +156,23 @@ def train(
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
         help="Train even if the cache was written by a different model/tokenizer.")] = False,
+    save_every: Annotated[int | None, typer.Option(
+        help="Write a checkpoint (model, optimizer, scheduler, RNG, data position) every N "
+             "steps under <output>/checkpoints. Ctrl-C and SIGTERM always write one.")] = None,
+    keep_checkpoints: Annotated[int, typer.Option(
+        help="How many of the newest checkpoints to keep.")] = 2,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from the newest checkpoint in --output (from step 0 if there is "
+             "none).")] = False,
+    step0_check: Annotated[bool, typer.Option(
+        help="Before training, check on a few rows that the policy's own log-probs match the "
+             "cache (step-0 m_theta near 0).")] = True,
+    step0_tolerance: Annotated[float | None, typer.Option(
+        help="Largest |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
+             "when cache and training are float32, else 0.1.")] = None,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
-    from minorsft.train import TrainConfig, run_train
+    from minorsft.train import TrainConfig, TrainingInterrupted, run_train
 
     try:
         config = TrainConfig(
@@ -167,10 +181,16 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
-            shuffle=shuffle, allow_mismatch=allow_mismatch)
+            shuffle=shuffle, allow_mismatch=allow_mismatch, save_every=save_every,
+            keep_checkpoints=keep_checkpoints, resume=resume, step0_check=step0_check,
+            step0_tolerance=step0_tolerance)
     except ValueError as error:
         _fail(str(error))
-    _run(run_train, config)
+    try:
+        _run(run_train, config)
+    except TrainingInterrupted as stopped:
+        console.print(f"[yellow]stopped:[/] {stopped}", highlight=False)
+        raise typer.Exit(code=130) from None
 
 
 @cache_app.command("info")

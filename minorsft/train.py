@@ -4,16 +4,29 @@ The trainer reads only the cache (token ids, answer masks, reference log-probs);
 format. Each optimizer step takes `batch_size` samples as micro-batches of `micro_batch_size` and
 divides every micro-batch's summed loss by the step's sample count, so any split of the same
 samples gives the same update (gradient accumulation is exact, not approximate).
+
+Reliability (docs/reliability.md): `setup` refuses a cache whose fingerprints, schema or values
+are wrong; before the first step a guard checks on a few rows that the policy's own log-probs
+agree with the cached reference ones (step-0 m_theta near 0); checkpoints (model, optimizer,
+scheduler, RNG states, steps done) are written atomically every `save_every` steps and on
+Ctrl-C / SIGTERM, and `resume` continues from the latest so that the metrics from then on equal
+those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -21,7 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
-from minorsft.cache import check_compatible, iter_rows, read_metadata
+from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
 from minorsft.logprobs import answer_logps, pad_batch
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
@@ -65,6 +78,11 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     allow_mismatch: bool = False
     log_every: int = 1
+    save_every: int | None = None  # checkpoint every N steps (and always on Ctrl-C / SIGTERM)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
+    step0_check: bool = True
+    step0_tolerance: float | None = None  # nats per answer token; None: by dtype (STEP0_TOLERANCE)
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -84,6 +102,10 @@ class TrainConfig:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError("--save-every must be positive")
+        if self.keep_checkpoints < 1:
+            raise ValueError("--keep-checkpoints must be at least 1")
 
     @property
     def accumulation_steps(self) -> int:
@@ -146,11 +168,13 @@ class TrainState:
     total_steps: int
     metadata: dict
     model_path: str
+    start_step: int = 0  # steps already done (from a checkpoint)
 
 
 def setup(config: TrainConfig, console: Console) -> TrainState:
     cache = Path(config.cache)
     metadata = read_metadata(cache)
+    validate_values(cache)
     model_name = config.model or metadata["model"]
     model_path = resolve_model(model_name)
     tokenizer = load_tokenizer(model_path)
@@ -182,8 +206,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {config.accumulation_steps}; {total_steps} steps, {warmup_steps} warm-up"
     )
-    return TrainState(model, tokenizer, optimizer, scheduler, device, dtype, total_steps,
-                      metadata, model_path)
+    state = TrainState(model, tokenizer, optimizer, scheduler, device, dtype, total_steps,
+                       metadata, model_path)
+    resume_from_checkpoint(state, config, console)
+    return state
 
 
 def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict:
@@ -232,15 +258,19 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                       epochs), config.batch_size)
     history = []
     started = time.perf_counter()
+    first = state.start_step
+    batches = islice(batches, first, None)  # the stream is a pure function of (cache, seed)
+    metrics_path = output / "metrics.jsonl"
+    _trim_metrics(metrics_path, first)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  m_theta {task.fields[m_theta]:+.2e}  "
                           "coef {task.fields[coef]:.3f}  {task.fields[tok_s]:.0f} tok/s"),
                TimeElapsedColumn())
-    with (output / "metrics.jsonl").open("w", encoding="utf-8") as log, \
-            Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=state.total_steps, loss=float("nan"),
-                                 m_theta=0.0, coef=0.5, tok_s=0.0)
-        for step, rows in zip(range(state.total_steps), batches, strict=False):
+    with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
+            Progress(*columns, console=console) as progress, _StopRequest() as stop:
+        task = progress.add_task("train", total=state.total_steps, completed=first,
+                                 loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
+        for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
             metrics = train_step(state, config, rows)
             seconds = time.perf_counter() - step_started
@@ -254,6 +284,11 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                 log.flush()
             progress.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
+            done = step + 1
+            if stop.requested or (config.save_every and done % config.save_every == 0):
+                path = save_checkpoint(state, config, done)
+                if stop.requested:
+                    raise TrainingInterrupted(done, path)
     return history
 
 
@@ -273,9 +308,226 @@ def save(state: TrainState, config: TrainConfig) -> Path:
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
     state = setup(config, console)
+    if config.step0_check and state.start_step == 0:
+        check_step0(state, config, console)
     history = fit(state, config, console)
     save(state, config)
+    if not history:
+        console.print(f"nothing to do: the checkpoint is at the last step "
+                      f"({state.total_steps}); model saved in {config.output}")
+        return history
     last = history[-1]
     console.print(f"done: {len(history)} steps, final loss {last['loss']:.4f}, "
                   f"m_theta {last['m_theta']:+.3e}; model and metrics in {config.output}")
     return history
+
+
+# --- step-0 guard --------------------------------------------------------------------------------
+
+STEP0_ROWS = 8
+# Per-token |log pi_theta - log pi_ref| that numerics alone explain at step 0, by the coarser of
+# the cache's and the run's dtype. fp32 engines agree to ~1e-6 nats/token; bf16 scoring moved
+# SmolLM2's summed log-probs by ~0.005 nats/token on average, 0.02 at most (docs/reliability.md).
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:
+    """Before the first step: the policy's own log-probs on a few cache rows must match the cache.
+
+    At step 0 the policy is the reference, so r / m (the per-token log-ratio, whose batch mean
+    is m_theta) must be near 0. A cache scored from other weights, in another dtype than
+    claimed, or by a broken engine shows up here as a large |r| / m, and training on it would
+    weight every sample wrongly. Raises CacheError naming the worst row.
+    """
+    rows = list(islice(iter_rows(Path(config.cache)), STEP0_ROWS))
+    was_training = state.model.training
+    state.model.eval()  # the cache was scored in eval mode (no dropout)
+    policy = []
+    with torch.no_grad():
+        for start in range(0, len(rows), config.micro_batch_size):
+            micro = rows[start: start + config.micro_batch_size]
+            tensors = pad_batch([r["input_ids"] for r in micro], [r["answer_mask"] for r in micro],
+                                state.tokenizer.pad_token_id, state.device)
+            policy.extend(answer_logps(state.model, *tensors).tolist())
+    state.model.train(was_training)
+    per_token = [(p - r["ref_logps"]) / r["num_tokens"] for p, r in zip(policy, rows, strict=True)]
+    m_theta = sum(per_token) / len(per_token)
+    worst = max(range(len(rows)), key=lambda i: abs(per_token[i]))
+    dtypes = (str(state.metadata.get("dtype")), dtype_name(state.dtype))
+    tolerance = config.step0_tolerance
+    if tolerance is None:
+        tolerance = max(STEP0_TOLERANCE.get(d, 0.1) for d in dtypes)
+    result = {"rows": len(rows), "m_theta": m_theta, "max_abs_per_token": abs(per_token[worst]),
+              "tolerance": tolerance}
+    if abs(per_token[worst]) > tolerance:
+        row = rows[worst]
+        raise CacheError(
+            f"step-0 check failed: on the first {len(rows)} cache rows the policy's own "
+            f"log-probs differ from the cached reference by up to {abs(per_token[worst]):.3g} "
+            f"nats per answer token (row id {row['id']!r}, input line {row['line']}: policy "
+            f"{policy[worst]:.4f}, cache {row['ref_logps']:.4f} over {row['num_tokens']} "
+            f"tokens; step-0 m_theta {m_theta:+.3g}), more than --step0-tolerance "
+            f"{tolerance:g} that the dtypes (cache {dtypes[0]}, training {dtypes[1]}) explain.\n"
+            "At step 0 the policy should be the reference. The cache was probably scored from "
+            "other weights, in another dtype, or by a faulty engine: re-run `minorsft precompute` "
+            "with the policy's starting model and the training dtype. If you start from another "
+            "model on purpose (with --allow-mismatch) or know the cause, raise "
+            "--step0-tolerance or pass --no-step0-check.")
+    console.print(f"step-0 check: {len(rows)} rows, m_theta {m_theta:+.2e}, max |r|/m "
+                  f"{abs(per_token[worst]):.2e} <= {tolerance:g}")
+    return result
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+# Settings that must not change between a run and its resumption (else the metrics would not
+# continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
+RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
+               "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+               "shuffle", "shuffle_buffer", "total_steps", "dtype")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved, `--resume` continues."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted after step {step}; checkpoint saved in {path}; run the "
+                         "same command with --resume to continue")
+        self.step, self.path = step, path
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
+    current step; a second one stops at once, without saving."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
+    values = asdict(config)
+    values.update(cache_rows=state.metadata.get("rows"),
+                  cache_fingerprint=state.metadata.get("fingerprint"),
+                  total_steps=state.total_steps, dtype=dtype_name(state.dtype))
+    return {key: values[key] for key in RESUME_KEYS}
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `output`, oldest first (a directory exists only when whole)."""
+    folder = Path(output) / CHECKPOINTS
+    found = []
+    for path in folder.glob("step-*") if folder.is_dir() else []:
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
+    """Write model, optimizer, scheduler and RNG states after `step` steps, atomically.
+
+    Everything goes into a hidden staging folder that is renamed to ``step-N`` once complete;
+    only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
+    disk, a kill) leaves the earlier checkpoints as they were.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(config.output) / CHECKPOINTS
+    target = folder / f"step-{step}"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
+    try:
+        weights = {name: p.detach().contiguous() for name, p in
+                   state.model.named_parameters() if p.requires_grad}
+        save_file(weights, staging / "model.safetensors")
+        torch.save(state.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(rng, staging / "rng.pt")
+        trainer_state = {"step": step, "settings": _resume_settings(state, config),
+                         "minorsft_version": __version__}
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(config.output)[:-config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
+    """Restore a checkpoint into `state`; returns the number of steps it had done."""
+    from safetensors.torch import load_file
+
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    saved, now = trainer_state["settings"], _resume_settings(state, config)
+    changed = [f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
+               for key in RESUME_KEYS if saved.get(key) != now[key]]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: settings differ:\n  "
+                         + "\n  ".join(changed) + "\nResume with the original settings, or "
+                         "start a new run in another --output.")
+    weights = load_file(path / "model.safetensors", device=str(state.device))
+    trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
+    state.model.load_state_dict(weights, strict=False)
+    state.optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=state.device, weights_only=True))
+    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(trainer_state["step"])
+
+
+def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
+    """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
+    checkpoints = list_checkpoints(config.output)
+    if not config.resume:
+        if checkpoints:
+            raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
+                             f"{checkpoints[-1][1].name}): pass --resume to continue it, or "
+                             "choose another --output")
+        return
+    if not checkpoints:
+        console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
+                      "starting from step 0")
+        return
+    step, path = checkpoints[-1]
+    state.start_step = load_checkpoint(state, config, path)
+    console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)")
+
+
+def _trim_metrics(path: Path, first_step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be redone)."""
+    if first_step == 0 or not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] < first_step]
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temp, path)
