@@ -354,7 +354,7 @@ def _file_metadata(path: Path) -> dict:
         raise CacheError(f"{path}: a Parquet file, but not a minorsft cache (no metadata)")
     _check_schema(path, file_metadata.schema.to_arrow_schema())
     metadata = json.loads(raw)
-    metadata.setdefault("layout", "file")
+    metadata["layout"] = "file"
     return metadata
 
 
@@ -494,3 +494,33 @@ def cache_stats(path: Path) -> dict:
                                 "max": pc.max(per_token).as_py()},
         "truncated": pc.sum(table["truncated"]).as_py() or 0,
     }
+
+
+def update_metadata(path: Path, extra: dict) -> dict:
+    """Add or replace metadata keys of a finished cache (e.g. `drift`, measured after scoring).
+
+    For a parts directory every manifest is rewritten atomically; a single-file cache is
+    rewritten whole (temporary file + rename). Keys that decide the cached numbers (a
+    manifest's `settings`) are not touched, so resuming and merging are unaffected.
+    """
+    path = Path(path)
+    layout = open_cache(path)
+    if layout.kind == "parts":
+        for manifest in layout.manifests:
+            manifest["metadata"] = dict(manifest["metadata"], **extra)
+            write_manifest(path, manifest)
+    else:
+        table = pq.read_table(path)
+        metadata = dict(_file_metadata(path), **extra)
+        metadata.pop("layout", None)
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=path.parent)
+        os.close(handle)
+        try:
+            pq.write_table(table, temp_name, compression="zstd")
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+    return open_cache(path).metadata
