@@ -60,8 +60,8 @@ def main():
         cell = f"`{reject['field']}`: {reject['reason']}" if reject["field"] else reject["reason"]
         print(f"| {name} | `{shown.replace('|', '&#124;')}` | {code}: {message} | "
               f"line {reject['line']}, {cell} |")
-    print(f"\n`--on-bad skip` on all {len(all_cases_lines())} rows at once (exit code {skip_code}): "
-          f"{summary}")
+    print(f"\n`--on-bad skip` on all {len(all_cases_lines())} rows at once "
+          f"(exit code {skip_code}): {summary}")
 
 
 if __name__ == "__main__":
