@@ -168,7 +168,7 @@ def train(
         help="Before training, check on a few rows that the policy's own log-probs match the "
              "cache (step-0 m_theta near 0).")] = True,
     step0_tolerance: Annotated[float | None, typer.Option(
-        help="Largest |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
+        help="Largest mean |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
              "when cache and training are float32, else 0.1.")] = None,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""

@@ -151,7 +151,7 @@ def test_step0_guard_stops_a_cache_from_other_weights(cache, tmp_path):
         run_train(config(cache, tmp_path / "run", model=str(other)))
     with pytest.raises(CacheError, match="step-0 check failed") as caught:
         run_train(config(cache, tmp_path / "run", model=str(other), allow_mismatch=True))
-    assert "--no-step0-check" in str(caught.value) and "row id" in str(caught.value)
+    assert "--no-step0-check" in str(caught.value) and "mean |r|/m" in str(caught.value)
     history = run_train(config(cache, tmp_path / "run2", model=str(other), allow_mismatch=True,
                                step0_check=False, max_steps=1))
     assert abs(history[0]["m_theta"]) > 1e-3  # what the guard saw: not the reference
@@ -162,7 +162,7 @@ def test_step0_guard_passes_on_the_right_cache_and_measures(cache, tmp_path, cap
 
     history = run_train(config(cache, tmp_path / "run", max_steps=1),
                         console=Console(file=sys.stderr, width=200))
-    assert "step-0 check: 8 rows" in capsys.readouterr().err
+    assert "step-0 check on 8 rows: step-0 m_theta" in capsys.readouterr().err
     assert abs(history[0]["m_theta"]) < 1e-5
 
 
