@@ -138,6 +138,11 @@ def train(
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
         help="Train even if the cache was written by a different model/tokenizer.")] = False,
+    strategy: Annotated[str, typer.Option(
+        help="Under torchrun: ddp (replicated model) or fsdp (FSDP2, sharded, fp32 master "
+             "weights with --dtype as compute dtype).")] = "ddp",
+    cpu_offload: Annotated[bool, typer.Option(
+        help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, run_train
@@ -149,7 +154,8 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
-            shuffle=shuffle, allow_mismatch=allow_mismatch)
+            shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
+            cpu_offload=cpu_offload)
     except ValueError as error:
         _fail(str(error))
     _run(run_train, config)
