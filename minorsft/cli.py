@@ -24,7 +24,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -155,7 +155,8 @@ def train(
         help="Recompute activations in backward to save memory.")] = False,
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
-        help="Train even if the cache was written by a different model/tokenizer.")] = False,
+        help="Train even if the cache was written by a different model/tokenizer (the "
+             "step-0 check then warns instead of stopping).")] = False,
     save_every: Annotated[int | None, typer.Option(
         help="Write a checkpoint (model, optimizer, scheduler, RNG, data position) every N "
              "steps under <output>/checkpoints. Ctrl-C and SIGTERM always write one.")] = None,
@@ -170,6 +171,11 @@ def train(
     step0_tolerance: Annotated[float | None, typer.Option(
         help="Largest mean |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
              "when cache and training are float32, else 0.1.")] = None,
+    strategy: Annotated[str, typer.Option(
+        help="Under torchrun: ddp (replicated model) or fsdp (FSDP2, sharded, fp32 master "
+             "weights with --dtype as compute dtype).")] = "ddp",
+    cpu_offload: Annotated[bool, typer.Option(
+        help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, TrainingInterrupted, run_train
@@ -181,9 +187,9 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
-            shuffle=shuffle, allow_mismatch=allow_mismatch, save_every=save_every,
-            keep_checkpoints=keep_checkpoints, resume=resume, step0_check=step0_check,
-            step0_tolerance=step0_tolerance)
+            shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
+            cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
+            resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance)
     except ValueError as error:
         _fail(str(error))
     try:

@@ -161,7 +161,20 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     spec = FieldSpec(config.prompt_field, config.response_field)
     out = Path(config.out)
     shard = config.shard_spec
+    created = not out.exists()
     prepare_output(out, config.overwrite)
+    try:
+        return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
+                                started, console)
+    except BaseException:
+        if created and out.is_dir() and not load_manifests(out):
+            shutil.rmtree(out, ignore_errors=True)  # no finished part: leave nothing behind
+        raise
+
+
+def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
+                     model_path: str, tokenizer, spec: FieldSpec, started: float,
+                     console: Console) -> PrecomputeSummary:
     source = input_fingerprint(data_path)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens)

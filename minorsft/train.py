@@ -35,7 +35,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
-from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.distributed import (
+    STRATEGIES,
+    World,
+    all_reduce_sum,
+    close_world,
+    full_state_dict,
+    init_world,
+    no_gradient_sync,
+    rank_device,
+    rank_slice,
+    wrap_policy,
+)
+from minorsft.logprobs import pad_batch
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     dtype_name,
@@ -78,6 +90,8 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     allow_mismatch: bool = False
     log_every: int = 1
+    strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2)
+    cpu_offload: bool = False  # FSDP2 only: keep parameters and optimizer state on the CPU
     save_every: int | None = None  # checkpoint every N steps (and always on Ctrl-C / SIGTERM)
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
@@ -102,14 +116,21 @@ class TrainConfig:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
         if self.save_every is not None and self.save_every < 1:
             raise ValueError("--save-every must be positive")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per rank per step: global batch / (micro-batch x world size)."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of "
+                             f"--micro-batch-size {self.micro_batch_size} x {world_size} "
+                             "processes")
+        return self.batch_size // per_step
 
 
 def sample_stream(cache: Path, seed: int, shuffle: bool, buffer_size: int,
@@ -159,7 +180,9 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
 
 @dataclass
 class TrainState:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the transformers model (unwrapped)
+    policy: torch.nn.Module  # what is called in training: answer log-probs, maybe DDP/FSDP
+    world: World
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -172,6 +195,8 @@ class TrainState:
 
 
 def setup(config: TrainConfig, console: Console) -> TrainState:
+    world = init_world(config.device)
+    accumulation = config.accumulation_steps(world.world_size)
     cache = Path(config.cache)
     metadata = read_metadata(cache)
     validate_values(cache)
@@ -183,18 +208,23 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
                          cache)
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    device = pick_device(rank_device(world, config.device))
     dtype = pick_dtype(config.dtype, device)
-    model = load_model(model_path, dtype, device, pick_attention(config.attention, device))
+    # FSDP2 keeps fp32 master weights and computes in `dtype` through its mixed-precision policy.
+    fsdp = world.distributed and config.strategy == "fsdp"
+    load_dtype = torch.float32 if fsdp else dtype
+    model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
+                         config.cpu_offload)
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in policy.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8,
     )
     warmup_steps = int(config.warmup_ratio * total_steps)
@@ -204,54 +234,75 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"model={model_name} cache={cache} ({rows} rows, engine {metadata.get('engine')}, "
         f"{metadata.get('dtype')}) device={device} dtype={dtype_name(dtype)}\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
-        f"accumulation {config.accumulation_steps}; {total_steps} steps, {warmup_steps} warm-up"
+        f"accumulation {accumulation} x {world.world_size} process(es)"
+        + (f" ({config.strategy})" if world.distributed else "")
+        + f"; {total_steps} steps, {warmup_steps} warm-up"
     )
-    state = TrainState(model, tokenizer, optimizer, scheduler, device, dtype, total_steps,
-                       metadata, model_path)
+    state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
+                       total_steps, metadata, model_path)
     resume_from_checkpoint(state, config, console)
     return state
 
 
+METRIC_SUMS = ("loss", "nll", "m_theta", "coefficient", "reward", "policy_logps", "ref_logps")
+
+
 def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict:
-    """One optimizer step over `rows` (the step's samples). Returns the step's metrics."""
-    model, device = state.model, state.device
+    """One optimizer step over `rows`, the step's global batch. Returns the step's metrics.
+
+    Every micro-batch's loss is its summed per-sample loss divided by the step's global sample
+    count (times the world size, which DDP/FSDP divide back out when they average gradients), so
+    the update is the gradient of the mean over the step however it is split.
+    """
+    world, device = state.world, state.device
     pad_id = state.tokenizer.pad_token_id
     count = len(rows)
-    sums = {"loss": 0.0, "nll": 0.0, "m_theta": 0.0, "coefficient": 0.0, "reward": 0.0,
-            "policy_logps": 0.0, "ref_logps": 0.0}
+    local = rank_slice(rows, world)
+    weight = 1.0
+    if not local:  # a short last batch can leave a rank without rows; it must still take part
+        local, weight = rows[:1], 0.0
+    micro_batches = [local[i: i + config.micro_batch_size]
+                     for i in range(0, len(local), config.micro_batch_size)]
+    sums = dict.fromkeys(METRIC_SUMS, 0.0)
     tokens = 0
-    for start in range(0, count, config.micro_batch_size):
-        micro = rows[start: start + config.micro_batch_size]
+    for index, micro in enumerate(micro_batches):
         input_ids, attention_mask, answer_mask = pad_batch(
             [r["input_ids"] for r in micro], [r["answer_mask"] for r in micro], pad_id, device)
-        policy_logps = answer_logps(model, input_ids, attention_mask, answer_mask)
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
-        out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
-        # Divide by the step's sample count, not the micro-batch's: exact accumulation.
-        (out.losses.sum() / count).backward()
-        sums["loss"] += out.losses.detach().sum().item()
-        sums["m_theta"] += out.deviation.sum().item()
-        sums["coefficient"] += out.coefficient.sum().item()
-        sums["reward"] += out.reward.sum().item()
-        sums["policy_logps"] += policy_logps.detach().sum().item()
-        sums["ref_logps"] += ref_logps.sum().item()
+        with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
+            policy_logps = state.policy(input_ids, attention_mask, answer_mask)
+            out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
+            (out.losses.sum() * (weight * world.world_size / count)).backward()
+        policy_detached = policy_logps.detach()
+        sums["loss"] += weight * out.losses.detach().sum().item()
         # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
-        sums["nll"] += (-policy_logps.detach() / num_tokens).sum().item()
-        tokens += int(attention_mask.sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        sums["nll"] += weight * (-policy_detached / num_tokens).sum().item()
+        sums["m_theta"] += weight * out.deviation.sum().item()
+        sums["coefficient"] += weight * out.coefficient.sum().item()
+        sums["reward"] += weight * out.reward.sum().item()
+        sums["policy_logps"] += weight * policy_detached.sum().item()
+        sums["ref_logps"] += weight * ref_logps.sum().item()
+        tokens += int(weight * attention_mask.sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    metrics = {key: value / count for key, value in sums.items()}
-    metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=tokens)
+    totals = all_reduce_sum([sums[key] for key in METRIC_SUMS] + [tokens], world, device)
+    metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=int(totals[-1]),
+                   rank_tokens=tokens)
     return metrics
 
 
 def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    main = state.world.is_main
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     epochs = None if config.max_steps else config.epochs
     batches = global_batches(
         sample_stream(Path(config.cache), config.seed, config.shuffle, config.shuffle_buffer,
@@ -260,14 +311,16 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     started = time.perf_counter()
     first = state.start_step
     batches = islice(batches, first, None)  # the stream is a pure function of (cache, seed)
-    metrics_path = output / "metrics.jsonl"
-    _trim_metrics(metrics_path, first)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  m_theta {task.fields[m_theta]:+.2e}  "
                           "coef {task.fields[coef]:.3f}  {task.fields[tok_s]:.0f} tok/s"),
                TimeElapsedColumn())
+    metrics_path = output / "metrics.jsonl" if main else Path(os.devnull)
+    if main:
+        _trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
-            Progress(*columns, console=console) as progress, _StopRequest() as stop:
+            Progress(*columns, console=console, disable=not main) as progress, \
+            _StopRequest(_checkpoints_supported(state, config)) as stop:
         task = progress.add_task("train", total=state.total_steps, completed=first,
                                  loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
@@ -275,6 +328,8 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
             metrics = train_step(state, config, rows)
             seconds = time.perf_counter() - step_started
             metrics = {"step": step, **metrics, "tokens_per_s": metrics["tokens"] / seconds,
+                       "rank_tokens_per_s": metrics["rank_tokens"] / seconds,
+                       "world_size": state.world.world_size,
                        "step_seconds": seconds, "elapsed": time.perf_counter() - started}
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
@@ -285,9 +340,10 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
             progress.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
             done = step + 1
-            if stop.requested or (config.save_every and done % config.save_every == 0):
+            stopping = stop.agreed(state)
+            if stopping or (config.save_every and done % config.save_every == 0):
                 path = save_checkpoint(state, config, done)
-                if stop.requested:
+                if stopping:
                     raise TrainingInterrupted(done, path)
     return history
 
@@ -295,12 +351,16 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
 def save(state: TrainState, config: TrainConfig) -> Path:
     """A folder that transformers and vLLM load as is, plus the run's config."""
     output = Path(config.output)
+    weights = full_state_dict(state.policy, state.world, config.strategy)  # collective
+    if not state.world.is_main:
+        return output
     state.model.config.use_cache = True
-    state.model.save_pretrained(output, safe_serialization=True)
+    state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
-                  "dtype": dtype_name(state.dtype), "device": str(state.device)}
+                  "dtype": dtype_name(state.dtype), "device": str(state.device),
+                  "world_size": state.world.world_size}
     (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
     return output
 
@@ -308,17 +368,24 @@ def save(state: TrainState, config: TrainConfig) -> Path:
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
     state = setup(config, console)
-    if config.step0_check and state.start_step == 0:
-        check_step0(state, config, console)
-    history = fit(state, config, console)
-    save(state, config)
-    if not history:
+    try:
+        if config.step0_check and state.start_step == 0:
+            check_step0(state, config, console)
+        history = fit(state, config, console)
+        save(state, config)
+    finally:
+        close_world(state.world)
+    if state.world.is_main and not history:
         console.print(f"nothing to do: the checkpoint is at the last step "
                       f"({state.total_steps}); model saved in {config.output}")
-        return history
-    last = history[-1]
-    console.print(f"done: {len(history)} steps, final loss {last['loss']:.4f}, "
-                  f"m_theta {last['m_theta']:+.3e}; model and metrics in {config.output}")
+    if state.world.is_main and history:
+        last = history[-1]
+        seconds = last["elapsed"]
+        console.print(
+            f"done: {len(history)} steps in {seconds:.0f} s on {state.world.world_size} "
+            f"process(es), {sum(h['tokens'] for h in history) / seconds:.0f} tok/s overall; "
+            f"final loss {last['loss']:.4f}, m_theta {last['m_theta']:+.3e}; model and metrics "
+            f"in {config.output}")
     return history
 
 
@@ -340,19 +407,21 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     (signs cannot cancel, one odd short answer cannot trip it alone); the message also gives
     m_theta and the worst row. A cache scored from other weights, in another dtype than claimed,
     or by a broken engine shows up here, and training on it would weight every sample wrongly.
+    With `allow_mismatch` (a different starting model on purpose) it warns instead of stopping.
     """
     rows = list(islice(iter_rows(Path(config.cache)), STEP0_ROWS))
     was_training = state.model.training
     state.model.eval()  # the cache was scored in eval mode (no dropout)
     policy = []
-    with torch.no_grad():
+    with torch.no_grad():  # every rank scores the same rows (FSDP needs all of them to)
         for start in range(0, len(rows), config.micro_batch_size):
             micro = rows[start: start + config.micro_batch_size]
             tensors = pad_batch([r["input_ids"] for r in micro], [r["answer_mask"] for r in micro],
                                 state.tokenizer.pad_token_id, state.device)
-            policy.extend(answer_logps(state.model, *tensors).tolist())
+            policy.extend(state.policy(*tensors).tolist())
     state.model.train(was_training)
-    per_token = [(p - r["ref_logps"]) / r["num_tokens"] for p, r in zip(policy, rows, strict=True)]
+    per_token = [(p - r["ref_logps"]) / r["num_tokens"]
+                 for p, r in zip(policy, rows, strict=True)]
     m_theta = sum(per_token) / len(per_token)
     mean_abs = sum(abs(x) for x in per_token) / len(per_token)
     worst = max(range(len(rows)), key=lambda i: abs(per_token[i]))
@@ -366,7 +435,7 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
                f"worst row {abs(per_token[worst]):.3g}")
     if mean_abs > tolerance:
         row = rows[worst]
-        raise CacheError(
+        error = CacheError(
             f"step-0 check failed: on the first {len(rows)} cache rows the policy's own "
             f"log-probs differ from the cached reference ones: {figures} (id {row['id']!r}, "
             f"input line {row['line']}: policy {policy[worst]:.4f}, cache "
@@ -378,7 +447,14 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
             "with the policy's starting model and the training dtype. If you start from another "
             "model on purpose (with --allow-mismatch) or know the cause, raise "
             "--step0-tolerance or pass --no-step0-check.")
-    console.print(f"step-0 check on {len(rows)} rows: {figures} (tolerance {tolerance:g})")
+        if not config.allow_mismatch:
+            raise error
+        # The user has accepted a different model: the numbers are expected to differ. Say so.
+        if state.world.is_main:
+            console.print(f"[yellow]warning (--allow-mismatch):[/] {error}", highlight=False)
+        return result
+    if state.world.is_main:
+        console.print(f"step-0 check on {len(rows)} rows: {figures} (tolerance {tolerance:g})")
     return result
 
 
@@ -405,8 +481,9 @@ class _StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
     current step; a second one stops at once, without saving."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = False
+        self.enabled = enabled
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -414,8 +491,16 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    def agreed(self, state: TrainState) -> bool:
+        """Whether any rank was asked to stop (torchrun signals ranks at slightly different
+        moments; all must stop after the same step or their collectives would hang)."""
+        if not state.world.distributed:
+            return self.requested
+        flag = all_reduce_sum([float(self.requested)], state.world, state.device)
+        return flag[0] > 0
+
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
@@ -423,6 +508,12 @@ class _StopRequest:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _checkpoints_supported(state: TrainState, config: TrainConfig) -> bool:
+    """Single process and DDP (replicated weights and optimizer state); not FSDP yet, whose
+    sharded optimizer state would need torch.distributed.checkpoint."""
+    return not (state.world.distributed and config.strategy == "fsdp")
 
 
 def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
@@ -455,8 +546,21 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
 
     folder = Path(config.output) / CHECKPOINTS
     target = folder / f"step-{step}"
-    if target.exists():
+    if state.world.distributed:  # DDP: every rank holds the same state; rank 0 writes it
+        import torch.distributed as dist
+
+        if state.world.is_main:
+            _write_checkpoint(state, config, step, folder, target, save_file)
+        dist.barrier()
         return target
+    _write_checkpoint(state, config, step, folder, target, save_file)
+    return target
+
+
+def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
+                      target: Path, save_file) -> None:
+    if target.exists():
+        return
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
     try:
@@ -477,7 +581,6 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
         raise
     for _, old in list_checkpoints(config.output)[:-config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
@@ -510,6 +613,9 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
     """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
+    if not _checkpoints_supported(state, config) and (config.resume or config.save_every):
+        raise ValueError("--save-every and --resume work in one process and under torchrun "
+                         "with --strategy ddp; not yet with --strategy fsdp")
     checkpoints = list_checkpoints(config.output)
     if not config.resume:
         if checkpoints:
@@ -518,12 +624,14 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
                              "choose another --output")
         return
     if not checkpoints:
-        console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
-                      "starting from step 0")
+        if state.world.is_main:
+            console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
+                          "starting from step 0")
         return
     step, path = checkpoints[-1]
     state.start_step = load_checkpoint(state, config, path)
-    console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)")
+    if state.world.is_main:
+        console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)")
 
 
 def _trim_metrics(path: Path, first_step: int) -> None:

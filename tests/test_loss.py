@@ -13,7 +13,8 @@ def random_batch(seed: int, size: int = 16):
     num_tokens = torch.randint(1, 400, (size,), generator=generator).double()
     ref_logps = -num_tokens * torch.rand(size, generator=generator, dtype=torch.float64) * 3
     # Policies both above and below the reference, with log-ratios up to +-60 nats.
-    policy_logps = ref_logps + (torch.rand(size, generator=generator, dtype=torch.float64) - 0.5) * 120
+    offsets = torch.rand(size, generator=generator, dtype=torch.float64) - 0.5
+    policy_logps = ref_logps + offsets * 120
     return policy_logps.requires_grad_(True), ref_logps, num_tokens
 
 
