@@ -216,3 +216,36 @@ def test_nan_missing_parts_and_schema_mismatch_are_refused(cache, tmp_path):
     rewrite_part(part, lambda t: t.slice(0, 5))
     with pytest.raises(CacheError, match="has 5 rows, the manifest says 8"):
         run_train(config(cache, tmp_path / "run"))
+
+
+def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
+    """torchrun, 2 CPU processes (gloo): rank 0 writes the checkpoint; it resumes anywhere."""
+    import shutil
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(port), "-m", "minorsft", "train", "--cache", str(cache),
+               "--output", str(multi), "--batch-size", "4", "--micro-batch-size", "1",
+               "--lr", "1e-3", "--max-steps", "4", "--save-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(multi)] == [2, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(multi, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    history = run_train(config(cache, resumed, micro_batch_size=2, resume=True, save_every=2,
+                               shuffle_buffer=TrainConfig.shuffle_buffer))
+    assert [m["step"] for m in history] == [2, 3]
+    expected, got = metrics(multi), metrics(resumed)
+    assert len(got) == 4 and got[:2] == expected[:2]  # kept as they were
+    for one, two in zip(expected[2:], got[2:], strict=True):
+        for key in ("loss", "m_theta", "coefficient", "grad_norm", "lr", "tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    a, b = weights(multi), weights(resumed)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
