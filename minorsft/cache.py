@@ -17,6 +17,23 @@ truncated      bool             whether --max-length cut the sequence
 The file's key-value metadata ``minorsft`` holds a JSON object: model name and fingerprints,
 max length and truncation rule, dtype, engine and its version, package version, row count.
 This module knows no model: it stores and checks what it is given.
+
+Two layouts are read alike (`read_metadata`, `iter_rows`, `validate_cache`):
+
+- a single Parquet file (format of minorsft 0.1, still readable);
+- a parts directory, what `minorsft precompute` writes::
+
+      ref.parquet/                      a directory, whatever its name
+        _manifest.json                  or _manifest.shard-I-of-N.json, one per shard
+        part-00000.parquet              input rows [0, part_rows), cached ones, in input order
+        part-00001.parquet              ...
+        _rejects/part-00001.jsonl       rejected rows of part 1, with reasons (if any)
+        _rejects.jsonl                  all rejected rows, written once the cache is complete
+
+  Every file is written to a hidden temporary name and renamed into place, and a part enters a
+  manifest only after its file is in place: a killed process leaves finished parts and nothing
+  half-written. Names starting with ``_`` or ``.`` are skipped by Parquet dataset readers, so
+  ``pyarrow.parquet.read_table("ref.parquet")`` reads the rows (polars: ``ref.parquet/*.parquet``).
 """
 
 from __future__ import annotations
@@ -24,11 +41,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"minorsft"
@@ -83,6 +103,7 @@ class CacheWriter:
         metadata = dict(self.metadata, **(extra_metadata or {}), rows=self.rows)
         self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata).encode()})
         self._writer.close()
+        _fsync(self._temp)
         os.replace(self._temp, self.path)
         return self.path
 
@@ -94,9 +115,236 @@ class CacheWriter:
 
 
 def read_metadata(path: Path) -> dict:
+    """The cache's metadata (with `rows`), from a single file or a complete parts directory."""
+    return open_cache(path).metadata
+
+
+def iter_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
+    """Stream the cache row by row, in input order, without loading it whole."""
+    for file in open_cache(path).files:
+        parquet = pq.ParquetFile(file)
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=SCHEMA.names):
+            yield from batch.to_pylist()
+
+
+# Per fingerprint field: what differs, and how to fix it.
+FIX_HINTS = {
+    "fingerprint.weights": (
+        "the reference log-probs were scored with other weights than the policy this run "
+        "starts from. Train with `--model` set to the model the cache was written with, or "
+        "re-run `minorsft precompute --model <the policy's starting model>`."),
+    "fingerprint.tokenizer": (
+        "the tokenizer differs, so the cached token ids would mean other text to this model. "
+        "Re-run `minorsft precompute` with this model."),
+    "fingerprint.chat_template": (
+        "the chat template differs, so prompts were rendered differently. Re-run "
+        "`minorsft precompute` with this model's tokenizer."),
+}
+
+
+def check_compatible(metadata: dict, expected: dict, path: Path) -> None:
+    """Refuse a cache whose fingerprints or settings differ from what the run expects.
+
+    `expected` maps a metadata key (e.g. "fingerprint.weights", "max_length") to the run's value.
+    The message names every field that differs, both values, and how to fix it.
+    """
+    problems = []
+    for key, want in expected.items():
+        have = _lookup(metadata, key)
+        if have != want:
+            hint = FIX_HINTS.get(key, "re-run `minorsft precompute` with this run's settings.")
+            problems.append(f"  {key}: cache has {have!r}, this run has {want!r}\n    -> {hint}")
+    if problems:
+        raise CacheError(
+            f"{path} (written for model {metadata.get('model')!r}) does not match this run:\n"
+            + "\n".join(problems) + "\n"
+            "Pass --allow-mismatch only if you know the difference does not matter."
+        )
+
+
+def _lookup(metadata: dict, key: str):
+    have = metadata
+    for part in key.split("."):
+        have = have.get(part) if isinstance(have, dict) else None
+    return have
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+# --- the parts directory ------------------------------------------------------------------------
+
+PARTS_FORMAT = "minorsft-parts"
+MANIFEST_PREFIX = "_manifest"
+REJECTS_DIR = "_rejects"
+REJECTS_FILE = "_rejects.jsonl"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def manifest_name(shard: tuple[int, int] | None) -> str:
+    if shard is None:
+        return f"{MANIFEST_PREFIX}.json"
+    return f"{MANIFEST_PREFIX}.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def load_manifests(directory: Path) -> list[dict]:
+    """Every manifest in a parts directory (one per shard, or one), each with its `_file`."""
+    manifests = []
+    for file in sorted(Path(directory).glob(f"{MANIFEST_PREFIX}*.json")):
+        try:
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CacheError(f"{file}: unreadable manifest ({error})") from error
+        if manifest.get("format") != PARTS_FORMAT:
+            raise CacheError(f"{file}: not a minorsft manifest")
+        manifest["_file"] = file.name
+        manifests.append(manifest)
+    return manifests
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    body = {k: v for k, v in manifest.items() if k != "_file"}
+    atomic_write_text(Path(directory) / manifest_name(_shard(manifest)),
+                      json.dumps(body, indent=1, sort_keys=True))
+
+
+def _shard(manifest: dict) -> tuple[int, int] | None:
+    shard = manifest.get("shard")
+    return None if shard is None else (int(shard[0]), int(shard[1]))
+
+
+def diff_settings(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every key whose value differs (keys of either side)."""
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+@dataclass
+class CacheLayout:
+    """A cache as found on disk: its files in row order and its combined metadata."""
+
+    path: Path
+    kind: str  # "file" or "parts"
+    metadata: dict
+    files: list[Path]
+    manifests: list[dict] = field(default_factory=list)
+    parts: dict[int, dict] = field(default_factory=dict)
+
+
+def collect_parts(directory: Path, manifests: list[dict]) -> dict[int, dict]:
+    """Finished parts of all manifests by index; refuses shards that disagree."""
+    first = manifests[0]
+    parts: dict[int, dict] = {}
+    for manifest in manifests:
+        for key in ("settings", "input", "part_rows"):
+            if manifest.get(key) != first.get(key):
+                what = (diff_settings(first[key], manifest[key]) if key == "settings"
+                        else [f"{first.get(key)!r} -> {manifest.get(key)!r}"])
+                raise CacheError(
+                    f"{directory}: {manifest['_file']} and {first['_file']} were written with "
+                    f"different {key} and cannot form one cache: " + "; ".join(what))
+        for index, entry in manifest["parts"].items():
+            parts.setdefault(int(index), entry)
+    return parts
+
+
+def missing_pieces(manifests: list[dict], parts: dict[int, dict]) -> list[str]:
+    """What keeps a parts directory from being a complete cache (empty list: complete)."""
+    problems = []
+    counts = {(_shard(m) or (0, 1))[1] for m in manifests}
+    if len(counts) > 1:
+        problems.append(f"manifests of different shard counts {sorted(counts)}; merge or "
+                        "re-run with one --shard I/N scheme")
+        return problems
+    count = counts.pop()
+    present = {(_shard(m) or (0, 1))[0]: m for m in manifests}
+    for shard in range(count):
+        manifest = present.get(shard)
+        label = "the run" if count == 1 else f"shard {shard}/{count}"
+        if manifest is None:
+            problems.append(f"{label} has not started here (no {manifest_name((shard, count))})")
+        elif manifest.get("parts_total") is None:
+            problems.append(f"{label} has not finished (run the same precompute command again "
+                            "to resume it)")
+    totals = {m["parts_total"] for m in manifests if m.get("parts_total") is not None}
+    if len(totals) > 1:
+        problems.append(f"shards disagree on the number of parts: {sorted(totals)}")
+    elif totals and not problems:
+        missing = sorted(set(range(totals.pop())) - set(parts))
+        if missing:
+            problems.append(f"parts {missing[:20]} are missing")
+    return problems
+
+
+def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
+    """Find a cache (file or parts directory), check its structure, and combine its metadata.
+
+    Refuses a missing path, a Parquet file without minorsft metadata, columns of the wrong type,
+    and (with `require_complete`) a parts directory with missing shards or parts, or part files
+    that are missing or whose row count differs from the manifest.
+    """
     path = Path(path)
     if not path.exists():
-        raise CacheError(f"{path}: no such cache file (run `minorsft precompute` first)")
+        raise CacheError(f"{path}: no such cache (run `minorsft precompute` first)")
+    if path.is_file():
+        metadata = _file_metadata(path)
+        return CacheLayout(path, "file", metadata, [path])
+    manifests = load_manifests(path)
+    if not manifests:
+        raise CacheError(f"{path}: a directory without a minorsft manifest (_manifest*.json); "
+                         "not a cache, or its precompute never finished a part")
+    parts = collect_parts(path, manifests)
+    if require_complete and (problems := missing_pieces(manifests, parts)):
+        raise CacheError(f"{path}: incomplete cache: " + "; ".join(problems))
+    files = []
+    for index in sorted(parts):
+        file = path / parts[index]["file"]
+        if not file.exists():
+            raise CacheError(f"{file}: part {index} is listed in the manifest but missing; run "
+                             "the same precompute command again to recompute it")
+        rows = pq.read_metadata(file).num_rows
+        if rows != parts[index]["rows_cached"]:
+            raise CacheError(f"{file}: has {rows} rows, the manifest says "
+                             f"{parts[index]['rows_cached']}; the part was replaced or damaged")
+        _check_schema(file, pq.read_schema(file))
+        files.append(file)
+    entries = list(parts.values())
+    metadata = dict(manifests[0]["metadata"])
+    for manifest in manifests[1:]:  # keys added later (e.g. drift) to one shard's manifest
+        for key, value in manifest["metadata"].items():
+            metadata.setdefault(key, value)
+    metadata.update(
+        format_version=FORMAT_VERSION, layout="parts", parts=len(entries),
+        shards=(_shard(manifests[0]) or (0, 1))[1],
+        rows=sum(e["rows_cached"] for e in entries),
+        rows_in=sum(e["rows_in"] for e in entries),
+        rows_rejected=sum(e["rows_rejected"] for e in entries),
+        answer_tokens=sum(e["answer_tokens"] for e in entries),
+    )
+    return CacheLayout(path, "parts", metadata, files, manifests, parts)
+
+
+def _file_metadata(path: Path) -> dict:
     try:
         file_metadata = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as error:
@@ -104,36 +352,175 @@ def read_metadata(path: Path) -> dict:
     raw = (file_metadata.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise CacheError(f"{path}: a Parquet file, but not a minorsft cache (no metadata)")
-    names = file_metadata.schema.to_arrow_schema().names
-    missing = [f.name for f in SCHEMA if f.name not in names]
-    if missing:
-        raise CacheError(f"{path}: cache is missing columns {missing}")
-    return json.loads(raw)
+    _check_schema(path, file_metadata.schema.to_arrow_schema())
+    metadata = json.loads(raw)
+    metadata["layout"] = "file"
+    return metadata
 
 
-def iter_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
-    """Stream the cache row by row without loading it whole."""
-    parquet = pq.ParquetFile(path)
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=SCHEMA.names):
-        yield from batch.to_pylist()
-
-
-def check_compatible(metadata: dict, expected: dict, path: Path) -> None:
-    """Refuse a cache whose fingerprints or settings differ from what the run expects.
-
-    `expected` maps a metadata key (e.g. "fingerprint.weights", "max_length") to the run's value.
-    """
+def _check_schema(path: Path, schema: pa.Schema) -> None:
     problems = []
-    for key, want in expected.items():
-        have = metadata
-        for part in key.split("."):
-            have = have.get(part) if isinstance(have, dict) else None
-        if have != want:
-            problems.append(f"  {key}: cache has {have!r}, this run has {want!r}")
+    for expected in SCHEMA:
+        if expected.name not in schema.names:
+            problems.append(f"column {expected.name!r} is missing")
+        elif (found := schema.field(expected.name).type) != expected.type:
+            problems.append(f"column {expected.name!r} is {found}, expected {expected.type}")
     if problems:
-        raise CacheError(
-            f"{path} does not match this run:\n" + "\n".join(problems) + "\n"
-            "The cached reference log-probs were computed with a different model, tokenizer or "
-            "setting. Re-run `minorsft precompute` with the policy's starting model, or pass "
-            "--allow-mismatch if you know the difference does not matter."
-        )
+        raise CacheError(f"{path}: not the minorsft cache schema: " + "; ".join(problems)
+                         + ". Re-run `minorsft precompute` with this version of minorsft.")
+
+
+def validate_values(path: Path) -> None:
+    """Refuse non-finite reference log-probs and rows without answer tokens, naming the row.
+
+    Reads only two small columns per file, so it is cheap next to training.
+    """
+    for file in open_cache(path).files:
+        table = pq.read_table(file, columns=["id", "line", "ref_logps", "num_tokens"])
+        bad_logps = pc.invert(pc.is_finite(table["ref_logps"]))
+        bad_tokens = pc.less(table["num_tokens"], 1)
+        for mask, what in ((bad_logps, "ref_logps is not finite"),
+                           (bad_tokens, "num_tokens is below 1")):
+            count = pc.sum(mask).as_py() or 0
+            if count:
+                first = pc.index(mask, True).as_py()
+                row = table.slice(first, 1).to_pylist()[0]
+                raise CacheError(
+                    f"{file}: {count} row(s) where {what}, first id {row['id']!r} (input line "
+                    f"{row['line']}, value {row['ref_logps']!r}/{row['num_tokens']!r}). The "
+                    "cache is corrupt or was written by a broken engine: re-run "
+                    "`minorsft precompute --overwrite`.")
+
+
+def write_rejects(out: Path, entries: list[dict]) -> str | None:
+    """Concatenate the parts' rejects, in input order, into one file (None if there are none)."""
+    target = Path(out) / REJECTS_FILE
+    texts = [(out / e["rejects"]).read_text(encoding="utf-8") for e in entries if e["rejects"]]
+    if not texts:
+        target.unlink(missing_ok=True)
+        return None
+    atomic_write_text(target, "".join(texts))
+    return str(target)
+
+
+def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> CacheLayout:
+    """Combine parts directories (e.g. one per shard, from different machines) into one cache.
+
+    The sources must hold parts made from the same input with the same settings and together
+    cover every part; the result is one unsharded parts directory, written beside `out` under a
+    hidden name and renamed into place. Part files are hard-linked where the file system allows,
+    else copied; the sources are left as they are.
+    """
+    out, sources = Path(out), [Path(s) for s in sources]
+    if any(s.resolve() == out.resolve() for s in sources):
+        raise CacheError(f"{out}: the merged cache must go to a new --out, not a source")
+    manifests, origin = [], {}
+    for source in sources:
+        if not source.is_dir():
+            raise CacheError(f"{source}: not a parts directory (only those can be merged)")
+        found = load_manifests(source)
+        if not found:
+            raise CacheError(f"{source}: no minorsft manifest in it")
+        for manifest in found:
+            for index in manifest["parts"]:
+                origin.setdefault(int(index), source)
+        manifests.extend(found)
+    parts = collect_parts(sources[0], manifests)
+    if problems := missing_pieces(manifests, parts):
+        raise CacheError("the sources do not make a complete cache: " + "; ".join(problems))
+    if out.exists():
+        if not overwrite:
+            raise CacheError(f"{out} exists: pass --overwrite to replace it")
+        if out.is_dir() and any(out.iterdir()) and not load_manifests(out):
+            raise CacheError(f"{out} is a directory that is not a cache; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    try:
+        (staging / REJECTS_DIR).mkdir()
+        for index, entry in parts.items():
+            for name in (entry["file"], entry["rejects"]):
+                if name:
+                    _link_or_copy(origin[index] / name, staging / name)
+        first = manifests[0]
+        settings = dict(first["settings"], shards=1)
+        metadata = dict(first["metadata"], shards=1)
+        for manifest in manifests[1:]:
+            for key, value in manifest["metadata"].items():
+                metadata.setdefault(key, value)
+        merged = {"format": PARTS_FORMAT, "format_version": FORMAT_VERSION,
+                  "settings": settings, "input": first["input"], "metadata": metadata,
+                  "shard": None, "parts": {str(k): parts[k] for k in sorted(parts)},
+                  "input_rows": sum(e["rows_in"] for e in parts.values()),
+                  "parts_total": len(parts), "merged_from": [str(s) for s in sources]}
+        write_manifest(staging, merged)
+        write_rejects(staging, [parts[k] for k in sorted(parts)])
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return open_cache(out)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def cache_stats(path: Path) -> dict:
+    """What `minorsft cache info` shows: layout, schema, metadata and column statistics."""
+    layout = open_cache(path)
+    tables = [pq.read_table(f, columns=["num_tokens", "ref_logps", "truncated"])
+              for f in layout.files]
+    table = pa.concat_tables(tables) if tables else None
+    if table is None or table.num_rows == 0:
+        raise CacheError(f"{path}: the cache has no rows")
+    num_tokens = table["num_tokens"].cast(pa.float64())
+    per_token = pc.divide(table["ref_logps"], num_tokens)
+    quantiles = pc.quantile(num_tokens, q=[0.1, 0.5, 0.9], interpolation="nearest").to_pylist()
+    schema = pq.read_schema(layout.files[0])
+    return {
+        "path": str(path), "layout": layout.kind, "files": len(layout.files),
+        "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
+        "metadata": layout.metadata, "rows": table.num_rows,
+        "num_tokens": {"mean": pc.mean(num_tokens).as_py(), "min": pc.min(num_tokens).as_py(),
+                       "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2],
+                       "max": pc.max(num_tokens).as_py()},
+        "ref_logps_per_token": {"mean": pc.mean(per_token).as_py(),
+                                "min": pc.min(per_token).as_py(),
+                                "max": pc.max(per_token).as_py()},
+        "truncated": pc.sum(table["truncated"]).as_py() or 0,
+    }
+
+
+def update_metadata(path: Path, extra: dict) -> dict:
+    """Add or replace metadata keys of a finished cache (e.g. `drift`, measured after scoring).
+
+    For a parts directory every manifest is rewritten atomically; a single-file cache is
+    rewritten whole (temporary file + rename). Keys that decide the cached numbers (a
+    manifest's `settings`) are not touched, so resuming and merging are unaffected.
+    """
+    path = Path(path)
+    layout = open_cache(path)
+    if layout.kind == "parts":
+        for manifest in layout.manifests:
+            manifest["metadata"] = dict(manifest["metadata"], **extra)
+            write_manifest(path, manifest)
+    else:
+        table = pq.read_table(path)
+        metadata = dict(_file_metadata(path), **extra)
+        metadata.pop("layout", None)
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=path.parent)
+        os.close(handle)
+        try:
+            pq.write_table(table, temp_name, compression="zstd")
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+    return open_cache(path).metadata

@@ -18,13 +18,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-cache_app = typer.Typer(help="Inspect reference caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -59,8 +59,9 @@ def precompute(
     *,
     data: Annotated[str, typer.Option(help="Input .jsonl or .parquet file, or 'demo' for the "
                                            "built-in demo set.")],
-    out: Annotated[Path, typer.Option(help="Cache file to write (Parquet).")] = Path(
-        "cache/ref.parquet"),
+    out: Annotated[Path, typer.Option(
+        help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
+             "resumes it.")] = Path("cache/ref.parquet"),
     model: Annotated[str, typer.Option(help="Reference model: a Hugging Face folder, a hub id, "
                                             f"or the built-in '{DEFAULT_MODEL}'.")] = DEFAULT_MODEL,
     prompt_field: Annotated[str | None, typer.Option(
@@ -97,7 +98,15 @@ def precompute(
              "GPU).")] = "auto",
     on_bad: Annotated[str, typer.Option(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
-             "writes it to <out>.rejects.jsonl with the reason.")] = "error",
+             "writes it to <out>/_rejects.jsonl with the reason.")] = "error",
+    part_rows: Annotated[int, typer.Option(
+        help="Input rows per part file: the unit of resuming and sharding.")] = 4096,
+    shard: Annotated[str | None, typer.Option(
+        help="I/N: score only the parts k with k mod N = I (I counts from 0). Run N processes "
+             "(GPUs, nodes) with the same --out, or join their outputs with `minorsft cache "
+             "merge`.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start over: delete the cache at --out instead of resuming it.")] = False,
 ):
     """Score every answer under the frozen reference model and write the Parquet cache."""
     from minorsft.precompute import PrecomputeConfig, run_precompute
@@ -107,16 +116,25 @@ def precompute(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
             response_field=response_field, max_length=max_length or None, dtype=dtype,
             engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
+            part_rows=part_rows, shard=shard, overwrite=overwrite,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             verify_sample=verify_sample, verify_dtype=verify_dtype)
     except ValueError as error:
         _fail(str(error))
     summary = _run(run_precompute, config)
+    resumed = f" ({summary.parts_skipped} parts were already done)" if summary.parts_skipped else ""
+    if not summary.complete:
+        console.print(
+            f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "
+            f"{summary.rows_rejected} rejected{resumed}. The cache is not complete yet: "
+            f"{summary.waiting_for}", highlight=False)
+        return
     console.print(
-        f"[green]wrote[/] {summary.cache_path}: {summary.rows_cached} rows cached, "
-        f"{summary.rows_rejected} rejected, {summary.answer_tokens} answer tokens, "
-        f"{summary.seconds:.1f} s", highlight=False)
+        f"[green]wrote[/] {summary.cache_path}: {summary.rows_in} input rows = "
+        f"{summary.rows_cached} cached + {summary.rows_rejected} rejected, "
+        f"{summary.answer_tokens} answer tokens, {summary.seconds:.1f} s{resumed}",
+        highlight=False)
     if summary.rejects_path:
         console.print(f"rejected rows and reasons: {summary.rejects_path}", highlight=False)
 
@@ -158,10 +176,30 @@ def train(
         help="Recompute activations in backward to save memory.")] = False,
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
-        help="Train even if the cache was written by a different model/tokenizer.")] = False,
+        help="Train even if the cache was written by a different model/tokenizer (the "
+             "step-0 check then warns instead of stopping).")] = False,
+    save_every: Annotated[int | None, typer.Option(
+        help="Write a checkpoint (model, optimizer, scheduler, RNG, data position) every N "
+             "steps under <output>/checkpoints. Ctrl-C and SIGTERM always write one.")] = None,
+    keep_checkpoints: Annotated[int, typer.Option(
+        help="How many of the newest checkpoints to keep.")] = 2,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from the newest checkpoint in --output (from step 0 if there is "
+             "none).")] = False,
+    step0_check: Annotated[bool, typer.Option(
+        help="Before training, check on a few rows that the policy's own log-probs match the "
+             "cache (step-0 m_theta near 0).")] = True,
+    step0_tolerance: Annotated[float | None, typer.Option(
+        help="Largest mean |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
+             "when cache and training are float32, else 0.1.")] = None,
+    strategy: Annotated[str, typer.Option(
+        help="Under torchrun: ddp (replicated model) or fsdp (FSDP2, sharded, fp32 master "
+             "weights with --dtype as compute dtype).")] = "ddp",
+    cpu_offload: Annotated[bool, typer.Option(
+        help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
-    from minorsft.train import TrainConfig, run_train
+    from minorsft.train import TrainConfig, TrainingInterrupted, run_train
 
     try:
         config = TrainConfig(
@@ -170,10 +208,16 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
-            shuffle=shuffle, allow_mismatch=allow_mismatch)
+            shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
+            cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
+            resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance)
     except ValueError as error:
         _fail(str(error))
-    _run(run_train, config)
+    try:
+        _run(run_train, config)
+    except TrainingInterrupted as stopped:
+        console.print(f"[yellow]stopped:[/] {stopped}", highlight=False)
+        raise typer.Exit(code=130) from None
 
 
 @app.command()
@@ -221,33 +265,62 @@ def verify(
 
 @cache_app.command("info")
 def cache_info(
-    path: Annotated[Path, typer.Argument(help="A cache file.")],
+    path: Annotated[Path, typer.Argument(help="A cache (parts directory or single file).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
-    """Show a cache's metadata, row count and answer-length distribution."""
-    import polars as pl
-
-    from minorsft.cache import CacheError, read_metadata
+    """Show a cache's layout, schema, metadata, row counts, m distribution and drift figures."""
+    from minorsft.cache import CacheError, cache_stats
 
     try:
-        metadata = read_metadata(path)
+        info = cache_stats(path)
     except CacheError as error:
         _fail(str(error))
-    frame = pl.read_parquet(path, columns=["num_tokens", "ref_logps"])
-    stats = {
-        "rows": frame.height,
-        "num_tokens": frame["num_tokens"].describe().to_dicts(),
-        "ref_logps_per_token_mean": float((frame["ref_logps"] / frame["num_tokens"]).mean()),
-    }
     if as_json:
-        typer.echo(json.dumps({"metadata": metadata, "stats": stats}, indent=2))
+        typer.echo(json.dumps(info, indent=2, default=str))
         return
+    metadata = info["metadata"]
     for key, value in metadata.items():
-        typer.echo(f"{key:>20}: {value}")
-    quantiles = {row["statistic"]: row["value"] for row in stats["num_tokens"]}
-    typer.echo(f"{'answer tokens m':>20}: mean {quantiles.get('mean'):.1f}, min "
-               f"{quantiles.get('min')}, median {quantiles.get('50%')}, max {quantiles.get('max')}")
-    typer.echo(f"{'ref log-prob/token':>20}: {stats['ref_logps_per_token_mean']:.4f}")
+        if key != "drift":
+            typer.echo(f"{key:>20}: {value}")
+    typer.echo(f"{'schema':>20}: {info['schema']}")
+    typer.echo(f"{'rows':>20}: {info['rows']} cached"
+               + (f" + {metadata.get('rows_rejected')} rejected = {metadata.get('rows_in')} "
+                  "input rows" if metadata.get("rows_in") is not None else ""))
+    m = info["num_tokens"]
+    typer.echo(f"{'answer tokens m':>20}: mean {m['mean']:.1f}, min {m['min']}, p10 {m['p10']}, "
+               f"median {m['p50']}, p90 {m['p90']}, max {m['max']}")
+    r = info["ref_logps_per_token"]
+    typer.echo(f"{'ref log-prob/token':>20}: mean {r['mean']:.4f}, min {r['min']:.4f}, "
+               f"max {r['max']:.4f}")
+    typer.echo(f"{'truncated rows':>20}: {info['truncated']}")
+    drift = metadata.get("drift")
+    if drift is None:
+        typer.echo(f"{'drift':>20}: not measured for this cache")
+    elif isinstance(drift, dict):
+        for key, value in drift.items():
+            typer.echo(f"{'drift ' + key:>20}: {value}")
+    else:
+        typer.echo(f"{'drift':>20}: {drift}")
+
+
+@cache_app.command("merge")
+def cache_merge(
+    sources: Annotated[list[Path], typer.Argument(
+        help="Parts directories to combine (e.g. one per --shard run).")],
+    out: Annotated[Path, typer.Option(help="The merged cache directory to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a cache.")] = False,
+):
+    """Combine the shards of one precompute (same input and settings) into one cache."""
+    from minorsft.cache import CacheError, merge_caches
+
+    try:
+        layout = merge_caches(sources, out, overwrite)
+    except CacheError as error:
+        _fail(str(error))
+    metadata = layout.metadata
+    console.print(f"[green]merged[/] {len(sources)} source(s) into {out}: {metadata['parts']} "
+                  f"parts, {metadata['rows']} rows cached, {metadata['rows_rejected']} rejected",
+                  highlight=False)
 
 
 def main():

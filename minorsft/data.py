@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -80,6 +80,7 @@ class Rejection:
     field: str | None
     reason: str
     raw: str = ""
+    error: DataError | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         return {"file": self.path, "line": self.line, "field": self.field,
@@ -126,7 +127,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             if not raw_bytes.strip():
                 continue
             try:
-                text = raw_bytes.decode("utf-8")
+                # A byte-order mark on line 1 is legal UTF-8 that json.loads refuses: drop it.
+                text = raw_bytes.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 reason = f"not valid UTF-8 (byte {error.start})"
                 yield RawRow(line_no, error=DataError(str(path), line_no, None, reason),
@@ -276,12 +278,72 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     )
 
 
-def row_id(record: dict, spec: FieldSpec) -> str:
+def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = None) -> str:
     """The row's `id` column if it has one, else a hash of its content (stable across runs)."""
     if (value := record.get(spec.id_field)) is not None:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise DataError(path, line, spec.id_field,
+                            f"expected a string or integer id, got {type(value).__name__}")
+        if not str(value).strip():
+            raise DataError(path, line, spec.id_field, "empty id")
         return str(value)
     canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def classify_rows(
+    path: Path,
+    tokenizer,
+    spec: FieldSpec | None = None,
+    max_length: int | None = None,
+    select: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, Example | Rejection | None]]:
+    """Every row of `path` as (index, Example or Rejection); None for rows `select` leaves out.
+
+    `index` counts rows from 0 in file order (blank JSONL lines are not rows). Rows that
+    `select(index)` declines are read for their id, so that duplicate ids are found across the
+    whole file whichever part of it a process works on, but they are neither checked further
+    nor tokenized. Ids are unique per file: the first row that carries an id keeps it, and any
+    later row with the same id is rejected, even if the first row was rejected for another
+    reason (so the outcome of a row never depends on how the file was split).
+    """
+    spec = spec or FieldSpec()
+    path_str = str(path)
+    seen_ids: dict[str, int] = {}
+    for index, row in enumerate(read_rows(path)):
+        try:
+            if row.error is not None:
+                raise row.error
+            example_id = row_id(row.record, spec, path_str, row.line)
+            duplicate_of = seen_ids.get(example_id)
+            if duplicate_of is None:
+                seen_ids[example_id] = row.line
+            elif spec.id_field not in row.record:
+                # Identical rows without ids are legitimate up-sampling: number the repeats.
+                example_id = f"{example_id}#{row.line}"
+                duplicate_of = None
+            if select is not None and not select(index):
+                yield index, None
+                continue
+            messages = to_messages(row.record, spec, path_str, row.line)
+            if duplicate_of is not None:
+                raise DataError(path_str, row.line, spec.id_field,
+                                f"duplicate id {example_id!r} (first on line {duplicate_of})")
+            try:
+                input_ids, answer_mask, truncated = tokenize_conversation(
+                    tokenizer, messages, max_length)
+            except ValueError as error:
+                raise DataError(path_str, row.line, "messages", str(error)) from error
+            if not any(answer_mask):
+                raise DataError(path_str, row.line, None,
+                                f"answer truncated to zero tokens by --max-length {max_length} "
+                                f"(the prompt alone has {len(input_ids)}+ tokens)")
+            yield index, Example(example_id, row.line, input_ids, answer_mask, truncated)
+        except DataError as error:
+            if select is not None and not select(index):
+                yield index, None
+                continue
+            yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error)
 
 
 def iter_examples(
@@ -297,34 +359,7 @@ def iter_examples(
     """
     if on_bad not in {"error", "skip"}:
         raise ValueError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
-    spec = spec or FieldSpec()
-    path_str = str(path)
-    seen_ids: dict[str, int] = {}
-    for row in read_rows(path):
-        try:
-            if row.error is not None:
-                raise row.error
-            messages = to_messages(row.record, spec, path_str, row.line)
-            example_id = row_id(row.record, spec)
-            if example_id in seen_ids:
-                if spec.id_field in row.record:
-                    raise DataError(path_str, row.line, spec.id_field,
-                                    f"duplicate id {example_id!r} (first on line "
-                                    f"{seen_ids[example_id]})")
-                # Identical rows without ids are legitimate up-sampling: number the repeats.
-                example_id = f"{example_id}#{row.line}"
-            try:
-                input_ids, answer_mask, truncated = tokenize_conversation(
-                    tokenizer, messages, max_length)
-            except ValueError as error:
-                raise DataError(path_str, row.line, "messages", str(error)) from error
-            if not any(answer_mask):
-                raise DataError(path_str, row.line, None,
-                                f"answer truncated to zero tokens by --max-length {max_length} "
-                                f"(the prompt alone has {len(input_ids)}+ tokens)")
-            seen_ids[example_id] = row.line
-            yield Example(example_id, row.line, input_ids, answer_mask, truncated)
-        except DataError as error:
-            if on_bad == "error":
-                raise
-            yield Rejection(path_str, row.line, error.field, error.reason, row.raw)
+    for _, item in classify_rows(path, tokenizer, spec, max_length):
+        if isinstance(item, Rejection) and on_bad == "error":
+            raise item.error
+        yield item

@@ -1,13 +1,27 @@
-"""Stage 1: data -> scoring engine -> cache.
+"""Stage 1: data -> scoring engine -> cache, in resumable, shardable parts.
 
-Rows stream through in windows: each window is tokenized, scored by the engine (which may reorder
-within it for efficient batches), and written in input order. Memory stays bounded by the window,
-whatever the size of the corpus.
+The input's rows are numbered from 0 and cut into parts of `part_rows` rows; part k holds rows
+[k * part_rows, (k + 1) * part_rows). Each part is scored in windows of `window_rows` accepted
+rows (the engine may reorder within a window for efficient batches), written to its own Parquet
+file atomically, and only then recorded in the manifest (see `minorsft.cache`). So:
+
+- after a crash or `kill -9`, the same command skips the finished parts and the result equals,
+  row for row, that of an uninterrupted run (a part's batches do not depend on what ran before);
+- a changed input file (content hash) or setting is refused, naming what changed, rather than
+  mixed into the cache (`--overwrite` starts over);
+- `--shard I/N` scores only the parts k with k % N == I; N processes writing into one directory
+  (or into several, combined with `minorsft cache merge`) make the same cache as one process.
+
+Every input row ends up either cached or in the rejects file: input rows = cached + rejected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,23 +30,42 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
-from minorsft.cache import CacheWriter
+from minorsft.cache import (
+    FORMAT_VERSION,
+    MANIFEST_PREFIX,
+    PARTS_FORMAT,
+    REJECTS_DIR,
+    REJECTS_FILE,
+    CacheError,
+    CacheWriter,
+    atomic_write_text,
+    collect_parts,
+    diff_settings,
+    load_manifests,
+    manifest_name,
+    missing_pieces,
+    part_name,
+    update_metadata,
+    write_manifest,
+    write_rejects,
+)
 from minorsft.data import (
     TRUNCATION_RULE,
     Example,
     FieldSpec,
     Rejection,
-    iter_examples,
+    classify_rows,
     resolve_data,
 )
 from minorsft.engines import make_engine
 from minorsft.models import dtype_name, fingerprint, load_tokenizer, resolve_model
-from minorsft.verify import (
-    DEFAULT_PRECOMPUTE_SAMPLE,
-    DriftSample,
-    format_report,
-    precompute_drift_check,
-)
+from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
+
+# Metadata that decides the cached numbers: a resumed run or another shard must match all of it.
+# (--on-bad is not among them: finished parts are the same whether later bad rows stop or skip.)
+SETTINGS_KEYS = ("fingerprint", "max_length", "truncation", "dtype", "engine", "engine_version",
+                 "minorsft_version", "fields", "part_rows", "window_rows", "max_batch_tokens",
+                 "shards")
 
 
 @dataclass
@@ -59,6 +92,9 @@ class PrecomputeConfig:
     verify_sample: int = DEFAULT_PRECOMPUTE_SAMPLE
     verify_dtype: str = "auto"  # the dtype training will use
     verify_beta: float = 0.04
+    part_rows: int = 4096
+    shard: str | None = None  # "I/N", I counted from 0
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
@@ -67,6 +103,29 @@ class PrecomputeConfig:
             raise ValueError("--max-batch-tokens must be positive")
         if self.verify_sample < 0:
             raise ValueError("--verify-sample must be 0 (skip) or positive")
+        if self.part_rows < 1 or self.window_rows < 1:
+            raise ValueError("--part-rows and the window must be positive")
+        if self.on_bad not in {"error", "skip"}:
+            raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
+        parse_shard(self.shard)
+
+    @property
+    def shard_spec(self) -> tuple[int, int] | None:
+        return parse_shard(self.shard)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`"I/N"` -> (I, N), refusing anything but 0 <= I < N."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4")
+    index, count = int(match[1]), int(match[2])
+    if count < 1 or index >= count:
+        raise ValueError(f"--shard {text}: I counts from 0, so with N={count} it is one of "
+                         f"0/{count} .. {count - 1}/{count}")
+    return index, count
 
 
 @dataclass
@@ -78,10 +137,15 @@ class PrecomputeSummary:
     answer_tokens: int
     seconds: float
     rejects_path: str | None
+    parts_written: int = 0
+    parts_skipped: int = 0
+    complete: bool = True
+    waiting_for: str = ""  # what is missing when this shard is done but the cache is not
 
 
 def rejects_path_for(out: Path) -> Path:
-    return out.with_name(out.stem + ".rejects.jsonl")
+    """Where a complete cache's rejected rows are listed (inside the cache directory)."""
+    return Path(out) / REJECTS_FILE
 
 
 def _count_lines(path: Path) -> int | None:
@@ -91,18 +155,43 @@ def _count_lines(path: Path) -> int | None:
         return sum(1 for line in handle if line.strip())
 
 
+def input_fingerprint(path: Path) -> dict:
+    """Content hash and size of the input file: what a resumed run must find unchanged."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
 def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> PrecomputeSummary:
     console = console or Console(stderr=True)
+    started = time.perf_counter()
     data_path = resolve_data(config.data)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     spec = FieldSpec(config.prompt_field, config.response_field)
+    out = Path(config.out)
+    shard = config.shard_spec
+    created = not out.exists()
+    prepare_output(out, config.overwrite)
+    try:
+        return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
+                                started, console)
+    except BaseException:
+        if created and out.is_dir() and not load_manifests(out):
+            shutil.rmtree(out, ignore_errors=True)  # no finished part: leave nothing behind
+        raise
+
+
+def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
+                     model_path: str, tokenizer, spec: FieldSpec, started: float,
+                     console: Console) -> PrecomputeSummary:
+    source = input_fingerprint(data_path)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
                          max_model_len=config.max_model_len)
-    drift_sample = DriftSample(config.verify_sample)
-    out = Path(config.out)
     metadata = {
         "model": config.model,
         "model_path": model_path,
@@ -116,97 +205,256 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         "minorsft_version": __version__,
         "source": str(data_path),
         "fields": asdict(spec),
+        "part_rows": config.part_rows,
+        "window_rows": config.window_rows,
+        "max_batch_tokens": config.max_batch_tokens,
+        "shards": shard[1] if shard else 1,
     }
-    writer = CacheWriter(out, metadata)
-    rejects_file = rejects_path_for(out)
-    rejects_file.unlink(missing_ok=True)
-    rejected = answer_tokens = 0
-    started = time.perf_counter()
-    total = _count_lines(data_path)
+    manifest = open_manifest(out, shard, metadata, source)
+    done = finished_parts(out, manifest)
+    mine = lambda k: (shard is None or k % shard[1] == shard[0]) and k not in done  # noqa: E731
+    _remove_stale_temps(out, mine, manifest_name(shard))
+    if manifest.get("parts_total") is not None and not any(
+            mine(k) for k in range(manifest["parts_total"])):
+        console.print(f"{out}: all parts of this run were already done; nothing to score")
+        return _summarise(out, shard, started, len(done), 0)
+
     progress = Progress(
         TextColumn("[bold]scoring"), BarColumn(), TextColumn("{task.completed} rows"),
         TextColumn("{task.fields[rows_s]:.1f} rows/s  {task.fields[tok_s]:.0f} tok/s"),
         TimeElapsedColumn(), console=console, transient=False,
     )
+    counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
+    part: _PartBuilder | None = None
+    rows_total = 0
     try:
-        with progress, _RejectLog(rejects_file) as reject_log:
-            task = progress.add_task("score", total=total, rows_s=0.0, tok_s=0.0)
-            window: list[Example] = []
-            scored_tokens = 0
+        with progress:
+            task = progress.add_task("score", total=_count_lines(data_path), rows_s=0.0,
+                                     tok_s=0.0)
 
-            def flush():
-                nonlocal scored_tokens, answer_tokens
-                if not window:
-                    return
-                scores = engine.score(window)
-                drift_sample.offer(window, scores)
-                writer.write({
-                    "id": [e.id for e in window],
-                    "line": [e.line for e in window],
-                    "input_ids": [e.input_ids for e in window],
-                    "answer_mask": [e.answer_mask for e in window],
-                    "num_tokens": [e.num_tokens for e in window],
-                    "ref_logps": scores,
-                    "truncated": [e.truncated for e in window],
-                })
-                scored_tokens += sum(len(e.input_ids) for e in window)
-                answer_tokens += sum(e.num_tokens for e in window)
+            def scored(rows: int, tokens: int) -> None:
+                counters["rows"] += rows
+                counters["tokens"] += tokens
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                progress.update(task, advance=len(window), rows_s=writer.rows / elapsed,
-                                tok_s=scored_tokens / elapsed)
-                window.clear()
+                progress.update(task, rows_s=counters["rows"] / elapsed,
+                                tok_s=counters["tokens"] / elapsed)
 
-            for item in iter_examples(data_path, tokenizer, spec, config.max_length,
-                                      config.on_bad):
-                if isinstance(item, Rejection):
-                    rejected += 1
-                    reject_log.write(item)
-                    progress.update(task, advance=1)
+            def finish(builder: _PartBuilder) -> None:
+                manifest["parts"][str(builder.index)] = builder.close()
+                write_manifest(out, manifest)  # the part counts as done from here on
+                counters["parts"] += 1
+
+            for index, item in classify_rows(data_path, tokenizer, spec, config.max_length,
+                                             lambda i: mine(i // config.part_rows)):
+                rows_total = index + 1
+                progress.update(task, advance=1)
+                if part is not None and index // config.part_rows != part.index:
+                    finish(part)
+                    part = None
+                if item is None:
                     continue
-                window.append(item)
-                if len(window) >= config.window_rows:
-                    flush()
-            flush()
-        rows_cached = writer.rows
-        if rows_cached == 0:
-            raise ValueError(f"{data_path}: no usable rows (rejected {rejected}; see "
-                             f"{rejects_file})")
-        extra = {"rows_in": rows_cached + rejected, "rows_rejected": rejected,
-                 "answer_tokens": answer_tokens}
-        if config.verify_sample:
-            report = precompute_drift_check(
-                drift_sample, engine, model_path, metadata, config.verify_dtype, config.device,
-                config.verify_beta, config.max_batch_tokens)
-            console.print(format_report(report), highlight=False)
-            extra["drift"] = report.as_dict()
-        else:
-            engine.close()
-        writer.close(extra)
+                if part is None:
+                    part = _PartBuilder(out, index // config.part_rows, index, metadata,
+                                        config.window_rows, engine, scored)
+                if isinstance(item, Rejection):
+                    if config.on_bad == "error":
+                        raise item.error
+                    part.reject(item, index)
+                    continue
+                part.add(item, index)
+            if part is not None:
+                finish(part)
+                part = None
     except BaseException:
-        writer.abort()
+        if part is not None:
+            part.abort()
         raise
+    if rows_total == 0:
+        raise ValueError(f"{data_path}: no rows (the file is empty)")
+    manifest.update(input_rows=rows_total, parts_total=math.ceil(rows_total / config.part_rows))
+    write_manifest(out, manifest)
+    summary = _summarise(out, shard, started, len(done), counters["parts"])
+    if config.verify_sample and summary.complete:  # the drift check, once the cache is whole
+        report = precompute_drift_check(out, engine, model_path, config.verify_sample,
+                                        config.verify_dtype, config.device, config.verify_beta,
+                                        config.max_batch_tokens)
+        console.print(format_report(report), highlight=False)
+        update_metadata(out, {"drift": report.as_dict()})
+    engine.close()
+    return summary
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Refuse to write over an old single-file cache; with `overwrite`, clear a previous cache.
+
+    Only minorsft's own files are removed from a directory, never anything else in it.
+    """
+    if out.is_file():
+        if not overwrite:
+            raise CacheError(f"{out} is a file (a single-file cache of an earlier minorsft?); "
+                             "precompute writes a directory of parts: pass --overwrite to "
+                             "replace it, or choose another --out")
+        out.unlink()
+    elif out.is_dir() and overwrite:
+        for pattern in ("part-*.parquet", f"{MANIFEST_PREFIX}*.json", REJECTS_FILE, ".*.tmp"):
+            for file in out.glob(pattern):
+                file.unlink()
+        shutil.rmtree(out / REJECTS_DIR, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
+                  source: dict) -> dict:
+    """This process's manifest: the one found (after checking it matches) or a new one.
+
+    Every manifest already in `out` (other shards' too) must have been written with the same
+    settings and the same input, else the run is refused with what changed.
+    """
+    settings = {key: metadata[key] for key in SETTINGS_KEYS}
+    own = None
+    for manifest in load_manifests(out):
+        changes = diff_settings(manifest["settings"], settings)
+        if manifest["input"] != source:
+            changes.insert(0, f"input file content: sha256 {manifest['input']['sha256'][:12]}"
+                              f"..., {manifest['input']['bytes']} bytes -> sha256 "
+                              f"{source['sha256'][:12]}..., {source['bytes']} bytes")
+        if changes:
+            raise CacheError(
+                f"{out} already holds a cache ({manifest['_file']}) made from another input or "
+                "with other settings, and mixing them would give a wrong cache:\n  "
+                + "\n  ".join(changes) + "\nRun the original command to resume it, pass "
+                "--overwrite to start over, or choose another --out.")
+        if manifest["_file"] == manifest_name(shard):
+            own = manifest
+    if own is None:
+        own = {"format": PARTS_FORMAT, "format_version": FORMAT_VERSION,
+               "settings": settings, "input": source, "metadata": metadata,
+               "shard": list(shard) if shard else None, "parts": {},
+               "input_rows": None, "parts_total": None}
+    own["metadata"] = dict(metadata, **{k: v for k, v in own["metadata"].items()
+                                        if k not in metadata})
+    return own
+
+
+def finished_parts(out: Path, manifest: dict) -> set[int]:
+    """Parts recorded as done whose file is still there with the recorded row count."""
+    import pyarrow.parquet as pq
+
+    done = set()
+    for index, entry in list(manifest["parts"].items()):
+        file = out / entry["file"]
+        try:
+            ok = file.exists() and pq.read_metadata(file).num_rows == entry["rows_cached"]
+        except Exception:  # an unreadable part is simply redone
+            ok = False
+        if ok:
+            done.add(int(index))
+        else:
+            del manifest["parts"][index]
+    return done
+
+
+def _remove_stale_temps(out: Path, mine, own_manifest: str) -> None:
+    """Delete temporary files a killed run left, but only this process's own (shards share)."""
+    for folder in (out, out / REJECTS_DIR):
+        for temp in folder.glob(".*.tmp"):
+            match = re.match(r"\.part-(\d+)\.", temp.name)
+            if (match and mine(int(match[1]))) or temp.name.startswith(f".{own_manifest}."):
+                temp.unlink(missing_ok=True)
+
+
+class _PartBuilder:
+    """One part in the making: its Parquet file (written window by window) and its rejects."""
+
+    def __init__(self, out: Path, index: int, first_row: int, metadata: dict,
+                 window_rows: int, engine, on_scored):
+        self.out, self.index, self.window_rows = out, index, window_rows
+        self.engine, self.on_scored = engine, on_scored
+        self.rows_start = self.rows_stop = first_row
+        self.file = out / part_name(index)
+        self.rejects_file = out / REJECTS_DIR / f"part-{index:05d}.jsonl"
+        self.rejects_file.unlink(missing_ok=True)  # left by an earlier try of this part
+        self.writer = CacheWriter(self.file, dict(metadata, part=index))
+        self.window: list[Example] = []
+        self.rejections: list[str] = []
+        self.answer_tokens = 0
+        self.lines = [None, None]
+
+    def _seen(self, index: int, line: int) -> None:
+        self.rows_stop = index + 1
+        self.lines = [self.lines[0] or line, line]
+
+    def reject(self, rejection: Rejection, index: int) -> None:
+        self._seen(index, rejection.line)
+        self.rejections.append(json.dumps(rejection.as_dict(), ensure_ascii=False))
+
+    def add(self, example: Example, index: int) -> None:
+        self._seen(index, example.line)
+        self.window.append(example)
+        if len(self.window) >= self.window_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.window:
+            return
+        window, self.window = self.window, []
+        scores = self.engine.score(window)
+        self.writer.write({
+            "id": [e.id for e in window],
+            "line": [e.line for e in window],
+            "input_ids": [e.input_ids for e in window],
+            "answer_mask": [e.answer_mask for e in window],
+            "num_tokens": [e.num_tokens for e in window],
+            "ref_logps": scores,
+            "truncated": [e.truncated for e in window],
+        })
+        self.answer_tokens += sum(e.num_tokens for e in window)
+        self.on_scored(len(window), sum(len(e.input_ids) for e in window))
+
+    def close(self) -> dict:
+        """Score what is left, put the files in place, and return the part's manifest entry."""
+        self.flush()
+        rows_in = self.rows_stop - self.rows_start
+        rows_rejected = len(self.rejections)
+        if self.writer.rows + rows_rejected != rows_in:  # every row cached or rejected
+            raise AssertionError(f"part {self.index}: {rows_in} rows in, {self.writer.rows} "
+                                 f"cached + {rows_rejected} rejected")
+        if self.rejections:
+            self.rejects_file.parent.mkdir(exist_ok=True)
+            atomic_write_text(self.rejects_file, "\n".join(self.rejections) + "\n")
+        self.writer.close({"rows_in": rows_in, "rows_rejected": rows_rejected,
+                           "answer_tokens": self.answer_tokens})
+        return {"file": self.file.name, "rows_start": self.rows_start,
+                "rows_stop": self.rows_stop, "lines": self.lines, "rows_in": rows_in,
+                "rows_cached": self.writer.rows, "rows_rejected": rows_rejected,
+                "answer_tokens": self.answer_tokens,
+                "rejects": f"{REJECTS_DIR}/{self.rejects_file.name}" if self.rejections else None}
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> PrecomputeSummary:
+    """Totals of the whole cache when it is complete (writing its rejects list), else this run's."""
+    manifests = load_manifests(out)
+    parts = collect_parts(out, manifests)
+    problems = missing_pieces(manifests, parts)
+    if not problems:
+        entries = [parts[k] for k in sorted(parts)]
+    else:
+        own = next(m for m in manifests if m["_file"] == manifest_name(shard))
+        entries = [own["parts"][k] for k in sorted(own["parts"], key=int)]
+    rows_cached = sum(e["rows_cached"] for e in entries)
+    rows_rejected = sum(e["rows_rejected"] for e in entries)
+    rejects_path = None
+    if not problems:
+        if rows_cached == 0:
+            raise ValueError(f"{out}: no usable rows (all {rows_rejected} rejected; see "
+                             f"{rejects_path_for(out)})")
+        rejects_path = write_rejects(out, entries)
     return PrecomputeSummary(
-        cache_path=str(out), rows_in=rows_cached + rejected, rows_cached=rows_cached,
-        rows_rejected=rejected, answer_tokens=answer_tokens,
-        seconds=time.perf_counter() - started,
-        rejects_path=str(rejects_file) if rejected else None,
-    )
-
-
-class _RejectLog:
-    """A JSONL report of rejected rows, created only if there is something to report."""
-
-    def __init__(self, path: Path):
-        self.path, self._handle = path, None
-
-    def __enter__(self):
-        return self
-
-    def write(self, rejection: Rejection) -> None:
-        if self._handle is None:
-            self._handle = self.path.open("w", encoding="utf-8")
-        self._handle.write(json.dumps(rejection.as_dict(), ensure_ascii=False) + "\n")
-
-    def __exit__(self, *exc):
-        if self._handle is not None:
-            self._handle.close()
+        cache_path=str(out), rows_in=rows_cached + rows_rejected, rows_cached=rows_cached,
+        rows_rejected=rows_rejected, answer_tokens=sum(e["answer_tokens"] for e in entries),
+        seconds=time.perf_counter() - started, rejects_path=rejects_path,
+        parts_written=written, parts_skipped=skipped, complete=not problems,
+        waiting_for="; ".join(problems))

@@ -4,16 +4,29 @@ The trainer reads only the cache (token ids, answer masks, reference log-probs);
 format. Each optimizer step takes `batch_size` samples as micro-batches of `micro_batch_size` and
 divides every micro-batch's summed loss by the step's sample count, so any split of the same
 samples gives the same update (gradient accumulation is exact, not approximate).
+
+Reliability (docs/reliability.md): `setup` refuses a cache whose fingerprints, schema or values
+are wrong; before the first step a guard checks on a few rows that the policy's own log-probs
+agree with the cached reference ones (step-0 m_theta near 0); checkpoints (model, optimizer,
+scheduler, RNG states, steps done) are written atomically every `save_every` steps and on
+Ctrl-C / SIGTERM, and `resume` continues from the latest so that the metrics from then on equal
+those of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -21,8 +34,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
-from minorsft.cache import check_compatible, iter_rows, read_metadata
-from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
+from minorsft.distributed import (
+    STRATEGIES,
+    World,
+    all_reduce_sum,
+    close_world,
+    full_state_dict,
+    init_world,
+    no_gradient_sync,
+    rank_device,
+    rank_slice,
+    wrap_policy,
+)
+from minorsft.logprobs import pad_batch
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     dtype_name,
@@ -65,6 +90,13 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     allow_mismatch: bool = False
     log_every: int = 1
+    strategy: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2)
+    cpu_offload: bool = False  # FSDP2 only: keep parameters and optimizer state on the CPU
+    save_every: int | None = None  # checkpoint every N steps (and always on Ctrl-C / SIGTERM)
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
+    step0_check: bool = True
+    step0_tolerance: float | None = None  # nats per answer token; None: by dtype (STEP0_TOLERANCE)
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -84,10 +116,21 @@ class TrainConfig:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError("--save-every must be positive")
+        if self.keep_checkpoints < 1:
+            raise ValueError("--keep-checkpoints must be at least 1")
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per rank per step: global batch / (micro-batch x world size)."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of "
+                             f"--micro-batch-size {self.micro_batch_size} x {world_size} "
+                             "processes")
+        return self.batch_size // per_step
 
 
 def sample_stream(cache: Path, seed: int, shuffle: bool, buffer_size: int,
@@ -137,7 +180,9 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
 
 @dataclass
 class TrainState:
-    model: torch.nn.Module
+    model: torch.nn.Module  # the transformers model (unwrapped)
+    policy: torch.nn.Module  # what is called in training: answer log-probs, maybe DDP/FSDP
+    world: World
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -146,11 +191,15 @@ class TrainState:
     total_steps: int
     metadata: dict
     model_path: str
+    start_step: int = 0  # steps already done (from a checkpoint)
 
 
 def setup(config: TrainConfig, console: Console) -> TrainState:
+    world = init_world(config.device)
+    accumulation = config.accumulation_steps(world.world_size)
     cache = Path(config.cache)
     metadata = read_metadata(cache)
+    validate_values(cache)
     model_name = config.model or metadata["model"]
     model_path = resolve_model(model_name)
     tokenizer = load_tokenizer(model_path)
@@ -159,18 +208,23 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
                          cache)
     torch.manual_seed(config.seed)
-    device = pick_device(config.device)
+    device = pick_device(rank_device(world, config.device))
     dtype = pick_dtype(config.dtype, device)
-    model = load_model(model_path, dtype, device, pick_attention(config.attention, device))
+    # FSDP2 keeps fp32 master weights and computes in `dtype` through its mixed-precision policy.
+    fsdp = world.distributed and config.strategy == "fsdp"
+    load_dtype = torch.float32 if fsdp else dtype
+    model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
+    policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
+                         config.cpu_offload)
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in policy.parameters() if p.requires_grad],
         lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999), eps=1e-8,
     )
     warmup_steps = int(config.warmup_ratio * total_steps)
@@ -180,71 +234,102 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"model={model_name} cache={cache} ({rows} rows, engine {metadata.get('engine')}, "
         f"{metadata.get('dtype')}) device={device} dtype={dtype_name(dtype)}\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
-        f"accumulation {config.accumulation_steps}; {total_steps} steps, {warmup_steps} warm-up"
+        f"accumulation {accumulation} x {world.world_size} process(es)"
+        + (f" ({config.strategy})" if world.distributed else "")
+        + f"; {total_steps} steps, {warmup_steps} warm-up"
     )
-    return TrainState(model, tokenizer, optimizer, scheduler, device, dtype, total_steps,
-                      metadata, model_path)
+    state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
+                       total_steps, metadata, model_path)
+    resume_from_checkpoint(state, config, console)
+    return state
+
+
+METRIC_SUMS = ("loss", "nll", "m_theta", "coefficient", "reward", "policy_logps", "ref_logps")
 
 
 def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict:
-    """One optimizer step over `rows` (the step's samples). Returns the step's metrics."""
-    model, device = state.model, state.device
+    """One optimizer step over `rows`, the step's global batch. Returns the step's metrics.
+
+    Every micro-batch's loss is its summed per-sample loss divided by the step's global sample
+    count (times the world size, which DDP/FSDP divide back out when they average gradients), so
+    the update is the gradient of the mean over the step however it is split.
+    """
+    world, device = state.world, state.device
     pad_id = state.tokenizer.pad_token_id
     count = len(rows)
-    sums = {"loss": 0.0, "nll": 0.0, "m_theta": 0.0, "coefficient": 0.0, "reward": 0.0,
-            "policy_logps": 0.0, "ref_logps": 0.0}
+    local = rank_slice(rows, world)
+    weight = 1.0
+    if not local:  # a short last batch can leave a rank without rows; it must still take part
+        local, weight = rows[:1], 0.0
+    micro_batches = [local[i: i + config.micro_batch_size]
+                     for i in range(0, len(local), config.micro_batch_size)]
+    sums = dict.fromkeys(METRIC_SUMS, 0.0)
     tokens = 0
-    for start in range(0, count, config.micro_batch_size):
-        micro = rows[start: start + config.micro_batch_size]
+    for index, micro in enumerate(micro_batches):
         input_ids, attention_mask, answer_mask = pad_batch(
             [r["input_ids"] for r in micro], [r["answer_mask"] for r in micro], pad_id, device)
-        policy_logps = answer_logps(model, input_ids, attention_mask, answer_mask)
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
-        out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
-        # Divide by the step's sample count, not the micro-batch's: exact accumulation.
-        (out.losses.sum() / count).backward()
-        sums["loss"] += out.losses.detach().sum().item()
-        sums["m_theta"] += out.deviation.sum().item()
-        sums["coefficient"] += out.coefficient.sum().item()
-        sums["reward"] += out.reward.sum().item()
-        sums["policy_logps"] += policy_logps.detach().sum().item()
-        sums["ref_logps"] += ref_logps.sum().item()
+        with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
+            policy_logps = state.policy(input_ids, attention_mask, answer_mask)
+            out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
+            (out.losses.sum() * (weight * world.world_size / count)).backward()
+        policy_detached = policy_logps.detach()
+        sums["loss"] += weight * out.losses.detach().sum().item()
         # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
-        sums["nll"] += (-policy_logps.detach() / num_tokens).sum().item()
-        tokens += int(attention_mask.sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        sums["nll"] += weight * (-policy_detached / num_tokens).sum().item()
+        sums["m_theta"] += weight * out.deviation.sum().item()
+        sums["coefficient"] += weight * out.coefficient.sum().item()
+        sums["reward"] += weight * out.reward.sum().item()
+        sums["policy_logps"] += weight * policy_detached.sum().item()
+        sums["ref_logps"] += weight * ref_logps.sum().item()
+        tokens += int(weight * attention_mask.sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    metrics = {key: value / count for key, value in sums.items()}
-    metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=tokens)
+    totals = all_reduce_sum([sums[key] for key in METRIC_SUMS] + [tokens], world, device)
+    metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=int(totals[-1]),
+                   rank_tokens=tokens)
     return metrics
 
 
 def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     output = Path(config.output)
-    output.mkdir(parents=True, exist_ok=True)
+    main = state.world.is_main
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
     epochs = None if config.max_steps else config.epochs
     batches = global_batches(
         sample_stream(Path(config.cache), config.seed, config.shuffle, config.shuffle_buffer,
                       epochs), config.batch_size)
     history = []
     started = time.perf_counter()
+    first = state.start_step
+    batches = islice(batches, first, None)  # the stream is a pure function of (cache, seed)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  m_theta {task.fields[m_theta]:+.2e}  "
                           "coef {task.fields[coef]:.3f}  {task.fields[tok_s]:.0f} tok/s"),
                TimeElapsedColumn())
-    with (output / "metrics.jsonl").open("w", encoding="utf-8") as log, \
-            Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=state.total_steps, loss=float("nan"),
-                                 m_theta=0.0, coef=0.5, tok_s=0.0)
-        for step, rows in zip(range(state.total_steps), batches, strict=False):
+    metrics_path = output / "metrics.jsonl" if main else Path(os.devnull)
+    if main:
+        _trim_metrics(metrics_path, first)
+    with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
+            Progress(*columns, console=console, disable=not main) as progress, \
+            _StopRequest(_checkpoints_supported(state, config)) as stop:
+        task = progress.add_task("train", total=state.total_steps, completed=first,
+                                 loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
+        for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
             metrics = train_step(state, config, rows)
             seconds = time.perf_counter() - step_started
             metrics = {"step": step, **metrics, "tokens_per_s": metrics["tokens"] / seconds,
+                       "rank_tokens_per_s": metrics["rank_tokens"] / seconds,
+                       "world_size": state.world.world_size,
                        "step_seconds": seconds, "elapsed": time.perf_counter() - started}
             if not math.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
@@ -254,18 +339,28 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                 log.flush()
             progress.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
+            done = step + 1
+            stopping = stop.agreed(state)
+            if stopping or (config.save_every and done % config.save_every == 0):
+                path = save_checkpoint(state, config, done)
+                if stopping:
+                    raise TrainingInterrupted(done, path)
     return history
 
 
 def save(state: TrainState, config: TrainConfig) -> Path:
     """A folder that transformers and vLLM load as is, plus the run's config."""
     output = Path(config.output)
+    weights = full_state_dict(state.policy, state.world, config.strategy)  # collective
+    if not state.world.is_main:
+        return output
     state.model.config.use_cache = True
-    state.model.save_pretrained(output, safe_serialization=True)
+    state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
-                  "dtype": dtype_name(state.dtype), "device": str(state.device)}
+                  "dtype": dtype_name(state.dtype), "device": str(state.device),
+                  "world_size": state.world.world_size}
     (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
     return output
 
@@ -273,9 +368,278 @@ def save(state: TrainState, config: TrainConfig) -> Path:
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
     state = setup(config, console)
-    history = fit(state, config, console)
-    save(state, config)
-    last = history[-1]
-    console.print(f"done: {len(history)} steps, final loss {last['loss']:.4f}, "
-                  f"m_theta {last['m_theta']:+.3e}; model and metrics in {config.output}")
+    try:
+        if config.step0_check and state.start_step == 0:
+            check_step0(state, config, console)
+        history = fit(state, config, console)
+        save(state, config)
+    finally:
+        close_world(state.world)
+    if state.world.is_main and not history:
+        console.print(f"nothing to do: the checkpoint is at the last step "
+                      f"({state.total_steps}); model saved in {config.output}")
+    if state.world.is_main and history:
+        last = history[-1]
+        seconds = last["elapsed"]
+        console.print(
+            f"done: {len(history)} steps in {seconds:.0f} s on {state.world.world_size} "
+            f"process(es), {sum(h['tokens'] for h in history) / seconds:.0f} tok/s overall; "
+            f"final loss {last['loss']:.4f}, m_theta {last['m_theta']:+.3e}; model and metrics "
+            f"in {config.output}")
     return history
+
+
+# --- step-0 guard --------------------------------------------------------------------------------
+
+STEP0_ROWS = 8
+# Mean |log pi_theta - log pi_ref| per answer token that numerics alone explain at step 0, by the
+# coarser of the cache's and the run's dtype. fp32 against fp32 measured 0 here; a bf16 policy
+# against an fp32 SmolLM2 cache measured 0.015 (docs/reliability.md); the spec's bf16-vs-fp32
+# scoring of 256 GSM8K answers moved summed log-probs by ~0.005 nats/token on average.
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+
+
+def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:
+    """Before the first step: the policy's own log-probs on a few cache rows must match the cache.
+
+    At step 0 the policy is the reference, so r / m (the per-token log-ratio, whose batch mean
+    is m_theta) must be near 0 on every row. The test is on the mean of |r| / m over the rows
+    (signs cannot cancel, one odd short answer cannot trip it alone); the message also gives
+    m_theta and the worst row. A cache scored from other weights, in another dtype than claimed,
+    or by a broken engine shows up here, and training on it would weight every sample wrongly.
+    With `allow_mismatch` (a different starting model on purpose) it warns instead of stopping.
+    """
+    rows = list(islice(iter_rows(Path(config.cache)), STEP0_ROWS))
+    was_training = state.model.training
+    state.model.eval()  # the cache was scored in eval mode (no dropout)
+    policy = []
+    with torch.no_grad():  # every rank scores the same rows (FSDP needs all of them to)
+        for start in range(0, len(rows), config.micro_batch_size):
+            micro = rows[start: start + config.micro_batch_size]
+            tensors = pad_batch([r["input_ids"] for r in micro], [r["answer_mask"] for r in micro],
+                                state.tokenizer.pad_token_id, state.device)
+            policy.extend(state.policy(*tensors).tolist())
+    state.model.train(was_training)
+    per_token = [(p - r["ref_logps"]) / r["num_tokens"]
+                 for p, r in zip(policy, rows, strict=True)]
+    m_theta = sum(per_token) / len(per_token)
+    mean_abs = sum(abs(x) for x in per_token) / len(per_token)
+    worst = max(range(len(rows)), key=lambda i: abs(per_token[i]))
+    dtypes = (str(state.metadata.get("dtype")), dtype_name(state.dtype))
+    tolerance = config.step0_tolerance
+    if tolerance is None:
+        tolerance = max(STEP0_TOLERANCE.get(d, 0.1) for d in dtypes)
+    result = {"rows": len(rows), "m_theta": m_theta, "mean_abs_per_token": mean_abs,
+              "max_abs_per_token": abs(per_token[worst]), "tolerance": tolerance}
+    figures = (f"step-0 m_theta {m_theta:+.3g}, mean |r|/m {mean_abs:.3g} nats per answer token, "
+               f"worst row {abs(per_token[worst]):.3g}")
+    if mean_abs > tolerance:
+        row = rows[worst]
+        error = CacheError(
+            f"step-0 check failed: on the first {len(rows)} cache rows the policy's own "
+            f"log-probs differ from the cached reference ones: {figures} (id {row['id']!r}, "
+            f"input line {row['line']}: policy {policy[worst]:.4f}, cache "
+            f"{row['ref_logps']:.4f} over {row['num_tokens']} tokens). That is more than "
+            f"--step0-tolerance {tolerance:g}, what the dtypes (cache {dtypes[0]}, training "
+            f"{dtypes[1]}) explain.\n"
+            "At step 0 the policy should be the reference. The cache was probably scored from "
+            "other weights, in another dtype, or by a faulty engine: re-run `minorsft precompute` "
+            "with the policy's starting model and the training dtype. If you start from another "
+            "model on purpose (with --allow-mismatch) or know the cause, raise "
+            "--step0-tolerance or pass --no-step0-check.")
+        if not config.allow_mismatch:
+            raise error
+        # The user has accepted a different model: the numbers are expected to differ. Say so.
+        if state.world.is_main:
+            console.print(f"[yellow]warning (--allow-mismatch):[/] {error}", highlight=False)
+        return result
+    if state.world.is_main:
+        console.print(f"step-0 check on {len(rows)} rows: {figures} (tolerance {tolerance:g})")
+    return result
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+# Settings that must not change between a run and its resumption (else the metrics would not
+# continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
+RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
+               "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+               "shuffle", "shuffle_buffer", "total_steps", "dtype")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved, `--resume` continues."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"interrupted after step {step}; checkpoint saved in {path}; run the "
+                         "same command with --resume to continue")
+        self.step, self.path = step, path
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
+    current step; a second one stops at once, without saving."""
+
+    def __init__(self, enabled: bool = True):
+        self.requested = False
+        self.enabled = enabled
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self, state: TrainState) -> bool:
+        """Whether any rank was asked to stop (torchrun signals ranks at slightly different
+        moments; all must stop after the same step or their collectives would hang)."""
+        if not state.world.distributed:
+            return self.requested
+        flag = all_reduce_sum([float(self.requested)], state.world, state.device)
+        return flag[0] > 0
+
+    def __enter__(self):
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _checkpoints_supported(state: TrainState, config: TrainConfig) -> bool:
+    """Single process and DDP (replicated weights and optimizer state); not FSDP yet, whose
+    sharded optimizer state would need torch.distributed.checkpoint."""
+    return not (state.world.distributed and config.strategy == "fsdp")
+
+
+def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
+    values = asdict(config)
+    values.update(cache_rows=state.metadata.get("rows"),
+                  cache_fingerprint=state.metadata.get("fingerprint"),
+                  total_steps=state.total_steps, dtype=dtype_name(state.dtype))
+    return {key: values[key] for key in RESUME_KEYS}
+
+
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `output`, oldest first (a directory exists only when whole)."""
+    folder = Path(output) / CHECKPOINTS
+    found = []
+    for path in folder.glob("step-*") if folder.is_dir() else []:
+        step = path.name.removeprefix("step-")
+        if step.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
+    """Write model, optimizer, scheduler and RNG states after `step` steps, atomically.
+
+    Everything goes into a hidden staging folder that is renamed to ``step-N`` once complete;
+    only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
+    disk, a kill) leaves the earlier checkpoints as they were.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(config.output) / CHECKPOINTS
+    target = folder / f"step-{step}"
+    if state.world.distributed:  # DDP: every rank holds the same state; rank 0 writes it
+        import torch.distributed as dist
+
+        if state.world.is_main:
+            _write_checkpoint(state, config, step, folder, target, save_file)
+        dist.barrier()
+        return target
+    _write_checkpoint(state, config, step, folder, target, save_file)
+    return target
+
+
+def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
+                      target: Path, save_file) -> None:
+    if target.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
+    try:
+        weights = {name: p.detach().contiguous() for name, p in
+                   state.model.named_parameters() if p.requires_grad}
+        save_file(weights, staging / "model.safetensors")
+        torch.save(state.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(rng, staging / "rng.pt")
+        trainer_state = {"step": step, "settings": _resume_settings(state, config),
+                         "minorsft_version": __version__}
+        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(config.output)[:-config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
+    """Restore a checkpoint into `state`; returns the number of steps it had done."""
+    from safetensors.torch import load_file
+
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    saved, now = trainer_state["settings"], _resume_settings(state, config)
+    changed = [f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
+               for key in RESUME_KEYS if saved.get(key) != now[key]]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: settings differ:\n  "
+                         + "\n  ".join(changed) + "\nResume with the original settings, or "
+                         "start a new run in another --output.")
+    weights = load_file(path / "model.safetensors", device=str(state.device))
+    trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
+    if set(weights) != trainable:
+        raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
+    state.model.load_state_dict(weights, strict=False)
+    state.optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=state.device, weights_only=True))
+    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(trainer_state["step"])
+
+
+def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
+    """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
+    if not _checkpoints_supported(state, config) and (config.resume or config.save_every):
+        raise ValueError("--save-every and --resume work in one process and under torchrun "
+                         "with --strategy ddp; not yet with --strategy fsdp")
+    checkpoints = list_checkpoints(config.output)
+    if not config.resume:
+        if checkpoints:
+            raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
+                             f"{checkpoints[-1][1].name}): pass --resume to continue it, or "
+                             "choose another --output")
+        return
+    if not checkpoints:
+        if state.world.is_main:
+            console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
+                          "starting from step 0")
+        return
+    step, path = checkpoints[-1]
+    state.start_step = load_checkpoint(state, config, path)
+    if state.world.is_main:
+        console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)")
+
+
+def _trim_metrics(path: Path, first_step: int) -> None:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be redone)."""
+    if first_step == 0 or not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] < first_step]
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temp, path)

@@ -253,46 +253,24 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
 # --- the check that precompute runs --------------------------------------------------------------
 
 
-class DriftSample:
-    """A seeded reservoir of (example, cached score) pairs, filled as precompute writes rows."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self._rng, self._seen = size, random.Random(seed), 0
-        self.items: list[tuple[Example, float]] = []
-
-    def offer(self, examples: Sequence[Example], scores: Sequence[float]) -> None:
-        for example, score in zip(examples, scores, strict=True):
-            if len(self.items) < self.size:
-                self.items.append((example, score))
-            else:
-                slot = self._rng.randrange(self._seen + 1)
-                if slot < self.size:
-                    self.items[slot] = (example, score)
-            self._seen += 1
-
-    def rows(self) -> list[dict]:
-        return [{"id": e.id, "line": e.line, "input_ids": e.input_ids,
-                 "answer_mask": e.answer_mask, "num_tokens": e.num_tokens, "ref_logps": score}
-                for e, score in self.items]
-
-
-def precompute_drift_check(sample: DriftSample, engine, model_path: str, metadata: dict,
+def precompute_drift_check(cache: Path, engine, model_path: str, sample: int,
                            train_dtype: str = "auto", device: str = "auto", beta: float = 0.04,
-                           max_batch_tokens: int = 8192) -> DriftReport:
-    """Run the drift check at the end of precompute (on the rows `sample` collected).
+                           max_batch_tokens: int = 8192, seed: int = 0) -> DriftReport:
+    """The drift check at the end of precompute, on `sample` random rows of the finished cache.
 
-    Takes the scoring engine's own per-token values for the sample, closes that engine (a vLLM
-    engine holds most of the GPU), then recomputes the sample with transformers in the training
-    dtype. When the scoring engine already is transformers in that dtype it is reused.
+    Takes the scoring engine's own per-token values for those rows (the cache keeps only sums),
+    closes that engine (a vLLM engine holds most of the GPU), then recomputes the rows with
+    transformers in the training dtype. A transformers engine already in that dtype is reused.
     """
+    from minorsft.cache import iter_rows, read_metadata
     from minorsft.engines.hf import TransformersEngine
     from minorsft.models import pick_device, pick_dtype
 
-    rows = sample.rows()
-    examples = rows_to_examples(rows)
-    reference_tokens = engine.score_tokens(examples)
-    wanted_dtype = pick_dtype(train_dtype, pick_device(device))
-    if isinstance(engine, TransformersEngine) and engine.dtype == wanted_dtype:
+    metadata = read_metadata(cache)
+    rows = sample_rows(iter_rows(cache), sample, seed)
+    reference_tokens = engine.score_tokens(rows_to_examples(rows))
+    if isinstance(engine, TransformersEngine) and engine.dtype == pick_dtype(
+            train_dtype, pick_device(device)):
         trainer = engine
     else:
         engine.close()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole job on the built-in defaults, on the CPU: set up, score the demo set under
+# SmolLM2-135M-Instruct, then train with MinorSFT and, for comparison, raw SFT.
+# A few minutes on 2 cores. Outputs in runs/demo/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh .venv
+source .venv/bin/activate
+minorsft precompute --data demo --out runs/demo/ref.parquet
+minorsft cache info runs/demo/ref.parquet
+minorsft train --cache runs/demo/ref.parquet --output runs/demo/minorsft --loss minorsft \
+    --batch-size 16 --micro-batch-size 4 --epochs 2
+minorsft train --cache runs/demo/ref.parquet --output runs/demo/sft --loss sft \
+    --batch-size 16 --micro-batch-size 4 --epochs 2
+echo "done: models and metrics.jsonl in runs/demo/minorsft and runs/demo/sft"

@@ -1,0 +1,78 @@
+"""Bad input rows that precompute must reject with file, line and field (not a test module).
+
+Shared by tests/test_bad_input.py and scripts/bad_inputs_table.py (docs/reliability.md).
+Each case: a name, the raw line (bytes), the field the error must name, and a reason fragment.
+"""
+
+from __future__ import annotations
+
+import json
+
+GOOD = {"id": "good", "prompt": "What is 2 plus 3?", "response": "2 plus 3 is 5."}
+LONG_PROMPT = " ".join(["How many apples are left in total if Tom buys more?"] * 12)
+MAX_LENGTH = 48  # the --max-length the cases run with: the long prompt alone is longer
+
+
+def _json(row: dict) -> bytes:
+    return json.dumps(row).encode()
+
+
+CASES = [
+    ("malformed JSON (cut-off line)", b'{"id": "c1", "prompt": "x", "response": ', None,
+     "malformed JSON"),
+    ("JSON that is not an object", b'["What is 2 plus 3?", "5"]', None,
+     "expected a JSON object"),
+    ("non-UTF-8 bytes (Latin-1 text)", b'{"id": "c3", "prompt": "caf\xe9?", "response": "x"}',
+     None, "not valid UTF-8"),
+    ("unknown format (no known columns)", _json({"id": "c4", "text": "hello"}), None,
+     "unknown format"),
+    ("missing field (response is null)", _json({"id": "c5", "prompt": "x", "response": None}),
+     "response", "missing"),
+    ("wrongly typed field (response is a number)",
+     _json({"id": "c6", "prompt": "x", "response": 42}), "response",
+     "expected a string, got int"),
+    ("wrongly typed field (system is a number)",
+     _json({"id": "c7", "system": 5, "prompt": "x", "response": "y"}), "system",
+     "expected a string"),
+    ("wrongly typed field (messages is a string)", _json({"id": "c8", "messages": "hi"}),
+     "messages", "expected a non-empty list"),
+    ("wrongly typed field (content is a list)",
+     _json({"id": "c9", "messages": [{"role": "user", "content": ["x"]},
+                                     {"role": "assistant", "content": "y"}]}),
+     "messages[0].content", "expected a string, got list"),
+    ("wrongly typed id (an object)",
+     _json({"id": {"n": 1}, "prompt": "x", "response": "y"}), "id",
+     "expected a string or integer id"),
+    ("empty answer (whitespace only)", _json({"id": "c11", "prompt": "x", "response": "  "}),
+     "response", "empty"),
+    ("empty assistant turn in a chat",
+     _json({"id": "c12", "messages": [{"role": "user", "content": "x"},
+                                      {"role": "assistant", "content": ""}]}),
+     "messages[1].content", "empty answer"),
+    ("unknown role",
+     _json({"id": "c13", "messages": [{"role": "robot", "content": "x"},
+                                      {"role": "assistant", "content": "y"}]}),
+     "messages[0].role", "unknown role 'robot'"),
+    ("chat without an assistant turn",
+     _json({"id": "c14", "messages": [{"role": "user", "content": "x"}]}), "messages",
+     "no assistant turn"),
+    ("duplicate id", _json(dict(GOOD, prompt="Another question?")), "id",
+     "duplicate id 'good' (first on line 1)"),
+    ("answer truncated to zero tokens by --max-length",
+     _json({"id": "c16", "prompt": LONG_PROMPT, "response": "5"}), None,
+     "truncated to zero tokens"),
+]
+
+
+def case_file_lines(case_line: bytes) -> list[bytes]:
+    """A file of two rows: a good one, then the case (so the error must name line 2)."""
+    return [_json(GOOD), case_line]
+
+
+def all_cases_lines() -> list[bytes]:
+    """One file with a good row, every case, and good rows between them."""
+    lines = [_json(GOOD)]
+    for index, (_, line, _, _) in enumerate(CASES):
+        lines.append(line)
+        lines.append(_json(dict(GOOD, id=f"good-{index}", prompt=f"What is {index} plus 1?")))
+    return lines

@@ -1,0 +1,84 @@
+"""Every kind of bad input row: a clear error by default, and with --on-bad skip a rejects file
+where input rows = cached rows + rejected rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minorsft.cache import iter_rows, read_metadata
+from minorsft.cli import app
+from minorsft.data import DataError
+from minorsft.precompute import PrecomputeConfig, run_precompute
+
+from .bad_input_cases import CASES, MAX_LENGTH, all_cases_lines, case_file_lines
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_lines(path, lines: list[bytes]):
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize(("name", "line", "field", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_each_bad_row_stops_precompute_naming_file_line_and_field(
+        tiny_model_dir, tmp_path, name, line, field, reason):
+    data = write_lines(tmp_path / "rows.jsonl", case_file_lines(line))
+    out = tmp_path / "ref.parquet"
+    with pytest.raises(DataError) as caught:
+        run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(out),
+                                        max_length=MAX_LENGTH))
+    error = caught.value
+    assert (error.line, error.field) == (2, field)
+    assert reason in str(error) and str(error).startswith(f"{data}:2:")
+    if field:
+        assert f"field {field!r}" in str(error)
+
+
+def test_skip_accounts_for_every_row_across_parts(tiny_model_dir, tmp_path):
+    lines = all_cases_lines()
+    data = write_lines(tmp_path / "rows.jsonl", lines[:5] + [b"", b"   "] + lines[5:])
+    out = tmp_path / "ref.parquet"
+    summary = run_precompute(PrecomputeConfig(
+        model=str(tiny_model_dir), data=str(data), out=str(out), max_length=MAX_LENGTH,
+        on_bad="skip", part_rows=5))
+    rows_in = len(lines)  # blank lines are not rows
+    assert summary.rows_in == rows_in == summary.rows_cached + summary.rows_rejected
+    assert summary.rows_rejected == len(CASES)
+    metadata = read_metadata(out)
+    assert (metadata["rows_in"], metadata["rows"], metadata["rows_rejected"]) == (
+        rows_in, rows_in - len(CASES), len(CASES))
+    rejects = [json.loads(x) for x in (out / "_rejects.jsonl").read_text().splitlines()]
+    assert [r["field"] for r in rejects] == [field for _, _, field, _ in CASES]
+    for (_, _, _, reason), reject in zip(CASES, rejects, strict=True):
+        assert reason in reject["reason"] and reject["file"] == str(data)
+    cached_lines = {r["line"] for r in iter_rows(out)}
+    rejected_lines = {r["line"] for r in rejects}
+    assert not cached_lines & rejected_lines
+    assert len(cached_lines | rejected_lines) == rows_in
+    assert [r["id"] for r in iter_rows(out)][:2] == ["good", "good-0"]
+
+
+def test_cli_reports_bad_row_with_exit_code_2(tiny_model_dir, tmp_path):
+    data = write_lines(tmp_path / "rows.jsonl", case_file_lines(CASES[12][1]))
+    out = tmp_path / "ref.parquet"
+    runner = CliRunner()
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "rows.jsonl:2: field 'messages[0].role': unknown role 'robot'" in " ".join(
+        result.output.split())
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(out), "--on-bad", "skip"])
+    assert result.exit_code == 0, result.output
+    assert "2 input rows = 1 cached + 1 rejected" in " ".join(result.output.split())

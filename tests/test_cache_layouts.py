@@ -1,0 +1,80 @@
+"""Both cache layouts read alike; `cache info` and `cache merge` on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minorsft.cache import CacheWriter, iter_rows, read_metadata, update_metadata
+from minorsft.cli import app
+from minorsft.precompute import PrecomputeConfig, run_precompute
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def parts_cache(tiny_model_dir, demo_jsonl, tmp_path):
+    out = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(out), part_rows=6, max_batch_tokens=256,
+                                    verify_sample=0))  # drift is added by hand below
+    return out
+
+
+def test_single_file_cache_reads_like_the_parts_directory(parts_cache, tmp_path):
+    rows = list(iter_rows(parts_cache))
+    metadata = read_metadata(parts_cache)
+    single = tmp_path / "single.parquet"
+    writer = CacheWriter(single, {k: v for k, v in metadata.items() if k != "rows"})
+    writer.write({key: [r[key] for r in rows] for key in rows[0]})
+    writer.close()
+    assert list(iter_rows(single)) == rows
+    assert read_metadata(single)["rows"] == 16 and read_metadata(single)["layout"] == "file"
+    assert metadata["layout"] == "parts" and metadata["parts"] == 3
+
+
+def test_drift_added_after_scoring_shows_in_cache_info(parts_cache, tmp_path):
+    runner = CliRunner()
+    assert "not measured" in runner.invoke(app, ["cache", "info", str(parts_cache)]).output
+    drift = {"per_token_mean_abs": 0.0123, "rows": 16}
+    update_metadata(parts_cache, {"drift": drift})
+    result = runner.invoke(app, ["cache", "info", str(parts_cache)])
+    assert result.exit_code == 0, result.output
+    assert "drift per_token_mean_abs: 0.0123" in result.output
+    assert "16 cached + 0 rejected = 16 input rows" in result.output
+    assert "answer tokens m: mean" in result.output and "ref_logps: double" in result.output
+    info = json.loads(runner.invoke(app, ["cache", "info", str(parts_cache), "--json"]).output)
+    assert info["metadata"]["drift"] == drift and info["rows"] == 16 and info["files"] == 3
+    assert read_metadata(parts_cache)["drift"] == drift
+
+
+def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_jsonl,
+                                                           parts_cache, tmp_path):
+    runner = CliRunner()
+    shards = []
+    for index in range(2):
+        out = tmp_path / f"shard-{index}"
+        result = runner.invoke(app, [
+            "precompute", "--model", str(tiny_model_dir), "--data", str(demo_jsonl), "--out",
+            str(out), "--part-rows", "6", "--max-batch-tokens", "256", "--shard", f"{index}/2"])
+        assert result.exit_code == 0, result.output
+        assert "not complete yet" in " ".join(result.output.split())
+        shards.append(str(out))
+    result = runner.invoke(app, ["cache", "info", shards[0]])
+    assert result.exit_code == 2 and "shard 1/2 has not started" in result.output
+    merged = tmp_path / "merged"
+    result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert "3 parts, 16 rows cached" in " ".join(result.output.split())
+    assert list(iter_rows(merged)) == list(iter_rows(parts_cache))
+    result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
+    assert result.exit_code == 2 and "--overwrite" in result.output

@@ -1,0 +1,80 @@
+"""The command line: help for every command, and clear errors for what users get wrong."""
+
+import pytest
+from typer.testing import CliRunner
+
+from minorsft.cli import app
+
+from .conftest import write_jsonl
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["precompute"], ["train"], ["cache"], ["cache", "info"]])
+def test_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_top_level_help_lists_the_commands():
+    result = runner.invoke(app, ["--help"])
+    for name in ("precompute", "train", "cache"):
+        assert name in result.output
+
+
+def test_missing_data_file(tmp_path):
+    result = runner.invoke(app, ["precompute", "--data", str(tmp_path / "nope.jsonl"),
+                                 "--out", str(tmp_path / "c.parquet")])
+    assert result.exit_code == 2
+    assert "nope.jsonl" in result.output and "no such file" in result.output
+
+
+def test_unknown_format_names_file_and_line(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "reply": "r"}])
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--model",
+                                 str(tiny_model_dir), "--out", str(tmp_path / "c.parquet")])
+    assert result.exit_code == 2
+    assert f"{data}:1" in result.output.replace("\n", "") and "unknown format" in result.output
+    assert not (tmp_path / "c.parquet").exists()  # nothing half-written
+
+
+def test_missing_cache(tmp_path):
+    result = runner.invoke(app, ["train", "--cache", str(tmp_path / "none.parquet"),
+                                 "--output", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no such cache" in result.output
+
+
+def test_cache_model_mismatch_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
+    from .conftest import build_tiny_model, build_tiny_tokenizer
+
+    cache = tmp_path / "ref.parquet"
+    result = runner.invoke(app, ["precompute", "--data", str(demo_jsonl), "--model",
+                                 str(tiny_model_dir), "--out", str(cache)])
+    assert result.exit_code == 0, result.output
+    other = tmp_path / "other-model"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=99).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    args = ["train", "--cache", str(cache), "--model", str(other), "--output",
+            str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "4"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "fingerprint.weights" in result.output and "--allow-mismatch" in result.output
+    result = runner.invoke(app, [*args, "--allow-mismatch"])
+    assert result.exit_code == 0, result.output
+
+
+def test_cache_info(tiny_model_dir, demo_jsonl, tmp_path):
+    cache = tmp_path / "ref.parquet"
+    runner.invoke(app, ["precompute", "--data", str(demo_jsonl), "--model", str(tiny_model_dir),
+                        "--out", str(cache)])
+    result = runner.invoke(app, ["cache", "info", str(cache)])
+    assert result.exit_code == 0 and "transformers" in result.output and "16" in result.output
+
+
+def test_bad_option_values():
+    result = runner.invoke(app, ["train", "--loss", "dpo"])
+    assert result.exit_code == 2 and "unknown loss" in result.output
+    result = runner.invoke(app, ["train", "--batch-size", "10", "--micro-batch-size", "4"])
+    assert result.exit_code == 2 and "multiple" in result.output

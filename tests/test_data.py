@@ -1,0 +1,126 @@
+"""Input formats, the answer mask, truncation, row ids and clear errors."""
+
+import json
+
+import pytest
+
+from minorsft.data import (
+    DataError,
+    Example,
+    FieldSpec,
+    Rejection,
+    iter_examples,
+    resolve_data,
+    tokenize_conversation,
+)
+
+from .conftest import DEMO_ROWS, write_jsonl
+
+
+def answer_text(tokenizer, example: Example) -> str:
+    ids = [t for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
+    return tokenizer.decode(ids)
+
+
+def test_each_format_masks_exactly_the_answer_and_end_of_turn(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", DEMO_ROWS)
+    examples = list(iter_examples(path, tiny_tokenizer))
+    texts = [answer_text(tiny_tokenizer, e) for e in examples]
+    assert texts == [
+        "The capital of France is Paris.<|im_end|>",
+        "He has 7 apples.<|im_end|>",
+        "3 are left in total.<|im_end|>",
+        "5<|im_end|>10<|im_end|>",  # multi-turn: every assistant turn is answer
+    ]
+    assert [e.id for e in examples] == ["a", "b", "c", "d"]
+    # The prompt (and the template's newline after <|im_end|>) is never answer.
+    first = examples[0]
+    assert not first.answer_mask[0] and first.num_tokens == sum(first.answer_mask)
+
+
+def test_named_fields_and_alpaca_input(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "2 plus 3", "answer": "5"}])
+    (example,) = iter_examples(path, tiny_tokenizer, FieldSpec("question", "answer"))
+    assert answer_text(tiny_tokenizer, example) == "5<|im_end|>"
+    text = tiny_tokenizer.decode(example.input_ids)
+    assert "<|im_start|>user\n2 plus 3<|im_end|>" in text
+    assert example.id.startswith("sha256:")  # no id column: a content hash
+
+
+def test_parquet_input(tiny_tokenizer, tmp_path):
+    import polars as pl
+
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame({"prompt": ["2 plus 3", "4 plus 4"], "response": ["5", "8"]}).write_parquet(path)
+    examples = list(iter_examples(path, tiny_tokenizer))
+    assert [answer_text(tiny_tokenizer, e) for e in examples] == ["5<|im_end|>", "8<|im_end|>"]
+    assert [e.line for e in examples] == [1, 2]
+
+
+def test_content_hash_ids_are_stable_and_repeats_numbered(tiny_tokenizer, tmp_path):
+    row = {"prompt": "2 plus 3", "response": "5"}
+    path = write_jsonl(tmp_path / "dup.jsonl", [row, row])
+    first, second = iter_examples(path, tiny_tokenizer)
+    again, _ = iter_examples(path, tiny_tokenizer)
+    assert first.id == again.id and second.id == f"{first.id}#2"
+
+
+def test_truncation_keeps_the_first_tokens_and_rejects_answerless_rows(tiny_tokenizer, tmp_path):
+    messages = DEMO_ROWS[0]["messages"]
+    ids, mask, truncated = tokenize_conversation(tiny_tokenizer, messages, None)
+    prompt_tokens = mask.index(True)
+    ids_cut, mask_cut, truncated = tokenize_conversation(tiny_tokenizer, messages,
+                                                         prompt_tokens + 2)
+    assert truncated and ids_cut == ids[: prompt_tokens + 2] and sum(mask_cut) == 2
+    path = write_jsonl(tmp_path / "long.jsonl", [DEMO_ROWS[0]])
+    with pytest.raises(DataError, match="truncated to zero tokens"):
+        list(iter_examples(path, tiny_tokenizer, max_length=prompt_tokens))
+
+
+BAD_ROWS = [
+    ('{"prompt": "x", "response": ', None, "malformed JSON"),
+    ({"prompt": "x"}, None, "unknown format"),
+    ({"prompt": "x", "response": 3}, "response", "expected a string"),
+    ({"prompt": "x", "response": "  "}, "response", "empty"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "unknown role"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+     "messages[1].content", "empty answer"),
+]
+
+
+@pytest.mark.parametrize(("row", "field", "reason"), BAD_ROWS)
+def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path, row, field, reason):
+    path = write_jsonl(tmp_path / "bad.jsonl", [DEMO_ROWS[1], row])
+    with pytest.raises(DataError, match=reason) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert caught.value.line == 2 and caught.value.field == field
+    assert str(caught.value).startswith(f"{path}:2:")
+
+
+def test_skip_accounts_for_every_row(tiny_tokenizer, tmp_path):
+    rows = [DEMO_ROWS[0]] + [row for row, _, _ in BAD_ROWS] + [DEMO_ROWS[1], DEMO_ROWS[1]]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    items = list(iter_examples(path, tiny_tokenizer, on_bad="skip"))
+    kept = [i for i in items if isinstance(i, Example)]
+    rejected = [i for i in items if isinstance(i, Rejection)]
+    assert len(kept) + len(rejected) == len(rows)
+    assert len(kept) == 2 and [r.line for r in rejected] == list(range(2, 9)) + [10]
+    assert "duplicate id 'b'" in rejected[-1].reason
+    assert json.loads(json.dumps(rejected[0].as_dict()))["line"] == 2
+
+
+def test_non_utf8_and_missing_file(tiny_tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        list(iter_examples(path, tiny_tokenizer))
+    with pytest.raises(DataError, match="no such file"):
+        resolve_data(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="unknown file type"):
+        list(iter_examples(tmp_path / "rows.csv", tiny_tokenizer))
+
+
+def test_builtin_demo_data_is_packaged(tiny_tokenizer):
+    examples = list(iter_examples(resolve_data("demo"), tiny_tokenizer))
+    assert len(examples) == 48 and all(e.num_tokens > 0 for e in examples)

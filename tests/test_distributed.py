@@ -1,0 +1,77 @@
+"""torchrun on the CPU (gloo): 2 processes x micro-batch B == 1 process x micro-batch 2B.
+
+Same losses and metrics at every step, and the same final weights, for DDP and FSDP2 and for
+raw SFT and MinorSFT. Each process group runs in its own subprocess, as users launch it.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, run_train
+
+from .conftest import DEMO_ROWS, write_jsonl
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed")
+    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(5) for row in DEMO_ROWS]
+    # 17 rows, batch 8: the last step has one sample, so one rank has none and must still join
+    # in with a zero-weight forward/backward (else the collectives would hang).
+    data = write_jsonl(folder / "rows.jsonl", rows[:17])
+    out = folder / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(out)),
+                   Console(quiet=True))
+    return out
+
+
+COMMON = ["--batch-size", "8", "--lr", "1e-3", "--warmup-ratio", "0", "--seed", "5"]
+
+
+def read_run(folder):
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return metrics, load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("loss", ["minorsft", "sft"])
+def test_two_processes_match_one(cache, tmp_path, loss, strategy):
+    single = tmp_path / "single"
+    run_train(TrainConfig(cache=str(cache), output=str(single), loss=loss, batch_size=8,
+                          micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, seed=5),
+              Console(quiet=True))
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(cache), "--output", str(multi), "--loss", loss,
+               "--strategy", strategy, "--micro-batch-size", "2", *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stderr
+
+    single_metrics, single_weights = read_run(single)
+    multi_metrics, multi_weights = read_run(multi)
+    assert len(single_metrics) == len(multi_metrics) == 3
+    assert multi_metrics[0]["world_size"] == 2
+    for one, two in zip(single_metrics, multi_metrics, strict=True):
+        for key in ("loss", "nll", "m_theta", "coefficient", "grad_norm", "samples", "tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    assert single_weights.keys() == multi_weights.keys()
+    for name, value in single_weights.items():
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)

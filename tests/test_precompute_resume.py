@@ -1,0 +1,159 @@
+"""Resumable, shardable precompute: kill -9 and resume, changed inputs refused, shards, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from minorsft.cache import CacheError, iter_rows, load_manifests, read_metadata
+from minorsft.precompute import PrecomputeConfig, run_precompute
+
+from .conftest import DEMO_ROWS, write_jsonl
+
+SETTINGS = {"part_rows": 6, "window_rows": 4, "max_batch_tokens": 256}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: faster on a busy 2-core machine, and the same numbers as the
+    subprocesses below (which get OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows_file(tmp_path, count: int):
+    rows = [dict(DEMO_ROWS[i % 4], id=f"r{i}") for i in range(count)]
+    return write_jsonl(tmp_path / "rows.jsonl", rows)
+
+
+def precompute(model, data, out, **overrides):
+    config = PrecomputeConfig(model=str(model), data=str(data), out=str(out),
+                              **{**SETTINGS, **overrides})
+    return run_precompute(config)
+
+
+def test_kill_9_mid_run_then_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
+    data = rows_file(tmp_path, 240)  # 40 parts
+    reference = tmp_path / "reference"
+    precompute(tiny_model_dir, data, reference)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "minorsft", "precompute", "--model", str(tiny_model_dir),
+               "--data", str(data), "--out", str(out), "--part-rows", "6",
+               "--max-batch-tokens", "256"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
+    # The CLI's window is the config default; make the reference use the same.
+    reference_cli = tmp_path / "reference-cli"
+    precompute(tiny_model_dir, data, reference_cli, window_rows=PrecomputeConfig.window_rows)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    manifest = out / "_manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text())["parts"]) >= 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = len(json.loads(manifest.read_text())["parts"])
+    assert 2 <= done_before < 40, "the process was not killed mid-run"
+    with pytest.raises(CacheError, match="has not finished"):
+        read_metadata(out)  # an interrupted cache is refused, not read short
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{done_before} parts were already done" in resumed.stderr
+    assert list(iter_rows(out)) == list(iter_rows(reference_cli))
+    assert read_metadata(out)["rows"] == 240
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # Part and window sizes do not change the rows, only (maybe) the last bits of ref_logps.
+    assert [r["id"] for r in iter_rows(reference)] == [r["id"] for r in iter_rows(out)]
+
+
+def test_crash_between_part_file_and_manifest_is_redone(tiny_model_dir, tmp_path, monkeypatch):
+    import minorsft.precompute as precompute_module
+
+    data = rows_file(tmp_path, 20)
+    reference = tmp_path / "reference"
+    precompute(tiny_model_dir, data, reference)
+    out = tmp_path / "out"
+    real_write, calls = precompute_module.write_manifest, []
+
+    def crash_on_third(directory, manifest):
+        calls.append(1)
+        if len(calls) == 3:  # part 2's file is in place, its manifest entry is not
+            raise KeyboardInterrupt
+        real_write(directory, manifest)
+
+    monkeypatch.setattr(precompute_module, "write_manifest", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        precompute(tiny_model_dir, data, out)
+    monkeypatch.setattr(precompute_module, "write_manifest", real_write)
+    assert (out / "part-00002.parquet").exists()
+    (out / ".part-00003.parquet.stale.tmp").write_text("left by a killed run")
+    summary = precompute(tiny_model_dir, data, out)
+    assert summary.parts_skipped == 2 and summary.parts_written == 2
+    assert list(iter_rows(out)) == list(iter_rows(reference))
+    assert not (out / ".part-00003.parquet.stale.tmp").exists()
+
+
+def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path):
+    data = rows_file(tmp_path, 8)
+    out = tmp_path / "out"
+    precompute(tiny_model_dir, data, out, max_length=64)
+    with pytest.raises(CacheError, match=r"max_length: 64 -> 32") as caught:
+        precompute(tiny_model_dir, data, out, max_length=32)
+    assert "--overwrite" in str(caught.value)
+    with pytest.raises(CacheError, match="part_rows: 6 -> 5"):
+        precompute(tiny_model_dir, data, out, max_length=64, part_rows=5)
+    rows_file(tmp_path, 9)  # the input grows by a row
+    with pytest.raises(CacheError, match="input file content: sha256"):
+        precompute(tiny_model_dir, data, out, max_length=64)
+    summary = precompute(tiny_model_dir, data, out, max_length=64, overwrite=True)
+    assert summary.rows_cached == 9 and read_metadata(out)["rows"] == 9
+    again = precompute(tiny_model_dir, data, out, max_length=64)  # nothing left to do
+    assert again.parts_written == 0 and again.parts_skipped == 2 and again.rows_cached == 9
+
+
+def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
+    from minorsft.cache import merge_caches
+
+    data = rows_file(tmp_path, 20)
+    reference = tmp_path / "reference"
+    precompute(tiny_model_dir, data, reference)
+    expected = list(iter_rows(reference))
+    shared = tmp_path / "shared"
+    first = precompute(tiny_model_dir, data, shared, shard="0/2")
+    assert not first.complete and "shard 1/2 has not started" in first.waiting_for
+    with pytest.raises(CacheError, match="shard 1/2 has not started"):
+        read_metadata(shared)
+    second = precompute(tiny_model_dir, data, shared, shard="1/2")
+    assert second.complete and second.rows_cached == 20
+    assert list(iter_rows(shared)) == expected
+    parts = {k for m in load_manifests(shared) for k in m["parts"]}
+    assert parts == {"0", "1", "2", "3"}
+
+    node_a, node_b = tmp_path / "node-a", tmp_path / "node-b"
+    precompute(tiny_model_dir, data, node_a, shard="0/2")
+    precompute(tiny_model_dir, data, node_b, shard="1/2")
+    with pytest.raises(CacheError, match="not make a complete cache"):
+        merge_caches([node_a], tmp_path / "merged")
+    merged = merge_caches([node_a, node_b], tmp_path / "merged")
+    assert merged.metadata["rows"] == 20 and merged.metadata["shards"] == 1
+    assert list(iter_rows(tmp_path / "merged")) == expected
+    with pytest.raises(CacheError, match="shards: 1 -> 2"):  # no mixing of schemes
+        precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
+
+
+def test_shard_spec_is_checked():
+    with pytest.raises(ValueError, match="I counts from 0"):
+        PrecomputeConfig(model="m", data="d", out="o", shard="2/2")
+    with pytest.raises(ValueError, match="expected I/N"):
+        PrecomputeConfig(model="m", data="d", out="o", shard="first")

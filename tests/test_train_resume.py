@@ -1,0 +1,251 @@
+"""Training checkpoints and resume, the step-0 guard, and stale or broken caches refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import minorsft.train as train_module
+from minorsft.cache import CacheError
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, TrainingInterrupted, list_checkpoints, run_train
+
+from .conftest import build_tiny_model, build_tiny_tokenizer
+
+TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cache(tiny_model_dir, demo_jsonl, tmp_path):
+    out = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(out), part_rows=8, max_batch_tokens=256))
+    return out
+
+
+def config(cache, output, **overrides):
+    settings = dict(cache=str(cache), output=str(output), batch_size=4, micro_batch_size=2,
+                    lr=1e-3, max_steps=4, shuffle_buffer=8)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def metrics(output):
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def interrupt_after(monkeypatch, steps: int):
+    """Send this process a real SIGINT (Ctrl-C) after `steps` optimizer steps."""
+    real_step, done = train_module.train_step, []
+
+    def step_then_interrupt(*args):
+        result = real_step(*args)
+        done.append(1)
+        if len(done) == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step_then_interrupt)
+
+
+def weights(output):
+    from safetensors.torch import load_file
+
+    return load_file(output / "model.safetensors")
+
+
+def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(cache, tmp_path, monkeypatch):
+    run_train(config(cache, tmp_path / "a"))  # uninterrupted: 4 steps
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_train(config(cache, tmp_path / "b"))
+    monkeypatch.undo()
+    assert stopped.value.step == 2
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]
+    assert len(metrics(tmp_path / "b")) == 2
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        run_train(config(cache, tmp_path / "b"))
+    with pytest.raises(ValueError, match="lr: checkpoint 0.001, this run 0.002"):
+        run_train(config(cache, tmp_path / "b", lr=2e-3, resume=True))
+    history = run_train(config(cache, tmp_path / "b", resume=True))
+    assert [m["step"] for m in history] == [2, 3]
+    assert metrics(tmp_path / "b") == metrics(tmp_path / "a")  # appended, equal to the end
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_periodic_saves_keep_the_newest_and_a_failed_save_keeps_the_previous(
+        cache, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    run_train(config(cache, tmp_path / "a"))
+    real_save, calls = safetensors.torch.save_file, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_second)
+    with pytest.raises(OSError, match="No space left"):
+        run_train(config(cache, tmp_path / "b", save_every=1))
+    monkeypatch.undo()
+    folder = tmp_path / "b" / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["step-1"]  # no half-written step-2
+    history = run_train(config(cache, tmp_path / "b", save_every=1, resume=True))
+    assert [m["step"] for m in history] == [1, 2, 3]
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3, 4]  # keep_checkpoints=2
+    assert metrics(tmp_path / "b") == metrics(tmp_path / "a")
+    again = run_train(config(cache, tmp_path / "b", save_every=1, resume=True))
+    assert again == []  # already at the last step
+
+
+def test_sigint_to_a_real_train_process_saves_a_checkpoint(cache, tmp_path):
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "minorsft", "train", "--cache", str(cache), "--output",
+               str(output), "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+               "--max-steps", "400"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    log = output / "metrics.jsonl"
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    ((step, path),) = list_checkpoints(output)
+    assert 1 <= step < 400 and (path / "optimizer.pt").exists()
+    assert len(metrics(output)) == step
+
+
+def test_fingerprint_mismatch_names_the_field_and_the_fix(cache, tmp_path, capsys):
+    from rich.console import Console
+
+    other = tmp_path / "other-model"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=1).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    with pytest.raises(CacheError, match=r"fingerprint.weights: cache has '[0-9a-f]+', this run"
+                                         r" has '[0-9a-f]+'\n    -> the reference log-probs"):
+        run_train(config(cache, tmp_path / "run", model=str(other)))
+    # Accepted on purpose: the step-0 check reports how far apart they are, without stopping.
+    history = run_train(config(cache, tmp_path / "run", model=str(other), allow_mismatch=True,
+                               max_steps=1), console=Console(file=sys.stderr, width=300))
+    assert "warning (--allow-mismatch): step-0 check failed" in capsys.readouterr().err
+    assert abs(history[0]["m_theta"]) > 1e-3
+
+
+def test_step0_guard_stops_a_cache_with_wrong_numbers(cache, tmp_path):
+    """Fingerprints match but the values do not (a faulty engine, a mislabelled dtype)."""
+    for part in sorted(cache.glob("part-*.parquet")):
+        rewrite_part(part, lambda t: t.set_column(
+            t.schema.get_field_index("ref_logps"), "ref_logps",
+            pa.compute.add(t["ref_logps"], pa.compute.multiply(
+                t["num_tokens"].cast(pa.float64()), 0.01))))  # +0.01 nats per token
+    with pytest.raises(CacheError, match=r"step-0 check failed.*mean \|r\|/m 0.01 ") as caught:
+        run_train(config(cache, tmp_path / "run"))
+    assert "--no-step0-check" in str(caught.value) and "input line" in str(caught.value)
+    history = run_train(config(cache, tmp_path / "run", step0_tolerance=0.02, max_steps=1))
+    assert history[0]["m_theta"] == pytest.approx(-0.01, abs=1e-4)
+    history = run_train(config(cache, tmp_path / "run2", step0_check=False, max_steps=1))
+    assert len(history) == 1
+
+
+def test_step0_guard_passes_on_the_right_cache_and_measures(cache, tmp_path, capsys):
+    from rich.console import Console
+
+    history = run_train(config(cache, tmp_path / "run", max_steps=1),
+                        console=Console(file=sys.stderr, width=200))
+    assert "step-0 check on 8 rows: step-0 m_theta" in capsys.readouterr().err
+    assert abs(history[0]["m_theta"]) < 1e-5
+
+
+def rewrite_part(path, transform):
+    """Rewrite a cache part in place with `transform(table)`, keeping its metadata."""
+    table = pq.read_table(path)
+    metadata = table.schema.metadata
+    table = transform(table)
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+def test_nan_missing_parts_and_schema_mismatch_are_refused(cache, tmp_path):
+    part = cache / "part-00001.parquet"
+    original = part.read_bytes()
+
+    def nan_row(table):
+        values = table["ref_logps"].to_pylist()
+        values[3] = float("nan")
+        return table.set_column(table.schema.get_field_index("ref_logps"), "ref_logps",
+                                pa.array(values, pa.float64()))
+
+    rewrite_part(part, nan_row)
+    with pytest.raises(CacheError, match=r"1 row\(s\) where ref_logps is not finite, first id"):
+        run_train(config(cache, tmp_path / "run"))
+    rewrite_part(part, lambda t: t.set_column(
+        t.schema.get_field_index("ref_logps"), "ref_logps", t["ref_logps"].cast(pa.float32())))
+    with pytest.raises(CacheError, match="column 'ref_logps' is float, expected double"):
+        run_train(config(cache, tmp_path / "run"))
+    part.unlink()
+    with pytest.raises(CacheError, match="part 1 is listed in the manifest but missing"):
+        run_train(config(cache, tmp_path / "run"))
+    part.write_bytes(original)
+    rewrite_part(part, lambda t: t.slice(0, 5))
+    with pytest.raises(CacheError, match="has 5 rows, the manifest says 8"):
+        run_train(config(cache, tmp_path / "run"))
+
+
+def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
+    """torchrun, 2 CPU processes (gloo): rank 0 writes the checkpoint; it resumes anywhere."""
+    import shutil
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(port), "-m", "minorsft", "train", "--cache", str(cache),
+               "--output", str(multi), "--batch-size", "4", "--micro-batch-size", "1",
+               "--lr", "1e-3", "--max-steps", "4", "--save-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(multi)] == [2, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(multi, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    history = run_train(config(cache, resumed, micro_batch_size=2, resume=True, save_every=2,
+                               shuffle_buffer=TrainConfig.shuffle_buffer))
+    assert [m["step"] for m in history] == [2, 3]
+    expected, got = metrics(multi), metrics(resumed)
+    assert len(got) == 4 and got[:2] == expected[:2]  # kept as they were
+    for one, two in zip(expected[2:], got[2:], strict=True):
+        for key in ("loss", "m_theta", "coefficient", "grad_norm", "lr", "tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    a, b = weights(multi), weights(resumed)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
