@@ -295,6 +295,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         grad_norm = grad_norm.full_tensor()
     metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=int(totals[-1]),
                    rank_tokens=tokens)
+    if device.type == "cuda":  # what users size their GPUs by: this rank's peak so far
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return metrics
 
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The whole pipeline on one GPU, from the CLI, with nothing but torch + transformers + pyarrow +
+# typer + rich installed (no pip install of the project: PYTHONPATH). A random model with
+# Qwen2-0.5B's shape (152k vocabulary) is built from a config, so no hub is needed.
+#   OUT=/some/folder bash scripts/gpu_pipeline_check.sh          # GPU: bf16 auto, about 2 min
+#   OUT=/tmp/x SMALL=1 bash scripts/gpu_pipeline_check.sh        # CPU smoke test of the script
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_pipeline_out}"; mkdir -p "$OUT"
+work="$(mktemp -d)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+{
+python - "$work/model" <<'PY'
+import os, sys, torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+sys.path.insert(0, "tests")
+from conftest import build_tiny_tokenizer
+small = os.environ.get("SMALL") == "1"
+tokenizer = build_tiny_tokenizer()
+config = Qwen2Config(
+    vocab_size=151936, hidden_size=128 if small else 896, intermediate_size=256 if small else 4864,
+    num_hidden_layers=2 if small else 24, num_attention_heads=4 if small else 14,
+    num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    bos_token_id=tokenizer.bos_token_id)
+torch.manual_seed(0)
+model = Qwen2ForCausalLM(config)
+model.save_pretrained(sys.argv[1]); tokenizer.save_pretrained(sys.argv[1])
+print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M parameters")
+PY
+python -m minorsft precompute --model "$work/model" --data demo --out "$work/ref.parquet"
+python -m minorsft cache info "$work/ref.parquet"
+python -m minorsft verify --cache "$work/ref.parquet" --sample 16 || echo "verify exit $?"
+for loss in minorsft sft; do
+  python -m minorsft train --cache "$work/ref.parquet" --output "$work/$loss" --loss $loss \
+      --batch-size 16 --micro-batch-size 8 --epochs 3
+  cp "$work/$loss/metrics.jsonl" "$OUT/metrics-$loss.jsonl"
+done
+python - "$work/minorsft" <<'PY'
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = sys.argv[1]
+device = "cuda" if torch.cuda.is_available() else "cpu"
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3"}],
+    add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
+print("reloaded and generated:", model.generate(**prompt, max_new_tokens=5, do_sample=False).shape)
+for loss in ("minorsft", "sft"):
+    rows = [json.loads(l) for l in open(f"{folder}/../{loss}/metrics.jsonl")]
+    print(loss, "step0 m_theta %.3e coef %.4f" % (rows[0]["m_theta"], rows[0]["coefficient"]),
+          "median step s %.3f" % sorted(r["step_seconds"] for r in rows[1:])[len(rows[1:]) // 2],
+          "tok/s %.0f" % (sum(r["tokens"] for r in rows[1:]) / sum(r["step_seconds"] for r in rows[1:])),
+          "peak GiB", rows[-1].get("peak_memory_gib"))
+PY
+} 2>&1 | tee "$OUT/gpu_pipeline.log"
