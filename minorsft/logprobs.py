@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_TOKENS = 1024
+# Logit elements per output-head chunk: 2**24 fp32 values are 64 MiB, so a chunk holds about
+# 110 positions of a 152k vocabulary (Qwen2) or 340 of a 49k one (SmolLM2). Large enough to keep
+# the matmul efficient, small enough that the vocabulary never dominates a step's memory.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """Positions per output-head chunk so that one chunk's logits stay near 64 MiB in fp32."""
+    return max(16, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def pad_batch(
@@ -56,7 +64,7 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch
     return -F.cross_entropy(logits, labels, reduction="none")  # [N]
 
 
-def _final_logit_transform(model):
+def final_logit_transform(model):
     """Models whose logits are more than `lm_head(hidden)` (softcapping, scaling) need logits."""
     config = model.config
     return bool(getattr(config, "final_logit_softcapping", None)) or bool(
@@ -64,12 +72,51 @@ def _final_logit_transform(model):
     )
 
 
+def head_logps(
+    model,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    sample_index: torch.Tensor,
+    num_samples: int,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-sample sums of log p(label | hidden) through the model's output head, in chunks.
+
+    Args:
+        model: a transformers causal LM (its output embeddings are the head).
+        hidden: [N, H] final hidden states of the positions that predict answer tokens.
+        labels: [N] the answer token each position predicts.
+        sample_index: [N] which sample each position belongs to.
+        num_samples: B, the number of samples.
+        chunk_tokens: positions per chunk; default from the vocabulary size.
+
+    Returns:
+        [B] fp32 sums. Under autograd each chunk is checkpointed: its [chunk, V] logits are
+        recomputed in backward instead of kept, so no [N, V] tensor ever exists.
+    """
+    head = model.get_output_embeddings()
+    chunk_tokens = chunk_tokens or default_chunk_tokens(head.weight.shape[0])
+    chunks = []
+    for start in range(0, labels.numel(), chunk_tokens):
+        stop = start + chunk_tokens
+        args = (hidden[start:stop], head.weight, head.bias, labels[start:stop])
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:
+            chunks.append(_chunk_logps(*args))
+    # With no answer position at all, hidden.sum(-1) is an empty [0] tensor still tied to the graph,
+    # so backward works (and gives zero gradients) instead of failing.
+    token_logps = torch.cat(chunks) if chunks else hidden.sum(-1).float()
+    summed = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
+    return summed.index_add(0, sample_index, token_logps)
+
+
 def answer_logps(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     answer_mask: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed answer log-probs [B] (fp32) for right-padded batches.
@@ -79,31 +126,22 @@ def answer_logps(
         input_ids: [B, T].
         attention_mask: [B, T], 1 for real tokens.
         answer_mask: [B, T], true for answer tokens (never on the first position).
-        chunk_tokens: answer positions sent through the output head at once.
+        chunk_tokens: answer positions sent through the output head at once (default: from
+            the vocabulary size, see `default_chunk_tokens`).
         position_ids: optional [B, T] positions.
     """
-    if _final_logit_transform(model):
+    if final_logit_transform(model):
         logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids).logits
+                       position_ids=position_ids, use_cache=False).logits
         return sequence_logps(logits, input_ids, answer_mask.bool())
 
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    # use_cache=False: a scoring pass has no use for a KV cache (it would only cost memory).
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state  # [B, T, H]
     predicting = answer_mask[:, 1:].bool()  # [B, T-1]: position t-1 predicts answer token t
     sample_index, position = predicting.nonzero(as_tuple=True)  # [N], [N]
-    picked_hidden = hidden[sample_index, position]  # [N, H]
     labels = input_ids[sample_index, position + 1]  # [N]
-    chunks = []
-    for start in range(0, labels.numel(), chunk_tokens):
-        stop = start + chunk_tokens
-        args = (picked_hidden[start:stop], head.weight, head.bias, labels[start:stop])
-        if torch.is_grad_enabled() and picked_hidden.requires_grad:
-            chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            chunks.append(_chunk_logps(*args))
-    token_logps = torch.cat(chunks) if chunks else picked_hidden.new_zeros(0, dtype=torch.float32)
-    summed = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-    return summed.index_add(0, sample_index, token_logps)
+    return head_logps(model, hidden[sample_index, position], labels, sample_index,
+                      input_ids.shape[0], chunk_tokens)
