@@ -138,6 +138,18 @@ def train(
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
         help="Train even if the cache was written by a different model/tokenizer.")] = False,
+    packing: Annotated[bool, typer.Option(
+        help="Padding-free: run each micro-batch as one row of concatenated samples, each "
+             "attending only to itself (same log-probs, no padding).")] = False,
+    lora_r: Annotated[int, typer.Option(
+        help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft[lora]'`.")] = 0,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    lora_target_modules: Annotated[str, typer.Option(
+        help="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'.")
+    ] = "all-linear",
+    merge_lora: Annotated[bool, typer.Option(
+        help="Besides the adapters, save a merged plain model in <output>/merged.")] = False,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, run_train
@@ -149,7 +161,9 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
-            shuffle=shuffle, allow_mismatch=allow_mismatch)
+            shuffle=shuffle, allow_mismatch=allow_mismatch, packing=packing, lora_r=lora_r,
+            lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules, merge_lora=merge_lora)
     except ValueError as error:
         _fail(str(error))
     _run(run_train, config)

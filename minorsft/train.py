@@ -22,7 +22,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from minorsft import __version__
 from minorsft.cache import check_compatible, iter_rows, read_metadata
-from minorsft.logprobs import answer_logps, pad_batch
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     dtype_name,
@@ -34,6 +33,7 @@ from minorsft.models import (
     pick_dtype,
     resolve_model,
 )
+from minorsft.packing import check_packing_support, micro_batch_logps
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
@@ -65,6 +65,12 @@ class TrainConfig:
     shuffle_buffer: int = 4096
     allow_mismatch: bool = False
     log_every: int = 1
+    packing: bool = False  # padding-free: each micro-batch in one row (see minorsft.packing)
+    lora_r: int = 0  # 0: full fine-tuning; >0: LoRA adapters of this rank (needs peft)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = False  # also save the merged model in <output>/merged
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -84,6 +90,8 @@ class TrainConfig:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
+        if self.lora_r < 0 or (self.merge_lora and not self.lora_r):
+            raise ValueError("--lora-r must be >= 0, and --merge-lora needs --lora-r > 0")
 
     @property
     def accumulation_steps(self) -> int:
@@ -165,6 +173,13 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if config.packing:
+        check_packing_support(model)
+    if config.lora_r:
+        from minorsft.lora import apply_lora
+
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                           config.lora_target_modules)
     model.train()
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
@@ -196,9 +211,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     tokens = 0
     for start in range(0, count, config.micro_batch_size):
         micro = rows[start: start + config.micro_batch_size]
-        input_ids, attention_mask, answer_mask = pad_batch(
-            [r["input_ids"] for r in micro], [r["answer_mask"] for r in micro], pad_id, device)
-        policy_logps = answer_logps(model, input_ids, attention_mask, answer_mask)
+        policy_logps, micro_tokens = micro_batch_logps(model, micro, pad_id, device,
+                                                       config.packing)
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
         out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
@@ -212,7 +226,7 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         sums["ref_logps"] += ref_logps.sum().item()
         # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
         sums["nll"] += (-policy_logps.detach() / num_tokens).sum().item()
-        tokens += int(attention_mask.sum())
+        tokens += micro_tokens
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
@@ -261,7 +275,12 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     """A folder that transformers and vLLM load as is, plus the run's config."""
     output = Path(config.output)
     state.model.config.use_cache = True
-    state.model.save_pretrained(output, safe_serialization=True)
+    if config.lora_r:
+        from minorsft.lora import save_lora
+
+        save_lora(state.model, output, config.merge_lora)
+    else:
+        state.model.save_pretrained(output, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
