@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
 
 from minorsft.logprobs import answer_logps, default_chunk_tokens, pad_batch, sequence_logps
 from minorsft.packing import check_packing_support, micro_batch_logps, pack_batch
+
+from conftest import build_tiny_model
 
 # Samples of different lengths; answers are the masked tails, the second has two answer spans
 # (a multi-turn chat), the third a one-token answer.
