@@ -10,9 +10,11 @@ is forward + backward of the summed answer log-probs of a batch:
 
 Each configuration runs in a fresh child; it builds the model, resets the resident high-water
 mark, runs the step and reports how far the peak rose above the memory held before the step
-(weights, and their gradients where the head is trained: those are the same for both). With
-`--head frozen` the output head gets no gradient (as with LoRA), so the step's own activations
-are all that is measured. On a GPU (`--device cuda`) the same numbers come from
+(weights, and their gradient buffers, allocated beforehand: the same for both). With the head
+`trained` everything is trained, and the [V, H] weight gradients of the head and of the
+embeddings (produced in backward, then added to their buffers) are part of every step's rise.
+With `frozen`, embeddings and output head are frozen, as with LoRA, and the rise is the
+step's own activations. On a GPU (`--device cuda`) the same numbers come from
 `torch.cuda.max_memory_allocated`. Usage:
 
     python benchmarks/bench_logprob_memory.py --batch 2 --length 1024
@@ -71,8 +73,9 @@ def child(args) -> dict:
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = build_model(args.vocab, args.hidden, args.layers, dtype, device)
-    if args.head == "frozen":
+    if args.head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
         model.get_output_embeddings().weight.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(False)
     tensors = make_batch(args.batch, args.length, args.vocab, args.answer_share, device)
     # Allocate the gradients first, so both methods start from the same held memory.
     for p in model.parameters():
@@ -135,8 +138,9 @@ def main():
           f"{args.vocab} x 4 B = {tokens * args.vocab * 4 / 2**20:.0f} MiB per fp32 copy\n"
           f"machine: {machine()}\n")
     unit = "allocated MiB" if args.device.startswith("cuda") else "RSS MiB"
-    print(table(["output head", "method", f"before step ({unit})", f"peak ({unit})",
-                 "rise over before", "seconds", "rise / naive rise", "max |logp diff|"], rows))
+    print(table(["vocab matrices (head, embeddings)", "method", f"before step ({unit})",
+                 f"peak ({unit})", "rise over before", "seconds", "rise / naive rise",
+                 "max abs logp diff"], rows))
 
 
 if __name__ == "__main__":

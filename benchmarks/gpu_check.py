@@ -221,8 +221,9 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
         rises = {}
         for method in ("naive", "chunked"):
             model = build_model(sizes, dtype, dev.device).train()
-            if head == "frozen":
+            if head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
                 model.get_output_embeddings().weight.requires_grad_(False)
+                model.get_input_embeddings().weight.requires_grad_(False)
             for p in model.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
@@ -372,7 +373,7 @@ def main():
     if "logprob_memory" in sections:
         emit(f"3. log-prob step peak memory, vocab {head_sizes['vocab_size']}, "
              f"{memory_shape['batch']} x {memory_shape['length']} tokens (half answer), {dtype}",
-             ["output head", "method", "allocated before MiB", "peak MiB", "rise MiB",
+             ["vocab matrices", "method", "allocated before MiB", "peak MiB", "rise MiB",
               "seconds", "rise / naive rise"],
              section_logprob_memory(dev, head_sizes, dtype=dtype, **memory_shape))
     if "scoring" in sections:

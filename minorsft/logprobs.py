@@ -4,14 +4,14 @@ Token t is predicted by position t-1, so the answer mask is shifted by one again
 Only answer positions need logits: `answer_logps` runs the decoder, picks the hidden states that
 predict answer tokens and applies the output head to them in chunks, so memory never holds a
 [B, T, V] tensor (for a 152k vocabulary that tensor is the largest thing in the step). In
-training each chunk is recomputed in backward (checkpointed) so its logits are not kept either.
+training each chunk's logits are recomputed in backward instead of kept, and the output head's
+weight gradient is accumulated chunk by chunk into one buffer (`_ChunkedHeadLogps`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 # Logit elements per output-head chunk: 2**24 fp32 values are 64 MiB, so a chunk holds about
 # 110 positions of a 152k vocabulary (Qwen2) or 340 of a 49k one (SmolLM2). Large enough to keep
@@ -64,6 +64,50 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch
     return -F.cross_entropy(logits, labels, reduction="none")  # [N]
 
 
+class _ChunkedHeadLogps(torch.autograd.Function):
+    """log p(label | hidden) through a linear head, chunked in forward AND backward.
+
+    Forward keeps only the [N] results. Backward recomputes each chunk's logits and uses
+    d log softmax(z)[y] / dz = onehot(y) - softmax(z), so per chunk it holds one [chunk, V] fp32
+    buffer, and it adds the head's weight gradient into a single [V, H] buffer in place. (With
+    per-chunk autograd checkpoints every chunk returns its own [V, H] gradient and autograd
+    sums them, which holds two such tensors at once: 0.5 GiB each for a 152k x 896 head.)
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+        out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, labels.shape[0], chunk_tokens):
+            stop = start + chunk_tokens
+            out[start:stop] = _chunk_logps(hidden[start:stop], weight, bias, labels[start:stop])
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.chunk_tokens = chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        for start in range(0, labels.shape[0], ctx.chunk_tokens):
+            stop = start + ctx.chunk_tokens
+            h, y, g = hidden[start:stop], labels[start:stop], grad_out[start:stop]
+            logits = F.linear(h, weight, bias).float()  # [c, V]
+            probs = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # in place
+            grad_logits = probs.mul_(-g[:, None])  # -g * softmax, in place
+            grad_logits[torch.arange(y.shape[0], device=y.device), y] += g
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:stop] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), h)
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
 def final_logit_transform(model):
     """Models whose logits are more than `lm_head(hidden)` (softcapping, scaling) need logits."""
     config = model.config
@@ -91,22 +135,24 @@ def head_logps(
         chunk_tokens: positions per chunk; default from the vocabulary size.
 
     Returns:
-        [B] fp32 sums. Under autograd each chunk is checkpointed: its [chunk, V] logits are
-        recomputed in backward instead of kept, so no [N, V] tensor ever exists.
+        [B] fp32 sums. No [N, V] tensor ever exists, in forward or in backward.
     """
     head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:  # e.g. an adapter on lm_head: its weight is not all
+        raise ValueError(f"the output head is a {type(head).__name__}, not a plain Linear; "
+                         "chunked log-probs need the head's own weight (no adapter on lm_head)")
     chunk_tokens = chunk_tokens or default_chunk_tokens(head.weight.shape[0])
-    chunks = []
-    for start in range(0, labels.numel(), chunk_tokens):
-        stop = start + chunk_tokens
-        args = (hidden[start:stop], head.weight, head.bias, labels[start:stop])
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
-        else:
-            chunks.append(_chunk_logps(*args))
-    # With no answer position at all, hidden.sum(-1) is an empty [0] tensor still tied to the graph,
-    # so backward works (and gives zero gradients) instead of failing.
-    token_logps = torch.cat(chunks) if chunks else hidden.sum(-1).float()
+    if labels.numel() == 0:
+        # hidden.sum(-1) is an empty [0] tensor still tied to the graph, so backward works.
+        token_logps = hidden.sum(-1).float()
+    elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        token_logps = _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels,
+                                              chunk_tokens)
+    else:
+        token_logps = torch.cat([
+            _chunk_logps(hidden[i:i + chunk_tokens], head.weight, head.bias,
+                         labels[i:i + chunk_tokens])
+            for i in range(0, labels.numel(), chunk_tokens)])
     summed = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     return summed.index_add(0, sample_index, token_logps)
 

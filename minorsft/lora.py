@@ -26,6 +26,9 @@ def parse_target_modules(value: str) -> str | list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise ValueError("--lora-target-modules is empty")
+    if "lm_head" in names:
+        raise ValueError("--lora-target-modules: lm_head is not supported (the chunked "
+                         "log-probs use the output head's weight directly)")
     return names
 
 

@@ -145,3 +145,20 @@ def test_inference_mode_scoring_matches(model):
 def test_default_chunk_keeps_logits_small():
     assert default_chunk_tokens(151_936) * 151_936 * 4 <= 64 * 2**20
     assert default_chunk_tokens(10) > 0
+
+
+@pytest.mark.parametrize("variant", ["tied", "bias"])
+def test_chunked_head_variants(model, variant):
+    """Tied input/output embeddings (SmolLM2) and a head with a bias: same values and grads."""
+    if variant == "tied":
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+        model.lm_head = head
+    want = _naive(model)
+    want_grads = _grads(model, want)
+    ids, masks = _batch()
+    got = answer_logps(model, *pad_batch(ids, masks, 0, torch.device("cpu")), chunk_tokens=5)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
