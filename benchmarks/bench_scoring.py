@@ -130,7 +130,7 @@ def main():
     print(f"\nReference scoring, {len(examples)} rows, {all_tokens} tokens, {answer_tokens} "
           f"answer tokens, fp32, rounds interleaved: {args.rounds}\nmachine: {machine()}\n")
     print(table(["method", "answer tokens scored", "seconds per round",
-                 "answer tokens/s (median)", "x plain", "max |logp - minorsft|"], rows))
+                 "answer tokens/s (median)", "x plain", "max abs diff vs minorsft"], rows))
 
 
 if __name__ == "__main__":
