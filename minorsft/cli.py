@@ -197,6 +197,18 @@ def train(
              "weights with --dtype as compute dtype).")] = "ddp",
     cpu_offload: Annotated[bool, typer.Option(
         help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
+    packing: Annotated[bool, typer.Option(
+        help="Padding-free: run each micro-batch as one row of concatenated samples, each "
+             "attending only to itself (same log-probs, no padding).")] = False,
+    lora_r: Annotated[int, typer.Option(
+        help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft[lora]'`.")] = 0,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16.0,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
+    lora_target_modules: Annotated[str, typer.Option(
+        help="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'.")
+    ] = "all-linear",
+    merge_lora: Annotated[bool, typer.Option(
+        help="Besides the adapters, save a merged plain model in <output>/merged.")] = False,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, TrainingInterrupted, run_train
@@ -210,7 +222,9 @@ def train(
             attention=attention, gradient_checkpointing=gradient_checkpointing,
             shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
             cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
-            resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance)
+            resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance,
+            packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            lora_target_modules=lora_target_modules, merge_lora=merge_lora)
     except ValueError as error:
         _fail(str(error))
     try:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minorsft.logprobs import answer_logps
+from minorsft.packing import micro_batch_logps
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -68,20 +68,21 @@ def close_world(world: World) -> None:
 
 
 class AnswerLogpsModule(nn.Module):
-    """The policy as a module whose forward returns summed answer log-probs [B].
+    """The policy as a module whose forward returns summed answer log-probs [B] of cache rows.
 
     DDP and FSDP2 hook the wrapped module's forward (to prepare gradient reduction and to gather
-    sharded parameters); `answer_logps` calls the decoder and the output head directly, so it
-    has to run inside a wrapper's forward rather than around it.
+    sharded parameters); the log-prob functions call the decoder and the output head directly,
+    so they have to run inside a wrapper's forward rather than around it.
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, answer_mask, position_ids=None):
-        return answer_logps(self.model, input_ids, attention_mask, answer_mask,
-                            position_ids=position_ids)
+    def forward(self, rows: list[dict], pad_id: int, device: torch.device,
+                packing: bool = False) -> tuple[torch.Tensor, int]:
+        """Summed answer log-probs [B] of cache rows (padded or packed), and tokens run."""
+        return micro_batch_logps(self.model, rows, pad_id, device, packing)
 
 
 def wrap_policy(model: nn.Module, world: World, strategy: str, device: torch.device,

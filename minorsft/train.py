@@ -47,7 +47,6 @@ from minorsft.distributed import (
     rank_slice,
     wrap_policy,
 )
-from minorsft.logprobs import pad_batch
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     dtype_name,
@@ -59,6 +58,7 @@ from minorsft.models import (
     pick_dtype,
     resolve_model,
 )
+from minorsft.packing import check_packing_support
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
@@ -97,6 +97,12 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
     step0_check: bool = True
     step0_tolerance: float | None = None  # nats per answer token; None: by dtype (STEP0_TOLERANCE)
+    packing: bool = False  # padding-free: each micro-batch in one row (see minorsft.packing)
+    lora_r: int = 0  # 0: full fine-tuning; >0: LoRA adapters of this rank (needs peft)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    merge_lora: bool = False  # also save the merged model in <output>/merged
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -122,6 +128,8 @@ class TrainConfig:
             raise ValueError("--save-every must be positive")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
+        if self.lora_r < 0 or (self.merge_lora and not self.lora_r):
+            raise ValueError("--lora-r must be >= 0, and --merge-lora needs --lora-r > 0")
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per rank per step: global batch / (micro-batch x world size)."""
@@ -217,6 +225,13 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if config.packing:
+        check_packing_support(model)
+    if config.lora_r:
+        from minorsft.lora import apply_lora
+
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                           config.lora_target_modules)
     model.train()
     policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
                          config.cpu_offload)
@@ -266,12 +281,10 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     sums = dict.fromkeys(METRIC_SUMS, 0.0)
     tokens = 0
     for index, micro in enumerate(micro_batches):
-        input_ids, attention_mask, answer_mask = pad_batch(
-            [r["input_ids"] for r in micro], [r["answer_mask"] for r in micro], pad_id, device)
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
         with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
-            policy_logps = state.policy(input_ids, attention_mask, answer_mask)
+            policy_logps, micro_tokens = state.policy(micro, pad_id, device, config.packing)
             out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
             (out.losses.sum() * (weight * world.world_size / count)).backward()
         policy_detached = policy_logps.detach()
@@ -283,7 +296,7 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         sums["reward"] += weight * out.reward.sum().item()
         sums["policy_logps"] += weight * policy_detached.sum().item()
         sums["ref_logps"] += weight * ref_logps.sum().item()
-        tokens += int(weight * attention_mask.sum())
+        tokens += int(weight * micro_tokens)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
@@ -357,7 +370,12 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     if not state.world.is_main:
         return output
     state.model.config.use_cache = True
-    state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
+    if config.lora_r:
+        from minorsft.lora import save_lora
+
+        save_lora(state.model, output, config.merge_lora)
+    else:
+        state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
@@ -418,9 +436,8 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     with torch.no_grad():  # every rank scores the same rows (FSDP needs all of them to)
         for start in range(0, len(rows), config.micro_batch_size):
             micro = rows[start: start + config.micro_batch_size]
-            tensors = pad_batch([r["input_ids"] for r in micro], [r["answer_mask"] for r in micro],
-                                state.tokenizer.pad_token_id, state.device)
-            policy.extend(state.policy(*tensors).tolist())
+            logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device)
+            policy.extend(logps.tolist())
     state.model.train(was_training)
     per_token = [(p - r["ref_logps"]) / r["num_tokens"]
                  for p, r in zip(policy, rows, strict=True)]

@@ -1,32 +1,167 @@
-"""Chunked answer log-probs against the plain full-logits formula, forward and backward."""
+"""Chunked and packed log-probs equal the naive full-logits formula, forward and backward.
 
+The naive reference is `sequence_logps(model(...).logits, ...)`: log-softmax over the whole
+[B, T, V] logits, gather, mask, sum. Every memory-saving path must give the same per-sample
+sums and the same parameter gradients (to float tolerance), or it would change the loss.
+"""
+
+from __future__ import annotations
+
+import pytest
 import torch
 
-from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
+from minorsft.logprobs import answer_logps, default_chunk_tokens, pad_batch, sequence_logps
+from minorsft.packing import check_packing_support, micro_batch_logps, pack_batch
 
 from .conftest import build_tiny_model, build_tiny_tokenizer
 
+# Samples of different lengths; answers are the masked tails, the second has two answer spans
+# (a multi-turn chat), the third a one-token answer.
+SAMPLES = [
+    ([5, 17, 30, 41, 8, 9, 12, 60, 61, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]),
+    ([5, 22, 2, 70, 71, 2, 33, 34, 80, 81, 82, 2, 90], [0, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0]),
+    ([5, 11, 12, 13, 2], [0, 0, 0, 0, 1]),
+    ([5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 2, 3, 4],
+     [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+]
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
-def test_answer_logps_matches_full_logits_forward_and_backward():
-    tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(tokenizer, seed=1)
-    generator = torch.Generator().manual_seed(0)
-    lengths = [7, 12, 5]
-    ids = [torch.randint(3, len(tokenizer), (n,), generator=generator).tolist() for n in lengths]
-    masks = [[False] * 3 + [True] * (n - 3) for n in lengths]
-    input_ids, attention_mask, answer_mask = pad_batch(ids, masks, tokenizer.pad_token_id, "cpu")
 
-    chunked = answer_logps(model, input_ids, attention_mask, answer_mask, chunk_tokens=4)
-    chunked.sum().backward()
-    chunked_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+@pytest.fixture
+def model(tiny_tokenizer):
+    m = build_tiny_model(tiny_tokenizer, seed=3)
+    m.set_attn_implementation("sdpa")
+    return m.train()
 
+
+def _batch():
+    ids = [s[0] for s in SAMPLES]
+    masks = [[bool(v) for v in s[1]] for s in SAMPLES]
+    return ids, masks
+
+
+def _naive(model):
+    ids, masks = _batch()
+    input_ids, attention_mask, answer_mask = pad_batch(ids, masks, 0, torch.device("cpu"))
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    naive = sequence_logps(logits, input_ids, answer_mask)
-    naive.sum().backward()
-    torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-5)
-    for got, want in zip(chunked_grads, (p.grad for p in model.parameters()), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    return sequence_logps(logits, input_ids, answer_mask)
+
+
+def _grads(model, logps):
+    model.zero_grad(set_to_none=True)
+    # Unequal weights per sample so that a mix-up between samples shows in the gradient.
+    (logps * torch.tensor([1.0, -0.5, 2.0, 0.25])).sum().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=name)
+
+
+def _single(model, ids, mask):
+    input_ids, attention_mask, answer_mask = pad_batch([ids], [mask], 0, torch.device("cpu"))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return sequence_logps(logits, input_ids, answer_mask)[0]
+
+
+def test_naive_matches_a_hand_sum(model):
+    """The reference itself: sum over answer tokens t of log softmax(logits[t-1])[y_t]."""
+    ids, mask = SAMPLES[2][0], [bool(v) for v in SAMPLES[2][1]]
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    want = torch.log_softmax(logits[3], -1)[ids[4]]  # the only answer token is at position 4
+    torch.testing.assert_close(_single(model, ids, mask), want)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 3, None])
+def test_chunked_equals_naive_forward_and_backward(model, chunk_tokens):
+    want = _naive(model)
+    want_grads = _grads(model, want)
+    ids, masks = _batch()
+    tensors = pad_batch(ids, masks, 0, torch.device("cpu"))
+    got = answer_logps(model, *tensors, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_equals_unpacked_forward_and_backward(model, attention):
+    """One packed row gives each sample's own log-prob: attention is isolated per sample."""
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
+    check_packing_support(model)
+    want = _naive(model)
+    want_grads = _grads(model, want)
+    rows = [{"input_ids": s[0], "answer_mask": [bool(v) for v in s[1]]} for s in SAMPLES]
+    got, tokens = micro_batch_logps(model, rows, 0, torch.device("cpu"), packing=True)
+    assert tokens == sum(len(s[0]) for s in SAMPLES)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
+    # And each value equals the sample scored entirely alone (no batch at all).
+    for value, (ids, mask) in zip(got.detach(), SAMPLES, strict=True):
+        torch.testing.assert_close(value, _single(model, ids, [bool(v) for v in mask]).detach(),
+                                   **TOL)
+
+
+def test_packing_without_isolation_would_differ(model):
+    """The test above can fail: plain concatenation (one long causal sequence) changes values."""
+    ids, masks = _batch()
+    packed = pack_batch(ids, masks, torch.device("cpu"))
+    hidden = model.get_decoder()(input_ids=packed.input_ids, use_cache=False).last_hidden_state[0]
+    logits = model.get_output_embeddings()(hidden[packed.positions])
+    labels = packed.input_ids[0, packed.positions + 1]
+    leaked = torch.zeros(4).index_add(
+        0, packed.sample_index, torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0])
+    assert not torch.allclose(leaked[1:], _naive(model)[1:].detach(), atol=1e-3)
+
+
+def test_pack_batch_never_predicts_across_samples():
+    packed = pack_batch([[1, 2, 3], [4, 5]], [[False, True, True], [True, True]],
+                        torch.device("cpu"))
+    # Sample 2's first token is marked as answer but has no preceding position of its own.
+    assert packed.positions.tolist() == [0, 1, 3]
+    assert packed.sample_index.tolist() == [0, 0, 1]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_no_answer_tokens_gives_zero_and_backward_works(model):
+    input_ids, attention_mask, answer_mask = pad_batch([[5, 6, 7]], [[False] * 3], 0,
+                                                       torch.device("cpu"))
+    got = answer_logps(model, input_ids, attention_mask, answer_mask)
+    assert got.tolist() == [0.0]
+    got.sum().backward()  # no NaN, no error
+
+
+def test_inference_mode_scoring_matches(model):
+    model.eval()
+    want = _naive(model).detach()
+    ids, masks = _batch()
+    with torch.inference_mode():
+        got = answer_logps(model, *pad_batch(ids, masks, 0, torch.device("cpu")))
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_default_chunk_keeps_logits_small():
+    assert default_chunk_tokens(151_936) * 151_936 * 4 <= 64 * 2**20
+    assert default_chunk_tokens(10) > 0
+
+
+@pytest.mark.parametrize("variant", ["tied", "bias"])
+def test_chunked_head_variants(model, variant):
+    """Tied input/output embeddings (SmolLM2) and a head with a bias: same values and grads."""
+    if variant == "tied":
+        model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+        model.lm_head = head
+    want = _naive(model)
+    want_grads = _grads(model, want)
+    ids, masks = _batch()
+    got = answer_logps(model, *pad_batch(ids, masks, 0, torch.device("cpu")), chunk_tokens=5)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
 
 
 def test_padding_does_not_change_a_sample():

@@ -1,0 +1,281 @@
+"""Training throughput and peak memory: minorsft train (sft, minorsft, packed, live reference)
+vs TRL SFTTrainer, same rows, batch and optimizer; and MinorSFT vs raw SFT step time.
+
+Each configuration runs in a fresh child process (so its memory peak is its own); the
+configurations are interleaved round after round, because the machine may be shared. A child
+loads its model, resets the resident high-water mark, runs `--steps` optimizer steps and
+reports tokens/s over all steps but the first (warm-up) and the peak resident memory of the
+training phase (`phase peak`) and of its whole life (`process peak`).
+
+- sft / minorsft / minorsft+packing: the real `minorsft.train.setup` + `train_step` on a cache
+  written by `minorsft precompute`;
+- minorsft+live-ref: the same, but a second copy of the model (the reference) is held beside the
+  policy and scores every micro-batch under inference mode, as trainers without a cache do;
+- trl-sft: TRL's `SFTTrainer` (prompt-completion data, completion-only loss, its defaults),
+  tokens counted from its collator's attention mask.
+
+A last child runs raw SFT and MinorSFT steps alternately on the same batches in one process
+(the fairest step-time comparison on a noisy machine). Usage:
+
+    python benchmarks/bench_training.py --data gsm8k.jsonl --prompt-field question \
+        --response-field answer --rows 48 --steps 4 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import (
+    emit,
+    machine,
+    median,
+    peak_rss_mib,
+    read_records,
+    reset_peak_rss,
+    rss_mib,
+    run_child,
+    table,
+    to_chat,
+)
+
+SCRIPT = Path(__file__).resolve()
+
+
+def _train_config(args, loss: str, packing: bool):
+    from minorsft.train import TrainConfig
+
+    return TrainConfig(cache=args.cache, output=tempfile.mkdtemp(prefix="bench-train-"),
+                       loss=loss, lr=1e-5, batch_size=args.batch_size,
+                       micro_batch_size=args.batch_size, max_steps=args.steps, shuffle=False,
+                       warmup_ratio=0.0, dtype="float32", device="cpu", packing=packing,
+                       gradient_checkpointing=args.gradient_checkpointing)
+
+
+def _batches(args):
+    from minorsft.cache import iter_rows
+
+    rows = list(iter_rows(Path(args.cache)))
+    return [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+
+
+def child_minorsft(args) -> dict:
+    from rich.console import Console
+
+    from minorsft.logprobs import answer_logps, pad_batch
+    from minorsft.models import load_model
+    from minorsft.train import setup, train_step
+
+    config = _train_config(args, args.loss, args.packing)
+    state = setup(config, Console(stderr=True, quiet=True))
+    reference = None
+    if args.live_ref:
+        reference = load_model(state.model_path, state.dtype, state.device).eval()
+        reference.requires_grad_(False)
+    loaded_rss = rss_mib()
+    reset = reset_peak_rss()
+    times, tokens = [], []
+    for step, rows in zip(range(args.steps), _batches(args), strict=False):
+        started = time.perf_counter()
+        if reference is not None:
+            with torch.inference_mode():
+                tensors = pad_batch([r["input_ids"] for r in rows],
+                                    [r["answer_mask"] for r in rows],
+                                    state.tokenizer.pad_token_id, state.device)
+                live = answer_logps(reference, *tensors).tolist()
+            rows = [dict(row, ref_logps=value) for row, value in zip(rows, live, strict=True)]
+        metrics = train_step(state, config, rows)
+        times.append(time.perf_counter() - started)
+        tokens.append(metrics["tokens"])
+        if step == 0:
+            first_loss = metrics["loss"]
+    return {"times": times, "tokens": tokens, "loaded_rss": loaded_rss, "reset": reset,
+            "phase_peak": peak_rss_mib(), "first_loss": first_loss}
+
+
+def child_trl(args) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from minorsft.models import load_model, load_tokenizer, resolve_model
+
+    model_path = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_path)
+    rows = []
+    for record in read_records(args.data, args.rows):
+        prompt, completion = to_chat(record, args.prompt_field, args.response_field)
+        rows.append({"prompt": prompt, "completion": completion})
+    model = load_model(model_path, torch.float32, torch.device("cpu"))
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=
+        args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-5,
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, max_length=args.max_length, seed=42,
+        gradient_checkpointing=args.gradient_checkpointing)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    tokens, times, starts = [], [], []
+
+    collator = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collator(features)
+        mask = batch.get("attention_mask")
+        tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        return batch
+
+    trainer.data_collator = counting_collator
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            starts.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - starts[-1])
+
+    trainer.add_callback(Timer())
+    loaded_rss = rss_mib()
+    reset = reset_peak_rss()
+    trainer.train()
+    # The dataloader may fetch one batch ahead; keep the counts of the steps that ran.
+    return {"times": times, "tokens": tokens[:len(times)], "loaded_rss": loaded_rss,
+            "reset": reset, "phase_peak": peak_rss_mib()}
+
+
+def child_ab(args) -> dict:
+    """Raw SFT and MinorSFT steps alternately, same model object, same batches."""
+    from rich.console import Console
+
+    from minorsft.train import setup, train_step
+
+    configs = {loss: _train_config(args, loss, False) for loss in ("sft", "minorsft")}
+    state = setup(configs["sft"], Console(stderr=True, quiet=True))
+    batches = _batches(args)
+    times = {"sft": [], "minorsft": []}
+    for index in range(args.steps * 2):
+        rows = batches[(index // 2) % len(batches)]
+        loss = ("sft", "minorsft")[(index + index // 2) % 2]  # ABBA order cancels drift
+        started = time.perf_counter()
+        train_step(state, configs[loss], rows)
+        times[loss].append(time.perf_counter() - started)
+    return {"times": times}
+
+
+def make_cache(args, workdir: Path) -> str:
+    from minorsft.precompute import PrecomputeConfig, run_precompute
+
+    data = workdir / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_records(args.data, args.rows)))
+    cache = workdir / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=args.model, data=str(data), out=str(cache),
+                                    prompt_field=args.prompt_field,
+                                    response_field=args.response_field,
+                                    max_length=args.max_length, dtype="float32", device="cpu"))
+    return str(cache)
+
+
+CONFIGS = {
+    "sft": ["--loss", "sft"],
+    "minorsft": ["--loss", "minorsft"],
+    "minorsft+packing": ["--loss", "minorsft", "--packing"],
+    "minorsft+live-ref": ["--loss", "minorsft", "--live-ref"],
+    "trl-sft": ["--trl"],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="demo")
+    parser.add_argument("--prompt-field")
+    parser.add_argument("--response-field")
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--configs", default=",".join([*CONFIGS, "ab"]))
+    # child-only flags
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default="minorsft", help=argparse.SUPPRESS)
+    parser.add_argument("--packing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--live-ref", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trl", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ab", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        torch.manual_seed(0)
+        result = child_trl(args) if args.trl else child_ab(args) if args.ab else \
+            child_minorsft(args)
+        result["process_peak"] = __import__("resource").getrusage(
+            __import__("resource").RUSAGE_SELF).ru_maxrss / 1024
+        emit(result)
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-training-"))
+    cache = make_cache(args, workdir)
+    common = ["--child", "--cache", cache, "--model", args.model, "--data", args.data,
+              "--rows", str(args.rows), "--max-length", str(args.max_length),
+              "--batch-size", str(args.batch_size), "--steps", str(args.steps)]
+    if args.prompt_field:
+        common += ["--prompt-field", args.prompt_field, "--response-field", args.response_field]
+    if args.gradient_checkpointing:
+        common.append("--gradient-checkpointing")
+    names = args.configs.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            extra = ["--ab"] if name == "ab" else CONFIGS[name]
+            runs[name].append(run_child(SCRIPT, common + extra))
+            print(f"  {name}: done in {runs[name][-1]['wall_s']:.0f} s", flush=True)
+
+    print(f"\nTraining, batch {args.batch_size} x {args.steps} steps (first step excluded), "
+          f"fp32, {args.rounds} interleaved rounds, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}\nmachine: {machine()}\n")
+    rows = []
+    summary = {}
+    for name in names:
+        if name == "ab":
+            continue
+        rates = [sum(r["tokens"][1:]) / sum(r["times"][1:]) for r in runs[name]]
+        phase = max(r["phase_peak"] for r in runs[name])
+        process = max(r["process_peak"] for r in runs[name])
+        summary[name] = {"tok_s": median(rates), "phase": phase, "process": process}
+        rows.append([name, " / ".join(f"{x:.0f}" for x in rates), median(rates),
+                     median([r["loaded_rss"] for r in runs[name]]), phase, process])
+    print(table(["config", "tokens/s per round", "tokens/s (median)", "RSS after load (MiB)",
+                 "phase peak (MiB)", "process peak (MiB)"], rows))
+    ratios = []
+    if "trl-sft" in summary:
+        for name in ("sft", "minorsft", "minorsft+packing"):
+            if name in summary:
+                ratios.append([f"{name} tokens/s / trl-sft tokens/s",
+                               summary[name]["tok_s"] / summary["trl-sft"]["tok_s"], ">= 1.2"])
+    if {"sft", "minorsft"} <= summary.keys():
+        ratios.append(["minorsft phase peak / sft phase peak",
+                       summary["minorsft"]["phase"] / summary["sft"]["phase"], "<= 1.03"])
+    if {"minorsft", "minorsft+live-ref"} <= summary.keys():
+        saved = summary["minorsft+live-ref"]["process"] - summary["minorsft"]["process"]
+        ratios.append(["process peak saved by the cache (MiB)", saved,
+                       ">= reference weights (fp32 SmolLM2-135M: 513 MiB)"])
+    if "ab" in runs:
+        sft = [t for r in runs["ab"] for t in r["times"]["sft"][1:]]
+        minor = [t for r in runs["ab"] for t in r["times"]["minorsft"][1:]]
+        ratios.append([f"minorsft / sft step time (same process, ABBA, {len(sft)} steps each)",
+                       median(minor) / median(sft), "<= 1.03"])
+    if ratios:
+        print()
+        print(table(["ratio", "measured", "target"], ratios))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""One-GPU check of minorsft's performance claims, with models built from configs (no hub).
+
+Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
+
+1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
+   (fp32, per-sample values and parameter gradients);
+2. training step, bf16: raw SFT vs MinorSFT vs MinorSFT packed vs MinorSFT with a live
+   reference model beside the policy (tokens/s and `torch.cuda.max_memory_allocated`), steps
+   interleaved in one process so that clock and thermal drift hit every configuration alike;
+3. log-prob step peak memory with a 152k vocabulary: chunked vs naive full logits;
+4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
+   only, chunked head, inference mode) vs a plain loop (fixed batches, full logits).
+
+Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
+`--device cpu --small` runs the same code at toy sizes (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from minorsft.data import Example
+from minorsft.engines.hf import token_budget_batches
+from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
+from minorsft.loss import compute_loss
+from minorsft.packing import micro_batch_logps
+
+try:  # minorsft.train needs rich and pyarrow (for the cache), which a bare GPU box may lack
+    from minorsft.distributed import AnswerLogpsModule, World
+    from minorsft.train import TrainConfig, TrainState, linear_schedule, train_step
+
+    TRAIN_STEP = "minorsft.train.train_step"
+except ImportError:
+    TRAIN_STEP = "local copy of train_step (minorsft.train not importable here)"
+
+QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
+                 num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+SMALL = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+
+
+class Device:
+    """Timing and peak memory on CUDA (allocator statistics) or CPU (wall clock only)."""
+
+    def __init__(self, name: str):
+        self.device = torch.device(name)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float:
+        self.sync()
+        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else float("nan")
+
+    def allocated_mib(self) -> float:
+        self.sync()
+        return torch.cuda.memory_allocated() / 2**20 if self.cuda else float("nan")
+
+
+def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**sizes, max_position_embeddings=8192, tie_word_embeddings=False,
+                         pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(dtype)
+    model.set_attn_implementation(attention)
+    model.config.use_cache = False
+    return model
+
+
+def make_rows(count: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Cache-like rows: random ids, a prompt of ~1/3 of the length, the rest answer."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
+        prompt = max(1, length // 3)
+        ids = torch.randint(3, vocab, (length,), generator=gen).tolist()
+        mask = [False] * prompt + [True] * (length - prompt)
+        rows.append({"id": str(i), "input_ids": ids, "answer_mask": mask,
+                     "num_tokens": length - prompt,
+                     "ref_logps": -2.0 * (length - prompt)})
+    return rows
+
+
+def section_correctness(dev: Device, small: dict) -> list[list]:
+    model = build_model(small, torch.float32, dev.device, seed=1).train()
+    rows = make_rows(6, 8, 40, small["vocab_size"], seed=2)
+    weights = torch.linspace(-1, 2, len(rows), device=dev.device)
+
+    def grads(logps):
+        model.zero_grad(set_to_none=True)
+        (logps * weights).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    ids, attn, mask = pad_batch([r["input_ids"] for r in rows], [r["answer_mask"] for r in rows],
+                                0, dev.device)
+    naive = sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
+    naive_grads = grads(naive)
+    out = []
+    for name, packing in (("chunked, padded", False), ("chunked, packed", True)):
+        logps, _ = micro_batch_logps(model, rows, 0, dev.device, packing)
+        got_grads = grads(logps)
+        value_diff = (logps - naive).abs().max().item()
+        grad_diff = max((a - b).abs().max().item() for a, b in zip(got_grads, naive_grads,
+                                                                    strict=True))
+        ok = value_diff < 1e-3 and grad_diff < 1e-3
+        out.append([name, f"{value_diff:.2e}", f"{grad_diff:.2e}", "ok" if ok else "MISMATCH"])
+    return out
+
+
+class Trainer:
+    """One optimizer step as `minorsft.train.train_step` takes it, or a faithful copy of it.
+
+    The copy (used only where minorsft.train cannot be imported) is the same computation:
+    micro_batch_logps -> compute_loss -> (sum / count).backward -> clip 1.0 -> AdamW step.
+    """
+
+    def __init__(self, model, batch: int, use_train_module: bool, lr: float = 1e-5):
+        self.model, self.batch = model, batch
+        self.device = next(model.parameters()).device
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                           lr=lr)
+        self.real = use_train_module and TRAIN_STEP.startswith("minorsft")
+        if self.real:
+            self.state = TrainState(
+                model=model, policy=AnswerLogpsModule(model), world=World(),
+                tokenizer=SimpleNamespace(pad_token_id=0),
+                optimizer=self.optimizer, scheduler=linear_schedule(self.optimizer, 0, 10_000),
+                device=self.device, dtype=next(model.parameters()).dtype, total_steps=10_000,
+                metadata={}, model_path="(built from config)")
+
+    def step(self, loss: str, packing: bool, rows: list[dict]) -> dict:
+        if self.real:
+            config = TrainConfig(cache="-", output="-", loss=loss, batch_size=self.batch,
+                                 micro_batch_size=self.batch, packing=packing)
+            return train_step(self.state, config, rows)
+        logps, tokens = micro_batch_logps(self.model, rows, 0, self.device, packing)
+        ref = torch.tensor([r["ref_logps"] for r in rows], device=self.device)
+        num = torch.tensor([r["num_tokens"] for r in rows], device=self.device)
+        out = compute_loss(loss, logps, ref, num, 0.04)
+        (out.losses.sum() / len(rows)).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"tokens": tokens, "loss": out.losses.detach().mean().item()}
+
+
+def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int,
+                     steps: int, dtype, use_train_module: bool) -> tuple[list[list], dict]:
+    model = build_model(sizes, dtype, dev.device).train()
+    trainer = Trainer(model, batch, use_train_module)
+    rows = make_rows(batch * (steps + 2), min_len, max_len, sizes["vocab_size"], seed=3)
+    batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    configs = {"sft": ("sft", False), "minorsft": ("minorsft", False),
+               "minorsft packed": ("minorsft", True)}
+    live_name = "minorsft + live reference"
+    times = {name: [] for name in [*configs, live_name]}
+    tokens = {name: [] for name in times}
+    peaks = {name: [] for name in times}
+
+    def run(name, loss, packing, step_rows, reference=None):
+        dev.reset_peak()
+        started = time.perf_counter()
+        if reference is not None:
+            with torch.inference_mode():
+                tensors = pad_batch([r["input_ids"] for r in step_rows],
+                                    [r["answer_mask"] for r in step_rows], 0, dev.device)
+                ref = answer_logps(reference, *tensors).tolist()
+            step_rows = [dict(r, ref_logps=v) for r, v in zip(step_rows, ref, strict=True)]
+        metrics = trainer.step(loss, packing, step_rows)
+        dev.sync()
+        times[name].append(time.perf_counter() - started)
+        tokens[name].append(metrics["tokens"])
+        peaks[name].append(dev.peak_mib())
+
+    # Warm-up: optimizer states exist after the first step, kernels are chosen.
+    trainer.step("sft", False, batches[0])
+    trainer.step("minorsft", True, batches[0])
+    names = list(configs)
+    for step in range(steps):  # interleaved, alternating order (ABC CBA ...)
+        for name in names if step % 2 == 0 else names[::-1]:
+            run(name, *configs[name], batches[1 + step])
+    # The live reference last: while it exists its weights count in every peak.
+    reference = build_model(sizes, dtype, dev.device, seed=0).eval()
+    reference.requires_grad_(False)
+    for step in range(steps):
+        run(live_name, "minorsft", False, batches[1 + step], reference)
+    weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    out, summary = [], {}
+    for name in times:
+        rate = sum(tokens[name]) / sum(times[name])
+        peak = max(peaks[name])  # nan on the CPU (no allocator statistics)
+        summary[name] = {"tok_s": rate, "step_s": statistics.median(times[name]),
+                         "peak_mib": peak}
+        out.append([name, f"{statistics.median(times[name]):.3f}", f"{rate:,.0f}",
+                    f"{peak:,.0f}"])
+    summary["weights_mib"] = weights_mib
+    return out, summary
+
+
+def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dtype
+                           ) -> list[list]:
+    out = []
+    for head in ("trained", "frozen"):
+        rises = {}
+        for method in ("naive", "chunked"):
+            model = build_model(sizes, dtype, dev.device).train()
+            if head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
+                model.get_output_embeddings().weight.requires_grad_(False)
+                model.get_input_embeddings().weight.requires_grad_(False)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, sizes["vocab_size"], (batch, length), generator=gen)
+            ids = ids.to(dev.device)
+            attn = torch.ones_like(ids)
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[:, length // 2:] = True
+            before = dev.allocated_mib()
+            dev.reset_peak()
+            started = time.perf_counter()
+            if method == "naive":
+                logps = sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids,
+                                       mask)
+            else:
+                logps = answer_logps(model, ids, attn, mask)
+            logps.sum().backward()
+            seconds = time.perf_counter() - started
+            rises[method] = dev.peak_mib() - before
+            out.append([head, method, f"{before:,.0f}", f"{dev.peak_mib():,.0f}",
+                        f"{rises[method]:,.0f}", f"{seconds:.3f}",
+                        f"{rises[method] / rises['naive']:.3f}" if dev.cuda else "n/a"])
+            del model, logps
+            if dev.cuda:
+                torch.cuda.empty_cache()
+    return out
+
+
+def section_scoring(dev: Device, sizes: dict, rows_count: int, min_len: int, max_len: int,
+                    batch: int, budget: int, dtype, rounds: int) -> list[list]:
+    model = build_model(sizes, dtype, dev.device).eval()
+    rows = make_rows(rows_count, min_len, max_len, sizes["vocab_size"], seed=5)
+    examples = [Example(r["id"], i, r["input_ids"], r["answer_mask"]) for i, r in enumerate(rows)]
+    answer_tokens = sum(e.num_tokens for e in examples)
+
+    def engine():
+        scores = [0.0] * len(examples)
+        with torch.inference_mode():
+            for group in token_budget_batches(examples, budget):
+                tensors = pad_batch([examples[i].input_ids for i in group],
+                                    [examples[i].answer_mask for i in group], 0, dev.device)
+                for i, v in zip(group, answer_logps(model, *tensors).tolist(), strict=True):
+                    scores[i] = v
+        return scores
+
+    def plain():
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(examples), batch):
+                group = examples[start:start + batch]
+                ids, attn, mask = pad_batch([e.input_ids for e in group],
+                                            [e.answer_mask for e in group], 0, dev.device)
+                logits = model(input_ids=ids, attention_mask=attn).logits
+                scores += sequence_logps(logits, ids, mask).tolist()
+        return scores
+
+    engine(), plain()  # warm-up
+    seconds = {"minorsft engine": [], "plain loop": []}
+    peaks = {"minorsft engine": [], "plain loop": []}
+    results = {}
+    for _ in range(rounds):
+        for name, fn in (("minorsft engine", engine), ("plain loop", plain)):
+            dev.reset_peak()
+            started = time.perf_counter()
+            results[name] = fn()
+            dev.sync()
+            seconds[name].append(time.perf_counter() - started)
+            peaks[name].append(dev.peak_mib())
+    diff = max(abs(a - b) for a, b in zip(results["minorsft engine"], results["plain loop"],
+                                          strict=True))
+    base = answer_tokens / statistics.median(seconds["plain loop"])
+    out = []
+    for name in seconds:
+        rate = answer_tokens / statistics.median(seconds[name])
+        out.append([name, answer_tokens, f"{rate:,.0f}", f"{rate / base:.2f}",
+                    f"{max(peaks[name]):,.0f}", f"{diff:.2e}"])
+    return out
+
+
+def table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
+    parser.add_argument("--sections", default="correctness,training,logprob_memory,scoring")
+    parser.add_argument("--local-step", action="store_true",
+                        help="use the local copy of train_step even if minorsft.train imports")
+    args = parser.parse_args()
+    dev = Device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16 if dev.cuda else torch.float32
+    big = SMALL if args.small else QWEN2_05B
+    head_sizes = dict(big, num_hidden_layers=2)  # the vocabulary dominates
+    if args.small:
+        train_shape = dict(batch=2, min_len=16, max_len=48, steps=2)
+        memory_shape = dict(batch=2, length=64)
+        scoring_shape = dict(rows_count=16, min_len=16, max_len=64, batch=4, budget=256,
+                             rounds=1)
+    else:
+        train_shape = dict(batch=8, min_len=256, max_len=1024, steps=6)
+        memory_shape = dict(batch=4, length=2048)
+        scoring_shape = dict(rows_count=256, min_len=128, max_len=1024, batch=8, budget=16384,
+                             rounds=3)
+    env = {"device": torch.cuda.get_device_name() if dev.cuda else "cpu",
+           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+           "dtype": str(dtype), "model": big,
+           "train_step": "local copy" if args.local_step else TRAIN_STEP}
+    report = [f"# minorsft gpu_check\n\n`{json.dumps(env)}`\n"]
+    results = {"env": env}
+    sections = args.sections.split(",")
+
+    def emit(title, headers, rows):
+        text = f"## {title}\n\n{table(headers, rows)}\n"
+        print(text, flush=True)
+        report.append(text)
+        results[title] = rows
+        (out / "gpu_check.md").write_text("\n".join(report))
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+
+    started = time.perf_counter()
+    if "correctness" in sections:
+        emit("1. chunked and packed log-probs vs naive (fp32, values and gradients)",
+             ["path", "max abs logp diff", "max abs grad diff", "verdict"],
+             section_correctness(dev, SMALL))
+    if "training" in sections:
+        rows, summary = section_training(dev, big, dtype=dtype,
+                                         use_train_module=not args.local_step, **train_shape)
+        sft, minor = summary["sft"], summary["minorsft"]
+        live = summary["minorsft + live reference"]
+        rows.append(["ratios", f"minorsft/sft step {minor['step_s'] / sft['step_s']:.3f}",
+                     f"packed/padded tok/s "
+                     f"{summary['minorsft packed']['tok_s'] / minor['tok_s']:.2f}",
+                     f"minorsft/sft peak {minor['peak_mib'] / sft['peak_mib']:.3f}; live-ref "
+                     f"peak - cache peak {live['peak_mib'] - minor['peak_mib']:,.0f} MiB "
+                     f"(weights {summary['weights_mib']:,.0f} MiB)"])
+        emit(f"2. training step ({dtype}, batch {train_shape['batch']}, lengths "
+             f"{train_shape['min_len']}-{train_shape['max_len']}, {train_shape['steps']} steps "
+             f"each, interleaved)",
+             ["config", "median step s", "tokens/s", "peak allocated MiB"], rows)
+    if "logprob_memory" in sections:
+        emit(f"3. log-prob step peak memory, vocab {head_sizes['vocab_size']}, "
+             f"{memory_shape['batch']} x {memory_shape['length']} tokens (half answer), {dtype}",
+             ["vocab matrices", "method", "allocated before MiB", "peak MiB", "rise MiB",
+              "seconds", "rise / naive rise"],
+             section_logprob_memory(dev, head_sizes, dtype=dtype, **memory_shape))
+    if "scoring" in sections:
+        emit(f"4. reference scoring ({dtype}, {scoring_shape['rows_count']} rows of "
+             f"{scoring_shape['min_len']}-{scoring_shape['max_len']} tokens)",
+             ["method", "answer tokens", "answer tokens/s", "x plain", "peak allocated MiB",
+              "max abs logp diff"],
+             section_scoring(dev, big, dtype=dtype, **scoring_shape))
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""LoRA adapters through peft (the optional extra `minorsft[lora]`).
+
+LoRA trains low-rank updates B A beside frozen weights. peft initialises B to zero, so at step 0
+the policy is exactly the reference model that wrote the cache: r = 0, m_theta = 0 and the
+MinorSFT coefficient is 1/2 (2 sigmoid(0) = 1), as with full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as error:
+        raise ValueError("LoRA needs peft: pip install 'minorsft[lora]'") from error
+    return peft
+
+
+def parse_target_modules(value: str) -> str | list[str]:
+    """`all-linear` (every linear layer but the output head) or a comma-separated list."""
+    value = value.strip()
+    if value == "all-linear":
+        return value
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--lora-target-modules is empty")
+    if "lm_head" in names:
+        raise ValueError("--lora-target-modules: lm_head is not supported (the chunked "
+                         "log-probs use the output head's weight directly)")
+    return names
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
+    """Wrap `model` with fresh LoRA adapters; only the adapters stay trainable."""
+    peft = _peft()
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=parse_target_modules(target_modules), task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def save_lora(model, output: Path, merge: bool) -> Path | None:
+    """Save the adapters in `output`; with `merge`, also a plain merged model in output/merged.
+
+    The merged folder loads with transformers (and vLLM) without peft. Merging folds the
+    adapters into the base weights in place, so it is done last, after the adapters are saved.
+    """
+    model.save_pretrained(output, safe_serialization=True)
+    if not merge:
+        return None
+    merged_dir = output / "merged"
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    return merged_dir

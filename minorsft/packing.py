@@ -1,0 +1,116 @@
+"""Padding-free packing: several samples in one row, each attending only to itself.
+
+A micro-batch of samples of lengths L_1..L_B becomes one row of sum(L_i) tokens with
+position ids that restart at 0 for every sample, and no attention mask. transformers reads the
+sample boundaries from the position ids:
+
+- with `flash_attention_2` it calls flash-attn's varlen kernel (cumulative sequence lengths
+  taken from where the positions restart), so no padding is computed at all;
+- with `sdpa`, `eager` or `flex_attention` its mask builder (`masking_utils`) turns the same
+  position ids into a block-diagonal causal mask.
+
+Either way a token never sees another sample's tokens, the rotary positions are the ones the
+sample would have alone, and every sample's summed answer log-prob equals the unpacked one (up
+to float rounding; `tests/test_packing.py` checks values and gradients). The one thing to keep
+is `attention_mask=None` and no KV cache: with a 2D mask or a cache transformers does not look
+for packed sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minorsft.logprobs import answer_logps, final_logit_transform, head_logps, pad_batch
+
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention")
+
+
+@dataclass
+class PackedBatch:
+    """One packed row and where each sample's answer tokens are predicted from."""
+
+    input_ids: torch.Tensor  # [1, L], L = sum of the samples' lengths
+    position_ids: torch.Tensor  # [1, L], restarting at 0 for each sample
+    positions: torch.Tensor  # [N] positions whose next token is an answer token
+    sample_index: torch.Tensor  # [N] the sample each of those positions belongs to
+    num_samples: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def pack_batch(input_ids: list[list[int]], answer_masks: list[list[bool]],
+               device: torch.device) -> PackedBatch:
+    """Concatenate samples into one row; positions predicting answer tokens stay per sample.
+
+    A position predicts the next token of its own sample only: the last token of a sample never
+    predicts the first token of the next one, whatever the answer masks say.
+    """
+    ids, position_ids, positions, sample_index = [], [], [], []
+    offset = 0
+    for sample, (sample_ids, mask) in enumerate(zip(input_ids, answer_masks, strict=True)):
+        if len(sample_ids) != len(mask):
+            raise ValueError(f"sample {sample}: {len(sample_ids)} token ids but "
+                             f"{len(mask)} answer-mask entries")
+        ids.extend(sample_ids)
+        position_ids.extend(range(len(sample_ids)))
+        for t in range(1, len(sample_ids)):
+            if mask[t]:
+                positions.append(offset + t - 1)
+                sample_index.append(sample)
+        offset += len(sample_ids)
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.long).to(device)
+
+    return PackedBatch(as_tensor([ids]), as_tensor([position_ids]), as_tensor(positions),
+                       as_tensor(sample_index), len(input_ids))
+
+
+def check_packing_support(model) -> None:
+    """Refuse attention implementations whose packed-sequence handling is not known to us."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in PACKING_ATTENTION:
+        raise ValueError(f"--packing needs one of the attention implementations "
+                         f"{', '.join(PACKING_ATTENTION)}; the model uses {attention!r}")
+    if not attention.startswith("flash_attention"):
+        try:
+            from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+        except ImportError as error:
+            raise ValueError("--packing without flash-attn needs a transformers version whose "
+                             "mask builder reads packed sequences from position ids (>= 4.54)"
+                             ) from error
+
+
+def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = None
+                        ) -> torch.Tensor:
+    """Summed answer log-probs [B] (fp32) of the samples packed in `packed`."""
+    labels = packed.input_ids[0, packed.positions + 1]  # [N]
+    if final_logit_transform(model):  # softcapped/scaled logits: take them from the model
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       attention_mask=None, use_cache=False).logits[0]  # [L, V]
+        token_logps = torch.log_softmax(logits[packed.positions].float(), dim=-1)
+        token_logps = token_logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N]
+        summed = token_logps.new_zeros(packed.num_samples)
+        return summed.index_add(0, packed.sample_index, token_logps)
+    hidden = model.get_decoder()(
+        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+        use_cache=False,  # with a cache transformers would not detect the packed samples
+    ).last_hidden_state[0]  # [L, H]
+    return head_logps(model, hidden[packed.positions], labels, packed.sample_index,
+                      packed.num_samples, chunk_tokens)
+
+
+def micro_batch_logps(model, rows: list[dict], pad_id: int, device: torch.device,
+                      packing: bool) -> tuple[torch.Tensor, int]:
+    """Policy log-probs [B] of cache rows, packed or right-padded; and the real tokens run."""
+    input_ids = [row["input_ids"] for row in rows]
+    answer_masks = [row["answer_mask"] for row in rows]
+    if packing:
+        packed = pack_batch(input_ids, answer_masks, device)
+        return packed_answer_logps(model, packed), packed.num_tokens
+    ids, attention_mask, answer_mask = pad_batch(input_ids, answer_masks, pad_id, device)
+    return answer_logps(model, ids, attention_mask, answer_mask), int(attention_mask.sum())
