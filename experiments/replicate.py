@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heldout-rows", type=int, default=64)
     parser.add_argument("--mmlu-per-file", type=int, default=25)
     parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
-    parser.add_argument("--lrs", nargs="+", type=float, default=[2e-5, 1e-4])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-4, 3e-5],
+                        help="peak lrs, in the order they are run")
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=4)
@@ -191,8 +192,10 @@ def main(argv=None) -> None:
     rows.append(summary_row("base", None, None, json.loads(base_eval.read_text()), None, None))
 
     run_dirs = []
-    for loss in args.losses:
-        for lr in args.lrs:
+    # All losses at the first lr before any at the second: an interrupted sweep still compares
+    # the three losses at equal settings.
+    for lr in args.lrs:
+        for loss in args.losses:
             run_dir = out / "runs" / f"{loss}-lr{lr:g}"
             run_dirs.append(run_dir)
             eval_path = run_dir / "eval.json"
@@ -219,12 +222,13 @@ def main(argv=None) -> None:
                                                          indent=2))
             write_table(rows, out / "results.md", meta)
 
-    meta["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    meta["wall_minutes_this_invocation"] = round((time.perf_counter() - started) / 60, 1)
     (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
     write_table(rows, out / "results.md", meta)
     plot_runs(run_dirs, out / "curves.png", title=f"{args.model}, {args.train_rows} GSM8K rows")
     plot_summary(rows, out / "summary.png")
-    console.print(f"[green]done[/] in {meta['wall_minutes']} min: {out / 'results.md'}")
+    console.print(f"[green]done[/] in {meta['wall_minutes_this_invocation']} min: "
+                  f"{out / 'results.md'}")
 
 
 if __name__ == "__main__":
