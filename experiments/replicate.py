@@ -163,6 +163,14 @@ def main(argv=None) -> None:
     console = Console(stderr=True)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # Resuming reuses caches and finished runs, so it is only allowed with the same data settings.
+    settings = {k: str(v) for k, v in vars(args).items()
+                if k not in {"losses", "lrs", "keep_checkpoints"}}
+    settings_path = out / "settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        raise SystemExit(f"{out} holds a sweep with other settings ({settings_path}); "
+                         "use another --out")
+    settings_path.write_text(json.dumps(settings, indent=2))
     started = time.perf_counter()
     train_data = take_rows(args.gsm8k_train, out / "data" / "train.jsonl", args.train_rows,
                            "gsm8k-train")
