@@ -337,5 +337,69 @@ def cache_merge(
                   highlight=False)
 
 
+@app.command("eval")
+def eval_command(
+    *,
+    model: Annotated[str, typer.Option(help="Checkpoint to evaluate (a `minorsft train` output "
+                                            "folder, a model folder or the built-in name).")],
+    reference: Annotated[str | None, typer.Option(
+        help="Reference for m_theta: a model, or a cache written by `minorsft precompute` on "
+             "the held-out data (its token ids and log-probs are reused).")] = None,
+    data: Annotated[str | None, typer.Option(help="Held-out SFT data (.jsonl/.parquet), any "
+                                                  "format `precompute` reads.")] = None,
+    choices: Annotated[list[str] | None, typer.Option(
+        help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer; no header) "
+             "or JSONL. Repeat for several.")] = None,
+    prompt_field: Annotated[str | None, typer.Option(help="Prompt column of --data.")] = None,
+    response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
+                                                 "for none.")] = 2048,
+    max_rows: Annotated[int | None, typer.Option(help="Only the first N held-out rows.")] = None,
+    max_questions: Annotated[int | None, typer.Option(
+        help="Only the first N questions of each --choices file.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch.")] = 8192,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the result "
+                                                                     "as JSON here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+                       ] = False,
+):
+    """Held-out answer NLL, m_theta against a reference, and multiple-choice accuracy."""
+    from minorsft.eval import EvalConfig, format_table, run_eval
+
+    try:
+        config = EvalConfig(
+            model=model, reference=reference, data=data, choices=list(choices or []),
+            prompt_field=prompt_field, response_field=response_field,
+            max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
+            dtype=dtype, device=device, max_batch_tokens=max_batch_tokens)
+    except ValueError as error:
+        _fail(str(error))
+    result = _run(run_eval, config)
+    text = json.dumps(result, indent=2)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
+    typer.echo(text if as_json else format_table(result))
+
+
+@app.command()
+def plot(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `minorsft train`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="PNG file to write.")] = Path(
+        "runs.png"),
+    title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
+):
+    """Curves of m_theta, NLL, loss, coefficient, reward and lr against step for several runs."""
+    from minorsft.plot import plot_runs
+
+    try:
+        written = plot_runs(run_dirs, out, title)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        _fail(str(error))
+    console.print(f"[green]wrote[/] {written}", highlight=False)
+
+
 def main():
     app()

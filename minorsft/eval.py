@@ -1,0 +1,396 @@
+"""Evaluate a checkpoint: held-out answer NLL, m_theta against a reference, multiple choice.
+
+Three numbers, each computed with the same machinery as training (`data` tokenizes, the
+transformers engine and `logprobs.answer_logps` score):
+
+- ``nll_per_token``: -sum log pi_theta(y|x) / sum m over the held-out answers (token-weighted),
+  and ``mean_nll``, the sample mean of -(1/m) log pi_theta(y|x), which is the `nll` that
+  `minorsft train` logs;
+- ``m_theta`` (eq. 8): the sample mean of r/m with r = log pi_theta(y|x) - log pi_ref(y|x),
+  the paper's deviation metric, on held-out data rather than the training batch. The reference
+  is a model (scored here) or a cache written by `minorsft precompute` on the held-out data
+  (its token ids and reference log-probs are reused, so the reference is scored once);
+- ``accuracy`` on multiple-choice questions: the paper's ceval-exam prompt (section 4) as the
+  user turn, and the option whose letter the model finds most likely as the assistant's first
+  token(s) wins. Log-likelihood comparison, not generation: no answer parsing, and a model that
+  would have answered in prose still gets a score.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from minorsft.cache import CacheError, iter_rows, read_metadata
+from minorsft.data import DataError, Example, FieldSpec, iter_examples, resolve_data
+from minorsft.data import tokenize_conversation as _tokenize_conversation
+from minorsft.engines.hf import TransformersEngine, token_budget_batches
+from minorsft.logprobs import _final_logit_transform, pad_batch
+from minorsft.models import fingerprint, load_tokenizer, resolve_model
+
+# The paper's ceval-exam prompt (section 4), verbatim up to the placeholders.
+CEVAL_PROMPT = (
+    "You need to choose one of the four options A, B, C, and D as the most appropriate answer "
+    "to the question. You can only output one character, and this character must be one of A, "
+    "B, C, and D. The question content is: {question} The four options are: A. {A} B. {B} "
+    "C. {C} D. {D} Your answer is:"
+)
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass
+class EvalConfig:
+    """Settings of `minorsft eval`."""
+
+    model: str
+    reference: str | None = None  # a model, or a precompute cache (.parquet) of the held-out set
+    data: str | None = None
+    choices: list[str] = field(default_factory=list)
+    prompt_field: str | None = None
+    response_field: str | None = None
+    max_length: int | None = 2048
+    max_rows: int | None = None  # first N held-out rows (quick looks)
+    max_questions: int | None = None  # first N questions of each choices file
+    dtype: str = "auto"
+    device: str = "auto"
+    max_batch_tokens: int = 8192
+
+    def __post_init__(self):
+        if self.data is None and not self.choices and not _is_cache(self.reference):
+            raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
+                             "--reference")
+        for name in ("max_rows", "max_questions"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive")
+
+
+@dataclass
+class Question:
+    """One multiple-choice question: four options and the letter of the right one."""
+
+    id: str
+    line: int
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str
+
+    def prompt(self) -> str:
+        return CEVAL_PROMPT.format(question=self.question, **dict(zip(LETTERS, self.options,
+                                                                     strict=True)))
+
+
+def _is_cache(path: str | None) -> bool:
+    return bool(path) and str(path).endswith(".parquet") and Path(path).is_file()
+
+
+# --- reading multiple-choice files ---------------------------------------------------------------
+
+def read_choices(path: Path) -> list[Question]:
+    """Questions from an MMLU-style CSV (no header: question, A, B, C, D, answer) or JSONL.
+
+    JSONL rows hold ``question``, ``answer`` (a letter A-D, or an index 0-3) and either ``A``..
+    ``D`` or ``choices`` (a list of four strings). Bad rows raise DataError with file, line,
+    field: a benchmark that silently lost questions would report a wrong accuracy.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _read_choices_csv(path)
+    if suffix in {".jsonl", ".json", ".ndjson"}:
+        return _read_choices_jsonl(path)
+    raise DataError(str(path), None, None, f"unknown file type {path.suffix!r}: use .csv "
+                                           "(MMLU layout) or .jsonl")
+
+
+def _answer_letter(value, path: str, line: int) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+        return LETTERS[value]
+    if isinstance(value, str) and value.strip().upper() in LETTERS:
+        return value.strip().upper()
+    raise DataError(path, line, "answer", f"expected one of A, B, C, D (or 0-3), got {value!r}")
+
+
+def _read_choices_csv(path: Path) -> list[Question]:
+    questions = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for index, cells in enumerate(csv.reader(handle), start=1):
+            if not cells or not any(c.strip() for c in cells):
+                continue
+            # csv's line_num would count lines inside quoted fields; rows are what users see
+            # in a spreadsheet, so name the row.
+            if len(cells) != 6:
+                raise DataError(str(path), index, None,
+                                f"expected 6 columns (question, A, B, C, D, answer), got "
+                                f"{len(cells)}")
+            question, *options, answer = cells
+            questions.append(Question(f"{path.stem}:{index}", index, question,
+                                      tuple(options), _answer_letter(answer, str(path), index)))
+    return questions
+
+
+def _read_choices_jsonl(path: Path) -> list[Question]:
+    questions = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise DataError(str(path), line_no, None,
+                                f"malformed JSON ({error.msg})") from error
+            if not isinstance(record, dict):
+                raise DataError(str(path), line_no, None, "expected a JSON object")
+            if not isinstance(record.get("question"), str):
+                raise DataError(str(path), line_no, "question", "missing or not a string")
+            if "choices" in record:
+                options = record["choices"]
+                if not (isinstance(options, list) and len(options) == 4):
+                    raise DataError(str(path), line_no, "choices", "expected a list of 4 options")
+            else:
+                missing = [k for k in LETTERS if k not in record]
+                if missing:
+                    raise DataError(str(path), line_no, missing[0],
+                                    "missing (give A, B, C, D or a 'choices' list)")
+                options = [record[k] for k in LETTERS]
+            if not all(isinstance(o, str) for o in options):
+                raise DataError(str(path), line_no, "choices", "options must be strings")
+            question_id = str(record.get("id", f"{path.stem}:{line_no}"))
+            questions.append(Question(question_id, line_no, record["question"], tuple(options),
+                                      _answer_letter(record.get("answer"), str(path), line_no)))
+    return questions
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+def choice_examples(tokenizer, question: Question) -> list[Example]:
+    """Four sequences, prompt + letter, each with only the letter's token(s) as answer.
+
+    The chat template renders the assistant turn as "<letter><end-of-turn>"; the end-of-turn
+    token is taken out of the mask so that the score is log p(letter | prompt) alone.
+    """
+    messages = [{"role": "user", "content": question.prompt()}]
+    examples = []
+    for letter in LETTERS:
+        input_ids, mask, _ = _tokenize_conversation(
+            tokenizer, messages + [{"role": "assistant", "content": letter}], max_length=None)
+        positions = [i for i, m in enumerate(mask) if m]
+        if len(positions) > 1 and input_ids[positions[-1]] == tokenizer.eos_token_id:
+            mask[positions[-1]] = False
+        examples.append(Example(f"{question.id}/{letter}", question.line, input_ids, mask))
+    return examples
+
+
+def _single_token_split(examples: list[Example]) -> tuple[list[int], list[int]] | None:
+    """(shared prefix, four letter ids) when the options differ only in one final answer token."""
+    prefixes, letters = [], []
+    for example in examples:
+        positions = [i for i, m in enumerate(example.answer_mask) if m]
+        if len(positions) != 1:
+            return None
+        prefixes.append(tuple(example.input_ids[: positions[0]]))
+        letters.append(example.input_ids[positions[0]])
+    if len(set(prefixes)) != 1 or len(set(letters)) != len(letters):
+        return None
+    return list(prefixes[0]), letters
+
+
+@torch.inference_mode()
+def _next_token_logps(model, prefixes: list[list[int]], candidates: list[list[int]], pad_id: int,
+                      device, max_batch_tokens: int) -> list[list[float]]:
+    """log p(candidate | prefix) for each prefix's candidate tokens: one forward per prefix.
+
+    Equal to `answer_logps` on prefix + candidate with the candidate as the only answer token
+    (tests check this), at a quarter of the cost for four options.
+    """
+    out: list[list[float]] = [[] for _ in prefixes]
+    fake = [Example(str(i), 0, p, [False] * len(p)) for i, p in enumerate(prefixes)]
+    for batch in token_budget_batches(fake, max_batch_tokens):
+        input_ids, attention_mask, _ = pad_batch([prefixes[i] for i in batch],
+                                                 [fake[i].answer_mask for i in batch],
+                                                 pad_id, device)
+        last = attention_mask.sum(1) - 1  # [B]: the last real position predicts the next token
+        rows = torch.arange(len(batch), device=device)
+        if _final_logit_transform(model):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, last]
+        else:  # as in answer_logps: the output head on the needed positions only, no [B, T, V]
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask
+                                         ).last_hidden_state  # [B, T, H]
+            logits = model.get_output_embeddings()(hidden[rows, last])  # [B, V]
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        for row, index in enumerate(batch):
+            out[index] = logps[row, candidates[index]].tolist()
+    return out
+
+
+def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question],
+                 fast: bool = True) -> list[list[float]]:
+    """log p(letter | prompt) for the four letters of each question, [N][4].
+
+    With `fast` (the default), questions whose four sequences share one prefix and differ in a
+    single letter token are scored with one forward pass; any other question (a tokenizer that
+    merges the letter with the text before it, multi-token letters) goes through
+    `answer_logps` on each of its four sequences.
+    """
+    result: list[list[float] | None] = [None] * len(questions)
+    slow: list[Example] = []
+    slow_owner: list[int] = []
+    fast_prefixes, fast_letters, fast_owner = [], [], []
+    for index, question in enumerate(questions):
+        examples = choice_examples(tokenizer, question)
+        split = _single_token_split(examples) if fast else None
+        if split is None:
+            slow.extend(examples)
+            slow_owner.append(index)
+        else:
+            fast_prefixes.append(split[0])
+            fast_letters.append(split[1])
+            fast_owner.append(index)
+    if fast_prefixes:
+        scores = _next_token_logps(engine.model, fast_prefixes, fast_letters, engine.pad_id,
+                                   engine.device, engine.max_batch_tokens)
+        for index, row in zip(fast_owner, scores, strict=True):
+            result[index] = row
+    if slow:
+        flat = engine.score(slow)
+        for k, index in enumerate(slow_owner):
+            result[index] = flat[4 * k: 4 * k + 4]
+    return result  # type: ignore[return-value]
+
+
+def choice_metrics(questions: list[Question], logps: list[list[float]]) -> dict:
+    """Accuracy (argmax of the four letter log-probs; ties go to the earlier letter) and the
+    mean probability mass the model puts on the four letters (how far it follows the format)."""
+    correct = [LETTERS[max(range(4), key=lambda k: row[k])] == q.answer
+               for q, row in zip(questions, logps, strict=True)]
+    letter_mass = [sum(math.exp(v) for v in row) for row in logps]
+    return {"questions": len(questions), "correct": sum(correct),
+            "accuracy": sum(correct) / len(questions) if questions else float("nan"),
+            "letter_mass": sum(letter_mass) / len(letter_mass) if letter_mass else float("nan")}
+
+
+def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
+                    num_tokens: list[int]) -> dict:
+    """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta."""
+    metrics = {
+        "rows": len(policy_logps),
+        "answer_tokens": sum(num_tokens),
+        "nll_per_token": -sum(policy_logps) / sum(num_tokens),
+        "mean_nll": sum(-p / m for p, m in zip(policy_logps, num_tokens, strict=True))
+        / len(policy_logps),
+    }
+    if ref_logps is not None:
+        # Summed in float64 in this order so that a model against itself gives exactly 0.
+        ratios = [(p - r) / m for p, r, m in zip(policy_logps, ref_logps, num_tokens, strict=True)]
+        metrics["m_theta"] = sum(ratios) / len(ratios)
+    return metrics
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
+    metadata = read_metadata(path)
+    cached = metadata.get("fingerprint", {})
+    for key in ("tokenizer", "chat_template"):
+        if cached.get(key) != tokenizer_fp[key]:
+            raise CacheError(f"{path}: the cache was tokenized with a different {key} than the "
+                             "evaluated model's; its token ids do not apply")
+    examples, ref_logps = [], []
+    for row in iter_rows(path):
+        if max_rows is not None and len(examples) >= max_rows:
+            break
+        examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],
+                                row["truncated"]))
+        ref_logps.append(row["ref_logps"])
+    return examples, ref_logps, metadata
+
+
+def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
+    """Score the model on held-out answers and/or multiple-choice files; return a result dict."""
+    console = console or Console(stderr=True)
+    # Read the question files first: a bad row should fail before minutes of model loading.
+    question_sets = {path: read_choices(Path(path))[: config.max_questions]
+                     for path in config.choices}
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    model_fp = fingerprint(model_path, tokenizer).as_dict()
+    engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
+                                max_batch_tokens=config.max_batch_tokens)
+    result: dict = {"model": config.model, "reference": config.reference,
+                    "dtype": str(engine.dtype).removeprefix("torch."), "config": asdict(config)}
+
+    examples, ref_logps = None, None
+    if _is_cache(config.reference):
+        examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
+                                                        config.max_rows)
+        result["data"] = metadata.get("source")
+        if metadata.get("dtype") != result["dtype"]:
+            console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
+                          f"this model in {result['dtype']}; m_theta includes that difference")
+    elif config.data is not None:
+        data_path = resolve_data(config.data)
+        spec = FieldSpec(config.prompt_field, config.response_field)
+        examples = []
+        for item in iter_examples(data_path, tokenizer, spec, config.max_length, on_bad="error"):
+            if config.max_rows is not None and len(examples) >= config.max_rows:
+                break
+            examples.append(item)
+        result["data"] = str(data_path)
+
+    if examples:
+        console.print(f"scoring {len(examples)} held-out answers under {config.model}")
+        policy_logps = engine.score(examples)
+        if config.reference and ref_logps is None:
+            ref_path = resolve_model(config.reference)
+            ref_tokenizer = load_tokenizer(ref_path)
+            ref_fp = fingerprint(ref_path, ref_tokenizer).as_dict()
+            for key in ("tokenizer", "chat_template"):
+                if ref_fp[key] != model_fp[key]:
+                    raise ValueError(f"--reference {config.reference} has a different {key} "
+                                     "than --model: log-ratios would compare different tokens")
+            # Scored again even when the weights are the same: a model against itself then
+            # checks that the two passes agree (m_theta exactly 0).
+            console.print(f"scoring them under the reference {config.reference}")
+            ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
+                                            max_batch_tokens=config.max_batch_tokens)
+            ref_logps = ref_engine.score(examples)
+            del ref_engine
+        result["heldout"] = heldout_metrics(policy_logps, ref_logps,
+                                            [e.num_tokens for e in examples])
+
+    if config.choices:
+        per_file, all_questions, all_logps = {}, [], []
+        for choice_path, questions in question_sets.items():
+            console.print(f"scoring {len(questions)} questions of {choice_path}")
+            logps = choice_logps(engine, tokenizer, questions)
+            per_file[Path(choice_path).stem] = choice_metrics(questions, logps)
+            all_questions += questions
+            all_logps += logps
+        result["choices"] = {"overall": choice_metrics(all_questions, all_logps),
+                             "files": per_file}
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The result as a small markdown table (what `minorsft eval` prints)."""
+    lines = ["| metric | value |", "|---|---|"]
+    if held := result.get("heldout"):
+        lines.append(f"| held-out rows | {held['rows']} ({held['answer_tokens']} answer tokens) |")
+        lines.append(f"| NLL per answer token | {held['nll_per_token']:.4f} |")
+        lines.append(f"| mean per-sample NLL | {held['mean_nll']:.4f} |")
+        if "m_theta" in held:
+            lines.append(f"| m_theta vs reference | {held['m_theta']:+.4f} |")
+    if choices := result.get("choices"):
+        for name, metrics in [("all", choices["overall"]), *choices["files"].items()]:
+            lines.append(f"| accuracy ({name}) | {metrics['accuracy']:.3f} "
+                         f"({metrics['correct']}/{metrics['questions']}), letter mass "
+                         f"{metrics['letter_mass']:.2f} |")
+    return "\n".join(lines)

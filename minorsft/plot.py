@@ -1,0 +1,93 @@
+"""Training curves of several runs on shared axes: the paper's Figure 1, for your runs.
+
+Each run folder written by `minorsft train` holds `metrics.jsonl` (one line per step) and
+`run_config.json` (the loss and lr that label the curve). Needs matplotlib (the `plot` extra);
+it draws with the Agg backend, so no display is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (metrics key, panel title). nll is the per-token answer NLL, comparable across losses; the
+# losses themselves live on different scales (sft-dpo's starts at log 2).
+PANELS = (
+    ("m_theta", "m_theta (eq. 8): mean r/m"),
+    ("nll", "answer NLL per token (batch)"),
+    ("loss", "loss"),
+    ("coefficient", "mean coefficient sigmoid(-beta r)"),
+    ("reward", "mean reward beta r"),
+    ("lr", "learning rate"),
+)
+LOSS_COLOURS = {"sft": "tab:blue", "sft-dpo": "tab:orange", "minorsft": "tab:green"}
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def read_run(run_dir: Path) -> tuple[str, list[dict], dict]:
+    """(label, per-step metrics, config) of one run folder; a clear error if it is not one."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a `minorsft train` output)")
+    rows = []
+    with metrics_path.open(encoding="utf-8") as handle:
+        for line_no, text in enumerate(handle, start=1):
+            if text.strip():
+                try:
+                    rows.append(json.loads(text))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{metrics_path}:{line_no}: malformed JSON "
+                                     f"({error.msg})") from error
+    if not rows:
+        raise ValueError(f"{metrics_path}: no steps logged")
+    config: dict = {}
+    config_path = run_dir / "run_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text()).get("config", {})
+    if "loss" in config and "lr" in config:
+        label = f"{config['loss']} lr={config['lr']:g}"
+        if config["loss"] != "sft":
+            label += f" beta={config.get('beta', 0.04):g}"
+    else:  # still running (run_config.json is written at the end): name it by its folder
+        label = run_dir.name
+    return label, rows, config
+
+
+def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
+    """Draw the six panels for every run into one PNG at `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(Path(d)) for d in run_dirs]
+    figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    style_index: dict[str, int] = {}
+    for label, rows, config in runs:
+        loss = config.get("loss")
+        colour = LOSS_COLOURS.get(loss)
+        # Runs of the same loss share a colour; their lrs differ by line style.
+        linestyle = LINESTYLES[style_index.get(loss, 0) % len(LINESTYLES)]
+        style_index[loss] = style_index.get(loss, 0) + 1
+        steps = [row["step"] for row in rows]
+        for axis, (key, _) in zip(axes.flat, PANELS, strict=True):
+            values = [row.get(key, float("nan")) for row in rows]
+            axis.plot(steps, values, label=label, color=colour, linestyle=linestyle,
+                      marker="." if len(steps) < 40 else None)
+    for axis, (key, panel_title) in zip(axes.flat, PANELS, strict=True):
+        axis.set_title(panel_title, fontsize=10)
+        axis.grid(alpha=0.3)
+        if key == "m_theta":
+            axis.axhline(0.0, color="grey", linewidth=0.8)
+    for axis in axes[1]:
+        axis.set_xlabel("optimizer step")
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return out

@@ -1,0 +1,219 @@
+"""`minorsft eval`: held-out NLL, m_theta against a reference, multiple-choice accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minorsft.cli import app
+from minorsft.data import DataError
+from minorsft.engines.hf import TransformersEngine
+from minorsft.eval import (
+    LETTERS,
+    EvalConfig,
+    choice_examples,
+    choice_logps,
+    read_choices,
+    run_eval,
+)
+from minorsft.logprobs import pad_batch, sequence_logps
+from minorsft.precompute import PrecomputeConfig, run_precompute
+
+# Four questions with known answers; quoted cells hold commas, as in the real MMLU files.
+CHOICES_CSV = (
+    'What is 2 + 2?,3,4,5,22,B\n'
+    '"Which city is the capital of France, the country?",Berlin,Madrid,Paris,Rome,C\n'
+    'What colour is a clear daytime sky?,Blue,Green,Red,Black,A\n'
+    'How many legs does a spider have?,Two,Four,Six,Eight,D\n'
+)
+
+
+@pytest.fixture
+def choices_csv(tmp_path):
+    path = tmp_path / "easy.csv"
+    path.write_text(CHOICES_CSV, encoding="utf-8")
+    return path
+
+
+def _full_logits_choice_logps(model_dir, tokenizer, questions):
+    """Independent route: full [B, T, V] logits of each prompt+letter sequence, letter only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = []
+    for question in questions:
+        examples = choice_examples(tokenizer, question)
+        ids, attention, mask = pad_batch([e.input_ids for e in examples],
+                                         [e.answer_mask for e in examples],
+                                         tokenizer.pad_token_id, torch.device("cpu"))
+        with torch.no_grad():
+            rows.append(sequence_logps(model(input_ids=ids, attention_mask=attention).logits,
+                                       ids, mask).tolist())
+    return rows
+
+
+def test_read_choices_csv(choices_csv):
+    questions = read_choices(choices_csv)
+    assert [q.answer for q in questions] == ["B", "C", "A", "D"]
+    assert questions[1].question == "Which city is the capital of France, the country?"
+    assert questions[1].options == ("Berlin", "Madrid", "Paris", "Rome")
+    prompt = questions[0].prompt()
+    assert prompt.startswith("You need to choose one of the four options A, B, C, and D")
+    assert "The question content is: What is 2 + 2? The four options are: A. 3 B. 4 C. 5 D. 22 " \
+           "Your answer is:" in prompt
+
+
+def test_read_choices_jsonl(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "q1", "choices": ["a", "b", "c", "d"], "answer": 2})
+                    + "\n" + json.dumps({"question": "q2", "A": "a", "B": "b", "C": "c",
+                                         "D": "d", "answer": "d"}) + "\n")
+    assert [q.answer for q in read_choices(path)] == ["C", "D"]
+
+
+@pytest.mark.parametrize("text, line, field", [
+    ("q,a,b,c,d,B\nq,a,b,c,d,E\n", 2, "answer"),
+    ("q,a,b,c,d,B\nq,a,b,c\n", 2, None),
+])
+def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert (caught.value.line, caught.value.field) == (line, field)
+    assert str(path) in str(caught.value)
+
+
+def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv):
+    question = read_choices(choices_csv)[0]
+    examples = choice_examples(tiny_tokenizer, question)
+    for letter, example in zip(LETTERS, examples, strict=True):
+        answer_ids = [t for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
+        assert tiny_tokenizer.decode(answer_ids) == letter
+
+
+def test_choice_logps_fast_path_equals_full_logits(tiny_model_dir, tiny_tokenizer, choices_csv):
+    questions = read_choices(choices_csv)
+    engine = TransformersEngine(str(tiny_model_dir), dtype="float32", device="cpu")
+    fast = choice_logps(engine, tiny_tokenizer, questions, fast=True)
+    slow = choice_logps(engine, tiny_tokenizer, questions, fast=False)
+    full = _full_logits_choice_logps(tiny_model_dir, tiny_tokenizer, questions)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(slow), torch.tensor(full), atol=1e-5, rtol=0)
+
+
+def test_accuracy_is_argmax_of_letter_logps_tiny(tiny_model_dir, tiny_tokenizer, choices_csv):
+    questions = read_choices(choices_csv)
+    full = _full_logits_choice_logps(tiny_model_dir, tiny_tokenizer, questions)
+    expected = sum(LETTERS[row.index(max(row))] == q.answer
+                   for q, row in zip(questions, full, strict=True)) / len(questions)
+    result = run_eval(EvalConfig(model=str(tiny_model_dir), choices=[str(choices_csv)]))
+    overall = result["choices"]["overall"]
+    assert overall["questions"] == 4
+    assert overall["accuracy"] == expected
+    assert 0 < overall["letter_mass"] <= 1
+
+
+def test_m_theta_of_reference_against_itself_is_zero(tiny_model_dir, demo_jsonl):
+    result = run_eval(EvalConfig(model=str(tiny_model_dir), reference=str(tiny_model_dir),
+                                 data=str(demo_jsonl)))
+    held = result["heldout"]
+    assert held["rows"] == 16
+    assert held["m_theta"] == 0.0
+    assert held["nll_per_token"] > 0
+
+
+def test_m_theta_against_cache_and_other_model(tiny_model_dir, tiny_tokenizer, demo_jsonl,
+                                               tmp_path):
+    from conftest import build_tiny_model
+
+    cache = tmp_path / "heldout.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache)))
+    same = run_eval(EvalConfig(model=str(tiny_model_dir), reference=str(cache)))
+    assert same["heldout"]["rows"] == 16
+    assert same["heldout"]["m_theta"] == 0.0
+
+    other = tmp_path / "other-model"
+    build_tiny_model(tiny_tokenizer, seed=1).save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    result = run_eval(EvalConfig(model=str(other), reference=str(cache)))["heldout"]
+    # Independently: full logits of the other model on the cached token ids.
+    from transformers import AutoModelForCausalLM
+
+    from minorsft.cache import iter_rows
+
+    model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    ratios, nll, tokens = [], 0.0, 0
+    for row in iter_rows(cache):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            logp = sequence_logps(model(input_ids=ids).logits, ids,
+                                  torch.tensor([row["answer_mask"]])).item()
+        ratios.append((logp - row["ref_logps"]) / row["num_tokens"])
+        nll -= logp
+        tokens += row["num_tokens"]
+    assert result["m_theta"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
+    assert result["nll_per_token"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert abs(result["m_theta"]) > 1e-3  # a different model really does deviate
+
+
+def test_cli_eval_table_and_json(tiny_model_dir, demo_jsonl, choices_csv, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+        "--data", str(demo_jsonl), "--choices", str(choices_csv), "--max-rows", "4",
+        "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "m_theta vs reference | +0.0000" in result.output
+    assert "accuracy (easy)" in result.output
+    saved = json.loads(out.read_text())
+    assert saved["heldout"]["rows"] == 4 and saved["choices"]["overall"]["questions"] == 4
+
+
+def test_cli_eval_errors(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2 and "nothing to evaluate" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("q,a,b,c,d,Z\n")
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--choices", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.csv:1: field 'answer'" in " ".join(result.output.split())
+
+
+@pytest.mark.smollm2
+def test_smollm2_self_deviation_and_easy_questions(choices_csv, tmp_path):
+    """SmolLM2-135M-Instruct against itself, and four trivially easy questions.
+
+    Measured here: with the paper's prompt this 135M model puts only ~20-40% of its mass on the
+    letters and prefers "A" whatever the question (1/4 right on these four). So the test pins
+    what must hold for any model, on the real tokenizer: m_theta of a model against itself is
+    exactly 0, the one-forward route equals `answer_logps` on prompt + letter, and accuracy is
+    the argmax count. Its near-chance accuracy is documented in docs/evaluation.md.
+    """
+    from conftest import DEMO_ROWS, write_jsonl
+
+    data = write_jsonl(tmp_path / "heldout.jsonl", DEMO_ROWS[:2])
+    name = "smollm2-135m-instruct"
+    result = run_eval(EvalConfig(model=name, reference=name, data=str(data),
+                                 choices=[str(choices_csv)]))
+    assert result["heldout"]["m_theta"] == 0.0
+    assert 0.3 < result["heldout"]["nll_per_token"] < 3.0  # fluent English, not memorised
+
+    from minorsft.models import load_tokenizer, resolve_model
+
+    questions = read_choices(choices_csv)
+    engine = TransformersEngine(resolve_model(name), dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(resolve_model(name))
+    fast = choice_logps(engine, tokenizer, questions)
+    slow = choice_logps(engine, tokenizer, questions[:2], fast=False)
+    torch.testing.assert_close(torch.tensor(fast[:2]), torch.tensor(slow), atol=1e-4, rtol=0)
+    overall = result["choices"]["overall"]
+    expected = sum(LETTERS[row.index(max(row))] == q.answer
+                   for q, row in zip(questions, fast, strict=True))
+    assert overall["correct"] == expected
+    assert 0.05 < overall["letter_mass"] < 1.0

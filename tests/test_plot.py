@@ -1,0 +1,83 @@
+"""`minorsft plot` and the replication script, on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from minorsft.cli import app
+from minorsft.plot import read_run
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, run_train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def two_runs(tiny_model_dir, demo_jsonl, tmp_path):
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache)))
+    runs = []
+    for loss, lr in (("sft", 1e-3), ("minorsft", 3e-3)):
+        run_dir = tmp_path / f"{loss}-{lr}"
+        run_train(TrainConfig(cache=str(cache), output=str(run_dir), loss=loss, lr=lr,
+                              batch_size=4, micro_batch_size=4, max_steps=3))
+        runs.append(run_dir)
+    return runs
+
+
+def test_read_run_labels_by_loss_and_lr(two_runs):
+    label, rows, config = read_run(two_runs[1])
+    assert label == "minorsft lr=0.003 beta=0.04"
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert config["loss"] == "minorsft"
+
+
+def test_cli_plot_writes_png(two_runs, tmp_path):
+    out = tmp_path / "fig" / "curves.png"
+    result = CliRunner().invoke(app, ["plot", *map(str, two_runs), "-o", str(out),
+                                      "--title", "tiny"])
+    assert result.exit_code == 0, result.output
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_cli_plot_rejects_a_folder_without_metrics(tmp_path):
+    result = CliRunner().invoke(app, ["plot", str(tmp_path), "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2
+    assert "no metrics.jsonl" in " ".join(result.output.split())
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_replicate_script_end_to_end_tiny(tiny_model_dir, tmp_path):
+    """The sweep script on the tiny model and made-up GSM8K/MMLU-shaped files."""
+    spec = importlib.util.spec_from_file_location(
+        "replicate", Path(__file__).parents[1] / "experiments" / "replicate.py")
+    replicate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replicate)
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"question": f"What is {i} plus 3?",
+                                       "answer": f"{i} + 3 = {i + 3}\n#### {i + 3}"}) + "\n"
+                           for i in range(8)))
+    mmlu = tmp_path / "mmlu.csv"
+    mmlu.write_text("What is 2 + 2?,3,4,5,22,B\nHow many legs does a spider have?,2,4,6,8,D\n")
+    out = tmp_path / "rep"
+    args = ["--gsm8k-train", str(gsm), "--gsm8k-test", str(gsm), "--mmlu", str(mmlu),
+            "--out", str(out), "--model", str(tiny_model_dir), "--train-rows", "8",
+            "--heldout-rows", "4", "--lrs", "1e-3", "--batch-size", "4"]
+    replicate.main(args)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["base", "sft-lr0.001", "sft-dpo-lr0.001",
+                                        "minorsft-lr0.001"]
+    assert rows[0]["heldout_m_theta"] == 0.0
+    assert all(r["train_steps"] == 2 and r["heldout_m_theta"] != 0.0 for r in rows[1:])
+    assert all(r["mmlu_questions"] == 2 for r in rows)
+    assert "| minorsft-lr0.001 | minorsft | 0.001 |" in (out / "results.md").read_text()
+    for name in ("curves.png", "summary.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert not list((out / "runs").glob("*/*.safetensors"))  # checkpoints removed by default
