@@ -12,4 +12,6 @@ minorsft train --cache runs/demo/ref.parquet --output runs/demo/minorsft --loss 
     --batch-size 16 --micro-batch-size 4 --epochs 2
 minorsft train --cache runs/demo/ref.parquet --output runs/demo/sft --loss sft \
     --batch-size 16 --micro-batch-size 4 --epochs 2
-echo "done: models and metrics.jsonl in runs/demo/minorsft and runs/demo/sft"
+# The paper's Figure 1 for these two runs: m_theta, NLL, loss, coefficient, reward, lr by step.
+minorsft plot runs/demo/minorsft runs/demo/sft -o runs/demo/curves.png
+echo "done: models and metrics.jsonl in runs/demo/minorsft and runs/demo/sft; curves in runs/demo/curves.png"
