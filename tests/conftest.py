@@ -56,6 +56,15 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config).float()
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread, restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama + tokenizer folder that `--model` accepts."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from minorsft.cache import iter_rows, read_metadata
@@ -16,13 +15,9 @@ from minorsft.precompute import PrecomputeConfig, run_precompute
 
 from .bad_input_cases import CASES, MAX_LENGTH, all_cases_lines, case_file_lines
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: these tests run many tiny forward passes, where a second thread only adds
+# contention (measured ~40x slower matmuls on a loaded 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_lines(path, lines: list[bytes]):

@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from minorsft.cache import CacheWriter, iter_rows, read_metadata, update_metadata
 from minorsft.cli import app
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: these tests run many tiny forward passes, where a second thread only adds
+# contention (measured ~40x slower matmuls on a loaded 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -25,12 +25,9 @@ from .conftest import build_tiny_model, build_tiny_tokenizer
 TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread: these tests run many tiny forward passes, where a second thread only adds
+# contention (measured ~40x slower matmuls on a loaded 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
