@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from minorsft.cache import CacheError, iter_rows, read_metadata
+from minorsft.cache import MANIFEST_PREFIX, CacheError, iter_rows, read_metadata
 from minorsft.data import DataError, Example, FieldSpec, iter_examples, resolve_data
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
-from minorsft.logprobs import _final_logit_transform, pad_batch
+from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import fingerprint, load_tokenizer, resolve_model
 
 # The paper's ceval-exam prompt (section 4), verbatim up to the placeholders.
@@ -49,7 +49,7 @@ class EvalConfig:
     """Settings of `minorsft eval`."""
 
     model: str
-    reference: str | None = None  # a model, or a precompute cache (.parquet) of the held-out set
+    reference: str | None = None  # a model, or a precompute cache of the held-out set
     data: str | None = None
     choices: list[str] = field(default_factory=list)
     prompt_field: str | None = None
@@ -86,7 +86,13 @@ class Question:
 
 
 def _is_cache(path: str | None) -> bool:
-    return bool(path) and str(path).endswith(".parquet") and Path(path).is_file()
+    """A precompute cache: a parts directory with a manifest, or a single-file cache."""
+    if not path:
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob(f"{MANIFEST_PREFIX}*.json"))
+    return path.suffix == ".parquet" and path.is_file()
 
 
 # --- reading multiple-choice files ---------------------------------------------------------------
@@ -219,7 +225,7 @@ def _next_token_logps(model, prefixes: list[list[int]], candidates: list[list[in
                                                  pad_id, device)
         last = attention_mask.sum(1) - 1  # [B]: the last real position predicts the next token
         rows = torch.arange(len(batch), device=device)
-        if _final_logit_transform(model):
+        if final_logit_transform(model):
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[rows, last]
         else:  # as in answer_logps: the output head on the needed positions only, no [B, T, V]
             hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask

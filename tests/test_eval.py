@@ -128,7 +128,7 @@ def test_m_theta_of_reference_against_itself_is_zero(tiny_model_dir, demo_jsonl)
 
 def test_m_theta_against_cache_and_other_model(tiny_model_dir, tiny_tokenizer, demo_jsonl,
                                                tmp_path):
-    from conftest import build_tiny_model
+    from .conftest import build_tiny_model
 
     cache = tmp_path / "heldout.parquet"
     run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
@@ -195,7 +195,7 @@ def test_smollm2_self_deviation_and_easy_questions(choices_csv, tmp_path):
     exactly 0, the one-forward route equals `answer_logps` on prompt + letter, and accuracy is
     the argmax count. Its near-chance accuracy is documented in docs/evaluation.md.
     """
-    from conftest import DEMO_ROWS, write_jsonl
+    from .conftest import DEMO_ROWS, write_jsonl
 
     data = write_jsonl(tmp_path / "heldout.jsonl", DEMO_ROWS[:2])
     name = "smollm2-135m-instruct"
