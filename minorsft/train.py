@@ -335,7 +335,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
         _trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             Progress(*columns, console=console, disable=not main) as progress, \
-            _StopRequest(_checkpoints_supported(state, config)) as stop:
+            _StopRequest() as stop:
         task = progress.add_task("train", total=state.total_steps, completed=first,
                                  loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
@@ -529,10 +529,8 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def _checkpoints_supported(state: TrainState, config: TrainConfig) -> bool:
-    """Single process and DDP (replicated weights and optimizer state); not FSDP yet, whose
-    sharded optimizer state would need torch.distributed.checkpoint."""
-    return not (state.world.distributed and config.strategy == "fsdp")
+def _fsdp(state: TrainState, config: TrainConfig) -> bool:
+    return state.world.distributed and config.strategy == "fsdp"
 
 
 def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
@@ -559,40 +557,60 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
 
     Everything goes into a hidden staging folder that is renamed to ``step-N`` once complete;
     only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
-    disk, a kill) leaves the earlier checkpoints as they were.
+    disk, a kill) leaves the earlier checkpoints as they were. Under FSDP2 every rank takes part
+    in gathering the full weights and optimizer state (keyed by parameter name), which rank 0
+    writes, so the checkpoint resumes with any number of processes.
     """
     from safetensors.torch import save_file
 
     folder = Path(config.output) / CHECKPOINTS
     target = folder / f"step-{step}"
-    if state.world.distributed:  # DDP: every rank holds the same state; rank 0 writes it
+    trainable = [name for name, p in state.model.named_parameters() if p.requires_grad]
+    if _fsdp(state, config):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it
+        full = get_model_state_dict(state.model, options=options)
+        optimizer_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
+        weights = {name: full[name].contiguous() for name in trainable} if full else {}
+        optimizer_format = "by-name"
+    else:
+        weights = {name: p.detach().contiguous() for name, p in
+                   state.model.named_parameters() if p.requires_grad}
+        optimizer_state, optimizer_format = state.optimizer.state_dict(), "torch"
+    if state.world.distributed:  # rank 0 writes; the others wait until it is complete
         import torch.distributed as dist
 
         if state.world.is_main:
-            _write_checkpoint(state, config, step, folder, target, save_file)
+            _write_checkpoint(state, config, step, folder, target, save_file, weights,
+                              optimizer_state, optimizer_format)
         dist.barrier()
         return target
-    _write_checkpoint(state, config, step, folder, target, save_file)
+    _write_checkpoint(state, config, step, folder, target, save_file, weights, optimizer_state,
+                      optimizer_format)
     return target
 
 
 def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
-                      target: Path, save_file) -> None:
+                      target: Path, save_file, weights: dict, optimizer_state: dict,
+                      optimizer_format: str) -> None:
     if target.exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
     try:
-        weights = {name: p.detach().contiguous() for name, p in
-                   state.model.named_parameters() if p.requires_grad}
         save_file(weights, staging / "model.safetensors")
-        torch.save(state.optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         torch.save(rng, staging / "rng.pt")
         trainer_state = {"step": step, "settings": _resume_settings(state, config),
-                         "minorsft_version": __version__}
+                         "optimizer_format": optimizer_format, "minorsft_version": __version__}
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         os.replace(staging, target)
     except BaseException:
@@ -614,13 +632,30 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
                          "start a new run in another --output.")
-    weights = load_file(path / "model.safetensors", device=str(state.device))
+    fsdp = _fsdp(state, config)
+    weights = load_file(path / "model.safetensors", device="cpu" if fsdp else str(state.device))
     trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
         raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
-    state.model.load_state_dict(weights, strict=False)
-    state.optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=state.device, weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu" if fsdp else
+                                 state.device, weights_only=True)
+    if fsdp or trainer_state.get("optimizer_format") == "by-name":
+        # Full, name-keyed states: each rank takes its shards (or one process takes them all).
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if not fsdp or trainer_state.get("optimizer_format") != "by-name":
+            raise ValueError(f"{path} was written {'without' if fsdp else 'with'} FSDP; resume "
+                             f"it with the strategy that wrote it")
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(state.model, weights, options=options)
+        set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=options)
+    else:
+        state.model.load_state_dict(weights, strict=False)
+        state.optimizer.load_state_dict(optimizer_state)
     state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
@@ -632,9 +667,6 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
     """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
-    if not _checkpoints_supported(state, config) and (config.resume or config.save_every):
-        raise ValueError("--save-every and --resume work in one process and under torchrun "
-                         "with --strategy ddp; not yet with --strategy fsdp")
     checkpoints = list_checkpoints(config.output)
     if not config.resume:
         if checkpoints:

@@ -246,3 +246,39 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
     a, b = weights(multi), weights(resumed)
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
+    """FSDP2, 2 CPU processes: the gathered checkpoint resumes under torchrun to the same run."""
+    import shutil
+    import socket
+
+    def torchrun(output, *extra):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                   "--master-port", str(port), "-m", "minorsft", "train", "--cache", str(cache),
+                   "--output", str(output), "--strategy", "fsdp", "--batch-size", "4",
+                   "--micro-batch-size", "1", "--lr", "1e-3", "--max-steps", "4",
+                   "--save-every", "2", *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    whole = tmp_path / "whole"
+    torchrun(whole)
+    assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    (resumed / "model.safetensors").unlink()
+    torchrun(resumed, "--resume")
+    expected, got = metrics(whole), metrics(resumed)
+    assert [m["step"] for m in got] == [0, 1, 2, 3]
+    for one, two in zip(expected, got, strict=True):
+        for key in ("loss", "m_theta", "coefficient", "grad_norm", "lr", "tokens"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    a, b = weights(whole), weights(resumed)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
