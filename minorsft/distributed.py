@@ -62,6 +62,11 @@ def rank_device(world: World, device: str) -> str:
     return device
 
 
+def barrier(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -39,6 +39,7 @@ from minorsft.distributed import (
     STRATEGIES,
     World,
     all_reduce_sum,
+    barrier,
     close_world,
     full_state_dict,
     init_world,
@@ -393,6 +394,10 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
             check_step0(state, config, console)
         history = fit(state, config, console)
         save(state, config)
+        # All ranks leave together: a rank that tore down its process group while rank 0 was
+        # still writing the model made gloo abort ("terminate called without an active
+        # exception"). Only on success: after an error a barrier could wait forever.
+        barrier(state.world)
     finally:
         close_world(state.world)
     if state.world.is_main and not history:
