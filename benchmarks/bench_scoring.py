@@ -29,7 +29,7 @@ from minorsft.engines.hf import TransformersEngine
 from minorsft.logprobs import pad_batch, sequence_logps
 from minorsft.models import load_model, load_tokenizer, resolve_model
 
-from common import load_examples, machine, median, read_records, table, to_chat
+from common import add_data_arguments, load_examples, machine, median, read_records, table, to_chat
 
 
 def plain_scores(model, examples, batch_size: int, pad_id: int) -> list[float]:
@@ -69,12 +69,7 @@ def make_trl(model_path: str, tokenizer, records, args, workdir: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default="demo")
-    parser.add_argument("--prompt-field")
-    parser.add_argument("--response-field")
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=1024)
+    add_data_arguments(parser, rows=64)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per batch for the plain loop and TRL")
     parser.add_argument("--max-batch-tokens", type=int, default=4096,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from common import (
+    add_data_arguments,
     emit,
     machine,
     median,
@@ -192,12 +193,7 @@ CONFIGS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default="demo")
-    parser.add_argument("--prompt-field")
-    parser.add_argument("--response-field")
-    parser.add_argument("--rows", type=int, default=48)
-    parser.add_argument("--max-length", type=int, default=1024)
+    add_data_arguments(parser, rows=48)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)

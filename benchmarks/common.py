@@ -141,3 +141,13 @@ def machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
             f"python {platform.python_version()}")
+
+
+def add_data_arguments(parser, rows: int, max_length: int = 1024) -> None:
+    """The model and data options every benchmark takes (the same data for every contender)."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="demo")
+    parser.add_argument("--prompt-field")
+    parser.add_argument("--response-field")
+    parser.add_argument("--rows", type=int, default=rows)
+    parser.add_argument("--max-length", type=int, default=max_length)
