@@ -296,6 +296,17 @@ def missing_pieces(manifests: list[dict], parts: dict[int, dict]) -> list[str]:
     return problems
 
 
+def looks_like_cache(path: str | Path | None) -> bool:
+    """Whether `path` is laid out as a cache (a parts directory with a manifest, or a Parquet
+    file), without checking it: for telling a cache from a model path. `open_cache` checks."""
+    if not path:
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob(f"{MANIFEST_PREFIX}*.json"))
+    return path.suffix == ".parquet" and path.is_file()
+
+
 def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     """Find a cache (file or parts directory), check its structure, and combine its metadata.
 

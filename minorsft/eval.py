@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from minorsft.cache import MANIFEST_PREFIX, CacheError, iter_rows, read_metadata
+from minorsft.cache import CacheError, iter_rows, looks_like_cache, read_metadata
 from minorsft.data import DataError, Example, FieldSpec, iter_examples, resolve_data
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
@@ -62,7 +62,7 @@ class EvalConfig:
     max_batch_tokens: int = 8192
 
     def __post_init__(self):
-        if self.data is None and not self.choices and not _is_cache(self.reference):
+        if self.data is None and not self.choices and not looks_like_cache(self.reference):
             raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
                              "--reference")
         for name in ("max_rows", "max_questions"):
@@ -83,16 +83,6 @@ class Question:
     def prompt(self) -> str:
         return CEVAL_PROMPT.format(question=self.question, **dict(zip(LETTERS, self.options,
                                                                      strict=True)))
-
-
-def _is_cache(path: str | None) -> bool:
-    """A precompute cache: a parts directory with a manifest, or a single-file cache."""
-    if not path:
-        return False
-    path = Path(path)
-    if path.is_dir():
-        return any(path.glob(f"{MANIFEST_PREFIX}*.json"))
-    return path.suffix == ".parquet" and path.is_file()
 
 
 # --- reading multiple-choice files ---------------------------------------------------------------
@@ -334,7 +324,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                     "dtype": str(engine.dtype).removeprefix("torch."), "config": asdict(config)}
 
     examples, ref_logps = None, None
-    if _is_cache(config.reference):
+    if looks_like_cache(config.reference):
         examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
                                                         config.max_rows)
         result["data"] = metadata.get("source")
