@@ -101,7 +101,24 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def demo_rows(copies: int) -> list[dict]:
+    """`copies` copies of DEMO_ROWS with unique ids (a0, b0, c0, d0, a1, ...)."""
+    return [dict(row, id=f"{row['id']}{copy}") for copy in range(copies) for row in DEMO_ROWS]
+
+
+def precompute_rows(model: str, folder: Path, rows: list[dict], **settings) -> Path:
+    """Write `rows` as JSONL in `folder` and precompute them quietly into folder/ref.parquet."""
+    from rich.console import Console
+
+    from minorsft.precompute import PrecomputeConfig, run_precompute
+
+    data = write_jsonl(folder / "sft.jsonl", rows)
+    cache = folder / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=model, data=str(data), out=str(cache), **settings),
+                   Console(quiet=True))
+    return cache
+
+
 @pytest.fixture
 def demo_jsonl(tmp_path) -> Path:
-    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(4) for row in DEMO_ROWS]
-    return write_jsonl(tmp_path / "sft.jsonl", rows)
+    return write_jsonl(tmp_path / "sft.jsonl", demo_rows(4))

@@ -8,21 +8,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, global_batches, sample_stream, setup, train_step
+
+from .conftest import demo_rows, precompute_rows
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_model_dir, tmp_path_factory):
-    from .conftest import DEMO_ROWS, write_jsonl
-
     folder = tmp_path_factory.mktemp("accumulation")
-    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(2) for row in DEMO_ROWS]
-    data = write_jsonl(folder / "rows.jsonl", rows)
-    cache = folder / "ref.parquet"
-    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(cache)),
-                   Console(quiet=True))
-    return cache
+    return precompute_rows(str(tiny_model_dir), folder, demo_rows(2))
 
 
 def one_step(cache, tmp_path, loss, micro_batch_size):

@@ -15,10 +15,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import DEMO_ROWS, write_jsonl
+from .conftest import demo_rows, precompute_rows
 
 
 def free_port() -> int:
@@ -30,14 +29,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cache(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(5) for row in DEMO_ROWS]
     # 17 rows, batch 8: the last step has one sample, so one rank has none and must still join
     # in with a zero-weight forward/backward (else the collectives would hang).
-    data = write_jsonl(folder / "rows.jsonl", rows[:17])
-    out = folder / "ref.parquet"
-    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(out)),
-                   Console(quiet=True))
-    return out
+    return precompute_rows(str(tiny_model_dir), folder, demo_rows(5)[:17])
 
 
 COMMON = ["--batch-size", "8", "--lr", "1e-3", "--warmup-ratio", "0", "--seed", "5"]

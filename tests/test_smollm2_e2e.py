@@ -8,10 +8,9 @@ from rich.console import Console
 
 from minorsft.cache import iter_rows
 from minorsft.models import DEFAULT_MODEL, resolve_model
-from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import DEMO_ROWS, write_jsonl
+from .conftest import demo_rows, precompute_rows
 
 pytestmark = pytest.mark.smollm2
 
@@ -19,12 +18,8 @@ pytestmark = pytest.mark.smollm2
 @pytest.fixture(scope="module")
 def smollm2_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("smollm2")
-    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(2) for row in DEMO_ROWS]
-    data = write_jsonl(folder / "sft.jsonl", rows)
-    cache = folder / "ref.parquet"
+    cache = precompute_rows(DEFAULT_MODEL, folder, demo_rows(2), dtype="float32")
     quiet = Console(quiet=True)
-    run_precompute(PrecomputeConfig(model=DEFAULT_MODEL, data=str(data), out=str(cache),
-                                    dtype="float32"), quiet)
     output = folder / "run"
     history = run_train(TrainConfig(cache=str(cache), output=str(output), batch_size=4,
                                     micro_batch_size=2, max_steps=2, dtype="float32"), quiet)

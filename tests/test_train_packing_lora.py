@@ -7,21 +7,15 @@ import json
 import pytest
 import torch
 
-from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
+
+from .conftest import demo_rows, precompute_rows
 
 
 @pytest.fixture(scope="module")
 def tiny_cache(tiny_model_dir, tmp_path_factory):
-    from .conftest import DEMO_ROWS, write_jsonl
-
     folder = tmp_path_factory.mktemp("cache")
-    rows = [dict(row, id=f"{row['id']}{copy}") for copy in range(3) for row in DEMO_ROWS]
-    data = write_jsonl(folder / "sft.jsonl", rows)
-    cache = folder / "ref.parquet"
-    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(cache),
-                                    max_batch_tokens=256))
-    return cache
+    return precompute_rows(str(tiny_model_dir), folder, demo_rows(3), max_batch_tokens=256)
 
 
 def _train(cache, output, **overrides):
