@@ -197,9 +197,13 @@ def train(
              "weights with --dtype as compute dtype).")] = "ddp",
     cpu_offload: Annotated[bool, typer.Option(
         help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
-    packing: Annotated[bool, typer.Option(
+    packing: Annotated[bool | None, typer.Option(
+        "--packing/--no-packing",
         help="Padding-free: run each micro-batch as one row of concatenated samples, each "
-             "attending only to itself (same log-probs, no padding).")] = False,
+             "attending only to itself (same log-probs, no padding). Default: on where no "
+             "dense block mask is needed (flash-attn, or SDPA, which minorsft runs per "
+             "sample) and the model passes an isolation check; else padded.",
+        show_default=False)] = None,
     lora_r: Annotated[int, typer.Option(
         help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft[lora]'`.")] = 0,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16.0,

@@ -9,9 +9,12 @@ sample boundaries from the position ids:
 - with `sdpa`, `eager` or `flex_attention` its mask builder (`masking_utils`) turns the same
   position ids into a block-diagonal causal mask.
 
-Either way a token never sees another sample's tokens, the rotary positions are the ones the
-sample would have alone, and every sample's summed answer log-prob equals the unpacked one (up
-to float rounding; `tests/test_packing.py` checks values and gradients). The one thing to keep
+transformers' dense mask makes attention cost (sum of lengths)^2, so for SDPA models
+`prepare_packing` switches to `minorsft.attention`'s per-sample SDPA, which cuts the row at the
+same boundaries instead. Either way a token never sees another sample's tokens, the rotary
+positions are the ones the sample would have alone, and every sample's summed answer log-prob
+equals the unpacked one (up to float rounding; `tests/test_logprobs.py` and
+`tests/test_attention.py` check values and gradients). The one thing to keep
 is `attention_mask=None` and no KV cache: with a 2D mask or a cache transformers does not look
 for packed sequences.
 """
@@ -22,9 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
 from minorsft.logprobs import answer_logps, final_logit_transform, head_logps, pad_batch
 
-PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention")
+PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention",
+                     SEGMENT_ATTENTION)
 
 
 @dataclass
@@ -83,6 +88,36 @@ def check_packing_support(model) -> None:
             raise ValueError("--packing without flash-attn needs a transformers version whose "
                              "mask builder reads packed sequences from position ids (>= 4.54)"
                              ) from error
+
+
+def prepare_packing(model, requested: bool | None) -> tuple[bool, str]:
+    """Decide whether to pack micro-batches; switch SDPA models to per-sample attention.
+
+    Args:
+        model: the policy (before LoRA or distributed wrappers).
+        requested: True (--packing), False (--no-packing) or None (auto: pack where no dense
+            block mask is needed, i.e. under flash-attn or per-sample SDPA, if the model passes
+            the isolation check; pad otherwise).
+
+    Returns:
+        (packing, a line saying what was chosen and why).
+    """
+    if requested is False:
+        return False, "padded micro-batches (--no-packing)"
+    original = model.config._attn_implementation
+    per_sample = original.startswith("flash_attention") or use_segment_attention(model)
+    if requested is None and not per_sample:
+        return False, (f"padded micro-batches (packed rows under {original!r} attention need a "
+                       "dense block mask, which is slower than padding)")
+    check_packing_support(model)
+    try:
+        check_packed_isolation(model)
+    except ValueError as error:
+        if requested:
+            raise
+        model.set_attn_implementation(original)
+        return False, f"padded micro-batches ({error})"
+    return True, f"packed micro-batches, no padding ({model.config._attn_implementation} attention)"
 
 
 def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = None

@@ -59,7 +59,7 @@ from minorsft.models import (
     pick_dtype,
     resolve_model,
 )
-from minorsft.packing import check_packing_support
+from minorsft.packing import prepare_packing
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
@@ -98,7 +98,9 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
     step0_check: bool = True
     step0_tolerance: float | None = None  # nats per answer token; None: by dtype (STEP0_TOLERANCE)
-    packing: bool = False  # padding-free: each micro-batch in one row (see minorsft.packing)
+    # Padding-free: each micro-batch in one row (see minorsft.packing). None: pack where it is
+    # faster (flash-attn, or SDPA with per-sample attention) and the model passes the check.
+    packing: bool | None = None
     lora_r: int = 0  # 0: full fine-tuning; >0: LoRA adapters of this rank (needs peft)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -200,6 +202,7 @@ class TrainState:
     total_steps: int
     metadata: dict
     model_path: str
+    packing: bool  # micro-batches run as packed rows (decided in setup from config.packing)
     start_step: int = 0  # steps already done (from a checkpoint)
 
 
@@ -226,8 +229,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if config.packing:
-        check_packing_support(model)
+    packing, packing_note = prepare_packing(model, config.packing)
     if config.lora_r:
         from minorsft.lora import apply_lora
 
@@ -252,10 +254,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
-        + f"; {total_steps} steps, {warmup_steps} warm-up"
+        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}"
     )
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
-                       total_steps, metadata, model_path)
+                       total_steps, metadata, model_path, packing)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -285,7 +287,7 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
         with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
-            policy_logps, micro_tokens = state.policy(micro, pad_id, device, config.packing)
+            policy_logps, micro_tokens = state.policy(micro, pad_id, device, state.packing)
             out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
             (out.losses.sum() * (weight * world.world_size / count)).backward()
         policy_detached = policy_logps.detach()
@@ -441,7 +443,8 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     with torch.no_grad():  # every rank scores the same rows (FSDP needs all of them to)
         for start in range(0, len(rows), config.micro_batch_size):
             micro = rows[start: start + config.micro_batch_size]
-            logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device)
+            logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device,
+                                    state.packing)
             policy.extend(logps.tolist())
     state.model.train(was_training)
     per_token = [(p - r["ref_logps"]) / r["num_tokens"]

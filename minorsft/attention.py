@@ -1,0 +1,146 @@
+"""Attention for packed rows without flash-attn: each sample attends to itself, at its own cost.
+
+Given a packed row (several samples concatenated, position ids restarting at 0 for each sample)
+and no attention mask, transformers' `sdpa` path isolates the samples with a dense
+block-diagonal [L, L] mask, L being the sum of the sample lengths: attention then costs L^2
+instead of the sum of squares, and on a CPU packing came out slower than padding
+(docs/performance.md). flash-attn's varlen kernel avoids this by cutting the row at the sample
+boundaries; `segment_sdpa_attention` does the same with PyTorch's SDPA: it reads the
+boundaries from the position ids (where they stop counting up by one, as transformers'
+`find_packed_sequence_indices` does) and runs causal SDPA on each sample's slice of queries,
+keys and values.
+
+It is registered with transformers under `SEGMENT_ATTENTION`, next to a mask function that
+builds no mask for packed rows (the samples are cut apart instead) and the usual SDPA mask for
+padded batches, which it hands to transformers' own SDPA function unchanged. `use_segment_attention`
+switches a model to it where that is safe; `check_packed_isolation` proves on the model itself,
+before training, that a packed row gives each sample the hidden states it has alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEGMENT_ATTENTION = "minorsft_segment_sdpa"
+
+
+def packed_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
+    """Lengths of the samples in a packed [1, L] row; None if the row holds one sample."""
+    if position_ids is None:
+        return None
+    restarts = torch.diff(position_ids, dim=-1) != 1  # [B, L-1]: a new sample starts after it
+    if not bool(restarts.any()):
+        return None
+    if position_ids.shape[0] != 1:
+        raise ValueError("packed rows must come one per batch (position ids of shape [1, L]); "
+                         f"got position ids of shape {tuple(position_ids.shape)}")
+    starts = [0, *(restarts[0].nonzero().flatten() + 1).tolist(), position_ids.shape[-1]]
+    return [stop - start for start, stop in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.
+
+    Packed rows (no mask, position ids restarting) run causal SDPA per sample; anything else is
+    transformers' SDPA as usual.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = packed_lengths(kwargs.get("position_ids")) if attention_mask is None else None
+    if lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    outputs = [
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                               is_causal=True)[0]
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                           value.split(lengths, dim=2), strict=True)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+def _segment_mask(*args, attention_mask=None, **kwargs):
+    """No mask where there is no padding mask (packed rows are cut apart instead)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, _segment_mask)
+
+
+def _mask_only_causal(config) -> bool:
+    """True when attention is plain causal: no sliding windows, no softcapping, no layer mix."""
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    if getattr(config, "attn_logit_softcapping", None):
+        return False
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return set(layer_types) == {"full_attention"}
+
+
+def use_segment_attention(model) -> bool:
+    """Switch an SDPA model to per-sample attention for packed rows; True if switched.
+
+    Models with sliding windows or softcapped attention keep transformers' own masks (correct
+    for packed rows, only slower), as do eager and flash-attn models (flash-attn is already
+    varlen).
+    """
+    config = model.config
+    if config._attn_implementation != "sdpa" or not _mask_only_causal(config):
+        return False
+    _register()
+    model.set_attn_implementation(SEGMENT_ATTENTION)
+    return model.config._attn_implementation == SEGMENT_ATTENTION
+
+
+@torch.no_grad()
+def check_packed_isolation(model) -> float:
+    """Run two short samples packed and alone; raise if the packed row mixes them.
+
+    Returns the largest difference between a packed sample's final hidden states and its own,
+    relative to how far they move when the samples are concatenated without isolation (a leak
+    would give about 1; isolation gives float rounding).
+    """
+    was_training = model.training
+    model.eval()  # no dropout: the three passes must differ only in how the samples are joined
+    try:
+        return _isolation_ratio(model)
+    finally:
+        model.train(was_training)
+
+
+def _isolation_ratio(model) -> float:
+    device = model.get_input_embeddings().weight.device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    first = torch.arange(3, 10, device=device) % vocab
+    second = torch.arange(11, 16, device=device) % vocab
+    decoder = model.get_decoder()
+
+    def hidden(ids, positions):
+        return decoder(input_ids=ids[None], position_ids=positions[None], attention_mask=None,
+                       use_cache=False).last_hidden_state[0].float()
+
+    ids = torch.cat([first, second])
+    alone = hidden(second, torch.arange(len(second), device=device))
+    packed = hidden(ids, torch.cat([torch.arange(len(first), device=device),
+                                    torch.arange(len(second), device=device)]))[len(first):]
+    leaked = hidden(ids, torch.arange(len(ids), device=device))[len(first):]
+    error = float((packed - alone).abs().max())
+    leak = float((leaked - alone).abs().max())
+    ratio = error / max(leak, 1e-12)
+    if ratio > 0.01:
+        raise ValueError(
+            f"packing check failed for {type(model).__name__} with attention "
+            f"{model.config._attn_implementation!r}: a packed sample's hidden states differ from "
+            f"its own by {error:.3g} (a leak between samples moves them by {leak:.3g}); this "
+            "model does not isolate packed samples, train it with --no-packing")
+    return ratio

@@ -1,0 +1,116 @@
+"""Per-sample SDPA for packed rows: same values and gradients as padding, and a check that bites.
+
+`minorsft.attention` replaces transformers' dense block-diagonal mask with one SDPA call per
+packed sample. The references here are the padded batch under plain SDPA and each sample run
+alone; the isolation check must fail on an attention that lets samples see each other.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from minorsft.attention import (
+    SEGMENT_ATTENTION,
+    check_packed_isolation,
+    packed_lengths,
+    use_segment_attention,
+)
+from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.packing import micro_batch_logps, prepare_packing
+
+from .conftest import build_tiny_model
+from .test_logprobs import SAMPLES, TOL, _assert_same_grads, _grads, _naive
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def model(tiny_tokenizer):
+    m = build_tiny_model(tiny_tokenizer, seed=3)
+    m.set_attn_implementation("sdpa")
+    return m.train()
+
+
+def _rows():
+    return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
+
+
+def test_packed_lengths_reads_the_restarts():
+    assert packed_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
+    assert packed_lengths(torch.tensor([[0, 1, 2, 3]])) is None  # one sample: nothing to cut
+    assert packed_lengths(torch.tensor([[5, 6, 7]])) is None  # a continued sequence
+    assert packed_lengths(None) is None
+    with pytest.raises(ValueError, match="one per batch"):
+        packed_lengths(torch.tensor([[0, 1, 0], [0, 1, 2]]))
+
+
+def test_segment_attention_equals_padding_forward_and_backward(model):
+    want = _naive(model)  # plain SDPA, padded batch, full logits
+    want_grads = _grads(model, want)
+    assert use_segment_attention(model)
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    got, tokens = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
+    assert tokens == sum(len(ids) for ids, _ in SAMPLES)
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
+
+
+def test_segment_attention_runs_padded_batches_as_plain_sdpa(model):
+    """A padded batch (2D mask) under the segment implementation is transformers' SDPA."""
+    rows = _rows()
+    tensors = pad_batch([r["input_ids"] for r in rows], [r["answer_mask"] for r in rows], 0, CPU)
+    want = answer_logps(model, *tensors).detach()
+    use_segment_attention(model)
+    torch.testing.assert_close(answer_logps(model, *tensors).detach(), want, **TOL)
+
+
+def test_segment_attention_under_gradient_checkpointing(model):
+    """Recomputed layers in backward see the same position ids, so they cut the same samples."""
+    want_grads = _grads(model, _naive(model))
+    use_segment_attention(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
+    _assert_same_grads(_grads(model, got), want_grads)
+
+
+def _leaky(module, query, key, value, attention_mask, **kwargs):
+    """One causal attention over the whole row: packed samples see each other."""
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
+def test_isolation_check_passes_and_catches_a_leak(model):
+    assert check_packed_isolation(model) < 1e-3  # transformers' block mask
+    use_segment_attention(model)
+    assert check_packed_isolation(model) < 1e-3
+    AttentionInterface.register("leaky_for_test", _leaky)
+    model.set_attn_implementation("leaky_for_test")
+    with pytest.raises(ValueError, match="does not isolate packed samples"):
+        check_packed_isolation(model)
+
+
+def test_prepare_packing_defaults(model, tiny_tokenizer):
+    assert prepare_packing(model, False) == (False, "padded micro-batches (--no-packing)")
+    assert model.config._attn_implementation == "sdpa"  # untouched when not packing
+    packing, note = prepare_packing(model, None)
+    assert packing and SEGMENT_ATTENTION in note
+    eager = build_tiny_model(tiny_tokenizer, seed=3)
+    eager.set_attn_implementation("eager")
+    assert prepare_packing(eager, None)[0] is False  # dense mask: padding is faster
+    assert prepare_packing(eager, True)[0] is True  # asked for: correct, only slower
+
+
+def test_prepare_packing_falls_back_or_refuses_when_the_check_fails(model, monkeypatch):
+    def failing_check(model):
+        raise ValueError("packing check failed (simulated)")
+
+    monkeypatch.setattr("minorsft.packing.check_packed_isolation", failing_check)
+    with pytest.raises(ValueError, match="simulated"):
+        prepare_packing(model, True)  # asked for: an error, not a silent fallback
+    model.set_attn_implementation("sdpa")
+    packing, note = prepare_packing(model, None)
+    assert not packing and "simulated" in note
+    assert model.config._attn_implementation == "sdpa"  # the per-sample attention was undone
