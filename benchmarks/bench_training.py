@@ -12,7 +12,9 @@ training phase (`phase peak`) and of its whole life (`process peak`).
   per-sample attention), `minorsft padded` with `--no-packing`;
 - minorsft+live-ref: the same, but a second copy of the model (the reference) is held beside the
   policy and scores every micro-batch under inference mode, as trainers without a cache do;
-- trl-sft: TRL's `SFTTrainer` (prompt-completion data, completion-only loss, its defaults),
+- trl-sft: TRL's `SFTTrainer` (prompt-completion data, completion-only loss, its defaults
+  except bf16=False and gradient checkpointing as set here, so that it runs in fp32 as the
+  others do),
   tokens counted from its collator's attention mask; trl-sft padding-free: the same with
   `padding_free=True` (TRL's own packing of each batch into one row).
 
@@ -123,8 +125,16 @@ def child_trl(args) -> dict:
         args.batch_size, gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-5,
         lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_num_workers=0, max_length=args.max_length, seed=42,
-        gradient_checkpointing=args.gradient_checkpointing, padding_free=args.padding_free)
+        dataloader_num_workers=0, seed=42, gradient_checkpointing=args.gradient_checkpointing,
+        # fp32 like every other row here: TRL's default bf16=True would run the CPU matmuls
+        # under bf16 autocast, another precision (and a faster one on CPUs with AVX512-BF16).
+        bf16=False,
+        padding_free=args.padding_free,
+        # TRL refuses max_length with padding_free; the rows are within it anyway.
+        max_length=None if args.padding_free else args.max_length,
+        # Read the rows in order, as minorsft does here: the same batches, the same padding.
+        **({"train_sampling_strategy": "sequential"}
+           if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ else {}))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
     tokens, times, starts = [], [], []

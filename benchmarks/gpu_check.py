@@ -4,12 +4,17 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 
 1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
    (fp32, per-sample values and parameter gradients);
-2. training step, bf16: raw SFT vs MinorSFT vs MinorSFT packed vs MinorSFT with a live
-   reference model beside the policy (tokens/s and `torch.cuda.max_memory_allocated`), steps
-   interleaved in one process so that clock and thermal drift hit every configuration alike;
+2. training step, bf16: raw SFT and MinorSFT as `minorsft train` runs them by default (packed
+   rows, per-sample SDPA) vs MinorSFT padded vs MinorSFT packed under transformers' dense
+   block mask vs MinorSFT with a live reference model beside the policy (tokens/s and
+   `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
+   thermal drift hit every configuration alike;
 3. log-prob step peak memory with a 152k vocabulary: chunked vs naive full logits;
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
-   only, chunked head, inference mode) vs a plain loop (fixed batches, full logits).
+   only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
+5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
+   batch, model shape and dtype, minorsft's default step vs SFTTrainer's defaults (gradient
+   checkpointing off in both).
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -26,6 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
+from minorsft.attention import SEGMENT_ATTENTION, use_segment_attention
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
 from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
@@ -69,6 +75,16 @@ class Device:
     def allocated_mib(self) -> float:
         self.sync()
         return torch.cuda.memory_allocated() / 2**20 if self.cuda else float("nan")
+
+
+def set_attention(model, attention: str) -> None:
+    """'segment': minorsft's per-sample SDPA for packed rows (its default); else as named."""
+    if attention == "segment":
+        model.set_attn_implementation("sdpa")
+        assert use_segment_attention(model)
+    else:
+        model.set_attn_implementation(attention)
+    assert model.config._attn_implementation in (attention, SEGMENT_ATTENTION)
 
 
 def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
@@ -115,7 +131,10 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
     naive = sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids, mask)
     naive_grads = grads(naive)
     out = []
-    for name, packing in (("chunked, padded", False), ("chunked, packed", True)):
+    for name, packing, attention in (("chunked, padded", False, "sdpa"),
+                                     ("chunked, packed, dense mask", True, "sdpa"),
+                                     ("chunked, packed, per-sample sdpa", True, "segment")):
+        set_attention(model, attention)
         logps, _ = micro_batch_logps(model, rows, 0, dev.device, packing)
         got_grads = grads(logps)
         value_diff = (logps - naive).abs().max().item()
@@ -145,10 +164,11 @@ class Trainer:
                 tokenizer=SimpleNamespace(pad_token_id=0),
                 optimizer=self.optimizer, scheduler=linear_schedule(self.optimizer, 0, 10_000),
                 device=self.device, dtype=next(model.parameters()).dtype, total_steps=10_000,
-                metadata={}, model_path="(built from config)")
+                metadata={}, model_path="(built from config)", packing=False)
 
     def step(self, loss: str, packing: bool, rows: list[dict]) -> dict:
         if self.real:
+            self.state.packing = packing
             config = TrainConfig(cache="-", output="-", loss=loss, batch_size=self.batch,
                                  micro_batch_size=self.batch, packing=packing)
             return train_step(self.state, config, rows)
@@ -169,14 +189,16 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
     trainer = Trainer(model, batch, use_train_module)
     rows = make_rows(batch * (steps + 2), min_len, max_len, sizes["vocab_size"], seed=3)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-    configs = {"sft": ("sft", False), "minorsft": ("minorsft", False),
-               "minorsft packed": ("minorsft", True)}
+    configs = {"sft": ("sft", True, "segment"), "minorsft": ("minorsft", True, "segment"),
+               "minorsft padded": ("minorsft", False, "sdpa"),
+               "minorsft packed, dense mask": ("minorsft", True, "sdpa")}
     live_name = "minorsft + live reference"
     times = {name: [] for name in [*configs, live_name]}
     tokens = {name: [] for name in times}
     peaks = {name: [] for name in times}
 
-    def run(name, loss, packing, step_rows, reference=None):
+    def run(name, loss, packing, attention, step_rows, reference=None):
+        set_attention(model, attention)
         dev.reset_peak()
         started = time.perf_counter()
         if reference is not None:
@@ -192,8 +214,9 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
         peaks[name].append(dev.peak_mib())
 
     # Warm-up: optimizer states exist after the first step, kernels are chosen.
-    trainer.step("sft", False, batches[0])
-    trainer.step("minorsft", True, batches[0])
+    for _, packing, attention in configs.values():
+        set_attention(model, attention)
+        trainer.step("minorsft", packing, batches[0])
     names = list(configs)
     for step in range(steps):  # interleaved, alternating order (ABC CBA ...)
         for name in names if step % 2 == 0 else names[::-1]:
@@ -202,11 +225,11 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
     reference = build_model(sizes, dtype, dev.device, seed=0).eval()
     reference.requires_grad_(False)
     for step in range(steps):
-        run(live_name, "minorsft", False, batches[1 + step], reference)
+        run(live_name, "minorsft", True, "segment", batches[1 + step], reference)
     weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     out, summary = [], {}
     for name in times:
-        rate = sum(tokens[name]) / sum(times[name])
+        rate = statistics.median(t / s for t, s in zip(tokens[name], times[name], strict=True))
         peak = max(peaks[name])  # nan on the CPU (no allocator statistics)
         summary[name] = {"tok_s": rate, "step_s": statistics.median(times[name]),
                          "peak_mib": peak}
@@ -306,6 +329,114 @@ def section_scoring(dev: Device, sizes: dict, rows_count: int, min_len: int, max
     return out
 
 
+def _trl_tokenizer():
+    """A stand-in tokenizer: the rows are token ids already, TRL only needs pad and eos."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                   pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
+                dtype, use_train_module: bool) -> list[list]:
+    """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
+
+    TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
+    recomputation; minorsft's is off), so both do the same forward and backward work.
+
+    The rows are the cache-like token rows of section 2, given to TRL as an already tokenized
+    prompt-completion dataset (`input_ids` + `completion_mask`, completion-only loss) and read in
+    order, so both see the same batches. Each trainer goes over the batches twice: on a GPU the
+    first pass ("new shapes") includes what kernels spend on each new sequence length (cuDNN
+    plans, allocator growth), the second ("seen shapes") is the steady state of a long run,
+    where lengths repeat. The first step of the first pass is warm-up and not counted.
+    """
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    rows = make_rows(batch * (steps + 1), min_len, max_len, sizes["vocab_size"], seed=5)
+    batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    results = {}
+
+    model = build_model(sizes, dtype, dev.device).train()
+    set_attention(model, "segment")  # what `minorsft train` picks for an SDPA model
+    trainer = Trainer(model, batch, use_train_module)
+    times, tokens = [], []
+    dev.reset_peak()
+    for step_rows in batches + batches:
+        started = time.perf_counter()
+        tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
+        dev.sync()
+        times.append(time.perf_counter() - started)
+    results["minorsft (default: packed)"] = (times, tokens, dev.peak_mib())
+    del model, trainer
+    if dev.cuda:
+        torch.cuda.empty_cache()
+
+    model = build_model(sizes, dtype, dev.device).train()
+    data = Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(m) for m in r["answer_mask"]]}
+                              for r in rows])
+    settings = dict(
+        output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, max_steps=2 * len(batches), learning_rate=1e-5,
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10**6,
+        save_strategy="no", report_to="none", dataloader_num_workers=0, max_length=max_len,
+        bf16=dtype == torch.bfloat16, use_cpu=not dev.cuda, seed=0,
+        gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
+    in_order = "train_sampling_strategy" in SFTConfig.__dataclass_fields__
+    if in_order:
+        settings["train_sampling_strategy"] = "sequential"  # the same batches as above
+    sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
+                     processing_class=_trl_tokenizer())
+    trl_times, trl_tokens, starts = [], [], []
+    collator = sft.data_collator
+
+    def counting_collator(features):
+        collated = collator(features)
+        mask = collated.get("attention_mask")
+        trl_tokens.append(int(mask.sum()) if mask is not None else collated["input_ids"].numel())
+        return collated
+
+    sft.data_collator = counting_collator
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            dev.sync()
+            starts.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            dev.sync()
+            trl_times.append(time.perf_counter() - starts[-1])
+
+    sft.add_callback(Timer())
+    dev.reset_peak()
+    sft.train()
+    trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")
+    results[trl_name] = (trl_times, trl_tokens[:len(trl_times)], dev.peak_mib())
+    out, rates = [], {}
+    for name, (step_times, step_tokens, peak) in results.items():
+        rates[name] = []
+        for label, part in (("new shapes", slice(1, len(batches))),
+                            ("seen shapes", slice(len(batches), None))):
+            per_step = [t / s for t, s in zip(step_tokens[part], step_times[part], strict=True)]
+            rates[name].append(statistics.median(per_step))
+            out.append([f"{name}, {label}", len(per_step),
+                        f"{statistics.median(step_times[part]):.3f}", f"{rates[name][-1]:,.0f}",
+                        f"{peak:,.0f}"])
+    ours, theirs = rates.values()
+    out.append(["ratio minorsft / TRL", "", "",
+                f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes {ours[1] / theirs[1]:.2f}",
+                ""])
+    return out
+
+
 def table(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
@@ -316,7 +447,8 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=".")
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
-    parser.add_argument("--sections", default="correctness,training,logprob_memory,scoring")
+    parser.add_argument("--sections",
+                        default="correctness,training,logprob_memory,scoring,trl")
     parser.add_argument("--local-step", action="store_true",
                         help="use the local copy of train_step even if minorsft.train imports")
     args = parser.parse_args()
@@ -361,17 +493,19 @@ def main():
         rows, summary = section_training(dev, big, dtype=dtype,
                                          use_train_module=not args.local_step, **train_shape)
         sft, minor = summary["sft"], summary["minorsft"]
+        padded, dense = summary["minorsft padded"], summary["minorsft packed, dense mask"]
         live = summary["minorsft + live reference"]
         rows.append(["ratios", f"minorsft/sft step {minor['step_s'] / sft['step_s']:.3f}",
-                     f"packed/padded tok/s "
-                     f"{summary['minorsft packed']['tok_s'] / minor['tok_s']:.2f}",
+                     f"minorsft/padded tok/s {minor['tok_s'] / padded['tok_s']:.2f}; "
+                     f"dense mask/padded {dense['tok_s'] / padded['tok_s']:.2f}",
                      f"minorsft/sft peak {minor['peak_mib'] / sft['peak_mib']:.3f}; live-ref "
                      f"peak - cache peak {live['peak_mib'] - minor['peak_mib']:,.0f} MiB "
                      f"(weights {summary['weights_mib']:,.0f} MiB)"])
         emit(f"2. training step ({dtype}, batch {train_shape['batch']}, lengths "
              f"{train_shape['min_len']}-{train_shape['max_len']}, {train_shape['steps']} steps "
              f"each, interleaved)",
-             ["config", "median step s", "tokens/s", "peak allocated MiB"], rows)
+             ["config", "median step s", "tokens/s (median of steps)", "peak allocated MiB"],
+             rows)
     if "logprob_memory" in sections:
         emit(f"3. log-prob step peak memory, vocab {head_sizes['vocab_size']}, "
              f"{memory_shape['batch']} x {memory_shape['length']} tokens (half answer), {dtype}",
@@ -384,6 +518,18 @@ def main():
              ["method", "answer tokens", "answer tokens/s", "x plain", "peak allocated MiB",
               "max abs logp diff"],
              section_scoring(dev, big, dtype=dtype, **scoring_shape))
+    if "trl" in sections:
+        try:
+            import trl  # noqa: F401
+        except Exception as error:  # missing, or broken by the box's other packages
+            print(f"section 5 skipped: trl does not import: {error!r}")
+        else:
+            emit(f"5. training vs TRL SFTTrainer ({dtype}, batch {train_shape['batch']}, lengths "
+                 f"{train_shape['min_len']}-{train_shape['max_len']}, same rows in order)",
+                 ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
+                  "peak allocated MiB"],
+                 section_trl(dev, big, dtype=dtype, use_train_module=not args.local_step,
+                             **train_shape))
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -19,12 +19,14 @@ before training, that a packed row gives each sample the hidden states it has al
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SEGMENT_ATTENTION = "minorsft_segment_sdpa"
 
 
-def packed_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
+def lengths_from_positions(position_ids: torch.Tensor | None) -> list[int] | None:
     """Lengths of the samples in a packed [1, L] row; None if the row holds one sample."""
     if position_ids is None:
         return None
@@ -38,26 +40,50 @@ def packed_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
     return [stop - start for start, stop in zip(starts[:-1], starts[1:], strict=True)]
 
 
+# On CUDA, SDPA may pick cuDNN attention, which builds a plan for every new sequence length:
+# measured on an H200 (torch 2.11), packed steps of 8 samples with new lengths took 0.89 s
+# against 0.11 s with flash attention, because every sample is a new shape. Per-sample calls
+# therefore leave cuDNN out; flash is then chosen where it applies, math as the last resort.
+_PER_SAMPLE_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                           scaling: float | None = None, **kwargs):
+                           scaling: float | None = None, packed_lengths: list[int] | None = None,
+                           **kwargs):
     """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.
 
     Packed rows (no mask, position ids restarting) run causal SDPA per sample; anything else is
-    transformers' SDPA as usual.
+    transformers' SDPA as usual. `packed_lengths` (the sample lengths, passed by
+    `minorsft.packing`) saves reading them from the position ids in every layer, which on a
+    GPU would wait for the device once per layer.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    lengths = packed_lengths(kwargs.get("position_ids")) if attention_mask is None else None
-    if lengths is None:
+    lengths = None
+    if attention_mask is None:
+        lengths = packed_lengths or lengths_from_positions(kwargs.get("position_ids"))
+    if lengths is None or len(lengths) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    outputs = [
-        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
-                               is_causal=True)[0]
-        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
-                           value.split(lengths, dim=2), strict=True)
-    ]
+    if sum(lengths) != query.shape[2]:
+        raise ValueError(f"packed sample lengths sum to {sum(lengths)}, the row has "
+                         f"{query.shape[2]} tokens")
+    with _per_sample_backends(query.device):
+        outputs = [
+            sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                   is_causal=True)[0]
+            for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                               value.split(lengths, dim=2), strict=True)
+        ]
     return torch.cat(outputs, dim=1), None
+
+
+def _per_sample_backends(device: torch.device):
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in _PER_SAMPLE_BACKENDS])
 
 
 def _segment_mask(*args, attention_mask=None, **kwargs):

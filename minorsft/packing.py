@@ -40,7 +40,11 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, L], restarting at 0 for each sample
     positions: torch.Tensor  # [N] positions whose next token is an answer token
     sample_index: torch.Tensor  # [N] the sample each of those positions belongs to
-    num_samples: int
+    lengths: list[int]  # the samples' lengths, in order
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.lengths)
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +76,7 @@ def pack_batch(input_ids: list[list[int]], answer_masks: list[list[bool]],
         return torch.tensor(values, dtype=torch.long).to(device)
 
     return PackedBatch(as_tensor([ids]), as_tensor([position_ids]), as_tensor(positions),
-                       as_tensor(sample_index), len(input_ids))
+                       as_tensor(sample_index), [len(sample_ids) for sample_ids in input_ids])
 
 
 def check_packing_support(model) -> None:
@@ -131,9 +135,13 @@ def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = N
         token_logps = token_logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N]
         summed = token_logps.new_zeros(packed.num_samples)
         return summed.index_add(0, packed.sample_index, token_logps)
+    # The per-sample attention takes the lengths as given (else it reads them in every layer).
+    lengths = ({"packed_lengths": packed.lengths}
+               if model.config._attn_implementation == SEGMENT_ATTENTION else {})
     hidden = model.get_decoder()(
         input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
         use_cache=False,  # with a cache transformers would not detect the packed samples
+        **lengths,
     ).last_hidden_state[0]  # [L, H]
     return head_logps(model, hidden[packed.positions], labels, packed.sample_index,
                       packed.num_samples, chunk_tokens)

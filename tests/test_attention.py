@@ -15,7 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from minorsft.attention import (
     SEGMENT_ATTENTION,
     check_packed_isolation,
-    packed_lengths,
+    lengths_from_positions,
     use_segment_attention,
 )
 from minorsft.logprobs import answer_logps, pad_batch
@@ -38,13 +38,13 @@ def _rows():
     return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
 
 
-def test_packed_lengths_reads_the_restarts():
-    assert packed_lengths(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
-    assert packed_lengths(torch.tensor([[0, 1, 2, 3]])) is None  # one sample: nothing to cut
-    assert packed_lengths(torch.tensor([[5, 6, 7]])) is None  # a continued sequence
-    assert packed_lengths(None) is None
+def test_lengths_from_positions_reads_the_restarts():
+    assert lengths_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
+    assert lengths_from_positions(torch.tensor([[0, 1, 2, 3]])) is None  # one sample
+    assert lengths_from_positions(torch.tensor([[5, 6, 7]])) is None  # a continued sequence
+    assert lengths_from_positions(None) is None
     with pytest.raises(ValueError, match="one per batch"):
-        packed_lengths(torch.tensor([[0, 1, 0], [0, 1, 2]]))
+        lengths_from_positions(torch.tensor([[0, 1, 0], [0, 1, 2]]))
 
 
 def test_segment_attention_equals_padding_forward_and_backward(model):
@@ -114,3 +114,11 @@ def test_prepare_packing_falls_back_or_refuses_when_the_check_fails(model, monke
     packing, note = prepare_packing(model, None)
     assert not packing and "simulated" in note
     assert model.config._attn_implementation == "sdpa"  # the per-sample attention was undone
+
+
+def test_given_lengths_must_cover_the_row(model):
+    use_segment_attention(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with pytest.raises(ValueError, match="sum to 4, the row has 5 tokens"):
+        model.get_decoder()(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1, 2]]),
+                            attention_mask=None, use_cache=False, packed_lengths=[2, 2])
