@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from minorsft.attention import SEGMENT_ATTENTION, use_segment_attention
+from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
 from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
@@ -48,6 +48,9 @@ except ImportError:
 
 QWEN2_05B = dict(vocab_size=151_936, hidden_size=896, intermediate_size=4864,
                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2)
+QWEN2_15B = dict(vocab_size=151_936, hidden_size=1536, intermediate_size=8960,
+                 num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2)
+SHAPES = {"0.5b": QWEN2_05B, "1.5b": QWEN2_15B}
 SMALL = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
 
@@ -186,6 +189,8 @@ class Trainer:
 def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int,
                      steps: int, dtype, use_train_module: bool) -> tuple[list[list], dict]:
     model = build_model(sizes, dtype, dev.device).train()
+    set_attention(model, "segment")
+    isolation = check_packed_isolation(model)  # as `minorsft train` checks it, in this dtype
     trainer = Trainer(model, batch, use_train_module)
     rows = make_rows(batch * (steps + 2), min_len, max_len, sizes["vocab_size"], seed=3)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
@@ -236,6 +241,7 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
         out.append([name, f"{statistics.median(times[name]):.3f}", f"{rate:,.0f}",
                     f"{peak:,.0f}"])
     summary["weights_mib"] = weights_mib
+    summary["isolation"] = isolation
     return out, summary
 
 
@@ -447,6 +453,8 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=".")
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU smoke test)")
+    parser.add_argument("--shape", choices=SHAPES, default="0.5b",
+                        help="model shape (Qwen2-0.5B or Qwen2-1.5B, built from a config)")
     parser.add_argument("--sections",
                         default="correctness,training,logprob_memory,scoring,trl")
     parser.add_argument("--local-step", action="store_true",
@@ -456,7 +464,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if dev.cuda else torch.float32
-    big = SMALL if args.small else QWEN2_05B
+    big = SMALL if args.small else SHAPES[args.shape]
     head_sizes = dict(big, num_hidden_layers=2)  # the vocabulary dominates
     if args.small:
         train_shape = dict(batch=2, min_len=16, max_len=48, steps=2)
@@ -500,7 +508,8 @@ def main():
                      f"dense mask/padded {dense['tok_s'] / padded['tok_s']:.2f}",
                      f"minorsft/sft peak {minor['peak_mib'] / sft['peak_mib']:.3f}; live-ref "
                      f"peak - cache peak {live['peak_mib'] - minor['peak_mib']:,.0f} MiB "
-                     f"(weights {summary['weights_mib']:,.0f} MiB)"])
+                     f"(weights {summary['weights_mib']:,.0f} MiB); packing isolation check "
+                     f"{summary['isolation']:.1e} (leak: ~1, refused above 0.1)"])
         emit(f"2. training step ({dtype}, batch {train_shape['batch']}, lengths "
              f"{train_shape['min_len']}-{train_shape['max_len']}, {train_shape['steps']} steps "
              f"each, interleaved)",

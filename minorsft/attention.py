@@ -163,7 +163,9 @@ def _isolation_ratio(model) -> float:
     error = float((packed - alone).abs().max())
     leak = float((leaked - alone).abs().max())
     ratio = error / max(leak, 1e-12)
-    if ratio > 0.01:
+    # A leak makes the packed states the leaked ones (ratio ~1); bf16 rounding across many
+    # layers stays far below a tenth of it, fp32 below 1e-5.
+    if ratio > 0.1:
         raise ValueError(
             f"packing check failed for {type(model).__name__} with attention "
             f"{model.config._attn_implementation!r}: a packed sample's hidden states differ from "

@@ -31,11 +31,14 @@ PY
 python -m minorsft precompute --model "$work/model" --data demo --out "$work/ref.parquet"
 python -m minorsft cache info "$work/ref.parquet"
 python -m minorsft verify --cache "$work/ref.parquet" --sample 16 || echo "verify exit $?"
-for loss in minorsft sft; do
+for loss in minorsft sft; do  # packed by default (per-sample SDPA, or flash-attn varlen)
   python -m minorsft train --cache "$work/ref.parquet" --output "$work/$loss" --loss $loss \
       --batch-size 16 --micro-batch-size 8 --epochs 3
   cp "$work/$loss/metrics.jsonl" "$OUT/metrics-$loss.jsonl"
 done
+python -m minorsft train --cache "$work/ref.parquet" --output "$work/padded" --no-packing \
+    --batch-size 16 --micro-batch-size 8 --epochs 3
+cp "$work/padded/metrics.jsonl" "$OUT/metrics-padded.jsonl"
 python - "$work/minorsft" <<'PY'
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,7 +49,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(de
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3"}],
     add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
 print("reloaded and generated:", model.generate(**prompt, max_new_tokens=5, do_sample=False).shape)
-for loss in ("minorsft", "sft"):
+for loss in ("minorsft", "sft", "padded"):
     rows = [json.loads(l) for l in open(f"{folder}/../{loss}/metrics.jsonl")]
     print(loss, "step0 m_theta %.3e coef %.4f" % (rows[0]["m_theta"], rows[0]["coefficient"]),
           "median step s %.3f" % sorted(r["step_seconds"] for r in rows[1:])[len(rows[1:]) // 2],
