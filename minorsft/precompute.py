@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
 from minorsft.cache import (
@@ -59,6 +59,7 @@ from minorsft.data import (
 )
 from minorsft.engines import make_engine
 from minorsft.models import dtype_name, fingerprint, load_tokenizer, resolve_model
+from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
 # Metadata that decides the cached numbers: a resumed run or another shard must match all of it.
@@ -219,24 +220,27 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         console.print(f"{out}: all parts of this run were already done; nothing to score")
         return _summarise(out, shard, started, len(done), 0)
 
-    progress = Progress(
-        TextColumn("[bold]scoring"), BarColumn(), TextColumn("{task.completed} rows"),
-        TextColumn("{task.fields[rows_s]:.1f} rows/s  {task.fields[tok_s]:.0f} tok/s"),
-        TimeElapsedColumn(), console=console, transient=False,
+    bar = progress(
+        console,
+        (TextColumn("[bold]scoring"), BarColumn(), TextColumn("{task.completed} rows"),
+         TextColumn("{task.fields[rows_s]:.1f} rows/s  {task.fields[tok_s]:.0f} tok/s"),
+         TimeElapsedColumn()),
+        lambda task: (f"scoring {task['completed']:.0f}/{task['total']} rows  "
+                      f"{task['rows_s']:.1f} rows/s  {task['tok_s']:.0f} tok/s"),
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     part: _PartBuilder | None = None
     rows_total = 0
     try:
-        with progress:
-            task = progress.add_task("score", total=_count_lines(data_path), rows_s=0.0,
+        with bar:
+            task = bar.add_task("score", total=_count_lines(data_path), rows_s=0.0,
                                      tok_s=0.0)
 
             def scored(rows: int, tokens: int) -> None:
                 counters["rows"] += rows
                 counters["tokens"] += tokens
                 elapsed = max(time.perf_counter() - started, 1e-9)
-                progress.update(task, rows_s=counters["rows"] / elapsed,
+                bar.update(task, rows_s=counters["rows"] / elapsed,
                                 tok_s=counters["tokens"] / elapsed)
 
             def finish(builder: _PartBuilder) -> None:
@@ -247,7 +251,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
             for index, item in classify_rows(data_path, tokenizer, spec, config.max_length,
                                              lambda i: mine(i // config.part_rows)):
                 rows_total = index + 1
-                progress.update(task, advance=1)
+                bar.update(task, advance=1)
                 if part is not None and index // config.part_rows != part.index:
                     finish(part)
                     part = None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
@@ -60,6 +60,7 @@ from minorsft.models import (
     resolve_model,
 )
 from minorsft.packing import prepare_packing
+from minorsft.progress import progress
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
@@ -316,6 +317,12 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     return metrics
 
 
+def _describe_training(task: dict) -> str:
+    return (f"training {task['completed']:.0f}/{task['total']} steps  loss {task['loss']:.4f}  "
+            f"m_theta {task['m_theta']:+.2e}  coef {task['coef']:.3f}  "
+            f"{task['tok_s']:.0f} tok/s")
+
+
 def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     output = Path(config.output)
     main = state.world.is_main
@@ -337,9 +344,9 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     if main:
         _trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
-            Progress(*columns, console=console, disable=not main) as progress, \
+            progress(console, columns, _describe_training, disable=not main) as bar, \
             _StopRequest() as stop:
-        task = progress.add_task("train", total=state.total_steps, completed=first,
+        task = bar.add_task("train", total=state.total_steps, completed=first,
                                  loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
@@ -355,7 +362,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
             if step % config.log_every == 0 or step == state.total_steps - 1:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-            progress.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
+            bar.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
             done = step + 1
             stopping = stop.agreed(state)
