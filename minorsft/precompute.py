@@ -45,6 +45,7 @@ from minorsft.cache import (
     manifest_name,
     missing_pieces,
     part_name,
+    read_metadata,
     update_metadata,
     write_manifest,
     write_rejects,
@@ -218,7 +219,11 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     if manifest.get("parts_total") is not None and not any(
             mine(k) for k in range(manifest["parts_total"])):
         console.print(f"{out}: all parts of this run were already done; nothing to score")
-        return _summarise(out, shard, started, len(done), 0)
+        summary = _summarise(out, shard, started, len(done), 0)
+        # A run stopped between its last part and the drift check left no drift: measure it now.
+        _check_drift(config, out, summary, engine, model_path, console, only_if_missing=True)
+        engine.close()
+        return summary
 
     bar = progress(
         console,
@@ -278,14 +283,23 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     manifest.update(input_rows=rows_total, parts_total=math.ceil(rows_total / config.part_rows))
     write_manifest(out, manifest)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
-    if config.verify_sample and summary.complete:  # the drift check, once the cache is whole
-        report = precompute_drift_check(out, engine, model_path, config.verify_sample,
-                                        config.verify_dtype, config.device, config.verify_beta,
-                                        config.max_batch_tokens)
-        console.print(format_report(report), highlight=False)
-        update_metadata(out, {"drift": report.as_dict()})
+    _check_drift(config, out, summary, engine, model_path, console)
     engine.close()
     return summary
+
+
+def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary, engine,
+                 model_path: str, console: Console, only_if_missing: bool = False) -> None:
+    """The drift check (verify.py) once the cache is whole, stored in the cache's metadata."""
+    if not (config.verify_sample and summary.complete):
+        return
+    if only_if_missing and "drift" in read_metadata(out):
+        return
+    report = precompute_drift_check(out, engine, model_path, config.verify_sample,
+                                    config.verify_dtype, config.device, config.verify_beta,
+                                    config.max_batch_tokens)
+    console.print(format_report(report), highlight=False)
+    update_metadata(out, {"drift": report.as_dict()})
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:

@@ -157,3 +157,21 @@ def test_shard_spec_is_checked():
         PrecomputeConfig(model="m", data="d", out="o", shard="2/2")
     with pytest.raises(ValueError, match="expected I/N"):
         PrecomputeConfig(model="m", data="d", out="o", shard="first")
+
+
+def test_a_finished_cache_without_drift_gets_it_on_rerun(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped after the last part but before the drift check: the rerun measures the drift,
+    and a later rerun of a cache that has it scores nothing and checks nothing."""
+    data, out = rows_file(tmp_path, 6), tmp_path / "cache"
+    precompute(tiny_model_dir, data, out, verify_sample=0)  # as if stopped before the check
+    assert "drift" not in read_metadata(out)
+    precompute(tiny_model_dir, data, out, verify_sample=4)
+    drift = read_metadata(out)["drift"]
+    assert drift["rows"] == 4
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the drift check ran again")
+
+    monkeypatch.setattr("minorsft.precompute.precompute_drift_check", must_not_run)
+    precompute(tiny_model_dir, data, out, verify_sample=4)
+    assert read_metadata(out)["drift"] == drift
