@@ -17,6 +17,7 @@ Every input row ends up either cached or in the rejects file: input rows = cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -176,14 +177,45 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     out = Path(config.out)
     shard = config.shard_spec
     created = not out.exists()
-    prepare_output(out, config.overwrite)
+    if not out.is_file():  # (a file is prepare_output's to refuse or replace)
+        out.mkdir(parents=True, exist_ok=True)
+    with _shard_lock(out, shard):
+        prepare_output(out, config.overwrite)
+        try:
+            return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
+                                    started, console)
+        except BaseException:
+            if created and out.is_dir() and not load_manifests(out):
+                shutil.rmtree(out, ignore_errors=True)  # no finished part: leave nothing behind
+            raise
+
+
+@contextlib.contextmanager
+def _shard_lock(out: Path, shard):
+    """Hold this shard's lock in `out` for the run; refuse if another process holds it.
+
+    Two processes scoring the same shard into one directory would write the same parts and
+    manifest. The lock is an flock on an empty file, so it goes with its process, even after
+    kill -9, and the next run resumes. Where fcntl does not exist (Windows) nothing is locked.
+    """
     try:
-        return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
-                                started, console)
-    except BaseException:
-        if created and out.is_dir() and not load_manifests(out):
-            shutil.rmtree(out, ignore_errors=True)  # no finished part: leave nothing behind
-        raise
+        import fcntl
+    except ImportError:
+        yield
+        return
+    if not out.is_dir():  # a single-file cache about to be refused or replaced
+        yield
+        return
+    lock_path = out / f".{manifest_name(shard)}.lock"
+    with lock_path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            what = f"shard {shard[0]}/{shard[1]} of " if shard else ""
+            raise CacheError(f"{out}: another precompute is writing {what}this cache (it holds "
+                             f"{lock_path.name}); let it finish, or stop it and run this "
+                             "command again to resume") from None
+        yield
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,

@@ -175,3 +175,18 @@ def test_a_finished_cache_without_drift_gets_it_on_rerun(tiny_model_dir, tmp_pat
     monkeypatch.setattr("minorsft.precompute.precompute_drift_check", must_not_run)
     precompute(tiny_model_dir, data, out, verify_sample=4)
     assert read_metadata(out)["drift"] == drift
+
+
+def test_a_second_process_on_the_same_shard_is_refused(tiny_model_dir, tmp_path):
+    """The lock of a running precompute (held here by hand) stops a second one, naming it."""
+    import fcntl
+
+    data, out = rows_file(tmp_path, 4), tmp_path / "cache"
+    out.mkdir()
+    with (out / "._manifest.shard-1-of-2.json.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CacheError, match="another precompute is writing shard 1/2 of"):
+            precompute(tiny_model_dir, data, out, shard="1/2")
+        precompute(tiny_model_dir, data, out, shard="0/2")  # another shard: not blocked
+    precompute(tiny_model_dir, data, out, shard="1/2")  # the lock went with its holder
+    assert sum(1 for _ in iter_rows(out)) == 4
