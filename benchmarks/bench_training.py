@@ -42,6 +42,7 @@ from common import (
     median,
     peak_rss_mib,
     read_records,
+    record_trl_steps,
     reset_peak_rss,
     rss_mib,
     run_child,
@@ -108,7 +109,6 @@ def child_minorsft(args) -> dict:
 
 def child_trl(args) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from minorsft.models import load_model, load_tokenizer, resolve_model
@@ -137,26 +137,7 @@ def child_trl(args) -> dict:
            if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ else {}))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
-    tokens, times, starts = [], [], []
-
-    collator = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collator(features)
-        mask = batch.get("attention_mask")
-        tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
-        return batch
-
-    trainer.data_collator = counting_collator
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            starts.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - starts[-1])
-
-    trainer.add_callback(Timer())
+    times, tokens = record_trl_steps(trainer)
     loaded_rss = rss_mib()
     reset = reset_peak_rss()
     trainer.train()

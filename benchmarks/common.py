@@ -151,3 +151,36 @@ def add_data_arguments(parser, rows: int, max_length: int = 1024) -> None:
     parser.add_argument("--response-field")
     parser.add_argument("--rows", type=int, default=rows)
     parser.add_argument("--max-length", type=int, default=max_length)
+
+
+def record_trl_steps(trainer, sync=lambda: None) -> tuple[list[float], list[int]]:
+    """Seconds of each optimizer step of a TRL/transformers trainer, and tokens of each batch.
+
+    Wraps the trainer's collator (real tokens: the attention mask's sum, or every token of a
+    padding-free row) and adds a step timer; both lists fill as `trainer.train()` runs. The
+    dataloader may collate a batch ahead, so keep `tokens[:len(seconds)]`. `sync` waits for
+    the device (CUDA) so that a step's time is its own.
+    """
+    from transformers import TrainerCallback
+
+    seconds, tokens, starts = [], [], []
+    collator = trainer.data_collator
+
+    def counting_collator(features):
+        batch = collator(features)
+        mask = batch.get("attention_mask")
+        tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        return batch
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            sync()
+            starts.append(time.perf_counter())
+
+        def on_step_end(self, *args, **kwargs):
+            sync()
+            seconds.append(time.perf_counter() - starts[-1])
+
+    trainer.data_collator = counting_collator
+    trainer.add_callback(StepTimer())
+    return seconds, tokens

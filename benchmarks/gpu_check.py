@@ -363,8 +363,9 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     import tempfile
 
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from common import record_trl_steps
 
     rows = make_rows(batch * (steps + 1), min_len, max_len, sizes["vocab_size"], seed=5)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
@@ -401,27 +402,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         settings["train_sampling_strategy"] = "sequential"  # the same batches as above
     sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
                      processing_class=_trl_tokenizer())
-    trl_times, trl_tokens, starts = [], [], []
-    collator = sft.data_collator
-
-    def counting_collator(features):
-        collated = collator(features)
-        mask = collated.get("attention_mask")
-        trl_tokens.append(int(mask.sum()) if mask is not None else collated["input_ids"].numel())
-        return collated
-
-    sft.data_collator = counting_collator
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs):
-            dev.sync()
-            starts.append(time.perf_counter())
-
-        def on_step_end(self, *args, **kwargs):
-            dev.sync()
-            trl_times.append(time.perf_counter() - starts[-1])
-
-    sft.add_callback(Timer())
+    trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
     dev.reset_peak()
     sft.train()
     trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")

@@ -122,3 +122,11 @@ def precompute_rows(model: str, folder: Path, rows: list[dict], **settings) -> P
 @pytest.fixture
 def demo_jsonl(tmp_path) -> Path:
     return write_jsonl(tmp_path / "sft.jsonl", demo_rows(4))
+
+
+@pytest.fixture
+def model(tiny_tokenizer):
+    """A fresh tiny model (seed 3) with SDPA attention, in train mode."""
+    m = build_tiny_model(tiny_tokenizer, seed=3)
+    m.set_attn_implementation("sdpa")
+    return m.train()

@@ -27,13 +27,6 @@ from .test_logprobs import SAMPLES, TOL, _assert_same_grads, _grads, _naive
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def model(tiny_tokenizer):
-    m = build_tiny_model(tiny_tokenizer, seed=3)
-    m.set_attn_implementation("sdpa")
-    return m.train()
-
-
 def _rows():
     return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
 

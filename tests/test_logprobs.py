@@ -27,13 +27,6 @@ SAMPLES = [
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-@pytest.fixture
-def model(tiny_tokenizer):
-    m = build_tiny_model(tiny_tokenizer, seed=3)
-    m.set_attn_implementation("sdpa")
-    return m.train()
-
-
 def _batch():
     ids = [s[0] for s in SAMPLES]
     masks = [[bool(v) for v in s[1]] for s in SAMPLES]
