@@ -95,7 +95,9 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             stop = start + ctx.chunk_tokens
             h, y, g = hidden[start:stop], labels[start:stop], grad_out[start:stop]
             logits = F.linear(h, weight, bias).float()  # [c, V]
-            probs = logits.sub_(logits.logsumexp(-1, keepdim=True)).exp_()  # in place
+            # softmax in place (max, exp, normalise): logsumexp would allocate another [c, V]
+            logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+            probs = logits.div_(logits.sum(-1, keepdim=True))
             grad_logits = probs.mul_(-g[:, None])  # -g * softmax, in place
             grad_logits[torch.arange(y.shape[0], device=y.device), y] += g
             grad_logits = grad_logits.to(weight.dtype)
