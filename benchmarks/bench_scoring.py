@@ -57,6 +57,8 @@ def make_trl(model_path: str, tokenizer, records, args, workdir: str):
     config = DPOConfig(output_dir=workdir, per_device_train_batch_size=args.batch_size,
                        precompute_ref_batch_size=args.batch_size, max_length=args.max_length,
                        report_to="none", use_cpu=True, dataloader_num_workers=0,
+                       # fp32 like the others: TRL's default bf16=True scores under bf16 autocast
+                       bf16=False,
                        precompute_ref_log_probs=False)  # we time the pre-computation ourselves
     model = load_model(model_path, torch.float32, torch.device("cpu"))
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
