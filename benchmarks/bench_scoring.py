@@ -74,8 +74,9 @@ def main():
     add_data_arguments(parser, rows=64)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="rows per batch for the plain loop and TRL")
-    parser.add_argument("--max-batch-tokens", type=int, default=4096,
-                        help="minorsft's padded-token budget per batch")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="minorsft's padded-token budget per batch (default: the engine's, "
+                             "1024 on a CPU)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", default="minorsft,plain,trl")
     args = parser.parse_args()

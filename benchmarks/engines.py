@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--engines", default="vllm,transformers")
-    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="default: the engine's (transformers: 1024 on a CPU; vLLM: 8192)")
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--tensor-parallel-size", type=int)

@@ -79,10 +79,11 @@ def precompute(
              "CUDA GPU is present, else transformers).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (transformers "
                                              "engine; vLLM picks its own).")] = "auto",
-    max_batch_tokens: Annotated[int, typer.Option(
+    max_batch_tokens: Annotated[int | None, typer.Option(
         help="Tokens per scoring batch, which bounds memory: padded tokens per forward pass "
-             "(transformers) or vLLM's max_num_batched_tokens per engine step (prompt "
-             "log-probs hold a tokens x vocab fp32 tensor).")] = 8192,
+             "(transformers; default 1024 on a CPU, where small batches are faster, 16384 on "
+             "a GPU) or vLLM's max_num_batched_tokens per engine step (default 8192; prompt "
+             "log-probs hold a tokens x vocab fp32 tensor).", show_default=False)] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(
         help="vLLM: GPUs to shard the model over.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(
@@ -271,7 +272,9 @@ def verify(
         help="The dtype training will use: auto (fp32 on CPU, bf16 on GPU), float32, "
              "bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_batch_tokens: Annotated[int, typer.Option(help="Tokens per scoring batch.")] = 8192,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per scoring batch (default 1024 on a CPU, 16384 on a GPU).",
+        show_default=False)] = None,
     max_delta_r: Annotated[float, typer.Option(
         help="Exit with status 1 when any sampled answer's |delta r| exceeds this (nats).")
     ] = 1.0,
@@ -381,7 +384,9 @@ def eval_command(
         help="Only the first N questions of each --choices file.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per batch.")] = 8192,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        help="Padded tokens per batch (default 1024 on a CPU, 16384 on a GPU).",
+        show_default=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the result "
                                                                      "as JSON here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")

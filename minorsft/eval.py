@@ -59,7 +59,7 @@ class EvalConfig:
     max_questions: int | None = None  # first N questions of each choices file
     dtype: str = "auto"
     device: str = "auto"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None
 
     def __post_init__(self):
         if self.data is None and not self.choices and not looks_like_cache(self.reference):

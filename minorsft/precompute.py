@@ -84,7 +84,7 @@ class PrecomputeConfig:
     dtype: str = "auto"
     engine: str = "auto"
     device: str = "auto"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None  # None: the engine's default for its device
     window_rows: int = 1024
     on_bad: str = "error"
     # vLLM engine only (None: vLLM's default or minorsft's, see engines/vllm_engine.py)
@@ -102,7 +102,7 @@ class PrecomputeConfig:
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError("--max-length must be at least 2")
-        if self.max_batch_tokens < 1:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens must be positive")
         if self.verify_sample < 0:
             raise ValueError("--verify-sample must be 0 (skip) or positive")

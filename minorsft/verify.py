@@ -197,7 +197,7 @@ class VerifyConfig:
     beta: float = 0.04
     dtype: str = "auto"  # the dtype training will use
     device: str = "auto"
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int | None = None
     max_delta_r: float = DEFAULT_MAX_DELTA_R
     rescore: bool = False  # recompute the sample with the cache's engine for per-token figures
     allow_mismatch: bool = False
@@ -255,7 +255,7 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
 
 def precompute_drift_check(cache: Path, engine, model_path: str, sample: int,
                            train_dtype: str = "auto", device: str = "auto", beta: float = 0.04,
-                           max_batch_tokens: int = 8192, seed: int = 0) -> DriftReport:
+                           max_batch_tokens: int | None = None, seed: int = 0) -> DriftReport:
     """The drift check at the end of precompute, on `sample` random rows of the finished cache.
 
     Takes the scoring engine's own per-token values for those rows (the cache keeps only sums),

@@ -54,7 +54,7 @@ def resolve_engine_name(name: str) -> str:
 
 
 def make_engine(name: str, model_path: str, dtype: str, device: str = "auto",
-                max_batch_tokens: int = 8192, **vllm_options) -> ScoringEngine:
+                max_batch_tokens: int | None = None, **vllm_options) -> ScoringEngine:
     """Build the engine `name` (see `resolve_engine_name`).
 
     `vllm_options` (tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager)

@@ -62,7 +62,7 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_path: str, dtype: str = "auto", max_batch_tokens: int = 8192,
+    def __init__(self, model_path: str, dtype: str = "auto", max_batch_tokens: int | None = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  max_model_len: int | None = None, enforce_eager: bool = False, seed: int = 0):
         import vllm
@@ -78,7 +78,7 @@ class VLLMEngine:
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
             "max_model_len": max_model_len,
-            "max_num_batched_tokens": max_batch_tokens,
+            "max_num_batched_tokens": max_batch_tokens or 8192,
             "enable_prefix_caching": False,
             "logprobs_mode": "raw_logprobs",
             "enforce_eager": enforce_eager,
