@@ -241,7 +241,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         "fields": asdict(spec),
         "part_rows": config.part_rows,
         "window_rows": config.window_rows,
-        "max_batch_tokens": config.max_batch_tokens,
+        # The budget in effect (the engine's default for its device when none was given), so
+        # that an explicit --max-batch-tokens equal to the default resumes the same cache.
+        "max_batch_tokens": engine.max_batch_tokens,
         "shards": shard[1] if shard else 1,
     }
     manifest = open_manifest(out, shard, metadata, source)

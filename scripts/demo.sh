@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh .venv
 source .venv/bin/activate
-minorsft precompute --data demo --out runs/demo/ref.parquet
+# --overwrite: a rerun scores afresh, also over a demo cache left by another minorsft version.
+minorsft precompute --data demo --out runs/demo/ref.parquet --overwrite
 minorsft cache info runs/demo/ref.parquet
 minorsft train --cache runs/demo/ref.parquet --output runs/demo/minorsft --loss minorsft \
     --batch-size 16 --micro-batch-size 4 --epochs 2

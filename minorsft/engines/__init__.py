@@ -24,6 +24,7 @@ class ScoringEngine(Protocol):
     name: str
     version: str
     dtype: torch.dtype
+    max_batch_tokens: int  # the budget in effect (recorded in the cache's settings)
 
     def score(self, examples: list[Example]) -> list[float]:
         """Summed answer log-probs, one per example, in the order given."""

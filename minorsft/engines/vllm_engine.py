@@ -68,6 +68,7 @@ class VLLMEngine:
         import vllm
 
         self.version = vllm.__version__
+        self.max_batch_tokens = max_batch_tokens or 8192
         on_gpu = cuda_available()
         self.device = torch.device("cuda" if on_gpu else "cpu")
         self.dtype = pick_dtype(dtype, self.device)
@@ -78,7 +79,7 @@ class VLLMEngine:
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
             "max_model_len": max_model_len,
-            "max_num_batched_tokens": max_batch_tokens or 8192,
+            "max_num_batched_tokens": self.max_batch_tokens,
             "enable_prefix_caching": False,
             "logprobs_mode": "raw_logprobs",
             "enforce_eager": enforce_eager,
