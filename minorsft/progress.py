@@ -25,6 +25,7 @@ class LineProgress:
         self.console, self.describe = console, describe
         self.every_s, self.disable = every_s, disable
         self.tasks: dict[int, dict] = {}
+        self.printed: dict[int, str] = {}  # the last line of each task (no repeat at the end)
         self.started = time.perf_counter()
         self.last_line = self.started
 
@@ -32,8 +33,8 @@ class LineProgress:
         return self
 
     def __exit__(self, *exc) -> None:
-        for task in self.tasks.values():
-            self._print(task)
+        for task_id in self.tasks:
+            self._print(task_id)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0,
                  **fields) -> int:
@@ -49,12 +50,14 @@ class LineProgress:
         now = time.perf_counter()
         if now - self.last_line >= self.every_s:
             self.last_line = now
-            self._print(task)
+            self._print(task_id)
 
-    def _print(self, task: dict) -> None:
-        if not self.disable:
+    def _print(self, task_id: int) -> None:
+        line = self.describe(self.tasks[task_id])
+        if not self.disable and line != self.printed.get(task_id):
+            self.printed[task_id] = line
             elapsed = time.perf_counter() - self.started
-            self.console.print(f"{self.describe(task)}  [{elapsed:.0f} s]", highlight=False,
+            self.console.print(f"{line}  [{elapsed:.0f} s]", highlight=False,
                                markup=False, soft_wrap=True)
 
 

@@ -14,7 +14,7 @@ def _describe(task):
     return f"work {task['completed']:.0f}/{task['total']} rate {task['rate']:.1f}"
 
 
-def test_a_file_gets_periodic_lines_and_a_last_one():
+def test_a_file_gets_periodic_lines_and_the_last_state_once():
     out = io.StringIO()
     console = Console(file=out, width=200)
     assert not console.is_terminal
@@ -26,7 +26,7 @@ def test_a_file_gets_periodic_lines_and_a_last_one():
             bar.update(task, advance=1, rate=step * 1.5)
     lines = out.getvalue().splitlines()
     assert [line.split("  [")[0] for line in lines] == [
-        "work 1/3 rate 0.0", "work 2/3 rate 1.5", "work 3/3 rate 3.0", "work 3/3 rate 3.0"]
+        "work 1/3 rate 0.0", "work 2/3 rate 1.5", "work 3/3 rate 3.0"]
 
 
 def test_lines_are_spaced_in_time_and_can_be_off():
