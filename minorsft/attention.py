@@ -40,10 +40,11 @@ def lengths_from_positions(position_ids: torch.Tensor | None) -> list[int] | Non
     return [stop - start for start, stop in zip(starts[:-1], starts[1:], strict=True)]
 
 
-# On CUDA, SDPA may pick cuDNN attention, which builds a plan for every new sequence length:
-# measured on an H200 (torch 2.11), packed steps of 8 samples with new lengths took 0.89 s
-# against 0.11 s with flash attention, because every sample is a new shape. Per-sample calls
-# therefore leave cuDNN out; flash is then chosen where it applies, math as the last resort.
+# On CUDA, SDPA may pick cuDNN attention, which builds a plan for every new sequence length,
+# and every packed sample is one: on an H200 (torch 2.11) a packed micro-batch of 8 new lengths
+# took 1.24 s with every backend allowed (cuDNN chosen) against 0.16 s without cuDNN
+# (`benchmarks/gpu_packed_attention.py`). Per-sample calls therefore leave cuDNN out; flash is
+# then chosen where it applies, math as the last resort.
 _PER_SAMPLE_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 

@@ -272,15 +272,14 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     rows_total = 0
     try:
         with bar:
-            task = bar.add_task("score", total=_count_lines(data_path), rows_s=0.0,
-                                     tok_s=0.0)
+            task = bar.add_task("score", total=_count_lines(data_path), rows_s=0.0, tok_s=0.0)
 
             def scored(rows: int, tokens: int) -> None:
                 counters["rows"] += rows
                 counters["tokens"] += tokens
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(task, rows_s=counters["rows"] / elapsed,
-                                tok_s=counters["tokens"] / elapsed)
+                           tok_s=counters["tokens"] / elapsed)
 
             def finish(builder: _PartBuilder) -> None:
                 manifest["parts"][str(builder.index)] = builder.close()

@@ -347,7 +347,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
             progress(console, columns, _describe_training, disable=not main) as bar, \
             _StopRequest() as stop:
         task = bar.add_task("train", total=state.total_steps, completed=first,
-                                 loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
+                            loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
             metrics = train_step(state, config, rows)

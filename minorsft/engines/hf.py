@@ -34,12 +34,12 @@ def token_budget_batches(examples: list[Example], max_batch_tokens: int) -> list
 # Padded tokens per scoring batch when none is given. On a CPU small batches are faster
 # (SmolLM2, 64 GSM8K rows, 2 cores: 373 answer tokens/s at 1024, 343 at 2048, 269 at 8192:
 # `benchmarks/bench_scoring.py --methods minorsft --max-batch-tokens N`); a GPU wants large ones.
-DEFAULT_BATCH_TOKENS = {"cpu": 1024}
-DEFAULT_BATCH_TOKENS_ACCELERATOR = 16384
+CPU_BATCH_TOKENS = 1024
+ACCELERATOR_BATCH_TOKENS = 16384
 
 
 def default_batch_tokens(device: torch.device) -> int:
-    return DEFAULT_BATCH_TOKENS.get(device.type, DEFAULT_BATCH_TOKENS_ACCELERATOR)
+    return CPU_BATCH_TOKENS if device.type == "cpu" else ACCELERATOR_BATCH_TOKENS
 
 
 class TransformersEngine:
