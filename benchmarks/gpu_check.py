@@ -40,7 +40,7 @@ from minorsft.packing import micro_batch_logps
 
 try:  # minorsft.train needs rich and pyarrow (for the cache), which a bare GPU box may lack
     from minorsft.distributed import AnswerLogpsModule, World
-    from minorsft.train import TrainConfig, TrainState, linear_schedule, train_step
+    from minorsft.train import TrainConfig, TrainState, linear_schedule, make_optimizer, train_step
 
     TRAIN_STEP = "minorsft.train.train_step"
 except ImportError:
@@ -152,15 +152,18 @@ class Trainer:
     """One optimizer step as `minorsft.train.train_step` takes it, or a faithful copy of it.
 
     The copy (used only where minorsft.train cannot be imported) is the same computation:
-    micro_batch_logps -> compute_loss -> (sum / count).backward -> clip 1.0 -> AdamW step.
+    micro_batch_logps -> compute_loss -> (sum / count).backward -> clip 1.0 -> fused AdamW
+    step.
     """
 
     def __init__(self, model, batch: int, use_train_module: bool, lr: float = 1e-5):
         self.model, self.batch = model, batch
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=lr)
         self.real = use_train_module and TRAIN_STEP.startswith("minorsft")
+        params = [p for p in model.parameters() if p.requires_grad]
+        # minorsft's optimizer (fused AdamW where torch has the kernel), or the same by hand
+        self.optimizer = (make_optimizer(params, TrainConfig(cache="-", output="-", lr=lr))
+                          if self.real else torch.optim.AdamW(params, lr=lr, fused=True))
         if self.real:
             self.state = TrainState(
                 model=model, policy=AnswerLogpsModule(model), world=World(),
