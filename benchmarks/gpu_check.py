@@ -5,8 +5,10 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
    (fp32, per-sample values and parameter gradients);
 2. training step, bf16: raw SFT and MinorSFT as `minorsft train` runs them by default (packed
-   rows, per-sample SDPA) vs MinorSFT padded vs MinorSFT packed under transformers' dense
-   block mask vs MinorSFT with a live reference model beside the policy (tokens/s and
+   rows, minorsft's packed SDPA in the device's default layout) vs MinorSFT padded vs MinorSFT
+   packed under transformers' dense block mask vs each of the two layouts of the packed SDPA
+   (per-sample calls; one call on a padded gather) vs MinorSFT with a live reference model
+   beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
 3. log-prob step peak memory with a 152k vocabulary: chunked vs naive full logits;
@@ -31,6 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
+import minorsft.attention
 from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
@@ -80,9 +83,19 @@ class Device:
         return torch.cuda.memory_allocated() / 2**20 if self.cuda else float("nan")
 
 
+DEFAULT_LAYOUTS = dict(minorsft.attention.LAYOUT_BY_DEVICE)
+
+
 def set_attention(model, attention: str) -> None:
-    """'segment': minorsft's per-sample SDPA for packed rows (its default); else as named."""
-    if attention == "segment":
+    """'segment': minorsft's attention for packed rows, in its default layout for the device;
+    'segment/per-sample' or 'segment/padded': in that layout; else the implementation named."""
+    layouts = minorsft.attention.LAYOUT_BY_DEVICE
+    layouts.clear()
+    layouts.update(DEFAULT_LAYOUTS)
+    if attention.startswith("segment"):
+        layout = attention.partition("/")[2]
+        if layout:
+            layouts[next(model.parameters()).device.type] = layout
         model.set_attn_implementation("sdpa")
         assert use_segment_attention(model)
     else:
@@ -136,7 +149,10 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
     out = []
     for name, packing, attention in (("chunked, padded", False, "sdpa"),
                                      ("chunked, packed, dense mask", True, "sdpa"),
-                                     ("chunked, packed, per-sample sdpa", True, "segment")):
+                                     ("chunked, packed, per-sample sdpa", True,
+                                      "segment/per-sample"),
+                                     ("chunked, packed, padded-layout sdpa", True,
+                                      "segment/padded")):
         set_attention(model, attention)
         logps, _ = micro_batch_logps(model, rows, 0, dev.device, packing)
         got_grads = grads(logps)
@@ -199,7 +215,10 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     configs = {"sft": ("sft", True, "segment"), "minorsft": ("minorsft", True, "segment"),
                "minorsft padded": ("minorsft", False, "sdpa"),
-               "minorsft packed, dense mask": ("minorsft", True, "sdpa")}
+               "minorsft packed, dense mask": ("minorsft", True, "sdpa"),
+               # the two layouts of minorsft's packed attention (one is the default above)
+               "minorsft packed, per-sample layout": ("minorsft", True, "segment/per-sample"),
+               "minorsft packed, padded layout": ("minorsft", True, "segment/padded")}
     live_name = "minorsft + live reference"
     times = {name: [] for name in [*configs, live_name]}
     tokens = {name: [] for name in times}

@@ -8,7 +8,10 @@ instead of the sum of squares, and on a CPU packing came out slower than padding
 boundaries; `segment_sdpa_attention` does the same with PyTorch's SDPA: it reads the
 boundaries from the position ids (where they stop counting up by one, as transformers'
 `find_packed_sequence_indices` does) and runs causal SDPA on each sample's slice of queries,
-keys and values.
+keys and values (on a CPU), or on the samples' queries, keys and values gathered into one
+right-padded batch (on a GPU: one call per layer instead of one per sample, as a GPU step at
+these sizes is bound by kernel launches rather than arithmetic). The rest of the model runs on
+the packed row either way.
 
 It is registered with transformers under `SEGMENT_ATTENTION`, next to a mask function that
 builds no mask for packed rows (the samples are cut apart instead) and the usual SDPA mask for
@@ -43,9 +46,19 @@ def lengths_from_positions(position_ids: torch.Tensor | None) -> list[int] | Non
 # On CUDA, SDPA may pick cuDNN attention, which builds a plan for every new sequence length,
 # and every packed sample is one: on an H200 (torch 2.11) a packed micro-batch of 8 new lengths
 # took 1.24 s with every backend allowed (cuDNN chosen) against 0.16 s without cuDNN
-# (`benchmarks/gpu_packed_attention.py`). Per-sample calls therefore leave cuDNN out; flash is
-# then chosen where it applies, math as the last resort.
-_PER_SAMPLE_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# (`benchmarks/gpu_packed_attention.py`); the padded layout meets a new longest length in most
+# micro-batches too. Packed rows therefore leave cuDNN out; flash is then chosen where it
+# applies, math as the last resort.
+_PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+# How a packed row is cut apart, by device type (see `segment_sdpa_attention`). On a 2-core CPU
+# a SmolLM2 step on 4 GSM8K rows took 4.05 s per-sample and 4.26 s padded (8,416 vs 7,602 torch
+# operations): the CPU keeps per-sample. A GPU pays per launch; the padded layout's GPU timing
+# is section 2 of benchmarks/gpu_check.py.
+LAYOUT_BY_DEVICE = {"cuda": "padded"}
+DEFAULT_LAYOUT = "per-sample"
+LAYOUTS = ("per-sample", "padded")
 
 
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -53,10 +66,18 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
                            **kwargs):
     """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.
 
-    Packed rows (no mask, position ids restarting) run causal SDPA per sample; anything else is
-    transformers' SDPA as usual. `packed_lengths` (the sample lengths, passed by
+    Packed rows (no mask, position ids restarting) run causal SDPA on each sample alone; anything
+    else is transformers' SDPA as usual. `packed_lengths` (the sample lengths, passed by
     `minorsft.packing`) saves reading them from the position ids in every layer, which on a
     GPU would wait for the device once per layer.
+
+    Two layouts give the same result. "per-sample" calls SDPA once per sample on its slice of
+    the row: no padding computed at all, but a call (and in backward a second one) per sample
+    and layer. "padded" gathers the samples into a [samples, longest] batch for one causal SDPA
+    call per layer and scatters the outputs back: attention then computes the padding (only
+    attention; the rest of the model still runs on the packed row), but the number of kernel
+    launches no longer grows with the samples, which is what a GPU step is bound by at these
+    sizes (docs/performance.md).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -69,7 +90,10 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"packed sample lengths sum to {sum(lengths)}, the row has "
                          f"{query.shape[2]} tokens")
+    layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
     with _per_sample_backends(query.device):
+        if layout == "padded":
+            return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
         outputs = [
             sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
                                    is_causal=True)[0]
@@ -79,12 +103,60 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     return torch.cat(outputs, dim=1), None
 
 
+def _padded_sdpa(module, query, key, value, lengths: list[int], dropout: float,
+                 scaling: float | None) -> torch.Tensor:
+    """Causal SDPA on the packed samples gathered into a right-padded batch; [1, L, H, D] out.
+
+    A sample's padding comes after its last token, so under the causal mask no real query sees
+    a padded key; padded queries' outputs are dropped when scattering back (and get no gradient).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    gather, scatter = _padding_indices(tuple(lengths), query.device)
+    samples, longest = len(lengths), max(lengths)
+
+    def padded(x):  # [1, heads, L, D] -> [samples, heads, longest, D]
+        heads, dim = x.shape[1], x.shape[3]
+        return x[0].index_select(1, gather).view(heads, samples, longest, dim).transpose(0, 1)
+
+    out = sdpa_attention_forward(module, padded(query), padded(key), padded(value), None,
+                                 dropout=dropout, scaling=scaling, is_causal=True)[0]
+    # out: [samples, longest, heads, D] -> the packed row's [1, L, heads, D]
+    return out.reshape(samples * longest, *out.shape[2:]).index_select(0, scatter).unsqueeze(0)
+
+
+_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _padding_indices(lengths: tuple[int, ...], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors between a packed row and its [samples, longest] padded form.
+
+    gather [samples * longest]: the row position each padded slot reads (pad slots repeat their
+    sample's last token, so they hold finite values of the same sample); scatter [L]: the padded
+    slot each row position comes back from. Built once per forward pass (every layer asks for
+    the same lengths), on the host, then moved to the device.
+    """
+    key = (lengths, device)
+    if key not in _INDEX_CACHE:
+        longest = max(lengths)
+        gather, scatter, start = [], [], 0
+        for sample, length in enumerate(lengths):
+            gather.extend(start + min(j, length - 1) for j in range(longest))
+            scatter.extend(sample * longest + j for j in range(length))
+            start += length
+        _INDEX_CACHE.clear()  # only the current micro-batch's lengths are worth keeping
+        _INDEX_CACHE[key] = (torch.tensor(gather, device=device),
+                             torch.tensor(scatter, device=device))
+    return _INDEX_CACHE[key]
+
+
 def _per_sample_backends(device: torch.device):
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([getattr(SDPBackend, name) for name in _PER_SAMPLE_BACKENDS])
+    return sdpa_kernel([getattr(SDPBackend, name) for name in _PACKED_BACKENDS])
 
 
 def _segment_mask(*args, attention_mask=None, **kwargs):

@@ -12,7 +12,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import minorsft.attention
 from minorsft.attention import (
+    LAYOUTS,
     SEGMENT_ATTENTION,
     check_packed_isolation,
     lengths_from_positions,
@@ -31,6 +33,13 @@ def _rows():
     return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
 
 
+@pytest.fixture(params=LAYOUTS)
+def layout(request, monkeypatch):
+    """Run the test with packed rows cut apart per sample, then gathered into a padded batch."""
+    monkeypatch.setitem(minorsft.attention.LAYOUT_BY_DEVICE, "cpu", request.param)
+    return request.param
+
+
 def test_lengths_from_positions_reads_the_restarts():
     assert lengths_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])) == [3, 2, 4]
     assert lengths_from_positions(torch.tensor([[0, 1, 2, 3]])) is None  # one sample
@@ -40,7 +49,7 @@ def test_lengths_from_positions_reads_the_restarts():
         lengths_from_positions(torch.tensor([[0, 1, 0], [0, 1, 2]]))
 
 
-def test_segment_attention_equals_padding_forward_and_backward(model):
+def test_segment_attention_equals_padding_forward_and_backward(model, layout):
     want = _naive(model)  # plain SDPA, padded batch, full logits
     want_grads = _grads(model, want)
     assert use_segment_attention(model)
@@ -60,7 +69,7 @@ def test_segment_attention_runs_padded_batches_as_plain_sdpa(model):
     torch.testing.assert_close(answer_logps(model, *tensors).detach(), want, **TOL)
 
 
-def test_segment_attention_under_gradient_checkpointing(model):
+def test_segment_attention_under_gradient_checkpointing(model, layout):
     """Recomputed layers in backward see the same position ids, so they cut the same samples."""
     want_grads = _grads(model, _naive(model))
     use_segment_attention(model)
@@ -75,7 +84,7 @@ def _leaky(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
-def test_isolation_check_passes_and_catches_a_leak(model):
+def test_isolation_check_passes_and_catches_a_leak(model, layout):
     assert check_packed_isolation(model) < 1e-3  # transformers' block mask
     use_segment_attention(model)
     assert check_packed_isolation(model) < 1e-3
@@ -109,7 +118,7 @@ def test_prepare_packing_falls_back_or_refuses_when_the_check_fails(model, monke
     assert model.config._attn_implementation == "sdpa"  # the per-sample attention was undone
 
 
-def test_given_lengths_must_cover_the_row(model):
+def test_given_lengths_must_cover_the_row(model, layout):
     use_segment_attention(model)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with pytest.raises(ValueError, match="sum to 4, the row has 5 tokens"):
