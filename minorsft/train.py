@@ -307,14 +307,15 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
             out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
             (out.losses.sum() * (weight * world.world_size / count)).backward()
         policy_detached = policy_logps.detach()
-        sums["loss"] += weight * out.losses.detach().sum().item()
-        # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
-        sums["nll"] += weight * (-policy_detached / num_tokens).sum().item()
-        sums["m_theta"] += weight * out.deviation.sum().item()
-        sums["coefficient"] += weight * out.coefficient.sum().item()
-        sums["reward"] += weight * out.reward.sum().item()
-        sums["policy_logps"] += weight * policy_detached.sum().item()
-        sums["ref_logps"] += weight * ref_logps.sum().item()
+        micro_sums = torch.stack([  # in METRIC_SUMS order; one copy to the host, not seven
+            out.losses.detach().sum(),
+            # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
+            (-policy_detached / num_tokens).sum(),
+            out.deviation.sum(), out.coefficient.sum(), out.reward.sum(),
+            policy_detached.sum(), ref_logps.sum(),
+        ]).tolist()
+        for key, value in zip(METRIC_SUMS, micro_sums, strict=True):
+            sums[key] += weight * value
         tokens += int(weight * micro_tokens)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
