@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: data, honest peak memory, child processes, tables.
 
-Peak memory on the CPU is the resident-set high-water mark (VmHWM) of a fresh child process.
+Peak memory on the CPU is the resident-set high-water mark (VmHWM) of a fresh child process
+(optionally with glibc's malloc returning freed blocks at once, `RETURNING_MALLOC`).
 Python-level tools (tracemalloc) do not see torch's allocations, and a parent process that ran
 another configuration first would carry that one's peak. Linux lets a process reset its own
 high-water mark (`echo 5 > /proc/self/clear_refs`), so a child reports both its whole-life peak
@@ -50,6 +51,16 @@ def reset_peak_rss() -> bool:
         return False
 
 
+# glibc's malloc keeps freed blocks in its heap for reuse, and raises the size above which it
+# maps blocks separately (returned to the system on free) up to 32 MiB as the program frees
+# large blocks. The resident high-water mark then includes memory that was free at its moment,
+# by an amount that varies between runs. With the threshold pinned at 128 KiB every larger
+# block is unmapped when freed, so the resident size follows the memory actually in use (the
+# CPU counterpart of torch.cuda.max_memory_allocated); it costs speed, so it is used only for
+# the memory comparisons that need that precision.
+RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def load_examples(data: str, tokenizer, rows: int, prompt_field: str | None,
                   response_field: str | None, max_length: int) -> list[Example]:
     """The first `rows` usable examples of `data`, tokenized by minorsft's own pipeline."""
@@ -89,11 +100,12 @@ def to_chat(record: dict, prompt_field: str | None, response_field: str | None
     return [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}]
 
 
-def run_child(script: Path, args: list[str], timeout: float = 900) -> dict:
+def run_child(script: Path, args: list[str], timeout: float = 900,
+              env: dict[str, str] | None = None) -> dict:
     """Run `script --child ...` in a fresh interpreter; its last stdout line is a JSON result."""
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"})
+                          timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"child {' '.join(args)} failed with exit code {proc.returncode}")

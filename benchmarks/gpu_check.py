@@ -39,11 +39,12 @@ from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
 from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
 from minorsft.loss import compute_loss
+from minorsft.optim import make_optimizer
 from minorsft.packing import micro_batch_logps
 
 try:  # minorsft.train needs rich and pyarrow (for the cache), which a bare GPU box may lack
     from minorsft.distributed import AnswerLogpsModule, World
-    from minorsft.train import TrainConfig, TrainState, linear_schedule, make_optimizer, train_step
+    from minorsft.train import TrainConfig, TrainState, linear_schedule, train_step
 
     TRAIN_STEP = "minorsft.train.train_step"
 except ImportError:
@@ -168,18 +169,18 @@ class Trainer:
     """One optimizer step as `minorsft.train.train_step` takes it, or a faithful copy of it.
 
     The copy (used only where minorsft.train cannot be imported) is the same computation:
-    micro_batch_logps -> compute_loss -> (sum / count).backward -> clip 1.0 -> fused AdamW
-    step.
+    micro_batch_logps -> compute_loss -> (sum / count).backward -> clip 1.0 -> minorsft's
+    AdamW step (`minorsft.optim.make_optimizer`).
     """
 
-    def __init__(self, model, batch: int, use_train_module: bool, lr: float = 1e-5):
+    def __init__(self, model, batch: int, use_train_module: bool, lr: float = 1e-5,
+                 master_weights: bool = True):
         self.model, self.batch = model, batch
         self.device = next(model.parameters()).device
         self.real = use_train_module and TRAIN_STEP.startswith("minorsft")
         params = [p for p in model.parameters() if p.requires_grad]
-        # minorsft's optimizer (fused AdamW where torch has the kernel), or the same by hand
-        self.optimizer = (make_optimizer(params, TrainConfig(cache="-", output="-", lr=lr))
-                          if self.real else torch.optim.AdamW(params, lr=lr, fused=True))
+        # minorsft's optimizer: fused AdamW, on fp32 master weights of a bf16 model by default
+        self.optimizer = make_optimizer(params, lr, master_weights=master_weights)
         if self.real:
             self.state = TrainState(
                 model=model, policy=AnswerLogpsModule(model), world=World(),
@@ -373,7 +374,9 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
-    recomputation; minorsft's is off), so both do the same forward and backward work.
+    recomputation; minorsft's is off), so both do the same forward and backward work. On the
+    bf16 model TRL's AdamW is pure bf16; minorsft runs twice, with its default fp32 master
+    weights and without them (the same update precision as TRL).
 
     The rows are the cache-like token rows of section 2, given to TRL as an already tokenized
     prompt-completion dataset (`input_ids` + `completion_mask`, completion-only loss) and read in
@@ -393,20 +396,23 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     results = {}
 
-    model = build_model(sizes, dtype, dev.device).train()
-    set_attention(model, "segment")  # what `minorsft train` picks for an SDPA model
-    trainer = Trainer(model, batch, use_train_module)
-    times, tokens = [], []
-    dev.reset_peak()
-    for step_rows in batches + batches:
-        started = time.perf_counter()
-        tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
-        dev.sync()
-        times.append(time.perf_counter() - started)
-    results["minorsft (default: packed)"] = (times, tokens, dev.peak_mib())
-    del model, trainer
-    if dev.cuda:
-        torch.cuda.empty_cache()
+    for name, master_weights in (("minorsft (default: packed, fp32 master weights)", True),
+                                 ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)",
+                                  False)):
+        model = build_model(sizes, dtype, dev.device).train()
+        set_attention(model, "segment")  # what `minorsft train` picks for an SDPA model
+        trainer = Trainer(model, batch, use_train_module, master_weights=master_weights)
+        times, tokens = [], []
+        dev.reset_peak()
+        for step_rows in batches + batches:
+            started = time.perf_counter()
+            tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
+            dev.sync()
+            times.append(time.perf_counter() - started)
+        results[name] = (times, tokens, dev.peak_mib())
+        del model, trainer
+        if dev.cuda:
+            torch.cuda.empty_cache()
 
     model = build_model(sizes, dtype, dev.device).train()
     data = Dataset.from_list([{"input_ids": r["input_ids"],
@@ -439,10 +445,12 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
             out.append([f"{name}, {label}", len(per_step),
                         f"{statistics.median(step_times[part]):.3f}", f"{rates[name][-1]:,.0f}",
                         f"{peak:,.0f}"])
-    ours, theirs = rates.values()
-    out.append(["ratio minorsft / TRL", "", "",
-                f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes {ours[1] / theirs[1]:.2f}",
-                ""])
+    theirs = rates[trl_name]
+    for name, ours in rates.items():
+        if name != trl_name:
+            out.append([f"ratio {name.split(' (')[0]} / TRL", "", "",
+                        f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
+                        f"{ours[1] / theirs[1]:.2f}", ""])
     return out
 
 

@@ -3,10 +3,12 @@
 Qwen2-0.5B shape from a config, bf16, 4 micro-batches of 8 rows (256-1024 tokens) run 3 times
 over, the last pass timed (every length seen before). Lines:
 
-- forward + backward: per-sample SDPA (minorsft's packing), padded SDPA, and an experiment with
+- forward + backward: minorsft's packed SDPA in its two layouts (per-sample calls; one call on
+  a padded gather), padded batches under SDPA, and an experiment with
   PyTorch's `torch.nn.attention.varlen.varlen_attn` (causal via `window_size=(-1, 0)`, GQA
   native or by repeating the key/value heads), with its largest log-prob difference to padding;
-- the whole `train_step` with AdamW foreach (the default) and fused;
+- the whole `train_step` with fused AdamW (minorsft's) and foreach, in pure bf16, and fused on
+  fp32 master weights (minorsft's default for bf16 models);
 - a torch profiler table of 4 whole steps (kernel launches and CPU time against GPU time).
 
 On torch 2.11 (H200) the varlen experiment gave log-probs 0.45 nats away from padding, so it is
@@ -82,8 +84,10 @@ def main():
             model.zero_grad(set_to_none=True)
         return step
 
-    set_attention(model, "segment")
-    timed("fwd+bwd per-sample sdpa", forward_backward(True))
+    set_attention(model, "segment/per-sample")
+    timed("fwd+bwd packed, per-sample sdpa", forward_backward(True))
+    set_attention(model, "segment/padded")
+    timed("fwd+bwd packed, padded-layout sdpa", forward_backward(True))
     set_attention(model, "sdpa")
     timed("fwd+bwd padded sdpa", forward_backward(False))
 
@@ -102,13 +106,16 @@ def main():
     timed("fwd+bwd varlen repeat gqa", forward_backward(True))
     packing_module.SEGMENT_ATTENTION = segment_name
 
-    set_attention(model, "segment")
-    trainer = Trainer(model, 8, True)
-    timed("train_step per-sample, AdamW foreach", lambda r: trainer.step("minorsft", True, r))
-    trainer.optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-5, fused=True)
+    set_attention(model, "segment")  # minorsft's default layout on this device
+    trainer = Trainer(model, 8, True, master_weights=False)
+    timed("train_step, fused AdamW, pure bf16", lambda r: trainer.step("minorsft", True, r))
+    trainer.optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-5, foreach=True)
     trainer.state.optimizer = trainer.optimizer
     trainer.state.scheduler = linear_schedule(trainer.optimizer, 0, 10_000)
-    timed("train_step per-sample, AdamW fused", lambda r: trainer.step("minorsft", True, r))
+    timed("train_step, foreach AdamW, pure bf16", lambda r: trainer.step("minorsft", True, r))
+    trainer = Trainer(model, 8, True)  # the default: fp32 master weights
+    timed("train_step, fused AdamW, fp32 master weights",
+          lambda r: trainer.step("minorsft", True, r))
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profile:
         for rows_now in batches:

@@ -214,6 +214,10 @@ def train(
     ] = "all-linear",
     merge_lora: Annotated[bool, typer.Option(
         help="Besides the adapters, save a merged plain model in <output>/merged.")] = False,
+    master_weights: Annotated[bool, typer.Option(
+        help="With bf16/fp16 weights, let AdamW update fp32 copies of them (12 more bytes per "
+             "parameter). Without, updates under half a bf16 step (most, at lr 2e-5) are "
+             "rounded away.")] = True,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, TrainingInterrupted, run_train
@@ -229,7 +233,8 @@ def train(
             cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
             resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance,
             packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-            lora_target_modules=lora_target_modules, merge_lora=merge_lora)
+            lora_target_modules=lora_target_modules, merge_lora=merge_lora,
+            master_weights=master_weights)
     except ValueError as error:
         _fail(str(error))
     try:

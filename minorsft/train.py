@@ -59,6 +59,7 @@ from minorsft.models import (
     pick_dtype,
     resolve_model,
 )
+from minorsft.optim import MasterWeightsAdamW, make_optimizer
 from minorsft.packing import prepare_packing
 from minorsft.progress import progress
 
@@ -107,6 +108,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     merge_lora: bool = False  # also save the merged model in <output>/merged
+    # bf16/fp16 weights: AdamW updates fp32 copies (see minorsft.optim); False: pure bf16/fp16
+    master_weights: bool = True
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -179,22 +182,18 @@ def global_batches(stream: Iterator[dict], batch_size: int) -> Iterator[list[dic
         yield batch
 
 
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-
-
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step where torch has one for the parameters' device.
-
-    The fused kernel updates each parameter in one pass instead of a dozen elementwise ones: on
-    a 2-core CPU the SmolLM2-135M step of the optimizer took 0.06 s instead of 0.31 s, and on a
-    GPU it takes a few kernel launches instead of one per elementwise operation. TRL's trainers use
-    it by default too (transformers' `adamw_torch_fused`). The update is AdamW's either way, up
-    to float rounding.
-    """
-    # torch checks only at the first step(), so decide here: the devices this tool trains on.
-    fused = all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
+def _update_note(optimizer, dtype: torch.dtype, fsdp: bool) -> str:
+    """What precision the weight updates happen in (a line of the start-up log)."""
+    if fsdp and dtype != torch.float32:
+        return "fp32 weight updates (FSDP's fp32 master weights)"
+    if isinstance(optimizer, MasterWeightsAdamW):
+        return f"AdamW on fp32 master weights of the {dtype_name(dtype)} parameters"
+    low = {p.dtype for group in optimizer.param_groups for p in group["params"]} - {
+        torch.float32}
+    if low:
+        names = ", ".join(sorted(dtype_name(d) for d in low))
+        return f"pure {names} AdamW (--no-master-weights: updates under half a step are lost)"
+    return "fp32 weight updates"
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
@@ -260,7 +259,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config.lr,
+                               config.weight_decay, config.master_weights)
     warmup_steps = int(config.warmup_ratio * total_steps)
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     console.print(
@@ -270,7 +270,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
-        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}"
+        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}; "
+        + _update_note(optimizer, dtype, fsdp)
     )
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing)
@@ -515,7 +516,9 @@ CHECKPOINTS = "checkpoints"
 # continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
 RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
                "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "shuffle", "shuffle_buffer", "total_steps", "dtype")
+               "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights")
+# What a checkpoint written before a setting existed ran with.
+RESUME_DEFAULTS = {"master_weights": False}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -568,7 +571,8 @@ def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
     values = asdict(config)
     values.update(cache_rows=state.metadata.get("rows"),
                   cache_fingerprint=state.metadata.get("fingerprint"),
-                  total_steps=state.total_steps, dtype=dtype_name(state.dtype))
+                  total_steps=state.total_steps, dtype=dtype_name(state.dtype),
+                  master_weights=isinstance(state.optimizer, MasterWeightsAdamW))
     return {key: values[key] for key in RESUME_KEYS}
 
 
@@ -658,7 +662,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     saved, now = trainer_state["settings"], _resume_settings(state, config)
     changed = [f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
-               for key in RESUME_KEYS if saved.get(key) != now[key]]
+               for key in RESUME_KEYS if saved.get(key, RESUME_DEFAULTS.get(key)) != now[key]]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "

@@ -89,6 +89,22 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(cache, tmp_path, mon
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_resume_continues_from_the_fp32_master_weights(cache, tmp_path, monkeypatch):
+    bf16 = dict(dtype="bfloat16", step0_check=False)  # fp32 cache, bf16 training: no check
+    history = run_train(config(cache, tmp_path / "a", **bf16))
+    assert len(history) == 4
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(cache, tmp_path / "b", **bf16))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="master_weights: checkpoint True, this run False"):
+        run_train(config(cache, tmp_path / "b", resume=True, master_weights=False, **bf16))
+    run_train(config(cache, tmp_path / "b", resume=True, **bf16))
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(v.dtype == torch.bfloat16 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the copies resumed, not re-rounded
+
+
 def test_periodic_saves_keep_the_newest_and_a_failed_save_keeps_the_previous(
         cache, tmp_path, monkeypatch):
     import safetensors.torch
