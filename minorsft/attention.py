@@ -8,10 +8,9 @@ instead of the sum of squares, and on a CPU packing came out slower than padding
 boundaries; `segment_sdpa_attention` does the same with PyTorch's SDPA: it reads the
 boundaries from the position ids (where they stop counting up by one, as transformers'
 `find_packed_sequence_indices` does) and runs causal SDPA on each sample's slice of queries,
-keys and values (on a CPU), or on the samples' queries, keys and values gathered into one
-right-padded batch (on a GPU: one call per layer instead of one per sample, as a GPU step at
-these sizes is bound by kernel launches rather than arithmetic). The rest of the model runs on
-the packed row either way.
+keys and values. A second layout, the samples' queries, keys and values gathered into one
+right-padded batch for one SDPA call per layer, is there for GPUs, whose steps at these sizes
+are bound by kernel launches; it waits for a GPU measurement to become a default (below).
 
 It is registered with transformers under `SEGMENT_ATTENTION`, next to a mask function that
 builds no mask for packed rows (the samples are cut apart instead) and the usual SDPA mask for
@@ -54,9 +53,10 @@ _PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 # How a packed row is cut apart, by device type (see `segment_sdpa_attention`). On a 2-core CPU
 # a SmolLM2 step on 4 GSM8K rows took 4.05 s per-sample and 4.26 s padded (8,416 vs 7,602 torch
-# operations): the CPU keeps per-sample. A GPU pays per launch; the padded layout's GPU timing
-# is section 2 of benchmarks/gpu_check.py.
-LAYOUT_BY_DEVICE = {"cuda": "padded"}
+# operations), and with 8 rows the padded layout's peak was 290 MiB (6 %) higher: per-sample
+# everywhere until a GPU shows the padded layout's fewer launches paying for its memory
+# (benchmarks/gpu_check.py, section 2, times both).
+LAYOUT_BY_DEVICE: dict[str, str] = {}
 DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded")
 
