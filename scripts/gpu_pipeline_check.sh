@@ -39,6 +39,10 @@ done
 python -m minorsft train --cache "$work/ref.parquet" --output "$work/padded" --no-packing \
     --batch-size 16 --micro-batch-size 8 --epochs 3
 cp "$work/padded/metrics.jsonl" "$OUT/metrics-padded.jsonl"
+# bf16 trains through fp32 master weights by default; pure bf16 for the memory comparison
+python -m minorsft train --cache "$work/ref.parquet" --output "$work/pure-bf16" \
+    --no-master-weights --batch-size 16 --micro-batch-size 8 --epochs 3
+cp "$work/pure-bf16/metrics.jsonl" "$OUT/metrics-pure-bf16.jsonl"
 python - "$work/minorsft" <<'PY'
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
