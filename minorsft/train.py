@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -182,6 +183,16 @@ def global_batches(stream: Iterator[dict], batch_size: int) -> Iterator[list[dic
         yield batch
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's resident-set high-water mark in bytes; None where the OS does not say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+
+
 def _update_note(optimizer, dtype: torch.dtype, fsdp: bool) -> str:
     """What precision the weight updates happen in (a line of the start-up log)."""
     if fsdp and dtype != torch.float32:
@@ -331,6 +342,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
                    rank_tokens=tokens)
     if device.type == "cuda":  # what users size their GPUs by: this rank's peak so far
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    elif (peak := peak_rss_bytes()) is not None:  # a CPU: the process's resident peak
+        metrics["peak_rss_gib"] = peak / 2**30
     return metrics
 
 

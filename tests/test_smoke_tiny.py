@@ -1,5 +1,7 @@
 """Precompute then train on the tiny random model, through the Python API."""
 
+import os
+
 from minorsft.cache import iter_rows, read_metadata
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
@@ -20,3 +22,6 @@ def test_precompute_then_train_tiny(tiny_model_dir, demo_jsonl, tmp_path):
     assert len(history) == 2
     assert abs(history[0]["m_theta"]) < 1e-5
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+    # on a CPU, the resident peak: more than an interpreter with torch loaded, less than the RAM
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    assert 0.05 < history[-1]["peak_rss_gib"] < ram

@@ -22,7 +22,7 @@ from minorsft.train import TrainConfig, TrainingInterrupted, list_checkpoints, r
 
 from .conftest import build_tiny_model, build_tiny_tokenizer
 
-TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed"}
+TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed", "peak_rss_gib"}
 
 
 # One torch thread: these tests run many tiny forward passes, where a second thread only adds
