@@ -196,26 +196,40 @@ def _shard_lock(out: Path, shard):
 
     Two processes scoring the same shard into one directory would write the same parts and
     manifest. The lock is an flock on an empty file, so it goes with its process, even after
-    kill -9, and the next run resumes. Where fcntl does not exist (Windows) nothing is locked.
+    kill -9, and the next run resumes.
+    """
+    lock_name = f".{manifest_name(shard)}.lock"
+    with _cache_lock(out, lock_name, wait=False) as held:
+        if not held:
+            what = f"shard {shard[0]}/{shard[1]} of " if shard else ""
+            raise CacheError(f"{out}: another precompute is writing {what}this cache (it holds "
+                             f"{lock_name}); let it finish, or stop it and run this command "
+                             "again to resume")
+        yield
+
+
+@contextlib.contextmanager
+def _cache_lock(out: Path, name: str, wait: bool = True):
+    """Hold an flock on `out/name`, waiting for it or not; yields False if it was busy.
+
+    Nothing is locked (True is yielded) where fcntl does not exist (Windows) or `out` is not a
+    directory (a single-file cache about to be refused or replaced).
     """
     try:
         import fcntl
     except ImportError:
-        yield
+        yield True
         return
-    if not out.is_dir():  # a single-file cache about to be refused or replaced
-        yield
+    if not out.is_dir():
+        yield True
         return
-    lock_path = out / f".{manifest_name(shard)}.lock"
-    with lock_path.open("a") as handle:
+    with (out / name).open("a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            what = f"shard {shard[0]}/{shard[1]} of " if shard else ""
-            raise CacheError(f"{out}: another precompute is writing {what}this cache (it holds "
-                             f"{lock_path.name}); let it finish, or stop it and run this "
-                             "command again to resume") from None
-        yield
+            yield False
+            return
+        yield True
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
@@ -255,7 +269,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         console.print(f"{out}: all parts of this run were already done; nothing to score")
         summary = _summarise(out, shard, started, len(done), 0)
         # A run stopped between its last part and the drift check left no drift: measure it now.
-        _check_drift(config, out, summary, engine, model_path, console, only_if_missing=True)
+        _check_drift(config, out, summary, engine, model_path, console)
         engine.close()
         return summary
 
@@ -322,17 +336,23 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
 
 
 def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary, engine,
-                 model_path: str, console: Console, only_if_missing: bool = False) -> None:
-    """The drift check (verify.py) once the cache is whole, stored in the cache's metadata."""
+                 model_path: str, console: Console) -> None:
+    """The drift check (verify.py) once the cache is whole, stored in the cache's metadata.
+
+    Runs once per cache: a cache that has its figures keeps them (a rerun of a finished cache,
+    or the second of two shards that finished together and both found the cache whole; the
+    lock makes that one wait for the first's figures instead of measuring again).
+    """
     if not (config.verify_sample and summary.complete):
         return
-    if only_if_missing and "drift" in read_metadata(out):
-        return
-    report = precompute_drift_check(out, engine, model_path, config.verify_sample,
-                                    config.verify_dtype, config.device, config.verify_beta,
-                                    config.max_batch_tokens)
-    console.print(format_report(report), highlight=False)
-    update_metadata(out, {"drift": report.as_dict()})
+    with _cache_lock(out, "._drift.lock"):
+        if "drift" in read_metadata(out):
+            return
+        report = precompute_drift_check(out, engine, model_path, config.verify_sample,
+                                        config.verify_dtype, config.device, config.verify_beta,
+                                        config.max_batch_tokens)
+        console.print(format_report(report), highlight=False)
+        update_metadata(out, {"drift": report.as_dict()})
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from minorsft.cache import CacheError, iter_rows, load_manifests, read_metadata
+from minorsft.cache import CacheError, iter_rows, load_manifests, read_metadata, update_metadata
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
 from .conftest import DEMO_ROWS, write_jsonl
@@ -190,3 +190,38 @@ def test_a_second_process_on_the_same_shard_is_refused(tiny_model_dir, tmp_path)
         precompute(tiny_model_dir, data, out, shard="0/2")  # another shard: not blocked
     precompute(tiny_model_dir, data, out, shard="1/2")  # the lock went with its holder
     assert sum(1 for _ in iter_rows(out)) == 4
+
+
+def test_shards_finishing_together_measure_the_drift_once(tiny_model_dir, tmp_path,
+                                                          monkeypatch):
+    """Two shards that finish at the same moment both find the cache whole. The drift check's
+    lock (held here by hand, as by the first shard's check) makes the second wait; it then
+    finds the first one's figures and measures nothing."""
+    import fcntl
+    import threading
+
+    data, out = rows_file(tmp_path, 6), tmp_path / "cache"
+    precompute(tiny_model_dir, data, out, verify_sample=0)  # whole, no drift yet
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the drift check ran a second time")
+
+    monkeypatch.setattr("minorsft.precompute.precompute_drift_check", must_not_run)
+    errors = []
+
+    def second_shard():
+        try:
+            precompute(tiny_model_dir, data, out, verify_sample=4)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    with (out / "._drift.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=second_shard)
+        waiting.start()
+        waiting.join(timeout=3)
+        assert waiting.is_alive()  # blocked on the lock, not measuring
+        update_metadata(out, {"drift": {"rows": 4, "by": "the first shard"}})
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and not errors, errors
+    assert read_metadata(out)["drift"] == {"rows": 4, "by": "the first shard"}
