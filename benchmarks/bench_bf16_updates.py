@@ -15,29 +15,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import add_data_arguments, machine, read_records, table
+from common import add_data_arguments, machine, make_cache, table
 
 MODES = {"fp32": ("float32", True), "bf16 + fp32 master weights": ("bfloat16", True),
          "pure bf16": ("bfloat16", False)}
-
-
-def make_cache(args, workdir: Path) -> str:
-    from minorsft.precompute import PrecomputeConfig, run_precompute
-
-    data = workdir / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_records(args.data, args.rows)))
-    cache = workdir / "ref.parquet"
-    run_precompute(PrecomputeConfig(model=args.model, data=str(data), out=str(cache),
-                                    prompt_field=args.prompt_field,
-                                    response_field=args.response_field,
-                                    max_length=args.max_length, dtype="float32", device="cpu"))
-    return str(cache)
 
 
 def train(args, cache: str, dtype: str, master_weights: bool):

@@ -31,7 +31,6 @@ A last child runs raw SFT and MinorSFT steps alternately on the same batches in 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from common import (
     add_data_arguments,
     emit,
     machine,
+    make_cache,
     median,
     peak_rss_mib,
     read_records,
@@ -176,19 +176,6 @@ def reference_mib(args) -> float:
 
     model = load_model(resolve_model(args.model), torch.float32, torch.device("cpu"))
     return sum(p.numel() for p in model.parameters()) * 4 / 2**20
-
-
-def make_cache(args, workdir: Path) -> str:
-    from minorsft.precompute import PrecomputeConfig, run_precompute
-
-    data = workdir / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_records(args.data, args.rows)))
-    cache = workdir / "ref.parquet"
-    run_precompute(PrecomputeConfig(model=args.model, data=str(data), out=str(cache),
-                                    prompt_field=args.prompt_field,
-                                    response_field=args.response_field,
-                                    max_length=args.max_length, dtype="float32", device="cpu"))
-    return str(cache)
 
 
 CONFIGS = {

@@ -114,6 +114,20 @@ def run_child(script: Path, args: list[str], timeout: float = 900,
     return result
 
 
+def make_cache(args, workdir: Path) -> str:
+    """`minorsft precompute` (fp32, CPU) of the first `args.rows` records of `args.data`."""
+    from minorsft.precompute import PrecomputeConfig, run_precompute
+
+    data = workdir / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_records(args.data, args.rows)))
+    cache = workdir / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=args.model, data=str(data), out=str(cache),
+                                    prompt_field=args.prompt_field,
+                                    response_field=args.response_field,
+                                    max_length=args.max_length, dtype="float32", device="cpu"))
+    return str(cache)
+
+
 def emit(result: dict) -> None:
     """A child's result: one JSON line, last on stdout."""
     sys.stdout.write("\n" + json.dumps(result) + "\n")
