@@ -86,7 +86,9 @@ class MasterWeightsAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["master_weights"] = [master.detach().clone() for master, _ in self._pairs]
+        # The copies themselves, as torch's own state_dict gives its moments: no second fp32
+        # copy of the model while a checkpoint is written.
+        state["master_weights"] = [master.detach() for master, _ in self._pairs]
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
