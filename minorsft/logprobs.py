@@ -82,10 +82,22 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             out[start:stop] = _chunk_logps(hidden[start:stop], weight, bias, labels[start:stop])
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.chunk_tokens = chunk_tokens
+        # Under autocast (--dtype bf16-mixed) the logits were computed in bf16; backward runs
+        # outside autocast, so it re-enters it to recompute the same logits.
+        device_type = hidden.device.type
+        ctx.autocast = (torch.get_autocast_dtype(device_type)
+                        if torch.is_autocast_enabled(device_type) else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.autocast is None:
+            return _ChunkedHeadLogps._backward(ctx, grad_out)
+        with torch.autocast(grad_out.device.type, dtype=ctx.autocast):
+            return _ChunkedHeadLogps._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None

@@ -15,6 +15,7 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,8 @@ from minorsft.progress import progress
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
+# --dtype for fp32 weights (and updates) with the forward and backward under bf16 autocast
+MIXED_PRECISION = "bf16-mixed"
 
 
 @dataclass
@@ -193,8 +196,22 @@ def peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
 
 
-def _update_note(optimizer, dtype: torch.dtype, fsdp: bool) -> str:
+def compute_precision(state: TrainState):
+    """The context a forward pass runs in: bf16 autocast for bf16-mixed, else nothing."""
+    if state.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state.device.type, dtype=state.autocast)
+
+
+def precision_name(state: TrainState) -> str:
+    """The training precision as settings and logs name it: a dtype, or bf16-mixed."""
+    return MIXED_PRECISION if state.autocast is not None else dtype_name(state.dtype)
+
+
+def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
     """What precision the weight updates happen in (a line of the start-up log)."""
+    if mixed:
+        return "fp32 weights and updates, forward and backward under bf16 autocast"
     if fsdp and dtype != torch.float32:
         return "fp32 weight updates (FSDP's fp32 master weights)"
     if isinstance(optimizer, MasterWeightsAdamW):
@@ -233,6 +250,7 @@ class TrainState:
     model_path: str
     packing: bool  # micro-batches run as packed rows (decided in setup from config.packing)
     start_step: int = 0  # steps already done (from a checkpoint)
+    autocast: torch.dtype | None = None  # bf16-mixed: fp32 weights, forward under bf16 autocast
 
 
 def setup(config: TrainConfig, console: Console) -> TrainState:
@@ -250,9 +268,13 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
                          cache)
     torch.manual_seed(config.seed)
     device = pick_device(rank_device(world, config.device))
-    dtype = pick_dtype(config.dtype, device)
     # FSDP2 keeps fp32 master weights and computes in `dtype` through its mixed-precision policy.
     fsdp = world.distributed and config.strategy == "fsdp"
+    mixed = config.dtype == MIXED_PRECISION
+    if mixed and fsdp:
+        raise ValueError(f"--dtype {MIXED_PRECISION} is for one process or DDP; FSDP already "
+                         "computes in bf16 on fp32 master weights: use --dtype bfloat16")
+    dtype = torch.float32 if mixed else pick_dtype(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
     if config.gradient_checkpointing:
@@ -277,15 +299,17 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     console.print(
         f"[bold]minorsft train[/] loss={config.loss} beta={config.beta} lr={config.lr} "
         f"model={model_name} cache={cache} ({rows} rows, engine {metadata.get('engine')}, "
-        f"{metadata.get('dtype')}) device={device} dtype={dtype_name(dtype)}\n"
+        f"{metadata.get('dtype')}) device={device} "
+        f"dtype={MIXED_PRECISION if mixed else dtype_name(dtype)}\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
         + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}; "
-        + _update_note(optimizer, dtype, fsdp)
+        + _update_note(optimizer, dtype, fsdp, mixed)
     )
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
-                       total_steps, metadata, model_path, packing)
+                       total_steps, metadata, model_path, packing,
+                       autocast=torch.bfloat16 if mixed else None)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -315,8 +339,9 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
         with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
-            policy_logps, micro_tokens = state.policy(micro, pad_id, device, state.packing)
-            out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
+            with compute_precision(state):
+                policy_logps, micro_tokens = state.policy(micro, pad_id, device, state.packing)
+                out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
             (out.losses.sum() * (weight * world.world_size / count)).backward()
         policy_detached = policy_logps.detach()
         micro_sums = torch.stack([  # in METRIC_SUMS order; one copy to the host, not seven
@@ -419,7 +444,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
-                  "dtype": dtype_name(state.dtype), "device": str(state.device),
+                  "dtype": precision_name(state), "device": str(state.device),
                   "world_size": state.world.world_size}
     (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
     return output
@@ -460,7 +485,7 @@ STEP0_ROWS = 8
 # coarser of the cache's and the run's dtype. fp32 against fp32 measured 0 here; a bf16 policy
 # against an fp32 SmolLM2 cache measured 0.015 (docs/reliability.md); the spec's bf16-vs-fp32
 # scoring of 256 GSM8K answers moved summed log-probs by ~0.005 nats/token on average.
-STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1}
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, "bf16-mixed": 0.1}
 
 
 def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:
@@ -477,7 +502,8 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     was_training = state.model.training
     state.model.eval()  # the cache was scored in eval mode (no dropout)
     policy = []
-    with torch.no_grad():  # every rank scores the same rows (FSDP needs all of them to)
+    # every rank scores the same rows (FSDP needs all of them to), in the training precision
+    with torch.no_grad(), compute_precision(state):
         for start in range(0, len(rows), config.micro_batch_size):
             micro = rows[start: start + config.micro_batch_size]
             logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device,
@@ -489,7 +515,7 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     m_theta = sum(per_token) / len(per_token)
     mean_abs = sum(abs(x) for x in per_token) / len(per_token)
     worst = max(range(len(rows)), key=lambda i: abs(per_token[i]))
-    dtypes = (str(state.metadata.get("dtype")), dtype_name(state.dtype))
+    dtypes = (str(state.metadata.get("dtype")), precision_name(state))
     tolerance = config.step0_tolerance
     if tolerance is None:
         tolerance = max(STEP0_TOLERANCE.get(d, 0.1) for d in dtypes)
@@ -584,7 +610,7 @@ def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
     values = asdict(config)
     values.update(cache_rows=state.metadata.get("rows"),
                   cache_fingerprint=state.metadata.get("fingerprint"),
-                  total_steps=state.total_steps, dtype=dtype_name(state.dtype),
+                  total_steps=state.total_steps, dtype=precision_name(state),
                   master_weights=isinstance(state.optimizer, MasterWeightsAdamW))
     return {key: values[key] for key in RESUME_KEYS}
 
