@@ -72,8 +72,8 @@ def precompute(
         help="Keep the first N tokens of each sample; answer tokens past N are dropped, and a "
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,
     dtype: Annotated[str, typer.Option(
-        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16. Score in the "
-             "dtype you will train in.")] = "auto",
+        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16 or (transformers "
+             "engine) bf16-mixed. Score in the dtype you will train in.")] = "auto",
     engine: Annotated[str, typer.Option(
         help="Scoring engine: vllm, transformers, or auto (vllm when it is installed and a "
              "CUDA GPU is present, else transformers).")] = "auto",
@@ -96,7 +96,7 @@ def precompute(
              "drift (stored in the cache metadata; see `minorsft verify`). 0 skips.")] = 16,
     verify_dtype: Annotated[str, typer.Option(
         help="The dtype training will use, for that check (auto: fp32 on CPU, bf16 on "
-             "GPU).")] = "auto",
+             "GPU; or bf16-mixed).")] = "auto",
     on_bad: Annotated[str, typer.Option(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
              "writes it to <out>/_rejects.jsonl with the reason.")] = "error",
@@ -277,7 +277,7 @@ def verify(
     beta: Annotated[float, typer.Option(help="The beta training will use.")] = 0.04,
     dtype: Annotated[str, typer.Option(
         help="The dtype training will use: auto (fp32 on CPU, bf16 on GPU), float32, "
-             "bfloat16 or float16.")] = "auto",
+             "bfloat16, float16 or bf16-mixed.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(
         help="Tokens per scoring batch (default 1024 on a CPU, 16384 on a GPU).",
@@ -389,7 +389,8 @@ def eval_command(
     max_rows: Annotated[int | None, typer.Option(help="Only the first N held-out rows.")] = None,
     max_questions: Annotated[int | None, typer.Option(
         help="Only the first N questions of each --choices file.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="auto, float32, bfloat16, float16 or bf16-mixed.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(
         help="Padded tokens per batch (default 1024 on a CPU, 16384 on a GPU).",

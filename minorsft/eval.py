@@ -321,7 +321,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
                                 max_batch_tokens=config.max_batch_tokens)
     result: dict = {"model": config.model, "reference": config.reference,
-                    "dtype": str(engine.dtype).removeprefix("torch."), "config": asdict(config)}
+                    "dtype": engine.precision, "config": asdict(config)}
 
     examples, ref_logps = None, None
     if looks_like_cache(config.reference):

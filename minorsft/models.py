@@ -9,6 +9,7 @@ trained nor saved by transformers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -109,6 +110,29 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+# --dtype for fp32 weights with the forward (and in training the backward) under bf16 autocast.
+MIXED_PRECISION = "bf16-mixed"
+
+
+def pick_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weights' dtype, autocast dtype or None) for a --dtype value (see `pick_dtype`)."""
+    if dtype == MIXED_PRECISION:
+        return torch.float32, torch.bfloat16
+    return pick_dtype(dtype, device), None
+
+
+def precision_name(weights: torch.dtype, autocast: torch.dtype | None) -> str:
+    """How caches, settings and logs name a precision: a dtype, or bf16-mixed."""
+    return MIXED_PRECISION if autocast is not None else dtype_name(weights)
+
+
+def autocast_context(device: torch.device, autocast: torch.dtype | None):
+    """torch.autocast for a mixed precision, else a context that does nothing."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is fp32 on the CPU and bf16 on a GPU that supports it."""
     if dtype == "auto":
@@ -120,7 +144,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
     except KeyError:
         raise ModelError(
-            f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+            f"unknown dtype {dtype!r}: use auto, float32, bfloat16, float16 or (transformers "
+            f"only) {MIXED_PRECISION}") from None
 
 
 def pick_attention(requested: str, device: torch.device) -> str:

@@ -60,7 +60,7 @@ from minorsft.data import (
     resolve_data,
 )
 from minorsft.engines import make_engine
-from minorsft.models import dtype_name, fingerprint, load_tokenizer, resolve_model
+from minorsft.models import fingerprint, load_tokenizer, resolve_model
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
@@ -246,7 +246,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         "fingerprint": fingerprint(model_path, tokenizer).as_dict(),
         "max_length": config.max_length,
         "truncation": TRUNCATION_RULE,
-        "dtype": dtype_name(engine.dtype),
+        "dtype": engine.precision,
         "engine": engine.name,
         "engine_version": engine.version,
         "engine_settings": engine.describe(),

@@ -15,7 +15,6 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -52,13 +51,16 @@ from minorsft.distributed import (
 )
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
+    MIXED_PRECISION,
+    autocast_context,
     dtype_name,
     fingerprint,
     load_model,
     load_tokenizer,
     pick_attention,
     pick_device,
-    pick_dtype,
+    pick_precision,
+    precision_name,
     resolve_model,
 )
 from minorsft.optim import MasterWeightsAdamW, make_optimizer
@@ -67,8 +69,6 @@ from minorsft.progress import progress
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
-# --dtype for fp32 weights (and updates) with the forward and backward under bf16 autocast
-MIXED_PRECISION = "bf16-mixed"
 
 
 @dataclass
@@ -198,14 +198,12 @@ def peak_rss_bytes() -> int | None:
 
 def compute_precision(state: TrainState):
     """The context a forward pass runs in: bf16 autocast for bf16-mixed, else nothing."""
-    if state.autocast is None:
-        return contextlib.nullcontext()
-    return torch.autocast(state.device.type, dtype=state.autocast)
+    return autocast_context(state.device, state.autocast)
 
 
-def precision_name(state: TrainState) -> str:
+def training_precision(state: TrainState) -> str:
     """The training precision as settings and logs name it: a dtype, or bf16-mixed."""
-    return MIXED_PRECISION if state.autocast is not None else dtype_name(state.dtype)
+    return precision_name(state.dtype, state.autocast)
 
 
 def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
@@ -274,7 +272,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if mixed and fsdp:
         raise ValueError(f"--dtype {MIXED_PRECISION} is for one process or DDP; FSDP already "
                          "computes in bf16 on fp32 master weights: use --dtype bfloat16")
-    dtype = torch.float32 if mixed else pick_dtype(config.dtype, device)
+    dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
     if config.gradient_checkpointing:
@@ -308,8 +306,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + _update_note(optimizer, dtype, fsdp, mixed)
     )
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
-                       total_steps, metadata, model_path, packing,
-                       autocast=torch.bfloat16 if mixed else None)
+                       total_steps, metadata, model_path, packing, autocast=autocast)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -444,7 +441,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "total_steps": state.total_steps,
-                  "dtype": precision_name(state), "device": str(state.device),
+                  "dtype": training_precision(state), "device": str(state.device),
                   "world_size": state.world.world_size}
     (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
     return output
@@ -515,7 +512,7 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     m_theta = sum(per_token) / len(per_token)
     mean_abs = sum(abs(x) for x in per_token) / len(per_token)
     worst = max(range(len(rows)), key=lambda i: abs(per_token[i]))
-    dtypes = (str(state.metadata.get("dtype")), precision_name(state))
+    dtypes = (str(state.metadata.get("dtype")), training_precision(state))
     tolerance = config.step0_tolerance
     if tolerance is None:
         tolerance = max(STEP0_TOLERANCE.get(d, 0.1) for d in dtypes)
@@ -610,7 +607,7 @@ def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
     values = asdict(config)
     values.update(cache_rows=state.metadata.get("rows"),
                   cache_fingerprint=state.metadata.get("fingerprint"),
-                  total_steps=state.total_steps, dtype=precision_name(state),
+                  total_steps=state.total_steps, dtype=training_precision(state),
                   master_weights=isinstance(state.optimizer, MasterWeightsAdamW))
     return {key: values[key] for key in RESUME_KEYS}
 

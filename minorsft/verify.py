@@ -264,13 +264,13 @@ def precompute_drift_check(cache: Path, engine, model_path: str, sample: int,
     """
     from minorsft.cache import iter_rows, read_metadata
     from minorsft.engines.hf import TransformersEngine
-    from minorsft.models import pick_device, pick_dtype
+    from minorsft.models import pick_device, pick_precision, precision_name
 
     metadata = read_metadata(cache)
     rows = sample_rows(iter_rows(cache), sample, seed)
     reference_tokens = engine.score_tokens(rows_to_examples(rows))
-    if isinstance(engine, TransformersEngine) and engine.dtype == pick_dtype(
-            train_dtype, pick_device(device)):
+    if isinstance(engine, TransformersEngine) and engine.precision == precision_name(
+            *pick_precision(train_dtype, pick_device(device))):
         trainer = engine
     else:
         engine.close()

@@ -1,4 +1,4 @@
-"""--dtype bf16-mixed: fp32 weights, forward and backward under bf16 autocast.
+"""--dtype bf16-mixed: fp32 weights, forward and backward under bf16 autocast (scoring too).
 
 The chunked output head is a custom autograd function whose backward recomputes the logits;
 under autocast it must recompute them as the forward computed them (in bf16), or its gradient
@@ -69,3 +69,28 @@ def test_train_bf16_mixed_keeps_fp32_weights_and_checks_step0(tiny_model_dir, tm
     with pytest.raises(ValueError, match="dtype: checkpoint 'bf16-mixed', this run 'float32'"):
         run_train(TrainConfig(output=str(tmp_path / "run"), resume=True,
                               **dict(settings, dtype="float32")))
+
+
+def test_precompute_in_bf16_mixed_scores_under_autocast(tiny_model_dir, tmp_path):
+    from minorsft.cache import iter_rows, read_metadata
+    from minorsft.logprobs import answer_logps, pad_batch
+    from minorsft.models import load_model
+
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(1), dtype="bf16-mixed",
+                            verify_dtype="bf16-mixed", verify_sample=4)
+    metadata = read_metadata(cache)
+    assert metadata["dtype"] == "bf16-mixed"
+    # the drift check reused the engine: both sides bf16-mixed, agreeing to batching noise
+    assert metadata["drift"]["trainer"]["dtype"] == "bf16-mixed"
+    assert metadata["drift"]["delta_r_abs"]["max"] < 1e-3
+    rows = list(iter_rows(cache))
+    model = load_model(str(tiny_model_dir), torch.float32, CPU).eval()
+    tensors = pad_batch([r["input_ids"] for r in rows], [r["answer_mask"] for r in rows],
+                        model.config.pad_token_id or 0, CPU)
+    with torch.inference_mode():
+        exact = answer_logps(model, *tensors)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = answer_logps(model, *tensors)
+    cached = torch.tensor([r["ref_logps"] for r in rows])
+    assert (mixed - exact).abs().max() > 1e-3  # the two precisions differ here
+    torch.testing.assert_close(cached, mixed, atol=1e-4, rtol=0)

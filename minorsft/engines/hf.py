@@ -7,7 +7,14 @@ import transformers
 
 from minorsft.data import Example
 from minorsft.logprobs import answer_logps, pad_batch
-from minorsft.models import dtype_name, load_model, pick_attention, pick_device, pick_dtype
+from minorsft.models import (
+    autocast_context,
+    load_model,
+    pick_attention,
+    pick_device,
+    pick_precision,
+    precision_name,
+)
 
 
 def token_budget_batches(examples: list[Example], max_batch_tokens: int) -> list[list[int]]:
@@ -49,12 +56,18 @@ class TransformersEngine:
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int | None = None, attention: str = "auto"):
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        # bf16-mixed: fp32 weights, scored under bf16 autocast (as `train --dtype bf16-mixed`)
+        self.dtype, self.autocast = pick_precision(dtype, self.device)
         self.model = load_model(model_path, self.dtype, self.device,
                                 pick_attention(attention, self.device))
         self.model.eval()
         self.pad_id = self.model.config.pad_token_id or 0
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
+
+    @property
+    def precision(self) -> str:
+        """The dtype as the cache records it (a dtype name, or bf16-mixed)."""
+        return precision_name(self.dtype, self.autocast)
 
     @torch.inference_mode()
     def score(self, examples: list[Example]) -> list[float]:
@@ -62,8 +75,9 @@ class TransformersEngine:
         for batch in token_budget_batches(examples, self.max_batch_tokens):
             tensors = pad_batch([examples[i].input_ids for i in batch],
                                 [examples[i].answer_mask for i in batch], self.pad_id, self.device)
-            for index, value in zip(batch, answer_logps(self.model, *tensors).tolist(),
-                                    strict=True):
+            with autocast_context(self.device, self.autocast):
+                sums = answer_logps(self.model, *tensors)
+            for index, value in zip(batch, sums.tolist(), strict=True):
                 scores[index] = value
         return scores
 
@@ -74,14 +88,16 @@ class TransformersEngine:
         for batch in token_budget_batches(examples, self.max_batch_tokens):
             tensors = pad_batch([examples[i].input_ids for i in batch],
                                 [examples[i].answer_mask for i in batch], self.pad_id, self.device)
-            token_logps, sample_index = answer_logps(self.model, *tensors, return_tokens=True)
+            with autocast_context(self.device, self.autocast):
+                token_logps, sample_index = answer_logps(self.model, *tensors,
+                                                         return_tokens=True)
             for row, value in zip(sample_index.tolist(), token_logps.tolist(), strict=True):
                 values[batch[row]].append(value)
         return values
 
     def describe(self) -> dict:
         """The settings worth recording in the cache metadata."""
-        return {"dtype": dtype_name(self.dtype), "device": self.device.type,
+        return {"dtype": self.precision, "device": self.device.type,
                 "max_batch_tokens": self.max_batch_tokens}
 
     def close(self) -> None:
