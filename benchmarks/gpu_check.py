@@ -15,8 +15,10 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
    only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
 5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
-   batch, model shape and dtype, minorsft's default step vs SFTTrainer's defaults (gradient
-   checkpointing off in both).
+   batch, model shape and dtype, minorsft's default step (fp32 master weights), minorsft
+   without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
+   `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
+   weights with its bf16 autocast (gradient checkpointing off in all).
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -174,8 +176,8 @@ class Trainer:
     """
 
     def __init__(self, model, batch: int, use_train_module: bool, lr: float = 1e-5,
-                 master_weights: bool = True):
-        self.model, self.batch = model, batch
+                 master_weights: bool = True, autocast: torch.dtype | None = None):
+        self.model, self.batch, self.autocast = model, batch, autocast
         self.device = next(model.parameters()).device
         self.real = use_train_module and TRAIN_STEP.startswith("minorsft")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -187,7 +189,8 @@ class Trainer:
                 tokenizer=SimpleNamespace(pad_token_id=0),
                 optimizer=self.optimizer, scheduler=linear_schedule(self.optimizer, 0, 10_000),
                 device=self.device, dtype=next(model.parameters()).dtype, total_steps=10_000,
-                metadata={}, model_path="(built from config)", packing=False)
+                metadata={}, model_path="(built from config)", packing=False,
+                autocast=autocast)
 
     def step(self, loss: str, packing: bool, rows: list[dict]) -> dict:
         if self.real:
@@ -195,10 +198,12 @@ class Trainer:
             config = TrainConfig(cache="-", output="-", loss=loss, batch_size=self.batch,
                                  micro_batch_size=self.batch, packing=packing)
             return train_step(self.state, config, rows)
-        logps, tokens = micro_batch_logps(self.model, rows, 0, self.device, packing)
         ref = torch.tensor([r["ref_logps"] for r in rows], device=self.device)
         num = torch.tensor([r["num_tokens"] for r in rows], device=self.device)
-        out = compute_loss(loss, logps, ref, num, 0.04)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            logps, tokens = micro_batch_logps(self.model, rows, 0, self.device, packing)
+            out = compute_loss(loss, logps, ref, num, 0.04)
         (out.losses.sum() / len(rows)).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
@@ -396,12 +401,15 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     results = {}
 
-    for name, master_weights in (("minorsft (default: packed, fp32 master weights)", True),
-                                 ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)",
-                                  False)):
-        model = build_model(sizes, dtype, dev.device).train()
+    mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
+    variants = [("minorsft (default: packed, fp32 master weights)", True, dtype, None),
+                ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)", False, dtype, None),
+                (mixed_name, True, torch.float32, torch.bfloat16)]
+    for name, master_weights, weights_dtype, autocast in variants:
+        model = build_model(sizes, weights_dtype, dev.device).train()
         set_attention(model, "segment")  # what `minorsft train` picks for an SDPA model
-        trainer = Trainer(model, batch, use_train_module, master_weights=master_weights)
+        trainer = Trainer(model, batch, use_train_module, master_weights=master_weights,
+                          autocast=autocast)
         times, tokens = [], []
         dev.reset_peak()
         for step_rows in batches + batches:
@@ -414,27 +422,36 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         if dev.cuda:
             torch.cuda.empty_cache()
 
-    model = build_model(sizes, dtype, dev.device).train()
     data = Dataset.from_list([{"input_ids": r["input_ids"],
                                "completion_mask": [int(m) for m in r["answer_mask"]]}
                               for r in rows])
-    settings = dict(
-        output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, max_steps=2 * len(batches), learning_rate=1e-5,
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=10**6,
-        save_strategy="no", report_to="none", dataloader_num_workers=0, max_length=max_len,
-        bf16=dtype == torch.bfloat16, use_cpu=not dev.cuda, seed=0,
-        gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
     in_order = "train_sampling_strategy" in SFTConfig.__dataclass_fields__
-    if in_order:
-        settings["train_sampling_strategy"] = "sequential"  # the same batches as above
-    sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
-                     processing_class=_trl_tokenizer())
-    trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
-    dev.reset_peak()
-    sft.train()
     trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")
-    results[trl_name] = (trl_times, trl_tokens[:len(trl_times)], dev.peak_mib())
+    trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
+    # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
+    # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
+    for name, weights_dtype, bf16 in ((trl_name, dtype, dtype == torch.bfloat16),
+                                      (trl_mixed, torch.float32, True)):
+        model = build_model(sizes, weights_dtype, dev.device).train()
+        settings = dict(
+            output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
+            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            max_steps=2 * len(batches), learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
+            max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
+            dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
+            seed=0,
+            gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
+        if in_order:
+            settings["train_sampling_strategy"] = "sequential"  # the same batches as above
+        sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
+                         processing_class=_trl_tokenizer())
+        trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
+        dev.reset_peak()
+        sft.train()
+        results[name] = (trl_times, trl_tokens[:len(trl_times)], dev.peak_mib())
+        del model, sft
+        if dev.cuda:
+            torch.cuda.empty_cache()
     out, rates = [], {}
     for name, (step_times, step_tokens, peak) in results.items():
         rates[name] = []
@@ -445,12 +462,14 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
             out.append([f"{name}, {label}", len(per_step),
                         f"{statistics.median(step_times[part]):.3f}", f"{rates[name][-1]:,.0f}",
                         f"{peak:,.0f}"])
-    theirs = rates[trl_name]
     for name, ours in rates.items():
-        if name != trl_name:
-            out.append([f"ratio {name.split(' (')[0]} / TRL", "", "",
-                        f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
-                        f"{ours[1] / theirs[1]:.2f}", ""])
+        if name.startswith("trl"):
+            continue
+        baseline = trl_mixed if name == mixed_name else trl_name  # the same precision
+        theirs = rates[baseline]
+        out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
+                    f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
+                    f"{ours[1] / theirs[1]:.2f}", ""])
     return out
 
 
