@@ -9,8 +9,9 @@ the weight it started from. Training SmolLM2-135M with MinorSFT at lr 2e-5 in pu
 training"; `benchmarks/bench_bf16_updates.py`). With master weights the optimizer updates an
 fp32 copy of every bf16/fp16 parameter and writes it back rounded: the model still runs in bf16
 (forward, backward, activations, the same dtype as a bf16 cache), and small updates add up in
-the copy until they move the bf16 weight. It is what mixed-precision
-trainers do (DeepSpeed's bf16, FSDP's MixedPrecisionPolicy, which `--strategy fsdp` uses).
+the copy until they move the bf16 weight. It is what mixed-precision trainers do (DeepSpeed's
+bf16, FSDP's MixedPrecisionPolicy, which `--strategy fsdp` uses); `--dtype bf16-mixed` is the
+other way round (fp32 weights throughout, bf16 only inside autocast).
 
 The cost is memory: per bf16 parameter an fp32 copy (4 bytes), its fp32 gradient during the
 step (4) and AdamW's two moments in fp32 (8 instead of 4): 20 bytes per parameter with the bf16

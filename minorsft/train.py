@@ -297,8 +297,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     console.print(
         f"[bold]minorsft train[/] loss={config.loss} beta={config.beta} lr={config.lr} "
         f"model={model_name} cache={cache} ({rows} rows, engine {metadata.get('engine')}, "
-        f"{metadata.get('dtype')}) device={device} "
-        f"dtype={MIXED_PRECISION if mixed else dtype_name(dtype)}\n"
+        f"{metadata.get('dtype')}) device={device} dtype={precision_name(dtype, autocast)}\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
@@ -482,7 +481,7 @@ STEP0_ROWS = 8
 # coarser of the cache's and the run's dtype. fp32 against fp32 measured 0 here; a bf16 policy
 # against an fp32 SmolLM2 cache measured 0.015 (docs/reliability.md); the spec's bf16-vs-fp32
 # scoring of 256 GSM8K answers moved summed log-probs by ~0.005 nats/token on average.
-STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, "bf16-mixed": 0.1}
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, MIXED_PRECISION: 0.1}
 
 
 def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:
@@ -697,8 +696,9 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
 
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     saved, now = trainer_state["settings"], _resume_settings(state, config)
-    changed = [f"{key}: checkpoint {saved.get(key)!r}, this run {now[key]!r}"
-               for key in RESUME_KEYS if saved.get(key, RESUME_DEFAULTS.get(key)) != now[key]]
+    saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
+    changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
+               for key in RESUME_KEYS if saved[key] != now[key]]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
