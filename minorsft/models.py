@@ -126,6 +126,16 @@ def precision_name(weights: torch.dtype, autocast: torch.dtype | None) -> str:
     return MIXED_PRECISION if autocast is not None else dtype_name(weights)
 
 
+def cpu_has_bf16() -> bool:
+    """True if this CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast
+    pays; read from /proc/cpuinfo, so False where that does not exist."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast_context(device: torch.device, autocast: torch.dtype | None):
     """torch.autocast for a mixed precision, else a context that does nothing."""
     if autocast is None:

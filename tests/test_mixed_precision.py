@@ -94,3 +94,17 @@ def test_precompute_in_bf16_mixed_scores_under_autocast(tiny_model_dir, tmp_path
     cached = torch.tensor([r["ref_logps"] for r in rows])
     assert (mixed - exact).abs().max() > 1e-3  # the two precisions differ here
     torch.testing.assert_close(cached, mixed, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("has_bf16", "dtype", "hinted"), [
+    (True, "auto", True), (False, "auto", False), (True, "float32", False)])
+def test_cpus_with_bf16_get_a_hint_about_bf16_mixed(tiny_model_dir, tmp_path, monkeypatch,
+                                                     has_bf16, dtype, hinted):
+    from rich.console import Console
+
+    monkeypatch.setattr("minorsft.train.cpu_has_bf16", lambda: has_bf16)
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(1))
+    console = Console(record=True, width=200)
+    run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), batch_size=4,
+                          micro_batch_size=4, max_steps=1, dtype=dtype, device="cpu"), console)
+    assert ("--dtype bf16-mixed" in console.export_text()) == hinted
