@@ -88,10 +88,11 @@ def child_minorsft(args) -> dict:
 
     config = _train_config(args, args.loss, PACKING[args.packing])
     state = setup(config, Console(stderr=True, quiet=True))
-    reference = None
+    reference, reference_mib = None, None
     if args.live_ref:
         reference = load_model(state.model_path, state.dtype, state.device).eval()
         reference.requires_grad_(False)
+        reference_mib = sum(p.numel() * p.element_size() for p in reference.parameters()) / 2**20
     loaded_rss = rss_mib()
     reset = reset_peak_rss()
     times, tokens = [], []
@@ -110,7 +111,8 @@ def child_minorsft(args) -> dict:
         if step == 0:
             first_loss = metrics["loss"]
     return {"times": times, "tokens": tokens, "loaded_rss": loaded_rss, "reset": reset,
-            "phase_peak": peak_rss_mib(), "first_loss": first_loss}
+            "phase_peak": peak_rss_mib(), "first_loss": first_loss,
+            "reference_mib": reference_mib}
 
 
 def child_trl(args) -> dict:
@@ -171,14 +173,6 @@ def child_ab(args) -> dict:
         train_step(state, configs[loss], rows)
         times[loss].append(time.perf_counter() - started)
     return {"times": times}
-
-
-def reference_mib(args) -> float:
-    """The reference model's fp32 weights, MiB (what a live reference holds beside the policy)."""
-    from minorsft.models import load_model, resolve_model
-
-    model = load_model(resolve_model(args.model), torch.float32, torch.device("cpu"))
-    return sum(p.numel() for p in model.parameters()) * 4 / 2**20
 
 
 CONFIGS = {
@@ -278,8 +272,9 @@ def main():
         cache, live = f"minorsft{suffix}", f"minorsft+live-ref{suffix}"
         if {cache, live} <= summary.keys():
             saved = summary[live]["process"] - summary[cache]["process"]
+            weights = runs[live][0]["reference_mib"]  # as the live-reference child held them
             ratios.append([f"process peak saved by the cache{suffix} (MiB)", saved,
-                           f">= reference weights ({reference_mib(args):,.0f} MiB)"])
+                           f">= reference weights ({weights:,.0f} MiB)"])
     if "ab" in runs:
         sft = [t for r in runs["ab"] for t in r["times"]["sft"][1:]]
         minor = [t for r in runs["ab"] for t in r["times"]["minorsft"][1:]]
