@@ -91,7 +91,7 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
         raise ValueError(f"packed sample lengths sum to {sum(lengths)}, the row has "
                          f"{query.shape[2]} tokens")
     layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
-    with _per_sample_backends(query.device):
+    with _packed_backends(query.device):
         if layout == "padded":
             return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
         outputs = [
@@ -151,7 +151,7 @@ def _padding_indices(lengths: tuple[int, ...], device: torch.device
     return _INDEX_CACHE[key]
 
 
-def _per_sample_backends(device: torch.device):
+def _packed_backends(device: torch.device):
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel

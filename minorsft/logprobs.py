@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minorsft.models import autocast_context
+
 # Logit elements per output-head chunk: 2**24 fp32 values are 64 MiB, so a chunk holds about
 # 110 positions of a 152k vocabulary (Qwen2) or 340 of a 49k one (SmolLM2). Large enough to keep
 # the matmul efficient, small enough that the vocabulary never dominates a step's memory.
@@ -91,13 +93,11 @@ class _ChunkedHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.autocast is None:
-            return _ChunkedHeadLogps._backward(ctx, grad_out)
-        with torch.autocast(grad_out.device.type, dtype=ctx.autocast):
-            return _ChunkedHeadLogps._backward(ctx, grad_out)
+        with autocast_context(grad_out.device, ctx.autocast):
+            return _ChunkedHeadLogps._chunked_backward(ctx, grad_out)
 
     @staticmethod
-    def _backward(ctx, grad_out):
+    def _chunked_backward(ctx, grad_out):
         hidden, weight, bias, labels = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None

@@ -56,12 +56,12 @@ class MasterWeightsAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, **settings):
-        self.model_params = list(params)
+        params = list(params)
+        # what AdamW updates: an fp32 copy of each low-precision parameter, fp32 ones as they are
         self.masters = [p.detach().float().clone() if p.dtype in LOW_PRECISION else p
-                        for p in self.model_params]
+                        for p in params]
         # (copy, model parameter) pairs of the low-precision parameters only
-        self._pairs = [(m, p) for m, p in zip(self.masters, self.model_params, strict=True)
-                       if m is not p]
+        self._pairs = [(m, p) for m, p in zip(self.masters, params, strict=True) if m is not p]
         super().__init__(self.masters, **settings)
 
     @torch.no_grad()

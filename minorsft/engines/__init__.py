@@ -24,6 +24,7 @@ class ScoringEngine(Protocol):
     name: str
     version: str
     dtype: torch.dtype
+    precision: str  # the dtype as the cache records it: a dtype name, or bf16-mixed
     max_batch_tokens: int  # the budget in effect (recorded in the cache's settings)
 
     def score(self, examples: list[Example]) -> list[float]:
