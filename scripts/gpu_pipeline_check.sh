@@ -53,7 +53,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(de
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3"}],
     add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
 print("reloaded and generated:", model.generate(**prompt, max_new_tokens=5, do_sample=False).shape)
-for loss in ("minorsft", "sft", "padded"):
+for loss in ("minorsft", "sft", "padded", "pure-bf16"):  # pure-bf16: no master weights
     rows = [json.loads(l) for l in open(f"{folder}/../{loss}/metrics.jsonl")]
     print(loss, "step0 m_theta %.3e coef %.4f" % (rows[0]["m_theta"], rows[0]["coefficient"]),
           "median step s %.3f" % sorted(r["step_seconds"] for r in rows[1:])[len(rows[1:]) // 2],

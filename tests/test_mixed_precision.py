@@ -17,13 +17,8 @@ from minorsft.packing import micro_batch_logps
 from minorsft.train import TrainConfig, run_train
 
 from .conftest import demo_rows, precompute_rows
-from .test_logprobs import SAMPLES, _grads, _naive
-
-CPU = torch.device("cpu")
-
-
-def _rows():
-    return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
+from .test_attention import CPU, _rows
+from .test_logprobs import _grads, _naive
 
 
 def _relative(got, want):
