@@ -52,10 +52,10 @@ _PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 # How a packed row is cut apart, by device type (see `segment_sdpa_attention`). On a 2-core CPU
-# a SmolLM2 step on 4 GSM8K rows took 4.05 s per-sample and 4.26 s padded (8,416 vs 7,602 torch
-# operations), and with 8 rows the padded layout's peak was 290 MiB (6 %) higher: per-sample
-# everywhere until a GPU shows the padded layout's fewer launches paying for its memory
-# (benchmarks/gpu_check.py, section 2, times both).
+# a SmolLM2 step on 4 GSM8K rows took 4.68 s per-sample and 4.92 s padded (8,410 vs 7,596 torch
+# operations), and with 8 rows the padded layout's peak was 290 MiB (6 %) higher
+# (`benchmarks/cpu_probes.py layouts`): per-sample everywhere until a GPU shows the padded
+# layout's fewer launches paying for its memory (benchmarks/gpu_check.py, section 2, times both).
 LAYOUT_BY_DEVICE: dict[str, str] = {}
 DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded")

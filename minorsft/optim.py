@@ -33,7 +33,8 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     """AdamW (betas 0.9, 0.999, eps 1e-8), fused where torch has a kernel for the device.
 
     The fused kernel updates each parameter in one pass instead of a dozen elementwise ones: on
-    a 2-core CPU the SmolLM2-135M optimizer step took 0.06 s instead of 0.31 s, and on a GPU it
+    a 2-core CPU the SmolLM2-135M optimizer step took 0.06 s instead of 0.30 s
+    (`benchmarks/cpu_probes.py optimizer`), and on a GPU it
     takes a few kernel launches instead of one per elementwise operation. TRL's trainers use it
     by default too (transformers' `adamw_torch_fused`). With `master_weights`, bf16/fp16
     parameters are updated through fp32 copies (`MasterWeightsAdamW`).
