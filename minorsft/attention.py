@@ -22,6 +22,7 @@ before training, that a packed row gives each sample the hidden states it has al
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 
@@ -61,15 +62,33 @@ DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded")
 
 
+# The current packed row's sample lengths, set by `minorsft.packing` around the forward pass
+# (`packed_sample_lengths`). Without them every layer would read the lengths from the position
+# ids, which on a GPU waits for the device once per layer. They travel beside the model call, not
+# through it: a list argument would be part of what `torch.compile` guards on, and every new
+# number of samples would compile the decoder layers again.
+_PACKED_LENGTHS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "minorsft_packed_lengths", default=None)
+
+
+@contextlib.contextmanager
+def packed_sample_lengths(lengths: list[int]):
+    """Within this block, packed rows are cut at these sample lengths (they must sum to L)."""
+    token = _PACKED_LENGTHS.set(tuple(lengths))
+    try:
+        yield
+    finally:
+        _PACKED_LENGTHS.reset(token)
+
+
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                           scaling: float | None = None, packed_lengths: list[int] | None = None,
-                           **kwargs):
+                           scaling: float | None = None, **kwargs):
     """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.
 
     Packed rows (no mask, position ids restarting) run causal SDPA on each sample alone; anything
-    else is transformers' SDPA as usual. `packed_lengths` (the sample lengths, passed by
-    `minorsft.packing`) saves reading them from the position ids in every layer, which on a
-    GPU would wait for the device once per layer.
+    else is transformers' SDPA as usual. The sample lengths come from `packed_sample_lengths`
+    where the caller set them, else from the position ids. (Gradient checkpointing recomputes a
+    layer in backward, outside that block: it reads them from the position ids then.)
 
     Two layouts give the same result. "per-sample" calls SDPA once per sample on its slice of
     the row: no padding computed at all, but a call (and in backward a second one) per sample
@@ -83,13 +102,13 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
 
     lengths = None
     if attention_mask is None:
-        lengths = packed_lengths or lengths_from_positions(kwargs.get("position_ids"))
+        lengths = _PACKED_LENGTHS.get() or lengths_from_positions(kwargs.get("position_ids"))
     if lengths is None or len(lengths) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if sum(lengths) != query.shape[2]:
-        raise ValueError(f"packed sample lengths sum to {sum(lengths)}, the row has "
-                         f"{query.shape[2]} tokens")
+        raise ValueError(f"packed sample lengths {list(lengths)} sum to {sum(lengths)}, the row "
+                         f"has {query.shape[2]} tokens")
     layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
     with _packed_backends(query.device):
         if layout == "padded":
@@ -172,7 +191,9 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa_attention)
+    # torch.compile (--compile) leaves the attention call itself eager: its loop over the
+    # samples depends on each batch's lengths, and traced it would compile anew for every batch.
+    AttentionInterface.register(SEGMENT_ATTENTION, torch.compiler.disable(segment_sdpa_attention))
     AttentionMaskInterface.register(SEGMENT_ATTENTION, _segment_mask)
 
 

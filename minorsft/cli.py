@@ -220,6 +220,12 @@ def train(
         help="With bf16/fp16 weights, let AdamW update fp32 copies of them (12 more bytes per "
              "parameter). Without, updates under half a bf16 step (most, at lr 2e-5) are "
              "rounded away.")] = True,
+    torch_compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the decoder layers (attention and output head stay eager): fewer, "
+             "fused kernels, after a compile of tens of seconds in the first steps. Needs a "
+             "C++ compiler on CPUs, Triton on GPUs. Default: off.",
+        show_default=False)] = None,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
     from minorsft.train import TrainConfig, TrainingInterrupted, run_train
@@ -236,7 +242,7 @@ def train(
             resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance,
             packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, merge_lora=merge_lora,
-            master_weights=master_weights)
+            master_weights=master_weights, torch_compile=torch_compile)
     except ValueError as error:
         _fail(str(error))
     try:

@@ -25,7 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
+from minorsft.attention import (
+    SEGMENT_ATTENTION,
+    check_packed_isolation,
+    packed_sample_lengths,
+    use_segment_attention,
+)
 from minorsft.logprobs import answer_logps, final_logit_transform, head_logps, pad_batch
 
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention",
@@ -136,13 +141,11 @@ def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = N
         summed = token_logps.new_zeros(packed.num_samples)
         return summed.index_add(0, packed.sample_index, token_logps)
     # The per-sample attention takes the lengths as given (else it reads them in every layer).
-    lengths = ({"packed_lengths": packed.lengths}
-               if model.config._attn_implementation == SEGMENT_ATTENTION else {})
-    hidden = model.get_decoder()(
-        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-        use_cache=False,  # with a cache transformers would not detect the packed samples
-        **lengths,
-    ).last_hidden_state[0]  # [L, H]
+    with packed_sample_lengths(packed.lengths):
+        hidden = model.get_decoder()(
+            input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+            use_cache=False,  # with a cache transformers would not detect the packed samples
+        ).last_hidden_state[0]  # [L, H]
     return head_logps(model, hidden[packed.positions], labels, packed.sample_index,
                       packed.num_samples, chunk_tokens)
 

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
+from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers
 from minorsft.distributed import (
     STRATEGIES,
     World,
@@ -115,6 +116,8 @@ class TrainConfig:
     merge_lora: bool = False  # also save the merged model in <output>/merged
     # bf16/fp16 weights: AdamW updates fp32 copies (see minorsft.optim); False: pure bf16/fp16
     master_weights: bool = True
+    # torch.compile the decoder layers (minorsft.compiling). None: where COMPILE_BY_DEVICE says
+    torch_compile: bool | None = None
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -223,6 +226,17 @@ def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
     return "fp32 weight updates"
 
 
+def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: bool) -> str:
+    """Compile the decoder layers if asked (or, unasked, where COMPILE_BY_DEVICE says so)."""
+    wanted = device.type in COMPILE_BY_DEVICE if requested is None else requested
+    if not wanted:
+        return "eager" + (" (--no-compile)" if requested is False else "")
+    if fsdp:
+        raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
+    count = compile_decoder_layers(model)
+    return f"{count} decoder layers compiled (the first steps compile them)"
+
+
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
     """Linear warm-up to the peak lr, then linear decay to zero (the paper's schedule)."""
 
@@ -280,6 +294,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     packing, packing_note = prepare_packing(model, config.packing)
+    compile_note = _compile_layers(model, config.torch_compile, device, fsdp)
     if config.lora_r:
         from minorsft.lora import apply_lora
 
@@ -302,7 +317,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
-        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}; "
+        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}; {compile_note}; "
         + _update_note(optimizer, dtype, fsdp, mixed)
     )
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():

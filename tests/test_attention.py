@@ -18,6 +18,7 @@ from minorsft.attention import (
     SEGMENT_ATTENTION,
     check_packed_isolation,
     lengths_from_positions,
+    packed_sample_lengths,
     use_segment_attention,
 )
 from minorsft.logprobs import answer_logps, pad_batch
@@ -121,6 +122,7 @@ def test_prepare_packing_falls_back_or_refuses_when_the_check_fails(model, monke
 def test_given_lengths_must_cover_the_row(model, layout):
     use_segment_attention(model)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    with pytest.raises(ValueError, match="sum to 4, the row has 5 tokens"):
+    with pytest.raises(ValueError, match="sum to 4, the row has 5 tokens"), \
+            packed_sample_lengths([2, 2]):
         model.get_decoder()(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1, 2]]),
-                            attention_mask=None, use_cache=False, packed_lengths=[2, 2])
+                            attention_mask=None, use_cache=False)

@@ -1,0 +1,39 @@
+"""`--compile`: the policy's decoder layers through `torch.compile`, the attention call eager.
+
+At Qwen2-0.5B's size a training step on a GPU is bound by kernel launches, not arithmetic: the
+RMS norms, rotary embeddings, residual adds and the MLP's activation are each a handful of small
+elementwise kernels per layer, forward and backward (docs/performance.md). Compiling a decoder
+layer fuses them into a few generated kernels and launches them from generated code.
+
+Each layer is compiled on its own (they share one compiled graph: their code is the same, their
+weights are the graph's inputs) with dynamic shapes, so a new packed length does not compile
+again. The attention call stays eager (`minorsft.attention` registers it that way): it loops
+over each batch's sample lengths. The output head is minorsft's chunked log-prob function and
+stays eager as well. The first steps pay for compiling (tens of seconds on a GPU); a step whose
+autograd mode differs (the step-0 check, evaluation) compiles its own graph once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Device types where `train` compiles without being asked (--compile/--no-compile decide
+# otherwise). Empty until a GPU measurement shows compiling paying for its compile time.
+COMPILE_BY_DEVICE: frozenset[str] = frozenset()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's repeated decoder blocks (`model.get_decoder().layers` for transformers LMs)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"--compile: {type(model).__name__} has no list of decoder layers at "
+                         "model.get_decoder().layers; train it without --compile")
+    return layers
+
+
+def compile_decoder_layers(model) -> int:
+    """Compile every decoder layer in place (dynamic shapes); returns how many."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

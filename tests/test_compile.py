@@ -1,0 +1,84 @@
+"""`--compile`: compiled decoder layers give the eager log-probs and gradients, and compile once.
+
+These run torch.compile's CPU backend (a C++ compiler builds the kernels): the first compile of
+the tiny model takes several seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from minorsft.attention import use_segment_attention
+from minorsft.compiling import compile_decoder_layers
+from minorsft.packing import micro_batch_logps
+from minorsft.train import TrainConfig, _compile_layers
+
+from .conftest import build_tiny_model, build_tiny_tokenizer
+from .test_logprobs import SAMPLES, TOL, _assert_same_grads
+from .test_train_packing_lora import _train, tiny_cache  # noqa: F401 (a fixture)
+
+CPU = torch.device("cpu")
+
+
+def _rows(samples):
+    return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in samples]
+
+
+def _logps_and_grads(model, rows):
+    model.zero_grad(set_to_none=True)
+    logps, _ = micro_batch_logps(model, rows, 0, CPU, packing=True)
+    weights = torch.linspace(-0.5, 2.0, len(rows))  # unequal, so a mix-up shows
+    (logps * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logps.detach(), grads
+
+
+def test_compiled_layers_equal_eager_and_compile_once():
+    eager = build_tiny_model(build_tiny_tokenizer())
+    assert use_segment_attention(eager)
+    compiled = copy.deepcopy(eager)
+    assert compile_decoder_layers(compiled) == len(compiled.model.layers)
+    graphs = []
+    # Packed micro-batches of 4, 2 and 3 samples: new lengths and a new number of samples.
+    for samples in (SAMPLES, SAMPLES[1:3], SAMPLES[:3]):
+        rows = _rows(samples)
+        got_logps, got_grads = _logps_and_grads(compiled, rows)
+        want_logps, want_grads = _logps_and_grads(eager, rows)
+        torch.testing.assert_close(got_logps, want_logps, **TOL)
+        _assert_same_grads(got_grads, want_grads)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Dynamic shapes, and the sample lengths passed beside the model call: the first micro-batch
+    # compiled the layers, the others reused that.
+    assert graphs[0] > 0
+    assert graphs[1] == graphs[2] == graphs[0]
+
+
+def test_training_with_compile_equals_eager(tiny_cache, tmp_path):  # noqa: F811
+    eager = _train(tiny_cache, tmp_path / "eager", torch_compile=False)
+    compiled = _train(tiny_cache, tmp_path / "compiled", torch_compile=True)
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "grad_norm", "policy_logps", "m_theta"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    # Compiling in place leaves the saved weights' names as they were.
+    index = tmp_path / "compiled" / "model.safetensors"
+    assert index.exists()
+    from safetensors import safe_open
+
+    with safe_open(str(index), "pt") as saved:
+        assert not any("_orig_mod" in key for key in saved.keys())  # noqa: SIM118
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert "compile" not in json.dumps(config)
+
+
+def test_compile_settings():
+    model = build_tiny_model(build_tiny_tokenizer())
+    assert _compile_layers(model, None, CPU, fsdp=False) == "eager"
+    assert _compile_layers(model, False, CPU, fsdp=False) == "eager (--no-compile)"
+    with pytest.raises(ValueError, match="--compile is for one process or DDP"):
+        _compile_layers(model, True, CPU, fsdp=True)
+    assert TrainConfig(cache="c", output="o").torch_compile is None
