@@ -3,7 +3,7 @@
 Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 
 1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
-   (fp32, per-sample values and parameter gradients);
+   (fp32, per-sample values and parameter gradients), eager and with compiled layers;
 2. training step, bf16: raw SFT and MinorSFT as `minorsft train` runs them by default (packed
    rows, minorsft's packed SDPA in the device's default layout) vs MinorSFT padded vs MinorSFT
    packed under transformers' dense block mask vs each of the two layouts of the packed SDPA
@@ -11,14 +11,16 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
-3. log-prob step peak memory with a 152k vocabulary: chunked vs naive full logits;
+3. log-prob step peak memory with a 152k vocabulary: chunked (default chunk and 4 x) vs naive
+   full logits;
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
    only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
 5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
    batch, model shape and dtype, minorsft's default step (fp32 master weights), minorsft
    without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
-   weights with its bf16 autocast (gradient checkpointing off in all).
+   weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with the
+   padded-gather layout, with `--compile` (each layout), and compiled with a 4 x head chunk.
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -27,6 +29,8 @@ Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYT
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import statistics
 import time
@@ -36,7 +40,9 @@ from types import SimpleNamespace
 import torch
 
 import minorsft.attention
+import minorsft.logprobs
 from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
+from minorsft.compiling import compile_decoder_layers
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
 from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
@@ -106,6 +112,22 @@ def set_attention(model, attention: str) -> None:
     assert model.config._attn_implementation in (attention, SEGMENT_ATTENTION)
 
 
+@contextlib.contextmanager
+def head_chunk_elements(elements: int | None):
+    """Within the block, the output head's chunks hold this many logits (None: the default)."""
+    before = minorsft.logprobs.LOGITS_CHUNK_ELEMENTS
+    minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = elements or before
+    try:
+        yield
+    finally:
+        minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = before
+
+
+# The larger head chunk tried against the default (2**24 logits, 64 MiB in fp32): fewer chunks,
+# so fewer launches, for 4 x the chunk's memory.
+BIG_CHUNK = 1 << 26
+
+
 def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -164,6 +186,24 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
                                                                     strict=True))
         ok = value_diff < 1e-3 and grad_diff < 1e-3
         out.append([name, f"{value_diff:.2e}", f"{grad_diff:.2e}", "ok" if ok else "MISMATCH"])
+    # --compile: the same packed step through compiled decoder layers (Triton kernels on a GPU)
+    name = "chunked, packed, per-sample sdpa, compiled layers (--compile)"
+    try:
+        compiled = copy.deepcopy(model)
+        set_attention(compiled, "segment/per-sample")
+        compile_decoder_layers(compiled)
+        logps, _ = micro_batch_logps(compiled, rows, 0, dev.device, True)
+        compiled.zero_grad(set_to_none=True)
+        (logps * weights).sum().backward()
+        got_grads = [p.grad.clone() for p in compiled.parameters()]
+    except Exception as error:  # noqa: BLE001 - reported in the table, the check goes on
+        out.append([name, "n/a", "n/a", f"FAILED: {type(error).__name__}: {error}"[:200]])
+        return out
+    value_diff = (logps - naive).abs().max().item()
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(got_grads, naive_grads,
+                                                                strict=True))
+    ok = value_diff < 1e-3 and grad_diff < 1e-3
+    out.append([name, f"{value_diff:.2e}", f"{grad_diff:.2e}", "ok" if ok else "MISMATCH"])
     return out
 
 
@@ -278,7 +318,7 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
     out = []
     for head in ("trained", "frozen"):
         rises = {}
-        for method in ("naive", "chunked"):
+        for method in ("naive", "chunked", "chunked, 4 x chunk"):
             model = build_model(sizes, dtype, dev.device).train()
             if head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
                 model.get_output_embeddings().weight.requires_grad_(False)
@@ -295,12 +335,14 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
             before = dev.allocated_mib()
             dev.reset_peak()
             started = time.perf_counter()
-            if method == "naive":
-                logps = sequence_logps(model(input_ids=ids, attention_mask=attn).logits, ids,
-                                       mask)
-            else:
-                logps = answer_logps(model, ids, attn, mask)
-            logps.sum().backward()
+            with head_chunk_elements(BIG_CHUNK if "4 x" in method else None):
+                if method == "naive":
+                    logits = model(input_ids=ids, attention_mask=attn).logits
+                    logps = sequence_logps(logits, ids, mask)
+                    del logits
+                else:
+                    logps = answer_logps(model, ids, attn, mask)
+                logps.sum().backward()
             seconds = time.perf_counter() - started
             rises[method] = dev.peak_mib() - before
             out.append([head, method, f"{before:,.0f}", f"{dev.peak_mib():,.0f}",
@@ -380,8 +422,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
     recomputation; minorsft's is off), so both do the same forward and backward work. On the
-    bf16 model TRL's AdamW is pure bf16; minorsft runs twice, with its default fp32 master
-    weights and without them (the same update precision as TRL).
+    bf16 model TRL's AdamW is pure bf16; minorsft runs with its default fp32 master weights and
+    without them (the same update precision as TRL), and with each of the speed options a GPU
+    has to decide on: the padded-gather layout of the packed attention, `--compile`, and a 4 x
+    larger output-head chunk (compiled).
 
     The rows are the cache-like token rows of section 2, given to TRL as an already tokenized
     prompt-completion dataset (`input_ids` + `completion_mask`, completion-only loss) and read in
@@ -402,22 +446,36 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     results = {}
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
-    variants = [("minorsft (default: packed, fp32 master weights)", True, dtype, None),
-                ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)", False, dtype, None),
-                (mixed_name, True, torch.float32, torch.bfloat16)]
-    for name, master_weights, weights_dtype, autocast in variants:
+    # name: (master weights, weights dtype, autocast, --compile, packed layout, head chunk)
+    variants = {
+        "minorsft (default: packed, fp32 master weights)": (True, dtype, None, False, "", None),
+        "minorsft --no-master-weights (as TRL: pure bf16 AdamW)": (False, dtype, None, False, "",
+                                                                   None),
+        mixed_name: (True, torch.float32, torch.bfloat16, False, "", None),
+        "minorsft, padded-gather layout": (True, dtype, None, False, "padded", None),
+        "minorsft --compile": (True, dtype, None, True, "", None),
+        "minorsft --compile, padded-gather layout": (True, dtype, None, True, "padded", None),
+        "minorsft --compile, 4 x head chunk": (True, dtype, None, True, "", BIG_CHUNK),
+    }
+    for name, (master_weights, weights_dtype, autocast, compiled, layout, chunk) in \
+            variants.items():
         model = build_model(sizes, weights_dtype, dev.device).train()
-        set_attention(model, "segment")  # what `minorsft train` picks for an SDPA model
+        # what `minorsft train` picks for an SDPA model, in the device's default layout or this
+        set_attention(model, f"segment/{layout}" if layout else "segment")
+        if compiled:
+            compile_decoder_layers(model)
         trainer = Trainer(model, batch, use_train_module, master_weights=master_weights,
                           autocast=autocast)
         times, tokens = [], []
         dev.reset_peak()
-        for step_rows in batches + batches:
-            started = time.perf_counter()
-            tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
-            dev.sync()
-            times.append(time.perf_counter() - started)
+        with head_chunk_elements(chunk):
+            for step_rows in batches + batches:
+                started = time.perf_counter()
+                tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
+                dev.sync()
+                times.append(time.perf_counter() - started)
         results[name] = (times, tokens, dev.peak_mib())
+        print(f"  {name}: first step {times[0]:.1f} s", flush=True)
         del model, trainer
         if dev.cuda:
             torch.cuda.empty_cache()
@@ -461,7 +519,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
             rates[name].append(statistics.median(per_step))
             out.append([f"{name}, {label}", len(per_step),
                         f"{statistics.median(step_times[part]):.3f}", f"{rates[name][-1]:,.0f}",
-                        f"{peak:,.0f}"])
+                        f"{peak:,.0f}", f"{step_times[0]:.1f}" if label == "new shapes" else ""])
     for name, ours in rates.items():
         if name.startswith("trl"):
             continue
@@ -469,7 +527,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         theirs = rates[baseline]
         out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
                     f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
-                    f"{ours[1] / theirs[1]:.2f}", ""])
+                    f"{ours[1] / theirs[1]:.2f}", "", ""])
     return out
 
 
@@ -566,7 +624,7 @@ def main():
             emit(f"5. training vs TRL SFTTrainer ({dtype}, batch {train_shape['batch']}, lengths "
                  f"{train_shape['min_len']}-{train_shape['max_len']}, same rows in order)",
                  ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
-                  "peak allocated MiB"],
+                  "peak allocated MiB", "first step s (not counted; compiles)"],
                  section_trl(dev, big, dtype=dtype, use_train_module=not args.local_step,
                              **train_shape))
     print(f"total {time.perf_counter() - started:.0f} s")

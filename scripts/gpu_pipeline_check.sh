@@ -43,6 +43,10 @@ cp "$work/padded/metrics.jsonl" "$OUT/metrics-padded.jsonl"
 python -m minorsft train --cache "$work/ref.parquet" --output "$work/pure-bf16" \
     --no-master-weights --batch-size 16 --micro-batch-size 8 --epochs 3
 cp "$work/pure-bf16/metrics.jsonl" "$OUT/metrics-pure-bf16.jsonl"
+# torch.compile'd decoder layers (the first steps compile them)
+python -m minorsft train --cache "$work/ref.parquet" --output "$work/compiled" --compile \
+    --batch-size 16 --micro-batch-size 8 --epochs 3
+cp "$work/compiled/metrics.jsonl" "$OUT/metrics-compiled.jsonl"
 python - "$work/minorsft" <<'PY'
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,7 +57,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(de
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3"}],
     add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
 print("reloaded and generated:", model.generate(**prompt, max_new_tokens=5, do_sample=False).shape)
-for loss in ("minorsft", "sft", "padded", "pure-bf16"):  # pure-bf16: no master weights
+for loss in ("minorsft", "sft", "padded", "pure-bf16", "compiled"):  # pure-bf16: no master weights
     rows = [json.loads(l) for l in open(f"{folder}/../{loss}/metrics.jsonl")]
     print(loss, "step0 m_theta %.3e coef %.4f" % (rows[0]["m_theta"], rows[0]["coefficient"]),
           "median step s %.3f" % sorted(r["step_seconds"] for r in rows[1:])[len(rows[1:]) // 2],
