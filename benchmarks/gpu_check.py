@@ -207,6 +207,55 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
     return out
 
 
+def section_attention(dev: Device, sizes: dict, lengths_range: tuple[int, int]) -> list[list]:
+    """One attention layer over a packed row of 8 samples, each packed layout in bf16 (and fp16
+    for varlen), against per-sample attention in fp32: outputs and the gradients of q, k, v.
+
+    bf16 rounding sets the scale; per-sample bf16 attention (flash on a GPU) is the yardstick a
+    layout has to match. A layout that let samples see each other, or dropped the causal mask,
+    would be off by about the size of the outputs themselves (order 1e-1 here).
+    """
+    heads, groups = sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    dim = sizes["hidden_size"] // heads
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(*lengths_range, (8,), generator=gen).tolist()
+    total = sum(lengths)
+    q = torch.randn(1, heads, total, dim, generator=gen)
+    k, v = (torch.randn(1, groups, total, dim, generator=gen) for _ in range(2))
+    grad = torch.randn(1, total, heads, dim, generator=gen)
+    module = SimpleNamespace(num_key_value_groups=heads // groups, is_causal=True, training=True)
+    device_type = dev.device.type
+
+    def run(layout, dtype):
+        minorsft.attention.LAYOUT_BY_DEVICE[device_type] = layout
+        leaves = [t.to(dev.device, dtype).detach().requires_grad_() for t in (q, k, v)]
+        with minorsft.attention.packed_sample_lengths(lengths):
+            out, _ = minorsft.attention.segment_sdpa_attention(module, *leaves, None,
+                                                               scaling=dim ** -0.5)
+        out.backward(grad.to(dev.device, dtype))
+        ran = layout
+        if layout == "varlen" and not minorsft.attention.varlen_supported(leaves[0]):
+            ran = "per-sample (varlen unsupported here)"
+        return ran, [out.float()] + [t.grad.float() for t in leaves]
+
+    try:
+        _, want = run("per-sample", torch.float32)
+        rows = []
+        for layout, dtype in (("per-sample", torch.bfloat16), ("padded", torch.bfloat16),
+                              ("varlen", torch.bfloat16), ("varlen", torch.float16),
+                              ("per-sample", torch.float16)):
+            ran, got = run(layout, dtype)
+            diffs = [(a - b).abs().max().item() for a, b in zip(got, want, strict=True)]
+            rows.append([f"{layout} ({ran})" if ran != layout else layout, str(dtype)]
+                        + [f"{d:.2e}" for d in diffs])
+    finally:
+        minorsft.attention.LAYOUT_BY_DEVICE.clear()
+        minorsft.attention.LAYOUT_BY_DEVICE.update(DEFAULT_LAYOUTS)
+    rows.append(["scale: max abs of the fp32 values", "", *(f"{t.abs().max().item():.2e}"
+                                                             for t in want)])
+    return rows
+
+
 class Trainer:
     """One optimizer step as `minorsft.train.train_step` takes it, or a faithful copy of it.
 
@@ -417,7 +466,7 @@ def _trl_tokenizer():
 
 
 def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
-                dtype, use_train_module: bool) -> list[list]:
+                dtype, use_train_module: bool, variants: list[str] | None = None) -> list[list]:
     """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
@@ -446,22 +495,34 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     results = {}
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
-    # name: (master weights, weights dtype, autocast, --compile, packed layout, head chunk)
-    variants = {
-        "minorsft (default: packed, fp32 master weights)": (True, dtype, None, False, "", None),
-        "minorsft --no-master-weights (as TRL: pure bf16 AdamW)": (False, dtype, None, False, "",
-                                                                   None),
-        mixed_name: (True, torch.float32, torch.bfloat16, False, "", None),
-        "minorsft, padded-gather layout": (True, dtype, None, False, "padded", None),
-        "minorsft --compile": (True, dtype, None, True, "", None),
-        "minorsft --compile, padded-gather layout": (True, dtype, None, True, "padded", None),
-        "minorsft --compile, 4 x head chunk": (True, dtype, None, True, "", BIG_CHUNK),
+    # key: (name, master weights, weights dtype, autocast, --compile, packed layout, head chunk)
+    all_variants = {
+        "default": ("minorsft (default: packed, fp32 master weights)", True, dtype, None, False,
+                    "", None),
+        "no-master": ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)", False, dtype,
+                      None, False, "", None),
+        "mixed": (mixed_name, True, torch.float32, torch.bfloat16, False, "", None),
+        "padded": ("minorsft, padded-gather layout", True, dtype, None, False, "padded", None),
+        "varlen": ("minorsft, varlen layout", True, dtype, None, False, "varlen", None),
+        "compile": ("minorsft --compile", True, dtype, None, True, "", None),
+        "compile-padded": ("minorsft --compile, padded-gather layout", True, dtype, None, True,
+                           "padded", None),
+        "compile-varlen": ("minorsft --compile, varlen layout", True, dtype, None, True,
+                           "varlen", None),
+        "compile-chunk": ("minorsft --compile, 4 x head chunk", True, dtype, None, True, "",
+                          BIG_CHUNK),
     }
+    chosen = variants or list(all_variants)
+    if unknown := set(chosen) - set(all_variants):
+        raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {list(all_variants)}")
+    variants = {all_variants[key][0]: all_variants[key][1:] for key in chosen
+                if key in all_variants}
     for name, (master_weights, weights_dtype, autocast, compiled, layout, chunk) in \
             variants.items():
         model = build_model(sizes, weights_dtype, dev.device).train()
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
+        isolation = check_packed_isolation(model)  # in this layout and dtype, as `train` checks
         if compiled:
             compile_decoder_layers(model)
         trainer = Trainer(model, batch, use_train_module, master_weights=master_weights,
@@ -475,7 +536,8 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                 dev.sync()
                 times.append(time.perf_counter() - started)
         results[name] = (times, tokens, dev.peak_mib())
-        print(f"  {name}: first step {times[0]:.1f} s", flush=True)
+        print(f"  {name}: first step {times[0]:.1f} s, isolation check {isolation:.1e}",
+              flush=True)
         del model, trainer
         if dev.cuda:
             torch.cuda.empty_cache()
@@ -488,8 +550,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
     # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
     # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
-    for name, weights_dtype, bf16 in ((trl_name, dtype, dtype == torch.bfloat16),
-                                      (trl_mixed, torch.float32, True)):
+    trl_runs = [(trl_name, dtype, dtype == torch.bfloat16), (trl_mixed, torch.float32, True)]
+    if mixed_name not in variants:  # its TRL counterpart is only needed beside it
+        trl_runs = trl_runs[:1]
+    for name, weights_dtype, bf16 in trl_runs:
         model = build_model(sizes, weights_dtype, dev.device).train()
         settings = dict(
             output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
@@ -544,7 +608,14 @@ def main():
     parser.add_argument("--shape", choices=SHAPES, default="0.5b",
                         help="model shape (Qwen2-0.5B or Qwen2-1.5B, built from a config)")
     parser.add_argument("--sections",
-                        default="correctness,training,logprob_memory,scoring,trl")
+                        default="correctness,attention,training,logprob_memory,scoring,trl")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="measured steps per configuration in sections 2 and 5 (default 6; "
+                             "section 5 runs steps + 1 batches twice)")
+    parser.add_argument("--variants", default="",
+                        help="section 5's minorsft runs, comma-separated (default: all): "
+                             "default,no-master,mixed,padded,varlen,compile,compile-padded,"
+                             "compile-varlen,compile-chunk")
     parser.add_argument("--local-step", action="store_true",
                         help="use the local copy of train_step even if minorsft.train imports")
     args = parser.parse_args()
@@ -564,6 +635,8 @@ def main():
         memory_shape = dict(batch=4, length=2048)
         scoring_shape = dict(rows_count=256, min_len=128, max_len=1024, batch=8, budget=16384,
                              rounds=3)
+    if args.steps:
+        train_shape["steps"] = args.steps
     env = {"device": torch.cuda.get_device_name() if dev.cuda else "cpu",
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "dtype": str(dtype), "model": big,
@@ -585,6 +658,11 @@ def main():
         emit("1. chunked and packed log-probs vs naive (fp32, values and gradients)",
              ["path", "max abs logp diff", "max abs grad diff", "verdict"],
              section_correctness(dev, SMALL))
+    if "attention" in sections:
+        emit(f"1b. packed attention layouts vs fp32 per-sample attention (one layer, 8 samples "
+             f"of {train_shape['min_len']}-{train_shape['max_len']} tokens)",
+             ["layout", "dtype", "max abs out diff", "dq", "dk", "dv"],
+             section_attention(dev, big, (train_shape["min_len"], train_shape["max_len"])))
     if "training" in sections:
         rows, summary = section_training(dev, big, dtype=dtype,
                                          use_train_module=not args.local_step, **train_shape)
@@ -626,6 +704,7 @@ def main():
                  ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
                   "peak allocated MiB", "first step s (not counted; compiles)"],
                  section_trl(dev, big, dtype=dtype, use_train_module=not args.local_step,
+                             variants=args.variants.split(",") if args.variants else None,
                              **train_shape))
     print(f"total {time.perf_counter() - started:.0f} s")
 

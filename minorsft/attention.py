@@ -59,7 +59,9 @@ _PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # layout's fewer launches paying for its memory (benchmarks/gpu_check.py, section 2, times both).
 LAYOUT_BY_DEVICE: dict[str, str] = {}
 DEFAULT_LAYOUT = "per-sample"
-LAYOUTS = ("per-sample", "padded")
+LAYOUTS = ("per-sample", "padded", "varlen")
+# "varlen": PyTorch's own flash-attention varlen kernel (torch.nn.attention.varlen), one call per
+# layer over the whole row, no padding. CUDA with bf16/fp16 only; elsewhere per-sample is used.
 
 
 # The current packed row's sample lengths, set by `minorsft.packing` around the forward pass
@@ -110,6 +112,8 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
         raise ValueError(f"packed sample lengths {list(lengths)} sum to {sum(lengths)}, the row "
                          f"has {query.shape[2]} tokens")
     layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
+    if layout == "varlen" and varlen_supported(query):
+        return _varlen_flash(module, query, key, value, lengths, scaling), None
     with _packed_backends(query.device):
         if layout == "padded":
             return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
@@ -144,7 +148,45 @@ def _padded_sdpa(module, query, key, value, lengths: list[int], dropout: float,
     return out.reshape(samples * longest, *out.shape[2:]).index_select(0, scatter).unsqueeze(0)
 
 
-_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+def varlen_supported(query: torch.Tensor) -> bool:
+    """PyTorch's varlen attention runs flash attention: CUDA, half precision, torch >= 2.10."""
+    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_flash(module, query, key, value, lengths: list[int], scaling: float | None
+                  ) -> torch.Tensor:
+    """Causal flash attention over the packed row cut at `lengths`; [1, L, heads, D] out."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    # [1, heads, L, D] -> contiguous [L, heads, D], the kernel's layout (flash reads the
+    # key/value heads of a grouped-query model natively, as SDPA's flash path does)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    bounds = _cumulative_lengths(tuple(lengths), query.device)
+    longest = max(lengths)
+    out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling,
+                      window_size=(-1, 0))  # (-1, 0): causal
+    return out.unsqueeze(0)
+
+
+def _cumulative_lengths(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 [0, L_1, L_1 + L_2, ...] on the device, built once per forward pass."""
+    key = ("cumulative", lengths, device)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE.clear()
+        bounds = [0]
+        for length in lengths:
+            bounds.append(bounds[-1] + length)
+        _INDEX_CACHE[key] = torch.tensor(bounds, dtype=torch.int32, device=device)
+    return _INDEX_CACHE[key]
+
+
+_INDEX_CACHE: dict[tuple, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _padding_indices(lengths: tuple[int, ...], device: torch.device
