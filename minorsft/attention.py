@@ -26,6 +26,11 @@ import contextvars
 
 import torch
 
+try:  # PyTorch's flash-attention varlen kernel (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 SEGMENT_ATTENTION = "minorsft_segment_sdpa"
 
 
@@ -55,9 +60,12 @@ _PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # How a packed row is cut apart, by device type (see `segment_sdpa_attention`). On a 2-core CPU
 # a SmolLM2 step on 4 GSM8K rows took 4.68 s per-sample and 4.92 s padded (8,410 vs 7,596 torch
 # operations), and with 8 rows the padded layout's peak was 290 MiB (6 %) higher
-# (`benchmarks/cpu_probes.py layouts`): per-sample everywhere until a GPU shows the padded
-# layout's fewer launches paying for its memory (benchmarks/gpu_check.py, section 2, times both).
-LAYOUT_BY_DEVICE: dict[str, str] = {}
+# (`benchmarks/cpu_probes.py layouts`): per-sample there. On an H200 (torch 2.11, bf16, batch 8
+# of 256-1024 tokens) the varlen layout trained at 1.08 x per-sample's tokens/s for a
+# Qwen2-0.5B shape and 1.08 x for 1.5B once lengths repeat, and gave the same attention
+# outputs and q/k/v gradients as per-sample flash attention (`benchmarks/gpu_check.py`,
+# sections 1b and 5; docs/performance.md). Where varlen cannot run (fp32) per-sample is used.
+LAYOUT_BY_DEVICE: dict[str, str] = {"cuda": "varlen"}
 DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded", "varlen")
 # "varlen": PyTorch's own flash-attention varlen kernel (torch.nn.attention.varlen), one call per
@@ -87,7 +95,26 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
                            scaling: float | None = None, **kwargs):
     """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.
 
-    Packed rows (no mask, position ids restarting) run causal SDPA on each sample alone; anything
+    In the varlen layout, given the row's cumulative sample lengths (`packed_forward_kwargs`, the
+    names transformers uses for flash-attn), it is one varlen flash call, which `torch.compile`
+    can keep inside a compiled layer. Everything else goes to `_segment_attention_eager`, which
+    compiled layers call eagerly.
+    """
+    bounds = kwargs.get("cu_seq_lens_q")
+    if (attention_mask is None and bounds is not None and dropout == 0.0
+            and LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT) == "varlen"
+            and varlen_supported(query)):
+        return _varlen_flash(query, key, value, bounds, kwargs["max_length_q"], scaling), None
+    return _segment_attention_eager(module, query, key, value, attention_mask, dropout=dropout,
+                                    scaling=scaling, **kwargs)
+
+
+# torch.compile (--compile) leaves this part eager: its loop over the samples depends on each
+# batch's lengths, and traced it would compile anew for every batch.
+@torch.compiler.disable
+def _segment_attention_eager(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """Packed rows (no mask, position ids restarting) run causal SDPA on each sample alone; anything
     else is transformers' SDPA as usual. The sample lengths come from `packed_sample_lengths`
     where the caller set them, else from the position ids. (Gradient checkpointing recomputes a
     layer in backward, outside that block: it reads them from the position ids then.)
@@ -112,8 +139,9 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
         raise ValueError(f"packed sample lengths {list(lengths)} sum to {sum(lengths)}, the row "
                          f"has {query.shape[2]} tokens")
     layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
-    if layout == "varlen" and varlen_supported(query):
-        return _varlen_flash(module, query, key, value, lengths, scaling), None
+    if layout == "varlen" and dropout == 0.0 and varlen_supported(query):
+        bounds = _cumulative_lengths(tuple(lengths), query.device)
+        return _varlen_flash(query, key, value, bounds, max(lengths), scaling), None
     with _packed_backends(query.device):
         if layout == "padded":
             return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
@@ -150,28 +178,33 @@ def _padded_sdpa(module, query, key, value, lengths: list[int], dropout: float,
 
 def varlen_supported(query: torch.Tensor) -> bool:
     """PyTorch's varlen attention runs flash attention: CUDA, half precision, torch >= 2.10."""
-    if query.device.type != "cuda" or query.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return (varlen_attn is not None and query.device.type == "cuda"
+            and query.dtype in (torch.bfloat16, torch.float16))
 
 
-def _varlen_flash(module, query, key, value, lengths: list[int], scaling: float | None
-                  ) -> torch.Tensor:
-    """Causal flash attention over the packed row cut at `lengths`; [1, L, heads, D] out."""
-    from torch.nn.attention.varlen import varlen_attn
+def _varlen_flash(query, key, value, bounds: torch.Tensor, longest: int,
+                  scaling: float | None) -> torch.Tensor:
+    """Causal flash attention over the packed row cut at `bounds`; [1, L, heads, D] out.
 
+    bounds: int32 [samples + 1] cumulative sample lengths; longest: the longest sample.
+    """
     # [1, heads, L, D] -> contiguous [L, heads, D], the kernel's layout (flash reads the
     # key/value heads of a grouped-query model natively, as SDPA's flash path does)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
-    bounds = _cumulative_lengths(tuple(lengths), query.device)
-    longest = max(lengths)
     out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling,
                       window_size=(-1, 0))  # (-1, 0): causal
     return out.unsqueeze(0)
+
+
+def packed_forward_kwargs(lengths: list[int], device: torch.device) -> dict:
+    """What a packed row's forward pass passes down to the attention calls: in the varlen layout
+    the cumulative lengths (under transformers' names for them), else nothing."""
+    if LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT) != "varlen":
+        return {}
+    bounds = _cumulative_lengths(tuple(lengths), device)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest,
+            "max_length_k": longest}
 
 
 def _cumulative_lengths(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -233,9 +266,7 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    # torch.compile (--compile) leaves the attention call itself eager: its loop over the
-    # samples depends on each batch's lengths, and traced it would compile anew for every batch.
-    AttentionInterface.register(SEGMENT_ATTENTION, torch.compiler.disable(segment_sdpa_attention))
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_sdpa_attention)
     AttentionMaskInterface.register(SEGMENT_ATTENTION, _segment_mask)
 
 

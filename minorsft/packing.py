@@ -28,6 +28,7 @@ import torch
 from minorsft.attention import (
     SEGMENT_ATTENTION,
     check_packed_isolation,
+    packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
 )
@@ -141,10 +142,13 @@ def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = N
         summed = token_logps.new_zeros(packed.num_samples)
         return summed.index_add(0, packed.sample_index, token_logps)
     # The per-sample attention takes the lengths as given (else it reads them in every layer).
+    segments = (packed_forward_kwargs(packed.lengths, packed.input_ids.device)
+                if model.config._attn_implementation == SEGMENT_ATTENTION else {})
     with packed_sample_lengths(packed.lengths):
         hidden = model.get_decoder()(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
             use_cache=False,  # with a cache transformers would not detect the packed samples
+            **segments,
         ).last_hidden_state[0]  # [L, H]
     return head_logps(model, hidden[packed.positions], labels, packed.sample_index,
                       packed.num_samples, chunk_tokens)

@@ -7,6 +7,8 @@ alone; the isolation check must fail on an attention that lets samples see each 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -34,10 +36,31 @@ def _rows():
     return [{"input_ids": ids, "answer_mask": [bool(v) for v in mask]} for ids, mask in SAMPLES]
 
 
+def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                      window_size=(-1, -1)):
+    """PyTorch's varlen flash kernel (CUDA only) as plain SDPA per sample: [L, heads, D] layout."""
+    bounds = cu_seq_q.tolist()
+    spans = list(itertools.pairwise(bounds))
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+    assert max_q == max_k == max(b - a for a, b in spans)
+    assert window_size == (-1, 0)  # causal
+    _reference_varlen.calls += 1
+    outputs = [torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
+        enable_gqa=True).transpose(0, 1) for a, b in spans]
+    return torch.cat(outputs)
+
+
 @pytest.fixture(params=LAYOUTS)
 def layout(request, monkeypatch):
-    """Run the test with packed rows cut apart per sample, then gathered into a padded batch."""
+    """Run the test with packed rows cut apart per sample, gathered into a padded batch, and
+    through the varlen layout (its CUDA kernel replaced by a reference: the plumbing is tested
+    here, the kernel by benchmarks/gpu_check.py on a GPU)."""
     monkeypatch.setitem(minorsft.attention.LAYOUT_BY_DEVICE, "cpu", request.param)
+    if request.param == "varlen":
+        monkeypatch.setattr(minorsft.attention, "varlen_attn", _reference_varlen)
+        monkeypatch.setattr(minorsft.attention, "varlen_supported", lambda query: True)
+    _reference_varlen.calls = 0
     return request.param
 
 
@@ -50,14 +73,23 @@ def test_lengths_from_positions_reads_the_restarts():
         lengths_from_positions(torch.tensor([[0, 1, 0], [0, 1, 2]]))
 
 
-def test_segment_attention_equals_padding_forward_and_backward(model, layout):
+def test_segment_attention_equals_padding_forward_and_backward(model, layout, monkeypatch):
     want = _naive(model)  # plain SDPA, padded batch, full logits
     want_grads = _grads(model, want)
     assert use_segment_attention(model)
     assert model.config._attn_implementation == SEGMENT_ATTENTION
+    eager = minorsft.attention._segment_attention_eager
+    eager_calls = []
+    monkeypatch.setattr(minorsft.attention, "_segment_attention_eager",
+                        lambda *args, **kwargs: eager_calls.append(1) or eager(*args, **kwargs))
     got, tokens = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
     assert tokens == sum(len(ids) for ids, _ in SAMPLES)
     torch.testing.assert_close(got, want.detach(), **TOL)
+    # The varlen layout: one kernel call per layer on the bounds passed down from packing, none
+    # through the eager (uncompilable) path; the other layouts take the eager path.
+    layers = model.config.num_hidden_layers
+    assert _reference_varlen.calls == (layers if layout == "varlen" else 0)
+    assert len(eager_calls) == (0 if layout == "varlen" else layers)
     _assert_same_grads(_grads(model, got), want_grads)
 
 
