@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
-from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers
+from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers, triton_available
 from minorsft.distributed import (
     STRATEGIES,
     World,
@@ -116,7 +116,7 @@ class TrainConfig:
     merge_lora: bool = False  # also save the merged model in <output>/merged
     # bf16/fp16 weights: AdamW updates fp32 copies (see minorsft.optim); False: pure bf16/fp16
     master_weights: bool = True
-    # torch.compile the decoder layers (minorsft.compiling). None: where COMPILE_BY_DEVICE says
+    # torch.compile the decoder layers (minorsft.compiling). None: on CUDA (COMPILE_BY_DEVICE)
     torch_compile: bool | None = None
 
     def __post_init__(self):
@@ -227,14 +227,20 @@ def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
 
 
 def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: bool) -> str:
-    """Compile the decoder layers if asked (or, unasked, where COMPILE_BY_DEVICE says so)."""
-    wanted = device.type in COMPILE_BY_DEVICE if requested is None else requested
-    if not wanted:
-        return "eager" + (" (--no-compile)" if requested is False else "")
-    if fsdp:
+    """Compile the decoder layers if asked, or unasked where COMPILE_BY_DEVICE says so."""
+    if requested is False:
+        return "eager layers (--no-compile)"
+    if requested is None:
+        if device.type not in COMPILE_BY_DEVICE:
+            return "eager layers"
+        if fsdp:
+            return "eager layers (FSDP)"
+        if device.type == "cuda" and not triton_available():
+            return "eager layers (torch.compile needs Triton on CUDA)"
+    elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
     count = compile_decoder_layers(model)
-    return f"{count} decoder layers compiled (the first steps compile them)"
+    return f"{count} decoder layers compiled (the first step compiles them)"
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import minorsft.train
 from minorsft.attention import use_segment_attention
 from minorsft.compiling import compile_decoder_layers
 from minorsft.packing import micro_batch_logps
@@ -75,10 +76,20 @@ def test_training_with_compile_equals_eager(tiny_cache, tmp_path):  # noqa: F811
     assert "compile" not in json.dumps(config)
 
 
-def test_compile_settings():
+def test_compile_settings(monkeypatch):
     model = build_tiny_model(build_tiny_tokenizer())
-    assert _compile_layers(model, None, CPU, fsdp=False) == "eager"
-    assert _compile_layers(model, False, CPU, fsdp=False) == "eager (--no-compile)"
+    cuda = torch.device("cuda")  # only compared, never used: no GPU needed
+    assert _compile_layers(model, None, CPU, fsdp=False) == "eager layers"  # CPUs: asked only
+    assert _compile_layers(model, False, cuda, fsdp=False) == "eager layers (--no-compile)"
+    assert _compile_layers(model, None, cuda, fsdp=True) == "eager layers (FSDP)"
     with pytest.raises(ValueError, match="--compile is for one process or DDP"):
         _compile_layers(model, True, CPU, fsdp=True)
+    monkeypatch.setattr(minorsft.train, "triton_available", lambda: False)
+    assert "needs Triton" in _compile_layers(model, None, cuda, fsdp=False)
+    assert not hasattr(model.model.layers[0], "_compiled_call_impl") or \
+        model.model.layers[0]._compiled_call_impl is None
+    # unasked, on a device in COMPILE_BY_DEVICE (CUDA; here the CPU stands in for it)
+    monkeypatch.setattr(minorsft.train, "COMPILE_BY_DEVICE", frozenset({"cpu"}))
+    assert "2 decoder layers compiled" in _compile_layers(model, None, CPU, fsdp=False)
+    assert model.model.layers[0]._compiled_call_impl is not None
     assert TrainConfig(cache="c", output="o").torch_compile is None
