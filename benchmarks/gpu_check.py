@@ -4,11 +4,11 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 
 1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
    (fp32, per-sample values and parameter gradients), eager and with compiled layers;
-2. training step, bf16: raw SFT and MinorSFT as `minorsft train` runs them by default (packed
-   rows, minorsft's packed SDPA in the device's default layout) vs MinorSFT padded vs MinorSFT
-   packed under transformers' dense block mask vs each of the two layouts of the packed SDPA
-   (per-sample calls; one call on a padded gather) vs MinorSFT with a live reference model
-   beside the policy (tokens/s and
+2. training step, bf16, eager layers (section 5 times compiling): raw SFT and MinorSFT packed
+   as `minorsft train` packs them (minorsft's packed attention in the device's default layout)
+   vs MinorSFT padded vs MinorSFT packed under transformers' dense block mask vs two layouts of
+   the packed attention (per-sample calls; one call on a padded gather) vs MinorSFT with a live
+   reference model beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
 3. log-prob step peak memory with a 152k vocabulary: chunked (default chunk and 4 x) vs naive
@@ -19,8 +19,8 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    batch, model shape and dtype, minorsft's default step (fp32 master weights), minorsft
    without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
-   weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with the
-   padded-gather layout, with `--compile` (each layout), and compiled with a 4 x head chunk.
+   weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with each
+   packed layout, eager and compiled, and compiled with a 4 x head chunk (`--variants` picks).
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -42,7 +42,7 @@ import torch
 import minorsft.attention
 import minorsft.logprobs
 from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
-from minorsft.compiling import compile_decoder_layers
+from minorsft.compiling import compile_decoder_layers, compiles_by_default
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
 from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
@@ -517,8 +517,9 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     recomputation; minorsft's is off), so both do the same forward and backward work. On the
     bf16 model TRL's AdamW is pure bf16; minorsft runs with its default fp32 master weights and
     without them (the same update precision as TRL), and with each of the speed options a GPU
-    has to decide on: the padded-gather layout of the packed attention, `--compile`, and a 4 x
-    larger output-head chunk (compiled).
+    has to decide on: the layout of the packed attention, compiled layers or eager ones, and a
+    4 x larger output-head chunk (compiled). "default" is what `minorsft train` does on the
+    device (on CUDA with Triton: varlen attention, compiled layers).
 
     The rows are the cache-like token rows of section 2, given to TRL as an already tokenized
     prompt-completion dataset (`input_ids` + `completion_mask`, completion-only loss) and read in
@@ -539,18 +540,20 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     results = {}
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
-    # key: (name, master weights, weights dtype, autocast, --compile, packed layout, head chunk)
+    # key: (name, master weights, weights dtype, autocast, compiled, packed layout, head chunk);
+    # compiled None and layout "": as `minorsft train` decides for the device
     all_variants = {
-        "default": ("minorsft (default: packed, fp32 master weights)", True, dtype, None, False,
-                    "", None),
+        "default": ("minorsft (default: packed, fp32 master weights, compiled where `train` "
+                    "compiles)", True, dtype, None, None, "", None),
+        "no-compile": ("minorsft --no-compile", True, dtype, None, False, "", None),
         "no-master": ("minorsft --no-master-weights (as TRL: pure bf16 AdamW)", False, dtype,
-                      None, False, "", None),
-        "mixed": (mixed_name, True, torch.float32, torch.bfloat16, False, "", None),
-        "per-sample": ("minorsft, per-sample layout", True, dtype, None, False, "per-sample",
-                       None),
-        "padded": ("minorsft, padded-gather layout", True, dtype, None, False, "padded", None),
-        "varlen": ("minorsft, varlen layout", True, dtype, None, False, "varlen", None),
-        "compile": ("minorsft --compile", True, dtype, None, True, "", None),
+                      None, None, "", None),
+        "mixed": (mixed_name, True, torch.float32, torch.bfloat16, None, "", None),
+        "per-sample": ("minorsft eager, per-sample layout", True, dtype, None, False,
+                       "per-sample", None),
+        "padded": ("minorsft eager, padded-gather layout", True, dtype, None, False, "padded",
+                   None),
+        "varlen": ("minorsft eager, varlen layout", True, dtype, None, False, "varlen", None),
         "compile-per-sample": ("minorsft --compile, per-sample layout", True, dtype, None, True,
                                "per-sample", None),
         "compile-padded": ("minorsft --compile, padded-gather layout", True, dtype, None, True,
@@ -571,7 +574,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
         isolation = check_packed_isolation(model)  # in this layout and dtype, as `train` checks
-        if compiled:
+        if compiled or (compiled is None and compiles_by_default(dev.device)):
             compile_decoder_layers(model)
         trainer = Trainer(model, batch, use_train_module, master_weights=master_weights,
                           autocast=autocast)
@@ -663,7 +666,7 @@ def main():
                              "section 5 runs steps + 1 batches twice)")
     parser.add_argument("--variants", default="",
                         help="section 5's minorsft runs, comma-separated (default: all): "
-                             "default,no-master,mixed,per-sample,padded,varlen,compile,"
+                             "default,no-compile,no-master,mixed,per-sample,padded,varlen,"
                              "compile-per-sample,compile-padded,compile-varlen,compile-chunk")
     parser.add_argument("--local-step", action="store_true",
                         help="use the local copy of train_step even if minorsft.train imports")

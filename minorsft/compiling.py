@@ -34,6 +34,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def compiles_by_default(device: torch.device) -> bool:
+    """Whether `train` compiles the layers on this device unasked (one process or DDP)."""
+    if device.type not in COMPILE_BY_DEVICE:
+        return False
+    return device.type != "cuda" or triton_available()
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's repeated decoder blocks (`model.get_decoder().layers` for transformers LMs)."""
     layers = getattr(model.get_decoder(), "layers", None)

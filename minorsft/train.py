@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
-from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers, triton_available
+from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers, compiles_by_default
 from minorsft.distributed import (
     STRATEGIES,
     World,
@@ -235,7 +235,7 @@ def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: b
             return "eager layers"
         if fsdp:
             return "eager layers (FSDP)"
-        if device.type == "cuda" and not triton_available():
+        if not compiles_by_default(device):
             return "eager layers (torch.compile needs Triton on CUDA)"
     elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import minorsft.compiling
 import minorsft.train
 from minorsft.attention import use_segment_attention
 from minorsft.compiling import compile_decoder_layers
@@ -84,7 +85,7 @@ def test_compile_settings(monkeypatch):
     assert _compile_layers(model, None, cuda, fsdp=True) == "eager layers (FSDP)"
     with pytest.raises(ValueError, match="--compile is for one process or DDP"):
         _compile_layers(model, True, CPU, fsdp=True)
-    monkeypatch.setattr(minorsft.train, "triton_available", lambda: False)
+    monkeypatch.setattr(minorsft.compiling, "triton_available", lambda: False)
     assert "needs Triton" in _compile_layers(model, None, cuda, fsdp=False)
     assert not hasattr(model.model.layers[0], "_compiled_call_impl") or \
         model.model.layers[0]._compiled_call_impl is None
