@@ -5,12 +5,12 @@ and no attention mask, transformers' `sdpa` path isolates the samples with a den
 block-diagonal [L, L] mask, L being the sum of the sample lengths: attention then costs L^2
 instead of the sum of squares, and on a CPU packing came out slower than padding
 (docs/performance.md). flash-attn's varlen kernel avoids this by cutting the row at the sample
-boundaries; `segment_sdpa_attention` does the same with PyTorch's SDPA: it reads the
-boundaries from the position ids (where they stop counting up by one, as transformers'
-`find_packed_sequence_indices` does) and runs causal SDPA on each sample's slice of queries,
-keys and values. A second layout, the samples' queries, keys and values gathered into one
-right-padded batch for one SDPA call per layer, is there for GPUs, whose steps at these sizes
-are bound by kernel launches; it waits for a GPU measurement to become a default (below).
+boundaries; `segment_sdpa_attention` does the same with what PyTorch has, in one of three
+layouts (`LAYOUT_BY_DEVICE`): on CUDA, PyTorch's own flash-attention varlen kernel, one call per
+layer over the whole row; on CPUs, causal SDPA on each sample's slice of queries, keys and
+values; and, a default nowhere, one SDPA call on the samples gathered into a right-padded
+batch. The sample boundaries come from `minorsft.packing` (or, failing that, from the position
+ids, where they stop counting up by one, as transformers' `find_packed_sequence_indices` does).
 
 It is registered with transformers under `SEGMENT_ATTENTION`, next to a mask function that
 builds no mask for packed rows (the samples are cut apart instead) and the usual SDPA mask for
