@@ -34,11 +34,19 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def default_compile_skip(device: torch.device) -> str | None:
+    """Why `train` leaves the layers eager on this device unasked ("" if it just does not
+    compile there); None where it compiles them (one process or DDP)."""
+    if device.type not in COMPILE_BY_DEVICE:
+        return ""
+    if device.type == "cuda" and not triton_available():
+        return "torch.compile needs Triton on CUDA"
+    return None
+
+
 def compiles_by_default(device: torch.device) -> bool:
     """Whether `train` compiles the layers on this device unasked (one process or DDP)."""
-    if device.type not in COMPILE_BY_DEVICE:
-        return False
-    return device.type != "cuda" or triton_available()
+    return default_compile_skip(device) is None
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

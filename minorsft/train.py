@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
-from minorsft.compiling import COMPILE_BY_DEVICE, compile_decoder_layers, compiles_by_default
+from minorsft.compiling import compile_decoder_layers, default_compile_skip
 from minorsft.distributed import (
     STRATEGIES,
     World,
@@ -227,16 +227,15 @@ def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
 
 
 def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: bool) -> str:
-    """Compile the decoder layers if asked, or unasked where COMPILE_BY_DEVICE says so."""
+    """Compile the decoder layers if asked, or unasked where minorsft.compiling says so."""
     if requested is False:
         return "eager layers (--no-compile)"
     if requested is None:
-        if device.type not in COMPILE_BY_DEVICE:
-            return "eager layers"
-        if fsdp:
-            return "eager layers (FSDP)"
-        if not compiles_by_default(device):
-            return "eager layers (torch.compile needs Triton on CUDA)"
+        reason = default_compile_skip(device)
+        if fsdp and reason != "":  # a device that compiles, but not under FSDP
+            reason = "FSDP"
+        if reason is not None:
+            return "eager layers" + (f" ({reason})" if reason else "")
     elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
     count = compile_decoder_layers(model)

@@ -14,7 +14,6 @@ import torch
 from torch._dynamo.utils import counters
 
 import minorsft.compiling
-import minorsft.train
 from minorsft.attention import use_segment_attention
 from minorsft.compiling import compile_decoder_layers
 from minorsft.packing import micro_batch_logps
@@ -90,7 +89,7 @@ def test_compile_settings(monkeypatch):
     assert not hasattr(model.model.layers[0], "_compiled_call_impl") or \
         model.model.layers[0]._compiled_call_impl is None
     # unasked, on a device in COMPILE_BY_DEVICE (CUDA; here the CPU stands in for it)
-    monkeypatch.setattr(minorsft.train, "COMPILE_BY_DEVICE", frozenset({"cpu"}))
+    monkeypatch.setattr(minorsft.compiling, "COMPILE_BY_DEVICE", frozenset({"cpu"}))
     assert "2 decoder layers compiled" in _compile_layers(model, None, CPU, fsdp=False)
     assert model.model.layers[0]._compiled_call_impl is not None
     assert TrainConfig(cache="c", output="o").torch_compile is None
