@@ -4,6 +4,7 @@
 # Qwen2-0.5B's shape (152k vocabulary) is built from a config, so no hub is needed.
 #   OUT=/some/folder bash scripts/gpu_pipeline_check.sh          # GPU: bf16 auto, about 2 min
 #   OUT=/tmp/x SMALL=1 bash scripts/gpu_pipeline_check.sh        # CPU smoke test of the script
+#   QUICK=1: precompute, one training run with the defaults, reload and generate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_pipeline_out}"; mkdir -p "$OUT"
@@ -30,6 +31,11 @@ print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M paramete
 PY
 python -m minorsft precompute --model "$work/model" --data demo --out "$work/ref.parquet"
 python -m minorsft cache info "$work/ref.parquet"
+if [ "${QUICK:-0}" = 1 ]; then  # QUICK=1: precompute, one default train, reload (~1.5 min)
+  python -m minorsft train --cache "$work/ref.parquet" --output "$work/minorsft" \
+      --batch-size 16 --micro-batch-size 8 --epochs 3
+  cp "$work/minorsft/metrics.jsonl" "$OUT/metrics-minorsft.jsonl"
+else
 python -m minorsft verify --cache "$work/ref.parquet" --sample 16 || echo "verify exit $?"
 for loss in minorsft sft; do  # packed by default (per-sample SDPA, or flash-attn varlen)
   python -m minorsft train --cache "$work/ref.parquet" --output "$work/$loss" --loss $loss \
@@ -43,12 +49,13 @@ cp "$work/padded/metrics.jsonl" "$OUT/metrics-padded.jsonl"
 python -m minorsft train --cache "$work/ref.parquet" --output "$work/pure-bf16" \
     --no-master-weights --batch-size 16 --micro-batch-size 8 --epochs 3
 cp "$work/pure-bf16/metrics.jsonl" "$OUT/metrics-pure-bf16.jsonl"
-# torch.compile'd decoder layers (the first steps compile them)
+# --compile (the default on CUDA with Triton; on a CPU this asks for it)
 python -m minorsft train --cache "$work/ref.parquet" --output "$work/compiled" --compile \
     --batch-size 16 --micro-batch-size 8 --epochs 3
 cp "$work/compiled/metrics.jsonl" "$OUT/metrics-compiled.jsonl"
+fi
 python - "$work/minorsft" <<'PY'
-import json, sys, torch
+import json, os, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder = sys.argv[1]
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,6 +65,8 @@ prompt = tokenizer.apply_chat_template([{"role": "user", "content": "2 plus 3"}]
     add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)
 print("reloaded and generated:", model.generate(**prompt, max_new_tokens=5, do_sample=False).shape)
 for loss in ("minorsft", "sft", "padded", "pure-bf16", "compiled"):  # pure-bf16: no master weights
+    if not os.path.exists(f"{folder}/../{loss}/metrics.jsonl"):  # QUICK=1 ran one
+        continue
     rows = [json.loads(l) for l in open(f"{folder}/../{loss}/metrics.jsonl")]
     print(loss, "step0 m_theta %.3e coef %.4f" % (rows[0]["m_theta"], rows[0]["coefficient"]),
           "median step s %.3f" % sorted(r["step_seconds"] for r in rows[1:])[len(rows[1:]) // 2],
