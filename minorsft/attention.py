@@ -176,6 +176,14 @@ def _padded_sdpa(module, query, key, value, lengths: list[int], dropout: float,
     return out.reshape(samples * longest, *out.shape[2:]).index_select(0, scatter).unsqueeze(0)
 
 
+def layout_note(device: torch.device) -> str:
+    """How packed rows are cut apart on this device, for the train log."""
+    layout = LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT)
+    if layout == "varlen":
+        return "varlen flash attention in bf16/fp16, per-sample SDPA in fp32"
+    return f"{layout} SDPA"
+
+
 def varlen_supported(query: torch.Tensor) -> bool:
     """PyTorch's varlen attention runs flash attention: CUDA, half precision, torch >= 2.10."""
     return (varlen_attn is not None and query.device.type == "cuda"

@@ -28,6 +28,7 @@ import torch
 from minorsft.attention import (
     SEGMENT_ATTENTION,
     check_packed_isolation,
+    layout_note,
     packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
@@ -127,7 +128,10 @@ def prepare_packing(model, requested: bool | None) -> tuple[bool, str]:
             raise
         model.set_attn_implementation(original)
         return False, f"padded micro-batches ({error})"
-    return True, f"packed micro-batches, no padding ({model.config._attn_implementation} attention)"
+    attention = model.config._attn_implementation
+    if attention == SEGMENT_ATTENTION:
+        attention = layout_note(model.get_input_embeddings().weight.device)
+    return True, f"packed micro-batches, no padding ({attention} attention)"
 
 
 def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = None

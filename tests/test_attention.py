@@ -19,6 +19,7 @@ from minorsft.attention import (
     LAYOUTS,
     SEGMENT_ATTENTION,
     check_packed_isolation,
+    layout_note,
     lengths_from_positions,
     packed_sample_lengths,
     use_segment_attention,
@@ -131,7 +132,9 @@ def test_prepare_packing_defaults(model, tiny_tokenizer):
     assert prepare_packing(model, False) == (False, "padded micro-batches (--no-packing)")
     assert model.config._attn_implementation == "sdpa"  # untouched when not packing
     packing, note = prepare_packing(model, None)
-    assert packing and SEGMENT_ATTENTION in note
+    assert packing and note == "packed micro-batches, no padding (per-sample SDPA attention)"
+    assert model.config._attn_implementation == SEGMENT_ATTENTION
+    assert "varlen flash attention in bf16/fp16" in layout_note(torch.device("cuda"))
     eager = build_tiny_model(tiny_tokenizer, seed=3)
     eager.set_attn_implementation("eager")
     assert prepare_packing(eager, None)[0] is False  # dense mask: padding is faster
