@@ -11,8 +11,11 @@ over, the last pass timed (every length seen before). Lines:
   fp32 master weights (minorsft's default for bf16 models);
 - a torch profiler table of 4 whole steps (kernel launches and CPU time against GPU time).
 
-On torch 2.11 (H200) the varlen experiment gave log-probs 0.45 nats away from padding, so it is
-not used in minorsft. Run on a machine with one GPU (PYTHONPATH=.):
+On torch 2.11 (H200) the varlen experiment gave summed log-probs 0.45 nats away from padding,
+first read as wrong values; `gpu_check.py` sections 1b and 1c later showed varlen equal to
+per-sample flash attention and bf16 noise of that size between padded and packed batches, and
+varlen became minorsft's CUDA layout (docs/performance.md, section 7). Run on a machine with
+one GPU (PYTHONPATH=.):
 
     PYTHONPATH=. python benchmarks/gpu_warm_probe.py
 """
