@@ -54,6 +54,7 @@ from common import (
     run_child,
     table,
     to_chat,
+    with_live_reference,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -82,7 +83,6 @@ def _batches(args):
 def child_minorsft(args) -> dict:
     from rich.console import Console
 
-    from minorsft.logprobs import answer_logps, pad_batch
     from minorsft.models import load_model
     from minorsft.train import setup, train_step
 
@@ -99,12 +99,8 @@ def child_minorsft(args) -> dict:
     for step, rows in zip(range(args.steps), _batches(args), strict=False):
         started = time.perf_counter()
         if reference is not None:
-            with torch.inference_mode():
-                tensors = pad_batch([r["input_ids"] for r in rows],
-                                    [r["answer_mask"] for r in rows],
-                                    state.tokenizer.pad_token_id, state.device)
-                live = answer_logps(reference, *tensors).tolist()
-            rows = [dict(row, ref_logps=value) for row, value in zip(rows, live, strict=True)]
+            rows = with_live_reference(reference, rows, state.tokenizer.pad_token_id,
+                                       state.device)
         metrics = train_step(state, config, rows)
         times.append(time.perf_counter() - started)
         tokens.append(metrics["tokens"])

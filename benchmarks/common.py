@@ -210,3 +210,14 @@ def record_trl_steps(trainer, sync=lambda: None) -> tuple[list[float], list[int]
     trainer.data_collator = counting_collator
     trainer.add_callback(StepTimer())
     return seconds, tokens
+
+
+def with_live_reference(reference, rows: list[dict], pad_id: int, device) -> list[dict]:
+    """The rows with `ref_logps` scored now by a reference model held in memory (no cache)."""
+    from minorsft.logprobs import answer_logps, pad_batch
+
+    with torch.inference_mode():
+        tensors = pad_batch([r["input_ids"] for r in rows], [r["answer_mask"] for r in rows],
+                            pad_id, device)
+        live = answer_logps(reference, *tensors).tolist()
+    return [dict(row, ref_logps=value) for row, value in zip(rows, live, strict=True)]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import peak_rss_mib, reset_peak_rss
+from common import peak_rss_mib, reset_peak_rss, with_live_reference
 
 
 def probe_optimizer(args) -> None:
@@ -119,7 +119,6 @@ def _smaps(label: str) -> None:
 
 
 def probe_rss_trace(args) -> None:
-    from minorsft.logprobs import answer_logps, pad_batch
     from minorsft.models import load_model
     from minorsft.train import train_step
 
@@ -132,12 +131,8 @@ def probe_rss_trace(args) -> None:
         _smaps("after reference load")
     for step, rows in enumerate(batches[:args.steps]):
         if reference is not None:
-            with torch.inference_mode():
-                tensors = pad_batch([r["input_ids"] for r in rows],
-                                    [r["answer_mask"] for r in rows],
-                                    state.tokenizer.pad_token_id, state.device)
-                live = answer_logps(reference, *tensors).tolist()
-            rows = [dict(row, ref_logps=value) for row, value in zip(rows, live, strict=True)]
+            rows = with_live_reference(reference, rows, state.tokenizer.pad_token_id,
+                                       state.device)
         train_step(state, config, rows)
         _smaps(f"after step {step + 1}")
 

@@ -50,6 +50,8 @@ from minorsft.loss import compute_loss
 from minorsft.optim import make_optimizer
 from minorsft.packing import micro_batch_logps
 
+from common import with_live_reference
+
 try:  # minorsft.train needs rich and pyarrow (for the cache), which a bare GPU box may lack
     from minorsft.distributed import AnswerLogpsModule, World
     from minorsft.train import TrainConfig, TrainState, linear_schedule, train_step
@@ -368,11 +370,7 @@ def section_training(dev: Device, sizes: dict, batch: int, min_len: int, max_len
         dev.reset_peak()
         started = time.perf_counter()
         if reference is not None:
-            with torch.inference_mode():
-                tensors = pad_batch([r["input_ids"] for r in step_rows],
-                                    [r["answer_mask"] for r in step_rows], 0, dev.device)
-                ref = answer_logps(reference, *tensors).tolist()
-            step_rows = [dict(r, ref_logps=v) for r, v in zip(step_rows, ref, strict=True)]
+            step_rows = with_live_reference(reference, step_rows, 0, dev.device)
         metrics = trainer.step(loss, packing, step_rows)
         dev.sync()
         times[name].append(time.perf_counter() - started)
