@@ -7,9 +7,10 @@ layer fuses them into a few generated kernels and launches them from generated c
 
 Each layer is compiled on its own (they share one compiled graph: their code is the same, their
 weights are the graph's inputs) with dynamic shapes, so a new packed length does not compile
-again. The attention call stays eager (`minorsft.attention` registers it that way): it loops
-over each batch's sample lengths. The output head is minorsft's chunked log-prob function and
-stays eager as well. The first step pays for compiling (about 9 s on an H200); a pass whose
+again. In the varlen layout (CUDA) the attention call is part of the layer's graph; the
+per-sample and padded layouts stay eager (`minorsft.attention` marks them so): they loop over
+each batch's sample lengths. The output head is minorsft's chunked log-prob function and stays
+eager as well. The first step pays for compiling (about 9 s on an H200); a pass whose
 autograd mode differs (the step-0 check) compiles its own graph once. `train` compiles by
 default on CUDA (where Triton is installed), not on CPUs.
 """
@@ -35,10 +36,10 @@ def triton_available() -> bool:
 
 
 def default_compile_skip(device: torch.device) -> str | None:
-    """Why `train` leaves the layers eager on this device unasked ("" if it just does not
-    compile there); None where it compiles them (one process or DDP)."""
+    """Why `train` leaves the layers eager on this device unasked; None where it compiles them
+    (one process or DDP)."""
     if device.type not in COMPILE_BY_DEVICE:
-        return ""
+        return f"the default on {device.type}"
     if device.type == "cuda" and not triton_available():
         return "torch.compile needs Triton on CUDA"
     return None

@@ -231,11 +231,9 @@ def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: b
     if requested is False:
         return "eager layers (--no-compile)"
     if requested is None:
-        reason = default_compile_skip(device)
-        if fsdp and reason != "":  # a device that compiles, but not under FSDP
-            reason = "FSDP"
+        reason = "FSDP" if fsdp else default_compile_skip(device)
         if reason is not None:
-            return "eager layers" + (f" ({reason})" if reason else "")
+            return f"eager layers ({reason})"
     elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
     count = compile_decoder_layers(model)
