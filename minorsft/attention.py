@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 
 import torch
 
@@ -68,8 +69,11 @@ _PACKED_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 LAYOUT_BY_DEVICE: dict[str, str] = {"cuda": "varlen"}
 DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded", "varlen")
-# "varlen": PyTorch's own flash-attention varlen kernel (torch.nn.attention.varlen), one call per
-# layer over the whole row, no padding. CUDA with bf16/fp16 only; elsewhere per-sample is used.
+
+
+def layout_for(device: torch.device) -> str:
+    """The layout packed rows take on this device type."""
+    return LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT)
 
 
 # The current packed row's sample lengths, set by `minorsft.packing` around the forward pass
@@ -101,9 +105,7 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     compiled layers call eagerly.
     """
     bounds = kwargs.get("cu_seq_lens_q")
-    if (attention_mask is None and bounds is not None and dropout == 0.0
-            and LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT) == "varlen"
-            and varlen_supported(query)):
+    if attention_mask is None and bounds is not None and _takes_varlen(query, dropout):
         return _varlen_flash(query, key, value, bounds, kwargs["max_length_q"], scaling), None
     return _segment_attention_eager(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
@@ -138,12 +140,11 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout:
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"packed sample lengths {list(lengths)} sum to {sum(lengths)}, the row "
                          f"has {query.shape[2]} tokens")
-    layout = LAYOUT_BY_DEVICE.get(query.device.type, DEFAULT_LAYOUT)
-    if layout == "varlen" and dropout == 0.0 and varlen_supported(query):
+    if _takes_varlen(query, dropout):
         bounds = _cumulative_lengths(tuple(lengths), query.device)
         return _varlen_flash(query, key, value, bounds, max(lengths), scaling), None
     with _packed_backends(query.device):
-        if layout == "padded":
+        if layout_for(query.device) == "padded":
             return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
         outputs = [
             sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
@@ -178,7 +179,7 @@ def _padded_sdpa(module, query, key, value, lengths: list[int], dropout: float,
 
 def layout_note(device: torch.device) -> str:
     """How packed rows are cut apart on this device, for the train log."""
-    layout = LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT)
+    layout = layout_for(device)
     if layout == "varlen":
         return "varlen flash attention in bf16/fp16, per-sample SDPA in fp32"
     return f"{layout} SDPA"
@@ -188,6 +189,11 @@ def varlen_supported(query: torch.Tensor) -> bool:
     """PyTorch's varlen attention runs flash attention: CUDA, half precision, torch >= 2.10."""
     return (varlen_attn is not None and query.device.type == "cuda"
             and query.dtype in (torch.bfloat16, torch.float16))
+
+
+def _takes_varlen(query: torch.Tensor, dropout: float) -> bool:
+    """The varlen layout is this device's, and the kernel can run these queries (no dropout)."""
+    return layout_for(query.device) == "varlen" and dropout == 0.0 and varlen_supported(query)
 
 
 def _varlen_flash(query, key, value, bounds: torch.Tensor, longest: int,
@@ -207,7 +213,7 @@ def _varlen_flash(query, key, value, bounds: torch.Tensor, longest: int,
 def packed_forward_kwargs(lengths: list[int], device: torch.device) -> dict:
     """What a packed row's forward pass passes down to the attention calls: in the varlen layout
     the cumulative lengths (under transformers' names for them), else nothing."""
-    if LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT) != "varlen":
+    if layout_for(device) != "varlen":
         return {}
     bounds = _cumulative_lengths(tuple(lengths), device)
     longest = max(lengths)
@@ -219,10 +225,8 @@ def _cumulative_lengths(lengths: tuple[int, ...], device: torch.device) -> torch
     """int32 [0, L_1, L_1 + L_2, ...] on the device, built once per forward pass."""
     key = ("cumulative", lengths, device)
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()
-        bounds = [0]
-        for length in lengths:
-            bounds.append(bounds[-1] + length)
+        _INDEX_CACHE.clear()  # only the current micro-batch's lengths are worth keeping
+        bounds = [0, *itertools.accumulate(lengths)]
         _INDEX_CACHE[key] = torch.tensor(bounds, dtype=torch.int32, device=device)
     return _INDEX_CACHE[key]
 
