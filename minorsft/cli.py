@@ -38,6 +38,14 @@ def _run(function, config):
         return function(config, console)
     except (DataError, CacheError, ModelError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
+    except Exception as error:
+        # torch.compile (on by default on CUDA) fails at the first step with a long trace; the
+        # inputs are untouched, and the way out is one flag.
+        if type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            summary = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            _fail(f"torch.compile failed ({type(error).__name__}: {summary}); train again "
+                  "with --no-compile")
+        raise
 
 
 def _version(value: bool):

@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import minorsft.compiling
+import minorsft.train
 from minorsft.attention import use_segment_attention
 from minorsft.compiling import compile_decoder_layers
 from minorsft.packing import micro_batch_logps
@@ -94,3 +95,20 @@ def test_compile_settings(monkeypatch):
     assert "2 decoder layers compiled" in _compile_layers(model, None, CPU, fsdp=False)
     assert model.model.layers[0]._compiled_call_impl is not None
     assert TrainConfig(cache="c", output="o").torch_compile is None
+
+
+def test_a_compile_failure_names_the_way_out(tiny_cache, tmp_path, monkeypatch):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from minorsft.cli import app
+
+    def failing_step(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("simulated: inductor cannot build a kernel")
+
+    monkeypatch.setattr(minorsft.train, "train_step", failing_step)
+    result = CliRunner().invoke(app, ["train", "--cache", str(tiny_cache), "--output",
+                                      str(tmp_path / "run"), "--max-steps", "1", "--compile",
+                                      "--batch-size", "3", "--micro-batch-size", "3"])
+    assert result.exit_code == 2
+    assert "torch.compile failed" in result.output and "--no-compile" in result.output
+    assert "simulated: inductor cannot build a kernel" in result.output
