@@ -6,7 +6,9 @@ is forward + backward of the summed answer log-probs of a batch:
 
 - naive: `model(...).logits` ([B, T, V]) -> `sequence_logps` (log-softmax over all of it);
 - chunked: `minorsft.logprobs.answer_logps` (hidden states at answer positions only, output
-  head + log-softmax in checkpointed chunks).
+  head + log-softmax in checkpointed chunks);
+- compiled (with `--methods naive,chunked,compiled`): chunked, each chunk's arithmetic through
+  torch.compile as `train --compile` runs it (compiled in a warm-up step before measuring).
 
 Each configuration runs in a fresh child; it builds the model, resets the resident high-water
 mark, runs the step and reports how far the peak rose above the memory held before the step
@@ -77,7 +79,13 @@ def child(args) -> dict:
         model.get_output_embeddings().weight.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(False)
     tensors = make_batch(args.batch, args.length, args.vocab, args.answer_share, device)
-    # Allocate the gradients first, so both methods start from the same held memory.
+    if args.method == "compiled":  # compile before measuring; the warm-up's gradients go
+        from minorsft.logprobs import use_compiled_head
+
+        use_compiled_head(model)
+        step(model, args.method, tensors)
+        model.zero_grad(set_to_none=True)
+    # Allocate the gradients first, so every method starts from the same held memory.
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -110,6 +118,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--heads", default="trained,frozen")
+    parser.add_argument("--methods", default="naive,chunked",
+                        help="naive and chunked, optionally compiled (needs a C++ compiler on "
+                             "a CPU, Triton on a GPU)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--head", default="trained", help=argparse.SUPPRESS)
@@ -125,10 +136,10 @@ def main():
     rows = []
     for head in args.heads.split(","):
         results = {m: run_child(SCRIPT, [*shared, "--method", m, "--head", head])
-                   for m in ("naive", "chunked")}
-        diff = max(abs(a - b) for a, b in zip(results["naive"]["logps"],
-                                              results["chunked"]["logps"], strict=True))
+                   for m in ["naive", *args.methods.replace("naive", "").split(",")] if m}
         for method, r in results.items():
+            diff = max(abs(a - b) for a, b in zip(results["naive"]["logps"], r["logps"],
+                                                  strict=True))
             rows.append([head, method, r["before"], r["peak"], r["rise"], r["seconds"],
                          r["rise"] / results["naive"]["rise"], f"{diff:.1e}"])
     tokens = args.batch * args.length

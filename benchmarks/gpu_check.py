@@ -11,8 +11,8 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    reference model beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
-3. log-prob step peak memory with a 152k vocabulary: chunked (default chunk and 4 x) vs naive
-   full logits;
+3. log-prob step peak memory with a 152k vocabulary: chunked (default chunk, 4 x, compiled
+   chunks) vs naive full logits;
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
    only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
 5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
@@ -20,7 +20,8 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
    weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with each
-   packed layout, eager and compiled, and compiled with a 4 x head chunk (`--variants` picks).
+   packed layout, eager and compiled, compiled with a 4 x head chunk, and with compiled layers
+   but eager head chunks (`--variants` picks).
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -42,10 +43,10 @@ import torch
 import minorsft.attention
 import minorsft.logprobs
 from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_segment_attention
-from minorsft.compiling import compile_decoder_layers, compiles_by_default
+from minorsft.compiling import compile_decoder_layers, compile_model, compiles_by_default
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
-from minorsft.logprobs import answer_logps, pad_batch, sequence_logps
+from minorsft.logprobs import answer_logps, pad_batch, sequence_logps, use_compiled_head
 from minorsft.loss import compute_loss
 from minorsft.optim import make_optimizer
 from minorsft.packing import micro_batch_logps
@@ -189,11 +190,11 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
         ok = value_diff < 1e-3 and grad_diff < 1e-3
         out.append([name, f"{value_diff:.2e}", f"{grad_diff:.2e}", "ok" if ok else "MISMATCH"])
     # --compile: the same packed step through compiled decoder layers (Triton kernels on a GPU)
-    name = "chunked, packed, per-sample sdpa, compiled layers (--compile)"
+    name = "chunked, packed, per-sample sdpa, compiled layers and head chunks (--compile)"
     try:
         compiled = copy.deepcopy(model)
         set_attention(compiled, "segment/per-sample")
-        compile_decoder_layers(compiled)
+        compile_model(compiled)
         logps, _ = micro_batch_logps(compiled, rows, 0, dev.device, True)
         compiled.zero_grad(set_to_none=True)
         (logps * weights).sum().backward()
@@ -272,7 +273,7 @@ def section_model_bf16(dev: Device, sizes: dict, lengths_range: tuple[int, int],
         model = copy.deepcopy(base)
         set_attention(model, attention)
         if compiled:
-            compile_decoder_layers(model)
+            compile_model(model)
         logps, _ = micro_batch_logps(model, rows, 0, dev.device, packing)
         (logps * weights).sum().backward()
         return logps.detach().float(), [p.grad.float() for p in model.parameters()]
@@ -409,7 +410,7 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
     out = []
     for head in ("trained", "frozen"):
         rises = {}
-        for method in ("naive", "chunked", "chunked, 4 x chunk"):
+        for method in ("naive", "chunked", "chunked, 4 x chunk", "chunked, compiled chunks"):
             model = build_model(sizes, dtype, dev.device).train()
             if head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
                 model.get_output_embeddings().weight.requires_grad_(False)
@@ -423,6 +424,9 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
             attn = torch.ones_like(ids)
             mask = torch.zeros_like(ids, dtype=torch.bool)
             mask[:, length // 2:] = True
+            if "compiled" in method:  # compile (and let Triton tune) outside the measurement
+                use_compiled_head(model)
+                answer_logps(model, ids, attn, mask).sum().backward()
             before = dev.allocated_mib()
             dev.reset_peak()
             started = time.perf_counter()
@@ -560,6 +564,8 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                            "varlen", None),
         "compile-chunk": ("minorsft --compile, 4 x head chunk", True, dtype, None, True, "",
                           BIG_CHUNK),
+        "compile-layers": ("minorsft, compiled layers, eager head chunks", True, dtype, None,
+                           "layers", "", None),
     }
     chosen = variants or list(all_variants)
     if unknown := set(chosen) - set(all_variants):
@@ -572,8 +578,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
         isolation = check_packed_isolation(model)  # in this layout and dtype, as `train` checks
-        if compiled or (compiled is None and compiles_by_default(dev.device)):
+        if compiled == "layers":  # what --compile did before the head's chunks were compiled
             compile_decoder_layers(model)
+        elif compiled or (compiled is None and compiles_by_default(dev.device)):
+            compile_model(model)
         trainer = Trainer(model, batch, use_train_module, master_weights=master_weights,
                           autocast=autocast)
         times, tokens = [], []

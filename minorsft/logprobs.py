@@ -5,10 +5,17 @@ Only answer positions need logits: `answer_logps` runs the decoder, picks the hi
 predict answer tokens and applies the output head to them in chunks, so memory never holds a
 [B, T, V] tensor (for a 152k vocabulary that tensor is the largest thing in the step). In
 training each chunk's logits are recomputed in backward instead of kept, and the output head's
-weight gradient is accumulated chunk by chunk into one buffer (`_ChunkedHeadLogps`).
+weight gradient is accumulated chunk by chunk into one buffer (`_ChunkedHeadLogps`). Where the
+decoder layers are compiled (`train --compile`), each chunk's softmax arithmetic is compiled too
+(`use_compiled_head`): fused, it passes over the chunk's logits a few times instead of a dozen.
 """
 
 from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +73,72 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch
     return -F.cross_entropy(logits, labels, reduction="none")  # [N]
 
 
+def _chunk_grad_logits_in_place(hidden, weight, bias, labels, grad):
+    """d/dz of sum_i grad_i * log softmax(z_i)[y_i] = grad * (onehot(y) - softmax(z)), [c, V].
+
+    Eager: the softmax is taken in place (max, exp, normalise): logsumexp or a one-hot tensor
+    would allocate another [c, V] buffer.
+    """
+    logits = F.linear(hidden, weight, bias).float()  # [c, V]
+    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    probs = logits.div_(logits.sum(-1, keepdim=True))
+    grad_logits = probs.mul_(-grad[:, None])  # -grad * softmax, in place
+    grad_logits[torch.arange(labels.shape[0], device=labels.device), labels] += grad
+    return grad_logits.to(weight.dtype)
+
+
+def _chunk_grad_logits_fused(hidden, weight, bias, labels, grad):
+    """The same gradient written for torch.compile: one-hot from a comparison, no in-place
+    writes, so after the matmul the softmax, the one-hot and the cast to the weight's dtype fuse
+    into generated kernels that write only the [c, V] result (eager, this would allocate four
+    [c, V] temporaries)."""
+    logits = F.linear(hidden, weight, bias).float()  # [c, V]
+    onehot = torch.arange(logits.shape[-1], device=labels.device) == labels[:, None]
+    return (grad[:, None] * (onehot.to(logits.dtype) - torch.softmax(logits, -1))
+            ).to(weight.dtype)
+
+
+class HeadKernels(NamedTuple):
+    """The per-chunk arithmetic of the chunked head, eager or compiled."""
+
+    logps: Callable  # (hidden, weight, bias, labels) -> [c] fp32 log p(label | hidden)
+    grad_logits: Callable  # (hidden, weight, bias, labels, grad) -> [c, V] in the weight's dtype
+
+
+EAGER_HEAD = HeadKernels(_chunk_logps, _chunk_grad_logits_in_place)
+# Output heads whose chunks run through the compiled kernels (`use_compiled_head`).
+_COMPILED_HEADS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _rows_dynamic(compiled: Callable) -> Callable:
+    """Mark the chunk's row count dynamic: the last chunk of every batch has another size, and
+    it should not compile again (the vocabulary and width stay static, which suits the kernels)."""
+
+    @functools.wraps(compiled)
+    def call(hidden, weight, bias, labels, *rest):
+        for tensor in (hidden, labels, *rest):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(hidden, weight, bias, labels, *rest)
+
+    return call
+
+
+@functools.cache
+def compiled_head() -> HeadKernels:
+    """The chunk kernels through torch.compile (built once per process, compiled at first use)."""
+    return HeadKernels(_rows_dynamic(torch.compile(_chunk_logps)),
+                       _rows_dynamic(torch.compile(_chunk_grad_logits_fused)))
+
+
+def use_compiled_head(model) -> None:
+    """From now on the model's output head computes its chunks with `compiled_head()`."""
+    _COMPILED_HEADS.add(model.get_output_embeddings())
+
+
+def head_kernels(head: torch.nn.Module) -> HeadKernels:
+    return compiled_head() if head in _COMPILED_HEADS else EAGER_HEAD
+
+
 class _ChunkedHeadLogps(torch.autograd.Function):
     """log p(label | hidden) through a linear head, chunked in forward AND backward.
 
@@ -77,13 +150,15 @@ class _ChunkedHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, kernels):
         out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, labels.shape[0], chunk_tokens):
             stop = start + chunk_tokens
-            out[start:stop] = _chunk_logps(hidden[start:stop], weight, bias, labels[start:stop])
+            out[start:stop] = kernels.logps(hidden[start:stop], weight, bias,
+                                            labels[start:stop])
         ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.chunk_tokens = chunk_tokens
+        ctx.kernels = kernels
         # Under autocast (--dtype bf16-mixed) the logits were computed in bf16; backward runs
         # outside autocast, so it re-enters it to recompute the same logits.
         device_type = hidden.device.type
@@ -105,21 +180,16 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for start in range(0, labels.shape[0], ctx.chunk_tokens):
             stop = start + ctx.chunk_tokens
-            h, y, g = hidden[start:stop], labels[start:stop], grad_out[start:stop]
-            logits = F.linear(h, weight, bias).float()  # [c, V]
-            # softmax in place (max, exp, normalise): logsumexp would allocate another [c, V]
-            logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-            probs = logits.div_(logits.sum(-1, keepdim=True))
-            grad_logits = probs.mul_(-g[:, None])  # -g * softmax, in place
-            grad_logits[torch.arange(y.shape[0], device=y.device), y] += g
-            grad_logits = grad_logits.to(weight.dtype)
+            h = hidden[start:stop]
+            grad_logits = ctx.kernels.grad_logits(h, weight, bias, labels[start:stop],
+                                                  grad_out[start:stop])  # [c, V]
             if need_hidden:
                 grad_hidden[start:stop] = grad_logits @ weight
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), h)
             if need_bias:
                 grad_bias += grad_logits.sum(0)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def final_logit_transform(model):
@@ -164,16 +234,17 @@ def head_token_logps(model, hidden: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"the output head is a {type(head).__name__}, not a plain Linear; "
                          "chunked log-probs need the head's own weight (no adapter on lm_head)")
     chunk_tokens = chunk_tokens or default_chunk_tokens(head.weight.shape[0])
+    kernels = head_kernels(head)
     if labels.numel() == 0:
         # hidden.sum(-1) is an empty [0] tensor still tied to the graph, so backward works.
         token_logps = hidden.sum(-1).float()
     elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
         token_logps = _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels,
-                                              chunk_tokens)
+                                              chunk_tokens, kernels)
     else:
         token_logps = torch.cat([
-            _chunk_logps(hidden[i:i + chunk_tokens], head.weight, head.bias,
-                         labels[i:i + chunk_tokens])
+            kernels.logps(hidden[i:i + chunk_tokens], head.weight, head.bias,
+                          labels[i:i + chunk_tokens])
             for i in range(0, labels.numel(), chunk_tokens)])
     return token_logps
 

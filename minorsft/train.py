@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
-from minorsft.compiling import compile_decoder_layers, default_compile_skip
+from minorsft.compiling import compile_model, default_compile_skip
 from minorsft.distributed import (
     STRATEGIES,
     World,
@@ -236,8 +236,9 @@ def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: b
             return f"eager layers ({reason})"
     elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
-    count = compile_decoder_layers(model)
-    return f"{count} decoder layers compiled (the first step compiles them)"
+    count = compile_model(model)
+    return (f"{count} decoder layers and the output head's chunks compiled (the first step "
+            "compiles them)")
 
 
 def linear_schedule(optimizer, warmup_steps: int, total_steps: int):

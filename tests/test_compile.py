@@ -16,7 +16,8 @@ from torch._dynamo.utils import counters
 import minorsft.compiling
 import minorsft.train
 from minorsft.attention import use_segment_attention
-from minorsft.compiling import compile_decoder_layers
+from minorsft.compiling import compile_model
+from minorsft.logprobs import EAGER_HEAD, head_kernels, head_logps
 from minorsft.packing import micro_batch_logps
 from minorsft.train import TrainConfig, _compile_layers
 
@@ -44,7 +45,9 @@ def test_compiled_layers_equal_eager_and_compile_once():
     eager = build_tiny_model(build_tiny_tokenizer())
     assert use_segment_attention(eager)
     compiled = copy.deepcopy(eager)
-    assert compile_decoder_layers(compiled) == len(compiled.model.layers)
+    assert compile_model(compiled) == len(compiled.model.layers)
+    assert head_kernels(compiled.lm_head) is not EAGER_HEAD
+    assert head_kernels(eager.lm_head) is EAGER_HEAD
     graphs = []
     # Packed micro-batches of 4, 2 and 3 samples: new lengths and a new number of samples.
     for samples in (SAMPLES, SAMPLES[1:3], SAMPLES[:3]):
@@ -57,6 +60,61 @@ def test_compiled_layers_equal_eager_and_compile_once():
     # Dynamic shapes, and the sample lengths passed beside the model call: the first micro-batch
     # compiled the layers, the others reused that.
     assert graphs[0] > 0
+    assert graphs[1] == graphs[2] == graphs[0]
+
+
+class _LM(torch.nn.Module):
+    """Just an output head (with a bias, which real heads rarely have, so its gradient is
+    checked too), as `head_logps` sees a model."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__()
+        torch.manual_seed(3)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _head_logps_and_grads(model, hidden, labels, sample_index, autocast):
+    hidden = hidden.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logps = head_logps(model, hidden, labels, sample_index, 3, chunk_tokens=4)
+    (logps * torch.tensor([1.0, -0.5, 2.0])).sum().backward()
+    return logps.detach(), [hidden.grad, model.head.weight.grad, model.head.bias.grad]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_compiled_head_chunks_equal_the_closed_form_and_compile_once(autocast):
+    """The compiled chunk kernels against the log-softmax formula (fp32) or the eager kernels
+    under the same bf16 autocast (--dtype bf16-mixed), for three answer counts: several chunks,
+    a short last one, and one compile for all of them."""
+    eager, compiled = _LM(8, 50), _LM(8, 50)
+    from minorsft.logprobs import use_compiled_head
+
+    use_compiled_head(compiled)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if autocast else TOL
+    graphs = []
+    for count in (11, 7, 10):
+        generator = torch.Generator().manual_seed(count)
+        hidden = torch.randn(count, 8, generator=generator)
+        labels = torch.randint(0, 50, (count,), generator=generator)
+        sample_index = torch.sort(torch.randint(0, 3, (count,), generator=generator)).values
+        got, got_grads = _head_logps_and_grads(compiled, hidden, labels, sample_index, autocast)
+        if autocast:
+            want, want_grads = _head_logps_and_grads(eager, hidden, labels, sample_index, True)
+        else:  # sum of log_softmax(W h + b)[y] per sample, and autograd's gradients of it
+            hidden = hidden.clone().requires_grad_()
+            eager.zero_grad(set_to_none=True)
+            token_logps = torch.log_softmax(eager.head(hidden), -1)[torch.arange(count), labels]
+            want = torch.zeros(3).index_add(0, sample_index, token_logps)
+            (want * torch.tensor([1.0, -0.5, 2.0])).sum().backward()
+            want_grads = [hidden.grad, eager.head.weight.grad, eager.head.bias.grad]
+        torch.testing.assert_close(got, want.detach(), **tolerance)
+        for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(got_grad, want_grad, **tolerance)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[2] == graphs[0]
 
 
@@ -88,12 +146,15 @@ def test_compile_settings(monkeypatch):
         _compile_layers(model, True, CPU, fsdp=True)
     monkeypatch.setattr(minorsft.compiling, "triton_available", lambda: False)
     assert "needs Triton" in _compile_layers(model, None, cuda, fsdp=False)
+    assert head_kernels(model.lm_head) is EAGER_HEAD
     assert not hasattr(model.model.layers[0], "_compiled_call_impl") or \
         model.model.layers[0]._compiled_call_impl is None
     # unasked, on a device in COMPILE_BY_DEVICE (CUDA; here the CPU stands in for it)
     monkeypatch.setattr(minorsft.compiling, "COMPILE_BY_DEVICE", frozenset({"cpu"}))
-    assert "2 decoder layers compiled" in _compile_layers(model, None, CPU, fsdp=False)
+    assert "2 decoder layers and the output head's chunks compiled" in \
+        _compile_layers(model, None, CPU, fsdp=False)
     assert model.model.layers[0]._compiled_call_impl is not None
+    assert head_kernels(model.lm_head) is not EAGER_HEAD
     assert TrainConfig(cache="c", output="o").torch_compile is None
 
 
