@@ -353,7 +353,9 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
         local, weight = rows[:1], 0.0
     micro_batches = [local[i: i + config.micro_batch_size]
                      for i in range(0, len(local), config.micro_batch_size)]
-    sums = dict.fromkeys(METRIC_SUMS, 0.0)
+    # The metrics stay on the device until the step's optimizer kernels are queued: one copy to
+    # the host per step (a copy waits for the device, which then idles while Python goes on).
+    sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
     tokens = 0
     for index, micro in enumerate(micro_batches):
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
@@ -364,26 +366,25 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
                 out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
             (out.losses.sum() * (weight * world.world_size / count)).backward()
         policy_detached = policy_logps.detach()
-        micro_sums = torch.stack([  # in METRIC_SUMS order; one copy to the host, not seven
+        sums += weight * torch.stack([  # in METRIC_SUMS order
             out.losses.detach().sum(),
             # Per-token NLL of the answers (raw SFT's loss), comparable across all three losses.
             (-policy_detached / num_tokens).sum(),
             out.deviation.sum(), out.coefficient.sum(), out.reward.sum(),
             policy_detached.sum(), ref_logps.sum(),
-        ]).tolist()
-        for key, value in zip(METRIC_SUMS, micro_sums, strict=True):
-            sums[key] += weight * value
+        ]).double()
         tokens += int(weight * micro_tokens)
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    totals = all_reduce_sum([sums[key] for key in METRIC_SUMS] + [tokens], world, device)
-    metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
         grad_norm = grad_norm.full_tensor()
-    metrics.update(lr=lr, grad_norm=float(grad_norm), samples=count, tokens=int(totals[-1]),
+    *local_sums, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
+    totals = all_reduce_sum(local_sums + [tokens], world, device)
+    metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
+    metrics.update(lr=lr, grad_norm=grad_norm, samples=count, tokens=int(totals[-1]),
                    rank_tokens=tokens)
     if device.type == "cuda":  # what users size their GPUs by: this rank's peak so far
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
