@@ -118,6 +118,18 @@ def test_pack_batch_never_predicts_across_samples():
     assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1]]
 
 
+def test_pack_batch_edge_samples():
+    """A one-token sample and one without answer tokens predict nothing; a mismatch is named."""
+    packed = pack_batch([[7], [1, 2, 3], [4, 5]], [[True], [False] * 3, [False, True]],
+                        torch.device("cpu"))
+    assert packed.input_ids.tolist() == [[7, 1, 2, 3, 4, 5]]
+    assert packed.position_ids.tolist() == [[0, 0, 1, 2, 0, 1]]
+    assert packed.positions.tolist() == [4] and packed.sample_index.tolist() == [2]
+    assert packed.lengths == [1, 3, 2] and packed.num_tokens == 6
+    with pytest.raises(ValueError, match="sample 1: 2 token ids but 3 answer-mask entries"):
+        pack_batch([[1, 2], [3, 4]], [[False, True], [False, True, True]], torch.device("cpu"))
+
+
 def test_no_answer_tokens_gives_zero_and_backward_works(model):
     input_ids, attention_mask, answer_mask = pad_batch([[5, 6, 7]], [[False] * 3], 0,
                                                        torch.device("cpu"))
