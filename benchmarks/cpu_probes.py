@@ -10,6 +10,9 @@
     python benchmarks/cpu_probes.py rss-trace --cache ref.parquet [--live-ref]
         resident memory after each training step, split into anonymous and file-backed pages
         (/proc/self/smaps_rollup): where a live reference's weights sit (docs/performance.md).
+    python benchmarks/cpu_probes.py pack
+        host time of `packing.pack_batch` for 8 random samples of 256-1024 tokens (a third
+        prompt), the work a GPU waits for before every step;
 
 `ref.parquet`: a cache from `minorsft precompute` (the docs used the first 24 GSM8K rows).
 """
@@ -137,9 +140,29 @@ def probe_rss_trace(args) -> None:
         _smaps(f"after step {step + 1}")
 
 
+def probe_pack(args) -> None:
+    import random
+
+    from minorsft.packing import pack_batch
+
+    generate = random.Random(0)
+    lengths = [generate.randint(256, 1024) for _ in range(8)]
+    input_ids = [[generate.randrange(150_000) for _ in range(n)] for n in lengths]
+    answer_masks = [[t >= n // 3 for t in range(n)] for n in lengths]
+    for _ in range(3):  # warm-up
+        pack_batch(input_ids, answer_masks, torch.device("cpu"))
+    rounds = 200
+    started = time.perf_counter()
+    for _ in range(rounds):
+        pack_batch(input_ids, answer_masks, torch.device("cpu"))
+    per_call = (time.perf_counter() - started) / rounds
+    print(f"pack_batch, 8 samples, {sum(lengths)} tokens: {per_call * 1e3:.2f} ms per call "
+          f"(mean of {rounds})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace"))
+    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace", "pack"))
     parser.add_argument("--cache", help="a minorsft cache (layouts, rss-trace)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
@@ -147,10 +170,10 @@ def main():
     parser.add_argument("--peak", choices=("per-sample", "padded"),
                         help="layouts: measure this layout's resident peak instead")
     args = parser.parse_args()
-    if args.probe != "optimizer" and not args.cache:
+    if args.probe in ("layouts", "rss-trace") and not args.cache:
         parser.error(f"{args.probe} needs --cache")
     {"optimizer": probe_optimizer, "layouts": probe_layouts,
-     "rss-trace": probe_rss_trace}[args.probe](args)
+     "rss-trace": probe_rss_trace, "pack": probe_pack}[args.probe](args)
 
 
 if __name__ == "__main__":
