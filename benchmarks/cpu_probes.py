@@ -13,6 +13,9 @@
     python benchmarks/cpu_probes.py pack
         host time of `packing.pack_batch` for 8 random samples of 256-1024 tokens (a third
         prompt), the work a GPU waits for before every step;
+    python benchmarks/cpu_probes.py head [--dtype bfloat16]
+        the output head's log-probs alone, forward and backward (`logprobs.head_token_logps`),
+        1,500 answer positions at SmolLM2's shape (hidden 576, vocabulary 49,152), median of 5;
 
 `ref.parquet`: a cache from `minorsft precompute` (the docs used the first 24 GSM8K rows).
 """
@@ -160,20 +163,50 @@ def probe_pack(args) -> None:
           f"(mean of {rounds})")
 
 
+def probe_head(args) -> None:
+    from minorsft.logprobs import head_token_logps
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    positions, width, vocab = 1500, 576, 49_152
+
+    class Head(torch.nn.Module):  # what head_token_logps needs of a model
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(width, vocab, bias=False).to(dtype)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = Head()
+    hidden = torch.randn(positions, width, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (positions,))
+    times = []
+    for _ in range(6):  # the first is warm-up
+        hidden.grad = model.head.weight.grad = None
+        started = time.perf_counter()
+        head_token_logps(model, hidden, labels).sum().backward()
+        times.append(time.perf_counter() - started)
+    median = sorted(times[1:])[2]
+    print(f"head log-probs, {positions} positions, hidden {width}, vocabulary {vocab}, "
+          f"{args.dtype}: {median:.2f} s forward + backward (median of 5)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace", "pack"))
+    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace", "pack", "head"))
     parser.add_argument("--cache", help="a minorsft cache (layouts, rss-trace)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--live-ref", action="store_true")
+    parser.add_argument("--dtype", default="float32", help="head: float32 or bfloat16")
     parser.add_argument("--peak", choices=("per-sample", "padded"),
                         help="layouts: measure this layout's resident peak instead")
     args = parser.parse_args()
     if args.probe in ("layouts", "rss-trace") and not args.cache:
         parser.error(f"{args.probe} needs --cache")
     {"optimizer": probe_optimizer, "layouts": probe_layouts,
-     "rss-trace": probe_rss_trace, "pack": probe_pack}[args.probe](args)
+     "rss-trace": probe_rss_trace, "pack": probe_pack, "head": probe_head}[args.probe](args)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    reference model beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
-3. log-prob step peak memory with a 152k vocabulary: chunked (default chunk, 4 x, compiled
-   chunks) vs naive full logits;
+3. log-prob step peak memory with a 152k vocabulary: chunked (default block, 4 x, compiled
+   blocks) vs naive full logits;
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
    only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
 5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
@@ -20,8 +20,8 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
    weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with each
-   packed layout, eager and compiled, compiled with a 4 x head chunk, and with compiled layers
-   but eager head chunks (`--variants` picks).
+   packed layout, eager and compiled, compiled with a 4 x head block, and with compiled layers
+   but eager head blocks (`--variants` picks).
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -117,7 +117,7 @@ def set_attention(model, attention: str) -> None:
 
 @contextlib.contextmanager
 def head_chunk_elements(elements: int | None):
-    """Within the block, the output head's chunks hold this many logits (None: the default)."""
+    """Inside the `with`, the output head's blocks hold this many logits (None: the default)."""
     before = minorsft.logprobs.LOGITS_CHUNK_ELEMENTS
     minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = elements or before
     try:
@@ -190,7 +190,7 @@ def section_correctness(dev: Device, small: dict) -> list[list]:
         ok = value_diff < 1e-3 and grad_diff < 1e-3
         out.append([name, f"{value_diff:.2e}", f"{grad_diff:.2e}", "ok" if ok else "MISMATCH"])
     # --compile: the same packed step through compiled decoder layers (Triton kernels on a GPU)
-    name = "chunked, packed, per-sample sdpa, compiled layers and head chunks (--compile)"
+    name = "chunked, packed, per-sample sdpa, compiled layers and head blocks (--compile)"
     try:
         compiled = copy.deepcopy(model)
         set_attention(compiled, "segment/per-sample")
@@ -410,7 +410,7 @@ def section_logprob_memory(dev: Device, sizes: dict, batch: int, length: int, dt
     out = []
     for head in ("trained", "frozen"):
         rises = {}
-        for method in ("naive", "chunked", "chunked, 4 x chunk", "chunked, compiled chunks"):
+        for method in ("naive", "chunked", "chunked, 4 x chunk", "chunked, compiled blocks"):
             model = build_model(sizes, dtype, dev.device).train()
             if head == "frozen":  # as with LoRA: neither vocabulary matrix is trained
                 model.get_output_embeddings().weight.requires_grad_(False)
@@ -564,7 +564,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                            "varlen", None),
         "compile-chunk": ("minorsft --compile, 4 x head chunk", True, dtype, None, True, "",
                           BIG_CHUNK),
-        "compile-layers": ("minorsft, compiled layers, eager head chunks", True, dtype, None,
+        "compile-layers": ("minorsft, compiled layers, eager head blocks", True, dtype, None,
                            "layers", "", None),
     }
     chosen = variants or list(all_variants)
@@ -578,7 +578,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
         isolation = check_packed_isolation(model)  # in this layout and dtype, as `train` checks
-        if compiled == "layers":  # what --compile did before the head's chunks were compiled
+        if compiled == "layers":  # what --compile did before the head's blocks were compiled
             compile_decoder_layers(model)
         elif compiled or (compiled is None and compiles_by_default(dev.device)):
             compile_model(model)

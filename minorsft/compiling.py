@@ -9,11 +9,11 @@ Each layer is compiled on its own (they share one compiled graph: their code is 
 weights are the graph's inputs) with dynamic shapes, so a new packed length does not compile
 again. In the varlen layout (CUDA) the attention call is part of the layer's graph; the
 per-sample and padded layouts stay eager (`minorsft.attention` marks them so): they loop over
-each batch's sample lengths. The output head stays minorsft's chunked log-prob function, a
-Python loop over chunks; what is compiled there is each chunk's arithmetic after the matmul
-(`minorsft.logprobs.use_compiled_head`): eager, the softmax, its gradient and the casts are
-about a dozen passes over a [chunk, vocabulary] buffer; compiled, inductor generated one kernel
-after the matmul for each direction on a CPU (its output code). The first step pays
+each batch's sample lengths. The output head stays minorsft's blocked log-prob function, a
+Python loop over vocabulary slices; what is compiled there is each block's arithmetic after the
+matmul (`minorsft.logprobs.use_compiled_head`): eager, the softmax, its gradient and the casts
+are about a dozen passes over an [N, V_b] buffer; compiled, inductor generated one kernel after
+the matmul for each direction on a CPU (its output code). The first step pays
 for compiling (about 9 s on an H200); a pass whose autograd mode differs (the step-0 check)
 compiles its own graph once. `train` compiles by default on CUDA (where Triton is installed),
 not on CPUs.
@@ -74,7 +74,7 @@ def compile_decoder_layers(model) -> int:
 
 
 def compile_model(model) -> int:
-    """Compile the decoder layers and the output head's chunk arithmetic; returns the layers."""
+    """Compile the decoder layers and the output head's block arithmetic; returns the layers."""
     count = compile_decoder_layers(model)
     use_compiled_head(model)
     return count

@@ -2,12 +2,20 @@
 
 Token t is predicted by position t-1, so the answer mask is shifted by one against the logits.
 Only answer positions need logits: `answer_logps` runs the decoder, picks the hidden states that
-predict answer tokens and applies the output head to them in chunks, so memory never holds a
-[B, T, V] tensor (for a 152k vocabulary that tensor is the largest thing in the step). In
-training each chunk's logits are recomputed in backward instead of kept, and the output head's
-weight gradient is accumulated chunk by chunk into one buffer (`_ChunkedHeadLogps`). Where the
-decoder layers are compiled (`train --compile`), each chunk's softmax arithmetic is compiled too
-(`use_compiled_head`): fused, it passes over the chunk's logits a few times instead of a dozen.
+predict answer tokens and applies the output head to them in blocks, so memory never holds a
+[B, T, V] tensor (for a 152k vocabulary that tensor is the largest thing in the step).
+
+The blocks cut the vocabulary, not the positions (`head_blocks`): all N answer positions meet
+one slice of the head's weight at a time, [N, H] x [H, V_b], and the log-softmax's normaliser is
+gathered across slices (an online logsumexp). Cutting positions instead, as the first version
+did, reads the whole [V, H] weight again for every chunk of ~110 positions, and rewrites the
+whole weight gradient too: for 2,500 answer positions at Qwen2-0.5B's shape (a 272 MB bf16 head)
+that is about 31 GB of memory traffic per step, against about 2 GB in vocabulary blocks (an
+estimate from the tensor sizes). In training each block's logits are recomputed in backward
+instead of kept (`_BlockedHeadLogps`), and each slice of the weight gradient is written once.
+Where the decoder layers are compiled (`train --compile`), each block's arithmetic is compiled
+too (`use_compiled_head`): fused, it passes over the block's logits a few times instead of a
+dozen.
 """
 
 from __future__ import annotations
@@ -22,15 +30,22 @@ import torch.nn.functional as F
 
 from minorsft.models import autocast_context
 
-# Logit elements per output-head chunk: 2**24 fp32 values are 64 MiB, so a chunk holds about
-# 110 positions of a 152k vocabulary (Qwen2) or 340 of a 49k one (SmolLM2). Large enough to keep
-# the matmul efficient, small enough that the vocabulary never dominates a step's memory.
+# Logit elements per output-head block: 2**24 fp32 values are 64 MiB. For N answer positions a
+# block spans 2**24 / N vocabulary entries (all of a 152k vocabulary up to 110 positions),
+# large enough to keep the matmuls efficient, small enough that the vocabulary never dominates
+# a step's memory.
 LOGITS_CHUNK_ELEMENTS = 1 << 24
+# The narrowest vocabulary slice; beyond 2**24 / 1024 = 16,384 answer positions the positions
+# are cut into blocks of that many as well.
+MIN_VOCAB_BLOCK = 1024
 
 
-def default_chunk_tokens(vocab_size: int) -> int:
-    """Positions per output-head chunk so that one chunk's logits stay near 64 MiB in fp32."""
-    return max(16, LOGITS_CHUNK_ELEMENTS // max(1, vocab_size))
+def head_blocks(num_positions: int, vocab_size: int,
+                elements: int | None = None) -> tuple[int, int]:
+    """(positions, vocabulary entries) per block: about `elements` logits (default 2**24)."""
+    elements = elements or LOGITS_CHUNK_ELEMENTS
+    vocab_block = min(vocab_size, max(MIN_VOCAB_BLOCK, elements // max(1, num_positions)))
+    return max(1, elements // vocab_block), vocab_block
 
 
 def pad_batch(
@@ -68,70 +83,81 @@ def sequence_logps(
     return (token_logps * mask).sum(-1)
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias, labels: torch.Tensor):
-    logits = F.linear(hidden, weight, bias).float()  # [N, V]
-    return -F.cross_entropy(logits, labels, reduction="none")  # [N]
+def _block_logps(hidden, weight, bias, local_labels, lse, picked):
+    """One vocabulary slice's part of log p(label | hidden): returns the running logsumexp [n]
+    and label logit [n] (fp32) with this slice included. `local_labels` are the labels minus the
+    slice's first id (out of [0, V_b) where the label lies in another slice)."""
+    logits = F.linear(hidden, weight, bias).float()  # [n, V_b]
+    inside = (local_labels >= 0) & (local_labels < logits.shape[-1])
+    label_logit = logits.gather(-1, local_labels.clamp(0, logits.shape[-1] - 1)[:, None])
+    return (torch.logaddexp(lse, torch.logsumexp(logits, -1)),
+            torch.where(inside, label_logit[:, 0], picked))
 
 
-def _chunk_grad_logits_in_place(hidden, weight, bias, labels, grad):
-    """d/dz of sum_i grad_i * log softmax(z_i)[y_i] = grad * (onehot(y) - softmax(z)), [c, V].
+def _block_grad_logits_in_place(hidden, weight, bias, local_labels, lse, grad):
+    """d/dz of sum_i grad_i * (z_i[y_i] - lse_i) on one slice: grad * (onehot(y) - softmax(z)),
+    [n, V_b] in the weight's dtype, the softmax taken with the full row's logsumexp.
 
-    Eager: the softmax is taken in place (max, exp, normalise): logsumexp or a one-hot tensor
-    would allocate another [c, V] buffer.
+    Eager: computed in place (subtract, exp, scale), a one-hot tensor would be another [n, V_b]
+    buffer; rows whose label lies in another slice add 0 at a clamped column.
     """
-    logits = F.linear(hidden, weight, bias).float()  # [c, V]
-    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-    probs = logits.div_(logits.sum(-1, keepdim=True))
-    grad_logits = probs.mul_(-grad[:, None])  # -grad * softmax, in place
-    grad_logits[torch.arange(labels.shape[0], device=labels.device), labels] += grad
+    logits = F.linear(hidden, weight, bias).float()  # [n, V_b]
+    grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])  # -grad * softmax
+    inside = (local_labels >= 0) & (local_labels < logits.shape[-1])
+    columns = local_labels.clamp(0, logits.shape[-1] - 1)[:, None]
+    grad_logits.scatter_add_(-1, columns, torch.where(inside, grad, 0.0)[:, None])
     return grad_logits.to(weight.dtype)
 
 
-def _chunk_grad_logits_fused(hidden, weight, bias, labels, grad):
+def _block_grad_logits_fused(hidden, weight, bias, local_labels, lse, grad):
     """The same gradient written for torch.compile: one-hot from a comparison, no in-place
     writes, so after the matmul the softmax, the one-hot and the cast to the weight's dtype fuse
-    into generated kernels that write only the [c, V] result (eager, this would allocate four
-    [c, V] temporaries)."""
-    logits = F.linear(hidden, weight, bias).float()  # [c, V]
-    onehot = torch.arange(logits.shape[-1], device=labels.device) == labels[:, None]
-    return (grad[:, None] * (onehot.to(logits.dtype) - torch.softmax(logits, -1))
+    into one generated kernel that writes only the [n, V_b] result (eager, this would allocate
+    four [n, V_b] temporaries)."""
+    logits = F.linear(hidden, weight, bias).float()  # [n, V_b]
+    onehot = torch.arange(logits.shape[-1], device=local_labels.device) == local_labels[:, None]
+    return (grad[:, None] * (onehot.to(logits.dtype) - torch.exp(logits - lse[:, None]))
             ).to(weight.dtype)
 
 
 class HeadKernels(NamedTuple):
-    """The per-chunk arithmetic of the chunked head, eager or compiled."""
+    """The per-block arithmetic of the blocked head, eager or compiled."""
 
-    logps: Callable  # (hidden, weight, bias, labels) -> [c] fp32 log p(label | hidden)
-    grad_logits: Callable  # (hidden, weight, bias, labels, grad) -> [c, V] in the weight's dtype
+    logps: Callable  # (hidden, weight, bias, local_labels, lse, picked) -> (lse, picked)
+    grad_logits: Callable  # (hidden, weight, bias, local_labels, lse, grad) -> [n, V_b]
 
 
-EAGER_HEAD = HeadKernels(_chunk_logps, _chunk_grad_logits_in_place)
-# Output heads whose chunks run through the compiled kernels (`use_compiled_head`).
+EAGER_HEAD = HeadKernels(_block_logps, _block_grad_logits_in_place)
+# Output heads whose blocks run through the compiled kernels (`use_compiled_head`).
 _COMPILED_HEADS: weakref.WeakSet = weakref.WeakSet()
 
 
-def _rows_dynamic(compiled: Callable) -> Callable:
-    """Mark the chunk's row count dynamic: the last chunk of every batch has another size, and
-    it should not compile again (the vocabulary and width stay static, which suits the kernels)."""
+def _sizes_dynamic(compiled: Callable) -> Callable:
+    """Mark the block's position count and vocabulary width dynamic: the last slice of the
+    vocabulary and every batch's answer count differ, and they should not compile again (the
+    hidden width stays static)."""
 
     @functools.wraps(compiled)
-    def call(hidden, weight, bias, labels, *rest):
-        for tensor in (hidden, labels, *rest):
+    def call(hidden, weight, bias, local_labels, *rest):
+        for tensor in (hidden, local_labels, *rest):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return compiled(hidden, weight, bias, labels, *rest)
+        for tensor in (weight, bias):
+            if tensor is not None:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(hidden, weight, bias, local_labels, *rest)
 
     return call
 
 
 @functools.cache
 def compiled_head() -> HeadKernels:
-    """The chunk kernels through torch.compile (built once per process, compiled at first use)."""
-    return HeadKernels(_rows_dynamic(torch.compile(_chunk_logps)),
-                       _rows_dynamic(torch.compile(_chunk_grad_logits_fused)))
+    """The block kernels through torch.compile (built once per process, compiled at first use)."""
+    return HeadKernels(_sizes_dynamic(torch.compile(_block_logps)),
+                       _sizes_dynamic(torch.compile(_block_grad_logits_fused)))
 
 
 def use_compiled_head(model) -> None:
-    """From now on the model's output head computes its chunks with `compiled_head()`."""
+    """From now on the model's output head computes its blocks with `compiled_head()`."""
     _COMPILED_HEADS.add(model.get_output_embeddings())
 
 
@@ -139,56 +165,82 @@ def head_kernels(head: torch.nn.Module) -> HeadKernels:
     return compiled_head() if head in _COMPILED_HEADS else EAGER_HEAD
 
 
-class _ChunkedHeadLogps(torch.autograd.Function):
-    """log p(label | hidden) through a linear head, chunked in forward AND backward.
+def _slices(size: int, step: int):
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
 
-    Forward keeps only the [N] results. Backward recomputes each chunk's logits and uses
-    d log softmax(z)[y] / dz = onehot(y) - softmax(z), so per chunk it holds one [chunk, V] fp32
-    buffer, and it adds the head's weight gradient into a single [V, H] buffer in place. (With
-    per-chunk autograd checkpoints every chunk returns its own [V, H] gradient and autograd
-    sums them, which holds two such tensors at once: 0.5 GiB each for a 152k x 896 head.)
+
+def _bias_slice(bias, start, stop):
+    return None if bias is None else bias[start:stop]
+
+
+def _blocked_logps(hidden, weight, bias, labels, blocks, kernels):
+    """log p(label | hidden) [N] and the rows' logsumexp [N], fp32, block by block."""
+    token_logps = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    lse_all = torch.empty_like(token_logps)
+    positions, vocab = blocks
+    for t0, t1 in _slices(labels.shape[0], positions):
+        h, y = hidden[t0:t1], labels[t0:t1]
+        lse = torch.full((t1 - t0,), -torch.inf, dtype=torch.float32, device=hidden.device)
+        picked = torch.zeros_like(lse)
+        for v0, v1 in _slices(weight.shape[0], vocab):
+            lse, picked = kernels.logps(h, weight[v0:v1], _bias_slice(bias, v0, v1), y - v0,
+                                        lse, picked)
+        token_logps[t0:t1] = picked - lse
+        lse_all[t0:t1] = lse
+    return token_logps, lse_all
+
+
+class _BlockedHeadLogps(torch.autograd.Function):
+    """log p(label | hidden) through a linear head, in blocks in forward AND backward.
+
+    Forward keeps only the [N] results and the rows' logsumexp. Backward recomputes each block's
+    logits and uses d log softmax(z)[y] / dz = onehot(y) - softmax(z), so per block it holds one
+    [n, V_b] fp32 buffer. Each slice of the weight gradient is written once (once per position
+    block, which is one block up to 16k answer positions); the hidden states' gradient is
+    summed over the slices in fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, kernels):
-        out = torch.empty(labels.shape[0], dtype=torch.float32, device=hidden.device)
-        for start in range(0, labels.shape[0], chunk_tokens):
-            stop = start + chunk_tokens
-            out[start:stop] = kernels.logps(hidden[start:stop], weight, bias,
-                                            labels[start:stop])
-        ctx.save_for_backward(hidden, weight, bias, labels)
-        ctx.chunk_tokens = chunk_tokens
-        ctx.kernels = kernels
+    def forward(ctx, hidden, weight, bias, labels, blocks, kernels):
+        token_logps, lse = _blocked_logps(hidden, weight, bias, labels, blocks, kernels)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.blocks, ctx.kernels = blocks, kernels
         # Under autocast (--dtype bf16-mixed) the logits were computed in bf16; backward runs
         # outside autocast, so it re-enters it to recompute the same logits.
         device_type = hidden.device.type
         ctx.autocast = (torch.get_autocast_dtype(device_type)
                         if torch.is_autocast_enabled(device_type) else None)
-        return out
+        return token_logps
 
     @staticmethod
     def backward(ctx, grad_out):
         with autocast_context(grad_out.device, ctx.autocast):
-            return _ChunkedHeadLogps._chunked_backward(ctx, grad_out)
+            return _BlockedHeadLogps._blocked_backward(ctx, grad_out)
 
     @staticmethod
-    def _chunked_backward(ctx, grad_out):
-        hidden, weight, bias, labels = ctx.saved_tensors
+    def _blocked_backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32,
+                                  device=hidden.device) if need_hidden else None
+        # written slice by slice by the first position block (beta=0 ignores its contents)
+        grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
-        for start in range(0, labels.shape[0], ctx.chunk_tokens):
-            stop = start + ctx.chunk_tokens
-            h = hidden[start:stop]
-            grad_logits = ctx.kernels.grad_logits(h, weight, bias, labels[start:stop],
-                                                  grad_out[start:stop])  # [c, V]
-            if need_hidden:
-                grad_hidden[start:stop] = grad_logits @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t(), h)
-            if need_bias:
-                grad_bias += grad_logits.sum(0)
+        positions, vocab = ctx.blocks
+        for t0, t1 in _slices(labels.shape[0], positions):
+            h, y, g, row_lse = hidden[t0:t1], labels[t0:t1], grad_out[t0:t1], lse[t0:t1]
+            for v0, v1 in _slices(weight.shape[0], vocab):
+                w = weight[v0:v1]
+                grad_logits = ctx.kernels.grad_logits(h, w, _bias_slice(bias, v0, v1), y - v0,
+                                                      row_lse, g)  # [n, V_b]
+                if need_hidden:
+                    grad_hidden[t0:t1] += grad_logits @ w
+                if need_weight:
+                    grad_weight[v0:v1].addmm_(grad_logits.t(), h, beta=0 if t0 == 0 else 1)
+                if need_bias:
+                    grad_bias[v0:v1] += grad_logits.sum(0)
+        if need_hidden:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
@@ -206,9 +258,9 @@ def head_logps(
     labels: torch.Tensor,
     sample_index: torch.Tensor,
     num_samples: int,
-    chunk_tokens: int | None = None,
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Per-sample sums of log p(label | hidden) through the model's output head, in chunks.
+    """Per-sample sums of log p(label | hidden) through the model's output head, in blocks.
 
     Args:
         model: a transformers causal LM (its output embeddings are the head).
@@ -216,37 +268,31 @@ def head_logps(
         labels: [N] the answer token each position predicts.
         sample_index: [N] which sample each position belongs to.
         num_samples: B, the number of samples.
-        chunk_tokens: positions per chunk; default from the vocabulary size.
+        blocks: (positions, vocabulary entries) per block; default `head_blocks`.
 
     Returns:
         [B] fp32 sums. No [N, V] tensor ever exists, in forward or in backward.
     """
-    token_logps = head_token_logps(model, hidden, labels, chunk_tokens)
+    token_logps = head_token_logps(model, hidden, labels, blocks)
     summed = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
     return summed.index_add(0, sample_index, token_logps)
 
 
 def head_token_logps(model, hidden: torch.Tensor, labels: torch.Tensor,
-                     chunk_tokens: int | None = None) -> torch.Tensor:
-    """Per-position log p(label | hidden) [N] (fp32) through the output head, in chunks."""
+                     blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-position log p(label | hidden) [N] (fp32) through the output head, in blocks."""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # e.g. an adapter on lm_head: its weight is not all
         raise ValueError(f"the output head is a {type(head).__name__}, not a plain Linear; "
-                         "chunked log-probs need the head's own weight (no adapter on lm_head)")
-    chunk_tokens = chunk_tokens or default_chunk_tokens(head.weight.shape[0])
-    kernels = head_kernels(head)
+                         "blocked log-probs need the head's own weight (no adapter on lm_head)")
     if labels.numel() == 0:
         # hidden.sum(-1) is an empty [0] tensor still tied to the graph, so backward works.
-        token_logps = hidden.sum(-1).float()
-    elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        token_logps = _ChunkedHeadLogps.apply(hidden, head.weight, head.bias, labels,
-                                              chunk_tokens, kernels)
-    else:
-        token_logps = torch.cat([
-            kernels.logps(hidden[i:i + chunk_tokens], head.weight, head.bias,
-                          labels[i:i + chunk_tokens])
-            for i in range(0, labels.numel(), chunk_tokens)])
-    return token_logps
+        return hidden.sum(-1).float()
+    blocks = blocks or head_blocks(labels.numel(), head.weight.shape[0])
+    kernels = head_kernels(head)
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return _BlockedHeadLogps.apply(hidden, head.weight, head.bias, labels, blocks, kernels)
+    return _blocked_logps(hidden, head.weight, head.bias, labels, blocks, kernels)[0]
 
 
 def answer_logps(
@@ -254,7 +300,7 @@ def answer_logps(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     answer_mask: torch.Tensor,
-    chunk_tokens: int | None = None,
+    blocks: tuple[int, int] | None = None,
     position_ids: torch.Tensor | None = None,
     return_tokens: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +311,8 @@ def answer_logps(
         input_ids: [B, T].
         attention_mask: [B, T], 1 for real tokens.
         answer_mask: [B, T], true for answer tokens (never on the first position).
-        chunk_tokens: answer positions sent through the output head at once (default: from
-            the vocabulary size, see `default_chunk_tokens`).
+        blocks: (answer positions, vocabulary entries) sent through the output head at once
+            (default: `head_blocks`).
         position_ids: optional [B, T] positions.
         return_tokens: return the per-token log-probs [N] of the answer tokens (row-major
             order) and their sample index [N] instead of the sums (for drift checks).
@@ -291,6 +337,6 @@ def answer_logps(
     labels = input_ids[sample_index, position + 1]  # [N]
     if return_tokens:
         return head_token_logps(model, hidden[sample_index, position], labels,
-                                chunk_tokens), sample_index
+                                blocks), sample_index
     return head_logps(model, hidden[sample_index, position], labels, sample_index,
-                      input_ids.shape[0], chunk_tokens)
+                      input_ids.shape[0], blocks)

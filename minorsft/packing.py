@@ -135,7 +135,7 @@ def prepare_packing(model, requested: bool | None) -> tuple[bool, str]:
     return True, f"packed micro-batches, no padding ({attention} attention)"
 
 
-def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = None
+def packed_answer_logps(model, packed: PackedBatch, blocks: tuple[int, int] | None = None
                         ) -> torch.Tensor:
     """Summed answer log-probs [B] (fp32) of the samples packed in `packed`."""
     labels = packed.input_ids[0, packed.positions + 1]  # [N]
@@ -156,7 +156,7 @@ def packed_answer_logps(model, packed: PackedBatch, chunk_tokens: int | None = N
             **segments,
         ).last_hidden_state[0]  # [L, H]
     return head_logps(model, hidden[packed.positions], labels, packed.sample_index,
-                      packed.num_samples, chunk_tokens)
+                      packed.num_samples, blocks)
 
 
 def micro_batch_logps(model, rows: list[dict], pad_id: int, device: torch.device,

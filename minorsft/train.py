@@ -237,7 +237,7 @@ def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: b
     elif fsdp:
         raise ValueError("--compile is for one process or DDP; train FSDP with --no-compile")
     count = compile_model(model)
-    return (f"{count} decoder layers and the output head's chunks compiled (the first step "
+    return (f"{count} decoder layers and the output head's blocks compiled (the first step "
             "compiles them)")
 
 

@@ -80,16 +80,16 @@ def _head_logps_and_grads(model, hidden, labels, sample_index, autocast):
     hidden = hidden.clone().requires_grad_()
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logps = head_logps(model, hidden, labels, sample_index, 3, chunk_tokens=4)
+        logps = head_logps(model, hidden, labels, sample_index, 3, blocks=(4, 9))
     (logps * torch.tensor([1.0, -0.5, 2.0])).sum().backward()
     return logps.detach(), [hidden.grad, model.head.weight.grad, model.head.bias.grad]
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_compiled_head_chunks_equal_the_closed_form_and_compile_once(autocast):
-    """The compiled chunk kernels against the log-softmax formula (fp32) or the eager kernels
-    under the same bf16 autocast (--dtype bf16-mixed), for three answer counts: several chunks,
-    a short last one, and one compile for all of them."""
+def test_compiled_head_blocks_equal_the_closed_form_and_compile_once(autocast):
+    """The compiled block kernels against the log-softmax formula (fp32) or the eager kernels
+    under the same bf16 autocast (--dtype bf16-mixed), for three answer counts, in blocks of 4
+    positions and 9 vocabulary entries (short last blocks both ways): one compile for all."""
     eager, compiled = _LM(8, 50), _LM(8, 50)
     from minorsft.logprobs import use_compiled_head
 
@@ -151,7 +151,7 @@ def test_compile_settings(monkeypatch):
         model.model.layers[0]._compiled_call_impl is None
     # unasked, on a device in COMPILE_BY_DEVICE (CUDA; here the CPU stands in for it)
     monkeypatch.setattr(minorsft.compiling, "COMPILE_BY_DEVICE", frozenset({"cpu"}))
-    assert "2 decoder layers and the output head's chunks compiled" in \
+    assert "2 decoder layers and the output head's blocks compiled" in \
         _compile_layers(model, None, CPU, fsdp=False)
     assert model.model.layers[0]._compiled_call_impl is not None
     assert head_kernels(model.lm_head) is not EAGER_HEAD

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minorsft.logprobs import answer_logps, default_chunk_tokens, pad_batch, sequence_logps
+from minorsft.logprobs import answer_logps, head_blocks, pad_batch, sequence_logps
 from minorsft.packing import check_packing_support, micro_batch_logps, pack_batch
 
 from .conftest import build_tiny_model, build_tiny_tokenizer
@@ -67,13 +67,16 @@ def test_naive_matches_a_hand_sum(model):
     torch.testing.assert_close(_single(model, ids, mask), want)
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 3, None])
-def test_chunked_equals_naive_forward_and_backward(model, chunk_tokens):
+# (positions, vocabulary entries) per block of the 400-entry head: one position per block (the
+# weight gradient summed over position blocks), both cut with a 1-wide last vocabulary slice
+# (400 = 57 x 7 + 1), vocabulary slices only, and the default (one block here).
+@pytest.mark.parametrize("blocks", [(1, 400), (3, 7), (100, 64), None])
+def test_blocked_equals_naive_forward_and_backward(model, blocks):
     want = _naive(model)
     want_grads = _grads(model, want)
     ids, masks = _batch()
     tensors = pad_batch(ids, masks, 0, torch.device("cpu"))
-    got = answer_logps(model, *tensors, chunk_tokens=chunk_tokens)
+    got = answer_logps(model, *tensors, blocks=blocks)
     torch.testing.assert_close(got, want.detach(), **TOL)
     _assert_same_grads(_grads(model, got), want_grads)
 
@@ -147,9 +150,15 @@ def test_inference_mode_scoring_matches(model):
     torch.testing.assert_close(got, want, **TOL)
 
 
-def test_default_chunk_keeps_logits_small():
-    assert default_chunk_tokens(151_936) * 151_936 * 4 <= 64 * 2**20
-    assert default_chunk_tokens(10) > 0
+def test_default_blocks_keep_logits_small():
+    for positions in (1, 110, 3000, 16_384, 50_000):
+        position_block, vocab_block = head_blocks(positions, 151_936)
+        assert position_block * vocab_block * 4 <= 64 * 2**20  # 64 MiB of fp32 logits
+        assert vocab_block <= 151_936
+    assert head_blocks(3000, 151_936) == (3000, 5592)  # all positions meet a 5,592-wide slice
+    assert head_blocks(100, 151_936)[1] == 151_936  # few positions: the whole vocabulary
+    assert head_blocks(50_000, 151_936) == (16_384, 1024)  # many: positions cut as well
+    assert head_blocks(5, 10) == ((1 << 24) // 10, 10)
 
 
 @pytest.mark.parametrize("variant", ["tied", "bias"])
@@ -164,7 +173,7 @@ def test_chunked_head_variants(model, variant):
     want = _naive(model)
     want_grads = _grads(model, want)
     ids, masks = _batch()
-    got = answer_logps(model, *pad_batch(ids, masks, 0, torch.device("cpu")), chunk_tokens=5)
+    got = answer_logps(model, *pad_batch(ids, masks, 0, torch.device("cpu")), blocks=(5, 9))
     torch.testing.assert_close(got, want.detach(), **TOL)
     _assert_same_grads(_grads(model, got), want_grads)
 
