@@ -16,6 +16,9 @@
     python benchmarks/cpu_probes.py head [--dtype bfloat16]
         the output head's log-probs alone, forward and backward (`logprobs.head_token_logps`),
         1,500 answer positions at SmolLM2's shape (hidden 576, vocabulary 49,152), median of 5;
+    python benchmarks/cpu_probes.py accuracy --data gsm64.jsonl
+        fp32 answer log-probs of SmolLM2 (16 GSM8K rows, one padded batch) against the same
+        hidden states through the head in float64: summed and per-token errors;
 
 `ref.parquet`: a cache from `minorsft precompute` (the docs used the first 24 GSM8K rows).
 """
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import peak_rss_mib, reset_peak_rss, with_live_reference
+from common import load_examples, peak_rss_mib, reset_peak_rss, with_live_reference
 
 
 def probe_optimizer(args) -> None:
@@ -192,10 +195,40 @@ def probe_head(args) -> None:
           f"{args.dtype}: {median:.2f} s forward + backward (median of 5)")
 
 
+def probe_accuracy(args) -> None:
+    from minorsft.logprobs import answer_logps, pad_batch
+    from minorsft.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+
+    path = resolve_model(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, torch.float32, torch.device("cpu")).eval()
+    examples = load_examples(args.data, tokenizer, 16, "question", "answer", None)
+    input_ids, attention_mask, answer_mask = pad_batch(
+        [e.input_ids for e in examples], [e.answer_mask for e in examples],
+        tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        summed = answer_logps(model, input_ids, attention_mask, answer_mask)
+        tokens, _ = answer_logps(model, input_ids, attention_mask, answer_mask,
+                                 return_tokens=True)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask
+                                     ).last_hidden_state
+        logits = hidden.double() @ model.get_output_embeddings().weight.double().t()
+        exact = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    predicting = answer_mask[:, 1:]
+    token_error = tokens.double() - exact[predicting]
+    sum_error = summed.double() - (exact * predicting).sum(-1)
+    print(f"{len(examples)} rows, {token_error.numel()} answer tokens, fp32 against a float64 "
+          f"head: summed max abs error {sum_error.abs().max().item():.2e}; per token mean "
+          f"{token_error.mean().item():+.2e}, mean abs {token_error.abs().mean().item():.2e}, "
+          f"max abs {token_error.abs().max().item():.2e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace", "pack", "head"))
+    parser.add_argument("probe", choices=("optimizer", "layouts", "rss-trace", "pack", "head",
+                                          "accuracy"))
     parser.add_argument("--cache", help="a minorsft cache (layouts, rss-trace)")
+    parser.add_argument("--data", help="accuracy: GSM8K-style JSONL (question, answer)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--live-ref", action="store_true")
@@ -205,8 +238,11 @@ def main():
     args = parser.parse_args()
     if args.probe in ("layouts", "rss-trace") and not args.cache:
         parser.error(f"{args.probe} needs --cache")
+    if args.probe == "accuracy" and not args.data:
+        parser.error("accuracy needs --data")
     {"optimizer": probe_optimizer, "layouts": probe_layouts,
-     "rss-trace": probe_rss_trace, "pack": probe_pack, "head": probe_head}[args.probe](args)
+     "rss-trace": probe_rss_trace, "pack": probe_pack, "head": probe_head,
+     "accuracy": probe_accuracy}[args.probe](args)
 
 
 if __name__ == "__main__":
