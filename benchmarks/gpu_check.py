@@ -562,7 +562,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                            "padded", None),
         "compile-varlen": ("minorsft --compile, varlen layout", True, dtype, None, True,
                            "varlen", None),
-        "compile-chunk": ("minorsft --compile, 4 x head chunk", True, dtype, None, True, "",
+        "compile-chunk": ("minorsft --compile, 4 x head blocks", True, dtype, None, True, "",
                           BIG_CHUNK),
         "compile-layers": ("minorsft, compiled layers, eager head blocks", True, dtype, None,
                            "layers", "", None),
@@ -578,7 +578,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
         isolation = check_packed_isolation(model)  # in this layout and dtype, as `train` checks
-        if compiled == "layers":  # what --compile did before the head's blocks were compiled
+        if compiled == "layers":  # without the compiled head: what compiling it adds
             compile_decoder_layers(model)
         elif compiled or (compiled is None and compiles_by_default(dev.device)):
             compile_model(model)

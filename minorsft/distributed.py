@@ -62,9 +62,22 @@ def rank_device(world: World, device: str) -> str:
     return device
 
 
+# The last barrier's work handle, held for the life of the process. gloo frees a finished work on
+# its worker thread, and with it the collectives the barrier waited on; freeing a tensor that
+# Python created takes the GIL. The process group's destructor (when DDP's reducer lets go of it
+# after training) joins that worker while the main thread holds the GIL, so a worker still
+# freeing the barrier then waits forever: one in 12-30 two-process CPU runs hung after training
+# (torch 2.13; gdb showed the two threads). Held here, the worker never frees it.
+_last_barrier = None
+
+
 def barrier(world: World) -> None:
+    """Wait until every rank is here."""
+    global _last_barrier
     if world.distributed and dist.is_initialized():
-        dist.barrier()
+        work = dist.barrier(async_op=True)
+        work.wait()
+        _last_barrier = work  # the one before is freed here, by the main thread
 
 
 def close_world(world: World) -> None:

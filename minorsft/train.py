@@ -678,12 +678,10 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
                    state.model.named_parameters() if p.requires_grad}
         optimizer_state, optimizer_format = state.optimizer.state_dict(), "torch"
     if state.world.distributed:  # rank 0 writes; the others wait until it is complete
-        import torch.distributed as dist
-
         if state.world.is_main:
             _write_checkpoint(state, config, step, folder, target, save_file, weights,
                               optimizer_state, optimizer_format)
-        dist.barrier()
+        barrier(state.world)
         return target
     _write_checkpoint(state, config, step, folder, target, save_file, weights, optimizer_state,
                       optimizer_format)
