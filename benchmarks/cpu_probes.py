@@ -13,9 +13,11 @@
     python benchmarks/cpu_probes.py pack
         host time of `packing.pack_batch` for 8 random samples of 256-1024 tokens (a third
         prompt), the work a GPU waits for before every step;
-    python benchmarks/cpu_probes.py head [--dtype bfloat16]
+    python benchmarks/cpu_probes.py head [--dtype bfloat16] [--compiled]
         the output head's log-probs alone, forward and backward (`logprobs.head_token_logps`),
         1,500 answer positions at SmolLM2's shape (hidden 576, vocabulary 49,152), median of 5;
+        --compiled: with the block arithmetic compiled, as `train --compile` runs it (with
+        TORCH_LOGS=output_code, inductor prints the kernels it generated);
     python benchmarks/cpu_probes.py accuracy --data gsm64.jsonl
         fp32 answer log-probs of SmolLM2 (16 GSM8K rows, one padded batch) against the same
         hidden states through the head in float64: summed and per-token errors;
@@ -167,7 +169,7 @@ def probe_pack(args) -> None:
 
 
 def probe_head(args) -> None:
-    from minorsft.logprobs import head_token_logps
+    from minorsft.logprobs import head_token_logps, use_compiled_head
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -182,6 +184,8 @@ def probe_head(args) -> None:
             return self.head
 
     model = Head()
+    if args.compiled:
+        use_compiled_head(model)
     hidden = torch.randn(positions, width, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, vocab, (positions,))
     times = []
@@ -192,7 +196,8 @@ def probe_head(args) -> None:
         times.append(time.perf_counter() - started)
     median = sorted(times[1:])[2]
     print(f"head log-probs, {positions} positions, hidden {width}, vocabulary {vocab}, "
-          f"{args.dtype}: {median:.2f} s forward + backward (median of 5)")
+          f"{args.dtype}{', compiled' if args.compiled else ''}: {median:.2f} s forward + "
+          "backward (median of 5)")
 
 
 def probe_accuracy(args) -> None:
@@ -233,6 +238,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--live-ref", action="store_true")
     parser.add_argument("--dtype", default="float32", help="head: float32 or bfloat16")
+    parser.add_argument("--compiled", action="store_true", help="head: compiled block arithmetic")
     parser.add_argument("--peak", choices=("per-sample", "padded"),
                         help="layouts: measure this layout's resident peak instead")
     args = parser.parse_args()

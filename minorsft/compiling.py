@@ -1,4 +1,5 @@
-"""`--compile`: the policy's decoder layers through `torch.compile`, the attention call eager.
+"""`--compile`: the policy's decoder layers and its output head's arithmetic through
+`torch.compile`.
 
 At Qwen2-0.5B's size a training step on a GPU is bound by kernel launches, not arithmetic: the
 RMS norms, rotary embeddings, residual adds and the MLP's activation are each a handful of small

@@ -116,7 +116,8 @@ class TrainConfig:
     merge_lora: bool = False  # also save the merged model in <output>/merged
     # bf16/fp16 weights: AdamW updates fp32 copies (see minorsft.optim); False: pure bf16/fp16
     master_weights: bool = True
-    # torch.compile the decoder layers (minorsft.compiling). None: on CUDA (COMPILE_BY_DEVICE)
+    # torch.compile the decoder layers and the head's block arithmetic (minorsft.compiling).
+    # None: on CUDA (COMPILE_BY_DEVICE)
     torch_compile: bool | None = None
 
     def __post_init__(self):
@@ -227,7 +228,8 @@ def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
 
 
 def _compile_layers(model, requested: bool | None, device: torch.device, fsdp: bool) -> str:
-    """Compile the decoder layers if asked, or unasked where minorsft.compiling says so."""
+    """Compile the decoder layers and the head's block arithmetic if asked, or unasked where
+    minorsft.compiling says so."""
     if requested is False:
         return "eager layers (--no-compile)"
     if requested is None:
