@@ -21,7 +21,10 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
    weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with each
    packed layout, eager and compiled, compiled with a 4 x head block, and with compiled layers
-   but eager head blocks (`--variants` picks).
+   but eager head blocks (`--variants` picks); with `--profile-steps N`, table 5p: N more
+   seen-length steps of each trainer under torch's profiler (the GPU's busy share of the step,
+   kernels launched per step, the costliest kernels): whether a step waits on the host or on
+   arithmetic, and on which kernels.
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -93,6 +96,50 @@ class Device:
     def allocated_mib(self) -> float:
         self.sync()
         return torch.cuda.memory_allocated() / 2**20 if self.cuda else float("nan")
+
+
+def start_profiler(dev: Device) -> torch.profiler.profile:
+    """A started torch profiler recording host ops, and CUDA kernels where there is a GPU."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    dev.sync()
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def profile_summary(profiler: torch.profiler.profile, dev: Device, steps: int,
+                    seconds: float, top: int = 6) -> list:
+    """Where `steps` profiled steps spent their `seconds`: one row of section 5p.
+
+    GPU busy is the union of the kernels' intervals; the rest of the wall time the GPU waited
+    for the host (launches, Python, synchronisation). A step bound by launches shows a busy
+    share well below 1 and many kernels per step; a step bound by arithmetic shows its costliest
+    kernels (matmuls, attention, the head's blocks).
+    """
+    dev.sync()
+    profiler.stop()
+    events = profiler.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    host_ops = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                   and e.name.startswith("aten::"))
+    intervals = sorted((k.time_range.start, k.time_range.end) for k in kernels)
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in intervals:  # union of intervals (streams may overlap)
+        busy_us += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    by_name: dict[str, float] = {}
+    for k in kernels:
+        by_name[k.name] = by_name.get(k.name, 0.0) + k.time_range.elapsed_us()
+    total_us = sum(by_name.values()) or 1.0
+    costliest = "; ".join(f"{name[:48]} {us / total_us:.0%}" for name, us in
+                          sorted(by_name.items(), key=lambda item: -item[1])[:top])
+    step_ms = 1e3 * seconds / steps
+    busy_ms = busy_us / 1e3 / steps
+    return [f"{step_ms:.1f}", f"{busy_ms:.1f}" if kernels else "n/a (CPU)",
+            f"{busy_ms / step_ms:.2f}" if kernels else "", f"{len(kernels) / steps:,.0f}",
+            f"{host_ops / steps:,.0f}", costliest]
 
 
 DEFAULT_LAYOUTS = dict(minorsft.attention.LAYOUT_BY_DEVICE)
@@ -512,7 +559,8 @@ def _trl_tokenizer():
 
 
 def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
-                dtype, use_train_module: bool, variants: list[str] | None = None) -> list[list]:
+                dtype, use_train_module: bool, variants: list[str] | None = None,
+                profile_steps: int = 0) -> tuple[list[list], list[list]]:
     """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
@@ -529,6 +577,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     first pass ("new shapes") includes what kernels spend on each new sequence length (cuDNN
     plans, allocator growth), the second ("seen shapes") is the steady state of a long run,
     where lengths repeat. The first step of the first pass is warm-up and not counted.
+
+    With `profile_steps`, each trainer then runs that many more steps (batches 1, 2, ... a third
+    time) under torch's profiler, not counted in the timings: the second table returned has one
+    `profile_summary` row per trainer (5p).
     """
     import tempfile
 
@@ -539,7 +591,8 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
 
     rows = make_rows(batch * (steps + 1), min_len, max_len, sizes["vocab_size"], seed=5)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-    results = {}
+    results, profiles = {}, []
+    profile_steps = min(profile_steps, len(batches) - 1)
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
     # key: (name, master weights, weights dtype, autocast, compiled, packed layout, head chunk);
@@ -592,7 +645,16 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                 tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
                 dev.sync()
                 times.append(time.perf_counter() - started)
-        results[name] = (times, tokens, dev.peak_mib())
+            peak = dev.peak_mib()
+            if profile_steps:
+                profiler = start_profiler(dev)
+                started = time.perf_counter()
+                for step_rows in batches[1:profile_steps + 1]:
+                    trainer.step("minorsft", True, step_rows)
+                dev.sync()
+                profiles.append([name, *profile_summary(profiler, dev, profile_steps,
+                                                        time.perf_counter() - started)])
+        results[name] = (times, tokens, peak)
         print(f"  {name}: first step {times[0]:.1f} s, isolation check {isolation:.1e}",
               flush=True)
         del model, trainer
@@ -615,7 +677,8 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         settings = dict(
             output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
             per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-            max_steps=2 * len(batches), learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
+            max_steps=2 * len(batches) + (profile_steps and 1 + profile_steps),
+            learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
             dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
             seed=0,
@@ -625,9 +688,13 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
                          processing_class=_trl_tokenizer())
         trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
+        if profile_steps:  # steps 2L+1 ... 2L+P: batches 1 ... P a third time, as above
+            sft.add_callback(trl_profiler(dev, 2 * len(batches) + 1, profile_steps,
+                                         lambda row, name=name: profiles.append([name, *row])))
         dev.reset_peak()
         sft.train()
-        results[name] = (trl_times, trl_tokens[:len(trl_times)], dev.peak_mib())
+        timed = 2 * len(batches)
+        results[name] = (trl_times[:timed], trl_tokens[:timed], dev.peak_mib())
         del model, sft
         if dev.cuda:
             torch.cuda.empty_cache()
@@ -649,7 +716,31 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
                     f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
                     f"{ours[1] / theirs[1]:.2f}", "", ""])
-    return out
+    return out, profiles
+
+
+def trl_profiler(dev: Device, first: int, steps: int, report):
+    """A TRL trainer callback that profiles optimizer steps `first` ... `first + steps - 1`
+    (counted from 1) and hands their `profile_summary` row to `report`."""
+    from transformers import TrainerCallback
+
+    class TrlProfile(TrainerCallback):
+        def __init__(self):
+            self.profiler, self.started = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == first:
+                self.profiler = start_profiler(dev)
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step == first + steps - 1:
+                dev.sync()
+                report(profile_summary(self.profiler, dev, steps,
+                                       time.perf_counter() - self.started))
+                self.profiler = None
+
+    return TrlProfile()
 
 
 def table(headers, rows) -> str:
@@ -674,6 +765,10 @@ def main():
                         help="section 5's minorsft runs, comma-separated (default: all): "
                              "default,no-compile,no-master,mixed,per-sample,padded,varlen,"
                              "compile-per-sample,compile-padded,compile-varlen,compile-chunk")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="section 5: profile this many more seen-length steps of each "
+                             "trainer (table 5p: GPU busy time, kernels per step, the costliest "
+                             "kernels)")
     parser.add_argument("--local-step", action="store_true",
                         help="use the local copy of train_step even if minorsft.train imports")
     args = parser.parse_args()
@@ -763,13 +858,20 @@ def main():
         except Exception as error:  # missing, or broken by the box's other packages
             print(f"section 5 skipped: trl does not import: {error!r}")
         else:
+            rows, profiles = section_trl(
+                dev, big, dtype=dtype, use_train_module=not args.local_step,
+                variants=args.variants.split(",") if args.variants else None,
+                profile_steps=args.profile_steps, **train_shape)
             emit(f"5. training vs TRL SFTTrainer ({dtype}, batch {train_shape['batch']}, lengths "
                  f"{train_shape['min_len']}-{train_shape['max_len']}, same rows in order)",
                  ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
-                  "peak allocated MiB", "first step s (not counted; compiles)"],
-                 section_trl(dev, big, dtype=dtype, use_train_module=not args.local_step,
-                             variants=args.variants.split(",") if args.variants else None,
-                             **train_shape))
+                  "peak allocated MiB", "first step s (not counted; compiles)"], rows)
+            if profiles:
+                emit(f"5p. where a seen-length step goes ({args.profile_steps} steps per "
+                     f"trainer under torch's profiler, after the timed ones)",
+                     ["trainer", "step ms (profiled)", "GPU busy ms", "busy / step",
+                      "kernels / step", "aten ops / step", "costliest kernels (share of GPU time)"],
+                     profiles)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 
