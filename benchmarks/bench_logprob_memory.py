@@ -1,14 +1,16 @@
-"""Peak memory of the log-prob step with a 152k vocabulary: chunked vs naive full logits.
+"""Peak memory of the log-prob step with a 152k vocabulary: head blocks vs naive full logits.
 
 A model is built from a config (no download): Qwen2-0.5B's vocabulary (151,936) and width
 (896) with few layers, so the output head dominates as it does in real Qwen2 models. One step
 is forward + backward of the summed answer log-probs of a batch:
 
 - naive: `model(...).logits` ([B, T, V]) -> `sequence_logps` (log-softmax over all of it);
-- chunked: `minorsft.logprobs.answer_logps` (hidden states at answer positions only, output
-  head + log-softmax in checkpointed chunks);
-- compiled (with `--methods naive,chunked,compiled`): chunked, each chunk's arithmetic through
-  torch.compile as `train --compile` runs it (compiled in a warm-up step before measuring).
+- chunked (the name predates the blocks): `minorsft.logprobs.answer_logps` (hidden states at
+  answer positions only, the output head in vocabulary blocks with an online logsumexp,
+  recomputed in backward);
+- compiled (with `--methods naive,chunked,compiled`): the same blocks, each block's arithmetic
+  through torch.compile as `train --compile` runs it (compiled in a warm-up step before
+  measuring).
 
 Each configuration runs in a fresh child; it builds the model, resets the resident high-water
 mark, runs the step and reports how far the peak rose above the memory held before the step

@@ -4,7 +4,7 @@ All three score the same rows with the same model weights in one process, interl
 after round (the machine may be shared, so no method gets a quiet or a busy slot to itself):
 
 - minorsft: `TransformersEngine.score` (length-sorted batches under a token budget, inference
-  mode, hidden states only at answer positions, output head in chunks);
+  mode, hidden states only at answer positions, output head in vocabulary blocks);
 - plain: fixed-size batches in input order, right-padded, full [B, T, V] logits,
   log-softmax, gather (what a short script would do), under `torch.no_grad`;
 - trl: `DPOTrainer._precompute_ref_logps`, the loop behind `precompute_ref_log_probs=True`

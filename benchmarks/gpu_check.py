@@ -2,8 +2,9 @@
 
 Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
 
-1. correctness on this device: chunked and packed log-probs vs the naive full-logits formula
-   (fp32, per-sample values and parameter gradients), eager and with compiled layers;
+1. correctness on this device: blocked-head ("chunked") and packed log-probs vs the naive
+   full-logits formula (fp32, per-sample values and parameter gradients), eager and with
+   compiled layers;
 2. training step, bf16, eager layers (section 5 times compiling): raw SFT and MinorSFT packed
    as `minorsft train` packs them (minorsft's packed attention in the device's default layout)
    vs MinorSFT padded vs MinorSFT packed under transformers' dense block mask vs two layouts of
@@ -11,10 +12,10 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    reference model beside the policy (tokens/s and
    `torch.cuda.max_memory_allocated`), steps interleaved in one process so that clock and
    thermal drift hit every configuration alike;
-3. log-prob step peak memory with a 152k vocabulary: chunked (default block, 4 x, compiled
-   blocks) vs naive full logits;
+3. log-prob step peak memory with a 152k vocabulary: head blocks, named "chunked" in the
+   tables (default block, 4 x, compiled blocks) vs naive full logits;
 4. reference scoring: minorsft's engine (length-sorted token-budget batches, answer positions
-   only, chunked head, inference mode) vs a plain loop (fixed batches, full logits);
+   only, head in blocks, inference mode) vs a plain loop (fixed batches, full logits);
 5. training throughput against TRL's SFTTrainer (only where `trl` imports): the same rows,
    batch, model shape and dtype, minorsft's default step (fp32 master weights), minorsft
    without master weights (pure bf16 AdamW, as TRL on a bf16 model) and minorsft
