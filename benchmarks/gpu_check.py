@@ -22,10 +22,11 @@ Sections (each prints a Markdown table; all go to <out>/gpu_check.md and .json):
    `--dtype bf16-mixed` vs SFTTrainer's defaults on the bf16 model and SFTTrainer on fp32
    weights with its bf16 autocast (gradient checkpointing off in all); and minorsft with each
    packed layout, eager and compiled, compiled with a 4 x head block, and with compiled layers
-   but eager head blocks (`--variants` picks); with `--profile-steps N`, table 5p: N more
-   seen-length steps of each trainer under torch's profiler (the GPU's busy share of the step,
-   kernels launched per step, the costliest kernels): whether a step waits on the host or on
-   arithmetic, and on which kernels.
+   but eager head blocks (`--variants` picks; `trl-compile` adds TRL with
+   `torch_compile=True`). With `--profile-steps N`, table 5p: N more seen-length steps of each
+   trainer under torch's profiler (the GPU's busy share of the step, kernels launched per step,
+   the costliest kernels): whether a step waits on the host or on arithmetic, and on which
+   kernels.
 
 Needs only torch, transformers and minorsft (`pip install --no-deps -e .` or PYTHONPATH=.).
 `--device cpu --small` runs the same code at toy sizes (a smoke test).
@@ -621,7 +622,12 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         "compile-layers": ("minorsft, compiled layers, eager head blocks", True, dtype, None,
                            "layers", "", None),
     }
+    # TRL with transformers' `torch_compile=True` (the whole model through torch.compile): what
+    # a TRL user who wants speed can switch on. Only on request: its compiling takes a while.
+    trl_compiled = "trl SFTTrainer, torch_compile=True"
     chosen = variants or list(all_variants)
+    with_trl_compiled = "trl-compile" in chosen
+    chosen = [key for key in chosen if key != "trl-compile"]
     if unknown := set(chosen) - set(all_variants):
         raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {list(all_variants)}")
     variants = {all_variants[key][0]: all_variants[key][1:] for key in chosen
@@ -670,10 +676,13 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
     # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
     # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
-    trl_runs = [(trl_name, dtype, dtype == torch.bfloat16), (trl_mixed, torch.float32, True)]
+    trl_runs = [(trl_name, dtype, dtype == torch.bfloat16, False),
+                (trl_mixed, torch.float32, True, False)]
     if mixed_name not in variants:  # its TRL counterpart is only needed beside it
         trl_runs = trl_runs[:1]
-    for name, weights_dtype, bf16 in trl_runs:
+    if with_trl_compiled:
+        trl_runs.append((trl_compiled, dtype, dtype == torch.bfloat16, True))
+    for name, weights_dtype, bf16, compiled in trl_runs:
         model = build_model(sizes, weights_dtype, dev.device).train()
         settings = dict(
             output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
@@ -682,6 +691,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
             learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
             dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
+            torch_compile=compiled,
             seed=0,
             gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
         if in_order:
@@ -712,11 +722,14 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     for name, ours in rates.items():
         if name.startswith("trl"):
             continue
-        baseline = trl_mixed if name == mixed_name else trl_name  # the same precision
-        theirs = rates[baseline]
-        out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
-                    f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
-                    f"{ours[1] / theirs[1]:.2f}", "", ""])
+        baselines = [trl_mixed] if name == mixed_name else [trl_name]  # the same precision
+        if name != mixed_name and trl_compiled in rates:
+            baselines.append(trl_compiled)
+        for baseline in baselines:
+            theirs = rates[baseline]
+            out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
+                        f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
+                        f"{ours[1] / theirs[1]:.2f}", "", ""])
     return out, profiles
 
 
@@ -765,7 +778,9 @@ def main():
     parser.add_argument("--variants", default="",
                         help="section 5's minorsft runs, comma-separated (default: all): "
                              "default,no-compile,no-master,mixed,per-sample,padded,varlen,"
-                             "compile-per-sample,compile-padded,compile-varlen,compile-chunk")
+                             "compile-per-sample,compile-padded,compile-varlen,compile-chunk,"
+                             "compile-layers; and trl-compile (TRL with torch_compile=True, "
+                             "only when named)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="section 5: profile this many more seen-length steps of each "
                              "trainer (table 5p: GPU busy time, kernels per step, the costliest "
