@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from minorsft import __version__
 from minorsft.models import DEFAULT_MODEL
@@ -24,7 +25,8 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escape: a message quotes paths and fields, and rich would take "[lora]" for a style
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -137,15 +139,16 @@ def precompute(
         console.print(
             f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "
             f"{summary.rows_rejected} rejected{resumed}. The cache is not complete yet: "
-            f"{summary.waiting_for}", highlight=False)
+            f"{escape(str(summary.waiting_for))}", highlight=False)
         return
     console.print(
-        f"[green]wrote[/] {summary.cache_path}: {summary.rows_in} input rows = "
+        f"[green]wrote[/] {escape(str(summary.cache_path))}: {summary.rows_in} input rows = "
         f"{summary.rows_cached} cached + {summary.rows_rejected} rejected, "
         f"{summary.answer_tokens} answer tokens, {summary.seconds:.1f} s{resumed}",
         highlight=False)
     if summary.rejects_path:
-        console.print(f"rejected rows and reasons: {summary.rejects_path}", highlight=False)
+        console.print(f"rejected rows and reasons: {summary.rejects_path}", highlight=False,
+                      markup=False)
 
 
 @app.command()
@@ -216,7 +219,7 @@ def train(
              "sample) and the model passes an isolation check; else padded.",
         show_default=False)] = None,
     lora_r: Annotated[int, typer.Option(
-        help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft[lora]'`.")] = 0,
+        help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft\\[lora]'`.")] = 0,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16.0,
     lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
     lora_target_modules: Annotated[str, typer.Option(
@@ -257,7 +260,7 @@ def train(
     try:
         _run(run_train, config)
     except TrainingInterrupted as stopped:
-        console.print(f"[yellow]stopped:[/] {stopped}", highlight=False)
+        console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
         raise typer.Exit(code=130) from None
     _leave_torchrun_worker()
 
@@ -379,8 +382,9 @@ def cache_merge(
     except CacheError as error:
         _fail(str(error))
     metadata = layout.metadata
-    console.print(f"[green]merged[/] {len(sources)} source(s) into {out}: {metadata['parts']} "
-                  f"parts, {metadata['rows']} rows cached, {metadata['rows_rejected']} rejected",
+    console.print(f"[green]merged[/] {len(sources)} source(s) into {escape(str(out))}: "
+                  f"{metadata['parts']} parts, {metadata['rows']} rows cached, "
+                  f"{metadata['rows_rejected']} rejected",
                   highlight=False)
 
 
@@ -448,7 +452,7 @@ def plot(
         written = plot_runs(run_dirs, out, title)
     except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(str(error))
-    console.print(f"[green]wrote[/] {written}", highlight=False)
+    console.print(f"[green]wrote[/] {escape(str(written))}", highlight=False)
 
 
 def main():

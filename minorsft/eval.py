@@ -342,7 +342,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         result["data"] = str(data_path)
 
     if examples:
-        console.print(f"scoring {len(examples)} held-out answers under {config.model}")
+        console.print(f"scoring {len(examples)} held-out answers under {config.model}",
+                      markup=False)
         policy_logps = engine.score(examples)
         if config.reference and ref_logps is None:
             ref_path = resolve_model(config.reference)
@@ -354,7 +355,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                                      "than --model: log-ratios would compare different tokens")
             # Scored again even when the weights are the same: a model against itself then
             # checks that the two passes agree (m_theta exactly 0).
-            console.print(f"scoring them under the reference {config.reference}")
+            console.print(f"scoring them under the reference {config.reference}", markup=False)
             ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
                                             max_batch_tokens=config.max_batch_tokens)
             ref_logps = ref_engine.score(examples)
@@ -365,7 +366,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if config.choices:
         per_file, all_questions, all_logps = {}, [], []
         for choice_path, questions in question_sets.items():
-            console.print(f"scoring {len(questions)} questions of {choice_path}")
+            console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions)
             per_file[Path(choice_path).stem] = choice_metrics(questions, logps)
             all_questions += questions

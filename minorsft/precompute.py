@@ -266,7 +266,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     _remove_stale_temps(out, mine, manifest_name(shard))
     if manifest.get("parts_total") is not None and not any(
             mine(k) for k in range(manifest["parts_total"])):
-        console.print(f"{out}: all parts of this run were already done; nothing to score")
+        console.print(f"{out}: all parts of this run were already done; nothing to score",
+                      markup=False)
         summary = _summarise(out, shard, started, len(done), 0)
         # A run stopped between its last part and the drift check left no drift: measure it now.
         _check_drift(config, out, summary, engine, model_path, console)
@@ -351,7 +352,7 @@ def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary
         report = precompute_drift_check(out, engine, model_path, config.verify_sample,
                                         config.verify_dtype, config.device, config.verify_beta,
                                         config.max_batch_tokens)
-        console.print(format_report(report), highlight=False)
+        console.print(format_report(report), highlight=False, markup=False)
         update_metadata(out, {"drift": report.as_dict()})
 
 

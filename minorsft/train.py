@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
@@ -318,12 +319,14 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     console.print(
         f"[bold]minorsft train[/] loss={config.loss} beta={config.beta} lr={config.lr} "
-        f"model={model_name} cache={cache} ({rows} rows, engine {metadata.get('engine')}, "
+        f"model={escape(str(model_name))} cache={escape(str(cache))} ({rows} rows, engine "
+        f"{metadata.get('engine')}, "
         f"{metadata.get('dtype')}) device={device} dtype={precision_name(dtype, autocast)}\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
-        + f"; {total_steps} steps, {warmup_steps} warm-up; {packing_note}; {compile_note}; "
+        + f"; {total_steps} steps, {warmup_steps} warm-up; {escape(packing_note)}; "
+        f"{escape(compile_note)}; "
         + _update_note(optimizer, dtype, fsdp, mixed)
     )
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():
@@ -489,7 +492,7 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
         close_world(state.world)
     if state.world.is_main and not history:
         console.print(f"nothing to do: the checkpoint is at the last step "
-                      f"({state.total_steps}); model saved in {config.output}")
+                      f"({state.total_steps}); model saved in {config.output}", markup=False)
     if state.world.is_main and history:
         last = history[-1]
         seconds = last["elapsed"]
@@ -497,7 +500,7 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
             f"done: {len(history)} steps in {seconds:.0f} s on {state.world.world_size} "
             f"process(es), {sum(h['tokens'] for h in history) / seconds:.0f} tok/s overall; "
             f"final loss {last['loss']:.4f}, m_theta {last['m_theta']:+.3e}; model and metrics "
-            f"in {config.output}")
+            f"in {config.output}", markup=False)
     return history
 
 
@@ -564,7 +567,8 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
             raise error
         # The user has accepted a different model: the numbers are expected to differ. Say so.
         if state.world.is_main:
-            console.print(f"[yellow]warning (--allow-mismatch):[/] {error}", highlight=False)
+            console.print(f"[yellow]warning (--allow-mismatch):[/] {escape(str(error))}",
+                          highlight=False)
         return result
     if state.world.is_main:
         console.print(f"step-0 check on {len(rows)} rows: {figures} (tolerance {tolerance:g})")
@@ -773,12 +777,13 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
     if not checkpoints:
         if state.world.is_main:
             console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
-                          "starting from step 0")
+                          "starting from step 0", markup=False)
         return
     step, path = checkpoints[-1]
     state.start_step = load_checkpoint(state, config, path)
     if state.world.is_main:
-        console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)")
+        console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)",
+                      markup=False)
 
 
 def _trim_metrics(path: Path, first_step: int) -> None:

@@ -246,7 +246,7 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
     report = measure_drift(rows, trainer, config.beta, reference_of(metadata),
                            config.max_delta_r, reference_tokens)
     trainer.close()
-    console.print(format_report(report), highlight=False)
+    console.print(format_report(report), highlight=False, markup=False)
     return report
 
 

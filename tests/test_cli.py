@@ -30,6 +30,17 @@ def test_missing_data_file(tmp_path):
     assert "nope.jsonl" in result.output and "no such file" in result.output
 
 
+def test_bracketed_text_is_printed_as_written(tmp_path):
+    """rich reads "[word]" as a style: paths, fields and pip extras must come out as written."""
+    missing = tmp_path / "run[lora]" / "data[x].jsonl"
+    result = runner.invoke(app, ["precompute", "--data", str(missing),
+                                 "--out", str(tmp_path / "c.parquet")])
+    assert result.exit_code == 2
+    assert "run[lora]" in result.output and "data[x].jsonl" in result.output
+    help_text = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "minorsft[lora]" in help_text
+
+
 def test_unknown_format_names_file_and_line(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "reply": "r"}])
     result = runner.invoke(app, ["precompute", "--data", str(data), "--model",
