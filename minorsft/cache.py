@@ -307,6 +307,15 @@ def looks_like_cache(path: str | Path | None) -> bool:
     return path.suffix == ".parquet" and path.is_file()
 
 
+def is_single_file_cache(path: Path) -> bool:
+    """Whether `path` is a Parquet file that minorsft wrote (its metadata names minorsft)."""
+    try:
+        metadata = pq.read_metadata(path).metadata or {}
+    except (OSError, pa.ArrowException):  # not a file, or not Parquet
+        return False
+    return METADATA_KEY in metadata
+
+
 def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     """Find a cache (file or parts directory), check its structure, and combine its metadata.
 

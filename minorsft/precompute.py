@@ -42,6 +42,7 @@ from minorsft.cache import (
     atomic_write_text,
     collect_parts,
     diff_settings,
+    is_single_file_cache,
     load_manifests,
     manifest_name,
     missing_pieces,
@@ -175,6 +176,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     tokenizer = load_tokenizer(model_path)
     spec = FieldSpec(config.prompt_field, config.response_field)
     out = Path(config.out)
+    if out.resolve() == Path(data_path).resolve():
+        raise CacheError(f"--out {out} is the input data file: choose another --out")
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)
@@ -362,10 +365,13 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     Only minorsft's own files are removed from a directory, never anything else in it.
     """
     if out.is_file():
+        if not is_single_file_cache(out):  # never delete what minorsft did not write
+            raise CacheError(f"{out} is a file and not a minorsft cache; precompute writes a "
+                             "directory of parts at --out: choose another --out")
         if not overwrite:
-            raise CacheError(f"{out} is a file (a single-file cache of an earlier minorsft?); "
-                             "precompute writes a directory of parts: pass --overwrite to "
-                             "replace it, or choose another --out")
+            raise CacheError(f"{out} is a single-file cache of an earlier minorsft; precompute "
+                             "writes a directory of parts: pass --overwrite to replace it, or "
+                             "choose another --out")
         out.unlink()
     elif out.is_dir() and overwrite:
         for pattern in ("part-*.parquet", f"{MANIFEST_PREFIX}*.json", REJECTS_FILE, ".*.tmp"):

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from minorsft.cache import CacheWriter, iter_rows, read_metadata, update_metadata
+from minorsft.cache import CacheError, CacheWriter, iter_rows, read_metadata, update_metadata
 from minorsft.cli import app
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
@@ -73,3 +73,29 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     assert list(iter_rows(merged)) == list(iter_rows(parts_cache))
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
     assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_overwrite_replaces_only_a_minorsft_cache_never_other_files(parts_cache, demo_jsonl,
+                                                                    tiny_model_dir, tmp_path):
+    """--overwrite deleted whatever file --out named: the input data itself, when --out was it."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(demo_jsonl.read_bytes())
+    other = tmp_path / "notes.jsonl"
+    other.write_text("keep me\n")
+    for out in (data, other):
+        with pytest.raises(CacheError, match="choose another --out"):
+            run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data),
+                                            out=str(out), overwrite=True, verify_sample=0))
+    assert data.read_bytes() == demo_jsonl.read_bytes() and other.read_text() == "keep me\n"
+    # an old single-file cache is still replaced on request (and only on request)
+    rows, metadata = list(iter_rows(parts_cache)), read_metadata(parts_cache)
+    single = tmp_path / "single.parquet"
+    writer = CacheWriter(single, {k: v for k, v in metadata.items() if k != "rows"})
+    writer.write({key: [r[key] for r in rows] for key in rows[0]})
+    writer.close()
+    config = dict(model=str(tiny_model_dir), data=str(data), out=str(single), part_rows=6,
+                  max_batch_tokens=256, verify_sample=0)
+    with pytest.raises(CacheError, match="pass --overwrite"):
+        run_precompute(PrecomputeConfig(**config))
+    run_precompute(PrecomputeConfig(**config, overwrite=True))
+    assert single.is_dir() and list(iter_rows(single)) == rows
