@@ -137,6 +137,18 @@ class TrainConfig:
                              f"--micro-batch-size {self.micro_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
+        if self.epochs < 1:
+            raise ValueError("--epochs must be at least 1")
+        if self.weight_decay < 0:
+            raise ValueError("--weight-decay must be >= 0")
+        # clip_grad_norm_ scales by max_norm / norm: a negative norm would turn the step around
+        if not self.max_grad_norm > 0:
+            raise ValueError("--max-grad-norm must be positive (inf turns clipping off)")
+        if self.step0_tolerance is not None and not self.step0_tolerance > 0:
+            raise ValueError("--step0-tolerance must be positive (--no-step0-check skips the "
+                             "check)")
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("--lora-alpha must be positive and --lora-dropout lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
         if self.strategy not in STRATEGIES:

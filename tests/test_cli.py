@@ -89,3 +89,16 @@ def test_bad_option_values():
     assert result.exit_code == 2 and "unknown loss" in result.output
     result = runner.invoke(app, ["train", "--batch-size", "10", "--micro-batch-size", "4"])
     assert result.exit_code == 2 and "multiple" in result.output
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--max-grad-norm", "-1", "--max-grad-norm must be positive"),  # would reverse the step
+    ("--max-grad-norm", "0", "--max-grad-norm must be positive"),  # would freeze the model
+    ("--epochs", "0", "--epochs must be at least 1"),
+    ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+    ("--step0-tolerance", "-1", "--step0-tolerance must be positive"),
+    ("--lora-dropout", "1", "--lora-dropout lie in [0, 1)"),
+])
+def test_train_refuses_option_values_that_would_train_wrong(option, value, message):
+    result = runner.invoke(app, ["train", option, value])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
