@@ -165,6 +165,15 @@ def _read_choices_jsonl(path: Path) -> list[Question]:
     return questions
 
 
+def choice_file_labels(paths: list[str]) -> dict[str, str]:
+    """The name each choices file's results go under: its stem, or the path as given where
+    stems repeat (mc.csv and mc.jsonl, or two test.csv in different folders), so that no
+    file's results overwrite another's."""
+    stems = [Path(path).stem for path in paths]
+    return {path: stem if stems.count(stem) == 1 else path
+            for path, stem in zip(paths, stems, strict=True)}
+
+
 # --- scoring -----------------------------------------------------------------------------------
 
 def choice_examples(tokenizer, question: Question) -> list[Example]:
@@ -365,10 +374,11 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
 
     if config.choices:
         per_file, all_questions, all_logps = {}, [], []
+        labels = choice_file_labels(list(question_sets))
         for choice_path, questions in question_sets.items():
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions)
-            per_file[Path(choice_path).stem] = choice_metrics(questions, logps)
+            per_file[labels[choice_path]] = choice_metrics(questions, logps)
             all_questions += questions
             all_logps += logps
         result["choices"] = {"overall": choice_metrics(all_questions, all_logps),

@@ -15,6 +15,7 @@ from minorsft.eval import (
     LETTERS,
     EvalConfig,
     choice_examples,
+    choice_file_labels,
     choice_logps,
     read_choices,
     run_eval,
@@ -85,6 +86,26 @@ def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
         read_choices(path)
     assert (caught.value.line, caught.value.field) == (line, field)
     assert str(path) in str(caught.value)
+
+
+def test_choice_file_labels_are_stems_unless_stems_repeat():
+    assert choice_file_labels(["mmlu/geo.csv", "mmlu/facts.jsonl"]) == {
+        "mmlu/geo.csv": "geo", "mmlu/facts.jsonl": "facts"}
+    assert choice_file_labels(["a/test.csv", "b/test.csv", "c/other.csv"]) == {
+        "a/test.csv": "a/test.csv", "b/test.csv": "b/test.csv", "c/other.csv": "other"}
+
+
+def test_choices_files_with_one_stem_keep_separate_results(tiny_model_dir, choices_csv):
+    """mc.csv and mc.jsonl (or two test.csv in different folders) once shared one key, so the
+    second file's result replaced the first's while `overall` still counted both."""
+    jsonl = choices_csv.with_suffix(".jsonl")
+    jsonl.write_text(json.dumps({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0})
+                     + "\n")
+    result = run_eval(EvalConfig(model=str(tiny_model_dir),
+                                 choices=[str(choices_csv), str(jsonl)]))["choices"]
+    assert result["overall"]["questions"] == 5
+    assert {name: m["questions"] for name, m in result["files"].items()} == {
+        str(choices_csv): 4, str(jsonl): 1}
 
 
 def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv):
