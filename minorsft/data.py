@@ -236,26 +236,13 @@ def tokenize_conversation(
 ) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, for one conversation.
 
-    The template renders prefixes of the conversation; the text between "everything before
-    assistant turn i, with the generation prompt" and "everything through turn i" is turn i's
-    answer, cut just after its end-of-turn token so that a template's trailing newline is not
-    trained on.
+    The template renders the whole conversation once; each assistant turn's answer is its content
+    and the end-of-turn token after it (see :func:`_answer_span`), and nothing the template adds
+    around them (a default system prompt, role headers, the newline after the end-of-turn token).
     """
     full_text = _render(tokenizer, messages, generation_prompt=False)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:index], generation_prompt=True)
-        through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
-        if not (through.startswith(before) and full_text.startswith(through)):
-            raise ValueError("the chat template does not render conversations prefix by prefix; "
-                             "cannot locate the answer tokens")
-        end = len(through)
-        end_of_turn = tokenizer.eos_token
-        if end_of_turn and (found := through.rfind(end_of_turn, len(before))) >= 0:
-            end = found + len(end_of_turn)
-        spans.append((len(before), end))
+    spans = [_answer_span(tokenizer, messages, index, full_text)
+             for index, message in enumerate(messages) if message["role"] == "assistant"]
 
     encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
@@ -270,12 +257,63 @@ def tokenize_conversation(
     return input_ids, answer_mask, truncated
 
 
+# Stands in for an assistant turn's content, to find where the template puts the content.
+ANSWER_PROBE = "MINORSFT_ANSWER_PROBE_7F3A"
+
+
+def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str) -> tuple[int, int]:
+    """Where assistant turn `index`'s answer lies in `full_text`: (start, stop) character offsets.
+
+    Templates add text of their own around a turn's content: a role header, a default system
+    prompt when the conversation has none (even before an assistant turn that comes first), an
+    empty thinking block. None of that is answer. Rendering the conversation through this turn
+    once more with a probe string in place of the content shows what the template puts before
+    and after the content, whatever the content is (a template may also trim it).
+    """
+    through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
+    probe_turn = dict(messages[index], content=ANSWER_PROBE)
+    probed = _render(tokenizer, messages[:index] + [probe_turn], generation_prompt=False)
+    if probed.count(ANSWER_PROBE) != 1:
+        raise ValueError("the chat template does not render an assistant turn's content once; "
+                         "cannot locate the answer tokens")
+    head, tail = probed.split(ANSWER_PROBE)
+    content_end = len(through) - len(tail)
+    consistent = (full_text.startswith(through) and through.startswith(head)
+                  and through.endswith(tail) and content_end > len(head))
+    if consistent and index > 0:
+        # Trained after exactly the prompt that generation starts from: the conversation so
+        # far plus the generation prompt. (An empty conversation cannot be rendered, so a
+        # first turn has only the check above.)
+        before = _render(tokenizer, messages[:index], generation_prompt=True)
+        consistent = head.startswith(before)
+    if not consistent:
+        raise ValueError("the chat template does not render conversations prefix by prefix; "
+                         "cannot locate the answer tokens")
+    return len(head), _end_of_turn(tokenizer, through, content_end)
+
+
+def _end_of_turn(tokenizer, through: str, content_end: int) -> int:
+    """Where the answer stops: just after the end-of-turn token that follows the content.
+
+    Not the template's newline after it, which the model never has to generate. Templates that
+    end a turn with another marker than the tokenizer's eos token keep that marker, minus the
+    trailing whitespace.
+    """
+    end_of_turn = tokenizer.eos_token
+    if end_of_turn and (found := through.find(end_of_turn, content_end)) >= 0:
+        return found + len(end_of_turn)
+    return max(content_end, len(through.rstrip()))
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    if not messages:  # an empty prefix renders as nothing, whatever the template says
-        return ""
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
-    )
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except (TemplateError, ValueError) as error:  # e.g. "roles must alternate user/assistant"
+        raise ValueError(f"the chat template refused this conversation: {error}") from error
 
 
 def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = None) -> str:

@@ -14,7 +14,28 @@ from minorsft.data import (
     tokenize_conversation,
 )
 
-from .conftest import DEMO_ROWS, write_jsonl
+from .conftest import DEMO_ROWS, build_tiny_tokenizer, write_jsonl
+
+# ChatML that adds a default system prompt when the first message is not a system message, as
+# SmolLM2-Instruct's template does ("You are a helpful AI assistant named SmolLM, ...").
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# ChatML that writes an empty thinking block before every assistant turn it renders (as
+# reasoning models' templates do), but not in the generation prompt.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ '<think></think>' }}{% endif %}"
+    "{{ message['content'] | trim + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def answer_text(tokenizer, example: Example) -> str:
@@ -36,6 +57,50 @@ def test_each_format_masks_exactly_the_answer_and_end_of_turn(tiny_tokenizer, tm
     # The prompt (and the template's newline after <|im_end|>) is never answer.
     first = examples[0]
     assert not first.answer_mask[0] and first.num_tokens == sum(first.answer_mask)
+
+
+def tokenizer_with_template(template: str):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+ASSISTANT_FIRST = {"messages": [{"role": "assistant", "content": "answer first"},
+                                {"role": "user", "content": "then user"},
+                                {"role": "assistant", "content": "5"}]}
+
+
+@pytest.mark.parametrize("template", [DEFAULT_SYSTEM_TEMPLATE, THINKING_TEMPLATE])
+def test_answer_holds_no_text_the_template_adds(tmp_path, template):
+    # Before the fix, an assistant turn that came first was answer from character 0: the
+    # template's default system prompt and role header were trained on; and an empty thinking
+    # block the template writes into an assistant turn was answer too.
+    tokenizer = tokenizer_with_template(template)
+    rows = [ASSISTANT_FIRST, DEMO_ROWS[0], DEMO_ROWS[3]]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    texts = [answer_text(tokenizer, e) for e in iter_examples(path, tokenizer)]
+    assert texts == ["answer first<|im_end|>5<|im_end|>",
+                     "The capital of France is Paris.<|im_end|>", "5<|im_end|>10<|im_end|>"]
+
+
+def test_answer_content_trimmed_by_the_template_is_still_found(tmp_path):
+    tokenizer = tokenizer_with_template(THINKING_TEMPLATE)  # it trims the content
+    row = {"prompt": "2 plus 3", "response": "  5\n"}
+    (example,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [row]), tokenizer)
+    assert answer_text(tokenizer, example) == "5<|im_end|>"
+
+
+def test_conversation_the_template_refuses_is_rejected_not_a_crash(tmp_path):
+    tokenizer = tokenizer_with_template(
+        "{% if messages[0]['role'] == 'assistant' %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        + DEFAULT_SYSTEM_TEMPLATE)
+    path = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[0], ASSISTANT_FIRST])
+    kept, rejected = iter_examples(path, tokenizer, on_bad="skip")
+    assert isinstance(kept, Example) and isinstance(rejected, Rejection)
+    assert (rejected.line, rejected.field) == (2, "messages")
+    assert rejected.reason == ("the chat template refused this conversation: "
+                               "Conversation roles must alternate user/assistant")
 
 
 def test_named_fields_and_alpaca_input(tiny_tokenizer, tmp_path):
