@@ -99,11 +99,16 @@ def read_choices(path: Path) -> list[Question]:
         raise DataError(str(path), None, None, "no such file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_choices_csv(path)
-    if suffix in {".jsonl", ".json", ".ndjson"}:
-        return _read_choices_jsonl(path)
-    raise DataError(str(path), None, None, f"unknown file type {path.suffix!r}: use .csv "
-                                           "(MMLU layout) or .jsonl")
+        questions = _read_choices_csv(path)
+    elif suffix in {".jsonl", ".json", ".ndjson"}:
+        questions = _read_choices_jsonl(path)
+    else:
+        raise DataError(str(path), None, None, f"unknown file type {path.suffix!r}: use .csv "
+                                               "(MMLU layout) or .jsonl")
+    if not questions:
+        # An accuracy of 0/0 is no result; as with empty SFT data, stop and name the file.
+        raise DataError(str(path), None, None, "no questions (the file is empty)")
+    return questions
 
 
 def _answer_letter(value, path: str, line: int) -> str:
@@ -348,6 +353,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             if config.max_rows is not None and len(examples) >= config.max_rows:
                 break
             examples.append(item)
+        if not examples:
+            raise DataError(str(data_path), None, None, "no rows (the file is empty)")
         result["data"] = str(data_path)
 
     if examples:
@@ -383,7 +390,28 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             all_logps += logps
         result["choices"] = {"overall": choice_metrics(all_questions, all_logps),
                              "files": per_file}
-    return result
+    return json_safe(result)
+
+
+def json_safe(value):
+    """`value` with NaN and infinities replaced by None (JSON null), recursively.
+
+    json.dumps writes them as NaN / Infinity, which is not JSON: strict parsers (jq, browsers,
+    most other languages) reject the whole file. A log-prob of -inf (an answer token the model
+    gives probability 0 in low precision) would otherwise make an NLL or m_theta infinite.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _number(value: float | None, spec: str) -> str:
+    """A metric for the table; None is a value that was not finite (see `json_safe`)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_table(result: dict) -> str:
@@ -391,13 +419,13 @@ def format_table(result: dict) -> str:
     lines = ["| metric | value |", "|---|---|"]
     if held := result.get("heldout"):
         lines.append(f"| held-out rows | {held['rows']} ({held['answer_tokens']} answer tokens) |")
-        lines.append(f"| NLL per answer token | {held['nll_per_token']:.4f} |")
-        lines.append(f"| mean per-sample NLL | {held['mean_nll']:.4f} |")
+        lines.append(f"| NLL per answer token | {_number(held['nll_per_token'], '.4f')} |")
+        lines.append(f"| mean per-sample NLL | {_number(held['mean_nll'], '.4f')} |")
         if "m_theta" in held:
-            lines.append(f"| m_theta vs reference | {held['m_theta']:+.4f} |")
+            lines.append(f"| m_theta vs reference | {_number(held['m_theta'], '+.4f')} |")
     if choices := result.get("choices"):
         for name, metrics in [("all", choices["overall"]), *choices["files"].items()]:
-            lines.append(f"| accuracy ({name}) | {metrics['accuracy']:.3f} "
+            lines.append(f"| accuracy ({name}) | {_number(metrics['accuracy'], '.3f')} "
                          f"({metrics['correct']}/{metrics['questions']}), letter mass "
-                         f"{metrics['letter_mass']:.2f} |")
+                         f"{_number(metrics['letter_mass'], '.2f')} |")
     return "\n".join(lines)

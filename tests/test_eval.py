@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from minorsft.eval import (
     choice_examples,
     choice_file_labels,
     choice_logps,
+    format_table,
+    json_safe,
     read_choices,
     run_eval,
 )
@@ -86,6 +89,51 @@ def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
         read_choices(path)
     assert (caught.value.line, caught.value.field) == (line, field)
     assert str(path) in str(caught.value)
+
+
+def _strict_json(text: str):
+    """json.loads, but refusing NaN and Infinity (which Python's json accepts by default)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl"])
+def test_empty_choices_file_is_an_error_naming_it(tiny_model_dir, tmp_path, name):
+    path = tmp_path / name
+    path.write_text("\n")
+    with pytest.raises(DataError, match="no questions"):
+        read_choices(path)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--choices",
+                                      str(path), "--json"])
+    assert result.exit_code == 2
+    assert f"{name}: no questions" in " ".join(result.output.split())
+
+
+def test_empty_heldout_data_is_an_error(tiny_model_dir, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), data=str(path)))
+
+
+def test_json_safe_maps_non_finite_numbers_to_null():
+    value = {"a": math.nan, "b": [1.5, -math.inf], "c": {"d": math.inf, "e": 2}, "f": "x"}
+    assert json_safe(value) == {"a": None, "b": [1.5, None], "c": {"d": None, "e": 2}, "f": "x"}
+
+
+def test_cli_eval_json_has_no_nan_or_infinity(tiny_model_dir, demo_jsonl, monkeypatch):
+    """An answer the model gives probability 0 (log-prob -inf) makes the NLL infinite and
+    m_theta NaN; --json then wrote Infinity / NaN, which JSON parsers reject."""
+    monkeypatch.setattr(TransformersEngine, "score",
+                        lambda self, examples: [-math.inf] * len(examples))
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+        "--data", str(demo_jsonl), "--max-rows", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    held = _strict_json(result.stdout)["heldout"]
+    assert held["nll_per_token"] is None and held["m_theta"] is None
+    assert "| NLL per answer token | n/a |" in format_table({"heldout": held})
 
 
 def test_choice_file_labels_are_stems_unless_stems_repeat():
