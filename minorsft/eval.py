@@ -88,7 +88,8 @@ class Question:
 # --- reading multiple-choice files ---------------------------------------------------------------
 
 def read_choices(path: Path) -> list[Question]:
-    """Questions from an MMLU-style CSV (no header: question, A, B, C, D, answer) or JSONL.
+    """Questions from an MMLU-style CSV (question, A, B, C, D, answer; no header, or exactly
+    those names) or JSONL.
 
     JSONL rows hold ``question``, ``answer`` (a letter A-D, or an index 0-3) and either ``A``..
     ``D`` or ``choices`` (a list of four strings). Bad rows raise DataError with file, line,
@@ -119,21 +120,42 @@ def _answer_letter(value, path: str, line: int) -> str:
     raise DataError(path, line, "answer", f"expected one of A, B, C, D (or 0-3), got {value!r}")
 
 
+# The CSV layout's own column names: a first row that spells them is a header, never a question
+# (its answer cell is not a letter), so it is skipped.
+CSV_HEADER = ("question", "a", "b", "c", "d", "answer")
+HEADER_HINT = ("; is the first row a header? The CSV layout has none (or exactly "
+               "question,A,B,C,D,answer)")
+
+
+def _looks_like_header(cells: list[str]) -> bool:
+    names = {cell.strip().lower() for cell in cells}
+    return "question" in names or "answer" in names
+
+
 def _read_choices_csv(path: Path) -> list[Question]:
     questions = []
+    first_row = True
     with path.open(newline="", encoding="utf-8") as handle:
         for index, cells in enumerate(csv.reader(handle), start=1):
             if not cells or not any(c.strip() for c in cells):
                 continue
+            is_first, first_row = first_row, False
+            if is_first and tuple(c.strip().lower() for c in cells) == CSV_HEADER:
+                continue
+            hint = HEADER_HINT if is_first and _looks_like_header(cells) else ""
             # csv's line_num would count lines inside quoted fields; rows are what users see
             # in a spreadsheet, so name the row.
             if len(cells) != 6:
                 raise DataError(str(path), index, None,
                                 f"expected 6 columns (question, A, B, C, D, answer), got "
-                                f"{len(cells)}")
+                                f"{len(cells)}{hint}")
             question, *options, answer = cells
+            try:
+                letter = _answer_letter(answer, str(path), index)
+            except DataError as error:
+                raise DataError(str(path), index, "answer", error.reason + hint) from None
             questions.append(Question(f"{path.stem}:{index}", index, question,
-                                      tuple(options), _answer_letter(answer, str(path), index)))
+                                      tuple(options), letter))
     return questions
 
 

@@ -156,6 +156,32 @@ def test_choices_files_with_one_stem_keep_separate_results(tiny_model_dir, choic
         str(choices_csv): 4, str(jsonl): 1}
 
 
+def test_csv_header_of_the_layout_is_skipped(tmp_path):
+    path = tmp_path / "with_header.csv"
+    path.write_text("Question,A,B,C,D,Answer\n" + CHOICES_CSV)
+    questions = read_choices(path)
+    assert [q.answer for q in questions] == ["B", "C", "A", "D"]
+    assert questions[0].line == 2  # rows are still named as a spreadsheet shows them
+
+
+@pytest.mark.parametrize("header", ["question,option A,option B,option C,option D,answer",
+                                    "id,question,A,B,C,D,answer"])
+def test_other_csv_header_gets_a_hint(tmp_path, header):
+    path = tmp_path / "other_header.csv"
+    path.write_text(header + "\n" + CHOICES_CSV)
+    with pytest.raises(DataError, match="is the first row a header") as caught:
+        read_choices(path)
+    assert caught.value.line == 1
+
+
+def test_csv_bad_answer_without_header_look_gets_no_hint(tmp_path):
+    path = tmp_path / "typo.csv"
+    path.write_text("What is 2 + 2?,3,4,5,22,F\n")
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert caught.value.field == "answer" and "header" not in str(caught.value)
+
+
 def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv):
     question = read_choices(choices_csv)[0]
     examples = choice_examples(tiny_tokenizer, question)
