@@ -10,6 +10,7 @@ trained nor saved by transformers.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -45,6 +46,12 @@ def resolve_model(name: str) -> str:
         return str(_materialise_builtin(name))
     path = Path(name).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+            merged = path / "merged"
+            hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
+                    else "train with --merge-lora to get a plain model in <output>/merged")
+            raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
+                             f"not a whole model; {hint}")
         if not (path / "config.json").exists():
             raise ModelError(f"{path}: not a model folder (no config.json in it)")
         return str(path)
@@ -96,7 +103,10 @@ def _materialise_builtin(name: str) -> Path:
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except OSError as error:  # a name that is neither a folder nor reachable on the hub
+        raise ModelError(_unresolved(model_path, error)) from error
     if tokenizer.chat_template is None:
         raise ModelError(f"{model_path}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -104,10 +114,34 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def _unresolved(name: str, error: OSError) -> str:
+    """Why `name` could not be loaded, with the built-in name it may have meant."""
+    close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.4)
+    hint = f"; did you mean the built-in {close[0]!r}?" if close else ""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"--model {name}: not a local model folder, not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}), and the Hugging Face hub could not provide it "
+            f"({reason}){hint}")
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ModelError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N"
+                         ) from error
+    if chosen.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not available:
+            build = (f"CUDA {torch.version.cuda} build" if torch.version.cuda
+                     else "a CPU-only build")
+            raise ModelError(f"--device {device}: this torch ({build}) sees no CUDA GPU; use "
+                             "--device cpu or auto")
+        if chosen.index is not None and chosen.index >= available:
+            raise ModelError(f"--device {device}: only {available} CUDA GPU(s) visible")
+    return chosen
 
 
 # --dtype for fp32 weights with the forward (and in training the backward) under bf16 autocast.

@@ -102,3 +102,30 @@ def test_bad_option_values():
 def test_train_refuses_option_values_that_would_train_wrong(option, value, message):
     result = runner.invoke(app, ["train", option, value])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
+    # offline, as this machine is (online, the hub answers "not found": the same error)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    out = str(tmp_path / "c")
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
+                                 "--device", "gpu"])
+    assert result.exit_code == 2 and "--device 'gpu' is not a device" in result.output
+    if not __import__("torch").cuda.is_available():
+        result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
+                                     "--device", "cuda"])
+        assert result.exit_code == 2 and "sees no CUDA GPU" in result.output
+    # a typo of the built-in name: neither a folder nor on the hub (offline or not)
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
+                                 "--model", "smollm2-135m-instruc"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "did you mean the built-in 'smollm2-135m-instruct'" in text
+
+
+def test_lora_adapter_folder_as_model_points_to_the_merged_model(tmp_path):
+    run = tmp_path / "lora-run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    result = runner.invoke(app, ["eval", "--model", str(run), "--data", "demo"])
+    assert result.exit_code == 2 and "--merge-lora" in " ".join(result.output.split())
