@@ -65,6 +65,14 @@ class EvalConfig:
         if self.data is None and not self.choices and not looks_like_cache(self.reference):
             raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
                              "--reference")
+        if self.data is not None and looks_like_cache(self.reference):
+            # The cache's rows are the held-out set (its token ids and reference log-probs);
+            # scoring them instead of --data would report numbers for data the user did not ask
+            # about, and looking --data's rows up in the cache is not defined for rows it lacks.
+            raise ValueError(f"--data and a cache as --reference ({self.reference}) do not go "
+                             "together: the cache holds the held-out rows it was written from. "
+                             "Drop --data to score the cache's rows, or give the reference "
+                             "model instead of its cache to score --data")
         for name in ("max_rows", "max_questions"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")

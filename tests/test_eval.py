@@ -256,6 +256,19 @@ def test_m_theta_against_cache_and_other_model(tiny_model_dir, tiny_tokenizer, d
     assert abs(result["m_theta"]) > 1e-3  # a different model really does deviate
 
 
+def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
+    """--data was silently ignored: the cache's rows were scored instead."""
+    cache = tmp_path / "heldout.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache), verify_sample=0))
+    with pytest.raises(ValueError, match="do not go together"):
+        EvalConfig(model=str(tiny_model_dir), reference=str(cache), data=str(demo_jsonl))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference",
+                                      str(cache), "--data", str(demo_jsonl)])
+    assert result.exit_code == 2
+    assert "Drop --data" in " ".join(result.output.split())
+
+
 def test_cli_eval_table_and_json(tiny_model_dir, demo_jsonl, choices_csv, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, [
