@@ -9,7 +9,8 @@ Formats, detected per row (first match wins):
 - ``prompt`` + ``response``;
 - alpaca: ``instruction`` + optional ``input`` + ``output``.
 
-A ``system`` column, where present, becomes the system message of the non-chat formats.
+A ``system`` column, where present and not empty, becomes the system message (in a chat, the
+first message; a chat that has a system message of its own and a ``system`` column is rejected).
 
 The tokenizer's chat template renders the conversation once; answer tokens are those whose text
 lies inside an assistant turn's content up to and including the end-of-turn token.
@@ -185,7 +186,8 @@ def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dic
         return head + [{"role": "user", "content": prompt},
                        {"role": "assistant", "content": answer}]
     if "messages" in record:
-        return _chat_messages(record["messages"], path, line)
+        return _with_system_column(head, _chat_messages(record["messages"], path, line),
+                                   spec.system_field, path, line)
     if "prompt" in record and "response" in record:
         prompt = _require_text(record, "prompt", path, line)
         answer = _require_text(record, "response", path, line)
@@ -205,6 +207,18 @@ def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dic
                     f"unknown format (columns: {columns}); expected 'messages', "
                     "'prompt'+'response', 'instruction'+'output', or name the columns with "
                     "--prompt-field/--response-field")
+
+
+def _with_system_column(head: list[dict], chat: list[dict], system_field: str, path: str,
+                        line: int) -> list[dict]:
+    """The chat with the row's system column as its first message, unless it has its own."""
+    own = next((i for i, message in enumerate(chat) if message["role"] == "system"), None)
+    if head and own is not None:
+        # Which of the two prompts was meant is anyone's guess; neither is dropped silently.
+        raise DataError(path, line, system_field,
+                        f"the chat has its own system message (messages[{own}]); "
+                        "give the system prompt in one place")
+    return head + chat
 
 
 def _chat_messages(messages, path: str, line: int) -> list[dict]:

@@ -61,6 +61,11 @@ CASES = [
     ("answer truncated to zero tokens by --max-length",
      _json({"id": "c16", "prompt": LONG_PROMPT, "response": "5"}), None,
      "truncated to zero tokens"),
+    ("system prompt twice (a system column and a system message)",
+     _json({"id": "c17", "system": "Be brief.",
+            "messages": [{"role": "system", "content": "Be kind."},
+                         {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+     "system", "the chat has its own system message (messages[0])"),
 ]
 
 

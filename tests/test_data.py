@@ -1,6 +1,7 @@
 """Input formats, the answer mask, truncation, row ids and clear errors."""
 
 import json
+import re
 
 import pytest
 
@@ -142,6 +143,20 @@ def test_truncation_keeps_the_first_tokens_and_rejects_answerless_rows(tiny_toke
         list(iter_examples(path, tiny_tokenizer, max_length=prompt_tokens))
 
 
+CHAT = [{"role": "user", "content": "2 plus 3"}, {"role": "assistant", "content": "5"}]
+
+
+def test_system_column_becomes_the_first_message_of_every_format(tiny_tokenizer, tmp_path):
+    rows = [{"system": "Be brief.", "messages": CHAT},
+            {"system": "Be brief.", "prompt": "2 plus 3", "response": "5"},
+            {"system": "", "messages": CHAT}]  # an empty system column adds nothing
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    texts = [tiny_tokenizer.decode(e.input_ids) for e in iter_examples(path, tiny_tokenizer)]
+    with_system = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 plus 3<|im_end|>\n"
+                   "<|im_start|>assistant\n5<|im_end|>\n")
+    assert texts == [with_system, with_system, with_system.split("\n", 2)[2]]
+
+
 BAD_ROWS = [
     ('{"prompt": "x", "response": ', None, "malformed JSON"),
     ({"prompt": "x"}, None, "unknown format"),
@@ -151,13 +166,15 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
      "messages[1].content", "empty answer"),
+    ({"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}] + CHAT},
+     "system", "the chat has its own system message (messages[0])"),
 ]
 
 
 @pytest.mark.parametrize(("row", "field", "reason"), BAD_ROWS)
 def test_bad_rows_name_file_line_and_field(tiny_tokenizer, tmp_path, row, field, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [DEMO_ROWS[1], row])
-    with pytest.raises(DataError, match=reason) as caught:
+    with pytest.raises(DataError, match=re.escape(reason)) as caught:
         list(iter_examples(path, tiny_tokenizer))
     assert caught.value.line == 2 and caught.value.field == field
     assert str(caught.value).startswith(f"{path}:2:")
@@ -170,7 +187,8 @@ def test_skip_accounts_for_every_row(tiny_tokenizer, tmp_path):
     kept = [i for i in items if isinstance(i, Example)]
     rejected = [i for i in items if isinstance(i, Rejection)]
     assert len(kept) + len(rejected) == len(rows)
-    assert len(kept) == 2 and [r.line for r in rejected] == list(range(2, 9)) + [10]
+    assert len(kept) == 2
+    assert [r.line for r in rejected] == list(range(2, len(BAD_ROWS) + 2)) + [len(rows)]
     assert "duplicate id 'b'" in rejected[-1].reason
     assert json.loads(json.dumps(rejected[0].as_dict()))["line"] == 2
 
