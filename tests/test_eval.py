@@ -269,6 +269,22 @@ def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_pa
     assert "Drop --data" in " ".join(result.output.split())
 
 
+def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv, tmp_path):
+    """A `train --lora-r --merge-lora` output holds adapters at the top and the whole model in
+    merged/; eval of the top folder names merged/ rather than "no config.json"."""
+    import shutil
+
+    run = tmp_path / "lora-run"
+    shutil.copytree(tiny_model_dir, run / "merged")
+    (run / "adapter_config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
+                                      str(choices_csv)])
+    assert result.exit_code == 2
+    assert f"use {run / 'merged'}, the merged model" in " ".join(result.output.split())
+    merged = run_eval(EvalConfig(model=str(run / "merged"), choices=[str(choices_csv)]))
+    assert merged["choices"]["overall"]["questions"] == 4
+
+
 def test_cli_eval_table_and_json(tiny_model_dir, demo_jsonl, choices_csv, tmp_path):
     out = tmp_path / "eval.json"
     result = CliRunner().invoke(app, [
