@@ -8,6 +8,7 @@ it draws with the Agg backend, so no display is needed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 # (metrics key, panel title). nll is the per-token answer NLL, comparable across losses; the
@@ -24,9 +25,27 @@ LOSS_COLOURS = {"sft": "tab:blue", "sft-dpo": "tab:orange", "minorsft": "tab:gre
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def read_run(run_dir: Path) -> tuple[str, list[dict], dict]:
-    """(label, per-step metrics, config) of one run folder; a clear error if it is not one."""
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell the runs apart
+    (runs/a/minor and runs/b/minor become a/minor and b/minor)."""
+    # abspath, not resolve: "." gets its real name, but a symlinked run keeps the name given.
+    parts = [Path(os.path.abspath(run_dir)).parts for run_dir in run_dirs]
+    names: list[str] = []
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = [Path(*p[-depth:]).as_posix() for p in parts]
+        if len(set(names)) == len(names):
+            break
+    return names  # the same folder given twice stays ambiguous: it is the same run
+
+
+def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], dict]:
+    """(label, per-step metrics, config) of one run folder; a clear error if it is not one.
+
+    The label is `name` (default: the folder's name) and the run's loss, lr and beta: the
+    values alone would label two runs of the same settings (other data, seed) alike.
+    """
     run_dir = Path(run_dir)
+    name = name or run_names([run_dir])[0]
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a `minorsft train` output)")
@@ -45,12 +64,12 @@ def read_run(run_dir: Path) -> tuple[str, list[dict], dict]:
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text()).get("config", {})
+    label = name
     if "loss" in config and "lr" in config:
-        label = f"{config['loss']} lr={config['lr']:g}"
+        label += f": {config['loss']} lr={config['lr']:g}"
         if config["loss"] != "sft":
             label += f" beta={config.get('beta', 0.04):g}"
-    else:  # still running (run_config.json is written at the end): name it by its folder
-        label = run_dir.name
+    # else still running (run_config.json is written at the end): the folder name alone
     return label, rows, config
 
 
@@ -61,7 +80,8 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs = [read_run(Path(d), name) for d, name in zip(run_dirs, run_names(run_dirs),
+                                                         strict=True)]
     figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
     style_index: dict[str, int] = {}
     for label, rows, config in runs:

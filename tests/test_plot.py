@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from minorsft.cli import app
-from minorsft.plot import read_run
+from minorsft.plot import plot_runs, read_run, run_names
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
@@ -33,9 +33,43 @@ def two_runs(tiny_model_dir, demo_jsonl, tmp_path):
 
 def test_read_run_labels_by_loss_and_lr(two_runs):
     label, rows, config = read_run(two_runs[1])
-    assert label == "minorsft lr=0.003 beta=0.04"
+    assert label == "minorsft-0.003: minorsft lr=0.003 beta=0.04"
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert config["loss"] == "minorsft"
+
+
+def _fake_run(run_dir: Path, loss: str = "minorsft", lr: float = 1e-3) -> Path:
+    """A run folder as `minorsft train` leaves it, without training: two logged steps."""
+    run_dir.mkdir(parents=True)
+    rows = [{"step": step, "m_theta": 0.01 * step, "nll": 1.0, "loss": 0.7, "coefficient": 0.5,
+             "reward": 0.0, "lr": lr} for step in range(2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (run_dir / "run_config.json").write_text(json.dumps({"config": {"loss": loss, "lr": lr}}))
+    return run_dir
+
+
+def test_run_names_add_parent_folders_only_to_tell_runs_apart(tmp_path):
+    assert run_names([tmp_path / "a" / "minor", tmp_path / "b" / "sft"]) == ["minor", "sft"]
+    assert run_names([tmp_path / "a" / "minor", tmp_path / "b" / "minor"]) == ["a/minor",
+                                                                               "b/minor"]
+
+
+def test_legend_tells_runs_of_the_same_settings_apart(tmp_path, monkeypatch):
+    """Two runs with equal loss, lr and beta (say, other data) had the same legend label."""
+    from matplotlib.figure import Figure
+
+    runs = [_fake_run(tmp_path / "seed1" / "minor"), _fake_run(tmp_path / "seed2" / "minor")]
+    legends = []
+    save = Figure.savefig
+
+    def record_legend(figure, *args, **kwargs):
+        legends.append([text.get_text() for text in figure.axes[0].get_legend().get_texts()])
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record_legend)
+    plot_runs(runs, tmp_path / "curves.png")
+    assert legends == [["seed1/minor: minorsft lr=0.001 beta=0.04",
+                        "seed2/minor: minorsft lr=0.001 beta=0.04"]]
 
 
 def test_cli_plot_writes_png(two_runs, tmp_path):
