@@ -1,8 +1,8 @@
 """Training curves of several runs on shared axes: the paper's Figure 1, for your runs.
 
 Each run folder written by `minorsft train` holds `metrics.jsonl` (one line per step) and
-`run_config.json` (the loss and lr that label the curve). Needs matplotlib (the `plot` extra);
-it draws with the Agg backend, so no display is needed.
+`run_config.json` (the loss and lr that label the curve). Draws with matplotlib (a core
+dependency, no extra to install) and its Agg backend, so no display is needed.
 """
 
 from __future__ import annotations
