@@ -526,10 +526,10 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
     rows_rejected = sum(e["rows_rejected"] for e in entries)
     rejects_path = None
     if not problems:
+        rejects_path = write_rejects(out, entries)  # first: the error below points to it
         if rows_cached == 0:
             raise ValueError(f"{out}: no usable rows (all {rows_rejected} rejected; see "
-                             f"{rejects_path_for(out)})")
-        rejects_path = write_rejects(out, entries)
+                             f"{rejects_path})")
     return PrecomputeSummary(
         cache_path=str(out), rows_in=rows_cached + rows_rejected, rows_cached=rows_cached,
         rows_rejected=rows_rejected, answer_tokens=sum(e["answer_tokens"] for e in entries),

@@ -129,3 +129,16 @@ def test_lora_adapter_folder_as_model_points_to_the_merged_model(tmp_path):
     (run / "adapter_config.json").write_text("{}")
     result = runner.invoke(app, ["eval", "--model", str(run), "--data", "demo"])
     assert result.exit_code == 2 and "--merge-lora" in " ".join(result.output.split())
+
+
+def test_all_rows_rejected_points_to_a_rejects_file_that_exists(tiny_model_dir, tmp_path):
+    bad = {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "a"}]}
+    data = write_jsonl(tmp_path / "bad.jsonl", [bad, bad])
+    out = tmp_path / "c"
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--model",
+                                 str(tiny_model_dir), "--out", str(out), "--on-bad", "skip"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "no usable rows (all 2 rejected; see" in text
+    rejects = out / "_rejects.jsonl"
+    assert str(rejects) in result.output
+    assert len(rejects.read_text().splitlines()) == 2
