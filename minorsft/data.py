@@ -1,9 +1,10 @@
 """Input data: read rows, turn each into chat messages, then into token ids and an answer mask.
 
-Formats, detected per row (first match wins):
+Formats, detected per row by the columns it fills (a row that fills two formats' columns is
+rejected as ambiguous):
 
 - ``--prompt-field`` / ``--response-field`` given: those two columns (e.g. GSM8K's
-  ``question`` / ``answer``);
+  ``question`` / ``answer``), whatever other columns the row has;
 - ``messages``: a list of ``{role, content}`` with roles system, user, assistant; every
   assistant turn is answer (multi-turn chats train on all of them);
 - ``prompt`` + ``response``;
@@ -170,6 +171,14 @@ def _require_text(record: dict, key: str, path: str, line: int, allow_empty=Fals
     return value
 
 
+# The known formats and the columns each needs (alpaca's `input` is optional).
+FORMATS = {
+    "chat": ("messages",),
+    "prompt/response": ("prompt", "response"),
+    "alpaca": ("instruction", "output"),
+}
+
+
 def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dict]:
     """The row as chat messages, or a DataError saying which field is wrong."""
     system = record.get(spec.system_field)
@@ -178,35 +187,62 @@ def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dic
     head = [{"role": "system", "content": system}] if system else []
 
     if spec.prompt_field or spec.response_field:
+        # Named columns win over any known format's columns the row also has.
         if not (spec.prompt_field and spec.response_field):
             raise DataError(path, None, None,
                             "--prompt-field and --response-field must be given together")
         prompt = _require_text(record, spec.prompt_field, path, line)
         answer = _require_text(record, spec.response_field, path, line)
-        return head + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": answer}]
-    if "messages" in record:
+        return head + _single_turn(prompt, answer)
+    row_format = _row_format(record, path, line)
+    if row_format == "chat":
         return _with_system_column(head, _chat_messages(record["messages"], path, line),
                                    spec.system_field, path, line)
-    if "prompt" in record and "response" in record:
+    if row_format == "prompt/response":
         prompt = _require_text(record, "prompt", path, line)
         answer = _require_text(record, "response", path, line)
-        return head + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": answer}]
-    if "instruction" in record and "output" in record:
-        instruction = _require_text(record, "instruction", path, line)
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(path, line, "input", "expected a string")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        answer = _require_text(record, "output", path, line)
-        return head + [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": answer}]
+        return head + _single_turn(prompt, answer)
+    instruction = _require_text(record, "instruction", path, line)
+    extra = record.get("input") or ""
+    if not isinstance(extra, str):
+        raise DataError(path, line, "input", "expected a string")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    answer = _require_text(record, "output", path, line)
+    return head + _single_turn(prompt, answer)
+
+
+def _single_turn(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def _row_format(record: dict, path: str, line: int) -> str:
+    """The one known format whose columns the row fills (a null column is not filled).
+
+    A row that fills the columns of two formats is rejected: which one was meant is a guess, and
+    guessing would silently train on one half of the row.
+    """
+    filled = [name for name, columns in FORMATS.items()
+              if all(record.get(column) is not None for column in columns)]
+    if len(filled) > 1:
+        both = " and ".join(_columns_text(name) for name in filled)
+        raise DataError(path, line, None,
+                        f"ambiguous format: the row has {both}; keep the columns of one format, "
+                        "or name the two columns to use with --prompt-field/--response-field")
+    if filled:
+        return filled[0]
+    # Columns present but null: the first format they belong to reports the null one missing.
+    for name, columns in FORMATS.items():
+        if all(column in record for column in columns):
+            return name
     columns = ", ".join(sorted(record)) or "none"
     raise DataError(path, line, None,
                     f"unknown format (columns: {columns}); expected 'messages', "
                     "'prompt'+'response', 'instruction'+'output', or name the columns with "
                     "--prompt-field/--response-field")
+
+
+def _columns_text(format_name: str) -> str:
+    return "+".join(repr(column) for column in FORMATS[format_name])
 
 
 def _with_system_column(head: list[dict], chat: list[dict], system_field: str, path: str,

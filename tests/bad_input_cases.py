@@ -66,6 +66,10 @@ CASES = [
             "messages": [{"role": "system", "content": "Be kind."},
                          {"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}),
      "system", "the chat has its own system message (messages[0])"),
+    ("columns of two formats (messages and prompt/response)",
+     _json({"id": "c18", "prompt": "x", "response": "y",
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}]}),
+     None, "ambiguous format: the row has 'messages' and 'prompt'+'response'"),
 ]
 
 

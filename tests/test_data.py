@@ -123,6 +123,29 @@ def test_parquet_input(tiny_tokenizer, tmp_path):
     assert [e.line for e in examples] == [1, 2]
 
 
+def test_parquet_with_columns_of_several_formats_uses_the_filled_ones(tiny_tokenizer, tmp_path):
+    # A Parquet file mixing chat and prompt/response rows has every column on every row; the
+    # columns of the other format are null there, which is not ambiguous.
+    import polars as pl
+
+    path = tmp_path / "mixed.parquet"
+    pl.DataFrame([{"messages": CHAT, "prompt": None, "response": None},
+                  {"messages": None, "prompt": "4 plus 4", "response": "8"}]).write_parquet(path)
+    examples = list(iter_examples(path, tiny_tokenizer))
+    assert [answer_text(tiny_tokenizer, e) for e in examples] == ["5<|im_end|>", "8<|im_end|>"]
+
+
+def test_columns_that_make_no_second_format_are_not_ambiguous(tiny_tokenizer, tmp_path):
+    rows = [{"prompt": "2 plus 3", "prompt_id": "p1", "messages": CHAT},  # as in UltraChat
+            {"question": "2 plus 3", "answer": "5", "prompt": "x", "response": "y"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows[:1])
+    (chat,) = iter_examples(path, tiny_tokenizer)
+    assert answer_text(tiny_tokenizer, chat) == "5<|im_end|>"
+    path = write_jsonl(tmp_path / "named.jsonl", rows[1:])
+    (named,) = iter_examples(path, tiny_tokenizer, FieldSpec("question", "answer"))
+    assert answer_text(tiny_tokenizer, named) == "5<|im_end|>"  # named columns win
+
+
 def test_content_hash_ids_are_stable_and_repeats_numbered(tiny_tokenizer, tmp_path):
     row = {"prompt": "2 plus 3", "response": "5"}
     path = write_jsonl(tmp_path / "dup.jsonl", [row, row])
@@ -168,6 +191,8 @@ BAD_ROWS = [
      "messages[1].content", "empty answer"),
     ({"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}] + CHAT},
      "system", "the chat has its own system message (messages[0])"),
+    ({"messages": CHAT, "prompt": "x", "response": "y"}, None,
+     "ambiguous format: the row has 'messages' and 'prompt'+'response'; keep the columns of one"),
 ]
 
 
