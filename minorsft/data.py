@@ -230,15 +230,28 @@ def _row_format(record: dict, path: str, line: int) -> str:
                         "or name the two columns to use with --prompt-field/--response-field")
     if filled:
         return filled[0]
-    # Columns present but null: the first format they belong to reports the null one missing.
-    for name, columns in FORMATS.items():
-        if all(column in record for column in columns):
-            return name
+    if (partial := _partial_format(record)) is not None:
+        missing = next(c for c in FORMATS[partial] if record.get(c) is None)
+        given = [repr(c) for c in FORMATS[partial] if record.get(c) is not None]
+        reason = "missing"
+        if given:
+            reason += f" (the row has {', '.join(given)}, so it reads as the {partial} format)"
+        raise DataError(path, line, missing, reason)
     columns = ", ".join(sorted(record)) or "none"
     raise DataError(path, line, None,
                     f"unknown format (columns: {columns}); expected 'messages', "
                     "'prompt'+'response', 'instruction'+'output', or name the columns with "
                     "--prompt-field/--response-field")
+
+
+def _partial_format(record: dict) -> str | None:
+    """The format the row has some columns of, when that names one format: then the error can
+    say which column is missing. Filled columns decide first; else columns that are null."""
+    for has in (lambda column: record.get(column) is not None, lambda column: column in record):
+        candidates = [name for name, columns in FORMATS.items() if any(map(has, columns))]
+        if candidates:
+            return candidates[0] if len(candidates) == 1 else None
+    return None
 
 
 def _columns_text(format_name: str) -> str:
@@ -266,10 +279,14 @@ def _chat_messages(messages, path: str, line: int) -> list[dict]:
         if not isinstance(message, dict):
             raise DataError(path, line, where, "expected an object with role and content")
         role = message.get("role")
+        if role is None:
+            raise DataError(path, line, f"{where}.role", "missing")
         if role not in ROLES:
             raise DataError(path, line, f"{where}.role",
                             f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         content = message.get("content")
+        if content is None:
+            raise DataError(path, line, f"{where}.content", "missing")
         if not isinstance(content, str):
             raise DataError(path, line, f"{where}.content",
                             f"expected a string, got {type(content).__name__}")

@@ -70,6 +70,11 @@ CASES = [
      _json({"id": "c18", "prompt": "x", "response": "y",
             "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "z"}]}),
      None, "ambiguous format: the row has 'messages' and 'prompt'+'response'"),
+    ("missing field (a prompt without a response)", _json({"id": "c19", "prompt": "x"}),
+     "response", "missing (the row has 'prompt', so it reads as the prompt/response format)"),
+    ("missing field (a message without content)",
+     _json({"id": "c20", "messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]}),
+     "messages[1].content", "missing"),
 ]
 
 

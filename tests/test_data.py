@@ -182,11 +182,21 @@ def test_system_column_becomes_the_first_message_of_every_format(tiny_tokenizer,
 
 BAD_ROWS = [
     ('{"prompt": "x", "response": ', None, "malformed JSON"),
-    ({"prompt": "x"}, None, "unknown format"),
+    ({"text": "x"}, None, "unknown format (columns: text)"),
+    ({"prompt": "x"}, "response", "missing (the row has 'prompt', so it reads as the "
+                                  "prompt/response format)"),
+    ({"output": "x", "input": "y"}, "instruction", "missing (the row has 'output', so it reads "
+                                                   "as the alpaca format)"),
+    ({"prompt": "x", "output": "y"}, None, "unknown format (columns: output, prompt)"),
+    ({"messages": None}, "messages", "missing"),
     ({"prompt": "x", "response": 3}, "response", "expected a string"),
     ({"prompt": "x", "response": "  "}, "response", "empty"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "unknown role"),
     ({"messages": [{"role": "user", "content": "x"}]}, "messages", "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
+     "messages[1].content", "missing"),
+    ({"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]},
+     "messages[0].role", "missing"),
     ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
      "messages[1].content", "empty answer"),
     ({"system": "Be brief.", "messages": [{"role": "system", "content": "Be kind."}] + CHAT},
