@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
@@ -152,8 +154,15 @@ def rejects_path_for(out: Path) -> Path:
     return Path(out) / REJECTS_FILE
 
 
-def _count_lines(path: Path) -> int | None:
-    if path.suffix.lower() != ".jsonl":
+def _count_rows(path: Path) -> int | None:
+    """Input rows, for the progress bar's total (None where counting means parsing)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException):  # the reader names the problem with its line
+            return None
+    if suffix not in {".jsonl", ".ndjson"}:
         return None
     with path.open("rb") as handle:
         return sum(1 for line in handle if line.strip())
@@ -279,10 +288,14 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
 
     bar = progress(
         console,
-        (TextColumn("[bold]scoring"), BarColumn(), TextColumn("{task.completed} rows"),
+        (TextColumn("[bold]scoring"), BarColumn(),
+         TextColumn("{task.completed} rows read, {task.fields[scored]} scored"),
          TextColumn("{task.fields[rows_s]:.1f} rows/s  {task.fields[tok_s]:.0f} tok/s"),
          TimeElapsedColumn()),
-        lambda task: (f"scoring {task['completed']:.0f}/{task['total']} rows  "
+        # rows read: every input row passes by, also those of other shards and of parts
+        # already done; scored: the rows this run scores
+        lambda task: (f"scoring: {task['completed']:.0f}/{task['total'] or '?'} rows read, "
+                      f"{task['scored']} scored  "
                       f"{task['rows_s']:.1f} rows/s  {task['tok_s']:.0f} tok/s"),
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
@@ -290,14 +303,15 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     rows_total = 0
     try:
         with bar:
-            task = bar.add_task("score", total=_count_lines(data_path), rows_s=0.0, tok_s=0.0)
+            task = bar.add_task("score", total=_count_rows(data_path), rows_s=0.0, tok_s=0.0,
+                                scored=0)
 
             def scored(rows: int, tokens: int) -> None:
                 counters["rows"] += rows
                 counters["tokens"] += tokens
                 elapsed = max(time.perf_counter() - started, 1e-9)
                 bar.update(task, rows_s=counters["rows"] / elapsed,
-                           tok_s=counters["tokens"] / elapsed)
+                           tok_s=counters["tokens"] / elapsed, scored=counters["rows"])
 
             def finish(builder: _PartBuilder) -> None:
                 manifest["parts"][str(builder.index)] = builder.close()
