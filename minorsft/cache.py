@@ -255,14 +255,18 @@ def collect_parts(directory: Path, manifests: list[dict]) -> dict[int, dict]:
     """Finished parts of all manifests by index; refuses shards that disagree."""
     first = manifests[0]
     parts: dict[int, dict] = {}
+
+    def where(manifest: dict) -> Path:  # merged manifests come from several directories
+        return Path(manifest.get("_dir", directory)) / manifest["_file"]
+
     for manifest in manifests:
         for key in ("settings", "input", "part_rows"):
             if manifest.get(key) != first.get(key):
                 what = (diff_settings(first[key], manifest[key]) if key == "settings"
                         else [f"{first.get(key)!r} -> {manifest.get(key)!r}"])
                 raise CacheError(
-                    f"{directory}: {manifest['_file']} and {first['_file']} were written with "
-                    f"different {key} and cannot form one cache: " + "; ".join(what))
+                    f"{where(manifest)} and {where(first)} were written with different {key} "
+                    "and cannot form one cache: " + "; ".join(what))
         for index, entry in manifest["parts"].items():
             parts.setdefault(int(index), entry)
     return parts
@@ -434,14 +438,19 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
     out, sources = Path(out), [Path(s) for s in sources]
     if any(s.resolve() == out.resolve() for s in sources):
         raise CacheError(f"{out}: the merged cache must go to a new --out, not a source")
+    if len({s.resolve() for s in sources}) < len(sources):
+        raise CacheError("a source is given twice: " + " ".join(str(s) for s in sources))
     manifests, origin = [], {}
     for source in sources:
+        if not source.exists():
+            raise CacheError(f"{source}: no such directory")
         if not source.is_dir():
             raise CacheError(f"{source}: not a parts directory (only those can be merged)")
         found = load_manifests(source)
         if not found:
             raise CacheError(f"{source}: no minorsft manifest in it")
         for manifest in found:
+            manifest["_dir"] = str(source)
             for index in manifest["parts"]:
                 origin.setdefault(int(index), source)
         manifests.extend(found)
@@ -453,6 +462,8 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
             raise CacheError(f"{out} exists: pass --overwrite to replace it")
         if out.is_dir() and any(out.iterdir()) and not load_manifests(out):
             raise CacheError(f"{out} is a directory that is not a cache; refusing to replace it")
+        if out.is_file() and not is_single_file_cache(out):
+            raise CacheError(f"{out} is a file and not a minorsft cache; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     try:

@@ -99,3 +99,33 @@ def test_overwrite_replaces_only_a_minorsft_cache_never_other_files(parts_cache,
         run_precompute(PrecomputeConfig(**config))
     run_precompute(PrecomputeConfig(**config, overwrite=True))
     assert single.is_dir() and list(iter_rows(single)) == rows
+
+
+def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_path):
+    other = tmp_path / "other"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(other), part_rows=6, max_batch_tokens=256,
+                                    max_length=64, verify_sample=0))
+    out = tmp_path / "merged"
+    runner = CliRunner()
+
+    def merge(*args):
+        result = runner.invoke(app, ["cache", "merge", *map(str, args)])
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    # the message names each manifest with its own directory (it blamed the first source's)
+    text = merge(parts_cache, other, "--out", out)
+    assert f"{other / '_manifest.json'} and {parts_cache / '_manifest.json'}" in text
+    assert "a source is given twice" in merge(parts_cache, parts_cache, "--out", out)
+    assert "no such directory" in merge(tmp_path / "nope", other, "--out", out)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    shards = []
+    for index in (0, 1):
+        shards.append(tmp_path / f"shard-{index}")
+        run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                        out=str(shards[-1]), part_rows=6, max_batch_tokens=256,
+                                        shard=f"{index}/2", verify_sample=0))
+    assert "not a minorsft cache" in merge(*shards, "--out", notes, "--overwrite")
+    assert notes.read_text() == "keep me"
