@@ -136,17 +136,33 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
                 yield RawRow(line_no, error=DataError(str(path), line_no, None, reason),
                              raw=raw_bytes.decode("utf-8", "replace"))
                 continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                reason = f"malformed JSON ({error.msg} at column {error.colno})"
-                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
-                continue
-            if not isinstance(record, dict):
-                reason = f"expected a JSON object, got {type(record).__name__}"
-                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
-                continue
-            yield RawRow(line_no, record=record, raw=text.rstrip("\n"))
+            # Without its line ending, so that json's column is the column in the line (with it,
+            # a cut-off line ends at "line 2, column 1").
+            yield _parse_line(path, line_no, text.rstrip("\r\n"))
+
+
+def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
+    def bad(reason: str) -> RawRow:
+        if _looks_like_a_json_document(line_no, text):
+            reason += (f"; {path.name} looks like one JSON document (an array?), but the data "
+                       "must be JSON Lines: one JSON object per line (for an array: "
+                       f"jq -c '.[]' {path.name} > {path.stem}.jsonl)")
+        return RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
+
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
+        return bad(f"malformed JSON ({error.msg} at column {error.colno}{at_end})")
+    if not isinstance(record, dict):
+        return bad(f"expected a JSON object, got {type(record).__name__}")
+    return RawRow(line_no, record=record, raw=text)
+
+
+def _looks_like_a_json_document(line_no: int, text: str) -> bool:
+    """Line 1 of a JSON array, or of a pretty-printed object, rather than of JSON Lines."""
+    start = text.strip()
+    return line_no == 1 and (start.startswith("[") or start == "{")
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:

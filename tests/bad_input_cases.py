@@ -19,7 +19,7 @@ def _json(row: dict) -> bytes:
 
 CASES = [
     ("malformed JSON (cut-off line)", b'{"id": "c1", "prompt": "x", "response": ', None,
-     "malformed JSON"),
+     "malformed JSON (Expecting value at column 41, the end of the line)"),
     ("JSON that is not an object", b'["What is 2 plus 3?", "5"]', None,
      "expected a JSON object"),
     ("non-UTF-8 bytes (Latin-1 text)", b'{"id": "c3", "prompt": "caf\xe9?", "response": "x"}',

@@ -228,6 +228,35 @@ def test_skip_accounts_for_every_row(tiny_tokenizer, tmp_path):
     assert json.loads(json.dumps(rejected[0].as_dict()))["line"] == 2
 
 
+@pytest.mark.parametrize(("line", "reason"), [
+    # Cut off: the column is where the line ends (json said "column 1" of a next line).
+    ('{"prompt": "broken", "response":  ',
+     "malformed JSON (Expecting value at column 35, the end of the line)"),
+    ('{"prompt": "x" "response": "y"}\r', "malformed JSON (Expecting ',' delimiter at column 16)"),
+])
+def test_malformed_json_names_the_column_in_the_line(tiny_tokenizer, tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[1], line])
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert (caught.value.line, caught.value.reason) == (2, reason)
+
+
+def test_a_json_array_file_is_refused_with_a_hint_at_json_lines(tiny_tokenizer, tmp_path):
+    hint = ("rows.json looks like one JSON document (an array?), but the data must be JSON Lines: "
+            "one JSON object per line (for an array: jq -c '.[]' rows.json > rows.jsonl)")
+    path = tmp_path / "rows.json"
+    for text in (json.dumps(DEMO_ROWS[1:3], indent=2), json.dumps(DEMO_ROWS[1:3])):
+        path.write_text(text + "\n")
+        with pytest.raises(DataError) as caught:
+            list(iter_examples(path, tiny_tokenizer))
+        assert caught.value.line == 1 and caught.value.reason.endswith(hint)
+    # A JSON Lines file with a stray array on a later line is not an array file.
+    write_jsonl(path, [DEMO_ROWS[1], ["2 plus 3", "5"]])
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert (caught.value.line, caught.value.reason) == (2, "expected a JSON object, got list")
+
+
 def test_non_utf8_and_missing_file(tiny_tokenizer, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
