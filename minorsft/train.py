@@ -105,6 +105,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every N steps (and always on Ctrl-C / SIGTERM)
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the latest checkpoint under <output>/checkpoints
+    overwrite: bool = False  # replace a run already in <output>
     step0_check: bool = True
     step0_tolerance: float | None = None  # nats per answer token; None: by dtype (STEP0_TOLERANCE)
     # Padding-free: each micro-batch in one row (see minorsft.packing). None: pack where it is
@@ -147,6 +148,9 @@ class TrainConfig:
         if self.step0_tolerance is not None and not self.step0_tolerance > 0:
             raise ValueError("--step0-tolerance must be positive (--no-step0-check skips the "
                              "check)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output and --overwrite replaces "
+                             "it: pass one of them")
         if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ValueError("--lora-alpha must be positive and --lora-dropout lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
@@ -285,8 +289,39 @@ class TrainState:
     autocast: torch.dtype | None = None  # bf16-mixed: fp32 weights, forward under bf16 autocast
 
 
+# What `train` writes into --output (and --overwrite removes): the model (full or LoRA), the
+# merged model, the metrics, the run's config and the checkpoints. Nothing else is touched.
+RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+             "adapter_config.json", "metrics.jsonl", "run_config.json")
+RUN_FOLDERS = ("checkpoints", "merged")
+
+
+def check_output(config: TrainConfig, is_main: bool) -> None:
+    """Refuse an --output that would lose or mix something, before anything is loaded: a file,
+    the cache itself, or a finished run (replaced with --overwrite, continued with --resume)."""
+    output, cache = Path(config.output), Path(config.cache)
+    if output.is_file():
+        raise ValueError(f"--output {output} is a file; train writes a folder there: choose "
+                         "another --output")
+    if output.resolve() == cache.resolve():
+        raise ValueError(f"--output {output} is the cache: choose another --output")
+    finished = (output / "run_config.json").exists()
+    if finished and not (config.resume or config.overwrite):
+        raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
+                         "replace it, or choose another --output")
+    if config.overwrite and is_main and output.is_dir():
+        for pattern in RUN_FILES:
+            for file in output.glob(pattern):
+                file.unlink()
+        for folder in RUN_FOLDERS:
+            shutil.rmtree(output / folder, ignore_errors=True)
+
+
 def setup(config: TrainConfig, console: Console) -> TrainState:
     world = init_world(config.device)
+    check_output(config, world.is_main)
+    if config.overwrite:
+        barrier(world)  # no rank looks for checkpoints until rank 0 has removed the old ones
     accumulation = config.accumulation_steps(world.world_size)
     cache = Path(config.cache)
     metadata = read_metadata(cache)
@@ -783,8 +818,8 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
     if not config.resume:
         if checkpoints:
             raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
-                             f"{checkpoints[-1][1].name}): pass --resume to continue it, or "
-                             "choose another --output")
+                             f"{checkpoints[-1][1].name}): pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --output")
         return
     if not checkpoints:
         if state.world.is_main:

@@ -9,10 +9,11 @@ source .venv/bin/activate
 # --overwrite: a rerun scores afresh, also over a demo cache left by another minorsft version.
 minorsft precompute --data demo --out runs/demo/ref.parquet --overwrite
 minorsft cache info runs/demo/ref.parquet
+# train's --overwrite: a rerun replaces the demo's earlier runs (without it, train refuses).
 minorsft train --cache runs/demo/ref.parquet --output runs/demo/minorsft --loss minorsft \
-    --batch-size 16 --micro-batch-size 4 --epochs 2
+    --batch-size 16 --micro-batch-size 4 --epochs 2 --overwrite
 minorsft train --cache runs/demo/ref.parquet --output runs/demo/sft --loss sft \
-    --batch-size 16 --micro-batch-size 4 --epochs 2
+    --batch-size 16 --micro-batch-size 4 --epochs 2 --overwrite
 # The paper's Figure 1 for these two runs: m_theta, NLL, loss, coefficient, reward, lr by step.
 minorsft plot runs/demo/minorsft runs/demo/sft -o runs/demo/curves.png
 echo "done: models and metrics.jsonl in runs/demo/minorsft and runs/demo/sft; curves in runs/demo/curves.png"

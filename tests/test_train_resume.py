@@ -298,3 +298,23 @@ def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
     a, b = weights(whole), weights(resumed)
     for name, value in a.items():
         torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
+    """A rerun into a finished run's folder silently replaced its model and metrics."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2))
+    model_before = (output / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds a finished run"):
+        run_train(config(cache, output, max_steps=2, loss="sft"))
+    assert (output / "model.safetensors").read_bytes() == model_before
+    assert json.loads((output / "run_config.json").read_text())["config"]["loss"] == "minorsft"
+    # --overwrite replaces it, checkpoints of the earlier run included
+    (output / "checkpoints" / "step-1").mkdir(parents=True)
+    run_train(config(cache, output, max_steps=1, loss="sft", overwrite=True))
+    assert json.loads((output / "run_config.json").read_text())["config"]["loss"] == "sft"
+    assert len(metrics(output)) == 1 and not (output / "checkpoints").exists()
+    for wrong, message in ((cache, "is the cache"), (tmp_path / "file.txt", "is a file")):
+        (tmp_path / "file.txt").write_text("x")
+        with pytest.raises(ValueError, match=message):
+            run_train(config(cache, wrong))
