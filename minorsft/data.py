@@ -389,7 +389,7 @@ def _end_of_turn(tokenizer, through: str, content_end: int) -> int:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError  # transformers' template engine, needed here only
 
     try:
         return tokenizer.apply_chat_template(

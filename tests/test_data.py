@@ -15,7 +15,7 @@ from minorsft.data import (
     tokenize_conversation,
 )
 
-from .conftest import DEMO_ROWS, build_tiny_tokenizer, write_jsonl
+from .conftest import CHATML, DEMO_ROWS, build_tiny_tokenizer, write_jsonl
 
 # ChatML that adds a default system prompt when the first message is not a system message, as
 # SmolLM2-Instruct's template does ("You are a helpful AI assistant named SmolLM, ...").
@@ -89,6 +89,13 @@ def test_answer_content_trimmed_by_the_template_is_still_found(tmp_path):
     row = {"prompt": "2 plus 3", "response": "  5\n"}
     (example,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [row]), tokenizer)
     assert answer_text(tokenizer, example) == "5<|im_end|>"
+
+
+def test_a_turn_end_marker_other_than_eos_is_answer_but_not_the_newline_after_it(tmp_path):
+    # As Gemma's <end_of_turn> (its eos token is <eos>): no eos in the turn to stop at.
+    tokenizer = tokenizer_with_template(CHATML.replace("<|im_end|>", "<|endoftext|>"))
+    (example,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[1]]), tokenizer)
+    assert answer_text(tokenizer, example) == "He has 7 apples.<|endoftext|>"
 
 
 def test_conversation_the_template_refuses_is_rejected_not_a_crash(tmp_path):
