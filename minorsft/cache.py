@@ -86,6 +86,7 @@ class CacheWriter:
                                              dir=self.path.parent)
         os.close(handle)
         self._temp = Path(temp_name)
+        honour_umask(self._temp)
         self._writer = pq.ParquetWriter(self._temp, SCHEMA, compression="zstd")
         self.rows = 0
 
@@ -174,11 +175,26 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file or folder from mkstemp/mkdtemp (always private, 0600/0700) the permissions
+    an ordinary file or folder would get, so that a cache on a shared file system is readable
+    by whoever the user's umask allows."""
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~_current_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
     path = Path(path)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        honour_umask(Path(temp_name))
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
@@ -466,6 +482,7 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
             raise CacheError(f"{out} is a file and not a minorsft cache; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
+    honour_umask(staging)
     try:
         (staging / REJECTS_DIR).mkdir()
         for index, entry in parts.items():
@@ -549,6 +566,7 @@ def update_metadata(path: Path, extra: dict) -> dict:
                                              dir=path.parent)
         os.close(handle)
         try:
+            honour_umask(Path(temp_name))
             pq.write_table(table, temp_name, compression="zstd")
             os.replace(temp_name, path)
         except BaseException:

@@ -36,7 +36,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from minorsft import __version__
-from minorsft.cache import CacheError, check_compatible, iter_rows, read_metadata, validate_values
+from minorsft.cache import (
+    CacheError,
+    check_compatible,
+    honour_umask,
+    iter_rows,
+    read_metadata,
+    validate_values,
+)
 from minorsft.compiling import compile_model, default_compile_skip
 from minorsft.distributed import (
     STRATEGIES,
@@ -748,6 +755,7 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
         return
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
+    honour_umask(staging)
     try:
         save_file(weights, staging / "model.safetensors")
         torch.save(optimizer_state, staging / "optimizer.pt")

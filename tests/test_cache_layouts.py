@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from typer.testing import CliRunner
 
-from minorsft.cache import CacheError, CacheWriter, iter_rows, read_metadata, update_metadata
+from minorsft.cache import (
+    CacheError,
+    CacheWriter,
+    iter_rows,
+    merge_caches,
+    read_metadata,
+    update_metadata,
+)
 from minorsft.cli import app
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
@@ -129,3 +138,24 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
                                         shard=f"{index}/2", verify_sample=0))
     assert "not a minorsft cache" in merge(*shards, "--out", notes, "--overwrite")
     assert notes.read_text() == "keep me"
+
+
+def test_cache_files_get_the_umask_permissions_not_private_ones(tiny_model_dir, demo_jsonl,
+                                                                 tmp_path):
+    """Written through mkstemp, parts and manifests were 0600: unreadable on a shared disk."""
+    before = os.umask(0o022)
+    try:
+        out = tmp_path / "ref.parquet"
+        run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                        out=str(out), part_rows=6, max_batch_tokens=256,
+                                        verify_sample=0))
+        merged = tmp_path / "merged"
+        merge_caches([out], merged)
+    finally:
+        os.umask(before)
+    files = [*out.iterdir(), *merged.iterdir()]
+    assert any(f.name.startswith("part-") for f in files)
+    for file in files:
+        want = 0o755 if file.is_dir() else 0o644
+        assert stat.S_IMODE(file.stat().st_mode) == want, file
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o755
