@@ -184,8 +184,8 @@ def train(
              "as fast as float32 on CPUs with bf16 instructions).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     attention: Annotated[str, typer.Option(
-        help="auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager or "
-             "flash_attention_2.")] = "auto",
+        help="auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager, "
+             "flash_attention_2, flash_attention_3 or flex_attention.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(
         help="Recompute activations in backward to save memory.")] = False,
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
@@ -331,6 +331,17 @@ def verify(
         raise typer.Exit(code=1)
 
 
+def _plain_value(value) -> str:
+    """A metadata value as `cache info` shows it: nested dicts as key=value lists, floats short."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_plain_value(item)}" for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_plain_value(item) for item in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 @cache_app.command("info")
 def cache_info(
     path: Annotated[Path, typer.Argument(help="A cache (parts directory or single file).")],
@@ -347,9 +358,10 @@ def cache_info(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     metadata = info["metadata"]
+    counts = ("rows", "rows_in", "rows_rejected")  # shown together in the "rows" line below
     for key, value in metadata.items():
-        if key != "drift":
-            typer.echo(f"{key:>20}: {value}")
+        if key != "drift" and key not in counts:
+            typer.echo(f"{key:>20}: {_plain_value(value)}")
     typer.echo(f"{'schema':>20}: {info['schema']}")
     typer.echo(f"{'rows':>20}: {info['rows']} cached"
                + (f" + {metadata.get('rows_rejected')} rejected = {metadata.get('rows_in')} "
@@ -366,7 +378,7 @@ def cache_info(
         typer.echo(f"{'drift':>20}: not measured for this cache")
     elif isinstance(drift, dict):
         for key, value in drift.items():
-            typer.echo(f"{'drift ' + key:>20}: {value}")
+            typer.echo(f"{'drift ' + key:>20}: {_plain_value(value)}")
     else:
         typer.echo(f"{'drift':>20}: {drift}")
 

@@ -196,6 +196,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             f"only) {MIXED_PRECISION}") from None
 
 
+# What --attention accepts: auto, or a transformers attention implementation minorsft trains with.
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                     "flex_attention")
+
+
 def pick_attention(requested: str, device: torch.device) -> str:
     """flash-attn 2 where it is installed and a GPU is present, else PyTorch SDPA."""
     if requested != "auto":

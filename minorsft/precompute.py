@@ -109,8 +109,13 @@ class PrecomputeConfig:
             raise ValueError("--max-batch-tokens must be positive")
         if self.verify_sample < 0:
             raise ValueError("--verify-sample must be 0 (skip) or positive")
-        if self.part_rows < 1 or self.window_rows < 1:
-            raise ValueError("--part-rows and the window must be positive")
+        if self.part_rows < 1:
+            raise ValueError("--part-rows must be positive")
+        if self.window_rows < 1:
+            raise ValueError("window_rows must be positive")
+        # One named column without the other is an option mistake, not a fault of every row.
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise ValueError("--prompt-field and --response-field must be given together")
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         parse_shard(self.shard)

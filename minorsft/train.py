@@ -60,6 +60,7 @@ from minorsft.distributed import (
 )
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
+    ATTENTION_CHOICES,
     MIXED_PRECISION,
     autocast_context,
     cpu_has_bf16,
@@ -162,6 +163,9 @@ class TrainConfig:
             raise ValueError("--lora-alpha must be positive and --lora-dropout lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown --attention {self.attention!r}; choose one of "
+                             f"{', '.join(ATTENTION_CHOICES)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose ddp or fsdp")
         if self.save_every is not None and self.save_every < 1:

@@ -81,7 +81,12 @@ def test_cache_info(tiny_model_dir, demo_jsonl, tmp_path):
     runner.invoke(app, ["precompute", "--data", str(demo_jsonl), "--model", str(tiny_model_dir),
                         "--out", str(cache)])
     result = runner.invoke(app, ["cache", "info", str(cache)])
-    assert result.exit_code == 0 and "transformers" in result.output and "16" in result.output
+    assert result.exit_code == 0 and "transformers" in result.output
+    # the counts once, in one line; nested metadata as key=value, not a Python dict
+    lines = result.output.splitlines()
+    assert [line.split(":")[0].strip() for line in lines].count("rows") == 1
+    assert "16 cached + 0 rejected = 16 input rows" in result.output
+    assert "{'" not in result.output and "device=cpu" in result.output
 
 
 def test_bad_option_values():
@@ -98,6 +103,7 @@ def test_bad_option_values():
     ("--weight-decay", "-1", "--weight-decay must be >= 0"),
     ("--step0-tolerance", "-1", "--step0-tolerance must be positive"),
     ("--lora-dropout", "1", "--lora-dropout lie in [0, 1)"),
+    ("--attention", "foo", "unknown --attention 'foo'"),
 ])
 def test_train_refuses_option_values_that_would_train_wrong(option, value, message):
     result = runner.invoke(app, ["train", option, value])
@@ -142,3 +148,13 @@ def test_all_rows_rejected_points_to_a_rejects_file_that_exists(tiny_model_dir, 
     rejects = out / "_rejects.jsonl"
     assert str(rejects) in result.output
     assert len(rejects.read_text().splitlines()) == 2
+
+
+def test_one_named_column_is_an_option_error_before_any_row_is_read(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--out",
+                                 str(tmp_path / "c"), "--prompt-field", "question",
+                                 "--on-bad", "skip"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--prompt-field and --response-field must be given" in text
+    assert not (tmp_path / "c").exists()
