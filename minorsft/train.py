@@ -300,6 +300,26 @@ class TrainState:
     autocast: torch.dtype | None = None  # bf16-mixed: fp32 weights, forward under bf16 autocast
 
 
+# The first version whose answer spans are only the assistant's content and end-of-turn token.
+ANSWER_SPAN_FIXED = "0.2.0"
+
+
+def _old_answer_span_note(version: str | None) -> str | None:
+    """A note for caches written before ANSWER_SPAN_FIXED: some of their answer masks differ."""
+    try:
+        written, fixed = (tuple(int(part) for part in str(v).split(".")[:3])
+                          for v in (version, ANSWER_SPAN_FIXED))
+    except ValueError:  # no version recorded, or not a plain one
+        return None
+    if written >= fixed:
+        return None
+    return (f"this cache was written by minorsft {version}. minorsft {ANSWER_SPAN_FIXED} "
+            "fixed the answer span of chats that begin "
+            "with an assistant turn (it took in the template's default system prompt) and of "
+            "templates that end a turn with another marker than the eos token (it took in the "
+            "newline after it). If your data has either, run precompute again.")
+
+
 # What `train` writes into --output (and --overwrite removes): the model (full or LoRA), the
 # merged model, the metrics, the run's config and the checkpoints. Nothing else is touched.
 RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
@@ -344,6 +364,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         run_fingerprint = fingerprint(model_path, tokenizer).as_dict()
         check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
                          cache)
+    if world.is_main and (note := _old_answer_span_note(metadata.get("minorsft_version"))):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     torch.manual_seed(config.seed)
     device = pick_device(rank_device(world, config.device))
     # FSDP2 keeps fp32 master weights and computes in `dtype` through its mixed-precision policy.
@@ -474,6 +496,8 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     history = []
     started = time.perf_counter()
     first = state.start_step
+    if first >= state.total_steps:  # resumed at the end: no bar of 3/3 steps with loss nan
+        return history
     batches = islice(batches, first, None)  # the stream is a pure function of (cache, seed)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  m_theta {task.fields[m_theta]:+.2e}  "

@@ -162,13 +162,17 @@ def format_report(report: DriftReport) -> str:
         f"{trn['engine']} ({trn['dtype']})",
     ]
     if report.token_abs_mean is not None:
-        lines.append(f"  per-token |d log-prob|: mean {report.token_abs_mean:.2e}, max "
+        # Against a fresh rescoring, not against the cache: batching can move the cached sums
+        # a little (the "own engine again" line below), so this can be 0 where |d r| is not.
+        lines.append(f"  per-token |d log-prob|, trainer vs the cache's engine rescoring these "
+                     f"rows now: mean {report.token_abs_mean:.2e}, max "
                      f"{report.token_abs_max:.2e} nats")
     else:
         lines.append("  per-token |d log-prob|: not measured (use --rescore to recompute the "
                      "sample with the cache's engine)")
     lines += [
-        f"  |d r| per answer (summed): mean {q['mean']:.2e}, median {q['p50']:.2e}, p90 "
+        f"  |d r| per answer, trainer vs the cached sums: mean {q['mean']:.2e}, median "
+        f"{q['p50']:.2e}, p90 "
         f"{q['p90']:.2e}, max {q['max']:.2e} nats; signed mean {report.delta_r_mean:+.2e}",
         f"  step-0 m_theta on these rows: {report.m_theta_step0:+.2e} (0 without drift)",
         f"  MinorSFT coefficient 2*sigmoid(-beta*r) at beta {report.beta}: min "

@@ -318,3 +318,25 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
         (tmp_path / "file.txt").write_text("x")
         with pytest.raises(ValueError, match=message):
             run_train(config(cache, wrong))
+
+
+def test_resume_at_the_last_step_trains_nothing_and_keeps_the_run(cache, tmp_path, capsys):
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2, save_every=2))
+    before = metrics(output)
+    capsys.readouterr()
+    assert run_train(config(cache, output, max_steps=2, save_every=2, resume=True)) == []
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "nan" not in err
+    assert metrics(output) == before
+
+
+def test_a_cache_from_before_the_answer_span_fix_gets_a_note(cache, tmp_path, capsys):
+    from minorsft.cache import update_metadata
+
+    update_metadata(cache, {"minorsft_version": "0.1.0"})
+    run_train(config(cache, tmp_path / "run", max_steps=1))
+    err = " ".join(capsys.readouterr().err.split())
+    assert "written by minorsft 0.1.0" in err and "run precompute again" in err
+    assert train_module._old_answer_span_note(train_module.__version__) is None
+    assert train_module._old_answer_span_note(None) is None  # nothing recorded: no guess
