@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +31,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+# Errors of the disk rather than of minorsft: said in one line, without a traceback.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+
 def _run(function, config):
     """Call a stage; turn the errors a user can fix into a clear message and exit code 2."""
     from minorsft.cache import CacheError
@@ -40,7 +45,16 @@ def _run(function, config):
         return function(config, console)
     except (DataError, CacheError, ModelError, ValueError, FileNotFoundError) as error:
         _fail(str(error))
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        _fail(f"{error.strerror}{where}: free space, fix permissions, or write elsewhere")
     except Exception as error:
+        # safetensors reports a full disk in its own exception type, with the OS's words
+        if type(error).__name__ == "SafetensorError" and "No space left" in str(error):
+            _fail(f"no space left on the device while writing the model ({error}); free space "
+                  "or choose another --output")
         # torch.compile (on by default on CUDA) fails at the first step with a long trace; the
         # inputs are untouched, and the way out is one flag.
         if type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):

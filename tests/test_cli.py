@@ -158,3 +158,18 @@ def test_one_named_column_is_an_option_error_before_any_row_is_read(tmp_path):
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "--prompt-field and --response-field must be given" in text
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("error", [
+    OSError(__import__("errno").ENOSPC, "No space left on device", "run/model.safetensors"),
+    type("SafetensorError", (Exception,), {})("Error while serializing: No space left on device"),
+])
+def test_a_full_disk_is_a_one_line_error(monkeypatch, tmp_path, error):
+    def full_disk(config, console):
+        raise error
+
+    monkeypatch.setattr("minorsft.train.run_train", full_disk)
+    result = runner.invoke(app, ["train", "--cache", str(tmp_path / "c"), "--output",
+                                 str(tmp_path / "run")])
+    assert result.exit_code == 2 and "space left" in result.output, result.output
+    assert result.output.startswith("error:")
