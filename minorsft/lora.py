@@ -7,6 +7,7 @@ MinorSFT coefficient is 1/2 (2 sigmoid(0) = 1), as with full fine-tuning.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 
@@ -39,7 +40,12 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str)
         r=r, lora_alpha=alpha, lora_dropout=dropout,
         target_modules=parse_target_modules(target_modules), task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers' deprecated `is_gradient_checkpointing`: its warning is for
+        # peft's authors, not for the user training
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def is_lora(model) -> bool:
