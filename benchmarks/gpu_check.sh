@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU performance check (see benchmarks/gpu_check.py). Needs only torch + transformers:
 #   OUT=/some/folder bash benchmarks/gpu_check.sh            # GPU, about 2-4 minutes
-#   OUT=/tmp/x bash benchmarks/gpu_check.sh --device cpu --small   # CPU smoke test
+#   OUT=smoke bash benchmarks/gpu_check.sh --device cpu --small   # CPU smoke test
 # Results: $OUT/gpu_check.md (tables), $OUT/gpu_check.json, $OUT/gpu_check.log.
 # Picture of section 5 (here, with matplotlib): python benchmarks/plot_gpu_check.py $OUT/gpu_check.json -o gpu_trl.png
 set -euo pipefail

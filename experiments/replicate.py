@@ -213,7 +213,9 @@ def main(argv=None) -> None:
                 run_train(TrainConfig(
                     cache=str(caches["train"]), output=str(run_dir), loss=loss, beta=args.beta,
                     lr=lr, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                    epochs=args.epochs, seed=args.seed, dtype="float32"), console)
+                    epochs=args.epochs, seed=args.seed, dtype="float32",
+                    overwrite=True),  # a run without its eval.json is done again, whole
+                    console)
                 seconds = time.perf_counter() - train_started
                 result = evaluate(str(run_dir), args, caches["heldout"], console)
                 result["train_seconds"] = seconds

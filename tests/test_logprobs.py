@@ -1,4 +1,4 @@
-"""Chunked and packed log-probs equal the naive full-logits formula, forward and backward.
+"""Blocked-head and packed log-probs equal the naive full-logits formula, forward and backward.
 
 The naive reference is `sequence_logps(model(...).logits, ...)`: log-softmax over the whole
 [B, T, V] logits, gather, mask, sum. Every memory-saving path must give the same per-sample

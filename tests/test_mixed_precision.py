@@ -1,6 +1,6 @@
 """--dtype bf16-mixed: fp32 weights, forward and backward under bf16 autocast (scoring too).
 
-The chunked output head is a custom autograd function whose backward recomputes the logits;
+The blocked output head is a custom autograd function whose backward recomputes the logits;
 under autocast it must recompute them as the forward computed them (in bf16), or its gradient
 would belong to another function than the loss. The reference is the naive full-logits formula
 with plain autograd, under the same autocast.

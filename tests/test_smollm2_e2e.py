@@ -27,7 +27,7 @@ def smollm2_run(tmp_path_factory):
 
 
 def test_cache_matches_a_known_forward_pass(smollm2_run):
-    """ENVIRONMENT.md measured -2.837 over 8 tokens (answer + <|im_end|>) for this answer."""
+    """Measured once on the built-in model: -2.837 over 8 tokens (answer + <|im_end|>)."""
     cache, _, _ = smollm2_run
     first = next(iter_rows(cache))
     assert first["id"] == "a0" and first["num_tokens"] == 8
