@@ -431,18 +431,20 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     """
     world, device = state.world, state.device
     pad_id = state.tokenizer.pad_token_id
-    count = len(rows)
+    count, size = len(rows), config.micro_batch_size
     local = rank_slice(rows, world)
-    weight = 1.0
-    if not local:  # a short last batch can leave a rank without rows; it must still take part
-        local, weight = rows[:1], 0.0
-    micro_batches = [local[i: i + config.micro_batch_size]
-                     for i in range(0, len(local), config.micro_batch_size)]
+    # Every rank runs as many micro-batches as the fullest one: DDP and FSDP communicate in each
+    # backward (FSDP in each forward too), so a rank with fewer, which a short last batch gives
+    # (3 rows on 2 ranks at micro-batch 1: 2 and 1), would leave the others waiting forever. The
+    # missing ones run the batch's first row at weight 0: they take part and change nothing.
+    fullest = -(-count // world.world_size)
+    micro_batches = [(local[i: i + size], 1.0) for i in range(0, len(local), size)]
+    micro_batches += [(rows[:1], 0.0)] * (-(-fullest // size) - len(micro_batches))
     # The metrics stay on the device until the step's optimizer kernels are queued: one copy to
     # the host per step (a copy waits for the device, which then idles while Python goes on).
     sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
     tokens = 0
-    for index, micro in enumerate(micro_batches):
+    for index, (micro, weight) in enumerate(micro_batches):
         ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
         num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
         with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):

@@ -69,3 +69,27 @@ def test_two_processes_match_one(cache, tmp_path, loss, strategy):
     assert single_weights.keys() == multi_weights.keys()
     for name, value in single_weights.items():
         torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_uneven_micro_batch_counts_on_a_short_last_batch_do_not_hang(tiny_model_dir, tmp_path):
+    """19 rows, batch 8: the last step has 3 rows, 2 for rank 0 and 1 for rank 1. At micro-batch
+    1 rank 1 ran one micro-batch fewer, and FSDP2's collectives waited for it forever."""
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(5)[:19])
+    single = tmp_path / "single"
+    run_train(TrainConfig(cache=str(cache), output=str(single), batch_size=8, micro_batch_size=4,
+                          lr=1e-3, warmup_ratio=0.0, seed=5), Console(quiet=True))
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+               "--micro-batch-size", "1", *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_metrics, single_weights = read_run(single)
+    multi_metrics, multi_weights = read_run(multi)
+    assert [m["samples"] for m in multi_metrics] == [8, 8, 3]
+    for one, two in zip(single_metrics, multi_metrics, strict=True):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+    for name, value in single_weights.items():
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)
