@@ -244,12 +244,47 @@ class _BlockedHeadLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def final_logit_transform(model):
-    """Models whose logits are more than `lm_head(hidden)` (softcapping, scaling) need logits."""
+# Config fields of models whose forward changes the logits after the output head: Gemma 2/3
+# softcap them, Cohere scales them, Granite divides them.
+LOGIT_TRANSFORM_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+HEAD_PROBE_TOKENS = 8
+_PLAIN_HEAD_ATTRIBUTE = "_minorsft_plain_head"
+
+
+def final_logit_transform(model) -> bool:
+    """Whether the model's logits are more than `lm_head(last hidden state)`: then the log-probs
+    must come from the model's own logits (full [T, V], no blocks), or they would be wrong.
+
+    Known config fields answer at once. Any other model is probed once (the answer is kept on
+    the model): its output head on its decoder's hidden states must give its forward's logits,
+    on a few tokens. That catches what no field names (a scaled hidden state before the head,
+    a multiplier on it, a vocabulary cut after it) as long as it changes the logits.
+    """
     config = model.config
-    return bool(getattr(config, "final_logit_softcapping", None)) or bool(
-        getattr(config, "logit_scale", None)
-    )
+    if any(getattr(config, field, None) not in (None, 0, 1, 1.0)
+           for field in LOGIT_TRANSFORM_FIELDS):
+        return True
+    plain = getattr(model, _PLAIN_HEAD_ATTRIBUTE, None)
+    if plain is None:
+        plain = _head_gives_the_logits(model)
+        setattr(model, _PLAIN_HEAD_ATTRIBUTE, plain)
+    return not plain
+
+
+@torch.no_grad()
+def _head_gives_the_logits(model) -> bool:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        return False
+    vocab = head.weight.shape[0]
+    ids = ((torch.arange(HEAD_PROBE_TOKENS) * 7919 + 11) % vocab)[None].to(head.weight.device)
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    ours = head(hidden).float()
+    theirs = model(input_ids=ids, use_cache=False).logits.float()
+    if ours.shape != theirs.shape:
+        return False
+    # The same matmul on the same numbers: any transform shows far above this tolerance
+    return bool(torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * (1 + theirs.abs().max())))
 
 
 def head_logps(

@@ -58,6 +58,7 @@ from minorsft.distributed import (
     rank_slice,
     wrap_policy,
 )
+from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     ATTENTION_CHOICES,
@@ -377,6 +378,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
+    # Decided now, before packing, compiling or wrapping change the model: whether its logits
+    # are its output head's (the blocked head's path) or must come from its own forward.
+    final_logit_transform(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -187,3 +187,44 @@ def test_padding_does_not_change_a_sample():
     padded = answer_logps(model, *pad_batch([short, list(range(3, 30))], [mask, [True] * 27],
                                             tokenizer.pad_token_id, "cpu"))
     torch.testing.assert_close(alone[0], padded[0], rtol=1e-5, atol=1e-5)
+
+
+def _transformed_models():
+    """Models whose forward changes the logits after the output head: one that a config field
+    names (Granite divides by `logits_scaling`) and one that nothing names (found by probing)."""
+    from transformers import GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
+
+    class ScaledLlama(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    granite = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=16.0))
+    plain = build_tiny_model(build_tiny_tokenizer())
+    scaled = ScaledLlama(plain.config)
+    scaled.load_state_dict(plain.state_dict())
+    return {"granite": granite, "unnamed scaling": scaled}
+
+
+@pytest.mark.parametrize("name", ["granite", "unnamed scaling"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_models_that_transform_their_logits_get_their_own_log_probs(name, packing):
+    """The blocked head computes log_softmax(lm_head(h)); for these models that is wrong (a tiny
+    Granite gave -148.5 where its own logits give -30.6), so their logits are used."""
+    model = _transformed_models()[name].float()
+    ids, masks = _batch()
+    rows = [{"input_ids": i, "answer_mask": m} for i, m in zip(ids, masks, strict=True)]
+    got, _ = micro_batch_logps(model, rows, 0, torch.device("cpu"), packing)
+    torch.testing.assert_close(got, _naive(model).detach(), **TOL)
+
+
+def test_a_plain_head_is_probed_once_and_keeps_the_blocks(model, monkeypatch):
+    from minorsft import logprobs
+
+    assert not logprobs.final_logit_transform(model)
+    monkeypatch.setattr(logprobs, "_head_gives_the_logits", lambda m: pytest.fail("probed twice"))
+    assert not logprobs.final_logit_transform(model)

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from minorsft.data import Example
-from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.logprobs import answer_logps, final_logit_transform, pad_batch
 from minorsft.models import (
     autocast_context,
     load_model,
@@ -61,6 +61,7 @@ class TransformersEngine:
         self.model = load_model(model_path, self.dtype, self.device,
                                 pick_attention(attention, self.device))
         self.model.eval()
+        final_logit_transform(self.model)  # probed once here, not inside the first batch
         self.pad_id = self.model.config.pad_token_id or 0
         self.max_batch_tokens = max_batch_tokens or default_batch_tokens(self.device)
 
