@@ -17,9 +17,11 @@ sft-dpo     eq. 3,4  -log sigmoid(beta r)                -beta sigmoid(-beta r)
 minorsft    eq. 7    -(2/(beta m)) log sigmoid(beta r)   -(2/m) sigmoid(-beta r)
 ==========  =======  ==================================  ======================================
 
-MinorSFT's closed form is chosen so that its gradient is exactly eq. 7; as beta -> 0 it tends to
-raw SFT plus a constant. Note that r is a *summed* log-ratio and beta multiplies the sum; a
-per-token averaged ratio is a different loss.
+MinorSFT's closed form is chosen so that its gradient is exactly eq. 7; as beta -> 0 that
+gradient tends to raw SFT's. The loss's value does not: it is raw SFT's plus
+2 log 2 / (beta m) + log pi_ref / m + O(beta), which grows as beta shrinks, so logged `loss`
+values of different losses are not comparable (`nll` is). Note that r is a *summed* log-ratio
+and beta multiplies the sum; a per-token averaged ratio is a different loss.
 """
 
 from __future__ import annotations

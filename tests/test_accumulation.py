@@ -4,6 +4,8 @@ Each micro-batch's summed loss is divided by the step's sample count, so the acc
 is the gradient of the mean over the whole step, however it is split.
 """
 
+import copy
+
 import pytest
 import torch
 from rich.console import Console
@@ -46,3 +48,52 @@ def test_micro_batch_8x1_equals_2x4(tiny_cache, tmp_path, loss):
         assert split_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-4, abs=1e-6), key
     for name, value in whole.items():
         torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-6)
+
+
+class GradientRecorder(torch.optim.SGD):
+    """An optimizer whose step keeps the gradients it was given, and changes nothing."""
+
+    def step(self, closure=None):
+        self.seen = {id(p): p.grad.detach().clone() for group in self.param_groups
+                     for p in group["params"] if p.grad is not None}
+
+
+def paper_mean_loss_gradient(model, rows, loss, beta):
+    """The gradient of the mean per-sample loss, from the paper's formulas in float64, on the
+    model's own full logits (none of minorsft's log-prob or loss code)."""
+    model64 = copy.deepcopy(model).double()
+    losses = []
+    for row in rows:
+        ids = row["input_ids"]
+        logp = torch.log_softmax(model64(input_ids=torch.tensor([ids])).logits[0], -1)
+        picked = [logp[t - 1, ids[t]] for t in range(1, len(ids)) if row["answer_mask"][t]]
+        policy, m = torch.stack(picked).sum(), len(picked)
+        assert m == row["num_tokens"]
+        r = policy - row["ref_logps"]
+        losses.append({"sft": -policy / m,  # eq. 5
+                       "sft-dpo": -torch.nn.functional.logsigmoid(beta * r),  # eq. 3
+                       "minorsft": -2 / (beta * m) * torch.nn.functional.logsigmoid(beta * r),
+                       }[loss])  # eq. 7
+    torch.stack(losses).mean().backward()
+    return [p.grad for p in model64.parameters()]
+
+
+@pytest.mark.parametrize("loss", ["minorsft", "sft", "sft-dpo"])
+def test_a_split_short_batch_gives_the_paper_gradient_of_the_mean(tiny_cache, tmp_path, loss):
+    """5 rows (a short last batch) in micro-batches of 3 and 2: the accumulated gradient is the
+    float64 gradient of the mean of eqs. 5/3/7, not only equal to another split of itself."""
+    config = TrainConfig(cache=str(tiny_cache), output=str(tmp_path), loss=loss, batch_size=6,
+                         micro_batch_size=3, warmup_ratio=0.0, max_grad_norm=1e12)
+    state = setup(config, Console(quiet=True))
+    torch.manual_seed(4)
+    with torch.no_grad():  # away from the reference, so that r differs from row to row
+        for parameter in state.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    rows = next(global_batches(sample_stream(tiny_cache, 3, True, 64, 1), 5))
+    want = paper_mean_loss_gradient(state.model, rows, loss, config.beta)
+    train_step(state, config, rows)
+    for parameter, expected in zip(state.model.parameters(), want, strict=True):
+        got = state.optimizer.seen[id(parameter)].double()
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-9

@@ -79,7 +79,8 @@ def test_hand_picked_values():
 
 
 def test_all_masked_sample_gives_no_nan():
-    """A sample with no answer tokens (m = 0, summed log-probs 0) contributes zero gradient."""
+    """A sample with no answer tokens (m = 0, summed log-probs 0) gives finite losses and
+    gradients (m is clamped to 1; data and cache checks refuse such rows before training)."""
     policy = torch.zeros(3, requires_grad=True)
     m = torch.zeros(3)
     for name in LOSS_NAMES:
