@@ -40,6 +40,8 @@ SCRIPT = Path(__file__).resolve()
 def build_model(vocab: int, hidden: int, layers: int, dtype, device):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from minorsft.logprobs import final_logit_transform
+
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
                          num_key_value_heads=2, max_position_embeddings=8192,
@@ -47,6 +49,7 @@ def build_model(vocab: int, hidden: int, layers: int, dtype, device):
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(dtype=dtype, device=device)
     model.config.use_cache = False
+    final_logit_transform(model)  # the head's one-off probe, as `train` runs it at start-up
     return model
 
 

@@ -51,7 +51,13 @@ from minorsft.attention import SEGMENT_ATTENTION, check_packed_isolation, use_se
 from minorsft.compiling import compile_decoder_layers, compile_model, compiles_by_default
 from minorsft.data import Example
 from minorsft.engines.hf import token_budget_batches
-from minorsft.logprobs import answer_logps, pad_batch, sequence_logps, use_compiled_head
+from minorsft.logprobs import (
+    answer_logps,
+    final_logit_transform,
+    pad_batch,
+    sequence_logps,
+    use_compiled_head,
+)
 from minorsft.loss import compute_loss
 from minorsft.optim import make_optimizer
 from minorsft.packing import micro_batch_logps
@@ -191,6 +197,7 @@ def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
     model = model.to(dtype)
     model.set_attn_implementation(attention)
     model.config.use_cache = False
+    final_logit_transform(model)  # the head's one-off probe, as `train` runs it at start-up
     return model
 
 

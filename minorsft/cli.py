@@ -153,7 +153,9 @@ def precompute(
         console.print(
             f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "
             f"{summary.rows_rejected} rejected{resumed}. The cache is not complete yet: "
-            f"{escape(str(summary.waiting_for))}", highlight=False)
+            f"{escape(str(summary.waiting_for))}. Shards that share this --out complete it "
+            "there; shards written to other folders are joined with `minorsft cache merge "
+            "DIR... --out CACHE`.", highlight=False)
         return
     console.print(
         f"[green]wrote[/] {escape(str(summary.cache_path))}: {summary.rows_in} input rows = "

@@ -24,7 +24,7 @@ from minorsft.attention import (
     packed_sample_lengths,
     use_segment_attention,
 )
-from minorsft.logprobs import answer_logps, pad_batch
+from minorsft.logprobs import answer_logps, final_logit_transform, pad_batch
 from minorsft.packing import micro_batch_logps, prepare_packing
 
 from .conftest import build_tiny_model
@@ -79,6 +79,7 @@ def test_segment_attention_equals_padding_forward_and_backward(model, layout, mo
     want_grads = _grads(model, want)
     assert use_segment_attention(model)
     assert model.config._attn_implementation == SEGMENT_ATTENTION
+    final_logit_transform(model)  # its one-off probe runs at start-up (train, engine), not here
     eager = minorsft.attention._segment_attention_eager
     eager_calls = []
     monkeypatch.setattr(minorsft.attention, "_segment_attention_eager",
