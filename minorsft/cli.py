@@ -282,17 +282,23 @@ def train(
         _run(run_train, config)
     except TrainingInterrupted as stopped:
         console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
+        _leave_torchrun_worker(130)
         raise typer.Exit(code=130) from None
+    except typer.Exit as stop:  # an error already said in one line
+        _leave_torchrun_worker(stop.exit_code)
+        raise
     _leave_torchrun_worker()
 
 
-def _leave_torchrun_worker() -> None:
-    """Under torchrun, exit without interpreter finalization once training is saved.
+def _leave_torchrun_worker(code: int = 0) -> None:
+    """Under torchrun, exit with `code` without interpreter finalization.
 
     Gloo's worker threads can outlive `destroy_process_group` and abort the process while the
     interpreter tears down ("terminate called without an active exception", SIGABRT; seen about
     once in six FSDP runs on a busy 2-core machine), which torchrun reports as a failed run
-    although the model and metrics were written. Everything is saved and closed by now.
+    although the model and metrics were written. After success everything is saved and closed
+    by now; after an error (said already, the process group left as it is) the exit code is
+    the error's, not an abort's.
     """
     import os
     import sys
@@ -300,7 +306,7 @@ def _leave_torchrun_worker() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
 
 
 @app.command()

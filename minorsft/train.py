@@ -567,17 +567,18 @@ def save(state: TrainState, config: TrainConfig) -> Path:
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
     state = setup(config, console)
-    try:
-        if config.step0_check and state.start_step == 0:
-            check_step0(state, config, console)
-        history = fit(state, config, console)
-        save(state, config)
-        # All ranks leave together: a rank that tore down its process group while rank 0 was
-        # still writing the model made gloo abort ("terminate called without an active
-        # exception"). Only on success: after an error a barrier could wait forever.
-        barrier(state.world)
-    finally:
-        close_world(state.world)
+    if config.step0_check and state.start_step == 0:
+        check_step0(state, config, console)
+    history = fit(state, config, console)
+    save(state, config)
+    # All ranks leave together: a rank that tore down its process group while rank 0 was still
+    # writing the model made gloo abort ("terminate called without an active exception").
+    barrier(state.world)
+    # Torn down on success only. After an error (or Ctrl-C) the other ranks may be anywhere:
+    # a barrier could wait forever, and so could destroying the group, which joins gloo's
+    # workers (docs/reliability.md). The command line then ends a torchrun worker right after
+    # its message, without finalization (`cli._leave_torchrun_worker`).
+    close_world(state.world)
     if state.world.is_main and not history:
         console.print(f"nothing to do: the checkpoint is at the last step "
                       f"({state.total_steps}); model saved in {config.output}", markup=False)

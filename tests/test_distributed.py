@@ -93,3 +93,16 @@ def test_uneven_micro_batch_counts_on_a_short_last_batch_do_not_hang(tiny_model_
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     for name, value in single_weights.items():
         torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_an_error_under_torchrun_is_each_ranks_one_line_and_exit_code(tmp_path):
+    """Each rank says the error once and exits with its code (2), promptly: the process group
+    is left to the process's end, not torn down where the other rank may be waiting."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("error: ") == 2 and "no such cache" in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-2000:]
