@@ -278,9 +278,14 @@ def _head_gives_the_logits(model) -> bool:
         return False
     vocab = head.weight.shape[0]
     ids = ((torch.arange(HEAD_PROBE_TOKENS) * 7919 + 11) % vocab)[None].to(head.weight.device)
-    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-    ours = head(hidden).float()
-    theirs = model(input_ids=ids, use_cache=False).logits.float()
+    training = model.training
+    model.eval()  # the two passes must not differ by dropout
+    try:
+        hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        ours = head(hidden).float()
+        theirs = model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(training)
     if ours.shape != theirs.shape:
         return False
     # The same matmul on the same numbers: any transform shows far above this tolerance

@@ -228,3 +228,18 @@ def test_a_plain_head_is_probed_once_and_keeps_the_blocks(model, monkeypatch):
     assert not logprobs.final_logit_transform(model)
     monkeypatch.setattr(logprobs, "_head_gives_the_logits", lambda m: pytest.fail("probed twice"))
     assert not logprobs.final_logit_transform(model)
+
+
+def test_the_head_probe_is_not_fooled_by_dropout_and_keeps_the_mode():
+    """A model in training mode with dropout gives two different passes; probed in eval mode it
+    is still found plain (keeping the blocks), and it is left in training mode."""
+    from transformers import LlamaForCausalLM
+
+    from minorsft.logprobs import final_logit_transform
+
+    plain = build_tiny_model(build_tiny_tokenizer())
+    model = LlamaForCausalLM(plain.config.__class__(**{**plain.config.to_dict(),
+                                                       "attention_dropout": 0.5}))
+    model.train()
+    assert not final_logit_transform(model)
+    assert model.training
