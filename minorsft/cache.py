@@ -176,7 +176,15 @@ def _fsync(path: Path) -> None:
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    """The process's umask, read from /proc where Linux shows it: `os.umask` can only read it by
+    setting it, which for a moment would give other threads' new files no umask at all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # elsewhere: set it and put it straight back
     os.umask(mask)
     return mask
 

@@ -154,11 +154,6 @@ class PrecomputeSummary:
     waiting_for: str = ""  # what is missing when this shard is done but the cache is not
 
 
-def rejects_path_for(out: Path) -> Path:
-    """Where a complete cache's rejected rows are listed (inside the cache directory)."""
-    return Path(out) / REJECTS_FILE
-
-
 def _count_rows(path: Path) -> int | None:
     """Input rows, for the progress bar's total (None where counting means parsing)."""
     suffix = path.suffix.lower()
