@@ -57,6 +57,11 @@ class FieldSpec:
     system_field: str = "system"
     id_field: str = "id"
 
+    def __post_init__(self):
+        # One named column without the other is an option mistake, not a fault of every row.
+        if bool(self.prompt_field) != bool(self.response_field):
+            raise ValueError("--prompt-field and --response-field must be given together")
+
 
 @dataclass
 class Example:
@@ -203,10 +208,8 @@ def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dic
     head = [{"role": "system", "content": system}] if system else []
 
     if spec.prompt_field or spec.response_field:
-        # Named columns win over any known format's columns the row also has.
-        if not (spec.prompt_field and spec.response_field):
-            raise DataError(path, None, None,
-                            "--prompt-field and --response-field must be given together")
+        # Named columns (both, FieldSpec checks) win over any known format's columns the row
+        # also has.
         prompt = _require_text(record, spec.prompt_field, path, line)
         answer = _require_text(record, spec.response_field, path, line)
         return head + _single_turn(prompt, answer)

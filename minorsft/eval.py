@@ -62,6 +62,7 @@ class EvalConfig:
     max_batch_tokens: int | None = None
 
     def __post_init__(self):
+        FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
         if self.data is None and not self.choices and not looks_like_cache(self.reference):
             raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
                              "--reference")

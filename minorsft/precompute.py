@@ -113,9 +113,7 @@ class PrecomputeConfig:
             raise ValueError("--part-rows must be positive")
         if self.window_rows < 1:
             raise ValueError("window_rows must be positive")
-        # One named column without the other is an option mistake, not a fault of every row.
-        if bool(self.prompt_field) != bool(self.response_field):
-            raise ValueError("--prompt-field and --response-field must be given together")
+        FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         parse_shard(self.shard)

@@ -158,6 +158,10 @@ def test_one_named_column_is_an_option_error_before_any_row_is_read(tmp_path):
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "--prompt-field and --response-field must be given" in text
     assert not (tmp_path / "c").exists()
+    result = runner.invoke(app, ["eval", "--model", "smollm2-135m-instruct", "--data", str(data),
+                                 "--response-field", "answer"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--prompt-field and --response-field must be given" in text
 
 
 @pytest.mark.parametrize("error", [
