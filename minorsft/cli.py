@@ -260,7 +260,8 @@ def train(
         show_default=False)] = None,
 ):
     """Train the policy on the cache with MinorSFT, raw SFT or SFT-using-DPO."""
-    from minorsft.train import TrainConfig, TrainingInterrupted, run_train
+    from minorsft.checkpoints import TrainingInterrupted
+    from minorsft.train import TrainConfig, run_train
 
     try:
         config = TrainConfig(

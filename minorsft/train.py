@@ -20,10 +20,7 @@ import math
 import os
 import random
 import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -39,10 +36,16 @@ from minorsft import __version__
 from minorsft.cache import (
     CacheError,
     check_compatible,
-    honour_umask,
     iter_rows,
     read_metadata,
     validate_values,
+)
+from minorsft.checkpoints import (
+    StopRequest,
+    TrainingInterrupted,
+    resume_from_checkpoint,
+    save_checkpoint,
+    trim_metrics,
 )
 from minorsft.compiling import compile_model, default_compile_skip
 from minorsft.distributed import (
@@ -511,10 +514,10 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                TimeElapsedColumn())
     metrics_path = output / "metrics.jsonl" if main else Path(os.devnull)
     if main:
-        _trim_metrics(metrics_path, first)
+        trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             progress(console, columns, _describe_training, disable=not main) as bar, \
-            _StopRequest() as stop:
+            StopRequest() as stop:
         task = bar.add_task("train", total=state.total_steps, completed=first,
                             loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
@@ -662,226 +665,3 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     if state.world.is_main:
         console.print(f"step-0 check on {len(rows)} rows: {figures} (tolerance {tolerance:g})")
     return result
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-CHECKPOINTS = "checkpoints"
-# Settings that must not change between a run and its resumption (else the metrics would not
-# continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
-RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
-               "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights")
-# What a checkpoint written before a setting existed ran with.
-RESUME_DEFAULTS = {"master_weights": False}
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during training: a checkpoint was saved, `--resume` continues."""
-
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"interrupted after step {step}; checkpoint saved in {path}; run the "
-                         "same command with --resume to continue")
-        self.step, self.path = step, path
-
-
-class _StopRequest:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
-    current step; a second one stops at once, without saving."""
-
-    def __init__(self, enabled: bool = True):
-        self.requested = False
-        self.enabled = enabled
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def agreed(self, state: TrainState) -> bool:
-        """Whether any rank was asked to stop (torchrun signals ranks at slightly different
-        moments; all must stop after the same step or their collectives would hang)."""
-        if not state.world.distributed:
-            return self.requested
-        flag = all_reduce_sum([float(self.requested)], state.world, state.device)
-        return flag[0] > 0
-
-    def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _fsdp(state: TrainState, config: TrainConfig) -> bool:
-    return state.world.distributed and config.strategy == "fsdp"
-
-
-def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
-    values = asdict(config)
-    values.update(cache_rows=state.metadata.get("rows"),
-                  cache_fingerprint=state.metadata.get("fingerprint"),
-                  total_steps=state.total_steps, dtype=training_precision(state),
-                  master_weights=isinstance(state.optimizer, MasterWeightsAdamW))
-    return {key: values[key] for key in RESUME_KEYS}
-
-
-def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `output`, oldest first (a directory exists only when whole)."""
-    folder = Path(output) / CHECKPOINTS
-    found = []
-    for path in folder.glob("step-*") if folder.is_dir() else []:
-        step = path.name.removeprefix("step-")
-        if step.isdigit() and (path / "trainer_state.json").exists():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
-    """Write model, optimizer, scheduler and RNG states after `step` steps, atomically.
-
-    Everything goes into a hidden staging folder that is renamed to ``step-N`` once complete;
-    only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
-    disk, a kill) leaves the earlier checkpoints as they were. Under FSDP2 every rank takes part
-    in gathering the full weights and optimizer state (keyed by parameter name), which rank 0
-    writes, so the checkpoint resumes with any number of processes.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(config.output) / CHECKPOINTS
-    target = folder / f"step-{step}"
-    trainable = [name for name, p in state.model.named_parameters() if p.requires_grad]
-    if _fsdp(state, config):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # rank 0 gets it
-        full = get_model_state_dict(state.model, options=options)
-        optimizer_state = get_optimizer_state_dict(state.model, state.optimizer, options=options)
-        weights = {name: full[name].contiguous() for name in trainable} if full else {}
-        optimizer_format = "by-name"
-    else:
-        weights = {name: p.detach().contiguous() for name, p in
-                   state.model.named_parameters() if p.requires_grad}
-        optimizer_state, optimizer_format = state.optimizer.state_dict(), "torch"
-    if state.world.distributed:  # rank 0 writes; the others wait until it is complete
-        if state.world.is_main:
-            _write_checkpoint(state, config, step, folder, target, save_file, weights,
-                              optimizer_state, optimizer_format)
-        barrier(state.world)
-        return target
-    _write_checkpoint(state, config, step, folder, target, save_file, weights, optimizer_state,
-                      optimizer_format)
-    return target
-
-
-def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
-                      target: Path, save_file, weights: dict, optimizer_state: dict,
-                      optimizer_format: str) -> None:
-    if target.exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
-    honour_umask(staging)
-    try:
-        save_file(weights, staging / "model.safetensors")
-        torch.save(optimizer_state, staging / "optimizer.pt")
-        torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save(rng, staging / "rng.pt")
-        trainer_state = {"step": step, "settings": _resume_settings(state, config),
-                         "optimizer_format": optimizer_format, "minorsft_version": __version__}
-        (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(config.output)[:-config.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
-    """Restore a checkpoint into `state`; returns the number of steps it had done."""
-    from safetensors.torch import load_file
-
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
-    saved, now = trainer_state["settings"], _resume_settings(state, config)
-    saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
-    changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
-               for key in RESUME_KEYS if saved[key] != now[key]]
-    if changed:
-        raise ValueError(f"cannot resume from {path}: settings differ:\n  "
-                         + "\n  ".join(changed) + "\nResume with the original settings, or "
-                         "start a new run in another --output.")
-    fsdp = _fsdp(state, config)
-    weights = load_file(path / "model.safetensors", device="cpu" if fsdp else str(state.device))
-    trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
-    if set(weights) != trainable:
-        raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu" if fsdp else
-                                 state.device, weights_only=True)
-    if fsdp or trainer_state.get("optimizer_format") == "by-name":
-        # Full, name-keyed states: each rank takes its shards (or one process takes them all).
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        if not fsdp or trainer_state.get("optimizer_format") != "by-name":
-            raise ValueError(f"{path} was written {'without' if fsdp else 'with'} FSDP; resume "
-                             f"it with the strategy that wrote it")
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(state.model, weights, options=options)
-        set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=options)
-    else:
-        state.model.load_state_dict(weights, strict=False)
-        state.optimizer.load_state_dict(optimizer_state)
-    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(trainer_state["step"])
-
-
-def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
-    """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
-    checkpoints = list_checkpoints(config.output)
-    if not config.resume:
-        if checkpoints:
-            raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
-                             f"{checkpoints[-1][1].name}): pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --output")
-        return
-    if not checkpoints:
-        if state.world.is_main:
-            console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
-                          "starting from step 0", markup=False)
-        return
-    step, path = checkpoints[-1]
-    state.start_step = load_checkpoint(state, config, path)
-    if state.world.is_main:
-        console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)",
-                      markup=False)
-
-
-def _trim_metrics(path: Path, first_step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be redone)."""
-    if first_step == 0 or not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] < first_step]
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(temp, path)

@@ -17,8 +17,9 @@ import torch
 
 import minorsft.train as train_module
 from minorsft.cache import CacheError
+from minorsft.checkpoints import TrainingInterrupted, list_checkpoints
 from minorsft.precompute import PrecomputeConfig, run_precompute
-from minorsft.train import TrainConfig, TrainingInterrupted, list_checkpoints, run_train
+from minorsft.train import TrainConfig, run_train
 
 from .conftest import build_tiny_model, build_tiny_tokenizer
 
