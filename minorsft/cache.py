@@ -47,6 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -419,25 +420,46 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
 
 
 def validate_values(path: Path) -> None:
-    """Refuse non-finite reference log-probs and rows without answer tokens, naming the row.
+    """Refuse rows the losses would silently get wrong, naming the first one of each kind.
 
-    Reads only two small columns per file, so it is cheap next to training.
+    Non-finite reference log-probs; no answer tokens; a `num_tokens` (the losses' m) that is not
+    the number of answer-mask entries set; token ids and answer mask of different lengths; and an
+    answer mask set at position 0 (no position predicts a row's first token, so it is never
+    scored). Reads everything but the text once, at start-up, which is cheap next to training.
     """
     for file in open_cache(path).files:
-        table = pq.read_table(file, columns=["id", "line", "ref_logps", "num_tokens"])
-        bad_logps = pc.invert(pc.is_finite(table["ref_logps"]))
-        bad_tokens = pc.less(table["num_tokens"], 1)
-        for mask, what in ((bad_logps, "ref_logps is not finite"),
-                           (bad_tokens, "num_tokens is below 1")):
+        table = pq.read_table(file, columns=["id", "line", "ref_logps", "num_tokens",
+                                             "input_ids", "answer_mask"])
+        masks = table["answer_mask"]
+        mask_lengths = pc.list_value_length(masks)
+        # Per-row sums and first entries of the flattened masks, from the rows' offsets.
+        lengths = mask_lengths.to_numpy(zero_copy_only=False)
+        starts = np.cumsum(lengths) - lengths
+        flat = pc.list_flatten(masks).to_numpy(zero_copy_only=False)
+        set_before = np.concatenate([[0], np.cumsum(flat)])
+        mask_sums = pa.array(set_before[starts + lengths] - set_before[starts])
+        first_set = pa.array(np.where(lengths > 0, flat[np.minimum(starts, len(flat) - 1)], False)
+                             if len(flat) else np.zeros(len(lengths), bool))
+        checks = (
+            (pc.invert(pc.is_finite(table["ref_logps"])), "ref_logps is not finite"),
+            (pc.less(table["num_tokens"], 1), "num_tokens is below 1"),
+            (pc.not_equal(pc.list_value_length(table["input_ids"]), mask_lengths),
+             "input_ids and answer_mask differ in length"),
+            (first_set, "answer_mask is set at the first token"),
+            (pc.not_equal(pc.cast(table["num_tokens"], pa.int64()), mask_sums),
+             "num_tokens is not the number of answer tokens in answer_mask"),
+        )
+        for mask, what in checks:
             count = pc.sum(mask).as_py() or 0
             if count:
                 first = pc.index(mask, True).as_py()
-                row = table.slice(first, 1).to_pylist()[0]
+                row = table.slice(first, 1).select(["id", "line", "ref_logps",
+                                                    "num_tokens"]).to_pylist()[0]
                 raise CacheError(
                     f"{file}: {count} row(s) where {what}, first id {row['id']!r} (input line "
-                    f"{row['line']}, value {row['ref_logps']!r}/{row['num_tokens']!r}). The "
-                    "cache is corrupt or was written by a broken engine: re-run "
-                    "`minorsft precompute --overwrite`.")
+                    f"{row['line']}, ref_logps/num_tokens {row['ref_logps']!r}/"
+                    f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
+                    "engine: re-run `minorsft precompute --overwrite`.")
 
 
 def write_rejects(out: Path, entries: list[dict]) -> str | None:

@@ -232,6 +232,27 @@ def test_nan_missing_parts_and_schema_mismatch_are_refused(cache, tmp_path):
         run_train(config(cache, tmp_path / "run"))
 
 
+
+@pytest.mark.parametrize(("edit", "message"), [
+    # m is the losses' 1/m: a foreign or hand-edited cache must not train with the wrong one
+    (lambda row: row.update(num_tokens=row["num_tokens"] + 1),
+     "num_tokens is not the number of answer tokens in answer_mask"),
+    (lambda row: row.update(answer_mask=row["answer_mask"][:-1]),
+     "input_ids and answer_mask differ in length"),
+    (lambda row: row.update(answer_mask=[True, *row["answer_mask"][1:]],
+                            num_tokens=row["num_tokens"] + 1),
+     "answer_mask is set at the first token"),
+])
+def test_rows_the_losses_would_get_wrong_are_refused(cache, tmp_path, edit, message):
+    def edit_row(table):
+        rows = table.to_pylist()
+        edit(rows[2])
+        return pa.Table.from_pylist(rows, schema=table.schema)
+
+    rewrite_part(cache / "part-00001.parquet", edit_row)
+    with pytest.raises(CacheError, match=rf"1 row\(s\) where {message}, first id"):
+        run_train(config(cache, tmp_path / "run"))
+
 def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
     """torchrun, 2 CPU processes (gloo): rank 0 writes the checkpoint; it resumes anywhere."""
     import shutil
