@@ -1,0 +1,258 @@
+"""Details of training that the other tests only pass through at their defaults.
+
+beta other than 0.04 (in train_step and from the command line), LoRA's alpha/r scale, the logged
+metrics of a short step against a plain forward pass, the data order per epoch, the exact lr
+factors, the step-0 guard on signs that cancel, and the torch RNG state across a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from typer.testing import CliRunner
+
+from minorsft.cache import CacheError, iter_rows
+from minorsft.checkpoints import list_checkpoints
+from minorsft.cli import app
+from minorsft.train import (
+    TrainConfig,
+    global_batches,
+    linear_schedule,
+    run_train,
+    sample_stream,
+    save,
+    setup,
+    train_step,
+)
+
+from .conftest import demo_rows, precompute_rows
+from .test_accumulation import GradientRecorder, paper_mean_loss_gradient
+
+# One torch thread: many tiny forward passes, where a second thread only adds contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model_dir, tmp_path_factory):
+    """8 rows in one part, scored by the tiny model itself."""
+    folder = tmp_path_factory.mktemp("details")
+    return precompute_rows(str(tiny_model_dir), folder, demo_rows(2))
+
+
+def perturbed_step_state(cache, output, loss, beta, batch_size=6, micro_batch_size=3):
+    """A trainer state whose policy has moved away from the reference (so r varies from row to
+    row) and whose optimizer only records the gradients, leaving the weights as they were."""
+    config = TrainConfig(cache=str(cache), output=str(output), loss=loss, beta=beta,
+                         batch_size=batch_size, micro_batch_size=micro_batch_size,
+                         warmup_ratio=0.0, max_grad_norm=1e12)  # no clipping
+    state = setup(config, Console(quiet=True))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in state.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    return state, config
+
+
+def plain_answer_logps(model, rows) -> list[float]:
+    """Each row's summed answer log-prob from the model's own full logits, in float64."""
+    values = []
+    with torch.no_grad():
+        for row in rows:
+            ids = row["input_ids"]
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)
+            values.append(sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids))
+                              if row["answer_mask"][t]))
+    return values
+
+
+# --- beta reaches the loss -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["minorsft", "sft-dpo"])
+def test_beta_half_gives_the_paper_gradient_and_reward(tiny_cache, tmp_path, loss):
+    """Every other training test runs at beta = 0.04, so a beta fixed at 0.04 anywhere between
+    the config and the loss went unseen. At beta = 0.5 the gradient must be eq. 7's / eq. 3's at
+    0.5 and the logged reward 0.5 r."""
+    beta = 0.5
+    state, config = perturbed_step_state(tiny_cache, tmp_path, loss, beta)
+    rows = list(iter_rows(tiny_cache))[:6]
+    want = paper_mean_loss_gradient(state.model, rows, loss, beta)
+    policy = plain_answer_logps(state.model, rows)
+    r = [p - row["ref_logps"] for p, row in zip(policy, rows, strict=True)]
+    assert max(abs(x) for x in r) > 1.0  # beta 0.04 and 0.5 give visibly different weights
+    metrics = train_step(state, config, rows)
+    assert metrics["reward"] == pytest.approx(beta * sum(r) / len(r), rel=1e-4, abs=1e-6)
+    for parameter, expected in zip(state.model.parameters(), want, strict=True):
+        got = state.optimizer.seen[id(parameter)].double()
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-9
+
+
+def test_cli_beta_reaches_the_config_and_the_reward(tiny_cache, tmp_path):
+    """`--beta 0.3` on the command line is the beta the run records and trains with."""
+    output = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--cache", str(tiny_cache), "--output", str(output), "--beta", "0.3",
+        "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-2",
+        "--warmup-ratio", "0", "--no-shuffle"])
+    assert result.exit_code == 0, result.output
+    run_config = json.loads((output / "run_config.json").read_text())
+    assert run_config["config"]["beta"] == 0.3
+    # Step 0 runs at r = 0 (policy = reference); step 1 saw an update, so r is not 0 there.
+    step1 = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()][1]
+    r = step1["policy_logps"] - step1["ref_logps"]  # batch mean of r
+    assert abs(r) > 1e-2
+    assert step1["reward"] == pytest.approx(0.3 * r, rel=1e-4)
+
+
+# --- LoRA's scale --------------------------------------------------------------------------------
+
+def test_lora_scale_is_alpha_over_r_and_alpha_is_saved(tiny_cache, tmp_path):
+    """peft scales the adapters' output by alpha / r: r = 4, alpha = 8 must give 2, not 1 (alpha
+    replaced by r), and the saved adapter config must say alpha 8 for whoever loads it."""
+    pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    config = TrainConfig(cache=str(tiny_cache), output=str(tmp_path / "lora"), batch_size=4,
+                         micro_batch_size=4, max_steps=1, lora_r=4, lora_alpha=8)
+    state = setup(config, Console(quiet=True))
+    layers = [m for m in state.model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    assert all(layer.scaling["default"] == 2.0 for layer in layers)
+    save(state, config)
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (4, 8)
+
+
+# --- logged metrics of a short step --------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["minorsft", "sft-dpo", "sft"])
+def test_short_step_metrics_are_means_over_its_rows(tiny_cache, tmp_path, loss):
+    """5 rows at batch size 6 (a short last batch): each logged metric is the mean over the 5
+    rows, of per-token quantities where the name says so, computed here from a plain forward."""
+    beta = 0.3
+    state, config = perturbed_step_state(tiny_cache, tmp_path, loss, beta)
+    rows = list(iter_rows(tiny_cache))[:5]
+    policy = plain_answer_logps(state.model, rows)
+    metrics = train_step(state, config, rows)
+
+    per_row = {key: [] for key in ("loss", "nll", "m_theta", "coefficient", "reward")}
+    for p, row in zip(policy, rows, strict=True):
+        m, r = row["num_tokens"], p - row["ref_logps"]
+        logsig = float(F.logsigmoid(torch.tensor(beta * r, dtype=torch.float64)))
+        per_row["loss"].append({"sft": -p / m, "sft-dpo": -logsig,
+                                "minorsft": -2 / (beta * m) * logsig}[loss])
+        per_row["nll"].append(-p / m)
+        per_row["m_theta"].append(r / m)
+        per_row["coefficient"].append(1 / (1 + math.exp(beta * r)))  # sigmoid(-beta r)
+        per_row["reward"].append(beta * r)
+    # The rows differ, so "divided by m" and "divided by the batch size" change the numbers.
+    assert len({row["num_tokens"] for row in rows}) > 1
+    assert abs(sum(per_row["m_theta"])) > 1e-2
+    assert metrics["samples"] == 5
+    for key, values in per_row.items():
+        assert metrics[key] == pytest.approx(sum(values) / 5, rel=1e-4, abs=1e-6), key
+
+
+# --- data order ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("buffer_size", [3, 64])
+def test_each_epoch_is_a_new_permutation_of_all_rows(tiny_cache, buffer_size):
+    """A buffer smaller than the cache (3) and larger (64): every epoch yields every row once,
+    and the second epoch is shuffled differently from the first."""
+    ids = [row["id"] for row in iter_rows(tiny_cache)]
+    stream = [row["id"] for row in sample_stream(tiny_cache, 7, True, buffer_size, 2)]
+    first, second = stream[:len(ids)], stream[len(ids):]
+    assert sorted(first) == sorted(ids) and sorted(second) == sorted(ids)
+    assert first != second
+    assert first != ids  # shuffled at all
+    # A pure function of (cache, seed): the same again, and batched as it streams.
+    assert [row["id"] for row in sample_stream(tiny_cache, 7, True, buffer_size, 2)] == stream
+    batches = list(global_batches(sample_stream(tiny_cache, 7, True, buffer_size, 2), 3))
+    assert [len(b) for b in batches] == [3, 3, 3, 3, 3, 1]
+
+
+def test_an_unshuffled_stream_keeps_the_cache_order(tiny_cache):
+    ids = [row["id"] for row in iter_rows(tiny_cache)]
+    assert ids == [row["id"] for row in demo_rows(2)]  # the cache keeps the input order
+    assert [row["id"] for row in sample_stream(tiny_cache, 7, False, 3, 2)] == ids + ids
+
+
+# --- lr schedule ---------------------------------------------------------------------------------
+
+def test_linear_schedule_factors_step_by_step():
+    """w = 2 warm-up steps of 6: step s < w runs at (s + 1) / (w + 1) (README: no step at lr 0),
+    the peak at step w, then (6 - s) / (6 - w) down to 1/4 at the last step and 0 after it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = linear_schedule(optimizer, 2, 6)
+    seen = []
+    for _ in range(7):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 3 / 4, 2 / 4, 1 / 4, 0.0])
+
+
+# --- step-0 guard --------------------------------------------------------------------------------
+
+def test_step0_guard_is_not_fooled_by_shifts_that_cancel(tiny_model_dir, tmp_path):
+    """ref_logps shifted by +0.01 nats per token on half the rows and -0.01 on the others: the
+    signed mean m_theta is 0, but every row is wrong, so the guard (on mean |r|/m) must stop."""
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(2))
+    index = 0
+    for part in sorted(cache.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        metadata = table.schema.metadata  # the cache's own, kept
+        shifted = []
+        for ref, m in zip(table["ref_logps"].to_pylist(), table["num_tokens"].to_pylist(),
+                          strict=True):
+            shifted.append(ref + (0.01 if index % 2 == 0 else -0.01) * m)
+            index += 1
+        table = table.set_column(table.schema.get_field_index("ref_logps"), "ref_logps",
+                                 pa.array(shifted, pa.float64()))
+        pq.write_table(table.replace_schema_metadata(metadata), part)
+    assert index == 8  # the guard's 8 rows: 4 shifted up, 4 down
+    config = TrainConfig(cache=str(cache), output=str(tmp_path / "run"), batch_size=4,
+                         micro_batch_size=4, max_steps=1)
+    with pytest.raises(CacheError, match=r"step-0 m_theta [+-]\S+, mean \|r\|/m 0.01 ") as caught:
+        run_train(config, Console(quiet=True))
+    m_theta = float(str(caught.value).split("step-0 m_theta ")[1].split(",")[0])
+    assert abs(m_theta) < 1e-4  # the signed mean alone would have passed
+
+
+# --- RNG state across a resume -------------------------------------------------------------------
+
+def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_path):
+    """Dropout draws from torch's RNG every step: a resumed run equals an uninterrupted one
+    only if the checkpoint restores that state (the full-fine-tuning resume tests draw none)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    def lora_config(output, **overrides):
+        return TrainConfig(cache=str(tiny_cache), output=str(output), batch_size=4,
+                           micro_batch_size=2, lr=1e-2, max_steps=4, save_every=2, lora_r=4,
+                           lora_alpha=8, lora_dropout=0.5, **overrides)
+
+    whole = tmp_path / "whole"
+    expected = run_train(lora_config(whole), Console(quiet=True))
+    assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    (resumed / "adapter_model.safetensors").unlink()
+    history = run_train(lora_config(resumed, resume=True), Console(quiet=True))
+    assert [m["step"] for m in history] == [2, 3]
+    for one, two in zip(expected[2:], history, strict=True):
+        assert two["loss"] == one["loss"] and two["grad_norm"] == one["grad_norm"]
+    a = load_file(whole / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

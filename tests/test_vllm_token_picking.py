@@ -1,0 +1,46 @@
+"""The vLLM engine's answer picking, without vLLM: which prompt log-probs make an answer's sum.
+
+vLLM's `prompt_logprobs[t]` is the log-prob of the token at position t given the tokens before
+it (None at t = 0). The answer's log-probs are those at the answer positions t themselves; one
+position early would score each answer token by the prediction of the token before it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from minorsft.data import Example
+from minorsft.engines.vllm_engine import _answer_token_logps
+
+
+@dataclass
+class Logprob:  # the one field of vLLM's Logprob that is read
+    logprob: float
+
+
+def fake_prompt_logprobs(input_ids, vocab=10):
+    """Every position holds every token id (as with top-k > 0), each with a value that names its
+    position and token, so picking the wrong position gives a wrong number, not a KeyError."""
+    return [None] + [{token: Logprob(-(position + token / 100)) for token in range(vocab)}
+                     for position in range(1, len(input_ids))]
+
+
+def test_answer_log_probs_are_taken_at_the_answer_positions():
+    example = Example(id="x", line=1, input_ids=[1, 4, 2, 7, 3, 9],
+                      answer_mask=[False, False, False, True, True, False])
+    picked = _answer_token_logps(example, fake_prompt_logprobs(example.input_ids))
+    # position 3 holds token 7, position 4 token 3
+    assert picked == pytest.approx([-3.07, -4.03])
+
+
+def test_an_answer_ending_the_sequence_and_its_errors():
+    example = Example(id="y", line=2, input_ids=[5, 6, 8], answer_mask=[False, True, True])
+    assert _answer_token_logps(example, fake_prompt_logprobs([5, 6, 8])) == pytest.approx(
+        [-1.06, -2.08])
+    with pytest.raises(RuntimeError, match="no prompt log-probs for row 2"):
+        _answer_token_logps(example, fake_prompt_logprobs([5, 6]))  # one position short
+    first = Example(id="z", line=3, input_ids=[5, 6], answer_mask=[True, True])
+    with pytest.raises(ValueError, match="first token cannot be an answer token"):
+        _answer_token_logps(first, fake_prompt_logprobs([5, 6]))
