@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -220,6 +221,18 @@ PARTS_FORMAT = "minorsft-parts"
 MANIFEST_PREFIX = "_manifest"
 REJECTS_DIR = "_rejects"
 REJECTS_FILE = "_rejects.jsonl"
+MANIFEST_KEYS = ("settings", "input", "metadata", "parts")
+
+
+# Every name precompute writes in a parts directory: parts, manifests, the rejects file and
+# folder, and hidden temporary and lock files. Anything else there is the user's, never touched.
+OWN_NAME = re.compile(r"part-\d{5,}\.parquet|_manifest(\.shard-\d+-of-\d+)?\.json"
+                      r"|_rejects\.jsonl|_rejects|\..+\.(tmp|lock)")
+
+
+def is_own_name(name: str) -> bool:
+    """Whether a file or folder name in a parts directory is one that precompute writes."""
+    return OWN_NAME.fullmatch(name) is not None
 
 
 def part_name(index: int) -> str:
@@ -240,8 +253,11 @@ def load_manifests(directory: Path) -> list[dict]:
             manifest = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise CacheError(f"{file}: unreadable manifest ({error})") from error
-        if manifest.get("format") != PARTS_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != PARTS_FORMAT:
             raise CacheError(f"{file}: not a minorsft manifest")
+        if missing := [key for key in MANIFEST_KEYS if key not in manifest]:
+            raise CacheError(f"{file}: damaged manifest (no {', '.join(missing)}); run the "
+                             "precompute again with --overwrite")
         manifest["_file"] = file.name
         manifests.append(manifest)
     return manifests
@@ -371,11 +387,21 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
         if not file.exists():
             raise CacheError(f"{file}: part {index} is listed in the manifest but missing; run "
                              "the same precompute command again to recompute it")
-        rows = pq.read_metadata(file).num_rows
+        try:
+            file_metadata = pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as error:
+            raise CacheError(f"{file}: part {index} is damaged ({error}); run the same "
+                             "precompute command again to recompute it") from error
+        rows = file_metadata.num_rows
         if rows != parts[index]["rows_cached"]:
             raise CacheError(f"{file}: has {rows} rows, the manifest says "
                              f"{parts[index]['rows_cached']}; the part was replaced or damaged")
-        _check_schema(file, pq.read_schema(file))
+        _check_schema(file, file_metadata.schema.to_arrow_schema())
+        rejects = parts[index].get("rejects")
+        if rejects and not (path / rejects).exists():
+            raise CacheError(f"{path / rejects}: the rejected rows of part {index} are listed in "
+                             "the manifest but missing; run the same precompute command again "
+                             "to recompute the part")
         files.append(file)
     entries = list(parts.values())
     metadata = dict(manifests[0]["metadata"])
@@ -465,7 +491,14 @@ def validate_values(path: Path) -> None:
 def write_rejects(out: Path, entries: list[dict]) -> str | None:
     """Concatenate the parts' rejects, in input order, into one file (None if there are none)."""
     target = Path(out) / REJECTS_FILE
-    texts = [(out / e["rejects"]).read_text(encoding="utf-8") for e in entries if e["rejects"]]
+    texts = []
+    for entry in entries:
+        if entry["rejects"]:
+            piece = Path(out) / entry["rejects"]
+            if not piece.exists():
+                raise CacheError(f"{piece}: rejected rows listed in the manifest are missing; "
+                                 "run the same precompute command again to recompute that part")
+            texts.append(piece.read_text(encoding="utf-8"))
     if not texts:
         target.unlink(missing_ok=True)
         return None
@@ -517,6 +550,10 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         (staging / REJECTS_DIR).mkdir()
         for index, entry in parts.items():
             for name in (entry["file"], entry["rejects"]):
+                if name and not (origin[index] / name).exists():
+                    raise CacheError(f"{origin[index] / name}: part {index}'s file is listed in "
+                                     "its manifest but missing; re-run that shard's precompute "
+                                     "command to recompute it, then merge")
                 if name:
                     _link_or_copy(origin[index] / name, staging / name)
         first = manifests[0]

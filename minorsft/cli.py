@@ -32,7 +32,7 @@ def _fail(message: str) -> None:
 
 
 # Errors of the disk rather than of minorsft: said in one line, without a traceback.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _run(function, config):
@@ -147,7 +147,12 @@ def precompute(
             verify_sample=verify_sample, verify_dtype=verify_dtype)
     except ValueError as error:
         _fail(str(error))
-    summary = _run(run_precompute, config)
+    try:
+        summary = _run(run_precompute, config)
+    except KeyboardInterrupt:
+        console.print("[yellow]stopped:[/] the parts finished so far are kept; run the same "
+                      "command again to resume", highlight=False)
+        raise typer.Exit(code=130) from None
     resumed = f" ({summary.parts_skipped} parts were already done)" if summary.parts_skipped else ""
     if not summary.complete:
         console.print(
@@ -372,12 +377,9 @@ def cache_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Show a cache's layout, schema, metadata, row counts, m distribution and drift figures."""
-    from minorsft.cache import CacheError, cache_stats
+    from minorsft.cache import cache_stats
 
-    try:
-        info = cache_stats(path)
-    except CacheError as error:
-        _fail(str(error))
+    info = _run(lambda cache, _console: cache_stats(cache), path)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return
@@ -415,12 +417,9 @@ def cache_merge(
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it is a cache.")] = False,
 ):
     """Combine the shards of one precompute (same input and settings) into one cache."""
-    from minorsft.cache import CacheError, merge_caches
+    from minorsft.cache import merge_caches
 
-    try:
-        layout = merge_caches(sources, out, overwrite)
-    except CacheError as error:
-        _fail(str(error))
+    layout = _run(lambda _config, _console: merge_caches(sources, out, overwrite), None)
     metadata = layout.metadata
     console.print(f"[green]merged[/] {len(sources)} source(s) into {escape(str(out))}: "
                   f"{metadata['parts']} parts, {metadata['rows']} rows cached, "

@@ -38,12 +38,12 @@ from minorsft.cache import (
     MANIFEST_PREFIX,
     PARTS_FORMAT,
     REJECTS_DIR,
-    REJECTS_FILE,
     CacheError,
     CacheWriter,
     atomic_write_text,
     collect_parts,
     diff_settings,
+    is_own_name,
     is_single_file_cache,
     load_manifests,
     manifest_name,
@@ -185,19 +185,31 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
         raise CacheError(f"--out {out} is the input data file: choose another --out")
+    if Path(data_path).resolve().is_relative_to(out.resolve()):
+        raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
+                         "written to: choose an --out outside the input's folder")
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)
         out.mkdir(parents=True, exist_ok=True)
-    with _shard_lock(out, shard):
+    with _shard_lock(out, shard) as lock:
         prepare_output(out, config.overwrite)
         try:
             return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
                                     started, console)
         except BaseException:
             if created and out.is_dir() and not load_manifests(out):
-                shutil.rmtree(out, ignore_errors=True)  # no finished part: leave nothing behind
+                _remove_if_unused(out, lock)  # no finished part: leave nothing behind
             raise
+
+
+def _remove_if_unused(out: Path, lock: Path) -> None:
+    """Remove a cache folder this run created and failed in before finishing a part, unless a
+    shard running beside it (sharing `out`) has put something there: only empty folders go."""
+    lock.unlink(missing_ok=True)
+    for folder in (out / REJECTS_DIR, out):
+        with contextlib.suppress(OSError):  # not empty: another shard's files
+            folder.rmdir()
 
 
 @contextlib.contextmanager
@@ -215,7 +227,7 @@ def _shard_lock(out: Path, shard):
             raise CacheError(f"{out}: another precompute is writing {what}this cache (it holds "
                              f"{lock_name}); let it finish, or stop it and run this command "
                              "again to resume")
-        yield
+        yield out / lock_name
 
 
 @contextlib.contextmanager
@@ -372,9 +384,12 @@ def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
-    """Refuse to write over an old single-file cache; with `overwrite`, clear a previous cache.
+    """Refuse to write over an old single-file cache or into a folder of other files; with
+    `overwrite`, clear a previous cache.
 
-    Only minorsft's own files are removed from a directory, never anything else in it.
+    Only minorsft's own files (`cache.is_own_name`) are removed from a directory, never anything
+    else in it; a folder that holds other files and no cache is refused, with or without
+    `overwrite`, so that a cache never mixes with (or is taken for) the user's files.
     """
     if out.is_file():
         if not is_single_file_cache(out):  # never delete what minorsft did not write
@@ -385,11 +400,20 @@ def prepare_output(out: Path, overwrite: bool) -> None:
                              "writes a directory of parts: pass --overwrite to replace it, or "
                              "choose another --out")
         out.unlink()
-    elif out.is_dir() and overwrite:
-        for pattern in ("part-*.parquet", f"{MANIFEST_PREFIX}*.json", REJECTS_FILE, ".*.tmp"):
-            for file in out.glob(pattern):
-                file.unlink()
-        shutil.rmtree(out / REJECTS_DIR, ignore_errors=True)
+    elif out.is_dir():
+        # (hidden files such as .DS_Store do not count: never read, never deleted)
+        foreign = sorted(path.name for path in out.iterdir()
+                         if not (is_own_name(path.name) or path.name.startswith(".")))
+        if foreign and not any(out.glob(f"{MANIFEST_PREFIX}*.json")):
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                              if len(foreign) > 3 else "")
+            raise CacheError(f"{out} is a folder of other files ({shown}), not a minorsft "
+                             "cache: give --out a new or empty folder")
+        if overwrite:
+            for path in out.iterdir():
+                if not is_own_name(path.name) or path.name.endswith(".lock"):
+                    continue  # the user's files; the locks (held by this and other runs)
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -437,6 +461,8 @@ def finished_parts(out: Path, manifest: dict) -> set[int]:
             ok = file.exists() and pq.read_metadata(file).num_rows == entry["rows_cached"]
         except Exception:  # an unreadable part is simply redone
             ok = False
+        # its rejected rows are half of its record: a part without them is redone too
+        ok = ok and not (entry["rejects"] and not (out / entry["rejects"]).exists())
         if ok:
             done.add(int(index))
         else:

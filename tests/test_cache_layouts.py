@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -159,3 +160,65 @@ def test_cache_files_get_the_umask_permissions_not_private_ones(tiny_model_dir, 
         want = 0o755 if file.is_dir() else 0o644
         assert stat.S_IMODE(file.stat().st_mode) == want, file
     assert stat.S_IMODE(merged.stat().st_mode) == 0o755
+
+
+def test_a_folder_of_other_files_is_never_written_into_or_cleared(demo_jsonl, tiny_model_dir,
+                                                                  tmp_path):
+    """--overwrite deleted every part-*.parquet in --out (a Spark output's too, the input among
+    them), and without it the cache could replace an input file inside --out."""
+    folder = tmp_path / "spark"
+    folder.mkdir()
+    spark_parts = [folder / "part-00000-c000.snappy.parquet", folder / "part-00000.parquet"]
+    for file in spark_parts:
+        file.write_bytes(b"user data")
+    (folder / ".DS_Store").write_bytes(b"")
+    config = dict(model=str(tiny_model_dir), verify_sample=0)
+    for data in spark_parts:  # the input inside --out: refused, with or without --overwrite
+        for overwrite in (False, True):
+            with pytest.raises(CacheError, match="lies inside --out"):
+                run_precompute(PrecomputeConfig(**config, data=str(data), out=str(folder),
+                                                overwrite=overwrite))
+    for overwrite in (False, True):  # other files and no cache: refused
+        with pytest.raises(CacheError, match=r"a folder of other files \(part-00000-c000"):
+            run_precompute(PrecomputeConfig(**config, data=str(demo_jsonl), out=str(folder),
+                                            overwrite=overwrite))
+    assert all(file.read_bytes() == b"user data" for file in spark_parts)
+    # A cache folder the user also put a file in: --overwrite replaces the cache, keeps the file.
+    cache = tmp_path / "cache"
+    run_precompute(PrecomputeConfig(**config, data=str(demo_jsonl), out=str(cache), part_rows=6))
+    (cache / "README.txt").write_text("keep me")
+    run_precompute(PrecomputeConfig(**config, data=str(demo_jsonl), out=str(cache), part_rows=8,
+                                    overwrite=True))
+    assert (cache / "README.txt").read_text() == "keep me"
+    assert read_metadata(cache)["parts"] == 2 and len(list(cache.glob("part-*"))) == 2
+
+
+def test_lost_rejects_are_recomputed_and_damage_is_named(tiny_model_dir, tmp_path):
+    """A deleted _rejects/ folder left a manifest counting rejects nobody could see, and every
+    rerun failed with a bare 'No such file'; a damaged part or manifest gave a traceback."""
+    rows = [*[dict(prompt=f"q{i}", response=f"a{i}") for i in range(5)], {"prompt": "no answer"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "cache"
+    config = PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(out),
+                              part_rows=4, on_bad="skip", verify_sample=0)
+    run_precompute(config)
+    rejects = (out / "_rejects.jsonl").read_text()
+    runner = CliRunner()
+    for victim in ("_rejects", "_rejects.jsonl"):
+        shutil.rmtree(out / victim) if (out / victim).is_dir() else (out / victim).unlink()
+        if victim == "_rejects":
+            result = runner.invoke(app, ["cache", "info", str(out)])
+            assert result.exit_code == 2 and "rejected rows of part 1" in result.output
+        summary = run_precompute(config)  # the part that lost its rejects is scored again
+        assert summary.rows_rejected == 1 and summary.rows_cached == 5
+        assert (out / "_rejects.jsonl").read_text() == rejects
+    part = out / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    result = runner.invoke(app, ["cache", "info", str(out)])
+    assert result.exit_code == 2 and "part 0 is damaged" in result.output
+    assert "Traceback" not in result.output
+    manifest = out / "_manifest.json"
+    manifest.write_text(json.dumps({"format": "minorsft-parts"}))
+    result = runner.invoke(app, ["cache", "info", str(out)])
+    assert result.exit_code == 2 and "damaged manifest (no settings" in result.output

@@ -225,3 +225,28 @@ def test_shards_finishing_together_measure_the_drift_once(tiny_model_dir, tmp_pa
     waiting.join(timeout=60)
     assert not waiting.is_alive() and not errors, errors
     assert read_metadata(out)["drift"] == {"rows": 4, "by": "the first shard"}
+
+
+def test_a_failed_first_shard_leaves_a_shard_beside_it_alone(tiny_model_dir, tmp_path,
+                                                             monkeypatch):
+    """A run that created --out and failed before its first part removed the whole folder,
+    the lock and files of a shard started beside it in the meantime included."""
+    import minorsft.precompute as precompute_module
+
+    out = tmp_path / "cache"
+    other_lock = out / "._manifest.shard-1-of-2.json.lock"
+
+    def fail_after_another_shard_started(config, out, shard, *args):
+        if shard is not None:
+            other_lock.write_text("")
+        raise RuntimeError("model failed to load")
+
+    monkeypatch.setattr(precompute_module, "_precompute_into", fail_after_another_shard_started)
+    with pytest.raises(RuntimeError):
+        precompute(tiny_model_dir, rows_file(tmp_path, 4), out, shard="0/2")
+    assert sorted(p.name for p in out.iterdir()) == [other_lock.name]
+    other_lock.unlink()
+    out.rmdir()
+    with pytest.raises(RuntimeError):  # alone, it leaves nothing behind
+        precompute(tiny_model_dir, rows_file(tmp_path, 4), out)
+    assert not out.exists()
