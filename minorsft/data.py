@@ -26,8 +26,10 @@ line and field, so nothing is lost silently.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -61,6 +63,10 @@ class FieldSpec:
         # One named column without the other is an option mistake, not a fault of every row.
         if bool(self.prompt_field) != bool(self.response_field):
             raise ValueError("--prompt-field and --response-field must be given together")
+        # The same column twice would train the model to repeat its prompt as the answer.
+        if self.prompt_field and self.prompt_field == self.response_field:
+            raise ValueError(f"--prompt-field and --response-field name the same column "
+                             f"{self.prompt_field!r}; give the prompt and the answer columns")
 
 
 @dataclass
@@ -131,37 +137,101 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
     with path.open("rb") as handle:
         for line_no, raw_bytes in enumerate(handle, start=1):
+            if line_no == 1:
+                # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
+                # blank test, so that a line holding only the mark is blank, not a row).
+                raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
             if not raw_bytes.strip():
                 continue
             try:
-                # A byte-order mark on line 1 is legal UTF-8 that json.loads refuses: drop it.
-                text = raw_bytes.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                text = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as error:
-                reason = f"not valid UTF-8 (byte {error.start})"
-                yield RawRow(line_no, error=DataError(str(path), line_no, None, reason),
-                             raw=raw_bytes.decode("utf-8", "replace"))
+                yield RawRow(line_no, raw=raw_bytes.decode("utf-8", "replace"),
+                             error=DataError(str(path), line_no, None,
+                                             _not_utf8_reason(raw_bytes, error)))
                 continue
             # Without its line ending, so that json's column is the column in the line (with it,
             # a cut-off line ends at "line 2, column 1").
             yield _parse_line(path, line_no, text.rstrip("\r\n"))
 
 
+def _not_utf8_reason(raw_bytes: bytes, error: UnicodeDecodeError) -> str:
+    # Counted in characters from 1, as json's columns are (the bytes before the bad one decode).
+    column = len(raw_bytes[: error.start].decode("utf-8")) + 1
+    return f"not valid UTF-8 (byte 0x{raw_bytes[error.start]:02x} at column {column})"
+
+
 def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
-    def bad(reason: str) -> RawRow:
+    def bad(reason: str, field_name: str | None = None) -> RawRow:
         if _looks_like_a_json_document(line_no, text):
             reason += (f"; {path.name} looks like one JSON document (an array?), but the data "
                        "must be JSON Lines: one JSON object per line (for an array: "
                        f"jq -c '.[]' {path.name} > {path.stem}.jsonl)")
-        return RawRow(line_no, error=DataError(str(path), line_no, None, reason), raw=text)
+        if _looks_like_cr_line_endings(text):
+            reason += ("; the line holds a carriage return followed by '{': the file uses CR "
+                       f"line endings; convert with tr '\\r' '\\n' < {path.name} > "
+                       f"{path.stem}.lf.jsonl")
+        return RawRow(line_no, error=DataError(str(path), line_no, field_name, reason), raw=text)
 
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
-        at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
-        return bad(f"malformed JSON ({error.msg} at column {error.colno}{at_end})")
+        return bad(_malformed_json_reason(error, text))
+    except ValueError as error:  # a valid number that Python refuses (over 4300 digits)
+        return bad(f"unreadable JSON ({str(error).split('; use sys.')[0]})")
+    except RecursionError:  # e.g. 100,000 nested brackets
+        return bad("unreadable JSON (nested deeper than Python's JSON reader allows)")
     if not isinstance(record, dict):
         return bad(f"expected a JSON object, got {type(record).__name__}")
+    # Only a \u escape makes a surrogate (the bytes were valid UTF-8): most rows skip the walk.
+    if "\\u" in text and (found := _unpaired_surrogate(record)) is not None:
+        return bad(*found)
     return RawRow(line_no, record=record, raw=text)
+
+
+def _malformed_json_reason(error: json.JSONDecodeError, text: str) -> str:
+    # Some of json's messages end in the word "at" ("Unterminated string starting at").
+    at = "" if error.msg.endswith(" at") else " at"
+    at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
+    return f"malformed JSON ({error.msg}{at} column {error.colno}{at_end})"
+
+
+def _looks_like_cr_line_endings(text: str) -> bool:
+    """Rows split by bare carriage returns (old Mac line endings) read as one long line."""
+    return re.search(r"\r\s*\{", text) is not None
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unpaired_surrogate(record: dict) -> tuple[str, str | None] | None:
+    """(reason, field) for the first string in the row holding half of a UTF-16 pair, if any.
+
+    JSON's \\ud800 escapes (common in scraped text) decode to such a half, which is no character:
+    the tokenizer and the content hash would fail on it with neither file nor line. The walk uses
+    its own stack, as a row may nest as deep as json.loads allows.
+    """
+    stack: list[tuple[str | None, object]] = [(None, record)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if match := SURROGATE.search(value):
+                return (f"contains an unpaired surrogate ({_escaped(match.group())}), half of a "
+                        "UTF-16 pair and no character; repair the text or drop the row", where)
+        elif isinstance(value, dict):
+            if (key := next((k for k in value if SURROGATE.search(k)), None)) is not None:
+                return (f"a key holds an unpaired surrogate: '{_escaped(key)}', half of a "
+                        "UTF-16 pair and no character; repair the text or drop the row", where)
+            stack.extend((key if where is None else f"{where}.{key}", item)
+                         for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _escaped(text: str) -> str:
+    """`text` with surrogates as \\udXXX escapes: the rejects file and the terminal take UTF-8."""
+    return SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def _looks_like_a_json_document(line_no: int, text: str) -> bool:
@@ -202,32 +272,57 @@ FORMATS = {
 
 def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dict]:
     """The row as chat messages, or a DataError saying which field is wrong."""
+    return read_conversation(record, spec, path, line)[0]
+
+
+def read_conversation(record: dict, spec: FieldSpec, path: str,
+                      line: int) -> tuple[list[dict], dict[str, str]]:
+    """The row as chat messages, and the text fields they were made of (field name -> text).
+
+    The fields are what later checks name (`response`, `messages[1].content`): one message may
+    join two of them (alpaca's instruction and input).
+    """
+    texts: dict[str, str] = {}
+
+    def text(key: str) -> str:
+        texts[key] = _require_text(record, key, path, line)
+        return texts[key]
+
     system = record.get(spec.system_field)
     if system is not None and not isinstance(system, str):
         raise DataError(path, line, spec.system_field, "expected a string")
     head = [{"role": "system", "content": system}] if system else []
+    if system:
+        texts[spec.system_field] = system
 
     if spec.prompt_field or spec.response_field:
         # Named columns (both, FieldSpec checks) win over any known format's columns the row
         # also has.
-        prompt = _require_text(record, spec.prompt_field, path, line)
-        answer = _require_text(record, spec.response_field, path, line)
-        return head + _single_turn(prompt, answer)
+        prompt = text(spec.prompt_field)
+        return head + _single_turn(prompt, text(spec.response_field)), texts
     row_format = _row_format(record, path, line)
     if row_format == "chat":
-        return _with_system_column(head, _chat_messages(record["messages"], path, line),
-                                   spec.system_field, path, line)
+        chat = _chat_messages(record["messages"], path, line)
+        texts.update((f"messages[{i}].content", m["content"]) for i, m in enumerate(chat))
+        return _with_system_column(head, chat, spec.system_field, path, line), texts
     if row_format == "prompt/response":
-        prompt = _require_text(record, "prompt", path, line)
-        answer = _require_text(record, "response", path, line)
-        return head + _single_turn(prompt, answer)
-    instruction = _require_text(record, "instruction", path, line)
-    extra = record.get("input") or ""
-    if not isinstance(extra, str):
-        raise DataError(path, line, "input", "expected a string")
+        prompt = text("prompt")
+        return head + _single_turn(prompt, text("response")), texts
+    instruction = text("instruction")
+    if extra := _alpaca_input(record, path, line):
+        texts["input"] = extra
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    answer = _require_text(record, "output", path, line)
-    return head + _single_turn(prompt, answer)
+    return head + _single_turn(prompt, text("output")), texts
+
+
+def _alpaca_input(record: dict, path: str, line: int) -> str:
+    """Alpaca's optional `input`: missing, null or "" mean none; 0 or false are no text."""
+    extra = record.get("input")
+    if extra is None:
+        return ""
+    if not isinstance(extra, str):
+        raise DataError(path, line, "input", f"expected a string, got {type(extra).__name__}")
+    return extra
 
 
 def _single_turn(prompt: str, answer: str) -> list[dict]:
@@ -291,7 +386,9 @@ def _with_system_column(head: list[dict], chat: list[dict], system_field: str, p
 
 def _chat_messages(messages, path: str, line: int) -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(path, line, "messages", "expected a non-empty list of {role, content}")
+        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        raise DataError(path, line, "messages",
+                        f"expected a non-empty list of {{role, content}}, got {got}")
     cleaned = []
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
@@ -315,6 +412,35 @@ def _chat_messages(messages, path: str, line: int) -> list[dict]:
     if not any(m["role"] == "assistant" for m in cleaned):
         raise DataError(path, line, "messages", "no assistant turn: nothing to train on")
     return cleaned
+
+
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """The tokenizer's special tokens (`<|im_end|>`, ...) as one pattern, longest first.
+
+    The rendered conversation is tokenized with special tokens parsed (the template's own markers
+    must become control tokens), so the same text inside a row's content would too: a response
+    holding "<|im_end|>\\n<|im_start|>user" would train on a fake user turn. Built once per
+    tokenizer and file; rows then cost one regex search per text field.
+    """
+    tokens = {str(token) for token in getattr(tokenizer, "all_special_tokens", None) or ()}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens |= {token.content for token in added.values() if token.special}
+    tokens.discard("")
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _refuse_special_tokens(texts: dict[str, str], special: re.Pattern | None, path: str,
+                           line: int) -> None:
+    if special is None:
+        return
+    for field_name, text in texts.items():
+        if match := special.search(text):
+            raise DataError(path, line, field_name,
+                            f"contains the tokenizer's special token {match.group()!r}, which "
+                            "would be read as that control token, not as text; remove it or "
+                            "drop the row")
 
 
 def tokenize_conversation(
@@ -433,6 +559,7 @@ def classify_rows(
     """
     spec = spec or FieldSpec()
     path_str = str(path)
+    special = special_token_pattern(tokenizer)
     seen_ids: dict[str, int] = {}
     for index, row in enumerate(read_rows(path)):
         try:
@@ -442,14 +569,16 @@ def classify_rows(
             duplicate_of = seen_ids.get(example_id)
             if duplicate_of is None:
                 seen_ids[example_id] = row.line
-            elif spec.id_field not in row.record:
-                # Identical rows without ids are legitimate up-sampling: number the repeats.
+            elif row.record.get(spec.id_field) is None:
+                # Identical rows without ids (a null id is none: a Parquet id column holds nulls
+                # where rows have none) are legitimate up-sampling: number the repeats.
                 example_id = f"{example_id}#{row.line}"
                 duplicate_of = None
             if select is not None and not select(index):
                 yield index, None
                 continue
-            messages = to_messages(row.record, spec, path_str, row.line)
+            messages, texts = read_conversation(row.record, spec, path_str, row.line)
+            _refuse_special_tokens(texts, special, path_str, row.line)
             if duplicate_of is not None:
                 raise DataError(path_str, row.line, spec.id_field,
                                 f"duplicate id {example_id!r} (first on line {duplicate_of})")

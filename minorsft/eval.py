@@ -18,7 +18,9 @@ transformers engine and `logprobs.answer_logps` score):
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -121,6 +123,21 @@ def read_choices(path: Path) -> list[Question]:
     return questions
 
 
+def _read_text(path: Path) -> str:
+    """The whole file as text (choices files are small): UTF-8, with or without the byte-order
+    mark that Excel's "CSV UTF-8" puts before the header."""
+    data = path.read_bytes()
+    body = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = error.start + len(data) - len(body)  # where a hex editor shows the byte
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(str(path), None, None,
+                        f"not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
+                        f"(line {line}); save the file as UTF-8 (in Excel: CSV UTF-8)") from None
+
+
 def _answer_letter(value, path: str, line: int) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
         return LETTERS[value]
@@ -144,7 +161,7 @@ def _looks_like_header(cells: list[str]) -> bool:
 def _read_choices_csv(path: Path) -> list[Question]:
     questions = []
     first_row = True
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline="") as handle:
         for index, cells in enumerate(csv.reader(handle), start=1):
             if not cells or not any(c.strip() for c in cells):
                 continue
@@ -170,7 +187,7 @@ def _read_choices_csv(path: Path) -> list[Question]:
 
 def _read_choices_jsonl(path: Path) -> list[Question]:
     questions = []
-    with path.open(encoding="utf-8") as handle:
+    with io.StringIO(_read_text(path), newline=None) as handle:
         for line_no, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -179,6 +196,9 @@ def _read_choices_jsonl(path: Path) -> list[Question]:
             except json.JSONDecodeError as error:
                 raise DataError(str(path), line_no, None,
                                 f"malformed JSON ({error.msg})") from error
+            except (ValueError, RecursionError) as error:  # a 5000-digit number, deep nesting
+                raise DataError(str(path), line_no, None,
+                                f"unreadable JSON ({error})") from error
             if not isinstance(record, dict):
                 raise DataError(str(path), line_no, None, "expected a JSON object")
             if not isinstance(record.get("question"), str):

@@ -58,8 +58,9 @@ def main():
         shown = line.decode("utf-8", "backslashreplace")
         shown = shown if len(shown) <= 70 else shown[:67] + "..."
         cell = f"`{reject['field']}`: {reject['reason']}" if reject["field"] else reject["reason"]
-        print(f"| {name} | `{shown.replace('|', '&#124;')}` | {code}: {message} | "
-              f"line {reject['line']}, {cell} |")
+        # '|' ends a Markdown table cell, and messages quote tokens such as <|im_end|>
+        cells = [f"`{shown}`", f"{code}: {message}", f"line {reject['line']}, {cell}"]
+        print(f"| {name} | " + " | ".join(c.replace("|", "&#124;") for c in cells) + " |")
     print(f"\n`--on-bad skip` on all {len(all_cases_lines())} rows at once "
           f"(exit code {skip_code}): {summary}")
 

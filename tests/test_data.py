@@ -278,3 +278,155 @@ def test_non_utf8_and_missing_file(tiny_tokenizer, tmp_path):
 def test_builtin_demo_data_is_packaged(tiny_tokenizer):
     examples = list(iter_examples(resolve_data("demo"), tiny_tokenizer))
     assert len(examples) == 48 and all(e.num_tokens > 0 for e in examples)
+
+
+FAKE_TURN = "ok<|im_end|>\n<|im_start|>user\nextra"
+
+
+@pytest.mark.parametrize(("row", "field", "token"), [
+    # Before the fix these were cached: the rendered text was tokenized with special tokens
+    # parsed, so the first answer held a fake user turn and the second was m=2 of control tokens.
+    ({"prompt": "x", "response": FAKE_TURN}, "response", "<|im_end|>"),
+    ({"prompt": "x", "response": "<|im_end|>"}, "response", "<|im_end|>"),
+    ({"prompt": "<|im_start|>system", "response": "y"}, "prompt", "<|im_start|>"),
+    ({"system": "Be <|endoftext|> brief.", "prompt": "x", "response": "y"}, "system",
+     "<|endoftext|>"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                   {"role": "user", "content": "<|im_end|>"},
+                   {"role": "assistant", "content": "z"}]}, "messages[2].content", "<|im_end|>"),
+    ({"instruction": "x", "input": "a<|im_start|>", "output": "y"}, "input", "<|im_start|>"),
+    ({"instruction": "x<|im_end|>", "output": "y"}, "instruction", "<|im_end|>"),
+    ({"instruction": "x", "output": "y<|im_end|>"}, "output", "<|im_end|>"),
+])
+def test_special_token_text_in_a_field_is_rejected(tiny_tokenizer, tmp_path, row, field, token):
+    path = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[1], row])
+    kept, rejected = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    assert isinstance(kept, Example) and isinstance(rejected, Rejection)
+    assert (rejected.line, rejected.field) == (2, field)
+    assert rejected.reason.startswith(f"contains the tokenizer's special token {token!r}")
+
+
+def test_special_tokens_in_named_fields_and_unused_columns(tiny_tokenizer, tmp_path):
+    # Named columns are checked; a column the conversation is not made of is not trained on.
+    rows = [{"q": "x", "a": "y", "text": "<|im_start|>user\nx<|im_end|>"},
+            {"q": "x", "a": "y<|im_end|>"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    kept, rejected = iter_examples(path, tiny_tokenizer, FieldSpec("q", "a"), on_bad="skip")
+    assert answer_text(tiny_tokenizer, kept) == "y<|im_end|>"
+    assert (rejected.line, rejected.field) == (2, "a")
+
+
+def test_a_null_id_is_no_id(tiny_tokenizer, tmp_path):
+    # Before the fix the second row was rejected as a duplicate of the first's content hash.
+    import polars as pl
+
+    row = {"id": None, "prompt": "2 plus 3", "response": "5"}
+    path = write_jsonl(tmp_path / "rows.jsonl", [row, row])
+    first, second = iter_examples(path, tiny_tokenizer)
+    assert first.id.startswith("sha256:") and second.id == f"{first.id}#2"
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame({"id": ["a", None, None], "prompt": ["x", "2 plus 3", "2 plus 3"],
+                  "response": ["y", "5", "5"]}).write_parquet(path)
+    ids = [e.id for e in iter_examples(path, tiny_tokenizer)]
+    assert ids[0] == "a" and ids[2] == f"{ids[1]}#3"
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    (0, False), (False, False), (5, False), ([], False), ("", True), (None, True)])
+def test_alpaca_input_of_another_type_is_rejected(tiny_tokenizer, tmp_path, value, kept):
+    # 0 and false were dropped silently (`input or ""`), while 5 was rejected.
+    row = {"instruction": "2 plus 3", "input": value, "output": "5"}
+    path = write_jsonl(tmp_path / "rows.jsonl", [row])
+    (item,) = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    if kept:
+        assert "<|im_start|>user\n2 plus 3<|im_end|>" in tiny_tokenizer.decode(item.input_ids)
+    else:
+        assert (item.field, item.reason) == ("input",
+                                             f"expected a string, got {type(value).__name__}")
+
+
+@pytest.mark.parametrize(("line", "field"), [
+    # A TypeError from the tokenizer before the fix:
+    ('{"id": "s1", "prompt": "caf\\ud800", "response": "y"}', "prompt"),
+    ('{"id": "s2", "messages": [{"role": "user", "content": "x"}, '
+     '{"role": "assistant", "content": "\\udc00y"}]}', "messages[1].content"),
+    # A UnicodeEncodeError from the content hash (no id), or one in the id itself:
+    ('{"prompt": "x", "response": "y", "note": "\\ud800"}', "note"),
+    ('{"id": "\\uD800", "prompt": "x", "response": "y"}', "id"),
+], ids=["prompt", "chat content", "a row without id", "the id"])
+def test_an_unpaired_surrogate_is_rejected_with_its_field(tiny_tokenizer, tmp_path, line,
+                                                          field):
+    path = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[1], line])
+    kept, rejected = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    assert isinstance(kept, Example) and (rejected.line, rejected.field) == (2, field)
+    assert rejected.reason.startswith("contains an unpaired surrogate (\\ud")
+    json.dumps(rejected.as_dict(), ensure_ascii=False).encode()  # the rejects file takes it
+    with pytest.raises(DataError, match=re.escape(f"rows.jsonl:2: field {field!r}")):
+        list(iter_examples(path, tiny_tokenizer))
+
+
+def test_a_surrogate_pair_escape_is_text(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", ['{"prompt": "\\ud83d\\ude00", "response": "y"}'])
+    (example,) = iter_examples(path, tiny_tokenizer)
+    assert "\U0001F600" in tiny_tokenizer.decode(example.input_ids)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    ('{"prompt": "x", "response": "y", "n": ' + "1" * 5000 + "}",
+     "unreadable JSON (Exceeds the limit (4300 digits) for integer string conversion: value has "
+     "5000 digits)"),
+    ('{"prompt": ' + "[" * 100_000, "unreadable JSON (nested deeper than Python's JSON reader "
+                                    "allows)"),
+])
+def test_json_python_cannot_read_is_a_rejected_line(tiny_tokenizer, tmp_path, line, reason):
+    # Both stopped the whole run without file or line (only JSONDecodeError was caught).
+    path = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[1], line, DEMO_ROWS[0]])
+    items = list(iter_examples(path, tiny_tokenizer, on_bad="skip"))
+    assert [type(i) for i in items] == [Example, Rejection, Example]
+    assert (items[1].line, items[1].field, items[1].reason) == (2, None, reason)
+
+
+def test_json_messages_that_end_in_at_read_once(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", ['{"prompt": "x", "response": "cut off'])
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert caught.value.reason == "malformed JSON (Unterminated string starting at column 29)"
+
+
+def test_not_utf8_names_the_column_as_json_does(tiny_tokenizer, tmp_path):
+    # The byte's position counted from 0, in bytes, where json's columns count characters from 1.
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "\xc3\xa9t\xe9", "response": "x"}\n')
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert caught.value.reason == "not valid UTF-8 (byte 0xe9 at column 15)"
+
+
+def test_a_byte_order_mark_on_a_blank_first_line_is_blank(tiny_tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf\r\n" + json.dumps(DEMO_ROWS[1]).encode() + b"\r\n")
+    (example,) = iter_examples(path, tiny_tokenizer)
+    assert (example.id, example.line) == ("b", 2)
+
+
+def test_cr_line_endings_get_a_hint(tiny_tokenizer, tmp_path):
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes(b"\r".join(json.dumps(row).encode() for row in DEMO_ROWS[1:3]) + b"\r")
+    (rejected,) = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    assert rejected.reason.startswith("malformed JSON (Extra data at column ")
+    assert rejected.reason.endswith("the file uses CR line endings; convert with "
+                                    "tr '\\r' '\\n' < mac.jsonl > mac.lf.jsonl")
+
+
+@pytest.mark.parametrize(("messages", "got"), [("hi", "str"), ([], "an empty list"),
+                                               ({"role": "user"}, "dict")])
+def test_messages_of_another_type_say_what_they_are(tiny_tokenizer, tmp_path, messages, got):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": messages}])
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert caught.value.reason == f"expected a non-empty list of {{role, content}}, got {got}"
+
+
+def test_the_same_column_as_prompt_and_answer_is_refused():
+    with pytest.raises(ValueError, match="name the same column 'q'"):
+        FieldSpec("q", "q")

@@ -164,6 +164,32 @@ def test_csv_header_of_the_layout_is_skipped(tmp_path):
     assert questions[0].line == 2  # rows are still named as a spreadsheet shows them
 
 
+def test_excel_csv_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    # Excel's "CSV UTF-8" starts with a byte-order mark; read as plain UTF-8 it made the header
+    # "\ufeffquestion,...", which was refused with "is the first row a header?".
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + ("question,A,B,C,D,answer\r\n" + CHOICES_CSV).encode())
+    assert [q.answer for q in read_choices(path)] == ["B", "C", "A", "D"]
+    jsonl = tmp_path / "excel.jsonl"
+    row = {"question": "q1", "choices": ["a", "b", "c", "d"], "answer": 2}
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    assert [q.answer for q in read_choices(jsonl)] == ["C"]
+
+
+@pytest.mark.parametrize("name", ["latin1.csv", "latin1.jsonl"])
+def test_choices_file_not_in_utf8_names_the_file_and_byte(tmp_path, name):
+    path = tmp_path / name
+    text = ('q1,a,b,c,d,A\nCaf\xe9?,a,b,c,d,B\n' if name.endswith(".csv") else
+            '{"question": "q1", "choices": ["a", "b", "c", "d"], "answer": 0}\n'
+            '{"question": "Caf\xe9?", "choices": ["a", "b", "c", "d"], "answer": 1}\n')
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.index("\xe9")
+    with pytest.raises(DataError) as caught:  # was a bare "'utf-8' codec can't decode" error
+        read_choices(path)
+    assert str(caught.value) == (f"{path}: not valid UTF-8: byte 0xe9 at byte offset {offset} "
+                                 "(line 2); save the file as UTF-8 (in Excel: CSV UTF-8)")
+
+
 @pytest.mark.parametrize("header", ["question,option A,option B,option C,option D,answer",
                                     "id,question,A,B,C,D,answer"])
 def test_other_csv_header_gets_a_hint(tmp_path, header):
