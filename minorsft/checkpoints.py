@@ -35,9 +35,15 @@ CHECKPOINTS = "checkpoints"
 # continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
 RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
                "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights")
-# What a checkpoint written before a setting existed ran with.
-RESUME_DEFAULTS = {"master_weights": False}
+               "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights", "lora_r",
+               "lora_alpha", "lora_dropout", "lora_target_modules", "batching")
+# What a checkpoint written before a setting existed ran with (None: not known, not compared).
+RESUME_DEFAULTS = {"master_weights": False, "lora_r": None, "lora_alpha": None,
+                   "lora_dropout": None, "lora_target_modules": None,
+                   "batching": "one stream over all epochs"}
+# How steps take their samples: the batches of each epoch apart (since 0.2.1); before, one
+# stream over all epochs, whose batches could span two epochs.
+BATCHING = "per epoch"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -90,8 +96,11 @@ def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
     values = asdict(config)
     values.update(cache_rows=state.metadata.get("rows"),
                   cache_fingerprint=state.metadata.get("fingerprint"),
+                  # the model as loaded: --model naming the cache's model is the same run
+                  model=state.model_path,
                   total_steps=state.total_steps, dtype=precision_name(state.dtype, state.autocast),
-                  master_weights=isinstance(state.optimizer, MasterWeightsAdamW))
+                  master_weights=isinstance(state.optimizer, MasterWeightsAdamW),
+                  batching=BATCHING)
     return {key: values[key] for key in RESUME_KEYS}
 
 
@@ -173,6 +182,14 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _same_model(saved: str | None, state: TrainState, config: TrainConfig) -> bool:
+    """Whether a checkpoint's model is the one this run loaded. Checkpoints name the loaded
+    model's folder; those of minorsft <= 0.2.0 named --model as given (None: the cache's)."""
+    if saved is None:
+        return config.model is None or state.model_path == state.metadata.get("model_path")
+    return saved in (state.model_path, config.model)
+
+
 def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     """Restore a checkpoint into `state`; returns the number of steps it had done."""
     from safetensors.torch import load_file
@@ -180,8 +197,10 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     trainer_state = json.loads((path / "trainer_state.json").read_text())
     saved, now = trainer_state["settings"], _resume_settings(state, config)
     saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
+    if _same_model(saved["model"], state, config):
+        saved["model"] = now["model"]
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
-               for key in RESUME_KEYS if saved[key] != now[key]]
+               for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
     if changed:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
@@ -245,8 +264,17 @@ def trim_metrics(path: Path, first_step: int) -> None:
     if first_step == 0 or not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] < first_step]
+            if (record := _metrics_record(line)) is not None and record["step"] < first_step]
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(temp, path)
 
+
+
+def _metrics_record(line: str) -> dict | None:
+    """A metrics line, or None for a blank one or one cut off by a kill during its write."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None

@@ -56,10 +56,11 @@ def is_lora(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_lora(model, output: Path, merge: bool) -> Path | None:
+def save_lora(model, output: Path, merge: bool, tokenizer=None) -> Path | None:
     """Save the adapters in `output`; with `merge`, also a plain merged model in output/merged.
 
-    The merged folder loads with transformers (and vLLM) without peft. Merging folds the
+    The merged folder loads with transformers (and vLLM) without peft: it gets `tokenizer`
+    (the one saved beside the adapters, chat template included) too. Merging folds the
     adapters into the base weights in place, so it is done last, after the adapters are saved.
     """
     model.save_pretrained(output, safe_serialization=True)
@@ -69,4 +70,6 @@ def save_lora(model, output: Path, merge: bool) -> Path | None:
     merged = model.merge_and_unload()
     merged.config.use_cache = True
     merged.save_pretrained(merged_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(merged_dir)
     return merged_dir

@@ -203,6 +203,11 @@ ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attent
 
 def pick_attention(requested: str, device: torch.device) -> str:
     """flash-attn 2 where it is installed and a GPU is present, else PyTorch SDPA."""
+    if requested.startswith("flash_attention"):
+        package = "flash_attn" if requested == "flash_attention_2" else "flash_attn_interface"
+        if device.type != "cuda" or importlib.util.find_spec(package) is None:
+            raise ModelError(f"--attention {requested} needs a CUDA GPU and the {package} "
+                             "package; use --attention sdpa (or auto)")
     if requested != "auto":
         return requested
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

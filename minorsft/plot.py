@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 # (metrics key, panel title). nll is the per-token answer NLL, comparable across losses; the
@@ -41,8 +42,9 @@ def run_names(run_dirs: list[Path]) -> list[str]:
 def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], dict]:
     """(label, per-step metrics, config) of one run folder; a clear error if it is not one.
 
-    The label is `name` (default: the folder's name) and the run's loss, lr and beta: the
-    values alone would label two runs of the same settings (other data, seed) alike.
+    The label is `name` (default: the folder's name) and the run's loss, lr, beta and LoRA rank:
+    the values alone would label two runs of the same settings (other data, seed) alike.
+    Lines of metrics.jsonl that do not parse are skipped with a warning on stderr.
     """
     run_dir = Path(run_dir)
     name = name or run_names([run_dir])[0]
@@ -52,12 +54,19 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     rows = []
     with metrics_path.open(encoding="utf-8") as handle:
         for line_no, text in enumerate(handle, start=1):
-            if text.strip():
-                try:
-                    rows.append(json.loads(text))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{metrics_path}:{line_no}: malformed JSON "
-                                     f"({error.msg})") from error
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                problem = f"malformed JSON ({error.msg})"
+            else:
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    rows.append(row)
+                    continue
+                problem = "not a step's metrics"
+            # a run killed mid-write can leave a truncated last line: skip it, keep the rest
+            print(f"warning: {metrics_path}:{line_no}: skipped ({problem})", file=sys.stderr)
     if not rows:
         raise ValueError(f"{metrics_path}: no steps logged")
     config: dict = {}
@@ -66,19 +75,24 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
         config = json.loads(config_path.read_text()).get("config", {})
     label = name
     if "loss" in config and "lr" in config:
-        label += f": {config['loss']} lr={config['lr']:g}"
-        if config["loss"] != "sft":
-            label += f" beta={config.get('beta', 0.04):g}"
+        # beta scales the coefficient and reward panels for every loss, sft included
+        label += f": {config['loss']} lr={config['lr']:g} beta={config.get('beta', 0.04):g}"
+        if config.get("lora_r"):
+            label += f" LoRA r={config['lora_r']}"
     # else still running (run_config.json is written at the end): the folder name alone
     return label, rows, config
 
 
 def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
-    """Draw the six panels for every run into one PNG at `out`."""
+    """Draw the six panels for every run into one PNG at `out`; returns the path written.
+
+    An `out` without an extension gets `.png`, as matplotlib would add it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [read_run(Path(d), name) for d, name in zip(run_dirs, run_names(run_dirs),
                                                          strict=True)]
@@ -98,6 +112,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     for axis, (key, panel_title) in zip(axes.flat, PANELS, strict=True):
         axis.set_title(panel_title, fontsize=10)
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at 0.5
         if key == "m_theta":
             axis.axhline(0.0, color="grey", linewidth=0.8)
     for axis in axes[1]:
@@ -107,6 +122,8 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         figure.suptitle(title)
     figure.tight_layout()
     out = Path(out)
+    if not os.path.splitext(str(out))[1][1:]:
+        out = Path(str(out).rstrip(".") + ".png")  # what savefig would write: report that
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80)
     plt.close(figure)

@@ -15,6 +15,7 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from minorsft.cache import (
 from minorsft.checkpoints import (
     StopRequest,
     TrainingInterrupted,
+    list_checkpoints,
     resume_from_checkpoint,
     save_checkpoint,
     trim_metrics,
@@ -145,6 +147,8 @@ class TrainConfig:
             raise ValueError("--beta must be positive")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("--batch-size and --micro-batch-size must be positive")
+        # A micro-batch larger than the step (--batch-size 2 with the default 4) is the step.
+        self.micro_batch_size = min(self.micro_batch_size, self.batch_size)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of "
                              f"--micro-batch-size {self.micro_batch_size}")
@@ -189,27 +193,35 @@ class TrainConfig:
         return self.batch_size // per_step
 
 
-def sample_stream(cache: Path, seed: int, shuffle: bool, buffer_size: int,
-                  epochs: int | None) -> Iterator[dict]:
-    """Cache rows, epoch after epoch (forever if `epochs` is None), shuffled through a buffer.
+def epoch_rows(cache: Path, seed: int, shuffle: bool, buffer_size: int,
+               epoch: int) -> Iterator[dict]:
+    """One epoch of cache rows, shuffled through a buffer.
 
     A seeded shuffle buffer keeps memory bounded while still mixing neighbouring rows; the order
-    is a pure function of (cache, seed), so a run can be reproduced.
+    is a pure function of (cache, seed, epoch), so a run can be reproduced.
     """
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        rng = random.Random(seed * 1_000_003 + epoch)
-        buffer: list[dict] = []
-        for row in iter_rows(cache):
-            if not shuffle:
-                yield row
-                continue
-            buffer.append(row)
-            if len(buffer) >= buffer_size:
-                yield buffer.pop(rng.randrange(len(buffer)))
-        rng.shuffle(buffer)
-        yield from buffer
-        epoch += 1
+    rng = random.Random(seed * 1_000_003 + epoch)
+    buffer: list[dict] = []
+    for row in iter_rows(cache):
+        if not shuffle:
+            yield row
+            continue
+        buffer.append(row)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _epochs(epochs: int | None) -> Iterator[int]:
+    return iter(range(epochs)) if epochs is not None else itertools.count()
+
+
+def sample_stream(cache: Path, seed: int, shuffle: bool, buffer_size: int,
+                  epochs: int | None) -> Iterator[dict]:
+    """Cache rows, epoch after epoch (forever if `epochs` is None)."""
+    for epoch in _epochs(epochs):
+        yield from epoch_rows(cache, seed, shuffle, buffer_size, epoch)
 
 
 def global_batches(stream: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
@@ -221,6 +233,18 @@ def global_batches(stream: Iterator[dict], batch_size: int) -> Iterator[list[dic
             batch = []
     if batch:
         yield batch
+
+
+def training_batches(cache: Path, seed: int, shuffle: bool, buffer_size: int,
+                     epochs: int | None, batch_size: int) -> Iterator[list[dict]]:
+    """The steps' global batches, epoch after epoch (forever if `epochs` is None).
+
+    Batches never span two epochs: an epoch of R rows is ceil(R / batch_size) steps, the last
+    one short, as the step count promises; and no step holds one sample twice.
+    """
+    for epoch in _epochs(epochs):
+        yield from global_batches(epoch_rows(cache, seed, shuffle, buffer_size, epoch),
+                                  batch_size)
 
 
 def peak_rss_bytes() -> int | None:
@@ -331,20 +355,33 @@ RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "adapter_mode
 RUN_FOLDERS = ("checkpoints", "merged")
 
 
-def check_output(config: TrainConfig, is_main: bool) -> None:
+def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = None) -> None:
     """Refuse an --output that would lose or mix something, before anything is loaded: a file,
-    the cache itself, or a finished run (replaced with --overwrite, continued with --resume)."""
+    the cache itself, the model's own folder, a folder with a model that no minorsft run wrote,
+    or a finished run (replaced with --overwrite, continued with --resume)."""
     output, cache = Path(config.output), Path(config.cache)
     if output.is_file():
         raise ValueError(f"--output {output} is a file; train writes a folder there: choose "
                          "another --output")
     if output.resolve() == cache.resolve():
         raise ValueError(f"--output {output} is the cache: choose another --output")
+    if model_dir and Path(model_dir).is_dir() and output.resolve() == Path(model_dir).resolve():
+        raise ValueError(f"--output {output} is the folder of the model being trained (and of "
+                         "the cache's reference): choose another --output")
     finished = (output / "run_config.json").exists()
+    is_run = finished or (output / "checkpoints").is_dir()
+    if not is_run and output.is_dir() and (found := sorted(
+            f.name for pattern in RUN_FILES if pattern != "metrics.jsonl"  # a crashed run's
+            for f in output.glob(pattern))):
+        raise ValueError(f"--output {output} holds {', '.join(found[:3])} but no minorsft run "
+                         "(no run_config.json or checkpoints): train would write over them; "
+                         "choose another --output (or, if a crashed run left them, delete them)")
     if finished and not (config.resume or config.overwrite):
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
     if config.overwrite and is_main and output.is_dir():
+        if (output / "adapter_config.json").exists():
+            (output / "README.md").unlink(missing_ok=True)  # the model card peft writes
         for pattern in RUN_FILES:
             for file in output.glob(pattern):
                 file.unlink()
@@ -354,13 +391,19 @@ def check_output(config: TrainConfig, is_main: bool) -> None:
 
 def setup(config: TrainConfig, console: Console) -> TrainState:
     world = init_world(config.device)
-    check_output(config, world.is_main)
+    cache = Path(config.cache)
+    metadata = read_metadata(cache)
+    check_output(config, world.is_main, config.model or metadata.get("model_path"))
     if config.overwrite:
         barrier(world)  # no rank looks for checkpoints until rank 0 has removed the old ones
     accumulation = config.accumulation_steps(world.world_size)
-    cache = Path(config.cache)
-    metadata = read_metadata(cache)
+    if not int(metadata.get("rows") or 0):
+        raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
+                         "_rejects.jsonl): nothing to train on")
     validate_values(cache)
+    if config.strategy == "fsdp" and not world.distributed and world.is_main:
+        console.print("note: --strategy fsdp applies under torchrun with several processes; "
+                      "this is one process, trained without it", highlight=False)
     model_name = config.model or metadata["model"]
     model_path = resolve_model(model_name)
     tokenizer = load_tokenizer(model_path)
@@ -380,6 +423,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
                          "computes in bf16 on fp32 master weights: use --dtype bfloat16")
     dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
+    if config.attention == "flex_attention" and device.type != "cuda":
+        # torch's flex attention has no CPU backward: training would fail at the first step
+        raise ValueError("--attention flex_attention trains only on CUDA GPUs; use sdpa")
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
@@ -499,9 +545,8 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
     if main:
         output.mkdir(parents=True, exist_ok=True)
     epochs = None if config.max_steps else config.epochs
-    batches = global_batches(
-        sample_stream(Path(config.cache), config.seed, config.shuffle, config.shuffle_buffer,
-                      epochs), config.batch_size)
+    batches = training_batches(Path(config.cache), config.seed, config.shuffle,
+                               config.shuffle_buffer, epochs, config.batch_size)
     history = []
     started = time.perf_counter()
     first = state.start_step
@@ -555,7 +600,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     if config.lora_r:
         from minorsft.lora import save_lora
 
-        save_lora(state.model, output, config.merge_lora)
+        save_lora(state.model, output, config.merge_lora, state.tokenizer)
     else:
         state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
@@ -567,8 +612,24 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     return output
 
 
+def _finished_beyond_checkpoints(output: Path) -> bool:
+    """Whether `output` holds a finished run that no checkpoint of it predates (a checkpoint
+    before the last step is one to resume from, as after copying a run and pruning it)."""
+    try:
+        total = json.loads((output / "run_config.json").read_text())["total_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    checkpoints = list_checkpoints(output)
+    return not checkpoints or checkpoints[-1][0] >= total
+
+
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
+    if config.resume and _finished_beyond_checkpoints(Path(config.output)):
+        # A job script passes --resume on every (re)start: after the last one, nothing is left.
+        console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
+                      "--overwrite replaces it", markup=False)
+        return []
     state = setup(config, console)
     if config.step0_check and state.start_step == 0:
         check_step0(state, config, console)

@@ -38,14 +38,86 @@ def test_read_run_labels_by_loss_and_lr(two_runs):
     assert config["loss"] == "minorsft"
 
 
-def _fake_run(run_dir: Path, loss: str = "minorsft", lr: float = 1e-3) -> Path:
+def _fake_run(run_dir: Path, loss: str = "minorsft", lr: float = 1e-3, **config) -> Path:
     """A run folder as `minorsft train` leaves it, without training: two logged steps."""
     run_dir.mkdir(parents=True)
     rows = [{"step": step, "m_theta": 0.01 * step, "nll": 1.0, "loss": 0.7, "coefficient": 0.5,
              "reward": 0.0, "lr": lr} for step in range(2)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    (run_dir / "run_config.json").write_text(json.dumps({"config": {"loss": loss, "lr": lr}}))
+    (run_dir / "run_config.json").write_text(
+        json.dumps({"config": {"loss": loss, "lr": lr, **config}}))
     return run_dir
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The figures plot_runs saves, as they are when saved."""
+    from matplotlib.figure import Figure
+
+    figures = []
+    save = Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        figures.append(figure)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
+
+
+def test_labels_show_beta_for_every_loss_and_the_lora_rank(tmp_path):
+    """beta scales the coefficient and reward panels of sft runs too; LoRA runs say so."""
+    sft = _fake_run(tmp_path / "sft", loss="sft", beta=0.1)
+    assert read_run(sft)[0] == "sft: sft lr=0.001 beta=0.1"
+    lora = _fake_run(tmp_path / "lora", loss="sft-dpo", lr=2e-4, lora_r=8)
+    assert read_run(lora)[0] == "lora: sft-dpo lr=0.0002 beta=0.04 LoRA r=8"
+    full = _fake_run(tmp_path / "full", lora_r=0)
+    assert read_run(full)[0] == "full: minorsft lr=0.001 beta=0.04"
+
+
+def test_read_run_skips_unparsable_lines_with_a_warning(tmp_path, capsys):
+    """A run killed mid-write leaves a truncated last line: the steps before it still plot."""
+    run_dir = _fake_run(tmp_path / "killed")
+    metrics = run_dir / "metrics.jsonl"
+    good = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([good[0], "garbage", good[1], '{"step": 2, "m_th']))
+    _, rows, _ = read_run(run_dir)
+    assert [row["step"] for row in rows] == [0, 1]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 2
+    assert f"{metrics}:2:" in warnings[0] and f"{metrics}:4:" in warnings[1]
+
+
+def test_read_run_refuses_a_run_without_a_parsable_line(tmp_path, capsys):
+    run_dir = _fake_run(tmp_path / "broken")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "lo\n[1, 2]\n')
+    with pytest.raises(ValueError, match="no steps logged"):
+        read_run(run_dir)
+    result = CliRunner().invoke(app, ["plot", str(run_dir), "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 2
+    assert "no steps logged" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_step_axis_has_integer_ticks_only(tmp_path, saved_figures):
+    """Two steps (0 and 1) got ticks at 0.2, 0.4, ...: a step is a whole number."""
+    plot_runs([_fake_run(tmp_path / "short")], tmp_path / "curves.png")
+    (figure,) = saved_figures
+    for axis in figure.axes:
+        lo, hi = axis.get_xlim()
+        ticks = [t for t in axis.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_cli_plot_reports_the_file_it_wrote(tmp_path):
+    """matplotlib adds .png to an -o without extension: the message names that file."""
+    run_dir = _fake_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["plot", str(run_dir), "-o", str(tmp_path / "p5")])
+    assert result.exit_code == 0, result.output
+    written = tmp_path / "p5.png"
+    assert written.read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "p5").exists()
+    assert f"wrote {written}" in "".join(result.output.split("\n"))
 
 
 def test_run_names_add_parent_folders_only_to_tell_runs_apart(tmp_path):
@@ -54,20 +126,12 @@ def test_run_names_add_parent_folders_only_to_tell_runs_apart(tmp_path):
                                                                                "b/minor"]
 
 
-def test_legend_tells_runs_of_the_same_settings_apart(tmp_path, monkeypatch):
+def test_legend_tells_runs_of_the_same_settings_apart(tmp_path, saved_figures):
     """Two runs with equal loss, lr and beta (say, other data) had the same legend label."""
-    from matplotlib.figure import Figure
-
     runs = [_fake_run(tmp_path / "seed1" / "minor"), _fake_run(tmp_path / "seed2" / "minor")]
-    legends = []
-    save = Figure.savefig
-
-    def record_legend(figure, *args, **kwargs):
-        legends.append([text.get_text() for text in figure.axes[0].get_legend().get_texts()])
-        return save(figure, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", record_legend)
     plot_runs(runs, tmp_path / "curves.png")
+    legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+               for figure in saved_figures]
     assert legends == [["seed1/minor: minorsft lr=0.001 beta=0.04",
                         "seed2/minor: minorsft lr=0.001 beta=0.04"]]
 

@@ -58,6 +58,18 @@ def test_lora_starts_at_the_reference_and_saves(tiny_cache, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert (out / "merged" / "config.json").exists()
 
+    # The merged folder is a whole model: its tokenizer, chat template included, is there too,
+    # so transformers, vLLM and `minorsft eval --model <out>/merged` load it as is.
+    from transformers import AutoTokenizer
+
+    from minorsft.models import load_tokenizer
+
+    saved = AutoTokenizer.from_pretrained(out)
+    merged_tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    assert merged_tokenizer.chat_template and merged_tokenizer.chat_template == saved.chat_template
+    assert merged_tokenizer.get_vocab() == saved.get_vocab()
+    assert load_tokenizer(str(out / "merged")).pad_token_id == saved.pad_token_id
+
     # The merged model computes what the adapter model computes.
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

@@ -14,9 +14,10 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
+from rich.console import Console
 
 import minorsft.train as train_module
-from minorsft.cache import CacheError
+from minorsft.cache import CacheError, iter_rows
 from minorsft.checkpoints import TrainingInterrupted, list_checkpoints
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
@@ -362,3 +363,113 @@ def test_a_cache_from_before_the_answer_span_fix_gets_a_note(cache, tmp_path, ca
     assert "written by minorsft 0.1.0" in err and "run precompute again" in err
     assert train_module._old_answer_span_note(train_module.__version__) is None
     assert train_module._old_answer_span_note(None) is None  # nothing recorded: no guess
+
+
+# --- what a review of the training stage found -------------------------------------------------
+
+def test_epochs_run_every_planned_step_and_no_step_repeats_a_sample(cache, tmp_path):
+    """16 rows, batch 6, 2 epochs: 3 steps per epoch (6, 6, 4). One stream over both epochs
+    ran 6 + 6 + 6 + 6 + 4 = 5 batches of 6 planned, one of them holding rows of both epochs."""
+    seen = []
+    real_step = train_module.train_step
+
+    def record(state, config, rows):
+        seen.append([row["id"] for row in rows])
+        return real_step(state, config, rows)
+
+    train_module.train_step, saved = record, train_module.train_step
+    try:
+        history = run_train(config(cache, tmp_path / "run", max_steps=None, epochs=2,
+                                   batch_size=6, micro_batch_size=2))
+    finally:
+        train_module.train_step = saved
+    assert len(history) == 6 and [len(ids) for ids in seen] == [6, 6, 4, 6, 6, 4]
+    assert all(len(set(ids)) == len(ids) for ids in seen)
+    rows = sorted(row["id"] for row in iter_rows(cache))
+    assert sorted(sum(seen[:3], [])) == rows and sorted(sum(seen[3:], [])) == rows
+    assert history[-1]["lr"] > 0 and metrics(tmp_path / "run")[-1]["step"] == 5
+
+
+def test_output_that_holds_the_model_or_another_model_is_refused(cache, tiny_model_dir,
+                                                                  tmp_path):
+    """--overwrite deleted the weights of the model it was about to train (--output = --model)."""
+    import shutil
+
+    model = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model)
+    before = (model / "model.safetensors").read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is the folder of the model being trained"):
+            run_train(config(cache, model, model=str(model), overwrite=overwrite,
+                             allow_mismatch=True))
+        with pytest.raises(ValueError, match="holds model.safetensors but no minorsft run"):
+            run_train(config(cache, model, overwrite=overwrite))  # someone else's model folder
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_resume_of_a_finished_run_does_nothing(cache, tmp_path, capsys):
+    """A job script passes --resume on every start; after the last, it retrained from step 0."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2))
+    logged = (output / "metrics.jsonl").read_text()
+    assert run_train(config(cache, output, max_steps=2, resume=True),
+                     console=Console(file=sys.stderr, width=200)) == []
+    assert "nothing to do" in capsys.readouterr().err
+    assert (output / "metrics.jsonl").read_text() == logged
+
+
+def test_resume_refuses_other_lora_settings_and_takes_the_same_model_by_name(cache, tmp_path,
+                                                                           monkeypatch):
+    output = tmp_path / "run"
+    lora = dict(lora_r=4, lora_alpha=8.0, max_steps=4)
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(cache, output, **lora))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="lora_alpha: checkpoint 8.0, this run 128.0"):
+        run_train(config(cache, output, resume=True, **{**lora, "lora_alpha": 128.0}))
+    # --model naming the model the run defaulted to (the cache's) is the same run
+    model_path = json.loads((output / "checkpoints" / "step-2" / "trainer_state.json")
+                            .read_text())["settings"]["model"]
+    assert len(run_train(config(cache, output, resume=True, model=model_path, **lora))) == 2
+
+
+def test_a_line_cut_off_in_metrics_does_not_block_resume(cache, tmp_path, monkeypatch):
+    output = tmp_path / "run"
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(cache, output, save_every=2))
+    monkeypatch.undo()
+    with (output / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 3, "loss": 0.')  # a kill during the write
+    # the interrupt saved step 3; take that checkpoint away to resume from step 2
+    import shutil
+
+    shutil.rmtree(output / "checkpoints" / "step-3")
+    run_train(config(cache, output, resume=True, save_every=2))
+    assert [m["step"] for m in metrics(output)] == [0, 1, 2, 3]
+
+
+def test_an_empty_cache_and_impossible_attention_are_refused_in_one_line(cache, tmp_path):
+    def no_rows(table):
+        return table.slice(0, 0)
+
+    with pytest.raises(ValueError, match="flex_attention trains only on CUDA"):
+        run_train(config(cache, tmp_path / "flex", attention="flex_attention"))
+    from minorsft.models import ModelError
+    with pytest.raises(ModelError, match="needs a CUDA GPU and the flash_attn package"):
+        run_train(config(cache, tmp_path / "flash", attention="flash_attention_2"))
+    for part in sorted(cache.glob("part-*.parquet")):
+        rewrite_part(part, no_rows)
+    manifest = cache / "_manifest.json"
+    body = json.loads(manifest.read_text())
+    for entry in body["parts"].values():
+        entry.update(rows_cached=0, answer_tokens=0)
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(CacheError, match="the cache has no rows"):
+        run_train(config(cache, tmp_path / "run", max_steps=3, step0_check=False))
+
+
+def test_a_micro_batch_larger_than_the_batch_is_the_batch():
+    assert TrainConfig(cache="c", output="o", batch_size=2, micro_batch_size=4
+                       ).micro_batch_size == 2
