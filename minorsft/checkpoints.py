@@ -41,7 +41,7 @@ RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr",
 RESUME_DEFAULTS = {"master_weights": False, "lora_r": None, "lora_alpha": None,
                    "lora_dropout": None, "lora_target_modules": None,
                    "batching": "one stream over all epochs"}
-# How steps take their samples: the batches of each epoch apart (since 0.2.1); before, one
+# How steps take their samples: the batches of each epoch apart (since 0.3.0); before, one
 # stream over all epochs, whose batches could span two epochs.
 BATCHING = "per epoch"
 
