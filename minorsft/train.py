@@ -42,6 +42,7 @@ from minorsft.cache import (
     validate_values,
 )
 from minorsft.checkpoints import (
+    RESUME_KEYS,
     StopRequest,
     TrainingInterrupted,
     list_checkpoints,
@@ -612,20 +613,33 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     return output
 
 
-def _finished_beyond_checkpoints(output: Path) -> bool:
-    """Whether `output` holds a finished run that no checkpoint of it predates (a checkpoint
-    before the last step is one to resume from, as after copying a run and pruning it)."""
+def _finished_beyond_checkpoints(config: TrainConfig) -> bool:
+    """Whether --output holds a finished run that no checkpoint of it predates (a checkpoint
+    before the last step is one to resume from, as after copying a run and pruning it); refuses
+    one that ran with other settings, as resuming from a checkpoint would."""
+    output = Path(config.output)
     try:
-        total = json.loads((output / "run_config.json").read_text())["total_steps"]
+        finished = json.loads((output / "run_config.json").read_text())
+        total, saved = finished["total_steps"], finished["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     checkpoints = list_checkpoints(output)
-    return not checkpoints or checkpoints[-1][0] >= total
+    if checkpoints and checkpoints[-1][0] < total:
+        return False
+    now = asdict(config)
+    changed = [f"{key}: finished run {saved[key]!r}, this run {now[key]!r}"
+               for key in RESUME_KEYS if key != "model" and key in now and key in saved
+               and saved[key] != now[key]]
+    if changed:
+        raise ValueError(f"{output} holds a finished run with other settings:\n  "
+                         + "\n  ".join(changed) + "\n--overwrite replaces it; or choose another "
+                         "--output")
+    return True
 
 
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
-    if config.resume and _finished_beyond_checkpoints(Path(config.output)):
+    if config.resume and _finished_beyond_checkpoints(config):
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
         console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
                       "--overwrite replaces it", markup=False)
