@@ -17,6 +17,7 @@ Every input row ends up either cached or in the rejects file: input rows = cache
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -162,8 +163,8 @@ def _count_rows(path: Path) -> int | None:
             return None
     if suffix not in {".jsonl", ".ndjson"}:
         return None
-    with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
+    with path.open("rb") as handle:  # (a byte-order mark alone is a blank line, as data.py reads)
+        return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
 
 
 def input_fingerprint(path: Path) -> dict:

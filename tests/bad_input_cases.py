@@ -89,6 +89,9 @@ CASES = [
      "unreadable JSON (Exceeds the limit (4300 digits) for integer string conversion"),
     ("JSON nested too deeply (100,000 brackets)", b'{"id": "c25", "prompt": ' + b"[" * 100_000,
      None, "unreadable JSON (nested deeper than Python's JSON reader allows)"),
+    ("a key given twice (JSON readers keep one value)",
+     b'{"id": "c26", "prompt": "x", "response": "a", "response": "b"}', "response",
+     "the key 'response' appears twice in one JSON object"),
 ]
 
 
