@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import itertools
 
 import torch
+
+from minorsft.models import to_device
 
 try:  # PyTorch's flash-attention varlen kernel (torch >= 2.10)
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:
     varlen_attn = None
+# Later torch versions refuse fewer key/value heads than query heads (grouped-query attention,
+# as in Qwen2) unless told; the first ones took them without the flag.
+_VARLEN_GQA_FLAG = (varlen_attn is not None
+                    and "enable_gqa" in inspect.signature(varlen_attn).parameters)
 
 SEGMENT_ATTENTION = "minorsft_segment_sdpa"
 
@@ -71,6 +78,15 @@ DEFAULT_LAYOUT = "per-sample"
 LAYOUTS = ("per-sample", "padded", "varlen")
 
 
+def fit_layouts_to(device: torch.device) -> None:
+    """Before a run: GPUs older than Ampere (compute capability 8.0) have no flash attention, so
+    packed rows there take the per-sample layout instead of varlen. (Decided once, outside the
+    compiled layers, which read the layout table as a constant.)"""
+    if (device.type == "cuda" and LAYOUT_BY_DEVICE.get("cuda") == "varlen"
+            and torch.cuda.get_device_capability(device) < (8, 0)):
+        LAYOUT_BY_DEVICE["cuda"] = DEFAULT_LAYOUT
+
+
 def layout_for(device: torch.device) -> str:
     """The layout packed rows take on this device type."""
     return LAYOUT_BY_DEVICE.get(device.type, DEFAULT_LAYOUT)
@@ -105,8 +121,9 @@ def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     compiled layers call eagerly.
     """
     bounds = kwargs.get("cu_seq_lens_q")
-    if attention_mask is None and bounds is not None and _takes_varlen(query, dropout):
-        return _varlen_flash(query, key, value, bounds, kwargs["max_length_q"], scaling), None
+    if attention_mask is None and bounds is not None:
+        if (inputs := _varlen_inputs(query, key, value, dropout)) is not None:
+            return _varlen_flash(*inputs, bounds, kwargs["max_length_q"], scaling), None
     return _segment_attention_eager(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
 
@@ -140,9 +157,9 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout:
     if sum(lengths) != query.shape[2]:
         raise ValueError(f"packed sample lengths {list(lengths)} sum to {sum(lengths)}, the row "
                          f"has {query.shape[2]} tokens")
-    if _takes_varlen(query, dropout):
+    if (inputs := _varlen_inputs(query, key, value, dropout)) is not None:
         bounds = _cumulative_lengths(tuple(lengths), query.device)
-        return _varlen_flash(query, key, value, bounds, max(lengths), scaling), None
+        return _varlen_flash(*inputs, bounds, max(lengths), scaling), None
     with _packed_backends(query.device):
         if layout_for(query.device) == "padded":
             return _padded_sdpa(module, query, key, value, lengths, dropout, scaling), None
@@ -191,9 +208,23 @@ def varlen_supported(query: torch.Tensor) -> bool:
             and query.dtype in (torch.bfloat16, torch.float16))
 
 
-def _takes_varlen(query: torch.Tensor, dropout: float) -> bool:
-    """The varlen layout is this device's, and the kernel can run these queries (no dropout)."""
-    return layout_for(query.device) == "varlen" and dropout == 0.0 and varlen_supported(query)
+def _varlen_inputs(query, key, value, dropout: float):
+    """(query, key, value) as the varlen kernel takes them, or None where it cannot run them:
+    not this device's layout, dropout, or not half precision.
+
+    Under bf16 autocast (`--dtype bf16-mixed`) the query and key come out of the rotary
+    embedding in fp32 while the value is bf16; autocast would run SDPA in bf16, so they are cast
+    to the autocast dtype here as well (else fp32 would send every layer down the eager path).
+    """
+    if layout_for(query.device) != "varlen" or dropout != 0.0:
+        return None
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if not (varlen_supported(query) and key.dtype == value.dtype == query.dtype):
+        return None
+    return query, key, value
 
 
 def _varlen_flash(query, key, value, bounds: torch.Tensor, longest: int,
@@ -205,15 +236,21 @@ def _varlen_flash(query, key, value, bounds: torch.Tensor, longest: int,
     # [1, heads, L, D] -> contiguous [L, heads, D], the kernel's layout (flash reads the
     # key/value heads of a grouped-query model natively, as SDPA's flash path does)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    grouped = {"enable_gqa": True} if _VARLEN_GQA_FLAG and k.shape[1] != q.shape[1] else {}
     out = varlen_attn(q, k, v, bounds, bounds, longest, longest, scale=scaling,
-                      window_size=(-1, 0))  # (-1, 0): causal
+                      window_size=(-1, 0), **grouped)  # (-1, 0): causal
     return out.unsqueeze(0)
 
 
-def packed_forward_kwargs(lengths: list[int], device: torch.device) -> dict:
-    """What a packed row's forward pass passes down to the attention calls: in the varlen layout
-    the cumulative lengths (under transformers' names for them), else nothing."""
-    if layout_for(device) != "varlen":
+def packed_forward_kwargs(lengths: list[int], device: torch.device,
+                          attention: str = SEGMENT_ATTENTION) -> dict:
+    """What a packed row's forward pass passes down to the attention calls: the cumulative
+    lengths (under transformers' names for them) for flash-attn models and for per-sample SDPA
+    in the varlen layout, else nothing. (flash-attn models would otherwise derive them from the
+    position ids in every layer, each time waiting for the device.)"""
+    if attention == SEGMENT_ATTENTION and layout_for(device) != "varlen":
+        return {}
+    if attention != SEGMENT_ATTENTION and not attention.startswith("flash_attention"):
         return {}
     bounds = _cumulative_lengths(tuple(lengths), device)
     longest = max(lengths)
@@ -227,7 +264,7 @@ def _cumulative_lengths(lengths: tuple[int, ...], device: torch.device) -> torch
     if key not in _INDEX_CACHE:
         _INDEX_CACHE.clear()  # only the current micro-batch's lengths are worth keeping
         bounds = [0, *itertools.accumulate(lengths)]
-        _INDEX_CACHE[key] = torch.tensor(bounds, dtype=torch.int32, device=device)
+        _INDEX_CACHE[key] = to_device(torch.tensor(bounds, dtype=torch.int32), device)
     return _INDEX_CACHE[key]
 
 

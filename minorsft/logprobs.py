@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from minorsft.models import autocast_context
+from minorsft.models import autocast_context, to_device
 
 # Logit elements per output-head block: 2**24 fp32 values are 64 MiB. For N answer positions a
 # block spans 2**24 / N vocabulary entries (all of a 152k vocabulary up to 110 positions),
@@ -60,7 +60,8 @@ def pad_batch(
         ids_out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
         mask_out[row, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
-    return ids_out.to(device), attention_mask.to(device), mask_out.to(device)
+    return (to_device(ids_out, device), to_device(attention_mask, device),
+            to_device(mask_out, device))
 
 
 def sequence_logps(

@@ -224,6 +224,19 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attent
     return model.to(device)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device` without making the host wait for the device.
+
+    A plain copy to a GPU waits for everything queued before it (PyTorch synchronises the stream
+    after a pageable copy), so the host could never prepare a micro-batch while the device still
+    runs the last one. From pinned memory the copy is queued like a kernel; PyTorch keeps the
+    pinned block until the copy is done.
+    """
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

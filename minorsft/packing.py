@@ -30,12 +30,14 @@ import torch
 from minorsft.attention import (
     SEGMENT_ATTENTION,
     check_packed_isolation,
+    fit_layouts_to,
     layout_note,
     packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
 )
 from minorsft.logprobs import answer_logps, final_logit_transform, head_logps, pad_batch
+from minorsft.models import to_device
 
 PACKING_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention",
                      SEGMENT_ATTENTION)
@@ -82,9 +84,9 @@ def pack_batch(input_ids: list[list[int]], answer_masks: list[list[bool]],
     # token t (not a sample's first) is predicted by position t - 1 of the same sample
     answer_tokens = (is_answer & (position_ids > 0)).nonzero().squeeze(1)
     row = torch.from_numpy(np.fromiter(chain.from_iterable(input_ids), dtype=np.int64))
-    return PackedBatch(row[None].to(device), position_ids[None].to(device),
-                       (answer_tokens - 1).to(device), sample_of_token[answer_tokens].to(device),
-                       lengths)
+    return PackedBatch(to_device(row[None], device), to_device(position_ids[None], device),
+                       to_device(answer_tokens - 1, device),
+                       to_device(sample_of_token[answer_tokens], device), lengths)
 
 
 def check_packing_support(model) -> None:
@@ -116,6 +118,7 @@ def prepare_packing(model, requested: bool | None) -> tuple[bool, str]:
     """
     if requested is False:
         return False, "padded micro-batches (--no-packing)"
+    fit_layouts_to(model.get_input_embeddings().weight.device)
     original = model.config._attn_implementation
     per_sample = original.startswith("flash_attention") or use_segment_attention(model)
     if requested is None and not per_sample:
@@ -146,9 +149,9 @@ def packed_answer_logps(model, packed: PackedBatch, blocks: tuple[int, int] | No
         token_logps = token_logps.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N]
         summed = token_logps.new_zeros(packed.num_samples)
         return summed.index_add(0, packed.sample_index, token_logps)
-    # The per-sample attention takes the lengths as given (else it reads them in every layer).
-    segments = (packed_forward_kwargs(packed.lengths, packed.input_ids.device)
-                if model.config._attn_implementation == SEGMENT_ATTENTION else {})
+    # The attention takes the lengths as given (else it reads them in every layer).
+    segments = packed_forward_kwargs(packed.lengths, packed.input_ids.device,
+                                     model.config._attn_implementation)
     with packed_sample_lengths(packed.lengths):
         hidden = model.get_decoder()(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,

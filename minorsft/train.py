@@ -80,6 +80,7 @@ from minorsft.models import (
     pick_precision,
     precision_name,
     resolve_model,
+    to_device,
 )
 from minorsft.optim import MasterWeightsAdamW, make_optimizer
 from minorsft.packing import prepare_packing
@@ -499,8 +500,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     sums = torch.zeros(len(METRIC_SUMS), dtype=torch.float64, device=device)
     tokens = 0
     for index, (micro, weight) in enumerate(micro_batches):
-        ref_logps = torch.tensor([r["ref_logps"] for r in micro], device=device)
-        num_tokens = torch.tensor([r["num_tokens"] for r in micro], device=device)
+        ref_logps = to_device(torch.tensor([r["ref_logps"] for r in micro]), device)
+        num_tokens = to_device(torch.tensor([r["num_tokens"] for r in micro]), device)
         with no_gradient_sync(state.policy, sync=index == len(micro_batches) - 1):
             with compute_precision(state):
                 policy_logps, micro_tokens = state.policy(micro, pad_id, device, state.packing)

@@ -21,6 +21,7 @@ from minorsft.attention import (
     check_packed_isolation,
     layout_note,
     lengths_from_positions,
+    packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
 )
@@ -38,13 +39,17 @@ def _rows():
 
 
 def _reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                      window_size=(-1, -1)):
-    """PyTorch's varlen flash kernel (CUDA only) as plain SDPA per sample: [L, heads, D] layout."""
+                      window_size=(-1, -1), enable_gqa=False):
+    """PyTorch's varlen flash kernel (CUDA only) as plain SDPA per sample: [L, heads, D] layout.
+
+    Like torch 2.13's, it refuses fewer key/value heads than query heads without enable_gqa."""
     bounds = cu_seq_q.tolist()
     spans = list(itertools.pairwise(bounds))
     assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
     assert max_q == max_k == max(b - a for a, b in spans)
     assert window_size == (-1, 0)  # causal
+    if k.shape[1] != q.shape[1] and not enable_gqa:
+        raise ValueError("grouped-query heads: try setting enable_gqa=True")
     _reference_varlen.calls += 1
     outputs = [torch.nn.functional.scaled_dot_product_attention(
         *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale,
@@ -94,6 +99,29 @@ def test_segment_attention_equals_padding_forward_and_backward(model, layout, mo
     assert len(eager_calls) == (0 if layout == "varlen" else layers)
     _assert_same_grads(_grads(model, got), want_grads)
 
+
+
+def test_varlen_runs_under_bf16_autocast_on_bf16_inputs(model, monkeypatch):
+    """Under autocast (--dtype bf16-mixed) the rotary embedding hands attention fp32 queries and
+    keys beside a bf16 value: cast to the autocast dtype, as SDPA's autocast would, they take the
+    varlen kernel (it took the eager per-sample path in every layer)."""
+    monkeypatch.setitem(minorsft.attention.LAYOUT_BY_DEVICE, "cpu", "varlen")
+    monkeypatch.setattr(minorsft.attention, "varlen_supported",
+                        lambda query: query.dtype in (torch.bfloat16, torch.float16))
+    dtypes = []
+
+    def recording_varlen(q, k, v, *args, **kwargs):
+        dtypes.append({q.dtype, k.dtype, v.dtype})
+        return _reference_varlen(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(minorsft.attention, "varlen_attn", recording_varlen)
+    _reference_varlen.calls = 0
+    use_segment_attention(model)
+    final_logit_transform(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
+    assert dtypes == [{torch.bfloat16}] * model.config.num_hidden_layers
+    assert torch.isfinite(got).all()
 
 def test_segment_attention_runs_padded_batches_as_plain_sdpa(model):
     """A padded batch (2D mask) under the segment implementation is transformers' SDPA."""
@@ -162,3 +190,13 @@ def test_given_lengths_must_cover_the_row(model, layout):
             packed_sample_lengths([2, 2]):
         model.get_decoder()(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1, 2]]),
                             attention_mask=None, use_cache=False)
+
+
+def test_flash_attn_models_get_the_packed_bounds_instead_of_reading_positions():
+    """transformers' flash-attn path reads the sample bounds from the position ids in every layer
+    (a device sync each) unless the forward pass hands them down."""
+    bounds = packed_forward_kwargs([3, 5, 2], CPU, "flash_attention_2")
+    assert bounds["cu_seq_lens_q"].tolist() == [0, 3, 8, 10]
+    assert bounds["cu_seq_lens_q"].dtype == torch.int32 and bounds["max_length_q"] == 5
+    assert packed_forward_kwargs([3, 5], CPU, "sdpa") == {}
+    assert packed_forward_kwargs([3, 5], CPU, SEGMENT_ATTENTION) == {}  # per-sample on the CPU
