@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,18 @@ def _run(function, config):
             _fail(f"torch.compile failed ({type(error).__name__}: {summary}); train again "
                   "with --no-compile")
         raise
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    """Fail now, in one line, if `path` cannot be written as a file (a folder, no permission)."""
+    if path.is_dir():
+        _fail(f"{option} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _fail(f"{option} {path}: cannot create its folder ({error.strerror})")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        _fail(f"{option} {path}: not writable")
 
 
 def _version(value: bool):
@@ -355,7 +368,9 @@ def verify(
         _fail(str(error))
     report = _run(run_verify, config)
     if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        from minorsft.eval import json_safe
+
+        typer.echo(json.dumps(json_safe(report.as_dict()), indent=2, allow_nan=False))
     if not report.passed:
         raise typer.Exit(code=1)
 
@@ -470,10 +485,11 @@ def eval_command(
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens)
     except ValueError as error:
         _fail(str(error))
+    if json_out:  # before minutes of scoring: a path it cannot write would lose them
+        _check_writable_file(json_out, "--json-out")
     result = _run(run_eval, config)
     text = json.dumps(result, indent=2, allow_nan=False)  # NaN is not JSON: fail, not write
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(text + "\n")
     typer.echo(text if as_json else format_table(result))
 

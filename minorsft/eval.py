@@ -76,9 +76,15 @@ class EvalConfig:
                              "together: the cache holds the held-out rows it was written from. "
                              "Drop --data to score the cache's rows, or give the reference "
                              "model instead of its cache to score --data")
-        for name in ("max_rows", "max_questions"):
+        if self.reference and not looks_like_cache(self.reference) and self.data is None:
+            raise ValueError(f"--reference {self.reference} is what m_theta compares held-out "
+                             "answers against: give them with --data (multiple-choice accuracy "
+                             "does not use a reference)")
+        for name in ("max_rows", "max_questions", "max_batch_tokens"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if len({Path(path).resolve() for path in self.choices}) < len(self.choices):
+            raise ValueError("a --choices file is given twice: " + " ".join(self.choices))
 
 
 @dataclass
@@ -138,12 +144,15 @@ def _read_text(path: Path) -> str:
                         f"(line {line}); save the file as UTF-8 (in Excel: CSV UTF-8)") from None
 
 
-def _answer_letter(value, path: str, line: int) -> str:
+def _answer_letter(value, path: str, line: int, numbers: bool = True) -> str:
+    """The answer's letter; `numbers`: the format can hold the index 0-3 (JSON can, CSV cannot:
+    its cells are text, and "1" could mean A or B)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
         return LETTERS[value]
     if isinstance(value, str) and value.strip().upper() in LETTERS:
         return value.strip().upper()
-    raise DataError(path, line, "answer", f"expected one of A, B, C, D (or 0-3), got {value!r}")
+    also = " (or the number 0-3)" if numbers else ""
+    raise DataError(path, line, "answer", f"expected one of A, B, C, D{also}, got {value!r}")
 
 
 # The CSV layout's own column names: a first row that spells them is a header, never a question
@@ -177,7 +186,7 @@ def _read_choices_csv(path: Path) -> list[Question]:
                                 f"{len(cells)}{hint}")
             question, *options, answer = cells
             try:
-                letter = _answer_letter(answer, str(path), index)
+                letter = _answer_letter(answer, str(path), index, numbers=False)
             except DataError as error:
                 raise DataError(str(path), index, "answer", error.reason + hint) from None
             questions.append(Question(f"{path.stem}:{index}", index, question,
@@ -235,8 +244,10 @@ def choice_file_labels(paths: list[str]) -> dict[str, str]:
 def choice_examples(tokenizer, question: Question) -> list[Example]:
     """Four sequences, prompt + letter, each with only the letter's token(s) as answer.
 
-    The chat template renders the assistant turn as "<letter><end-of-turn>"; the end-of-turn
-    token is taken out of the mask so that the score is log p(letter | prompt) alone.
+    The chat template renders the assistant turn as "<letter><end-of-turn marker(s)>"; the
+    answer mask is cut after the tokens that spell the letter, so that the score is
+    log p(letter | prompt) alone, whatever closes the turn (eos, Gemma's <end_of_turn>, Phi-3's
+    <|end|> and a newline).
     """
     messages = [{"role": "user", "content": question.prompt()}]
     examples = []
@@ -244,8 +255,11 @@ def choice_examples(tokenizer, question: Question) -> list[Example]:
         input_ids, mask, _ = _tokenize_conversation(
             tokenizer, messages + [{"role": "assistant", "content": letter}], max_length=None)
         positions = [i for i, m in enumerate(mask) if m]
-        if len(positions) > 1 and input_ids[positions[-1]] == tokenizer.eos_token_id:
-            mask[positions[-1]] = False
+        for cut in range(1, len(positions)):
+            if tokenizer.decode([input_ids[i] for i in positions[:cut]]).strip() == letter:
+                for i in positions[cut:]:
+                    mask[i] = False
+                break
         examples.append(Example(f"{question.id}/{letter}", question.line, input_ids, mask))
     return examples
 
@@ -383,6 +397,15 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
+    ref_path = None
+    if config.reference and not looks_like_cache(config.reference):
+        # Before any scoring: a mistyped --reference should not cost the policy's whole pass.
+        ref_path = resolve_model(config.reference, option="--reference")
+        ref_fp = fingerprint(ref_path, load_tokenizer(ref_path, option="--reference")).as_dict()
+        for key in ("tokenizer", "chat_template"):
+            if ref_fp[key] != model_fp[key]:
+                raise ValueError(f"--reference {config.reference} has a different {key} "
+                                 "than --model: log-ratios would compare different tokens")
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
                                 max_batch_tokens=config.max_batch_tokens)
     result: dict = {"model": config.model, "reference": config.reference,
@@ -408,28 +431,13 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             raise DataError(str(data_path), None, None, "no rows (the file is empty)")
         result["data"] = str(data_path)
 
+    policy_logps = None
     if examples:
         console.print(f"scoring {len(examples)} held-out answers under {config.model}",
                       markup=False)
         policy_logps = engine.score(examples)
-        if config.reference and ref_logps is None:
-            ref_path = resolve_model(config.reference)
-            ref_tokenizer = load_tokenizer(ref_path)
-            ref_fp = fingerprint(ref_path, ref_tokenizer).as_dict()
-            for key in ("tokenizer", "chat_template"):
-                if ref_fp[key] != model_fp[key]:
-                    raise ValueError(f"--reference {config.reference} has a different {key} "
-                                     "than --model: log-ratios would compare different tokens")
-            # Scored again even when the weights are the same: a model against itself then
-            # checks that the two passes agree (m_theta exactly 0).
-            console.print(f"scoring them under the reference {config.reference}", markup=False)
-            ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
-                                            max_batch_tokens=config.max_batch_tokens)
-            ref_logps = ref_engine.score(examples)
-            del ref_engine
-        result["heldout"] = heldout_metrics(policy_logps, ref_logps,
-                                            [e.num_tokens for e in examples])
 
+    choices = None
     if config.choices:
         per_file, all_questions, all_logps = {}, [], []
         labels = choice_file_labels(list(question_sets))
@@ -439,9 +447,34 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
             all_questions += questions
             all_logps += logps
-        result["choices"] = {"overall": choice_metrics(all_questions, all_logps),
-                             "files": per_file}
+        choices = {"overall": choice_metrics(all_questions, all_logps), "files": per_file}
+
+    if examples and ref_path is not None:
+        # One model in memory at a time: the policy's engine goes before the reference's comes.
+        del engine
+        free_device_memory()
+        # Scored again even when the weights are the same: a model against itself then
+        # checks that the two passes agree (m_theta exactly 0).
+        console.print(f"scoring them under the reference {config.reference}", markup=False)
+        ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
+                                        max_batch_tokens=config.max_batch_tokens)
+        ref_logps = ref_engine.score(examples)
+        del ref_engine
+    if examples:
+        result["heldout"] = heldout_metrics(policy_logps, ref_logps,
+                                            [e.num_tokens for e in examples])
+    if choices is not None:
+        result["choices"] = choices
     return json_safe(result)
+
+
+def free_device_memory() -> None:
+    """Return a dropped model's memory (its cycles collected, CUDA's cached blocks released)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def json_safe(value):

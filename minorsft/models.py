@@ -41,8 +41,9 @@ def cache_dir() -> Path:
     return Path(base) / "minorsft"
 
 
-def resolve_model(name: str) -> str:
-    """Turn `--model` into something `from_pretrained` accepts (a folder path or a hub id)."""
+def resolve_model(name: str, option: str = "--model") -> str:
+    """Turn `--model` (or the `option` that names a model) into something `from_pretrained`
+    accepts (a folder path or a hub id)."""
     if name in BUILTIN_MODELS:
         return str(_materialise_builtin(name))
     path = Path(name).expanduser()
@@ -54,10 +55,10 @@ def resolve_model(name: str) -> str:
             raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():
-            raise ModelError(f"{path}: not a model folder (no config.json in it)")
+            raise ModelError(f"{option} {path}: not a model folder (no config.json in it)")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"{name}: no such model folder")
+        raise ModelError(f"{option} {name}: no such model folder")
     # Anything else is passed on as a hub id; transformers reports if it cannot be fetched.
     return name
 
@@ -104,13 +105,14 @@ def _materialise_builtin(name: str) -> Path:
     return target
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, option: str = "--model"):
+    """The model's tokenizer; `option` is the command-line option that named the model."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as error:  # a name that is neither a folder nor reachable on the hub
-        raise ModelError(_unresolved(model_path, error)) from error
+        raise ModelError(_unresolved(model_path, error, option)) from error
     if tokenizer.chat_template is None:
         raise ModelError(f"{model_path}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -118,12 +120,12 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def _unresolved(name: str, error: OSError) -> str:
+def _unresolved(name: str, error: OSError, option: str = "--model") -> str:
     """Why `name` could not be loaded, with the built-in name it may have meant."""
     close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.4)
     hint = f"; did you mean the built-in {close[0]!r}?" if close else ""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"--model {name}: not a local model folder, not a built-in model "
+    return (f"{option} {name}: not a local model folder, not a built-in model "
             f"({', '.join(BUILTIN_MODELS)}), and the Hugging Face hub could not provide it "
             f"({reason}){hint}")
 

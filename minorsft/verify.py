@@ -86,8 +86,12 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def _coefficient(beta: float, r: float) -> float:
-    """MinorSFT's gradient weight 2 sigmoid(-beta r) (eq. 7), 1 at r = 0."""
-    return 2.0 / (1.0 + math.exp(beta * r))
+    """MinorSFT's gradient weight 2 sigmoid(-beta r) (eq. 7), 1 at r = 0; exact at any size of
+    beta r (exp overflows past 709)."""
+    x = beta * r
+    if x >= 0:
+        return 2.0 * math.exp(-x) / (1.0 + math.exp(-x))
+    return 2.0 / (1.0 + math.exp(x))
 
 
 def measure_drift(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -208,12 +209,17 @@ def test_csv_bad_answer_without_header_look_gets_no_hint(tmp_path):
     assert caught.value.field == "answer" and "header" not in str(caught.value)
 
 
-def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv):
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
+def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos):
+    """Also where eos is not the token that ends the turn (Gemma, Phi-3): the turn marker was
+    scored with the letter there."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.eos_token = eos
     question = read_choices(choices_csv)[0]
-    examples = choice_examples(tiny_tokenizer, question)
+    examples = choice_examples(tokenizer, question)
     for letter, example in zip(LETTERS, examples, strict=True):
         answer_ids = [t for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
-        assert tiny_tokenizer.decode(answer_ids) == letter
+        assert tokenizer.decode(answer_ids) == letter
 
 
 def test_choice_logps_fast_path_equals_full_logits(tiny_model_dir, tiny_tokenizer, choices_csv):
@@ -334,6 +340,42 @@ def test_cli_eval_errors(tiny_model_dir, tmp_path):
     assert result.exit_code == 2
     assert "bad.csv:1: field 'answer'" in " ".join(result.output.split())
 
+
+
+def test_eval_mistakes_fail_before_any_scoring(tiny_model_dir, demo_jsonl, choices_csv,
+                                               tmp_path, monkeypatch):
+    """A mistyped --reference (named as --model), a --json-out it cannot write, a choices file
+    given twice and a reference without held-out data each failed after the policy's pass, or
+    were silently ignored."""
+    import minorsft.engines.hf
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the mistake was found")
+
+    monkeypatch.setattr(minorsft.engines.hf.TransformersEngine, "score", no_scoring)
+    runner = CliRunner()
+
+    def fails(*args) -> str:
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), *map(str, args)])
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        return " ".join(result.output.split())
+
+    assert "--reference ./nope: no such model folder" in fails(
+        "--data", demo_jsonl, "--reference", "./nope")
+    assert "--json-out" in fails("--data", demo_jsonl, "--json-out", tmp_path)
+    assert "given twice" in fails("--choices", choices_csv, "--choices",
+                                  f"{choices_csv.parent}/./{choices_csv.name}")
+    assert "give them with --data" in fails("--choices", choices_csv, "--reference",
+                                            tiny_model_dir)
+    assert "must be positive" in fails("--choices", choices_csv, "--max-batch-tokens", 0)
+
+
+def test_csv_answer_message_offers_no_numbers(tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text("What is 2 + 2?,3,4,5,22,1\n")
+    with pytest.raises(DataError, match=r"expected one of A, B, C, D, got '1'"):
+        read_choices(path)
 
 @pytest.mark.smollm2
 def test_smollm2_self_deviation_and_easy_questions(choices_csv, tmp_path):

@@ -157,3 +157,13 @@ def test_transformers_score_tokens_sum_to_score(tiny_model_dir):
     tokens = engine.score_tokens(examples)
     assert [len(t) for t in tokens] == [3, 2]
     assert [sum(t) for t in tokens] == pytest.approx(engine.score(examples), abs=1e-5)
+
+
+def test_coefficient_is_exact_far_from_zero():
+    """2 sigmoid(-beta r) overflowed math.exp past beta r = 709 (a traceback in verify)."""
+    from minorsft.verify import _coefficient
+
+    assert _coefficient(0.04, 0.0) == 1.0
+    assert _coefficient(2.0, 439.0) == pytest.approx(2 * math.exp(-878.0), abs=0)
+    assert _coefficient(2.0, -439.0) == 2.0
+    assert _coefficient(0.5, 3.0) == pytest.approx(2 / (1 + math.exp(1.5)), rel=1e-15)
