@@ -569,7 +569,7 @@ def _trl_tokenizer():
 
 def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
                 dtype, use_train_module: bool, variants: list[str] | None = None,
-                profile_steps: int = 0) -> tuple[list[list], list[list]]:
+                profile_steps: int = 0, progress=None) -> tuple[list[list], list[list]]:
     """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
@@ -590,6 +590,9 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     With `profile_steps`, each trainer then runs that many more steps (batches 1, 2, ... a third
     time) under torch's profiler, not counted in the timings: the second table returned has one
     `profile_summary` row per trainer (5p).
+
+    `progress(rows, profiles, done, total)`, if given, gets both tables so far after each run
+    (a minorsft variant or a TRL trainer), so that a check cut off by its timeout keeps them.
     """
     import tempfile
 
@@ -602,6 +605,39 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     results, profiles = {}, []
     profile_steps = min(profile_steps, len(batches) - 1)
+
+    def table_rows() -> list[list]:
+        """Table 5 from the runs finished so far (ratios to the TRL runs that have finished)."""
+        out, rates = [], {}
+        for name, (step_times, step_tokens, peak) in results.items():
+            rates[name] = []
+            for label, part in (("new shapes", slice(1, len(batches))),
+                                ("seen shapes", slice(len(batches), None))):
+                per_step = [t / s for t, s in zip(step_tokens[part], step_times[part],
+                                                  strict=True)]
+                rates[name].append(statistics.median(per_step))
+                out.append([f"{name}, {label}", len(per_step),
+                            f"{statistics.median(step_times[part]):.3f}",
+                            f"{rates[name][-1]:,.0f}", f"{peak:,.0f}",
+                            f"{step_times[0]:.1f}" if label == "new shapes" else ""])
+        for name, ours in rates.items():
+            if name.startswith("trl"):
+                continue
+            baselines = [trl_mixed] if name == mixed_name else [trl_name]  # the same precision
+            if name != mixed_name:
+                baselines.append(trl_compiled)
+            for baseline in baselines:
+                if baseline not in rates:  # not asked for, or not run yet
+                    continue
+                theirs = rates[baseline]
+                out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
+                            f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
+                            f"{ours[1] / theirs[1]:.2f}", "", ""])
+        return out
+
+    def finished_run():
+        if progress is not None:
+            progress(table_rows(), profiles, len(results), total_runs)
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
     # key: (name, master weights, weights dtype, autocast, compiled, packed layout, head chunk);
@@ -639,6 +675,55 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {list(all_variants)}")
     variants = {all_variants[key][0]: all_variants[key][1:] for key in chosen
                 if key in all_variants}
+    in_order = "train_sampling_strategy" in SFTConfig.__dataclass_fields__
+    trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")
+    trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
+    # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
+    # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
+    trl_runs = [(trl_name, dtype, dtype == torch.bfloat16, False),
+                (trl_mixed, torch.float32, True, False)]
+    if mixed_name not in variants:  # its TRL counterpart is only needed beside it
+        trl_runs = trl_runs[:1]
+    if with_trl_compiled:
+        trl_runs.append((trl_compiled, dtype, dtype == torch.bfloat16, True))
+    total_runs = len(variants) + len(trl_runs)
+    data = Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(m) for m in r["answer_mask"]]}
+                              for r in rows])
+
+    def run_trl(name, weights_dtype, bf16, compiled):
+        model = build_model(sizes, weights_dtype, dev.device).train()
+        settings = dict(
+            output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
+            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            max_steps=2 * len(batches) + (profile_steps and 1 + profile_steps),
+            learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
+            max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
+            dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
+            torch_compile=compiled,
+            seed=0,
+            gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
+        if in_order:
+            settings["train_sampling_strategy"] = "sequential"  # the same batches as above
+        sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
+                         processing_class=_trl_tokenizer())
+        trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
+        if profile_steps:  # steps 2L+1 ... 2L+P: batches 1 ... P a third time, as above
+            sft.add_callback(trl_profiler(dev, 2 * len(batches) + 1, profile_steps,
+                                         lambda row, name=name: profiles.append([name, *row])))
+        dev.reset_peak()
+        sft.train()
+        timed = 2 * len(batches)
+        results[name] = (trl_times[:timed], trl_tokens[:timed], dev.peak_mib())
+        print(f"  {name}: done", flush=True)
+        del model, sft
+        if dev.cuda:
+            torch.cuda.empty_cache()
+        finished_run()
+
+    # TRL's plain run first: a check cut short by its timeout still has the baseline that
+    # every ratio is taken against.
+    run_trl(*trl_runs[0])
     for name, (master_weights, weights_dtype, autocast, compiled, layout, chunk) in \
             variants.items():
         model = build_model(sizes, weights_dtype, dev.device).train()
@@ -674,70 +759,11 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         del model, trainer
         if dev.cuda:
             torch.cuda.empty_cache()
+        finished_run()
 
-    data = Dataset.from_list([{"input_ids": r["input_ids"],
-                               "completion_mask": [int(m) for m in r["answer_mask"]]}
-                              for r in rows])
-    in_order = "train_sampling_strategy" in SFTConfig.__dataclass_fields__
-    trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")
-    trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
-    # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
-    # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
-    trl_runs = [(trl_name, dtype, dtype == torch.bfloat16, False),
-                (trl_mixed, torch.float32, True, False)]
-    if mixed_name not in variants:  # its TRL counterpart is only needed beside it
-        trl_runs = trl_runs[:1]
-    if with_trl_compiled:
-        trl_runs.append((trl_compiled, dtype, dtype == torch.bfloat16, True))
-    for name, weights_dtype, bf16, compiled in trl_runs:
-        model = build_model(sizes, weights_dtype, dev.device).train()
-        settings = dict(
-            output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
-            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-            max_steps=2 * len(batches) + (profile_steps and 1 + profile_steps),
-            learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
-            dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
-            torch_compile=compiled,
-            seed=0,
-            gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
-        if in_order:
-            settings["train_sampling_strategy"] = "sequential"  # the same batches as above
-        sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
-                         processing_class=_trl_tokenizer())
-        trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
-        if profile_steps:  # steps 2L+1 ... 2L+P: batches 1 ... P a third time, as above
-            sft.add_callback(trl_profiler(dev, 2 * len(batches) + 1, profile_steps,
-                                         lambda row, name=name: profiles.append([name, *row])))
-        dev.reset_peak()
-        sft.train()
-        timed = 2 * len(batches)
-        results[name] = (trl_times[:timed], trl_tokens[:timed], dev.peak_mib())
-        del model, sft
-        if dev.cuda:
-            torch.cuda.empty_cache()
-    out, rates = [], {}
-    for name, (step_times, step_tokens, peak) in results.items():
-        rates[name] = []
-        for label, part in (("new shapes", slice(1, len(batches))),
-                            ("seen shapes", slice(len(batches), None))):
-            per_step = [t / s for t, s in zip(step_tokens[part], step_times[part], strict=True)]
-            rates[name].append(statistics.median(per_step))
-            out.append([f"{name}, {label}", len(per_step),
-                        f"{statistics.median(step_times[part]):.3f}", f"{rates[name][-1]:,.0f}",
-                        f"{peak:,.0f}", f"{step_times[0]:.1f}" if label == "new shapes" else ""])
-    for name, ours in rates.items():
-        if name.startswith("trl"):
-            continue
-        baselines = [trl_mixed] if name == mixed_name else [trl_name]  # the same precision
-        if name != mixed_name and trl_compiled in rates:
-            baselines.append(trl_compiled)
-        for baseline in baselines:
-            theirs = rates[baseline]
-            out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
-                        f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
-                        f"{ours[1] / theirs[1]:.2f}", "", ""])
-    return out, profiles
+    for run in trl_runs[1:]:
+        run_trl(*run)
+    return table_rows(), profiles
 
 
 def trl_profiler(dev: Device, first: int, steps: int, report):
@@ -817,17 +843,32 @@ def main():
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "dtype": str(dtype), "model": big,
            "train_step": "local copy" if args.local_step else TRAIN_STEP}
-    report = [f"# minorsft gpu_check\n\n`{json.dumps(env)}`\n"]
+    report = {"env": f"# minorsft gpu_check\n\n`{json.dumps(env)}`\n"}
     results = {"env": env}
     sections = args.sections.split(",")
 
-    def emit(title, headers, rows):
-        text = f"## {title}\n\n{table(headers, rows)}\n"
-        print(text, flush=True)
-        report.append(text)
+    def write(name: str, text: str):
+        """Replace the file whole (a timeout's kill mid-write leaves the previous version)."""
+        part = out / f".{name}.part"
+        part.write_text(text)
+        part.replace(out / name)
+
+    def emit(title, headers, rows, unfinished: str = ""):
+        """Print a table and (re)write both result files with it; a table written again under
+        the same title replaces its earlier version. `unfinished`: a partial table (a section
+        still running, written so that a timeout keeps it), noted as such and not printed."""
+        note = f"_Unfinished: {unfinished}; if nothing follows, the check stopped here._\n\n"
+        text = f"## {title}\n\n{note if unfinished else ''}{table(headers, rows)}\n"
+        if not unfinished:
+            print(text, flush=True)
+        report[title] = text
         results[title] = rows
-        (out / "gpu_check.md").write_text("\n".join(report))
-        (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str))
+        if unfinished:
+            results["unfinished"] = f"{title}: {unfinished}"
+        else:
+            results.pop("unfinished", None)
+        write("gpu_check.md", "\n".join(report.values()))
+        write("gpu_check.json", json.dumps(results, indent=2, default=str))
 
     started = time.perf_counter()
     if "correctness" in sections:
@@ -881,20 +922,29 @@ def main():
         except Exception as error:  # missing, or broken by the box's other packages
             print(f"section 5 skipped: trl does not import: {error!r}")
         else:
+            def emit_trl(rows, profiles, unfinished=""):
+                emit(f"5. training vs TRL SFTTrainer ({dtype}, batch {train_shape['batch']}, "
+                     f"lengths {train_shape['min_len']}-{train_shape['max_len']}, same rows in "
+                     f"order)",
+                     ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
+                      "peak allocated MiB", "first step s (not counted; compiles)"], rows,
+                     unfinished)
+                if profiles:
+                    emit(f"5p. where a seen-length step goes ({args.profile_steps} steps per "
+                         f"trainer under torch's profiler, after the timed ones)",
+                         ["trainer", "step ms (profiled)", "GPU busy ms", "busy / step",
+                          "kernels / step", "aten ops / step",
+                          "costliest kernels (share of GPU time)"], profiles, unfinished)
+
+            def progress(rows, profiles, done, total):
+                if done < total:  # the last run's tables are emitted whole below
+                    emit_trl(rows, profiles, f"{done} of {total} runs finished")
+
             rows, profiles = section_trl(
                 dev, big, dtype=dtype, use_train_module=not args.local_step,
                 variants=args.variants.split(",") if args.variants else None,
-                profile_steps=args.profile_steps, **train_shape)
-            emit(f"5. training vs TRL SFTTrainer ({dtype}, batch {train_shape['batch']}, lengths "
-                 f"{train_shape['min_len']}-{train_shape['max_len']}, same rows in order)",
-                 ["trainer", "steps counted", "median step s", "tokens/s (median of steps)",
-                  "peak allocated MiB", "first step s (not counted; compiles)"], rows)
-            if profiles:
-                emit(f"5p. where a seen-length step goes ({args.profile_steps} steps per "
-                     f"trainer under torch's profiler, after the timed ones)",
-                     ["trainer", "step ms (profiled)", "GPU busy ms", "busy / step",
-                      "kernels / step", "aten ops / step", "costliest kernels (share of GPU time)"],
-                     profiles)
+                profile_steps=args.profile_steps, progress=progress, **train_shape)
+            emit_trl(rows, profiles)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

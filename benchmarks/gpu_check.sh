@@ -13,6 +13,7 @@ export TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-  # The whole check must finish inside the timeout (330 s unless GPU_CHECK_TIMEOUT says); tables are written as they finish.
+  # The whole check must finish inside the timeout (330 s unless GPU_CHECK_TIMEOUT says); tables are written as they finish
+  # (section 5's after each run, marked unfinished), so a timeout keeps what finished.
   timeout "${GPU_CHECK_TIMEOUT:-330}" python benchmarks/gpu_check.py --out "$OUT" "$@"
 } 2>&1 | tee "$OUT/gpu_check.log"

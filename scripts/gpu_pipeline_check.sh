@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # The whole pipeline on one GPU, from the CLI, with nothing but torch + transformers + pyarrow +
-# typer + rich installed (no pip install of the project: PYTHONPATH). A random model with
-# Qwen2-0.5B's shape (152k vocabulary) is built from a config, so no hub is needed.
+# typer + rich + pytest installed (no pip install of the project: PYTHONPATH; pytest because the
+# tokenizer comes from tests/conftest.py). A random model with Qwen2-0.5B's shape (152k
+# vocabulary) is built from a config, so no hub is needed.
 #   OUT=/some/folder bash scripts/gpu_pipeline_check.sh          # GPU: bf16 auto, about 2 min
 #   OUT=smoke SMALL=1 bash scripts/gpu_pipeline_check.sh        # CPU smoke test of the script
 #   QUICK=1: precompute, one training run with the defaults, reload and generate
+#   KEEP=1: keep the temporary folder of models and caches (several GB), else removed at exit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_pipeline_out}"; mkdir -p "$OUT"
+missing="$(python -c "import importlib.util as u
+print(' '.join(m for m in ('torch', 'transformers', 'pyarrow', 'typer', 'rich', 'pytest')
+               if u.find_spec(m) is None))")"
+if [ -n "$missing" ]; then
+  echo "gpu_pipeline_check: needs the Python package(s) $missing: pip install $missing" >&2
+  exit 1
+fi
 work="$(mktemp -d)"
+cleanup() {
+  if [ "${KEEP:-0}" = 1 ]; then echo "kept $work (KEEP=1)" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 {
 python - "$work/model" <<'PY'
