@@ -595,15 +595,18 @@ def cache_stats(path: Path) -> dict:
         raise CacheError(f"{path}: the cache has no rows")
     num_tokens = table["num_tokens"].cast(pa.float64())
     per_token = pc.divide(table["ref_logps"], num_tokens)
-    quantiles = pc.quantile(num_tokens, q=[0.1, 0.5, 0.9], interpolation="nearest").to_pylist()
+    # token counts are whole numbers: "nearest" quantiles, min and max are shown as integers
+    quantiles = [int(q) for q in pc.quantile(num_tokens, q=[0.1, 0.5, 0.9],
+                                             interpolation="nearest").to_pylist()]
     schema = pq.read_schema(layout.files[0])
     return {
         "path": str(path), "layout": layout.kind, "files": len(layout.files),
         "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
         "metadata": layout.metadata, "rows": table.num_rows,
-        "num_tokens": {"mean": pc.mean(num_tokens).as_py(), "min": pc.min(num_tokens).as_py(),
+        "num_tokens": {"mean": pc.mean(num_tokens).as_py(),
+                       "min": int(pc.min(num_tokens).as_py()),
                        "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2],
-                       "max": pc.max(num_tokens).as_py()},
+                       "max": int(pc.max(num_tokens).as_py())},
         "ref_logps_per_token": {"mean": pc.mean(per_token).as_py(),
                                 "min": pc.min(per_token).as_py(),
                                 "max": pc.max(per_token).as_py()},

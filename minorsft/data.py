@@ -166,7 +166,7 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
         if _looks_like_a_json_document(line_no, text):
             reason += (f"; {path.name} looks like one JSON document (an array?), but the data "
                        "must be JSON Lines: one JSON object per line (for an array: "
-                       f"jq -c '.[]' {path.name} > {path.stem}.jsonl)")
+                       f"jq -c '.[]' {path.name} > {lines_file_name(path)})")
         if _looks_like_cr_line_endings(text):
             reason += ("; the line holds a carriage return followed by '{': the file uses CR "
                        f"line endings; convert with tr '\\r' '\\n' < {path.name} > "
@@ -205,6 +205,12 @@ def _object_without_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
         seen = set()
         raise RepeatedKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return record
+
+
+def lines_file_name(path: Path) -> str:
+    """A name for the JSON Lines copy of `path` that is not `path` itself (a shell redirect to
+    the file jq reads would empty it first)."""
+    return f"{path.stem}{'.lines' if path.suffix == '.jsonl' else ''}.jsonl"
 
 
 def _malformed_json_reason(error: json.JSONDecodeError, text: str) -> str:

@@ -30,7 +30,14 @@ import torch
 from rich.console import Console
 
 from minorsft.cache import CacheError, iter_rows, looks_like_cache, read_metadata
-from minorsft.data import DataError, Example, FieldSpec, iter_examples, resolve_data
+from minorsft.data import (
+    DataError,
+    Example,
+    FieldSpec,
+    iter_examples,
+    lines_file_name,
+    resolve_data,
+)
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
 from minorsft.logprobs import final_logit_transform, pad_batch
@@ -209,7 +216,11 @@ def _read_choices_jsonl(path: Path) -> list[Question]:
                 raise DataError(str(path), line_no, None,
                                 f"unreadable JSON ({error})") from error
             if not isinstance(record, dict):
-                raise DataError(str(path), line_no, None, "expected a JSON object")
+                hint = (f"; {path.name} looks like one JSON array, but choices files are JSON "
+                        f"Lines: one object per line (jq -c '.[]' {path.name} > "
+                        f"{lines_file_name(path)})"
+                        if line_no == 1 and isinstance(record, list) else "")
+                raise DataError(str(path), line_no, None, "expected a JSON object" + hint)
             if not isinstance(record.get("question"), str):
                 raise DataError(str(path), line_no, "question", "missing or not a string")
             if "choices" in record:
@@ -347,8 +358,11 @@ def choice_metrics(questions: list[Question], logps: list[list[float]]) -> dict:
     correct = [LETTERS[max(range(4), key=lambda k: row[k])] == q.answer
                for q, row in zip(questions, logps, strict=True)]
     letter_mass = [sum(math.exp(v) for v in row) for row in logps]
-    return {"questions": len(questions), "correct": sum(correct),
-            "accuracy": sum(correct) / len(questions) if questions else float("nan"),
+    # A question whose letter log-probs are not all finite (fp16 overflow) has no argmax to
+    # count: max() would pick "A" and report an accuracy the model did not earn.
+    scored = all(math.isfinite(v) for row in logps for v in row)
+    return {"questions": len(questions), "correct": sum(correct) if scored else float("nan"),
+            "accuracy": sum(correct) / len(questions) if questions and scored else float("nan"),
             "letter_mass": sum(letter_mass) / len(letter_mass) if letter_mass else float("nan")}
 
 
@@ -506,10 +520,11 @@ def format_table(result: dict) -> str:
         lines.append(f"| NLL per answer token | {_number(held['nll_per_token'], '.4f')} |")
         lines.append(f"| mean per-sample NLL | {_number(held['mean_nll'], '.4f')} |")
         if "m_theta" in held:
-            lines.append(f"| m_theta vs reference | {_number(held['m_theta'], '+.4f')} |")
+            lines.append(f"| m_theta vs reference | {_number(held['m_theta'], '+.3e')} |")
     if choices := result.get("choices"):
         for name, metrics in [("all", choices["overall"]), *choices["files"].items()]:
+            correct = _number(metrics["correct"], "d")
             lines.append(f"| accuracy ({name}) | {_number(metrics['accuracy'], '.3f')} "
-                         f"({metrics['correct']}/{metrics['questions']}), letter mass "
+                         f"({correct}/{metrics['questions']}), letter mass "
                          f"{_number(metrics['letter_mass'], '.2f')} |")
     return "\n".join(lines)

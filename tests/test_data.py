@@ -257,6 +257,13 @@ def test_a_json_array_file_is_refused_with_a_hint_at_json_lines(tiny_tokenizer, 
         with pytest.raises(DataError) as caught:
             list(iter_examples(path, tiny_tokenizer))
         assert caught.value.line == 1 and caught.value.reason.endswith(hint)
+    # Named .jsonl, the hint's copy gets another name: `> rows.jsonl` would empty the input
+    # before jq reads it.
+    array_jsonl = tmp_path / "rows.jsonl"
+    array_jsonl.write_text(json.dumps(DEMO_ROWS[1:3]) + "\n")
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(array_jsonl, tiny_tokenizer))
+    assert caught.value.reason.endswith("jq -c '.[]' rows.jsonl > rows.lines.jsonl)")
     # A JSON Lines file with a stray array on a later line is not an array file.
     write_jsonl(path, [DEMO_ROWS[1], ["2 plus 3", "5"]])
     with pytest.raises(DataError) as caught:

@@ -16,9 +16,11 @@ from minorsft.engines.hf import TransformersEngine
 from minorsft.eval import (
     LETTERS,
     EvalConfig,
+    Question,
     choice_examples,
     choice_file_labels,
     choice_logps,
+    choice_metrics,
     format_table,
     json_safe,
     read_choices,
@@ -324,7 +326,7 @@ def test_cli_eval_table_and_json(tiny_model_dir, demo_jsonl, choices_csv, tmp_pa
         "--data", str(demo_jsonl), "--choices", str(choices_csv), "--max-rows", "4",
         "--json-out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "m_theta vs reference | +0.0000" in result.output
+    assert "m_theta vs reference | +0.000e+00" in result.output
     assert "accuracy (easy)" in result.output
     saved = json.loads(out.read_text())
     assert saved["heldout"]["rows"] == 4 and saved["choices"]["overall"]["questions"] == 4
@@ -409,3 +411,18 @@ def test_smollm2_self_deviation_and_easy_questions(choices_csv, tmp_path):
                    for q, row in zip(questions, fast, strict=True))
     assert overall["correct"] == expected
     assert 0.05 < overall["letter_mass"] < 1.0
+
+
+def test_non_finite_letter_scores_give_no_accuracy():
+    """max() over NaNs picks "A": an fp16 overflow would have reported a made-up accuracy."""
+    questions = [Question("q1", 1, "2 + 2?", ("4", "5", "6", "7"), "A")]
+    metrics = choice_metrics(questions, [[float("nan")] * 4])
+    assert math.isnan(metrics["accuracy"]) and math.isnan(metrics["correct"])
+    assert choice_metrics(questions, [[-0.1, -3.0, -4.0, -5.0]])["accuracy"] == 1.0
+
+
+def test_a_json_array_of_questions_gets_the_jq_hint(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('[{"question": "x", "choices": ["a", "b", "c", "d"], "answer": 0}]\n')
+    with pytest.raises(DataError, match=r"jq -c '\.\[\]' mc\.jsonl > mc\.lines\.jsonl"):
+        read_choices(path)
