@@ -233,7 +233,8 @@ def train(
         help="How many of the newest checkpoints to keep.")] = 2,
     resume: Annotated[bool, typer.Option(
         help="Continue from the newest checkpoint in --output (from step 0 if there is "
-             "none).")] = False,
+             "none; on a finished run: nothing to do with the same settings, refused with "
+             "other ones).")] = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace the run in --output (its model, metrics and checkpoints); without it an "
              "--output that holds a run is refused.")] = False,
@@ -448,14 +449,16 @@ def eval_command(
     model: Annotated[str, typer.Option(help="Checkpoint to evaluate (a `minorsft train` output "
                                             "folder, a model folder or the built-in name).")],
     reference: Annotated[str | None, typer.Option(
-        help="Reference for m_theta: a model, or a cache written by `minorsft precompute` on "
-             "the held-out data (its token ids and log-probs are reused; then no --data).")
+        help="Reference for m_theta: a model (needs --data), or a cache written by `minorsft "
+             "precompute` on the held-out data (its token ids and log-probs are reused; then "
+             "no --data).")
     ] = None,
     data: Annotated[str | None, typer.Option(help="Held-out SFT data (.jsonl/.parquet), any "
                                                   "format `precompute` reads.")] = None,
     choices: Annotated[list[str] | None, typer.Option(
-        help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer; no header, "
-             "or exactly that one) or JSONL. Repeat for several.")] = None,
+        help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer letter A-D; "
+             "no header, or exactly that one) or JSONL (answer A-D or 0-3). Repeat for "
+             "several.")] = None,
     prompt_field: Annotated[str | None, typer.Option(help="Prompt column of --data.")] = None,
     response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
     max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
