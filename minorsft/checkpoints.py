@@ -88,7 +88,8 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
-def _fsdp(state: TrainState, config: TrainConfig) -> bool:
+def is_fsdp_run(state: TrainState, config: TrainConfig) -> bool:
+    """Whether the policy's parameters are FSDP2 shards (torchrun, --strategy fsdp)."""
     return state.world.distributed and config.strategy == "fsdp"
 
 
@@ -129,7 +130,7 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
     folder = Path(config.output) / CHECKPOINTS
     target = folder / f"step-{step}"
     trainable = [name for name, p in state.model.named_parameters() if p.requires_grad]
-    if _fsdp(state, config):
+    if is_fsdp_run(state, config):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -205,7 +206,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
                          "start a new run in another --output.")
-    fsdp = _fsdp(state, config)
+    fsdp = is_fsdp_run(state, config)
     weights = load_file(path / "model.safetensors", device="cpu" if fsdp else str(state.device))
     trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:

@@ -56,18 +56,29 @@ def is_lora(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_lora(model, output: Path, merge: bool, tokenizer=None) -> Path | None:
+def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict | None = None,
+              base_path: str | None = None) -> Path | None:
     """Save the adapters in `output`; with `merge`, also a plain merged model in output/merged.
 
     The merged folder loads with transformers (and vLLM) without peft: it gets `tokenizer`
     (the one saved beside the adapters, chat template included) too. Merging folds the
     adapters into the base weights in place, so it is done last, after the adapters are saved.
+
+    `state_dict` (the model's gathered weights) and `base_path`: for a model whose parameters
+    are FSDP shards, which can neither be saved nor merged as they are; the merge then loads
+    the base model from `base_path` on the CPU and the saved adapters onto it.
     """
-    model.save_pretrained(output, safe_serialization=True)
+    model.save_pretrained(output, safe_serialization=True, state_dict=state_dict)
     if not merge:
         return None
     merged_dir = output / "merged"
-    merged = model.merge_and_unload()
+    if base_path is not None:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        merged = _peft().PeftModel.from_pretrained(base, output).merge_and_unload()
+    else:
+        merged = model.merge_and_unload()
     merged.config.use_cache = True
     merged.save_pretrained(merged_dir, safe_serialization=True)
     if tokenizer is not None:

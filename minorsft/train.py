@@ -45,6 +45,7 @@ from minorsft.checkpoints import (
     RESUME_KEYS,
     StopRequest,
     TrainingInterrupted,
+    is_fsdp_run,
     list_checkpoints,
     resume_from_checkpoint,
     save_checkpoint,
@@ -602,7 +603,12 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     if config.lora_r:
         from minorsft.lora import save_lora
 
-        save_lora(state.model, output, config.merge_lora, state.tokenizer)
+        # Under FSDP the live adapters are shards: save the gathered ones, and merge them into
+        # the base read from disk again (the sharded model cannot merge in place).
+        sharded = is_fsdp_run(state, config)
+        save_lora(state.model, output, config.merge_lora, state.tokenizer,
+                  state_dict=weights if sharded else None,
+                  base_path=state.model_path if sharded else None)
     else:
         state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)

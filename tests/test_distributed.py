@@ -106,3 +106,26 @@ def test_an_error_under_torchrun_is_each_ranks_one_line_and_exit_code(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("error: ") == 2 and "no such cache" in result.stderr
     assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-2000:]
+
+
+def test_lora_under_fsdp_saves_adapters_and_the_merged_model(cache, tmp_path):
+    """The FSDP run trained, then crashed at the save: peft was handed the sharded adapters
+    (and a sharded model cannot merge in place)."""
+    lora = ["--lora-r", "4", "--lora-alpha", "8", "--merge-lora"]
+    single = tmp_path / "single"
+    run_train(TrainConfig(cache=str(cache), output=str(single), batch_size=8, micro_batch_size=4,
+                          lr=1e-3, warmup_ratio=0.0, seed=5, lora_r=4, lora_alpha=8.0,
+                          merge_lora=True), Console(quiet=True))
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+               "--micro-batch-size", "2", *lora, *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):
+        one, two = load_file(single / name), load_file(multi / name)
+        assert one.keys() == two.keys(), name
+        for key, value in one.items():
+            torch.testing.assert_close(two[key].to(value.dtype), value, rtol=1e-4, atol=1e-5)
