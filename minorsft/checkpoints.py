@@ -146,20 +146,48 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
         weights = {name: p.detach().contiguous() for name, p in
                    state.model.named_parameters() if p.requires_grad}
         optimizer_state, optimizer_format = state.optimizer.state_dict(), "torch"
+    # Every rank's RNG states: ranks draw different amounts (dropout on rows of other lengths),
+    # and each must continue its own stream for a resumed run to equal an uninterrupted one.
+    rng = _rng_states(state.world)
     if state.world.distributed:  # rank 0 writes; the others wait until it is complete
         if state.world.is_main:
             _write_checkpoint(state, config, step, folder, target, save_file, weights,
-                              optimizer_state, optimizer_format)
+                              optimizer_state, optimizer_format, rng)
         barrier(state.world)
         return target
     _write_checkpoint(state, config, step, folder, target, save_file, weights, optimizer_state,
-                      optimizer_format)
+                      optimizer_format, rng)
     return target
+
+
+def _rng_states(world) -> dict:
+    """{"ranks": [each rank's torch, python and CUDA RNG states]} (a collective under torchrun)."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not world.distributed:
+        return {"ranks": [mine]}
+    import torch.distributed as dist
+
+    gathered = [None] * world.world_size
+    dist.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
+def _restore_rng(path: Path, world) -> None:
+    """This rank's RNG states from a checkpoint (rank 0's where the world size changed, and in
+    checkpoints of minorsft <= 0.2.x, which kept only rank 0's)."""
+    saved = torch.load(path / "rng.pt", weights_only=True)
+    ranks = saved.get("ranks", [saved])
+    rng = ranks[world.rank] if len(ranks) == world.world_size else ranks[0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
                       target: Path, save_file, weights: dict, optimizer_state: dict,
-                      optimizer_format: str) -> None:
+                      optimizer_format: str, rng: dict) -> None:
     if target.exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,8 +197,6 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
         save_file(weights, staging / "model.safetensors")
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         torch.save(rng, staging / "rng.pt")
         trainer_state = {"step": step, "settings": _resume_settings(state, config),
                          "optimizer_format": optimizer_format, "minorsft_version": __version__}
@@ -231,11 +257,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         state.model.load_state_dict(weights, strict=False)
         state.optimizer.load_state_dict(optimizer_state)
     state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    _restore_rng(path, state.world)
     return int(trainer_state["step"])
 
 
