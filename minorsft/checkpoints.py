@@ -57,17 +57,25 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
-    current step; a second one stops at once, without saving."""
+    current step; a second of the same signal stops at once, without saving.
+
+    Only the same signal again counts as the second: a Ctrl-C reaches torchrun's workers both
+    from the terminal (SIGINT) and from torchrun, which passes it on as SIGTERM, and that pair
+    is one request, which must still save."""
 
     def __init__(self, enabled: bool = True):
-        self.requested = False
+        self.seen: set[int] = set()  # the signals that asked so far
         self.enabled = enabled
         self._previous = {}
 
+    @property
+    def requested(self) -> bool:
+        return bool(self.seen)
+
     def _handle(self, signum, frame):
-        if self.requested:
+        if signum in self.seen:
             raise KeyboardInterrupt
-        self.requested = True
+        self.seen.add(signum)
 
     def agreed(self, state: TrainState) -> bool:
         """Whether any rank was asked to stop (torchrun signals ranks at slightly different
@@ -123,7 +131,8 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
     only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
     disk, a kill) leaves the earlier checkpoints as they were. Under FSDP2 every rank takes part
     in gathering the full weights and optimizer state (keyed by parameter name), which rank 0
-    writes, so the checkpoint resumes with any number of processes.
+    writes, so the checkpoint resumes under FSDP with any number of processes (not with DDP
+    or in one process: its optimizer state is keyed by name).
     """
     from safetensors.torch import save_file
 
@@ -248,8 +257,10 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         )
 
         if not fsdp or trainer_state.get("optimizer_format") != "by-name":
+            how = ("under torchrun with --strategy ddp, or in one process" if fsdp else
+                   "under torchrun with --strategy fsdp (any number of processes)")
             raise ValueError(f"{path} was written {'without' if fsdp else 'with'} FSDP; resume "
-                             f"it with the strategy that wrote it")
+                             f"it {how}, as it was written")
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(state.model, weights, options=options)
         set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=options)

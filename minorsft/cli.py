@@ -44,7 +44,8 @@ def _run(function, config):
 
     try:
         return function(config, console)
-    except (DataError, CacheError, ModelError, ValueError, FileNotFoundError) as error:
+    except (DataError, CacheError, ModelError, ValueError, FileNotFoundError,
+            FloatingPointError) as error:  # (a loss that became nan: too high an lr)
         _fail(str(error))
     except OSError as error:
         if error.errno not in DISK_ERRNOS:
@@ -306,6 +307,13 @@ def train(
         raise typer.Exit(code=130) from None
     except typer.Exit as stop:  # an error already said in one line
         _leave_torchrun_worker(stop.exit_code)
+        raise
+    except Exception:
+        # Unforeseen: its traceback is the report. Under torchrun the worker still leaves
+        # without finalization, with an error's exit code rather than gloo's abort.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            console.print_exception()
+            _leave_torchrun_worker(1)
         raise
     _leave_torchrun_worker()
 

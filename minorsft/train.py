@@ -577,7 +577,8 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                        "world_size": state.world.world_size,
                        "step_seconds": seconds, "elapsed": time.perf_counter() - started}
             if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
+                raise FloatingPointError(f"loss became {metrics['loss']} at step {step}: the "
+                                         "updates diverged; train again with a lower --lr")
             history.append(metrics)
             if step % config.log_every == 0 or step == state.total_steps - 1:
                 log.write(json.dumps(metrics) + "\n")

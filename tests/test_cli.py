@@ -74,6 +74,12 @@ def test_cache_model_mismatch_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
     assert "fingerprint.weights" in result.output and "--allow-mismatch" in result.output
     result = runner.invoke(app, [*args, "--allow-mismatch"])
     assert result.exit_code == 0, result.output
+    # an lr that makes the loss nan: one line with the way out, not a traceback
+    diverging = ["train", "--cache", str(cache), "--output", str(tmp_path / "nan"),
+                 "--max-steps", "3", "--batch-size", "4", "--lr", "1e30", "--no-step0-check"]
+    result = runner.invoke(app, diverging)
+    assert result.exit_code == 2, result.output
+    assert "lower --lr" in result.output and "Traceback" not in result.output
 
 
 def test_cache_info(tiny_model_dir, demo_jsonl, tmp_path):

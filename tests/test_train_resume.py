@@ -473,3 +473,16 @@ def test_an_empty_cache_and_impossible_attention_are_refused_in_one_line(cache, 
 def test_a_micro_batch_larger_than_the_batch_is_the_batch():
     assert TrainConfig(cache="c", output="o", batch_size=2, micro_batch_size=4
                        ).micro_batch_size == 2
+
+
+def test_sigterm_after_ctrl_c_is_the_same_request_a_repeat_stops_at_once():
+    """torchrun passes a terminal's Ctrl-C on to its workers as SIGTERM, which reached them
+    beside the terminal's own SIGINT: taken as a second request, it stopped without saving."""
+    from minorsft.checkpoints import StopRequest
+
+    stop = StopRequest()
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGTERM, None)  # the same request, passed on
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)  # the user pressing Ctrl-C again
