@@ -302,7 +302,8 @@ def train(
     try:
         _run(run_train, config)
     except TrainingInterrupted as stopped:
-        console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped; one says so
+            console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
         _leave_torchrun_worker(130)
         raise typer.Exit(code=130) from None
     except typer.Exit as stop:  # an error already said in one line
