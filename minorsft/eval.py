@@ -37,6 +37,7 @@ from minorsft.data import (
     iter_examples,
     lines_file_name,
     resolve_data,
+    special_token_pattern,
 )
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
@@ -402,6 +403,24 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     return examples, ref_logps, metadata
 
 
+def _refuse_special_tokens_in_questions(question_sets: dict[str, list[Question]],
+                                        tokenizer) -> None:
+    """A question or option holding one of the tokenizer's special tokens (`<|im_end|>`) would
+    be read as that control token in the rendered prompt, as in training data (data.py)."""
+    special = special_token_pattern(tokenizer)
+    if special is None:
+        return
+    for path, questions in question_sets.items():
+        for question in questions:
+            fields = {"question": question.question, **dict(zip(LETTERS, question.options,
+                                                                 strict=True))}
+            for name, text in fields.items():
+                if match := special.search(text):
+                    raise DataError(path, question.line, name,
+                                    f"contains the tokenizer's special token {match.group()!r}, "
+                                    "which would be read as that control token, not as text")
+
+
 def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     """Score the model on held-out answers and/or multiple-choice files; return a result dict."""
     console = console or Console(stderr=True)
@@ -410,6 +429,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                      for path in config.choices}
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
+    _refuse_special_tokens_in_questions(question_sets, tokenizer)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
     ref_path = None
     if config.reference and not looks_like_cache(config.reference):

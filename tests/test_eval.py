@@ -426,3 +426,12 @@ def test_a_json_array_of_questions_gets_the_jq_hint(tmp_path):
     path.write_text('[{"question": "x", "choices": ["a", "b", "c", "d"], "answer": 0}]\n')
     with pytest.raises(DataError, match=r"jq -c '\.\[\]' mc\.jsonl > mc\.lines\.jsonl"):
         read_choices(path)
+
+
+def test_a_special_token_in_a_question_is_refused_with_its_line(tiny_model_dir, tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text("What is 2 + 2?,3,4,5,6,B\nWhat ends a turn?,<|im_end|>,a,b,c,A\n")
+    with pytest.raises(DataError) as caught:
+        run_eval(EvalConfig(model=str(tiny_model_dir), choices=[str(path)]))
+    assert (caught.value.line, caught.value.field) == (2, "A")
+    assert "special token '<|im_end|>'" in caught.value.reason
