@@ -46,7 +46,6 @@ from minorsft.checkpoints import (
     StopRequest,
     TrainingInterrupted,
     is_fsdp_run,
-    list_checkpoints,
     resume_from_checkpoint,
     save_checkpoint,
     trim_metrics,
@@ -368,9 +367,11 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
                          "another --output")
     if output.resolve() == cache.resolve():
         raise ValueError(f"--output {output} is the cache: choose another --output")
-    if model_dir and Path(model_dir).is_dir() and output.resolve() == Path(model_dir).resolve():
-        raise ValueError(f"--output {output} is the folder of the model being trained (and of "
-                         "the cache's reference): choose another --output")
+    if model_dir and Path(model_dir).is_dir() and (
+            Path(model_dir).resolve().is_relative_to(output.resolve())):
+        # (also a model inside it: a previous run's merged/ model, which --overwrite removes)
+        raise ValueError(f"--output {output} holds the model being trained ({model_dir}): "
+                         "choose another --output")
     finished = (output / "run_config.json").exists()
     is_run = finished or (output / "checkpoints").is_dir()
     if not is_run and output.is_dir() and (found := sorted(
@@ -621,18 +622,14 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     return output
 
 
-def _finished_beyond_checkpoints(config: TrainConfig) -> bool:
-    """Whether --output holds a finished run that no checkpoint of it predates (a checkpoint
-    before the last step is one to resume from, as after copying a run and pruning it); refuses
-    one that ran with other settings, as resuming from a checkpoint would."""
+def _finished_run(config: TrainConfig) -> bool:
+    """Whether --output holds a finished run (run_config.json, written last). Its checkpoints
+    are usually from before the last step (--save-every), and resuming one would train the last
+    steps again. Refuses a finished run of other settings, as resuming a checkpoint would."""
     output = Path(config.output)
     try:
-        finished = json.loads((output / "run_config.json").read_text())
-        total, saved = finished["total_steps"], finished["config"]
+        saved = json.loads((output / "run_config.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    checkpoints = list_checkpoints(output)
-    if checkpoints and checkpoints[-1][0] < total:
         return False
     now = asdict(config)
     changed = [f"{key}: finished run {saved[key]!r}, this run {now[key]!r}"
@@ -647,7 +644,7 @@ def _finished_beyond_checkpoints(config: TrainConfig) -> bool:
 
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
-    if config.resume and _finished_beyond_checkpoints(config):
+    if config.resume and _finished_run(config):
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
         console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
                       "--overwrite replaces it", markup=False)

@@ -274,6 +274,7 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(multi, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
+    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
     history = run_train(config(cache, resumed, micro_batch_size=2, resume=True, save_every=2,
                                shuffle_buffer=TrainConfig.shuffle_buffer))
     assert [m["step"] for m in history] == [2, 3]
@@ -312,6 +313,7 @@ def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
     (resumed / "model.safetensors").unlink()
+    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
     torchrun(resumed, "--resume")
     expected, got = metrics(whole), metrics(resumed)
     assert [m["step"] for m in got] == [0, 1, 2, 3]
@@ -399,23 +401,31 @@ def test_output_that_holds_the_model_or_another_model_is_refused(cache, tiny_mod
     shutil.copytree(tiny_model_dir, model)
     before = (model / "model.safetensors").read_bytes()
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match="is the folder of the model being trained"):
+        with pytest.raises(ValueError, match="holds the model being trained"):
             run_train(config(cache, model, model=str(model), overwrite=overwrite,
+                             allow_mismatch=True))
+        # a previous run's merged model inside --output, which --overwrite would remove
+        with pytest.raises(ValueError, match="holds the model being trained"):
+            run_train(config(cache, tmp_path, model=str(model), overwrite=overwrite,
                              allow_mismatch=True))
         with pytest.raises(ValueError, match="holds model.safetensors but no minorsft run"):
             run_train(config(cache, model, overwrite=overwrite))  # someone else's model folder
     assert (model / "model.safetensors").read_bytes() == before
 
 
-def test_resume_of_a_finished_run_does_nothing(cache, tmp_path, capsys):
-    """A job script passes --resume on every start; after the last, it retrained from step 0."""
+@pytest.mark.parametrize("save_every", [None, 2])
+def test_resume_of_a_finished_run_does_nothing(cache, tmp_path, capsys, save_every):
+    """A job script passes --resume on every start; after the last, it retrained from step 0
+    (no checkpoints), or the steps after the last checkpoint (--save-every 2 of 3 steps)."""
     output = tmp_path / "run"
-    run_train(config(cache, output, max_steps=2))
+    run_train(config(cache, output, max_steps=3, save_every=save_every))
     logged = (output / "metrics.jsonl").read_text()
-    assert run_train(config(cache, output, max_steps=2, resume=True),
+    model = (output / "model.safetensors").stat().st_mtime_ns
+    assert run_train(config(cache, output, max_steps=3, save_every=save_every, resume=True),
                      console=Console(file=sys.stderr, width=200)) == []
     assert "nothing to do" in capsys.readouterr().err
     assert (output / "metrics.jsonl").read_text() == logged
+    assert (output / "model.safetensors").stat().st_mtime_ns == model
 
 
 def test_resume_refuses_other_lora_settings_and_takes_the_same_model_by_name(cache, tmp_path,
