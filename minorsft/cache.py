@@ -445,47 +445,60 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
                          + ". Re-run `minorsft precompute` with this version of minorsft.")
 
 
-def validate_values(path: Path) -> None:
+VALUE_CHECK_COLUMNS = ["id", "line", "ref_logps", "num_tokens", "input_ids", "answer_mask"]
+
+
+def validate_values(path: Path, batch_rows: int = 8192) -> None:
     """Refuse rows the losses would silently get wrong, naming the first one of each kind.
 
     Non-finite reference log-probs; no answer tokens; a `num_tokens` (the losses' m) that is not
     the number of answer-mask entries set; token ids and answer mask of different lengths; and an
     answer mask set at position 0 (no position predicts a row's first token, so it is never
-    scored). Reads everything but the text once, at start-up, which is cheap next to training.
+    scored). Reads everything but the text once, at start-up, `batch_rows` rows at a time (a
+    large part or an old single-file cache is never held whole, on any rank).
     """
     for file in open_cache(path).files:
-        table = pq.read_table(file, columns=["id", "line", "ref_logps", "num_tokens",
-                                             "input_ids", "answer_mask"])
-        masks = table["answer_mask"]
-        mask_lengths = pc.list_value_length(masks)
-        # Per-row sums and first entries of the flattened masks, from the rows' offsets.
-        lengths = mask_lengths.to_numpy(zero_copy_only=False)
-        starts = np.cumsum(lengths) - lengths
-        flat = pc.list_flatten(masks).to_numpy(zero_copy_only=False)
-        set_before = np.concatenate([[0], np.cumsum(flat)])
-        mask_sums = pa.array(set_before[starts + lengths] - set_before[starts])
-        first_set = pa.array(np.where(lengths > 0, flat[np.minimum(starts, len(flat) - 1)], False)
-                             if len(flat) else np.zeros(len(lengths), bool))
-        checks = (
-            (pc.invert(pc.is_finite(table["ref_logps"])), "ref_logps is not finite"),
-            (pc.less(table["num_tokens"], 1), "num_tokens is below 1"),
-            (pc.not_equal(pc.list_value_length(table["input_ids"]), mask_lengths),
-             "input_ids and answer_mask differ in length"),
-            (first_set, "answer_mask is set at the first token"),
-            (pc.not_equal(pc.cast(table["num_tokens"], pa.int64()), mask_sums),
-             "num_tokens is not the number of answer tokens in answer_mask"),
-        )
-        for mask, what in checks:
-            count = pc.sum(mask).as_py() or 0
-            if count:
-                first = pc.index(mask, True).as_py()
-                row = table.slice(first, 1).select(["id", "line", "ref_logps",
-                                                    "num_tokens"]).to_pylist()[0]
-                raise CacheError(
-                    f"{file}: {count} row(s) where {what}, first id {row['id']!r} (input line "
-                    f"{row['line']}, ref_logps/num_tokens {row['ref_logps']!r}/"
-                    f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
-                    "engine: re-run `minorsft precompute --overwrite`.")
+        counts: dict[str, int] = {}
+        first_rows: dict[str, dict] = {}
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows,
+                                                       columns=VALUE_CHECK_COLUMNS):
+            for mask, what in _value_checks(batch):
+                count = pc.sum(mask).as_py() or 0
+                if count:
+                    counts[what] = counts.get(what, 0) + count
+                    if what not in first_rows:
+                        first_rows[what] = batch.slice(pc.index(mask, True).as_py(),
+                                                       1).to_pylist()[0]
+        for what, row in first_rows.items():  # the first kind found
+            raise CacheError(
+                f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} (input "
+                f"line {row['line']}, ref_logps/num_tokens {row['ref_logps']!r}/"
+                f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
+                "engine: re-run `minorsft precompute --overwrite`.")
+
+
+def _value_checks(batch: pa.RecordBatch) -> list[tuple[pa.Array, str]]:
+    """(bad-row mask, what is wrong) for each check of `validate_values`, in its order."""
+    masks = batch.column("answer_mask")
+    mask_lengths = pc.list_value_length(masks)
+    # Per-row sums and first entries of the flattened masks, from the rows' offsets.
+    lengths = mask_lengths.to_numpy(zero_copy_only=False)
+    starts = np.cumsum(lengths) - lengths
+    flat = pc.list_flatten(masks).to_numpy(zero_copy_only=False)
+    set_before = np.concatenate([[0], np.cumsum(flat)])
+    mask_sums = pa.array(set_before[starts + lengths] - set_before[starts])
+    first_set = pa.array(np.where(lengths > 0, flat[np.minimum(starts, len(flat) - 1)], False)
+                         if len(flat) else np.zeros(len(lengths), bool))
+    num_tokens = batch.column("num_tokens")
+    return [
+        (pc.invert(pc.is_finite(batch.column("ref_logps"))), "ref_logps is not finite"),
+        (pc.less(num_tokens, 1), "num_tokens is below 1"),
+        (pc.not_equal(pc.list_value_length(batch.column("input_ids")), mask_lengths),
+         "input_ids and answer_mask differ in length"),
+        (first_set, "answer_mask is set at the first token"),
+        (pc.not_equal(pc.cast(num_tokens, pa.int64()), mask_sums),
+         "num_tokens is not the number of answer tokens in answer_mask"),
+    ]
 
 
 def write_rejects(out: Path, entries: list[dict]) -> str | None:

@@ -496,3 +496,24 @@ def test_sigterm_after_ctrl_c_is_the_same_request_a_repeat_stops_at_once():
     assert stop.requested
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)  # the user pressing Ctrl-C again
+
+
+def test_value_checks_read_a_part_in_batches_and_count_across_them(cache):
+    """validate_values reads `batch_rows` rows at a time (a part is never held whole); the
+    count and the first bad row are the same as when reading it at once."""
+    from minorsft.cache import validate_values
+
+    def two_bad_rows(table):
+        rows = table.to_pylist()
+        for index in (2, 6):  # in the first and the third batch of 3 rows
+            rows[index]["num_tokens"] += 1
+        return pa.Table.from_pylist(rows, schema=table.schema)
+
+    rewrite_part(cache / "part-00000.parquet", two_bad_rows)
+    messages = []
+    for batch_rows in (3, 8192):
+        with pytest.raises(CacheError) as caught:
+            validate_values(cache, batch_rows=batch_rows)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "2 row(s) where num_tokens is not the number of answer tokens" in messages[0]
