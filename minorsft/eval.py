@@ -267,13 +267,23 @@ def choice_examples(tokenizer, question: Question) -> list[Example]:
         input_ids, mask, _ = _tokenize_conversation(
             tokenizer, messages + [{"role": "assistant", "content": letter}], max_length=None)
         positions = [i for i, m in enumerate(mask) if m]
-        for cut in range(1, len(positions)):
-            if tokenizer.decode([input_ids[i] for i in positions[:cut]]).strip() == letter:
-                for i in positions[cut:]:
-                    mask[i] = False
-                break
+        if (span := _letter_span(tokenizer, [input_ids[i] for i in positions], letter)):
+            keep = set(positions[span[0]:span[1]])
+            mask = [m and i in keep for i, m in enumerate(mask)]
+        elif len(positions) > 1 and input_ids[positions[-1]] == tokenizer.eos_token_id:
+            mask[positions[-1]] = False  # the letter merged with its neighbours: drop eos only
         examples.append(Example(f"{question.id}/{letter}", question.line, input_ids, mask))
     return examples
+
+
+def _letter_span(tokenizer, answer_ids: list[int], letter: str) -> tuple[int, int] | None:
+    """The shortest run of answer tokens that spells `letter` alone, earliest first (a template
+    may put text before it, e.g. an empty <think></think>, and the turn's end after it)."""
+    for length in range(1, len(answer_ids) + 1):
+        for start in range(len(answer_ids) - length + 1):
+            if tokenizer.decode(answer_ids[start:start + length]).strip() == letter:
+                return start, start + length
+    return None
 
 
 def _single_token_split(examples: list[Example]) -> tuple[list[int], list[int]] | None:
@@ -356,14 +366,18 @@ def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question
 def choice_metrics(questions: list[Question], logps: list[list[float]]) -> dict:
     """Accuracy (argmax of the four letter log-probs; ties go to the earlier letter) and the
     mean probability mass the model puts on the four letters (how far it follows the format)."""
-    correct = [LETTERS[max(range(4), key=lambda k: row[k])] == q.answer
-               for q, row in zip(questions, logps, strict=True)]
+    # A question with a NaN letter score, or none finite (fp16 overflow), has no argmax: max()
+    # would pick "A" and count an answer the model did not give. It counts as not correct, and
+    # as "unscored"; -inf beside finite scores is a clear no.
+    scorable = [not any(math.isnan(v) for v in row) and any(math.isfinite(v) for v in row)
+                for row in logps]
+    correct = [ok and LETTERS[max(range(4), key=lambda k: row[k])] == q.answer
+               for q, row, ok in zip(questions, logps, scorable, strict=True)]
     letter_mass = [sum(math.exp(v) for v in row) for row in logps]
-    # A question whose letter log-probs are not all finite (fp16 overflow) has no argmax to
-    # count: max() would pick "A" and report an accuracy the model did not earn.
-    scored = all(math.isfinite(v) for row in logps for v in row)
-    return {"questions": len(questions), "correct": sum(correct) if scored else float("nan"),
-            "accuracy": sum(correct) / len(questions) if questions and scored else float("nan"),
+    any_scored = any(scorable)
+    return {"questions": len(questions), "correct": sum(correct),
+            "unscored": len(questions) - sum(scorable),
+            "accuracy": sum(correct) / len(questions) if any_scored else float("nan"),
             "letter_mass": sum(letter_mass) / len(letter_mass) if letter_mass else float("nan")}
 
 

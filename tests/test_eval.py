@@ -29,6 +29,8 @@ from minorsft.eval import (
 from minorsft.logprobs import pad_batch, sequence_logps
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
+from .conftest import CHATML
+
 # Four questions with known answers; quoted cells hold commas, as in the real MMLU files.
 CHOICES_CSV = (
     'What is 2 + 2?,3,4,5,22,B\n'
@@ -211,12 +213,23 @@ def test_csv_bad_answer_without_header_look_gets_no_hint(tmp_path):
     assert caught.value.field == "answer" and "header" not in str(caught.value)
 
 
-@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
-def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos):
-    """Also where eos is not the token that ends the turn (Gemma, Phi-3): the turn marker was
-    scored with the letter there."""
+THINKING_CHATML = CHATML.replace(
+    "message['role'] + '\n' + message['content']",
+    "message['role'] + '\n' + ('<think>\n\n</think>\n\n' if message['role'] == 'assistant' "
+    "else '') + message['content']")
+
+
+@pytest.mark.parametrize(("eos", "template"), [("<|im_end|>", None), ("<|endoftext|>", None),
+                                               ("<|im_end|>", THINKING_CHATML)])
+def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos, template):
+    """Also where eos is not the token that ends the turn (Gemma, Phi-3: the turn marker was
+    scored with the letter there), and where the template writes text before the answer
+    (Qwen3's empty <think></think>)."""
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.eos_token = eos
+    if template is not None:
+        assert template != CHATML  # the replacement took
+        tokenizer.chat_template = template
     question = read_choices(choices_csv)[0]
     examples = choice_examples(tokenizer, question)
     for letter, example in zip(LETTERS, examples, strict=True):
@@ -415,10 +428,15 @@ def test_smollm2_self_deviation_and_easy_questions(choices_csv, tmp_path):
 
 def test_non_finite_letter_scores_give_no_accuracy():
     """max() over NaNs picks "A": an fp16 overflow would have reported a made-up accuracy."""
-    questions = [Question("q1", 1, "2 + 2?", ("4", "5", "6", "7"), "A")]
-    metrics = choice_metrics(questions, [[float("nan")] * 4])
-    assert math.isnan(metrics["accuracy"]) and math.isnan(metrics["correct"])
-    assert choice_metrics(questions, [[-0.1, -3.0, -4.0, -5.0]])["accuracy"] == 1.0
+    question = Question("q1", 1, "2 + 2?", ("4", "5", "6", "7"), "A")
+    metrics = choice_metrics([question], [[float("nan")] * 4])
+    assert math.isnan(metrics["accuracy"]) and metrics["unscored"] == 1
+    assert choice_metrics([question], [[-0.1, -3.0, -4.0, -5.0]])["accuracy"] == 1.0
+    # one question unscorable beside a scored one: it counts as not correct, the other counts
+    inf = float("inf")
+    mixed = choice_metrics([question, question], [[float("nan"), -1.0, -2.0, -3.0],
+                                                  [-0.5, -inf, -inf, -inf]])
+    assert (mixed["correct"], mixed["unscored"], mixed["accuracy"]) == (1, 1, 0.5)
 
 
 def test_a_json_array_of_questions_gets_the_jq_hint(tmp_path):
