@@ -163,8 +163,9 @@ def _count_rows(path: Path) -> int | None:
             return None
     if suffix not in {".jsonl", ".ndjson"}:
         return None
-    with path.open("rb") as handle:  # (a byte-order mark alone is a blank line, as data.py reads)
-        return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
+    with path.open("rb") as handle:  # (line 1's byte-order mark alone is blank, as data.py reads)
+        return sum(1 for number, line in enumerate(handle)
+                   if (line.removeprefix(codecs.BOM_UTF8) if number == 0 else line).strip())
 
 
 def input_fingerprint(path: Path) -> dict:
