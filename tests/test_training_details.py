@@ -249,6 +249,7 @@ def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_pa
     shutil.copytree(whole, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-4")
     (resumed / "adapter_model.safetensors").unlink()
+    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
     history = run_train(lora_config(resumed, resume=True), Console(quiet=True))
     assert [m["step"] for m in history] == [2, 3]
     for one, two in zip(expected[2:], history, strict=True):
