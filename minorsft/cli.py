@@ -312,11 +312,15 @@ def train(
     except Exception:
         # Unforeseen: its traceback is the report. Under torchrun the worker still leaves
         # without finalization, with an error's exit code rather than gloo's abort.
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _under_torchrun():
             console.print_exception()
             _leave_torchrun_worker(1)
         raise
     _leave_torchrun_worker()
+
+
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _leave_torchrun_worker(code: int = 0) -> None:
@@ -329,10 +333,9 @@ def _leave_torchrun_worker(code: int = 0) -> None:
     by now; after an error (said already, the process group left as it is) the exit code is
     the error's, not an abort's.
     """
-    import os
     import sys
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _under_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -294,11 +294,6 @@ FORMATS = {
 }
 
 
-def to_messages(record: dict, spec: FieldSpec, path: str, line: int) -> list[dict]:
-    """The row as chat messages, or a DataError saying which field is wrong."""
-    return read_conversation(record, spec, path, line)[0]
-
-
 def read_conversation(record: dict, spec: FieldSpec, path: str,
                       line: int) -> tuple[list[dict], dict[str, str]]:
     """The row as chat messages, and the text fields they were made of (field name -> text).
@@ -455,8 +450,9 @@ def special_token_pattern(tokenizer) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
-def _refuse_special_tokens(texts: dict[str, str], special: re.Pattern | None, path: str,
-                           line: int) -> None:
+def refuse_special_tokens(texts: dict[str, str], special: re.Pattern | None, path: str,
+                          line: int) -> None:
+    """A DataError for the first text field (name -> text) holding a special token."""
     if special is None:
         return
     for field_name, text in texts.items():
@@ -602,7 +598,7 @@ def classify_rows(
                 yield index, None
                 continue
             messages, texts = read_conversation(row.record, spec, path_str, row.line)
-            _refuse_special_tokens(texts, special, path_str, row.line)
+            refuse_special_tokens(texts, special, path_str, row.line)
             if duplicate_of is not None:
                 raise DataError(path_str, row.line, spec.id_field,
                                 f"duplicate id {example_id!r} (first on line {duplicate_of})")

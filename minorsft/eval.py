@@ -36,6 +36,7 @@ from minorsft.data import (
     FieldSpec,
     iter_examples,
     lines_file_name,
+    refuse_special_tokens,
     resolve_data,
     special_token_pattern,
 )
@@ -422,17 +423,11 @@ def _refuse_special_tokens_in_questions(question_sets: dict[str, list[Question]]
     """A question or option holding one of the tokenizer's special tokens (`<|im_end|>`) would
     be read as that control token in the rendered prompt, as in training data (data.py)."""
     special = special_token_pattern(tokenizer)
-    if special is None:
-        return
     for path, questions in question_sets.items():
         for question in questions:
             fields = {"question": question.question, **dict(zip(LETTERS, question.options,
                                                                  strict=True))}
-            for name, text in fields.items():
-                if match := special.search(text):
-                    raise DataError(path, question.line, name,
-                                    f"contains the tokenizer's special token {match.group()!r}, "
-                                    "which would be read as that control token, not as text")
+            refuse_special_tokens(fields, special, path, question.line)
 
 
 def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
@@ -499,15 +494,14 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
 
     if examples and ref_path is not None:
         # One model in memory at a time: the policy's engine goes before the reference's comes.
-        del engine
-        free_device_memory()
+        engine.close()
         # Scored again even when the weights are the same: a model against itself then
         # checks that the two passes agree (m_theta exactly 0).
         console.print(f"scoring them under the reference {config.reference}", markup=False)
         ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
                                         max_batch_tokens=config.max_batch_tokens)
         ref_logps = ref_engine.score(examples)
-        del ref_engine
+        ref_engine.close()
     if examples:
         result["heldout"] = heldout_metrics(policy_logps, ref_logps,
                                             [e.num_tokens for e in examples])
@@ -515,14 +509,6 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         result["choices"] = choices
     return json_safe(result)
 
-
-def free_device_memory() -> None:
-    """Return a dropped model's memory (its cycles collected, CUDA's cached blocks released)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def json_safe(value):

@@ -36,7 +36,6 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from minorsft import __version__
 from minorsft.cache import (
     FORMAT_VERSION,
-    MANIFEST_PREFIX,
     PARTS_FORMAT,
     REJECTS_DIR,
     CacheError,
@@ -47,6 +46,7 @@ from minorsft.cache import (
     is_own_name,
     is_single_file_cache,
     load_manifests,
+    looks_like_cache,
     manifest_name,
     missing_pieces,
     part_name,
@@ -406,7 +406,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
         # (hidden files such as .DS_Store do not count: never read, never deleted)
         foreign = sorted(path.name for path in out.iterdir()
                          if not (is_own_name(path.name) or path.name.startswith(".")))
-        if foreign and not any(out.glob(f"{MANIFEST_PREFIX}*.json")):
+        if foreign and not looks_like_cache(out):
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more"
                                               if len(foreign) > 3 else "")
             raise CacheError(f"{out} is a folder of other files ({shown}), not a minorsft "

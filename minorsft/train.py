@@ -37,6 +37,7 @@ from minorsft import __version__
 from minorsft.cache import (
     CacheError,
     check_compatible,
+    diff_settings,
     iter_rows,
     read_metadata,
     validate_values,
@@ -215,17 +216,6 @@ def epoch_rows(cache: Path, seed: int, shuffle: bool, buffer_size: int,
     yield from buffer
 
 
-def _epochs(epochs: int | None) -> Iterator[int]:
-    return iter(range(epochs)) if epochs is not None else itertools.count()
-
-
-def sample_stream(cache: Path, seed: int, shuffle: bool, buffer_size: int,
-                  epochs: int | None) -> Iterator[dict]:
-    """Cache rows, epoch after epoch (forever if `epochs` is None)."""
-    for epoch in _epochs(epochs):
-        yield from epoch_rows(cache, seed, shuffle, buffer_size, epoch)
-
-
 def global_batches(stream: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
     batch: list[dict] = []
     for row in stream:
@@ -244,7 +234,7 @@ def training_batches(cache: Path, seed: int, shuffle: bool, buffer_size: int,
     Batches never span two epochs: an epoch of R rows is ceil(R / batch_size) steps, the last
     one short, as the step count promises; and no step holds one sample twice.
     """
-    for epoch in _epochs(epochs):
+    for epoch in range(epochs) if epochs is not None else itertools.count():
         yield from global_batches(epoch_rows(cache, seed, shuffle, buffer_size, epoch),
                                   batch_size)
 
@@ -632,11 +622,11 @@ def _finished_run(config: TrainConfig) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     now = asdict(config)
-    changed = [f"{key}: finished run {saved[key]!r}, this run {now[key]!r}"
-               for key in RESUME_KEYS if key != "model" and key in now and key in saved
-               and saved[key] != now[key]]
+    keys = [key for key in RESUME_KEYS if key != "model" and key in now and key in saved]
+    changed = diff_settings({key: saved[key] for key in keys}, {key: now[key] for key in keys})
     if changed:
-        raise ValueError(f"{output} holds a finished run with other settings:\n  "
+        raise ValueError(f"{output} holds a finished run with other settings (finished run -> "
+                         "this run):\n  "
                          + "\n  ".join(changed) + "\n--overwrite replaces it; or choose another "
                          "--output")
     return True

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from minorsft.train import TrainConfig, global_batches, sample_stream, setup, train_step
+from minorsft.train import TrainConfig, setup, train_step, training_batches
 
 from .conftest import demo_rows, precompute_rows
 
@@ -34,7 +34,7 @@ def one_step(cache, tmp_path, loss, micro_batch_size):
     # exactly; Adam's first step, g / (|g| + eps), would amplify float noise where g ~ eps.
     state.optimizer = torch.optim.SGD(state.model.parameters(), lr=config.lr)
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
-    rows = next(global_batches(sample_stream(cache, 3, True, 64, 1), 8))
+    rows = next(training_batches(cache, 3, True, 64, 1, 8))
     metrics = train_step(state, config, rows)
     return metrics, {name: p.detach().clone() for name, p in state.model.named_parameters()}
 
@@ -91,7 +91,7 @@ def test_a_split_short_batch_gives_the_paper_gradient_of_the_mean(tiny_cache, tm
             parameter.add_(0.05 * torch.randn_like(parameter))
     state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
     state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
-    rows = next(global_batches(sample_stream(tiny_cache, 3, True, 64, 1), 5))
+    rows = next(training_batches(tiny_cache, 3, True, 64, 1, 5))
     want = paper_mean_loss_gradient(state.model, rows, loss, config.beta)
     train_step(state, config, rows)
     for parameter, expected in zip(state.model.parameters(), want, strict=True):

@@ -61,7 +61,7 @@ def test_train_bf16_mixed_keeps_fp32_weights_and_checks_step0(tiny_model_dir, tm
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
     run_config = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert run_config["dtype"] == "bf16-mixed"
-    with pytest.raises(ValueError, match="dtype: finished run 'bf16-mixed', this run 'float32'"):
+    with pytest.raises(ValueError, match="dtype: 'bf16-mixed' -> 'float32'"):
         run_train(TrainConfig(output=str(tmp_path / "run"), resume=True,
                               **dict(settings, dtype="float32")))
 

@@ -24,13 +24,13 @@ from minorsft.checkpoints import list_checkpoints
 from minorsft.cli import app
 from minorsft.train import (
     TrainConfig,
-    global_batches,
+    epoch_rows,
     linear_schedule,
     run_train,
-    sample_stream,
     save,
     setup,
     train_step,
+    training_batches,
 )
 
 from .conftest import demo_rows, precompute_rows
@@ -170,21 +170,27 @@ def test_each_epoch_is_a_new_permutation_of_all_rows(tiny_cache, buffer_size):
     """A buffer smaller than the cache (3) and larger (64): every epoch yields every row once,
     and the second epoch is shuffled differently from the first."""
     ids = [row["id"] for row in iter_rows(tiny_cache)]
-    stream = [row["id"] for row in sample_stream(tiny_cache, 7, True, buffer_size, 2)]
-    first, second = stream[:len(ids)], stream[len(ids):]
+
+    def epoch(number):
+        return [row["id"] for row in epoch_rows(tiny_cache, 7, True, buffer_size, number)]
+
+    first, second = epoch(0), epoch(1)
     assert sorted(first) == sorted(ids) and sorted(second) == sorted(ids)
     assert first != second
     assert first != ids  # shuffled at all
-    # A pure function of (cache, seed): the same again, and batched as it streams.
-    assert [row["id"] for row in sample_stream(tiny_cache, 7, True, buffer_size, 2)] == stream
-    batches = list(global_batches(sample_stream(tiny_cache, 7, True, buffer_size, 2), 3))
-    assert [len(b) for b in batches] == [3, 3, 3, 3, 3, 1]
+    # A pure function of (cache, seed, epoch): the same again, and batched epoch by epoch
+    # (8 rows in batches of 3: the last of each epoch short, none spanning two epochs).
+    assert epoch(0) == first
+    batches = list(training_batches(tiny_cache, 7, True, buffer_size, 2, 3))
+    assert [len(b) for b in batches] == [3, 3, 2, 3, 3, 2]
+    assert [row["id"] for batch in batches for row in batch] == first + second
 
 
 def test_an_unshuffled_stream_keeps_the_cache_order(tiny_cache):
     ids = [row["id"] for row in iter_rows(tiny_cache)]
     assert ids == [row["id"] for row in demo_rows(2)]  # the cache keeps the input order
-    assert [row["id"] for row in sample_stream(tiny_cache, 7, False, 3, 2)] == ids + ids
+    for number in (0, 1):
+        assert [row["id"] for row in epoch_rows(tiny_cache, 7, False, 3, number)] == ids
 
 
 # --- lr schedule ---------------------------------------------------------------------------------
