@@ -93,6 +93,23 @@ DEMO_ROWS = [
 ]
 
 
+def as_killed_after(run: Path, step: int, copy_to: Path | None = None) -> Path:
+    """`run` (a finished 4-step run, or a copy of it at `copy_to`) as a kill right after its
+    checkpoint of `step` would have left it: no later checkpoint, no model, no run_config.json
+    (which a finished run writes last, and which makes --resume a no-op)."""
+    import shutil
+
+    if copy_to is not None:
+        shutil.copytree(run, copy_to)
+        run = copy_to
+    for later in (run / "checkpoints").glob("step-*"):
+        if int(later.name.removeprefix("step-")) > step:
+            shutil.rmtree(later)
+    for name in ("model.safetensors", "adapter_model.safetensors", "run_config.json"):
+        (run / name).unlink(missing_ok=True)
+    return run
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     """Write rows (dicts, or raw strings for deliberately broken lines) as JSONL."""
     with path.open("w", encoding="utf-8") as handle:

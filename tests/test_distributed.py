@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import demo_rows, precompute_rows
+from .conftest import as_killed_after, demo_rows, precompute_rows
 
 
 def free_port() -> int:
@@ -134,7 +134,6 @@ def test_lora_under_fsdp_saves_adapters_and_the_merged_model(cache, tmp_path):
 def test_ddp_resume_with_dropout_continues_every_ranks_random_stream(cache, tmp_path):
     """Checkpoints kept rank 0's RNG states only, and every rank took them on resume: with
     dropout (here LoRA's), rank 1's masks after resuming differed from the uninterrupted run."""
-    import shutil
 
     run = tmp_path / "run"
     settings = ["--cache", str(cache), "--strategy", "ddp", "--micro-batch-size", "2",
@@ -152,8 +151,7 @@ def test_ddp_resume_with_dropout_continues_every_ranks_random_stream(cache, tmp_
     torchrun()
     whole = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     adapters = load_file(run / "adapter_model.safetensors")
-    shutil.rmtree(run / "checkpoints" / "step-4")
-    (run / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
+    as_killed_after(run, 2)
     torchrun("--resume")
     resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]

@@ -22,7 +22,7 @@ from minorsft.checkpoints import TrainingInterrupted, list_checkpoints
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import build_tiny_model, build_tiny_tokenizer
+from .conftest import as_killed_after, build_tiny_model, build_tiny_tokenizer
 
 TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed", "peak_rss_gib"}
 
@@ -256,7 +256,6 @@ def test_rows_the_losses_would_get_wrong_are_refused(cache, tmp_path, edit, mess
 
 def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
     """torchrun, 2 CPU processes (gloo): rank 0 writes the checkpoint; it resumes anywhere."""
-    import shutil
     import socket
 
     with socket.socket() as sock:
@@ -271,10 +270,7 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(multi)] == [2, 4]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(multi, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-4")
-    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
+    resumed = as_killed_after(multi, 2, copy_to=tmp_path / "resumed")
     history = run_train(config(cache, resumed, micro_batch_size=2, resume=True, save_every=2,
                                shuffle_buffer=TrainConfig.shuffle_buffer))
     assert [m["step"] for m in history] == [2, 3]
@@ -290,7 +286,6 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
 
 def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
     """FSDP2, 2 CPU processes: the gathered checkpoint resumes under torchrun to the same run."""
-    import shutil
     import socket
 
     def torchrun(output, *extra):
@@ -309,11 +304,7 @@ def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
     whole = tmp_path / "whole"
     torchrun(whole)
     assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-4")
-    (resumed / "model.safetensors").unlink()
-    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
+    resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
     torchrun(resumed, "--resume")
     expected, got = metrics(whole), metrics(resumed)
     assert [m["step"] for m in got] == [0, 1, 2, 3]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,7 +32,7 @@ from minorsft.train import (
     training_batches,
 )
 
-from .conftest import demo_rows, precompute_rows
+from .conftest import as_killed_after, demo_rows, precompute_rows
 from .test_accumulation import GradientRecorder, paper_mean_loss_gradient
 
 # One torch thread: many tiny forward passes, where a second thread only adds contention.
@@ -251,11 +250,7 @@ def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_pa
     whole = tmp_path / "whole"
     expected = run_train(lora_config(whole), Console(quiet=True))
     assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(whole, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-4")
-    (resumed / "adapter_model.safetensors").unlink()
-    (resumed / "run_config.json").unlink()  # as if killed after the checkpoint of step 2
+    resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
     history = run_train(lora_config(resumed, resume=True), Console(quiet=True))
     assert [m["step"] for m in history] == [2, 3]
     for one, two in zip(expected[2:], history, strict=True):
