@@ -437,6 +437,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     model.train()
     policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
                          config.cpu_offload)
+    if world.distributed:
+        # Every rank built the same model from the same seed (FSDP does not broadcast it); from
+        # here each draws its own dropout masks, as different samples should get.
+        torch.manual_seed(config.seed + world.rank)
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs

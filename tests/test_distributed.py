@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import as_killed_after, demo_rows, precompute_rows
+from .conftest import DEMO_ROWS, as_killed_after, demo_rows, precompute_rows
 
 
 def free_port() -> int:
@@ -159,3 +159,22 @@ def test_ddp_resume_with_dropout_continues_every_ranks_random_stream(cache, tmp_
         assert two["loss"] == one["loss"] and two["grad_norm"] == one["grad_norm"]
     for name, value in load_file(run / "adapter_model.safetensors").items():
         assert torch.equal(value, adapters[name]), name
+
+
+def test_ranks_draw_their_own_dropout_masks(tiny_model_dir, tmp_path):
+    """Each rank seeded its RNG alike, so two ranks with rows of the same length drew the same
+    dropout masks: the same noise on different samples, which their gradients then averaged."""
+    same_length = [dict(DEMO_ROWS[0], id=f"row{i}") for i in range(8)]
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, same_length)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(cache), "--output", str(run), "--strategy", "ddp",
+               "--micro-batch-size", "2", "--lora-r", "4", "--lora-dropout", "0.3",
+               "--save-every", "1", "--max-steps", "1", *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = torch.load(run / "checkpoints" / "step-1" / "rng.pt", weights_only=True)["ranks"]
+    assert len(ranks) == 2
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
