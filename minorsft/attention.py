@@ -111,6 +111,39 @@ def packed_sample_lengths(lengths: list[int]):
         _PACKED_LENGTHS.reset(token)
 
 
+# The attention implementations whose mask functions return no mask for a packed row without a
+# padding mask (ours, and transformers' for flash-attn): the row's sample boundaries reach their
+# attention calls from minorsft, not from a mask.
+_BOUNDARIES_FROM_MINORSFT = (SEGMENT_ATTENTION, "flash_attention_2", "flash_attention_3")
+
+
+@contextlib.contextmanager
+def without_packed_row_detection(attention: str):
+    """Within this block, transformers does not look for packed samples in the position ids.
+
+    Before building a mask, transformers finds where a packed row's position ids restart and
+    asks the device whether they restart at all: a wait for the device on every forward pass,
+    after which it idles until Python queues more work (with gradient accumulation, that drains
+    the previous micro-batch's backward). For the attention implementations above the answer is
+    unused (their masks are None either way), so it is not asked.
+    """
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if attention not in _BOUNDARIES_FROM_MINORSFT or original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _no_packed_sequence_mask
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _no_packed_sequence_mask(position_ids: torch.Tensor) -> None:
+    return None
+
+
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """transformers attention function: [B, heads, L, D] in, [B, L, heads, D] out.

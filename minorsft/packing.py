@@ -35,6 +35,7 @@ from minorsft.attention import (
     packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
+    without_packed_row_detection,
 )
 from minorsft.logprobs import answer_logps, final_logit_transform, head_logps, pad_batch
 from minorsft.models import to_device
@@ -150,9 +151,9 @@ def packed_answer_logps(model, packed: PackedBatch, blocks: tuple[int, int] | No
         summed = token_logps.new_zeros(packed.num_samples)
         return summed.index_add(0, packed.sample_index, token_logps)
     # The attention takes the lengths as given (else it reads them in every layer).
-    segments = packed_forward_kwargs(packed.lengths, packed.input_ids.device,
-                                     model.config._attn_implementation)
-    with packed_sample_lengths(packed.lengths):
+    attention = model.config._attn_implementation
+    segments = packed_forward_kwargs(packed.lengths, packed.input_ids.device, attention)
+    with packed_sample_lengths(packed.lengths), without_packed_row_detection(attention):
         hidden = model.get_decoder()(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
             use_cache=False,  # with a cache transformers would not detect the packed samples
@@ -171,4 +172,5 @@ def micro_batch_logps(model, rows: list[dict], pad_id: int, device: torch.device
         packed = pack_batch(input_ids, answer_masks, device)
         return packed_answer_logps(model, packed), packed.num_tokens
     ids, attention_mask, answer_mask = pad_batch(input_ids, answer_masks, pad_id, device)
-    return answer_logps(model, ids, attention_mask, answer_mask), int(attention_mask.sum())
+    # the token count from the host's lists: attention_mask.sum() would wait for the device
+    return answer_logps(model, ids, attention_mask, answer_mask), sum(map(len, input_ids))

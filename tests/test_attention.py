@@ -101,6 +101,37 @@ def test_segment_attention_equals_padding_forward_and_backward(model, layout, mo
 
 
 
+def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model, layout,
+                                                                          monkeypatch):
+    """transformers asks the device whether a row's position ids restart (a sync in every
+    forward pass); under the segment attention the boundaries come from minorsft and the answer
+    goes unused, under transformers' SDPA its packed mask needs it."""
+    from transformers import masking_utils
+
+    detect = masking_utils.find_packed_sequence_indices
+    asked = []
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda position_ids: asked.append(1) or detect(position_ids))
+    spy = masking_utils.find_packed_sequence_indices
+    final_logit_transform(model)
+    want, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)  # transformers' sdpa
+    asked_under_sdpa = len(asked)
+    assert asked_under_sdpa > 0
+    assert use_segment_attention(model)
+    got, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
+    assert len(asked) == asked_under_sdpa  # not asked again
+    assert masking_utils.find_packed_sequence_indices is spy  # put back
+    torch.testing.assert_close(got, want, **TOL)
+
+    def failing_forward(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model.get_decoder(), "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        micro_batch_logps(model, _rows(), 0, CPU, packing=True)
+    assert masking_utils.find_packed_sequence_indices is spy  # put back after an error too
+
+
 def test_varlen_runs_under_bf16_autocast_on_bf16_inputs(model, monkeypatch):
     """Under autocast (--dtype bf16-mixed) the rotary embedding hands attention fp32 queries and
     keys beside a bf16 value: cast to the autocast dtype, as SDPA's autocast would, they take the
