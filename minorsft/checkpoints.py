@@ -222,8 +222,17 @@ def _same_model(saved: str | None, state: TrainState, config: TrainConfig) -> bo
     """Whether a checkpoint's model is the one this run loaded. Checkpoints name the loaded
     model's folder; those of minorsft <= 0.2.0 named --model as given (None: the cache's)."""
     if saved is None:
-        return config.model is None or state.model_path == state.metadata.get("model_path")
-    return saved in (state.model_path, config.model)
+        return config.model is None or _same_folder(state.metadata.get("model_path"),
+                                                    state.model_path)
+    return saved == config.model or _same_folder(saved, state.model_path)
+
+
+def _same_folder(recorded: str | None, model_path: str) -> bool:
+    """Whether a recorded model (a folder, relative to where it ran before 0.3.1) is
+    `model_path`, as `models.resolve_model` gives it."""
+    if recorded is None:
+        return False
+    return recorded == model_path or Path(recorded).absolute() == Path(model_path).absolute()
 
 
 def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:

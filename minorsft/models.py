@@ -48,7 +48,9 @@ def resolve_model(name: str, option: str = "--model") -> str:
         return str(_materialise_builtin(name))
     path = Path(name).expanduser()
     if path.exists():
-        if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        # LoRA adapters, perhaps beside the config of a full run that --overwrite replaced
+        # (minorsft <= 0.3.0 left it): no weights of a whole model
+        if (path / "adapter_config.json").exists() and not _has_full_weights(path):
             merged = path / "merged"
             hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
                     else "train with --merge-lora to get a plain model in <output>/merged")
@@ -56,11 +58,16 @@ def resolve_model(name: str, option: str = "--model") -> str:
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():
             raise ModelError(f"{option} {path}: not a model folder (no config.json in it)")
-        return str(path)
+        # absolute: caches and run configs record it, and are read from other directories
+        return str(path.absolute())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{option} {name}: no such model folder")
     # Anything else is passed on as a hub id; transformers reports if it cannot be fetched.
     return name
+
+
+def _has_full_weights(folder: Path) -> bool:
+    return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
 def _materialise_builtin(name: str) -> Path:
@@ -118,6 +125,24 @@ def load_tokenizer(model_path: str, option: str = "--model"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_cache_model(given: str | None, metadata: dict, cache: Path) -> tuple[str, str, object]:
+    """(name, folder or hub id, tokenizer) of the model to load for a cache: `given` (--model),
+    or else the model that wrote the cache: its folder while that is there (an absolute path
+    in caches of minorsft >= 0.3.1), else the name precompute was given (a hub id, a built-in
+    name, or a folder relative to where precompute ran)."""
+    if given:
+        path = resolve_model(given)
+        return given, path, load_tokenizer(path)
+    recorded = metadata.get("model_path")
+    name = recorded if recorded and Path(recorded).is_dir() else metadata["model"]
+    try:
+        path = resolve_model(name)
+        return metadata["model"], path, load_tokenizer(path)
+    except ModelError as error:
+        raise ModelError(f"{error}; it is the model that wrote {cache} (from its metadata): "
+                         "--model names the model to load") from error
 
 
 def _unresolved(name: str, error: OSError, option: str = "--model") -> str:
@@ -220,9 +245,13 @@ def pick_attention(requested: str, device: torch.device) -> str:
 def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=attention
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=attention
+        )
+    except OSError as error:  # no weights in the folder, a truncated file: one line, no trace
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ModelError(f"{model_path}: could not load the model ({reason})") from error
     return model.to(device)
 
 

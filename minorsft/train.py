@@ -74,13 +74,12 @@ from minorsft.models import (
     cpu_has_bf16,
     dtype_name,
     fingerprint,
+    load_cache_model,
     load_model,
-    load_tokenizer,
     pick_attention,
     pick_device,
     pick_precision,
     precision_name,
-    resolve_model,
     to_device,
 )
 from minorsft.optim import MasterWeightsAdamW, make_optimizer
@@ -340,10 +339,12 @@ def _old_answer_span_note(version: str | None) -> str | None:
             "newline after it). If your data has either, run precompute again.")
 
 
-# What `train` writes into --output (and --overwrite removes): the model (full or LoRA), the
-# merged model, the metrics, the run's config and the checkpoints. Nothing else is touched.
-RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-             "adapter_config.json", "metrics.jsonl", "run_config.json")
+# What `train` writes into --output (and --overwrite removes): the model (full or LoRA) and its
+# configs, the merged model, the metrics, the run's config and the checkpoints. (The tokenizer's
+# files are written again by every run.) Nothing else is touched.
+RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json",
+             "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
+             "metrics.jsonl", "run_config.json")
 RUN_FOLDERS = ("checkpoints", "merged")
 
 
@@ -398,9 +399,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if config.strategy == "fsdp" and not world.distributed and world.is_main:
         console.print("note: --strategy fsdp applies under torchrun with several processes; "
                       "this is one process, trained without it", highlight=False)
-    model_name = config.model or metadata["model"]
-    model_path = resolve_model(model_name)
-    tokenizer = load_tokenizer(model_path)
+    model_name, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
         run_fingerprint = fingerprint(model_path, tokenizer).as_dict()
         check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},

@@ -228,14 +228,14 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
     from minorsft.cache import check_compatible, iter_rows, read_metadata
     from minorsft.engines import make_engine
     from minorsft.engines.hf import TransformersEngine
-    from minorsft.models import fingerprint, load_tokenizer, resolve_model
+    from minorsft.models import fingerprint, load_cache_model
 
     console = console or Console(stderr=True)
     cache = Path(config.cache)
     metadata = read_metadata(cache)
-    model_path = resolve_model(config.model or metadata["model"])
+    _, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
-        run_fingerprint = fingerprint(model_path, load_tokenizer(model_path)).as_dict()
+        run_fingerprint = fingerprint(model_path, tokenizer).as_dict()
         check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
                          cache)
     rows = sample_rows(iter_rows(cache), config.sample, config.seed)

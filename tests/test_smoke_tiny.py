@@ -25,3 +25,32 @@ def test_precompute_then_train_tiny(tiny_model_dir, demo_jsonl, tmp_path):
     # on a CPU, the resident peak: more than an interpreter with torch loaded, less than the RAM
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     assert 0.05 < history[-1]["peak_rss_gib"] < ram
+
+
+def test_a_cache_made_with_a_relative_model_folder_trains_from_anywhere(
+        tiny_model_dir, demo_jsonl, tmp_path, monkeypatch):
+    """The cache named the model folder as given (relative to where precompute ran), so train
+    and verify without --model looked for it in the wrong place."""
+    import shutil
+
+    import pytest
+
+    from minorsft.models import ModelError
+    from minorsft.verify import VerifyConfig, run_verify
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "models" / "tiny")
+    monkeypatch.chdir(work)
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model="./models/tiny", data=str(demo_jsonl), out=str(cache)))
+    assert read_metadata(cache)["model_path"] == str(work / "models" / "tiny")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    history = run_train(TrainConfig(cache=str(cache), output="run", batch_size=8, max_steps=1))
+    assert len(history) == 1
+    assert run_verify(VerifyConfig(cache=str(cache), sample=2)).rows == 2
+    # Moved away: the error says the model came from the cache, and how to name another.
+    shutil.move(work / "models", tmp_path / "moved")
+    with pytest.raises(ModelError, match=r"the model that wrote .*ref.parquet.*--model names"):
+        run_train(TrainConfig(cache=str(cache), output="run2", batch_size=8, max_steps=1))

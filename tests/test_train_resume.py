@@ -336,6 +336,29 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
             run_train(config(cache, wrong))
 
 
+def test_overwriting_a_full_run_with_lora_leaves_no_model_config_behind(cache, tmp_path):
+    """--overwrite kept the full run's config.json beside the new adapters: the folder then
+    looked like a model without weights, and loading it ended in transformers' traceback."""
+    from minorsft.models import ModelError, load_model, resolve_model
+
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=1))
+    assert (output / "config.json").exists() and (output / "generation_config.json").exists()
+    run_train(config(cache, output, max_steps=1, lora_r=4, overwrite=True))
+    assert not (output / "config.json").exists()
+    assert not (output / "generation_config.json").exists()
+    with pytest.raises(ModelError, match="LoRA adapters only"):
+        resolve_model(str(output))
+    # a folder such a run of minorsft <= 0.3.0 left: the adapters are still recognised
+    (output / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelError, match="LoRA adapters only"):
+        resolve_model(str(output))
+    # and a model folder without weights is one line, not transformers' traceback
+    (output / "adapter_config.json").unlink()
+    with pytest.raises(ModelError, match="could not load the model"):
+        load_model(resolve_model(str(output)), torch.float32, torch.device("cpu"))
+
+
 def test_resume_at_the_last_step_trains_nothing_and_keeps_the_run(cache, tmp_path, capsys):
     output = tmp_path / "run"
     run_train(config(cache, output, max_steps=2, save_every=2))
@@ -399,7 +422,7 @@ def test_output_that_holds_the_model_or_another_model_is_refused(cache, tiny_mod
         with pytest.raises(ValueError, match="holds the model being trained"):
             run_train(config(cache, tmp_path, model=str(model), overwrite=overwrite,
                              allow_mismatch=True))
-        with pytest.raises(ValueError, match="holds model.safetensors but no minorsft run"):
+        with pytest.raises(ValueError, match="holds .*model.safetensors but no minorsft run"):
             run_train(config(cache, model, overwrite=overwrite))  # someone else's model folder
     assert (model / "model.safetensors").read_bytes() == before
 
