@@ -419,14 +419,19 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     return CacheLayout(path, "parts", metadata, files, manifests, parts)
 
 
+# Where a cache was expected and something else came, it is most often the input data.
+_INPUT_HINT = "; if it is SFT data, `minorsft precompute --data` turns it into a cache"
+
+
 def _file_metadata(path: Path) -> dict:
     try:
         file_metadata = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as error:
-        raise CacheError(f"{path}: not a readable Parquet file ({error})") from error
+        raise CacheError(f"{path}: not a readable Parquet file ({error}){_INPUT_HINT}") from error
     raw = (file_metadata.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise CacheError(f"{path}: a Parquet file, but not a minorsft cache (no metadata)")
+        raise CacheError(f"{path}: a Parquet file, but not a minorsft cache (no metadata)"
+                         f"{_INPUT_HINT}")
     _check_schema(path, file_metadata.schema.to_arrow_schema())
     metadata = json.loads(raw)
     metadata["layout"] = "file"

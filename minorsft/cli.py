@@ -167,7 +167,9 @@ def precompute(
         console.print("[yellow]stopped:[/] the parts finished so far are kept; run the same "
                       "command again to resume", highlight=False)
         raise typer.Exit(code=130) from None
-    resumed = f" ({summary.parts_skipped} parts were already done)" if summary.parts_skipped else ""
+    skipped = summary.parts_skipped
+    resumed = (f" ({skipped} part{' was' if skipped == 1 else 's were'} already done)"
+               if skipped else "")
     if not summary.complete:
         console.print(
             f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "

@@ -88,6 +88,8 @@ from minorsft.progress import progress
 
 # The best learning rate per loss in the paper's sweep (section 4, Figure 2).
 PAPER_LR = {"minorsft": 2e-5, "sft-dpo": 2e-5, "sft": 1e-5}
+# What shapes the adapters; without --lora-r there are none to shape.
+LORA_SETTINGS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 @dataclass
@@ -184,6 +186,12 @@ class TrainConfig:
             raise ValueError("--keep-checkpoints must be at least 1")
         if self.lora_r < 0 or (self.merge_lora and not self.lora_r):
             raise ValueError("--lora-r must be >= 0, and --merge-lora needs --lora-r > 0")
+        if not self.lora_r and (given := [
+                f"--{name.replace('_', '-')} {getattr(self, name)}" for name in LORA_SETTINGS
+                if getattr(self, name) != getattr(TrainConfig, name)]):
+            # else the run would train every weight while the user believes it trains adapters
+            raise ValueError(f"{', '.join(given)}: LoRA settings apply with --lora-r > 0 (LoRA "
+                             "off trains every weight); pass --lora-r or drop them")
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per rank per step: global batch / (micro-batch x world size)."""
@@ -662,7 +670,8 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
         last = history[-1]
         seconds = last["elapsed"]
         console.print(
-            f"done: {len(history)} steps in {seconds:.0f} s on {state.world.world_size} "
+            f"done: {len(history)} step{'s' * (len(history) != 1)} in {seconds:.0f} s on "
+            f"{state.world.world_size} "
             f"process(es), {sum(h['tokens'] for h in history) / seconds:.0f} tok/s overall; "
             f"final loss {last['loss']:.4f}, m_theta {last['m_theta']:+.3e}; model and metrics "
             f"in {config.output}", markup=False)

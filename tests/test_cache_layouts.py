@@ -83,6 +83,12 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     assert list(iter_rows(merged)) == list(iter_rows(parts_cache))
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
     assert result.exit_code == 2 and "--overwrite" in result.output
+    # the input data where the cache belongs: the step that makes one is named
+    result = runner.invoke(app, ["train", "--cache", str(demo_jsonl), "--output",
+                                 str(tmp_path / "run")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "not a readable Parquet file" in text
+    assert "`minorsft precompute --data` turns it into a cache" in text
 
 
 def test_overwrite_replaces_only_a_minorsft_cache_never_other_files(parts_cache, demo_jsonl,

@@ -84,3 +84,10 @@ def test_lora_starts_at_the_reference_and_saves(tiny_cache, tmp_path):
 def test_lora_config_errors(tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="merge-lora"):
         TrainConfig(cache=str(tiny_cache), output=str(tmp_path), merge_lora=True)
+    # LoRA's other settings without --lora-r were ignored: every weight trained
+    for setting, shown in ((dict(lora_alpha=8.0), "--lora-alpha 8.0"),
+                           (dict(lora_dropout=0.1), "--lora-dropout 0.1"),
+                           (dict(lora_target_modules="q_proj"), "--lora-target-modules q_proj")):
+        with pytest.raises(ValueError, match=f"{shown}: LoRA settings apply with --lora-r > 0"):
+            TrainConfig(cache=str(tiny_cache), output=str(tmp_path), **setting)
+    TrainConfig(cache=str(tiny_cache), output=str(tmp_path), lora_r=4, lora_alpha=8.0)
