@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,12 @@ def resolve_model(name: str, option: str = "--model") -> str:
         return str(path.absolute())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{option} {name}: no such model folder")
+    if Path(name.split("/")[0]).expanduser().is_dir():
+        # Most likely a mistyped local path: say so now, not after the hub's retries (offline,
+        # about 50 s), which follow since a hub id looks the same.
+        print(f"note: {option} {name}: no such folder here ({name.split('/')[0]}/ has none of "
+              "that name); trying it as a Hugging Face hub id (HF_HUB_OFFLINE=1 skips the hub)",
+              file=sys.stderr)
     # Anything else is passed on as a hub id; transformers reports if it cannot be fetched.
     return name
 

@@ -183,3 +183,16 @@ def test_a_full_disk_is_a_one_line_error(monkeypatch, tmp_path, error):
                                  str(tmp_path / "run")])
     assert result.exit_code == 2 and "space left" in result.output, result.output
     assert result.output.startswith("error:")
+
+
+def test_a_mistyped_local_path_is_named_before_the_hub_is_tried(tmp_path, monkeypatch, capsys):
+    """`runs/minr` (meant: runs/minor) is also a well-formed hub id: offline, the hub's retries
+    took about 50 s before any word about the local folder."""
+    from minorsft.models import resolve_model
+
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("runs/minr") == "runs/minr"  # still tried on the hub
+    assert "runs/minr: no such folder here" in capsys.readouterr().err
+    assert resolve_model("Qwen/Qwen2-7B-Instruct") == "Qwen/Qwen2-7B-Instruct"
+    assert capsys.readouterr().err == ""  # a hub id: no note
