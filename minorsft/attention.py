@@ -322,8 +322,8 @@ def _padding_indices(lengths: tuple[int, ...], device: torch.device
             scatter.extend(sample * longest + j for j in range(length))
             start += length
         _INDEX_CACHE.clear()  # only the current micro-batch's lengths are worth keeping
-        _INDEX_CACHE[key] = (torch.tensor(gather, device=device),
-                             torch.tensor(scatter, device=device))
+        _INDEX_CACHE[key] = (to_device(torch.tensor(gather), device),
+                             to_device(torch.tensor(scatter), device))
     return _INDEX_CACHE[key]
 
 
