@@ -82,8 +82,8 @@ class StopRequest:
         moments; all must stop after the same step or their collectives would hang)."""
         if not state.world.distributed:
             return self.requested
-        flag = all_reduce_sum([float(self.requested)], state.world, state.device)
-        return flag[0] > 0
+        flag = torch.tensor([float(self.requested)], device=state.device)
+        return all_reduce_sum(flag, state.world).item() > 0
 
     def __enter__(self):
         if self.enabled and threading.current_thread() is threading.main_thread():

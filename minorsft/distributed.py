@@ -156,13 +156,12 @@ def rank_slice(rows: list, world: World) -> list:
     return rows[world.rank:: world.world_size]
 
 
-def all_reduce_sum(values: list[float], world: World, device: torch.device) -> list[float]:
-    """Element-wise sum over ranks (metrics are sums until divided by the global count)."""
-    if not world.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """Element-wise sum over ranks, in place (metrics are sums until divided by the global
+    count). Queued on the device: nothing here waits for it."""
+    if world.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def full_state_dict(wrapped: nn.Module, world: World, strategy: str) -> dict | None:

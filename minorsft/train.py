@@ -526,8 +526,11 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     state.optimizer.zero_grad(set_to_none=True)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
         grad_norm = grad_norm.full_tensor()
-    *local_sums, grad_norm = torch.cat([sums, grad_norm.reshape(1).to(sums)]).tolist()
-    totals = all_reduce_sum(local_sums + [tokens], world, device)
+    # Summed over ranks on the device, then one copy to the host (with the gradient norm, which
+    # every rank already has whole).
+    tokens_here = to_device(torch.tensor([tokens], dtype=torch.float64), device)
+    totals = all_reduce_sum(torch.cat([sums, tokens_here]), world)
+    *totals, grad_norm = torch.cat([totals, grad_norm.reshape(1).to(totals)]).tolist()
     metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
     metrics.update(lr=lr, grad_norm=grad_norm, samples=count, tokens=int(totals[-1]),
                    rank_tokens=tokens)
