@@ -24,6 +24,7 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -85,6 +86,17 @@ class EvalConfig:
                              "together: the cache holds the held-out rows it was written from. "
                              "Drop --data to score the cache's rows, or give the reference "
                              "model instead of its cache to score --data")
+        if self.data is None and (given := [
+                option for option, value, unset in (
+                    ("--prompt-field", self.prompt_field, None),
+                    ("--response-field", self.response_field, None),
+                    ("--max-length", self.max_length, EvalConfig.max_length))
+                if value != unset]):
+            # they shape how --data is read; a cache's rows were tokenized and cut by precompute
+            raise ValueError(f"{', '.join(given)} apply to --data, and there is none"
+                             + (f" (the cache {self.reference} holds rows precompute already "
+                                "tokenized and truncated)" if looks_like_cache(self.reference)
+                                else ""))
         if self.reference and not looks_like_cache(self.reference) and self.data is None:
             raise ValueError(f"--reference {self.reference} is what m_theta compares held-out "
                              "answers against: give them with --data (multiple-choice accuracy "
@@ -409,9 +421,7 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
             raise CacheError(f"{path}: the cache was tokenized with a different {key} than the "
                              "evaluated model's; its token ids do not apply")
     examples, ref_logps = [], []
-    for row in iter_rows(path):
-        if max_rows is not None and len(examples) >= max_rows:
-            break
+    for row in islice(iter_rows(path), max_rows):
         examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],
                                 row["truncated"]))
         ref_logps.append(row["ref_logps"])
@@ -465,11 +475,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     elif config.data is not None:
         data_path = resolve_data(config.data)
         spec = FieldSpec(config.prompt_field, config.response_field)
-        examples = []
-        for item in iter_examples(data_path, tokenizer, spec, config.max_length, on_bad="error"):
-            if config.max_rows is not None and len(examples) >= config.max_rows:
-                break
-            examples.append(item)
+        # islice stops before reading row N+1 (a bad row past the first N is not theirs)
+        examples = list(islice(iter_examples(data_path, tokenizer, spec, config.max_length,
+                                             on_bad="error"), config.max_rows))
         if not examples:
             raise DataError(str(data_path), None, None, "no rows (the file is empty)")
         result["data"] = str(data_path)

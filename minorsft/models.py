@@ -221,13 +221,20 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise ModelError(
-            f"unknown dtype {dtype!r}: use auto, float32, bfloat16, float16 or (transformers "
-            f"only) {MIXED_PRECISION}") from None
+    check_dtype(dtype)
+    return _DTYPES[dtype]
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def check_dtype(dtype: str, option: str = "dtype") -> None:
+    """Refuse a --dtype value no stage knows, before any work is done."""
+    if dtype not in ("auto", MIXED_PRECISION, *_DTYPES):
+        raise ValueError(
+            f"unknown {option} {dtype!r}: use auto, float32, bfloat16, float16 or (transformers "
+            f"only) {MIXED_PRECISION}")
 
 
 # What --attention accepts: auto, or a transformers attention implementation minorsft trains with.

@@ -64,7 +64,7 @@ from minorsft.data import (
     resolve_data,
 )
 from minorsft.engines import make_engine
-from minorsft.models import fingerprint, load_tokenizer, resolve_model
+from minorsft.models import check_dtype, fingerprint, load_tokenizer, resolve_model
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
@@ -118,6 +118,8 @@ class PrecomputeConfig:
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         parse_shard(self.shard)
+        check_dtype(self.dtype, "--dtype")
+        check_dtype(self.verify_dtype, "--verify-dtype")
 
     @property
     def shard_spec(self) -> tuple[int, int] | None:

@@ -116,6 +116,15 @@ def test_train_refuses_option_values_that_would_train_wrong(option, value, messa
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+def test_precompute_refuses_an_unknown_verify_dtype_before_scoring(tmp_path):
+    """--verify-dtype was read only by the drift check, after the whole cache was scored."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--out",
+                                 str(tmp_path / "c"), "--verify-dtype", "bogus"])
+    assert result.exit_code == 2 and "unknown --verify-dtype 'bogus'" in result.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # offline, as this machine is (online, the hub answers "not found": the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -314,6 +314,25 @@ def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_pa
                                       str(cache), "--data", str(demo_jsonl)])
     assert result.exit_code == 2
     assert "Drop --data" in " ".join(result.output.split())
+    # options that shape how --data is read were as silently ignored
+    with pytest.raises(ValueError, match="--max-length apply to --data, and there is none "
+                                         r"\(the cache .* already tokenized and truncated\)"):
+        EvalConfig(model=str(tiny_model_dir), reference=str(cache), max_length=100)
+    with pytest.raises(ValueError, match="--prompt-field, --response-field apply to --data"):
+        EvalConfig(model=str(tiny_model_dir), choices=["mmlu.csv"], prompt_field="q",
+                   response_field="a")
+    EvalConfig(model=str(tiny_model_dir), reference=str(cache))  # the default length is fine
+
+
+def test_max_rows_reads_no_further_than_its_rows(tiny_model_dir, demo_jsonl, tmp_path):
+    """--max-rows 3 read row 4 too, and refused the file for its error."""
+    lines = demo_jsonl.read_text().splitlines()[:3] + ['{"prompt": "q", "response": 5}']
+    data = tmp_path / "bad_fourth.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    result = run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data), max_rows=3))
+    assert result["heldout"]["rows"] == 3
+    with pytest.raises(DataError, match=":4: field 'response'"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data), max_rows=4))
 
 
 def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv, tmp_path):
