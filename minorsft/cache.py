@@ -561,7 +561,10 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
             raise CacheError(f"{out} is a directory that is not a cache; refusing to replace it")
         if out.is_file() and not is_single_file_cache(out):
             raise CacheError(f"{out} is a file and not a minorsft cache; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder of the path should be
+        raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") from error
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     honour_umask(staging)
     try:

@@ -455,6 +455,9 @@ def cache_merge(
                   f"{metadata['parts']} parts, {metadata['rows']} rows cached, "
                   f"{metadata['rows_rejected']} rejected",
                   highlight=False)
+    if "drift" not in metadata:  # shards in separate folders never got to the drift check
+        console.print(f"drift between the cache and the trainer is not measured yet: `minorsft "
+                      f"verify --cache {escape(str(out))}` measures it", highlight=False)
 
 
 @app.command("eval")
@@ -521,6 +524,7 @@ def plot(
     """Curves of m_theta, NLL, loss, coefficient, reward and lr against step for several runs."""
     from minorsft.plot import plot_runs
 
+    _check_writable_file(out, "-o")
     try:
         written = plot_runs(run_dirs, out, title)
     except (FileNotFoundError, ValueError, ImportError) as error:

@@ -39,6 +39,10 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     return names  # the same folder given twice stays ambiguous: it is the same run
 
 
+class NoStepsYet(ValueError):
+    """A run folder whose metrics.jsonl has no step yet (a run that has just started)."""
+
+
 def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], dict]:
     """(label, per-step metrics, config) of one run folder; a clear error if it is not one.
 
@@ -49,6 +53,8 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     run_dir = Path(run_dir)
     name = name or run_names([run_dir])[0]
     metrics_path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such folder")
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a `minorsft train` output)")
     rows = []
@@ -68,7 +74,7 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
             # a run killed mid-write can leave a truncated last line: skip it, keep the rest
             print(f"warning: {metrics_path}:{line_no}: skipped ({problem})", file=sys.stderr)
     if not rows:
-        raise ValueError(f"{metrics_path}: no steps logged")
+        raise NoStepsYet(f"{metrics_path}: no steps logged")
     config: dict = {}
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
@@ -94,8 +100,16 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = [read_run(Path(d), name) for d, name in zip(run_dirs, run_names(run_dirs),
-                                                         strict=True)]
+    runs, empty = [], []
+    for run_dir, name in zip(run_dirs, run_names(run_dirs), strict=True):
+        try:
+            runs.append(read_run(Path(run_dir), name))
+        except NoStepsYet as error:  # a run that has just started: plot the others
+            empty.append(error)
+    if not runs:
+        raise empty[0]
+    for error in empty:
+        print(f"warning: {error}; its run is left out", file=sys.stderr)
     figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
     style_index: dict[str, int] = {}
     for label, rows, config in runs:

@@ -134,7 +134,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not match:
         raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4")
     index, count = int(match[1]), int(match[2])
-    if count < 1 or index >= count:
+    if count < 1:
+        raise ValueError(f"--shard {text}: N, the number of shards, must be at least 1")
+    if index >= count:
         raise ValueError(f"--shard {text}: I counts from 0, so with N={count} it is one of "
                          f"0/{count} .. {count - 1}/{count}")
     return index, count

@@ -80,6 +80,8 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
     assert result.exit_code == 0, result.output
     assert "3 parts, 16 rows cached" in " ".join(result.output.split())
+    # shards in folders of their own never reach the drift check: merge says how to run it
+    assert f"`minorsft verify --cache {merged}` measures it" in " ".join(result.output.split())
     assert list(iter_rows(merged)) == list(iter_rows(parts_cache))
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
     assert result.exit_code == 2 and "--overwrite" in result.output
@@ -145,6 +147,8 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
                                         shard=f"{index}/2", verify_sample=0))
     assert "not a minorsft cache" in merge(*shards, "--out", notes, "--overwrite")
     assert notes.read_text() == "keep me"
+    # a file where a folder of --out's path should be: one line, not a traceback
+    assert "cannot create its folder" in merge(*shards, "--out", notes / "merged")
 
 
 def test_cache_files_get_the_umask_permissions_not_private_ones(tiny_model_dir, demo_jsonl,

@@ -152,6 +152,37 @@ def test_cli_plot_rejects_a_folder_without_metrics(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_cli_plot_leaves_out_a_run_that_has_just_started(tmp_path, saved_figures):
+    """A run with nothing logged yet (its metrics.jsonl empty) stopped the whole plot."""
+    done = _fake_run(tmp_path / "done")
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "metrics.jsonl").write_text("")
+    result = CliRunner().invoke(app, ["plot", str(done), str(started), "-o",
+                                      str(tmp_path / "x.png")])
+    assert result.exit_code == 0, result.output
+    assert "started/metrics.jsonl: no steps logged; its run is left out" in result.output
+    legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+               for figure in saved_figures]
+    assert legends == [["done: minorsft lr=0.001 beta=0.04"]]
+    # only such runs: nothing to draw
+    result = CliRunner().invoke(app, ["plot", str(started), "-o", str(tmp_path / "y.png")])
+    assert result.exit_code == 2 and "no steps logged" in result.output
+
+
+def test_cli_plot_output_mistakes_are_one_line(tmp_path):
+    run_dir = _fake_run(tmp_path / "run")
+    (tmp_path / "a.csv").write_text("x")
+    (tmp_path / "folder").mkdir()
+    for out, message in ((tmp_path / "a.csv" / "x.png", "cannot create its folder"),
+                         (tmp_path / "folder", "is a folder; give a file name")):
+        result = CliRunner().invoke(app, ["plot", str(run_dir), "-o", str(out)])
+        assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not (tmp_path / "folder.png").exists()
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "nope: no such folder" in " ".join(result.output.split())
+
+
 def test_replicate_script_end_to_end_tiny(tiny_model_dir, tmp_path):
     """The sweep script on the tiny model and made-up GSM8K/MMLU-shaped files."""
     spec = importlib.util.spec_from_file_location(

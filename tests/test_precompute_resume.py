@@ -157,6 +157,8 @@ def test_shard_spec_is_checked():
         PrecomputeConfig(model="m", data="d", out="o", shard="2/2")
     with pytest.raises(ValueError, match="expected I/N"):
         PrecomputeConfig(model="m", data="d", out="o", shard="first")
+    with pytest.raises(ValueError, match="N, the number of shards, must be at least 1"):
+        PrecomputeConfig(model="m", data="d", out="o", shard="1/0")
 
 
 def test_a_finished_cache_without_drift_gets_it_on_rerun(tiny_model_dir, tmp_path, monkeypatch):
