@@ -537,7 +537,7 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         raise CacheError(f"{out}: the merged cache must go to a new --out, not a source")
     if len({s.resolve() for s in sources}) < len(sources):
         raise CacheError("a source is given twice: " + " ".join(str(s) for s in sources))
-    manifests, origin = [], {}
+    manifests, origin, twice = [], {}, []
     for source in sources:
         if not source.exists():
             raise CacheError(f"{source}: no such directory")
@@ -549,9 +549,12 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         for manifest in found:
             manifest["_dir"] = str(source)
             for index in manifest["parts"]:
-                origin.setdefault(int(index), source)
+                if origin.setdefault(int(index), source) != source:
+                    twice.append(f"part {index} is in {origin[int(index)]} and in {source}")
         manifests.extend(found)
-    parts = collect_parts(sources[0], manifests)
+    parts = collect_parts(sources[0], manifests)  # refuses sources of other settings
+    if twice:
+        raise CacheError(f"{twice[0]}: is a shard given twice? Give each shard once")
     if problems := missing_pieces(manifests, parts):
         raise CacheError("the sources do not make a complete cache: " + "; ".join(problems))
     if out.exists():

@@ -147,6 +147,9 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
                                         shard=f"{index}/2", verify_sample=0))
     assert "not a minorsft cache" in merge(*shards, "--out", notes, "--overwrite")
     assert notes.read_text() == "keep me"
+    copy = tmp_path / "shard-0-copy"
+    shutil.copytree(shards[0], copy)
+    assert "is a shard given twice?" in merge(*shards, copy, "--out", tmp_path / "m2")
     # a file where a folder of --out's path should be: one line, not a traceback
     assert "cannot create its folder" in merge(*shards, "--out", notes / "merged")
 
