@@ -241,14 +241,20 @@ def _read_choices_jsonl(path: Path) -> list[Question]:
                 options = record["choices"]
                 if not (isinstance(options, list) and len(options) == 4):
                     raise DataError(str(path), line_no, "choices", "expected a list of 4 options")
+                fields = [f"choices[{i}]" for i in range(4)]
             else:
                 missing = [k for k in LETTERS if k not in record]
                 if missing:
                     raise DataError(str(path), line_no, missing[0],
                                     "missing (give A, B, C, D or a 'choices' list)")
-                options = [record[k] for k in LETTERS]
-            if not all(isinstance(o, str) for o in options):
-                raise DataError(str(path), line_no, "choices", "options must be strings")
+                options, fields = [record[k] for k in LETTERS], list(LETTERS)
+            for option, name in zip(options, fields, strict=True):
+                if not isinstance(option, str):
+                    hint = (f" (write {json.dumps(str(option))}: the prompt shows it as text)"
+                            if isinstance(option, int | float) and not isinstance(option, bool)
+                            else "")
+                    raise DataError(str(path), line_no, name,
+                                    f"an option must be a string, got {option!r}{hint}")
             question_id = str(record.get("id", f"{path.stem}:{line_no}"))
             questions.append(Question(question_id, line_no, record["question"], tuple(options),
                                       _answer_letter(record.get("answer"), str(path), line_no)))

@@ -96,6 +96,22 @@ def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.parametrize("record, field, message", [
+    ({"question": "q", "A": "1", "B": 2, "C": "3", "D": "4", "answer": "B"}, "B",
+     "an option must be a string, got 2 (write \"2\": the prompt shows it as text)"),
+    ({"question": "q", "choices": ["x", "y", None, "z"], "answer": "A"}, "choices[2]",
+     "an option must be a string, got None"),
+])
+def test_jsonl_options_that_are_not_text_are_named(tmp_path, record, field, message):
+    """A numeric option under "B" was reported as field 'choices', which the row did not have."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert (caught.value.line, caught.value.field) == (1, field)
+    assert message in str(caught.value)
+
+
 def _strict_json(text: str):
     """json.loads, but refusing NaN and Infinity (which Python's json accepts by default)."""
     def refuse(constant):
