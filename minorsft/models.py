@@ -222,6 +222,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     check_dtype(dtype)
+    if dtype not in _DTYPES:  # bf16-mixed: fp32 weights under autocast, see pick_precision
+        raise ValueError(f"--dtype {dtype} is not one dtype of the weights; use pick_precision")
     return _DTYPES[dtype]
 
 
