@@ -125,23 +125,36 @@ def without_packed_row_detection(attention: str):
     asks the device whether they restart at all: a wait for the device on every forward pass,
     after which it idles until Python queues more work (with gradient accumulation, that drains
     the previous micro-batch's backward). For the attention implementations above the answer is
-    unused (their masks are None either way), so it is not asked.
+    unused (their masks are None either way), so it is not asked. The switch is a context
+    variable read by a wrapper installed once, so no other thread or call sees it.
     """
-    from transformers import masking_utils
-
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if attention not in _BOUNDARIES_FROM_MINORSFT or original is None:
+    if attention not in _BOUNDARIES_FROM_MINORSFT or not _install_detection_switch():
         yield
         return
-    masking_utils.find_packed_sequence_indices = _no_packed_sequence_mask
+    token = _SKIP_PACKED_DETECTION.set(True)
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        _SKIP_PACKED_DETECTION.reset(token)
 
 
-def _no_packed_sequence_mask(position_ids: torch.Tensor) -> None:
-    return None
+_SKIP_PACKED_DETECTION = contextvars.ContextVar("minorsft_skip_packed_detection", default=False)
+
+
+def _install_detection_switch() -> bool:
+    """Wrap transformers' packed-row detection once; False where this transformers has none."""
+    from transformers import masking_utils
+
+    detect = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if detect is None:
+        return False
+    if not getattr(detect, "_minorsft_switch", False):
+        def find_packed_sequence_indices(position_ids):
+            return None if _SKIP_PACKED_DETECTION.get() else detect(position_ids)
+
+        find_packed_sequence_indices._minorsft_switch = True
+        masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+    return True
 
 
 def segment_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,

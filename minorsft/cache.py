@@ -423,11 +423,20 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
 _INPUT_HINT = "; if it is SFT data, `minorsft precompute --data` turns it into a cache"
 
 
+def _starts_like_parquet(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def _file_metadata(path: Path) -> dict:
     try:
         file_metadata = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as error:
-        raise CacheError(f"{path}: not a readable Parquet file ({error}){_INPUT_HINT}") from error
+        hint = "" if _starts_like_parquet(path) else _INPUT_HINT  # else a damaged cache, perhaps
+        raise CacheError(f"{path}: not a readable Parquet file ({error}){hint}") from error
     raw = (file_metadata.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise CacheError(f"{path}: a Parquet file, but not a minorsft cache (no metadata)"

@@ -232,7 +232,7 @@ def _same_folder(recorded: str | None, model_path: str) -> bool:
     `model_path`, as `models.resolve_model` gives it."""
     if recorded is None:
         return False
-    return recorded == model_path or Path(recorded).absolute() == Path(model_path).absolute()
+    return recorded == model_path or os.path.abspath(recorded) == os.path.abspath(model_path)
 
 
 def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:

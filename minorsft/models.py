@@ -59,8 +59,9 @@ def resolve_model(name: str, option: str = "--model") -> str:
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():
             raise ModelError(f"{option} {path}: not a model folder (no config.json in it)")
-        # absolute: caches and run configs record it, and are read from other directories
-        return str(path.absolute())
+        # absolute (and without ..): caches and run configs record it, and are read from
+        # other directories
+        return os.path.abspath(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{option} {name}: no such model folder")
     if Path(name.split("/")[0]).expanduser().is_dir():
@@ -142,11 +143,16 @@ def load_cache_model(given: str | None, metadata: dict, cache: Path) -> tuple[st
     if given:
         path = resolve_model(given)
         return given, path, load_tokenizer(path)
-    recorded = metadata.get("model_path")
-    name = recorded if recorded and Path(recorded).is_dir() else metadata["model"]
+    recorded, given_then = metadata.get("model_path"), metadata["model"]
+    name = recorded if recorded and Path(recorded).is_dir() else given_then
     try:
+        if (recorded and Path(recorded).is_absolute() and name != recorded
+                and given_then not in BUILTIN_MODELS):
+            # a local folder that has gone: the name as typed then, resolved here, could be
+            # another folder of that name
+            raise ModelError(f"{recorded}: the model folder is not there any more")
         path = resolve_model(name)
-        return metadata["model"], path, load_tokenizer(path)
+        return given_then, path, load_tokenizer(path)
     except ModelError as error:
         raise ModelError(f"{error}; it is the model that wrote {cache} (from its metadata): "
                          "--model names the model to load") from error
@@ -259,13 +265,14 @@ def pick_attention(requested: str, device: torch.device) -> str:
 
 
 def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention
         )
-    except OSError as error:  # no weights in the folder, a truncated file: one line, no trace
+    except (OSError, SafetensorError) as error:  # no weights, a truncated file: one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ModelError(f"{model_path}: could not load the model ({reason})") from error
     return model.to(device)

@@ -8,6 +8,7 @@ alone; the isolation check must fail on an attention that lets samples see each 
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from minorsft.attention import (
     packed_forward_kwargs,
     packed_sample_lengths,
     use_segment_attention,
+    without_packed_row_detection,
 )
 from minorsft.logprobs import answer_logps, final_logit_transform, pad_batch
 from minorsft.packing import micro_batch_logps, prepare_packing
@@ -101,8 +103,7 @@ def test_segment_attention_equals_padding_forward_and_backward(model, layout, mo
 
 
 
-def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model, layout,
-                                                                          monkeypatch):
+def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model, monkeypatch):
     """transformers asks the device whether a row's position ids restart (a sync in every
     forward pass); under the segment attention the boundaries come from minorsft and the answer
     goes unused, under transformers' SDPA its packed mask needs it."""
@@ -112,7 +113,6 @@ def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model,
     asked = []
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
                         lambda position_ids: asked.append(1) or detect(position_ids))
-    spy = masking_utils.find_packed_sequence_indices
     final_logit_transform(model)
     want, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)  # transformers' sdpa
     asked_under_sdpa = len(asked)
@@ -120,8 +120,15 @@ def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model,
     assert use_segment_attention(model)
     got, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
     assert len(asked) == asked_under_sdpa  # not asked again
-    assert masking_utils.find_packed_sequence_indices is spy  # put back
     torch.testing.assert_close(got, want, **TOL)
+    packed_positions = torch.tensor([[0, 1, 2, 0, 1]])
+
+    def still_detects() -> bool:  # outside the packed forward, as before
+        before = len(asked)
+        found = masking_utils.find_packed_sequence_indices(packed_positions)
+        return found is not None and found.tolist() == [[0, 0, 0, 1, 1]] and len(asked) > before
+
+    assert still_detects()
 
     def failing_forward(*args, **kwargs):
         raise RuntimeError("out of memory")
@@ -129,7 +136,36 @@ def test_packed_rows_skip_transformers_packed_detection_only_where_unused(model,
     monkeypatch.setattr(model.get_decoder(), "forward", failing_forward)
     with pytest.raises(RuntimeError, match="out of memory"):
         micro_batch_logps(model, _rows(), 0, CPU, packing=True)
-    assert masking_utils.find_packed_sequence_indices is spy  # put back after an error too
+    assert still_detects()  # after an error too
+    # another thread never sees the switch of this one
+    results = []
+    with without_packed_row_detection(SEGMENT_ATTENTION):
+        assert masking_utils.find_packed_sequence_indices(packed_positions) is None
+        worker = threading.Thread(target=lambda: results.append(still_detects()))
+        worker.start()
+        worker.join()
+    assert results == [True]
+
+
+@pytest.mark.parametrize("attention", [SEGMENT_ATTENTION, "flash_attention_2"])
+def test_masks_skipping_detection_ignore_the_packed_mask(attention):
+    """Skipping the detection is safe only while these mask functions return no mask for a row
+    without a padding mask, whatever packed mask they are given: a later transformers that used
+    it would make the skip wrong, and fail here."""
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        and_masks,
+        causal_mask_function,
+        packed_sequence_mask_function,
+    )
+
+    minorsft.attention._register()  # what use_segment_attention does first
+    packed = packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1]]))
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[attention](
+        batch_size=1, q_length=5, kv_length=5, q_offset=0, kv_offset=0,
+        mask_function=and_masks(causal_mask_function, packed), attention_mask=None,
+        allow_is_causal_skip=False, dtype=torch.float32, config=None)
+    assert mask is None
 
 
 def test_varlen_runs_under_bf16_autocast_on_bf16_inputs(model, monkeypatch):

@@ -91,6 +91,13 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "not a readable Parquet file" in text
     assert "`minorsft precompute --data` turns it into a cache" in text
+    damaged = tmp_path / "damaged.parquet"  # a cache cut short: no hint about input data
+    damaged.write_bytes(b"PAR1" + b"\0" * 64)
+    result = runner.invoke(app, ["train", "--cache", str(damaged), "--output",
+                                 str(tmp_path / "run")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "not a readable Parquet file" in text
+    assert "precompute --data" not in text
 
 
 def test_overwrite_replaces_only_a_minorsft_cache_never_other_files(parts_cache, demo_jsonl,

@@ -1,6 +1,7 @@
 """Precompute then train on the tiny random model, through the Python API."""
 
 import os
+from pathlib import Path
 
 from minorsft.cache import iter_rows, read_metadata
 from minorsft.precompute import PrecomputeConfig, run_precompute
@@ -43,14 +44,17 @@ def test_a_cache_made_with_a_relative_model_folder_trains_from_anywhere(
     monkeypatch.chdir(work)
     cache = tmp_path / "ref.parquet"
     run_precompute(PrecomputeConfig(model="./models/tiny", data=str(demo_jsonl), out=str(cache)))
-    assert read_metadata(cache)["model_path"] == str(work / "models" / "tiny")
+    assert Path(read_metadata(cache)["model_path"]) == (work / "models" / "tiny").resolve()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     history = run_train(TrainConfig(cache=str(cache), output="run", batch_size=8, max_steps=1))
     assert len(history) == 1
     assert run_verify(VerifyConfig(cache=str(cache), sample=2)).rows == 2
-    # Moved away: the error says the model came from the cache, and how to name another.
+    # Moved away: the error says the model came from the cache, and how to name another; a
+    # folder of the same relative name where train runs is not taken for it.
     shutil.move(work / "models", tmp_path / "moved")
-    with pytest.raises(ModelError, match=r"the model that wrote .*ref.parquet.*--model names"):
+    shutil.copytree(tmp_path / "moved", elsewhere / "models")
+    with pytest.raises(ModelError, match=r"not there any more; it is the model that wrote "
+                                         r".*ref.parquet.*--model names"):
         run_train(TrainConfig(cache=str(cache), output="run2", batch_size=8, max_steps=1))

@@ -353,10 +353,17 @@ def test_overwriting_a_full_run_with_lora_leaves_no_model_config_behind(cache, t
     (output / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelError, match="LoRA adapters only"):
         resolve_model(str(output))
-    # and a model folder without weights is one line, not transformers' traceback
+    # and a model folder without weights, or with half a weights file, is one line, not
+    # transformers' or safetensors' traceback
     (output / "adapter_config.json").unlink()
     with pytest.raises(ModelError, match="could not load the model"):
         load_model(resolve_model(str(output)), torch.float32, torch.device("cpu"))
+    full = tmp_path / "full"
+    run_train(config(cache, full, max_steps=1))
+    weights = (full / "model.safetensors").read_bytes()
+    (full / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ModelError, match="could not load the model"):
+        load_model(resolve_model(str(full)), torch.float32, torch.device("cpu"))
 
 
 def test_resume_at_the_last_step_trains_nothing_and_keeps_the_run(cache, tmp_path, capsys):
