@@ -538,3 +538,20 @@ def test_value_checks_read_a_part_in_batches_and_count_across_them(cache):
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
     assert "2 row(s) where num_tokens is not the number of answer tokens" in messages[0]
+
+
+def test_a_checkpoint_naming_its_model_folder_relatively_still_matches(tmp_path, monkeypatch):
+    """Checkpoints of 0.3.0 recorded a model folder as given (relative); resolve_model now gives
+    it absolute, and --resume must still take them for the same model."""
+    from minorsft.checkpoints import _same_folder
+    from minorsft.models import resolve_model
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    loaded = resolve_model("models/tiny")
+    assert loaded == str((tmp_path / "models" / "tiny").resolve())
+    assert _same_folder("models/tiny", loaded)
+    assert _same_folder("./models/../models/tiny", loaded)
+    assert not _same_folder("models/other", loaded)
+    assert not _same_folder(None, loaded)
