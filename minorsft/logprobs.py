@@ -38,13 +38,20 @@ LOGITS_CHUNK_ELEMENTS = 1 << 24
 # The narrowest vocabulary slice; beyond 2**24 / 1024 = 16,384 answer positions the positions
 # are cut into blocks of that many as well.
 MIN_VOCAB_BLOCK = 1024
+# A slice narrower than the vocabulary is a multiple of this many entries. A bf16 [N, V_b]
+# block whose rows are not a multiple of 16 bytes apart cannot use Hopper's TMA matmul kernels:
+# cuBLAS falls back to older, slower ones for all three of the block's matmuls.
+VOCAB_BLOCK_MULTIPLE = 128
 
 
 def head_blocks(num_positions: int, vocab_size: int,
                 elements: int | None = None) -> tuple[int, int]:
     """(positions, vocabulary entries) per block: about `elements` logits (default 2**24)."""
     elements = elements or LOGITS_CHUNK_ELEMENTS
-    vocab_block = min(vocab_size, max(MIN_VOCAB_BLOCK, elements // max(1, num_positions)))
+    vocab_block = max(MIN_VOCAB_BLOCK, elements // max(1, num_positions))
+    if vocab_block < vocab_size:
+        vocab_block = max(VOCAB_BLOCK_MULTIPLE, vocab_block - vocab_block % VOCAB_BLOCK_MULTIPLE)
+    vocab_block = min(vocab_size, vocab_block)
     return max(1, elements // vocab_block), vocab_block
 
 

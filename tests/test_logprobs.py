@@ -155,7 +155,10 @@ def test_default_blocks_keep_logits_small():
         position_block, vocab_block = head_blocks(positions, 151_936)
         assert position_block * vocab_block * 4 <= 64 * 2**20  # 64 MiB of fp32 logits
         assert vocab_block <= 151_936
-    assert head_blocks(3000, 151_936) == (3000, 5592)  # all positions meet a 5,592-wide slice
+        assert vocab_block == 151_936 or vocab_block % 128 == 0  # aligned rows for the matmuls
+        assert position_block >= min(positions, 16_384)
+    assert head_blocks(3000, 151_936) == (3048, 5504)  # all positions meet a 5,504-wide slice
+    assert head_blocks(111, 151_936) == (111, 151_040)  # 151,146 rounded down to 128s
     assert head_blocks(100, 151_936)[1] == 151_936  # few positions: the whole vocabulary
     assert head_blocks(50_000, 151_936) == (16_384, 1024)  # many: positions cut as well
     assert head_blocks(5, 10) == ((1 << 24) // 10, 10)
