@@ -569,7 +569,8 @@ def _trl_tokenizer():
 
 def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
                 dtype, use_train_module: bool, variants: list[str] | None = None,
-                profile_steps: int = 0, progress=None) -> tuple[list[list], list[list]]:
+                profile_steps: int = 0, progress=None, rounds: int = 1
+                ) -> tuple[list[list], list[list], list[list]]:
     """minorsft's default MinorSFT step vs TRL SFTTrainer on the same rows and batches.
 
     TRL keeps its defaults except gradient checkpointing (its default is on, which costs a
@@ -587,9 +588,16 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     plans, allocator growth), the second ("seen shapes") is the steady state of a long run,
     where lengths repeat. The first step of the first pass is warm-up and not counted.
 
+    With `rounds` > 1 the whole comparison (TRL, then each variant, each on a freshly built
+    model) runs that many times over: a step bound by the host moves by +-15 % between machine
+    starts and within a run (section 7d of docs/performance.md), so the ratio rows give each
+    round's ratio of medians and their median, and the table's step times and tokens/s are
+    medians over every round's steps.
+
     With `profile_steps`, each trainer then runs that many more steps (batches 1, 2, ... a third
-    time) under torch's profiler, not counted in the timings: the second table returned has one
-    `profile_summary` row per trainer (5p).
+    time) under torch's profiler in the last round, not counted in the timings: the second table
+    returned has one `profile_summary` row per trainer (5p). The third has every counted step's
+    seconds, by trainer, round and pass (5s).
 
     `progress(rows, profiles, done, total)`, if given, gets both tables so far after each run
     (a minorsft variant or a TRL trainer), so that a check cut off by its timeout keeps them.
@@ -603,41 +611,61 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
 
     rows = make_rows(batch * (steps + 1), min_len, max_len, sizes["vocab_size"], seed=5)
     batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-    results, profiles = {}, []
+    # name -> one (step seconds, step tokens, peak MiB) per finished round
+    results: dict[str, list[tuple[list, list, float]]] = {}
+    profiles = []
     profile_steps = min(profile_steps, len(batches) - 1)
+    parts = (("new shapes", slice(1, len(batches))), ("seen shapes", slice(len(batches), None)))
+
+    def rate(step_times, step_tokens) -> float:
+        """Median of the steps' own tokens/s."""
+        return statistics.median(t / s for t, s in zip(step_tokens, step_times, strict=True))
 
     def table_rows() -> list[list]:
         """Table 5 from the runs finished so far (ratios to the TRL runs that have finished)."""
-        out, rates = [], {}
-        for name, (step_times, step_tokens, peak) in results.items():
-            rates[name] = []
-            for label, part in (("new shapes", slice(1, len(batches))),
-                                ("seen shapes", slice(len(batches), None))):
-                per_step = [t / s for t, s in zip(step_tokens[part], step_times[part],
-                                                  strict=True)]
-                rates[name].append(statistics.median(per_step))
-                out.append([f"{name}, {label}", len(per_step),
-                            f"{statistics.median(step_times[part]):.3f}",
-                            f"{rates[name][-1]:,.0f}", f"{peak:,.0f}",
-                            f"{step_times[0]:.1f}" if label == "new shapes" else ""])
-        for name, ours in rates.items():
+        out = []
+        for name, runs in results.items():
+            for label, part in parts:
+                step_times = [t for times, _, _ in runs for t in times[part]]
+                step_tokens = [n for _, tokens, _ in runs for n in tokens[part]]
+                out.append([f"{name}, {label}", len(step_times),
+                            f"{statistics.median(step_times):.3f}",
+                            f"{rate(step_times, step_tokens):,.0f}",
+                            f"{max(peak for _, _, peak in runs):,.0f}",
+                            f"{runs[0][0][0]:.1f}" if label == "new shapes" else ""])
+        for name, runs in results.items():
             if name.startswith("trl"):
                 continue
             baselines = [trl_mixed] if name == mixed_name else [trl_name]  # the same precision
             if name != mixed_name:
                 baselines.append(trl_compiled)
             for baseline in baselines:
-                if baseline not in rates:  # not asked for, or not run yet
+                if baseline not in results:  # not asked for, or not run yet
                     continue
-                theirs = rates[baseline]
+                described = []
+                for label, part in parts:
+                    # round by round: both trainers' medians from the same machine period
+                    ratios = [rate(ours[0][part], ours[1][part])
+                              / rate(theirs[0][part], theirs[1][part])
+                              for ours, theirs in zip(runs, results[baseline], strict=False)]
+                    text = f"{label} {statistics.median(ratios):.2f}"
+                    if len(ratios) > 1:
+                        text += f" (rounds {', '.join(f'{r:.2f}' for r in ratios)})"
+                    described.append(text)
                 out.append([f"ratio {name.split(' (')[0]} / {baseline.split(' (')[0]}", "", "",
-                            f"new shapes {ours[0] / theirs[0]:.2f}, seen shapes "
-                            f"{ours[1] / theirs[1]:.2f}", "", ""])
+                            ", ".join(described), "", ""])
         return out
+
+    def step_rows() -> list[list]:
+        """Table 5s: every counted step's seconds."""
+        return [[name, index + 1, label, " ".join(f"{t:.3f}" for t in times[part])]
+                for name, runs in results.items()
+                for index, (times, _, _) in enumerate(runs) for label, part in parts]
 
     def finished_run():
         if progress is not None:
-            progress(table_rows(), profiles, len(results), total_runs)
+            done = sum(len(runs) for runs in results.values())
+            progress(table_rows(), profiles, done, total_runs)
 
     mixed_name = "minorsft --dtype bf16-mixed (fp32 weights, bf16 autocast)"
     # key: (name, master weights, weights dtype, autocast, compiled, packed layout, head chunk);
@@ -686,12 +714,12 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         trl_runs = trl_runs[:1]
     if with_trl_compiled:
         trl_runs.append((trl_compiled, dtype, dtype == torch.bfloat16, True))
-    total_runs = len(variants) + len(trl_runs)
+    total_runs = rounds * (len(variants) + len(trl_runs))
     data = Dataset.from_list([{"input_ids": r["input_ids"],
                                "completion_mask": [int(m) for m in r["answer_mask"]]}
                               for r in rows])
 
-    def run_trl(name, weights_dtype, bf16, compiled):
+    def run_trl(name, weights_dtype, bf16, compiled, profile_steps=0):
         model = build_model(sizes, weights_dtype, dev.device).train()
         settings = dict(
             output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
@@ -714,18 +742,25 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         dev.reset_peak()
         sft.train()
         timed = 2 * len(batches)
-        results[name] = (trl_times[:timed], trl_tokens[:timed], dev.peak_mib())
+        results.setdefault(name, []).append((trl_times[:timed], trl_tokens[:timed],
+                                             dev.peak_mib()))
         print(f"  {name}: done", flush=True)
         del model, sft
         if dev.cuda:
             torch.cuda.empty_cache()
         finished_run()
 
-    # TRL's plain run first: a check cut short by its timeout still has the baseline that
-    # every ratio is taken against.
-    run_trl(*trl_runs[0])
-    for name, (master_weights, weights_dtype, autocast, compiled, layout, chunk) in \
-            variants.items():
+    def run_round(profile_steps):
+        # TRL's plain run first: a check cut short by its timeout still has the baseline that
+        # every ratio is taken against.
+        run_trl(*trl_runs[0], profile_steps=profile_steps)
+        for name, settings in variants.items():
+            run_minorsft(name, *settings, profile_steps=profile_steps)
+        for run in trl_runs[1:]:
+            run_trl(*run, profile_steps=profile_steps)
+
+    def run_minorsft(name, master_weights, weights_dtype, autocast, compiled, layout, chunk,
+                     profile_steps):
         model = build_model(sizes, weights_dtype, dev.device).train()
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
@@ -739,21 +774,21 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         times, tokens = [], []
         dev.reset_peak()
         with head_chunk_elements(chunk):
-            for step_rows in batches + batches:
+            for batch_rows in batches + batches:
                 started = time.perf_counter()
-                tokens.append(trainer.step("minorsft", True, step_rows)["tokens"])
+                tokens.append(trainer.step("minorsft", True, batch_rows)["tokens"])
                 dev.sync()
                 times.append(time.perf_counter() - started)
             peak = dev.peak_mib()
             if profile_steps:
                 profiler = start_profiler(dev)
                 started = time.perf_counter()
-                for step_rows in batches[1:profile_steps + 1]:
-                    trainer.step("minorsft", True, step_rows)
+                for batch_rows in batches[1:profile_steps + 1]:
+                    trainer.step("minorsft", True, batch_rows)
                 dev.sync()
                 profiles.append([name, *profile_summary(profiler, dev, profile_steps,
                                                         time.perf_counter() - started)])
-        results[name] = (times, tokens, peak)
+        results.setdefault(name, []).append((times, tokens, peak))
         print(f"  {name}: first step {times[0]:.1f} s, isolation check {isolation:.1e}",
               flush=True)
         del model, trainer
@@ -761,9 +796,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
             torch.cuda.empty_cache()
         finished_run()
 
-    for run in trl_runs[1:]:
-        run_trl(*run)
-    return table_rows(), profiles
+    for round_index in range(rounds):
+        # profiled steps in the last round only: they are not timed, and cost time
+        run_round(profile_steps if round_index == rounds - 1 else 0)
+    return table_rows(), profiles, step_rows()
 
 
 def trl_profiler(dev: Device, first: int, steps: int, report):
@@ -818,6 +854,9 @@ def main():
                         help="section 5: profile this many more seen-length steps of each "
                              "trainer (table 5p: GPU busy time, kernels per step, the costliest "
                              "kernels)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="section 5: run the whole comparison this many times (fresh models "
+                             "each round); the ratio rows give each round's ratio")
     parser.add_argument("--local-step", action="store_true",
                         help="use the local copy of train_step even if minorsft.train imports")
     args = parser.parse_args()
@@ -940,11 +979,14 @@ def main():
                 if done < total:  # the last run's tables are emitted whole below
                     emit_trl(rows, profiles, f"{done} of {total} runs finished")
 
-            rows, profiles = section_trl(
+            rows, profiles, steps = section_trl(
                 dev, big, dtype=dtype, use_train_module=not args.local_step,
                 variants=args.variants.split(",") if args.variants else None,
-                profile_steps=args.profile_steps, progress=progress, **train_shape)
+                profile_steps=args.profile_steps, progress=progress, rounds=args.rounds,
+                **train_shape)
             emit_trl(rows, profiles)
+            emit("5s. every counted step of section 5, seconds",
+                 ["trainer", "round", "lengths", "step seconds in order"], steps)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

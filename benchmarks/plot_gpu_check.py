@@ -51,7 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="+", type=Path, help="gpu_check.json files")
     parser.add_argument("-o", "--output", type=Path, default=Path("gpu_trl.png"))
+    parser.add_argument("--labels", help="comma-separated, one per JSON: put before its title")
+    parser.add_argument("--columns", type=int, help="panels per row (default: all in one row)")
     args = parser.parse_args()
+    labels = args.labels.split(",") if args.labels else [""] * len(args.results)
+    if len(labels) != len(args.results):
+        parser.error(f"--labels gives {len(labels)} labels for {len(args.results)} JSON files")
 
     import matplotlib
 
@@ -59,8 +64,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     panels = [section5(json.loads(path.read_text()), path) for path in args.results]
-    figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for axis, (title, rates) in zip(axes[0], panels, strict=True):
+    columns = min(args.columns or len(panels), len(panels))
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.5 * rows),
+                                squeeze=False)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    for axis, label, (title, rates) in zip(axes.flat, labels, panels, strict=False):
         trainers = list(rates)
         ours = [t for t in trainers if not t.startswith("trl")]
         width = 0.38
@@ -75,7 +85,7 @@ def main() -> None:
         axis.set_xticks(range(len(ours)), [short(t) for t in ours], rotation=20, ha="right",
                         fontsize=8)
         axis.set_ylabel("tokens/s / TRL SFTTrainer's")
-        axis.set_title(title, fontsize=9)
+        axis.set_title(f"{label}: {title}" if label else title, fontsize=9)
         axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(args.output, dpi=120)
