@@ -619,12 +619,21 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 
 def cache_stats(path: Path) -> dict:
-    """What `minorsft cache info` shows: layout, schema, metadata and column statistics."""
-    layout = open_cache(path)
+    """What `minorsft cache info` shows: layout, schema, metadata and column statistics.
+
+    An incomplete parts directory (a shard still running, or not started here) is shown too,
+    for what it holds so far: `incomplete` lists what is missing (empty for a whole cache).
+    """
+    layout = open_cache(path, require_complete=False)
+    incomplete = (missing_pieces(layout.manifests, layout.parts) if layout.kind == "parts"
+                  else [])
     tables = [pq.read_table(f, columns=["num_tokens", "ref_logps", "truncated"])
               for f in layout.files]
     table = pa.concat_tables(tables) if tables else None
     if table is None or table.num_rows == 0:
+        if incomplete:
+            raise CacheError(f"{path}: incomplete cache with no rows yet: "
+                             + "; ".join(incomplete))
         raise CacheError(f"{path}: the cache has no rows")
     num_tokens = table["num_tokens"].cast(pa.float64())
     per_token = pc.divide(table["ref_logps"], num_tokens)
@@ -634,6 +643,7 @@ def cache_stats(path: Path) -> dict:
     schema = pq.read_schema(layout.files[0])
     return {
         "path": str(path), "layout": layout.kind, "files": len(layout.files),
+        "incomplete": incomplete,
         "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
         "metadata": layout.metadata, "rows": table.num_rows,
         "num_tokens": {"mean": pc.mean(num_tokens).as_py(),

@@ -414,6 +414,12 @@ def cache_info(
         typer.echo(json.dumps(info, indent=2, default=str))
         return
     metadata = info["metadata"]
+    if info["incomplete"]:
+        typer.echo(f"{'status':>20}: INCOMPLETE, what is there so far is shown "
+                   f"(train and verify refuse it until it is whole): "
+                   + "; ".join(info["incomplete"]))
+    else:
+        typer.echo(f"{'status':>20}: complete")
     counts = ("rows", "rows_in", "rows_rejected")  # shown together in the "rows" line below
     for key, value in metadata.items():
         if key != "drift" and key not in counts:

@@ -49,7 +49,8 @@ def test_single_file_cache_reads_like_the_parts_directory(parts_cache, tmp_path)
 
 def test_drift_added_after_scoring_shows_in_cache_info(parts_cache, tmp_path):
     runner = CliRunner()
-    assert "not measured" in runner.invoke(app, ["cache", "info", str(parts_cache)]).output
+    first = runner.invoke(app, ["cache", "info", str(parts_cache)]).output
+    assert "not measured" in first and "status: complete" in first
     drift = {"per_token_mean_abs": 0.0123, "rows": 16}
     update_metadata(parts_cache, {"drift": drift})
     result = runner.invoke(app, ["cache", "info", str(parts_cache)])
@@ -74,7 +75,15 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
         assert result.exit_code == 0, result.output
         assert "not complete yet" in " ".join(result.output.split())
         shards.append(str(out))
+    # one shard alone: shown for what it holds, and said to be incomplete
     result = runner.invoke(app, ["cache", "info", shards[0]])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "status: INCOMPLETE" in text and "shard 1/2 has not started" in text
+    info = json.loads(runner.invoke(app, ["cache", "info", shards[0], "--json"]).output)
+    assert 0 < info["rows"] < 16 and "shard 1/2 has not started" in info["incomplete"][0]
+    result = runner.invoke(app, ["train", "--cache", shards[0], "--output",
+                                 str(tmp_path / "partial-run")])
     assert result.exit_code == 2 and "shard 1/2 has not started" in result.output
     merged = tmp_path / "merged"
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
