@@ -84,6 +84,12 @@ class Example:
         return sum(self.answer_mask)
 
 
+# The rejects report keeps a rejected row's text whole, so that it can be fixed and fed again;
+# only a line beyond this many characters (not a plausible SFT row: a binary file read as text,
+# say) is cut, and then marked `raw_truncated`.
+REJECT_RAW_LIMIT = 1 << 20
+
+
 @dataclass
 class Rejection:
     """A row that did not make it into the cache, and why."""
@@ -96,8 +102,11 @@ class Rejection:
     error: DataError | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return {"file": self.path, "line": self.line, "field": self.field,
-                "reason": self.reason, "raw": self.raw[:2000]}
+        record = {"file": self.path, "line": self.line, "field": self.field,
+                  "reason": self.reason, "raw": self.raw[:REJECT_RAW_LIMIT]}
+        if len(self.raw) > REJECT_RAW_LIMIT:
+            record["raw_truncated"] = True
+        return record
 
 
 @dataclass

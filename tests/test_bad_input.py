@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from minorsft.cache import iter_rows, read_metadata
 from minorsft.cli import app
-from minorsft.data import DataError
+from minorsft.data import REJECT_RAW_LIMIT, DataError, Rejection
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
 from .bad_input_cases import CASES, MAX_LENGTH, all_cases_lines, case_file_lines
@@ -77,3 +77,22 @@ def test_cli_reports_bad_row_with_exit_code_2(tiny_model_dir, tmp_path):
                                  str(data), "--out", str(out), "--on-bad", "skip"])
     assert result.exit_code == 0, result.output
     assert "2 input rows = 1 cached + 1 rejected" in " ".join(result.output.split())
+
+
+def test_rejects_keep_a_long_row_whole(tiny_model_dir, tmp_path):
+    """A rejected chat row of 10,000 characters goes to the report as it was (it used to be cut
+    at 2,000), so that it can be fixed and fed again; only a line beyond REJECT_RAW_LIMIT is
+    cut, and then marked."""
+    long_row = {"messages": [{"role": "user", "content": "x" * 10_000},
+                             {"role": "robot", "content": "y"}]}
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps(long_row)
+                    + "\n")
+    out = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(out),
+                                    on_bad="skip", verify_sample=0))
+    (reject,) = [json.loads(x) for x in (out / "_rejects.jsonl").read_text().splitlines()]
+    assert json.loads(reject["raw"]) == long_row and "raw_truncated" not in reject
+    huge = Rejection(str(data), 3, None, "too long", raw="z" * (REJECT_RAW_LIMIT + 5))
+    record = huge.as_dict()
+    assert len(record["raw"]) == REJECT_RAW_LIMIT and record["raw_truncated"] is True
