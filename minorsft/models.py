@@ -64,9 +64,9 @@ def resolve_model(name: str, option: str = "--model") -> str:
         return os.path.abspath(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{option} {name}: no such model folder")
-    if Path(name.split("/")[0]).expanduser().is_dir():
+    if Path(name.split("/")[0]).expanduser().is_dir() and os.environ.get("RANK", "0") == "0":
         # Most likely a mistyped local path: say so now, not after the hub's retries (offline,
-        # about 50 s), which follow since a hub id looks the same.
+        # about 50 s), which follow since a hub id looks the same. Once, not per torchrun rank.
         print(f"note: {option} {name}: no such folder here ({name.split('/')[0]}/ has none of "
               "that name); trying it as a Hugging Face hub id (HF_HUB_OFFLINE=1 skips the hub)",
               file=sys.stderr)

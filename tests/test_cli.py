@@ -205,3 +205,6 @@ def test_a_mistyped_local_path_is_named_before_the_hub_is_tried(tmp_path, monkey
     assert "runs/minr: no such folder here" in capsys.readouterr().err
     assert resolve_model("Qwen/Qwen2-7B-Instruct") == "Qwen/Qwen2-7B-Instruct"
     assert capsys.readouterr().err == ""  # a hub id: no note
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    assert resolve_model("runs/minr") == "runs/minr"
+    assert capsys.readouterr().err == ""
