@@ -497,6 +497,10 @@ def eval_command(
         show_default=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the result "
                                                                      "as JSON here.")] = None,
+    per_item: Annotated[Path | None, typer.Option(
+        "--per-item", help="Also write one JSONL line per held-out row (log-probs, NLL, r/m) "
+                           "and per question (predicted letter, correct, letter log-probs) "
+                           "here: for comparing checkpoints row by row.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
                        ] = False,
 ):
@@ -508,11 +512,14 @@ def eval_command(
             model=model, reference=reference, data=data, choices=list(choices or []),
             prompt_field=prompt_field, response_field=response_field,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
-            dtype=dtype, device=device, max_batch_tokens=max_batch_tokens)
+            dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
+            per_item=str(per_item) if per_item else None)
     except ValueError as error:
         _fail(str(error))
-    if json_out:  # before minutes of scoring: a path it cannot write would lose them
-        _check_writable_file(json_out, "--json-out")
+    # before minutes of scoring: a path it cannot write would lose them
+    for path, option in ((json_out, "--json-out"), (per_item, "--per-item")):
+        if path:
+            _check_writable_file(path, option)
     result = _run(run_eval, config)
     text = json.dumps(result, indent=2, allow_nan=False)  # NaN is not JSON: fail, not write
     if json_out:

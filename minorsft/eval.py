@@ -72,6 +72,7 @@ class EvalConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_batch_tokens: int | None = None
+    per_item: str | None = None  # JSONL: one line per held-out row and per question
 
     def __post_init__(self):
         FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
@@ -382,22 +383,62 @@ def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question
     return result  # type: ignore[return-value]
 
 
+def predicted_letter(letter_logps: list[float]) -> str | None:
+    """The letter with the highest log-prob (ties go to the earlier letter), or None where the
+    scores name none: a NaN, or nothing finite (fp16 overflow). max() would pick "A" there and
+    count an answer the model did not give; -inf beside finite scores is a clear no."""
+    if any(math.isnan(v) for v in letter_logps) or not any(map(math.isfinite, letter_logps)):
+        return None
+    return LETTERS[max(range(4), key=lambda k: letter_logps[k])]
+
+
 def choice_metrics(questions: list[Question], logps: list[list[float]]) -> dict:
     """Accuracy (argmax of the four letter log-probs; ties go to the earlier letter) and the
-    mean probability mass the model puts on the four letters (how far it follows the format)."""
-    # A question with a NaN letter score, or none finite (fp16 overflow), has no argmax: max()
-    # would pick "A" and count an answer the model did not give. It counts as not correct, and
-    # as "unscored"; -inf beside finite scores is a clear no.
-    scorable = [not any(math.isnan(v) for v in row) and any(math.isfinite(v) for v in row)
-                for row in logps]
-    correct = [ok and LETTERS[max(range(4), key=lambda k: row[k])] == q.answer
-               for q, row, ok in zip(questions, logps, scorable, strict=True)]
+    mean probability mass the model puts on the four letters (how far it follows the format).
+    A question without a prediction (`predicted_letter`) counts as not correct, and as
+    "unscored"."""
+    predicted = [predicted_letter(row) for row in logps]
+    scorable = [letter is not None for letter in predicted]
+    correct = [letter == q.answer for q, letter in zip(questions, predicted, strict=True)]
     letter_mass = [sum(math.exp(v) for v in row) for row in logps]
     any_scored = any(scorable)
     return {"questions": len(questions), "correct": sum(correct),
             "unscored": len(questions) - sum(scorable),
             "accuracy": sum(correct) / len(questions) if any_scored else float("nan"),
             "letter_mass": sum(letter_mass) / len(letter_mass) if letter_mass else float("nan")}
+
+
+def heldout_items(examples: list[Example], policy_logps: list[float],
+                  ref_logps: list[float] | None) -> list[dict]:
+    """One record per held-out row, for `--per-item`: its summed log-probs and per-token NLL
+    (and r / m against the reference), so that two checkpoints can be compared row by row."""
+    items = []
+    for index, (example, logp) in enumerate(zip(examples, policy_logps, strict=True)):
+        m = example.num_tokens
+        item = {"kind": "heldout", "id": example.id, "line": example.line, "answer_tokens": m,
+                "truncated": example.truncated, "policy_logps": logp, "nll_per_token": -logp / m}
+        if ref_logps is not None:
+            item["ref_logps"] = ref_logps[index]
+            item["r_per_token"] = (logp - ref_logps[index]) / m
+        items.append(item)
+    return items
+
+
+def choice_items(label: str, questions: list[Question], logps: list[list[float]]) -> list[dict]:
+    """One record per multiple-choice question, for `--per-item`."""
+    return [{"kind": "choice", "file": label, "id": question.id, "line": question.line,
+             "answer": question.answer, "predicted": predicted_letter(row),
+             "correct": predicted_letter(row) == question.answer,
+             "letter_logps": dict(zip(LETTERS, row, strict=True))}
+            for question, row in zip(questions, logps, strict=True)]
+
+
+def write_items(path: Path, items: list[dict]) -> None:
+    """JSONL, written whole through a temporary file (an interrupted write leaves no half)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text("".join(json.dumps(json_safe(item), allow_nan=False) + "\n"
+                            for item in items))
+    part.replace(path)
 
 
 def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
@@ -494,7 +535,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                       markup=False)
         policy_logps = engine.score(examples)
 
-    choices = None
+    choices, items = None, []
     if config.choices:
         per_file, all_questions, all_logps = {}, [], []
         labels = choice_file_labels(list(question_sets))
@@ -502,6 +543,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions)
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
+            items += choice_items(labels[choice_path], questions, logps)
             all_questions += questions
             all_logps += logps
         choices = {"overall": choice_metrics(all_questions, all_logps), "files": per_file}
@@ -519,8 +561,12 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if examples:
         result["heldout"] = heldout_metrics(policy_logps, ref_logps,
                                             [e.num_tokens for e in examples])
+        items = heldout_items(examples, policy_logps, ref_logps) + items
     if choices is not None:
         result["choices"] = choices
+    if config.per_item:
+        write_items(Path(config.per_item), items)
+        result["per_item"] = config.per_item
     return json_safe(result)
 
 

@@ -380,6 +380,40 @@ def test_cli_eval_table_and_json(tiny_model_dir, demo_jsonl, choices_csv, tmp_pa
     assert saved["heldout"]["rows"] == 4 and saved["choices"]["overall"]["questions"] == 4
 
 
+def test_per_item_lines_add_up_to_the_summary(tiny_model_dir, demo_jsonl, choices_csv,
+                                               tmp_path):
+    """--per-item: one JSONL line per held-out row and per question, whose sums are the
+    summary's figures (so that two checkpoints can be compared row by row)."""
+    items_path = tmp_path / "items.jsonl"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+        "--data", str(demo_jsonl), "--choices", str(choices_csv), "--max-rows", "5",
+        "--per-item", str(items_path), "--json-out", str(tmp_path / "summary.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    items = [json.loads(line) for line in items_path.read_text().splitlines()]
+    held = [item for item in items if item["kind"] == "heldout"]
+    asked = [item for item in items if item["kind"] == "choice"]
+    assert len(held) == 5 and len(asked) == 4 and len(items) == 9
+    assert [item["line"] for item in held] == [1, 2, 3, 4, 5]
+    tokens = sum(item["answer_tokens"] for item in held)
+    nll = -sum(item["policy_logps"] for item in held) / tokens
+    assert tokens == summary["heldout"]["answer_tokens"]
+    assert nll == pytest.approx(summary["heldout"]["nll_per_token"], rel=1e-12)
+    assert all(item["r_per_token"] == 0.0 for item in held)  # the model against itself
+    overall = summary["choices"]["overall"]
+    assert sum(item["correct"] for item in asked) == overall["correct"]
+    for item in asked:
+        scores = item["letter_logps"]
+        assert item["predicted"] == max("ABCD", key=lambda letter: scores[letter])
+        assert item["correct"] == (item["predicted"] == item["answer"]) and item["file"] == "easy"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_model_dir), "--choices", str(choices_csv),
+        "--per-item", str(tmp_path)])  # a folder: refused before any scoring
+    assert result.exit_code == 2 and "--per-item" in result.output
+    assert "scoring" not in result.output
+
+
 def test_cli_eval_errors(tiny_model_dir, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir)])
