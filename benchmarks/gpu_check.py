@@ -181,9 +181,23 @@ def head_chunk_elements(elements: int | None):
         minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = before
 
 
+@contextlib.contextmanager
+def position_bucket(bucket: int | None):
+    """Inside the `with`, answer positions go through the head in multiples of `bucket`."""
+    before = minorsft.logprobs.POSITION_BUCKET
+    minorsft.logprobs.POSITION_BUCKET = bucket or before
+    try:
+        yield
+    finally:
+        minorsft.logprobs.POSITION_BUCKET = before
+
+
 # The larger head chunk tried against the default (2**24 logits, 64 MiB in fp32): fewer chunks,
 # so fewer launches, for 4 x the chunk's memory.
 BIG_CHUNK = 1 << 26
+# The `bucketed` variant: the default with answer positions rounded up to multiples of this.
+POSITION_BUCKET = 256
+BUCKETED_NAME = f"minorsft, answer positions in multiples of {POSITION_BUCKET}"
 
 
 def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
@@ -692,6 +706,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                           BIG_CHUNK),
         "compile-layers": ("minorsft, compiled layers, eager head blocks", True, dtype, None,
                            "layers", "", None),
+        "bucketed": (BUCKETED_NAME, True, dtype, None, None, "", None),
     }
     # TRL with transformers' `torch_compile=True` (the whole model through torch.compile): what
     # a TRL user who wants speed can switch on. Only on request: its compiling takes a while.
@@ -773,7 +788,8 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
                           autocast=autocast)
         times, tokens = [], []
         dev.reset_peak()
-        with head_chunk_elements(chunk):
+        with head_chunk_elements(chunk), \
+                position_bucket(POSITION_BUCKET if name == BUCKETED_NAME else None):
             for batch_rows in batches + batches:
                 started = time.perf_counter()
                 tokens.append(trainer.step("minorsft", True, batch_rows)["tokens"])
@@ -848,8 +864,8 @@ def main():
                         help="section 5's minorsft runs, comma-separated (default: all): "
                              "default,no-compile,no-master,mixed,per-sample,padded,varlen,"
                              "compile-per-sample,compile-padded,compile-varlen,compile-chunk,"
-                             "compile-layers; and trl-compile (TRL with torch_compile=True, "
-                             "only when named)")
+                             "compile-layers,bucketed; and trl-compile (TRL with "
+                             "torch_compile=True, only when named)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="section 5: profile this many more seen-length steps of each "
                              "trainer (table 5p: GPU busy time, kernels per step, the costliest "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a short GPU lease should measure for the training target (docs/performance.md, 7d), in
-# one command of about 6 minutes on an H200: the output head alone, then minorsft's default
-# against TRL's SFTTrainer at the Qwen2-0.5B and 1.5B shapes, three rounds each.
+# one command of about 7 minutes on an H200: the output head alone, then minorsft's default (and
+# at 0.5B its eager-head and bucketed variants) against TRL's SFTTrainer at the Qwen2-0.5B shape
+# in three rounds and the 1.5B shape in two.
 #   OUT=results bash benchmarks/gpu_session.sh
 #   OUT=smoke SMOKE=1 bash benchmarks/gpu_session.sh    # toy sizes on a CPU (~30 s)
 # Results (7 files): $OUT/head.md, $OUT/r05/gpu_check.{md,json,log}, $OUT/r15/gpu_check.{...}.
@@ -27,9 +28,13 @@ started=$(date +%s)
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 90 python3 benchmarks/gpu_head_alignment.py \
   "${head[@]}" 2>&1 | tee "$OUT/head.md"
 echo "head: $(( $(date +%s) - started )) s"
-GPU_CHECK_TIMEOUT=240 OUT="$OUT/r05" bash benchmarks/gpu_check.sh --sections trl "${check[@]}" \
-  --variants default --rounds 3 --profile-steps 2
+# compile-layers (eager head blocks) and bucketed (answer positions in multiples of 256) beside
+# the default: in run 1 the compiled head cost about 30 ms a step on new lengths and saved 20 ms
+# on seen ones; TORCH_LOGS=recompiles puts any recompiling into the log, table 5s says whether
+# new-length steps are slow alike or in spikes.
+TORCH_LOGS=recompiles GPU_CHECK_TIMEOUT=300 OUT="$OUT/r05" bash benchmarks/gpu_check.sh \
+  --sections trl "${check[@]}" --variants default,compile-layers,bucketed --rounds 3 --profile-steps 2
 echo "0.5B: $(( $(date +%s) - started )) s"
-GPU_CHECK_TIMEOUT=200 OUT="$OUT/r15" bash benchmarks/gpu_check.sh --shape 1.5b --sections trl \
-  "${check[@]}" --variants default --rounds 3
+GPU_CHECK_TIMEOUT=120 OUT="$OUT/r15" bash benchmarks/gpu_check.sh --shape 1.5b --sections trl \
+  "${check[@]}" --variants default --rounds 2
 echo "all: $(( $(date +%s) - started )) s"

@@ -42,6 +42,13 @@ MIN_VOCAB_BLOCK = 1024
 # block whose rows are not a multiple of 16 bytes apart cannot use Hopper's TMA matmul kernels:
 # cuBLAS falls back to older, slower ones for all three of the block's matmuls.
 VOCAB_BLOCK_MULTIPLE = 128
+# Round the number of answer positions sent through the head up to a multiple of this (0: off,
+# the default): pad rows with a zero hidden state and label 0, whose results are dropped. A
+# GPU run (docs/performance.md, 7d) found steps with compiled head blocks about 30 ms slower on
+# answer counts not met before, which real training meets at nearly every step; if that cost
+# is per count, a bucket bounds it. Off until a GPU has measured it (`gpu_check.py --variants
+# bucketed`).
+POSITION_BUCKET = 0
 
 
 def head_blocks(num_positions: int, vocab_size: int,
@@ -336,7 +343,13 @@ def head_token_logps(model, hidden: torch.Tensor, labels: torch.Tensor,
     if labels.numel() == 0:
         # hidden.sum(-1) is an empty [0] tensor still tied to the graph, so backward works.
         return hidden.sum(-1).float()
-    blocks = blocks or head_blocks(labels.numel(), head.weight.shape[0])
+    count = labels.numel()
+    if POSITION_BUCKET and count % POSITION_BUCKET:
+        pad = POSITION_BUCKET - count % POSITION_BUCKET
+        hidden = torch.cat([hidden, hidden.new_zeros(pad, hidden.shape[-1])])
+        labels = torch.cat([labels, labels.new_zeros(pad)])
+        return head_token_logps(model, hidden, labels, blocks)[:count]
+    blocks = blocks or head_blocks(count, head.weight.shape[0])
     kernels = head_kernels(head)
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
         return _BlockedHeadLogps.apply(hidden, head.weight, head.bias, labels, blocks, kernels)

@@ -81,6 +81,29 @@ def test_blocked_equals_naive_forward_and_backward(model, blocks):
     _assert_same_grads(_grads(model, got), want_grads)
 
 
+@pytest.mark.parametrize("bucket", [8, 64])
+def test_answer_positions_in_buckets_change_nothing(model, monkeypatch, bucket):
+    """POSITION_BUCKET pads the head's positions (zero hidden state, label 0) and drops their
+    results: the same sums and gradients, also under inference mode (scoring)."""
+    import minorsft.logprobs as logprobs
+
+    want = _naive(model)
+    want_grads = _grads(model, want)
+    ids, masks = _batch()
+    tensors = pad_batch(ids, masks, 0, torch.device("cpu"))
+    calls = []
+    real = logprobs._blocked_logps
+    monkeypatch.setattr(logprobs, "_blocked_logps",
+                        lambda hidden, *rest: calls.append(len(hidden)) or real(hidden, *rest))
+    monkeypatch.setattr(logprobs, "POSITION_BUCKET", bucket)
+    got = answer_logps(model, *tensors, blocks=(3, 7))
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    _assert_same_grads(_grads(model, got), want_grads)
+    assert calls and all(count % bucket == 0 for count in calls)  # the head saw padded counts
+    with torch.inference_mode():
+        torch.testing.assert_close(answer_logps(model, *tensors), want.detach(), **TOL)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_equals_unpacked_forward_and_backward(model, attention):
     """One packed row gives each sample's own log-prob: attention is isolated per sample."""
