@@ -198,6 +198,7 @@ BIG_CHUNK = 1 << 26
 # The `bucketed` variant: the default with answer positions rounded up to multiples of this.
 POSITION_BUCKET = 256
 BUCKETED_NAME = f"minorsft, answer positions in multiples of {POSITION_BUCKET}"
+CPP_WRAPPER_NAME = "minorsft --compile, inductor's C++ wrapper"
 
 
 def build_model(sizes: dict, dtype, device, attention="sdpa", seed=0):
@@ -707,6 +708,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         "compile-layers": ("minorsft, compiled layers, eager head blocks", True, dtype, None,
                            "layers", "", None),
         "bucketed": (BUCKETED_NAME, True, dtype, None, None, "", None),
+        "cpp-wrapper": (CPP_WRAPPER_NAME, True, dtype, None, True, "", None),
     }
     # TRL with transformers' `torch_compile=True` (the whole model through torch.compile): what
     # a TRL user who wants speed can switch on. Only on request: its compiling takes a while.
@@ -774,8 +776,23 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         for run in trl_runs[1:]:
             run_trl(*run, profile_steps=profile_steps)
 
-    def run_minorsft(name, master_weights, weights_dtype, autocast, compiled, layout, chunk,
-                     profile_steps):
+    def run_minorsft(name, *settings, profile_steps):
+        if name != CPP_WRAPPER_NAME:
+            return measure_minorsft(name, *settings, profile_steps)
+        # Inductor's C++ wrapper launches the compiled kernels from C++ instead of Python: less
+        # host time per kernel, where a step is bound by the host. Compiled afresh under it (a
+        # reset, or the code compiled for the other variants would be reused), and reset after.
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        try:
+            with inductor_config.patch(cpp_wrapper=True):
+                measure_minorsft(name, *settings, profile_steps)
+        finally:
+            torch._dynamo.reset()
+
+    def measure_minorsft(name, master_weights, weights_dtype, autocast, compiled, layout, chunk,
+                         profile_steps):
         model = build_model(sizes, weights_dtype, dev.device).train()
         # what `minorsft train` picks for an SDPA model, in the device's default layout or this
         set_attention(model, f"segment/{layout}" if layout else "segment")
@@ -864,7 +881,7 @@ def main():
                         help="section 5's minorsft runs, comma-separated (default: all): "
                              "default,no-compile,no-master,mixed,per-sample,padded,varlen,"
                              "compile-per-sample,compile-padded,compile-varlen,compile-chunk,"
-                             "compile-layers,bucketed; and trl-compile (TRL with "
+                             "compile-layers,bucketed,cpp-wrapper; and trl-compile (TRL with "
                              "torch_compile=True, only when named)")
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="section 5: profile this many more seen-length steps of each "
