@@ -173,5 +173,23 @@ def full_state_dict(wrapped: nn.Module, world: World, strategy: str) -> dict | N
 
         state = get_model_state_dict(
             model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if world.is_main else None
+        return without_tied_head(model, state) if world.is_main else None
     return model.state_dict() if world.is_main else None
+
+
+def without_tied_head(model: nn.Module, state: dict) -> dict:
+    """`state` without the output head's weight where the model ties it to the input embedding.
+
+    FSDP's full state dict gives the tied pair as two separate CPU copies, and save_pretrained
+    writes a tied weight once only when both names share one tensor: the saved model carried a
+    second [vocab, hidden] matrix (272 MB at Qwen2-0.5B's shape) that loaders ignore."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return state
+    names = {module: name for name, module in model.named_modules()}
+    head = names.get(model.get_output_embeddings())
+    embedding = names.get(model.get_input_embeddings())
+    head_key, embedding_key = f"{head}.weight", f"{embedding}.weight"
+    if (head is not None and head_key in state and embedding_key in state
+            and torch.equal(state[head_key], state[embedding_key])):
+        state = {key: value for key, value in state.items() if key != head_key}
+    return state

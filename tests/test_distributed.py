@@ -95,6 +95,41 @@ def test_uneven_micro_batch_counts_on_a_short_last_batch_do_not_hang(tiny_model_
         torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_fsdp_saves_tied_embeddings_once(tiny_tokenizer, tmp_path):
+    """A model whose output head is its input embedding (SmolLM2, Qwen2-0.5B) came out of an
+    FSDP run with a second copy of the matrix as lm_head.weight; one process saves it once."""
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    folder = tmp_path / "tied"
+    model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    cache = precompute_rows(str(folder), tmp_path, demo_rows(2))
+    single = tmp_path / "single"
+    run_train(TrainConfig(cache=str(cache), output=str(single), batch_size=8,
+                          micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, seed=5),
+              Console(quiet=True))
+    multi = tmp_path / "multi"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train",
+               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+               "--micro-batch-size", "2", *COMMON]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_weights, multi_weights = read_run(single)[1], read_run(multi)[1]
+    assert "lm_head.weight" not in multi_weights
+    assert multi_weights.keys() == single_weights.keys()
+    for name, value in single_weights.items():
+        torch.testing.assert_close(multi_weights[name], value, rtol=1e-4, atol=1e-5)
+    reloaded = AutoModelForCausalLM.from_pretrained(multi)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
 def test_an_error_under_torchrun_is_each_ranks_one_line_and_exit_code(tmp_path):
     """Each rank says the error once and exits with its code (2), promptly: the process group
     is left to the process's end, not torn down where the other rank may be waiting."""
