@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -71,7 +74,44 @@ def resolve_model(name: str, option: str = "--model") -> str:
               "that name); trying it as a Hugging Face hub id (HF_HUB_OFFLINE=1 skips the hub)",
               file=sys.stderr)
     # Anything else is passed on as a hub id; transformers reports if it cannot be fetched.
+    check_hub_reachable()
     return name
+
+
+HUB_PROBE_SECONDS = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
+
+
+@functools.cache
+def check_hub_reachable() -> bool:
+    """Before the first hub id is looked up (once per process): whether the hub's host takes a
+    connection. If not, the hub is used offline, from its local cache only: without this, every
+    lookup on a machine without network retried for about 50 s before it gave up, for a model
+    in the cache too.
+
+    Left alone when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set either way, or a proxy is
+    set (it may reach the hub where a direct connection cannot)."""
+    if any(os.environ.get(name) is not None
+           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXY_VARIABLES)):
+        return True
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # for processes started from here (vLLM's)
+        # huggingface_hub reads the variable when imported; transformers asks it at each call
+        if (constants := sys.modules.get("huggingface_hub.constants")) is not None:
+            constants.HF_HUB_OFFLINE = True
+        if os.environ.get("RANK", "0") == "0":
+            reason = error.strerror or type(error).__name__
+            print(f"note: {host}:{port} cannot be reached ({reason}): the Hugging Face hub is "
+                  "used offline, from its local cache only (HF_HUB_OFFLINE=0 keeps it online)",
+                  file=sys.stderr)
+        return False
 
 
 def _has_full_weights(folder: Path) -> bool:

@@ -56,6 +56,18 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return LlamaForCausalLM(config).float()
 
 
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """No test uses the Hugging Face hub: offline, as if the user said so (so that the hub
+    probe of `models.check_hub_reachable` stays out of every test but its own)."""
+    from minorsft.models import check_hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_hub_reachable.cache_clear()
+    yield
+    check_hub_reachable.cache_clear()
+
+
 @pytest.fixture
 def one_thread():
     """Run a test with one torch thread, restoring the setting afterwards."""

@@ -1,5 +1,9 @@
 """The command line: help for every command, and clear errors for what users get wrong."""
 
+import io
+import os
+import socket
+
 import pytest
 from typer.testing import CliRunner
 
@@ -192,6 +196,47 @@ def test_a_full_disk_is_a_one_line_error(monkeypatch, tmp_path, error):
                                  str(tmp_path / "run")])
     assert result.exit_code == 2 and "space left" in result.output, result.output
     assert result.output.startswith("error:")
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_an_unreachable_hub_is_used_offline_at_once(monkeypatch, capsys, reachable):
+    """Offline, every hub lookup retried for about 50 s before it failed (or fell back to the
+    local cache): a hub that takes no connection is now used offline from the start."""
+    import huggingface_hub.constants
+
+    from minorsft.models import check_hub_reachable, resolve_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for name in ("TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY",
+                 "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    tried = []
+
+    def connect(address, timeout):
+        tried.append(address)
+        if not reachable:
+            raise socket.gaierror(-2, "Name or service not known")
+        return io.BytesIO()  # something with close()
+
+    monkeypatch.setattr("minorsft.models.socket.create_connection", connect)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    assert resolve_model("Org/model") == "Org/model"
+    assert resolve_model("Org/other") == "Org/other"
+    assert tried == [("hub.example", 8443)]  # once per process
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" and huggingface_hub.constants.HF_HUB_OFFLINE
+    assert offline == (not reachable)
+    note = capsys.readouterr().err
+    assert ("hub.example:8443 cannot be reached (Name or service not known)" in note) == (
+        not reachable)
+    # a proxy may reach the hub where a direct connection cannot; HF_HUB_OFFLINE=0 is a choice
+    for variable, value in (("HTTPS_PROXY", "http://proxy:3128"), ("HF_HUB_OFFLINE", "0")):
+        check_hub_reachable.cache_clear()
+        tried.clear()
+        with monkeypatch.context() as patch:
+            patch.delenv("HF_HUB_OFFLINE", raising=False)
+            patch.setenv(variable, value)
+            assert check_hub_reachable() and not tried
 
 
 def test_a_mistyped_local_path_is_named_before_the_hub_is_tried(tmp_path, monkeypatch, capsys):
