@@ -91,7 +91,8 @@ def check_hub_reachable() -> bool:
     in the cache too.
 
     Left alone when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set either way, or a proxy is
-    set (it may reach the hub where a direct connection cannot)."""
+    set (it may reach the hub where a direct connection cannot). Returns False where it
+    switched the hub offline, else True."""
     if any(os.environ.get(name) is not None
            for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *PROXY_VARIABLES)):
         return True
