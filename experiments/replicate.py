@@ -4,7 +4,9 @@ Trains raw SFT, SFT-using-DPO and MinorSFT over a learning-rate grid on GSM8K ro
 evaluates the base model and every run on held-out GSM8K answers (NLL per token, m_theta against
 the base) and on MMLU questions with the paper's multiple-choice prompt. Writes
 `results.json`, `results.md`, `curves.png` (training curves, the paper's Figure 1) and
-`summary.png` (held-out metrics against lr, the paper's Figure 2) into --out.
+`summary.png` (held-out metrics against lr, the paper's Figure 2) into --out, and each run's
+`eval --per-item` lines, from which MinorSFT is compared with each other loss answer by answer
+and question by question (sign test, McNemar) in results.md.
 
 Get the data yourself (the project ships none): GSM8K from https://github.com/openai/grade-school-math
 (`grade_school_math/data/{train,test}.jsonl`, MIT), MMLU from https://github.com/hendrycks/test
@@ -79,10 +81,63 @@ def take_rows(source: Path, target: Path, count: int, prefix: str) -> Path:
     return target
 
 
-def evaluate(model: str, args, heldout_cache: Path, console: Console) -> dict:
+def evaluate(model: str, args, heldout_cache: Path, console: Console, items: Path) -> dict:
     return run_eval(EvalConfig(model=model, reference=str(heldout_cache),
                                choices=[str(p) for p in args.mmlu],
-                               max_questions=args.mmlu_per_file, dtype="float32"), console)
+                               max_questions=args.mmlu_per_file, dtype="float32",
+                               per_item=str(items)), console)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of `wins` against `losses` at even odds (ties left out):
+    the sign test, and McNemar's exact test on discordant pairs."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def read_items(path: Path) -> dict:
+    """`eval --per-item` lines of one run, keyed (kind, file, id)."""
+    if not path.exists():  # a run evaluated before the sweep wrote per-item files
+        return {}
+    items = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(item["kind"], item.get("file"), item["id"]): item for item in items}
+
+
+def paired_row(name: str, ours: dict, theirs: dict) -> dict | None:
+    """Run `ours` against run `theirs` on the same held-out answers and questions: on how many
+    answers its r/m is the lower (it moved less from the base there), and the questions one
+    got right and the other not."""
+    held = [(ours[key]["r_per_token"], theirs[key]["r_per_token"])
+            for key in ours if key[0] == "heldout" and key in theirs]
+    asked = [(ours[key]["correct"], theirs[key]["correct"])
+             for key in ours if key[0] == "choice" and key in theirs]
+    if not held:
+        return None
+    lower = sum(a < b for a, b in held)
+    higher = sum(a > b for a, b in held)
+    only_ours = sum(a and not b for a, b in asked)
+    only_theirs = sum(b and not a for a, b in asked)
+    return {"pair": name, "heldout": len(held), "r_lower": lower, "r_higher": higher,
+            "mean_r_difference": sum(a - b for a, b in held) / len(held),
+            "r_sign_test_p": sign_test(lower, higher), "questions": len(asked),
+            "only_ours_right": only_ours, "only_theirs_right": only_theirs,
+            "mcnemar_p": sign_test(only_ours, only_theirs)}
+
+
+def paired_rows(out: Path, lrs: list[float]) -> list[dict]:
+    """MinorSFT against each other loss at each lr, answer by answer and question by question."""
+    rows = []
+    for lr in lrs:
+        items = {loss: read_items(out / "runs" / f"{loss}-lr{lr:g}" / "items.jsonl")
+                 for loss in LOSSES}
+        for other in ("sft", "sft-dpo"):
+            row = paired_row(f"minorsft vs {other}, lr {lr:g}", items["minorsft"], items[other])
+            if row is not None:
+                rows.append(row)
+    return rows
 
 
 def summary_row(name: str, loss: str | None, lr: float | None, result: dict,
@@ -101,7 +156,7 @@ def summary_row(name: str, loss: str | None, lr: float | None, result: dict,
     return row
 
 
-def write_table(rows: list[dict], path: Path, meta: dict) -> None:
+def write_table(rows: list[dict], path: Path, meta: dict, paired: list[dict] = ()) -> None:
     lines = [
         "| run | loss | lr | held-out NLL/token | held-out m_theta vs base | MMLU acc "
         "(± s.e.) | letter mass | final train coef. | train time |",
@@ -121,6 +176,19 @@ def write_table(rows: list[dict], path: Path, meta: dict) -> None:
         lines.append(f"| {row['run']} | {row['loss']} | {lr} | "
                      f"{row['heldout_nll_per_token']:.4f} | {row['heldout_m_theta']:+.4f} | "
                      f"{mmlu} | {mass} | {coef} | {seconds} |")
+    if paired:
+        lines += [
+            "", "Paired, answer by answer (r/m against the base: lower = moved less) and "
+            "question by question (two-sided exact sign test / McNemar):", "",
+            "| pair | r/m lower for MinorSFT | higher | mean difference of r/m | sign test p | "
+            "right only with MinorSFT | right only with the other | McNemar p |",
+            "|---|---|---|---|---|---|---|---|"]
+        for row in paired:
+            lines.append(
+                f"| {row['pair']} | {row['r_lower']} of {row['heldout']} | {row['r_higher']} | "
+                f"{row['mean_r_difference']:+.4f} | {row['r_sign_test_p']:.3g} | "
+                f"{row['only_ours_right']} of {row['questions']} | {row['only_theirs_right']} | "
+                f"{row['mcnemar_p']:.3g} |")
     lines.append("")
     lines.append(f"Settings: {json.dumps(meta)}")
     path.write_text("\n".join(lines) + "\n")
@@ -195,8 +263,8 @@ def main(argv=None) -> None:
     rows = []
     base_eval = out / "base_eval.json"
     if not base_eval.exists():
-        base_eval.write_text(json.dumps(evaluate(args.model, args, caches["heldout"], console),
-                                        indent=2))
+        base_eval.write_text(json.dumps(evaluate(args.model, args, caches["heldout"], console,
+                                                 out / "base_items.jsonl"), indent=2))
     rows.append(summary_row("base", None, None, json.loads(base_eval.read_text()), None, None))
 
     run_dirs = []
@@ -217,7 +285,8 @@ def main(argv=None) -> None:
                     overwrite=True),  # a run without its eval.json is done again, whole
                     console)
                 seconds = time.perf_counter() - train_started
-                result = evaluate(str(run_dir), args, caches["heldout"], console)
+                result = evaluate(str(run_dir), args, caches["heldout"], console,
+                                  run_dir / "items.jsonl")
                 result["train_seconds"] = seconds
                 eval_path.write_text(json.dumps(result, indent=2))
                 if not args.keep_checkpoints:
@@ -228,13 +297,16 @@ def main(argv=None) -> None:
             rows.append(summary_row(run_dir.name, loss, lr, result, history,
                                     result.get("train_seconds")))
             # Results so far, after every run: an interrupted sweep still leaves a table.
-            (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows},
-                                                         indent=2))
-            write_table(rows, out / "results.md", meta)
+            paired = paired_rows(out, args.lrs)
+            (out / "results.json").write_text(json.dumps(
+                {"settings": meta, "rows": rows, "paired": paired}, indent=2))
+            write_table(rows, out / "results.md", meta, paired)
 
     meta["wall_minutes_this_invocation"] = round((time.perf_counter() - started) / 60, 1)
-    (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows}, indent=2))
-    write_table(rows, out / "results.md", meta)
+    paired = paired_rows(out, args.lrs)
+    (out / "results.json").write_text(json.dumps({"settings": meta, "rows": rows,
+                                                  "paired": paired}, indent=2))
+    write_table(rows, out / "results.md", meta, paired)
     plot_runs(run_dirs, out / "curves.png", title=f"{args.model}, {args.train_rows} GSM8K rows")
     plot_summary(rows, out / "summary.png")
     console.print(f"[green]done[/] in {meta['wall_minutes_this_invocation']} min: "

@@ -210,3 +210,16 @@ def test_replicate_script_end_to_end_tiny(tiny_model_dir, tmp_path):
     for name in ("curves.png", "summary.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert not list((out / "runs").glob("*/*.safetensors"))  # checkpoints removed by default
+    # MinorSFT against the other losses, answer by answer, from the runs' --per-item lines
+    paired = json.loads((out / "results.json").read_text())["paired"]
+    assert [row["pair"] for row in paired] == ["minorsft vs sft, lr 0.001",
+                                               "minorsft vs sft-dpo, lr 0.001"]
+    items = [json.loads(line) for line in
+             (out / "runs" / "minorsft-lr0.001" / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 4 + 2
+    for row in paired:
+        assert row["heldout"] == 4 and row["questions"] == 2
+        assert row["r_lower"] + row["r_higher"] <= 4 and 0 < row["r_sign_test_p"] <= 1
+    assert "| minorsft vs sft, lr 0.001 |" in (out / "results.md").read_text()
+    assert replicate.sign_test(14, 2) == pytest.approx(0.00418, abs=1e-5)  # 2 x 137 / 2**16
+    assert replicate.sign_test(3, 3) == 1.0 and replicate.sign_test(0, 0) == 1.0
