@@ -195,7 +195,9 @@ def write_table(rows: list[dict], path: Path, meta: dict, paired: list[dict] = (
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
-    """Held-out NLL, m_theta and MMLU accuracy against lr, one line per loss, base dashed."""
+    """Held-out NLL, m_theta and MMLU accuracy against lr, one line per loss, base dashed; and
+    m_theta against NLL (each loss's runs joined in lr order): whether a loss deviates less
+    for what it learns, or only learns less."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,9 +208,9 @@ def plot_summary(rows: list[dict], path: Path) -> None:
     keys = [("heldout_nll_per_token", "held-out GSM8K NLL / token"),
             ("heldout_m_theta", "held-out m_theta vs base"),
             ("mmlu_accuracy", "MMLU subset accuracy")]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    figure, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     base = next((r for r in rows if r["loss"] == "base"), None)
-    for axis, (key, title) in zip(axes, keys, strict=True):
+    for axis, (key, title) in zip(axes, keys, strict=False):
         for loss in LOSSES:
             points = sorted((r["lr"], r[key]) for r in rows if r["loss"] == loss and key in r)
             if points:
@@ -220,6 +222,20 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         axis.set_xlabel("peak learning rate")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
+    frontier = axes[3]
+    for loss in LOSSES:
+        points = sorted((r["lr"], r["heldout_nll_per_token"], r["heldout_m_theta"])
+                        for r in rows if r["loss"] == loss)
+        if points:
+            frontier.plot([p[1] for p in points], [p[2] for p in points], marker="o",
+                          label=loss, color=LOSS_COLOURS[loss])
+            for lr, nll, m_theta in points:
+                frontier.annotate(f"{lr:g}", (nll, m_theta), fontsize=7,
+                                  textcoords="offset points", xytext=(3, 3))
+    frontier.set_xlabel("held-out NLL / token (lower: learned more)")
+    frontier.set_ylabel("held-out m_theta (lower: moved less)")
+    frontier.set_title("m_theta against NLL, runs labelled by lr", fontsize=10)
+    frontier.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
