@@ -37,6 +37,14 @@ def cache(tiny_model_dir, tmp_path_factory):
 COMMON = ["--batch-size", "8", "--lr", "1e-3", "--warmup-ratio", "0", "--seed", "5"]
 
 
+def torchrun_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`minorsft train ARGS` under torchrun, 2 processes on the CPU (gloo), one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), "-m", "minorsft", "train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def read_run(folder):
     metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     return metrics, load_file(folder / "model.safetensors")
@@ -50,12 +58,8 @@ def test_two_processes_match_one(cache, tmp_path, loss, strategy):
                           micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, seed=5),
               Console(quiet=True))
     multi = tmp_path / "multi"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(cache), "--output", str(multi), "--loss", loss,
-               "--strategy", strategy, "--micro-batch-size", "2", *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--loss", loss,
+                            "--strategy", strategy, "--micro-batch-size", "2", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
 
@@ -79,12 +83,8 @@ def test_uneven_micro_batch_counts_on_a_short_last_batch_do_not_hang(tiny_model_
     run_train(TrainConfig(cache=str(cache), output=str(single), batch_size=8, micro_batch_size=4,
                           lr=1e-3, warmup_ratio=0.0, seed=5), Console(quiet=True))
     multi = tmp_path / "multi"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
-               "--micro-batch-size", "1", *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+                            "--micro-batch-size", "1", *COMMON, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     single_metrics, single_weights = read_run(single)
     multi_metrics, multi_weights = read_run(multi)
@@ -114,12 +114,8 @@ def test_fsdp_saves_tied_embeddings_once(tiny_tokenizer, tmp_path):
                           micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, seed=5),
               Console(quiet=True))
     multi = tmp_path / "multi"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
-               "--micro-batch-size", "2", *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+                            "--micro-batch-size", "2", *COMMON, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     single_weights, multi_weights = read_run(single)[1], read_run(multi)[1]
     assert "lm_head.weight" not in multi_weights
@@ -133,11 +129,8 @@ def test_fsdp_saves_tied_embeddings_once(tiny_tokenizer, tmp_path):
 def test_an_error_under_torchrun_is_each_ranks_one_line_and_exit_code(tmp_path):
     """Each rank says the error once and exits with its code (2), promptly: the process group
     is left to the process's end, not torn down where the other rank may be waiting."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(tmp_path / "none.parquet"), "--output", str(tmp_path / "run")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    result = torchrun_train("--cache", str(tmp_path / "none.parquet"), "--output",
+                            str(tmp_path / "run"), timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("error: ") == 2 and "no such cache" in result.stderr
     assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-2000:]
@@ -152,12 +145,8 @@ def test_lora_under_fsdp_saves_adapters_and_the_merged_model(cache, tmp_path):
                           lr=1e-3, warmup_ratio=0.0, seed=5, lora_r=4, lora_alpha=8.0,
                           merge_lora=True), Console(quiet=True))
     multi = tmp_path / "multi"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
-               "--micro-batch-size", "2", *lora, *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
+                            "--micro-batch-size", "2", *lora, *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("adapter_model.safetensors", "merged/model.safetensors"):
         one, two = load_file(single / name), load_file(multi / name)
@@ -176,11 +165,7 @@ def test_ddp_resume_with_dropout_continues_every_ranks_random_stream(cache, tmp_
                 "--max-steps", "4", *COMMON]
 
     def torchrun(*extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                   "--master-port", str(free_port()), "-m", "minorsft", "train",
-                   "--output", str(run), *settings, *extra]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        result = torchrun_train("--output", str(run), *settings, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
 
     torchrun()
@@ -202,13 +187,9 @@ def test_ranks_draw_their_own_dropout_masks(tiny_model_dir, tmp_path):
     same_length = [dict(DEMO_ROWS[0], id=f"row{i}") for i in range(8)]
     cache = precompute_rows(str(tiny_model_dir), tmp_path, same_length)
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(free_port()), "-m", "minorsft", "train",
-               "--cache", str(cache), "--output", str(run), "--strategy", "ddp",
-               "--micro-batch-size", "2", "--lora-r", "4", "--lora-dropout", "0.3",
-               "--save-every", "1", "--max-steps", "1", *COMMON]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train("--cache", str(cache), "--output", str(run), "--strategy", "ddp",
+                            "--micro-batch-size", "2", "--lora-r", "4", "--lora-dropout", "0.3",
+                            "--save-every", "1", "--max-steps", "1", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = torch.load(run / "checkpoints" / "step-1" / "rng.pt", weights_only=True)["ranks"]
     assert len(ranks) == 2
