@@ -171,25 +171,24 @@ def set_attention(model, attention: str) -> None:
 
 
 @contextlib.contextmanager
+def logprobs_setting(name: str, value: int | None):
+    """Inside the `with`, `minorsft.logprobs.<name>` is `value` (None: left as it is)."""
+    before = getattr(minorsft.logprobs, name)
+    setattr(minorsft.logprobs, name, value or before)
+    try:
+        yield
+    finally:
+        setattr(minorsft.logprobs, name, before)
+
+
 def head_chunk_elements(elements: int | None):
     """Inside the `with`, the output head's blocks hold this many logits (None: the default)."""
-    before = minorsft.logprobs.LOGITS_CHUNK_ELEMENTS
-    minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = elements or before
-    try:
-        yield
-    finally:
-        minorsft.logprobs.LOGITS_CHUNK_ELEMENTS = before
+    return logprobs_setting("LOGITS_CHUNK_ELEMENTS", elements)
 
 
-@contextlib.contextmanager
 def position_bucket(bucket: int | None):
     """Inside the `with`, answer positions go through the head in multiples of `bucket`."""
-    before = minorsft.logprobs.POSITION_BUCKET
-    minorsft.logprobs.POSITION_BUCKET = bucket or before
-    try:
-        yield
-    finally:
-        minorsft.logprobs.POSITION_BUCKET = before
+    return logprobs_setting("POSITION_BUCKET", bucket)
 
 
 # The larger head chunk tried against the default (2**24 logits, 64 MiB in fp32): fewer chunks,
