@@ -30,7 +30,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from minorsft.cache import CacheError, iter_rows, looks_like_cache, read_metadata
+from minorsft.cache import (
+    CacheError,
+    atomic_write_text,
+    iter_rows,
+    looks_like_cache,
+    read_metadata,
+)
 from minorsft.data import (
     DataError,
     Example,
@@ -426,19 +432,20 @@ def heldout_items(examples: list[Example], policy_logps: list[float],
 
 def choice_items(label: str, questions: list[Question], logps: list[list[float]]) -> list[dict]:
     """One record per multiple-choice question, for `--per-item`."""
-    return [{"kind": "choice", "file": label, "id": question.id, "line": question.line,
-             "answer": question.answer, "predicted": predicted_letter(row),
-             "correct": predicted_letter(row) == question.answer,
-             "letter_logps": dict(zip(LETTERS, row, strict=True))}
-            for question, row in zip(questions, logps, strict=True)]
+    items = []
+    for question, row in zip(questions, logps, strict=True):
+        predicted = predicted_letter(row)
+        items.append({"kind": "choice", "file": label, "id": question.id, "line": question.line,
+                      "answer": question.answer, "predicted": predicted,
+                      "correct": predicted == question.answer,
+                      "letter_logps": dict(zip(LETTERS, row, strict=True))})
+    return items
 
 
 def write_items(path: Path, items: list[dict]) -> None:
     """JSONL, written whole through a temporary file (an interrupted write leaves no half)."""
-    part = path.with_name(path.name + ".part")
-    part.write_text("".join(json.dumps(json_safe(item), allow_nan=False) + "\n"
-                            for item in items))
-    part.replace(path)
+    atomic_write_text(path, "".join(json.dumps(json_safe(item), allow_nan=False) + "\n"
+                                    for item in items))
 
 
 def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
@@ -543,7 +550,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions)
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
-            items += choice_items(labels[choice_path], questions, logps)
+            if config.per_item:
+                items += choice_items(labels[choice_path], questions, logps)
             all_questions += questions
             all_logps += logps
         choices = {"overall": choice_metrics(all_questions, all_logps), "files": per_file}
@@ -561,7 +569,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if examples:
         result["heldout"] = heldout_metrics(policy_logps, ref_logps,
                                             [e.num_tokens for e in examples])
-        items = heldout_items(examples, policy_logps, ref_logps) + items
+        if config.per_item:
+            items = heldout_items(examples, policy_logps, ref_logps) + items
     if choices is not None:
         result["choices"] = choices
     if config.per_item:
