@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from minorsft import __version__
-from minorsft.models import DEFAULT_MODEL
+from minorsft.models import DEFAULT_MODEL, is_first_rank
 
 app = typer.Typer(
     help="Fine-tune chat LLMs with the MinorSFT loss (arXiv 2408.10642): score answers once "
@@ -304,7 +304,7 @@ def train(
     try:
         _run(run_train, config)
     except TrainingInterrupted as stopped:
-        if os.environ.get("RANK", "0") == "0":  # every rank stopped; one says so
+        if is_first_rank():  # every rank stopped; one says so
             console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
         _leave_torchrun_worker(130)
         raise typer.Exit(code=130) from None

@@ -37,6 +37,11 @@ class ModelError(RuntimeError):
     """A model could not be resolved or loaded; the message says what to do."""
 
 
+def is_first_rank() -> bool:
+    """Rank 0 under torchrun, or a single process: the one that prints notes every rank meets."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cache_dir() -> Path:
     """Where minorsft keeps converted models ($MINORSFT_CACHE_DIR, else XDG cache)."""
     if env := os.environ.get("MINORSFT_CACHE_DIR"):
@@ -67,7 +72,7 @@ def resolve_model(name: str, option: str = "--model") -> str:
         return os.path.abspath(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"{option} {name}: no such model folder")
-    if Path(name.split("/")[0]).expanduser().is_dir() and os.environ.get("RANK", "0") == "0":
+    if Path(name.split("/")[0]).expanduser().is_dir() and is_first_rank():
         # Most likely a mistyped local path: say so now, not after the hub's retries (offline,
         # about 50 s), which follow since a hub id looks the same. Once, not per torchrun rank.
         print(f"note: {option} {name}: no such folder here ({name.split('/')[0]}/ has none of "
@@ -107,7 +112,7 @@ def check_hub_reachable() -> bool:
         # huggingface_hub reads the variable when imported; transformers asks it at each call
         if (constants := sys.modules.get("huggingface_hub.constants")) is not None:
             constants.HF_HUB_OFFLINE = True
-        if os.environ.get("RANK", "0") == "0":
+        if is_first_rank():
             reason = error.strerror or type(error).__name__
             print(f"note: {host}:{port} cannot be reached ({reason}): the Hugging Face hub is "
                   "used offline, from its local cache only (HF_HUB_OFFLINE=0 keeps it online)",
