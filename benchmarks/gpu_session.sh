@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a short GPU lease should measure for the training target (docs/performance.md, 7d), in
-# one command of about 7 minutes on an H200: the output head alone, then minorsft's default (and
-# at 0.5B its eager-head and bucketed variants) against TRL's SFTTrainer at the Qwen2-0.5B shape
-# in three rounds and the 1.5B shape in two.
+# one command of about 7 minutes on an H200 (an estimate from section 7d's runs; the script has
+# not run on a GPU yet): the output head alone, then minorsft's default (and at 0.5B its
+# eager-head and bucketed variants) against TRL's SFTTrainer at the Qwen2-0.5B shape in three
+# rounds and the 1.5B shape in two.
 #   OUT=results bash benchmarks/gpu_session.sh
 #   OUT=smoke SMOKE=1 bash benchmarks/gpu_session.sh    # toy sizes on a CPU (~30 s)
 # Results (7 files): $OUT/head.md, $OUT/r05/gpu_check.{md,json,log}, $OUT/r15/gpu_check.{...}.

@@ -45,7 +45,7 @@ VOCAB_BLOCK_MULTIPLE = 128
 # Round the number of answer positions sent through the head up to a multiple of this (0: off,
 # the default): pad rows with a zero hidden state and label 0, whose results are dropped. A
 # GPU run (docs/performance.md, 7d) found steps with compiled head blocks about 30 ms slower on
-# answer counts not met before, which real training meets at nearly every step; if that cost
+# answer counts not met before, which a run of some hundreds of steps meets mostly; if that cost
 # is per count, a bucket bounds it. Off until a GPU has measured it (`gpu_check.py --variants
 # bucketed`).
 POSITION_BUCKET = 0
