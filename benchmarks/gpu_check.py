@@ -581,6 +581,46 @@ def _trl_tokenizer():
                                    pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+def trl_in_order() -> bool:
+    """Whether this TRL can read the rows in order (`train_sampling_strategy="sequential"`)."""
+    from trl import SFTConfig
+
+    return "train_sampling_strategy" in SFTConfig.__dataclass_fields__
+
+
+def trl_dataset(rows: list[dict]):
+    """The cache-like rows as TRL's already tokenized prompt-completion dataset (`input_ids` +
+    `completion_mask`: completion-only loss)."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(m) for m in r["answer_mask"]]}
+                              for r in rows])
+
+
+def sft_trainer(dev: Device, model, data, batch: int, max_len: int, bf16: bool, compiled: bool,
+                max_steps: int):
+    """TRL's SFTTrainer on `model` with its defaults except gradient checkpointing (off, as in
+    minorsft), reading `data` in order where this TRL can, one batch per optimizer step."""
+    import tempfile
+
+    from trl import SFTConfig, SFTTrainer
+
+    settings = dict(
+        output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
+        per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=max_steps,
+        learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
+        dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
+        torch_compile=compiled,
+        seed=0,
+        gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
+    if trl_in_order():
+        settings["train_sampling_strategy"] = "sequential"  # the same batches as minorsft's
+    return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
+                      processing_class=_trl_tokenizer())
+
+
 def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int, steps: int,
                 dtype, use_train_module: bool, variants: list[str] | None = None,
                 profile_steps: int = 0, progress=None, rounds: int = 1
@@ -600,7 +640,10 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     order, so both see the same batches. Each trainer goes over the batches twice: on a GPU the
     first pass ("new shapes") includes what kernels spend on each new sequence length (cuDNN
     plans, allocator growth), the second ("seen shapes") is the steady state of a long run,
-    where lengths repeat. The first step of the first pass is warm-up and not counted.
+    where lengths repeat. The first step of the first pass is warm-up and not counted. What is
+    kept per length lives as long as the process: only the first run of each trainer (TRL, and
+    the first minorsft variant) meets its batches new, the later ones and later rounds have
+    met them (`gpu_long_run.py` runs each trainer in a fresh process instead).
 
     With `rounds` > 1 the whole comparison (TRL, then each variant, each on a freshly built
     model) runs that many times over: a step bound by the host moves by +-15 % between machine
@@ -616,11 +659,6 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     `progress(rows, profiles, done, total)`, if given, gets both tables so far after each run
     (a minorsft variant or a TRL trainer), so that a check cut off by its timeout keeps them.
     """
-    import tempfile
-
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from common import record_trl_steps
 
     rows = make_rows(batch * (steps + 1), min_len, max_len, sizes["vocab_size"], seed=5)
@@ -719,8 +757,7 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
         raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {list(all_variants)}")
     variants = {all_variants[key][0]: all_variants[key][1:] for key in chosen
                 if key in all_variants}
-    in_order = "train_sampling_strategy" in SFTConfig.__dataclass_fields__
-    trl_name = "trl SFTTrainer" + ("" if in_order else " (shuffled: no sequential sampler)")
+    trl_name = "trl SFTTrainer" + ("" if trl_in_order() else " (shuffled: no sequential sampler)")
     trl_mixed = "trl SFTTrainer, fp32 weights, bf16=True (autocast)"
     # TRL on the model in the check's dtype with its bf16 default (pure bf16 on a bf16 model),
     # and on fp32 weights, where bf16=True is autocast: the counterpart of bf16-mixed.
@@ -731,26 +768,12 @@ def section_trl(dev: Device, sizes: dict, batch: int, min_len: int, max_len: int
     if with_trl_compiled:
         trl_runs.append((trl_compiled, dtype, dtype == torch.bfloat16, True))
     total_runs = rounds * (len(variants) + len(trl_runs))
-    data = Dataset.from_list([{"input_ids": r["input_ids"],
-                               "completion_mask": [int(m) for m in r["answer_mask"]]}
-                              for r in rows])
+    data = trl_dataset(rows)
 
     def run_trl(name, weights_dtype, bf16, compiled, profile_steps=0):
         model = build_model(sizes, weights_dtype, dev.device).train()
-        settings = dict(
-            output_dir=tempfile.mkdtemp(prefix="gpu-check-trl-"),
-            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-            max_steps=2 * len(batches) + (profile_steps and 1 + profile_steps),
-            learning_rate=1e-5, warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=1.0, logging_steps=10**6, save_strategy="no", report_to="none",
-            dataloader_num_workers=0, max_length=max_len, bf16=bf16, use_cpu=not dev.cuda,
-            torch_compile=compiled,
-            seed=0,
-            gradient_checkpointing=False)  # TRL's default is on; minorsft's (and this step's) off
-        if in_order:
-            settings["train_sampling_strategy"] = "sequential"  # the same batches as above
-        sft = SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=data,
-                         processing_class=_trl_tokenizer())
+        sft = sft_trainer(dev, model, data, batch, max_len, bf16, compiled,
+                          max_steps=2 * len(batches) + (profile_steps and 1 + profile_steps))
         trl_times, trl_tokens = record_trl_steps(sft, dev.sync)
         if profile_steps:  # steps 2L+1 ... 2L+P: batches 1 ... P a third time, as above
             sft.add_callback(trl_profiler(dev, 2 * len(batches) + 1, profile_steps,

@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minorsft.attention  # noqa: E402
+from minorsft.packing import micro_batch_logps  # noqa: E402
+
 from gpu_check import (  # noqa: E402
     QWEN2_05B,
     SMALL,
@@ -38,9 +41,6 @@ from gpu_check import (  # noqa: E402
     make_rows,
     set_attention,
 )
-
-import minorsft.attention  # noqa: E402
-from minorsft.packing import micro_batch_logps  # noqa: E402
 
 ALL_BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 MINORSFT_CHOICE = minorsft.attention._PACKED_BACKENDS

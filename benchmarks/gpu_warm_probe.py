@@ -39,6 +39,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import minorsft.attention  # noqa: E402
+from minorsft.packing import micro_batch_logps  # noqa: E402
+
 from gpu_check import (  # noqa: E402
     QWEN2_05B,
     SMALL,
@@ -49,9 +52,6 @@ from gpu_check import (  # noqa: E402
     make_rows,
     set_attention,
 )
-
-import minorsft.attention  # noqa: E402
-from minorsft.packing import micro_batch_logps  # noqa: E402
 
 GQA = {"mode": "native"}
 

@@ -43,11 +43,11 @@ MIN_VOCAB_BLOCK = 1024
 # cuBLAS falls back to older, slower ones for all three of the block's matmuls.
 VOCAB_BLOCK_MULTIPLE = 128
 # Round the number of answer positions sent through the head up to a multiple of this (0: off,
-# the default): pad rows with a zero hidden state and label 0, whose results are dropped. A
-# GPU run (docs/performance.md, 7d) found steps with compiled head blocks about 30 ms slower on
-# answer counts not met before, which a run of some hundreds of steps meets mostly; if that cost
-# is per count, a bucket bounds it. Off until a GPU has measured it (`gpu_check.py --variants
-# bucketed`).
+# the default): pad rows with a zero hidden state and label 0, whose results are dropped. On
+# a GPU minorsft's steps were about 30 ms slower on answer counts not met before in the
+# process, which a run of some hundreds of steps meets mostly (docs/performance.md, 7d; which
+# part pays is not known). If the head pays per count, a bucket bounds it. Off until a GPU has
+# measured it (`benchmarks/gpu_head_counts.py`, `gpu_long_run.py`).
 POSITION_BUCKET = 0
 
 
