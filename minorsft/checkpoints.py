@@ -25,7 +25,7 @@ from minorsft import __version__
 from minorsft.cache import honour_umask
 from minorsft.distributed import all_reduce_sum, barrier
 from minorsft.models import precision_name
-from minorsft.optim import MasterWeightsAdamW
+from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW
 
 if TYPE_CHECKING:
     from minorsft.train import TrainConfig, TrainState
@@ -130,9 +130,9 @@ def save_checkpoint(state: TrainState, config: TrainConfig, step: int) -> Path:
     Everything goes into a hidden staging folder that is renamed to ``step-N`` once complete;
     only then are checkpoints beyond the newest `keep_checkpoints` deleted. A failure (full
     disk, a kill) leaves the earlier checkpoints as they were. Under FSDP2 every rank takes part
-    in gathering the full weights and optimizer state (keyed by parameter name), which rank 0
-    writes, so the checkpoint resumes under FSDP with any number of processes (not with DDP
-    or in one process: its optimizer state is keyed by name).
+    in gathering the full weights (fp32) and optimizer state (keyed by parameter name), which
+    rank 0 writes. Either kind resumes anywhere: under FSDP with any number of processes, under
+    DDP or in one process (`load_checkpoint` converts).
     """
     from safetensors.torch import save_file
 
@@ -244,6 +244,12 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
     if _same_model(saved["model"], state, config):
         saved["model"] = now["model"]
+    # FSDP updates fp32 weights whatever --master-weights says (its mixed-precision policy):
+    # a bf16 run under FSDP continues as a bf16 run on master weights elsewhere, and back.
+    if trainer_state.get("optimizer_format") == "by-name":
+        saved["master_weights"] = saved["dtype"] in LOW_PRECISION_NAMES
+    if is_fsdp_run(state, config):
+        now["master_weights"] = now["dtype"] in LOW_PRECISION_NAMES
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
                for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
     if changed:
@@ -251,34 +257,80 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
                          "start a new run in another --output.")
     fsdp = is_fsdp_run(state, config)
-    weights = load_file(path / "model.safetensors", device="cpu" if fsdp else str(state.device))
-    trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
-    if set(weights) != trainable:
+    device = "cpu" if fsdp else str(state.device)
+    weights = load_file(path / "model.safetensors", device=device)
+    names = [name for name, p in state.model.named_parameters() if p.requires_grad]
+    if set(weights) != set(names):
         raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu" if fsdp else
-                                 state.device, weights_only=True)
-    if fsdp or trainer_state.get("optimizer_format") == "by-name":
-        # Full, name-keyed states: each rank takes its shards (or one process takes them all).
+    optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    if trainer_state.get("optimizer_format") == "by-name":  # written under FSDP: fp32 weights
+        exact = weights
+    else:
+        exact = _exact_weights(path, weights, names, optimizer_state)
+    if fsdp:
+        # Full, name-keyed states: each rank takes its shards of the fp32 values.
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        if not fsdp or trainer_state.get("optimizer_format") != "by-name":
-            how = ("under torchrun with --strategy ddp, or in one process" if fsdp else
-                   "under torchrun with --strategy fsdp (any number of processes)")
-            raise ValueError(f"{path} was written {'without' if fsdp else 'with'} FSDP; resume "
-                             f"it {how}, as it was written")
+        if trainer_state.get("optimizer_format") != "by-name":
+            optimizer_state = _index_keyed_to_names(optimizer_state, names)
         options = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(state.model, weights, options=options)
+        set_model_state_dict(state.model, exact, options=options)
         set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=options)
     else:
-        state.model.load_state_dict(weights, strict=False)
+        if trainer_state.get("optimizer_format") == "by-name":
+            optimizer_state = _names_to_index_keyed(optimizer_state, names, exact,
+                                                    state.optimizer)
+        state.model.load_state_dict(exact, strict=False)  # cast to the parameters' dtype
         state.optimizer.load_state_dict(optimizer_state)
     state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _restore_rng(path, state.world)
     return int(trainer_state["step"])
+
+
+LOW_PRECISION_NAMES = ("bfloat16", "float16")
+
+
+def _exact_weights(path: Path, weights: dict, names: list[str], optimizer_state: dict) -> dict:
+    """An index-keyed checkpoint's weights at full precision: where the run kept fp32 master
+    weights (`MasterWeightsAdamW`, one per bf16/fp16 parameter, in parameter order), those
+    instead of the rounded ones in model.safetensors."""
+    masters = optimizer_state.get("master_weights")
+    if masters is None:
+        return weights
+    low = [name for name in names if weights[name].dtype in LOW_PRECISION]
+    if len(low) != len(masters):
+        raise ValueError(f"{path}: {len(masters)} master weights for {len(low)} bf16/fp16 "
+                         "parameters; the checkpoint does not belong to this model")
+    return {**weights, **dict(zip(low, masters, strict=True))}
+
+
+def _index_keyed_to_names(optimizer_state: dict, names: list[str]) -> dict:
+    """torch's optimizer state (parameters numbered in the order the optimizer got them: the
+    trainable parameters') keyed by parameter name instead, as FSDP's full state dict is."""
+    return {"state": {names[index]: value for index, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
+
+
+def _names_to_index_keyed(optimizer_state: dict, names: list[str], exact: dict,
+                          optimizer: torch.optim.Optimizer) -> dict:
+    """A name-keyed (FSDP) optimizer state as `optimizer.load_state_dict` takes it; for
+    `MasterWeightsAdamW` the fp32 weights become its master weights."""
+    index = {name: i for i, name in enumerate(names)}
+    converted = {"state": {index[name]: value for name, value in
+                           optimizer_state["state"].items()},
+                 "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                                  for group in optimizer_state["param_groups"]]}
+    if isinstance(optimizer, MasterWeightsAdamW):  # its copies, in the order of its params
+        copies = {id(master) for master, _ in optimizer._pairs}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        converted["master_weights"] = [exact[name].float() for name, p in
+                                       zip(names, params, strict=True) if id(p) in copies]
+    return converted
 
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:

@@ -284,36 +284,114 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
         torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp_checkpoint_resumes_under_torchrun(cache, tmp_path):
-    """FSDP2, 2 CPU processes: the gathered checkpoint resumes under torchrun to the same run."""
+def fsdp_torchrun(cache, output, *extra):
+    """`minorsft train` under torchrun, 2 CPU processes (gloo), --strategy fsdp, 4 steps."""
     import socket
 
-    def torchrun(output, *extra):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                   "--master-port", str(port), "-m", "minorsft", "train", "--cache", str(cache),
-                   "--output", str(output), "--strategy", "fsdp", "--batch-size", "4",
-                   "--micro-batch-size", "1", "--lr", "1e-3", "--max-steps", "4",
-                   "--save-every", "2", *extra]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(port), "-m", "minorsft", "train", "--cache", str(cache),
+               "--output", str(output), "--strategy", "fsdp", "--batch-size", "4",
+               "--micro-batch-size", "1", "--lr", "1e-3", "--max-steps", "4",
+               "--save-every", "2", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
+
+def assert_continues(expected_run, resumed_run, steps, rel=1e-4, atol=1e-5):
+    """The resumed run's metrics (of `steps`) and final weights equal the uninterrupted one's."""
+    expected = {m["step"]: m for m in metrics(expected_run)}
+    got = {m["step"]: m for m in metrics(resumed_run)}
+    assert sorted(got) == sorted(expected) == list(range(4))
+    for step in steps:
+        for key in ("loss", "m_theta", "coefficient", "grad_norm", "lr", "tokens"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=rel, abs=1e-6), key
+    a, b = weights(expected_run), weights(resumed_run)
+    assert set(a) == set(b)
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=rel, atol=atol)
+
+
+def test_fsdp_checkpoint_resumes_under_torchrun_and_in_one_process(cache, tmp_path):
+    """FSDP2, 2 CPU processes: the gathered checkpoint resumes under torchrun to the same run,
+    and in one process too (its name-keyed optimizer state converted)."""
     whole = tmp_path / "whole"
-    torchrun(whole)
+    fsdp_torchrun(cache, whole)
     assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
     resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
-    torchrun(resumed, "--resume")
-    expected, got = metrics(whole), metrics(resumed)
-    assert [m["step"] for m in got] == [0, 1, 2, 3]
-    for one, two in zip(expected, got, strict=True):
-        for key in ("loss", "m_theta", "coefficient", "grad_norm", "lr", "tokens"):
-            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
-    a, b = weights(whole), weights(resumed)
+    fsdp_torchrun(cache, resumed, "--resume")
+    assert_continues(whole, resumed, range(4))
+    alone = as_killed_after(whole, 2, copy_to=tmp_path / "alone")
+    history = run_train(config(cache, alone, resume=True, save_every=2,
+                               shuffle_buffer=TrainConfig.shuffle_buffer))
+    assert [m["step"] for m in history] == [2, 3]
+    assert_continues(whole, alone, (2, 3))
+
+
+def test_fsdp_bf16_checkpoint_resumes_in_one_process_on_master_weights(cache, tmp_path):
+    """FSDP's bf16 run (fp32 weights, bf16 compute) goes on in one process as a bf16 run on
+    fp32 master weights. Not exactly: FSDP reduces gradients in fp32, one process keeps them
+    in bf16."""
+    bf16 = ("--dtype", "bfloat16", "--no-step0-check")
+    whole = tmp_path / "whole"
+    fsdp_torchrun(cache, whole, *bf16)
+    alone = as_killed_after(whole, 2, copy_to=tmp_path / "alone")
+    run_train(config(cache, alone, resume=True, save_every=2, dtype="bfloat16",
+                     step0_check=False, shuffle_buffer=TrainConfig.shuffle_buffer))
+    expected, got = metrics(whole), metrics(alone)
+    for one, two in zip(expected[2:], got[2:], strict=True):
+        for key in ("loss", "m_theta", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-2), key
+    a, b = weights(whole), weights(alone)
     for name, value in a.items():
-        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
+        assert b[name].dtype == torch.bfloat16
+        torch.testing.assert_close(b[name].float(), value.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(cache, tmp_path):
+    """A checkpoint written in one process (torch's index-keyed optimizer state) continues
+    under torchrun with --strategy fsdp as the run would have continued."""
+    whole = tmp_path / "whole"
+    run_train(config(cache, whole, save_every=2, shuffle_buffer=TrainConfig.shuffle_buffer))
+    resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
+    fsdp_torchrun(cache, resumed, "--resume")
+    assert_continues(whole, resumed, (2, 3))
+
+
+def test_a_bf16_run_resumes_from_fsdps_kind_of_checkpoint(cache, tmp_path):
+    """What FSDP writes for a bf16 run: fp32 weights, name-keyed optimizer state, no master
+    weights (FSDP's policy keeps its own). Resumed in one process with --dtype bfloat16 (on
+    master weights, the default), it continues the run exactly: the fp32 weights become the
+    master weights. The checkpoint here is a one-process bf16 checkpoint rewritten that way."""
+    from safetensors.torch import load_file, save_file
+
+    bf16 = dict(dtype="bfloat16", step0_check=False, save_every=2)
+    whole = tmp_path / "whole"
+    run_train(config(cache, whole, **bf16))
+    resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
+    step = resumed / "checkpoints" / "step-2"
+    optimizer = torch.load(step / "optimizer.pt", weights_only=True)
+    names = list(load_file(step / "model.safetensors"))
+    model = build_tiny_model(build_tiny_tokenizer())  # the run's parameter order
+    order = [name for name, _ in model.named_parameters() if name in names]
+    masters = dict(zip(order, optimizer.pop("master_weights"), strict=True))  # all bf16
+    save_file({name: value.contiguous() for name, value in masters.items()},
+              step / "model.safetensors")
+    torch.save({"state": {order[i]: value for i, value in optimizer["state"].items()},
+                "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                 for group in optimizer["param_groups"]]}, step / "optimizer.pt")
+    trainer_state = json.loads((step / "trainer_state.json").read_text())
+    trainer_state["optimizer_format"] = "by-name"
+    trainer_state["settings"]["master_weights"] = False  # as an FSDP run records it
+    (step / "trainer_state.json").write_text(json.dumps(trainer_state))
+    run_train(config(cache, resumed, resume=True, **bf16))
+    a, b = weights(whole), weights(resumed)
+    assert all(v.dtype == torch.bfloat16 for v in b.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # continued from the fp32 values
+    assert metrics(resumed) == metrics(whole)
 
 
 def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
