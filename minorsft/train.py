@@ -615,6 +615,15 @@ def save(state: TrainState, config: TrainConfig) -> Path:
         save_lora(state.model, output, config.merge_lora, state.tokenizer,
                   state_dict=weights if sharded else None,
                   base_path=state.model_path if sharded else None)
+    elif is_fsdp_run(state, config) and state.dtype != torch.float32:
+        # FSDP trained fp32 weights computing in --dtype: saved in that dtype, as a one-process
+        # run saves its bf16 weights (rounded from its fp32 master weights), not at twice the
+        # size. save_pretrained names the live (fp32) parameters' dtype in config.json.
+        weights = {name: value.to(state.dtype) if value.is_floating_point() else value
+                   for name, value in weights.items()}
+        state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
+        state.model.config.dtype = dtype_name(state.dtype)
+        state.model.config.save_pretrained(output)
     else:
         state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)

@@ -334,7 +334,7 @@ def test_fsdp_checkpoint_resumes_under_torchrun_and_in_one_process(cache, tmp_pa
 def test_fsdp_bf16_checkpoint_resumes_in_one_process_on_master_weights(cache, tmp_path):
     """FSDP's bf16 run (fp32 weights, bf16 compute) goes on in one process as a bf16 run on
     fp32 master weights. Not exactly: FSDP reduces gradients in fp32, one process keeps them
-    in bf16."""
+    in bf16. Both save a bf16 model (FSDP's used to be its fp32 weights: twice the size)."""
     bf16 = ("--dtype", "bfloat16", "--no-step0-check")
     whole = tmp_path / "whole"
     fsdp_torchrun(cache, whole, *bf16)
@@ -347,8 +347,10 @@ def test_fsdp_bf16_checkpoint_resumes_in_one_process_on_master_weights(cache, tm
             assert two[key] == pytest.approx(one[key], rel=1e-2), key
     a, b = weights(whole), weights(alone)
     for name, value in a.items():
-        assert b[name].dtype == torch.bfloat16
+        assert value.dtype == b[name].dtype == torch.bfloat16
         torch.testing.assert_close(b[name].float(), value.float(), rtol=1e-2, atol=1e-3)
+    for run in (whole, alone):
+        assert json.loads((run / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_one_process_checkpoint_resumes_under_fsdp(cache, tmp_path):
