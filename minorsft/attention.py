@@ -101,9 +101,19 @@ _PACKED_LENGTHS: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.Co
     "minorsft_packed_lengths", default=None)
 
 
+# The same lengths are also kept on the packed row's position-ids tensor, for as long as it
+# lives: gradient checkpointing recomputes a layer in backward, outside the block below, and
+# hands it the same position-ids tensor again (without them, each recomputed layer would read
+# the lengths from it, waiting for the device).
+_LENGTHS_ATTRIBUTE = "_minorsft_packed_lengths"
+
+
 @contextlib.contextmanager
-def packed_sample_lengths(lengths: list[int]):
-    """Within this block, packed rows are cut at these sample lengths (they must sum to L)."""
+def packed_sample_lengths(lengths: list[int], position_ids: torch.Tensor | None = None):
+    """Within this block, packed rows are cut at these sample lengths (they must sum to L); and
+    wherever `position_ids` (the row's, if given) comes back, as in a recomputed layer."""
+    if position_ids is not None:
+        setattr(position_ids, _LENGTHS_ATTRIBUTE, tuple(lengths))
     token = _PACKED_LENGTHS.set(tuple(lengths))
     try:
         yield
@@ -181,8 +191,8 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, **kwargs):
     """Packed rows (no mask, position ids restarting) run causal SDPA on each sample alone; anything
     else is transformers' SDPA as usual. The sample lengths come from `packed_sample_lengths`
-    where the caller set them, else from the position ids. (Gradient checkpointing recomputes a
-    layer in backward, outside that block: it reads them from the position ids then.)
+    where the caller set them (also for the same position ids recomputed by gradient
+    checkpointing in backward), else from the position ids.
 
     Two layouts give the same result. "per-sample" calls SDPA once per sample on its slice of
     the row: no padding computed at all, but a call (and in backward a second one) per sample
@@ -196,7 +206,9 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout:
 
     lengths = None
     if attention_mask is None:
-        lengths = _PACKED_LENGTHS.get() or lengths_from_positions(kwargs.get("position_ids"))
+        position_ids = kwargs.get("position_ids")
+        lengths = (_PACKED_LENGTHS.get() or getattr(position_ids, _LENGTHS_ATTRIBUTE, None)
+                   or lengths_from_positions(position_ids))
     if lengths is None or len(lengths) == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

@@ -153,7 +153,8 @@ def packed_answer_logps(model, packed: PackedBatch, blocks: tuple[int, int] | No
     # The attention takes the lengths as given (else it reads them in every layer).
     attention = model.config._attn_implementation
     segments = packed_forward_kwargs(packed.lengths, packed.input_ids.device, attention)
-    with packed_sample_lengths(packed.lengths), without_packed_row_detection(attention):
+    with packed_sample_lengths(packed.lengths, packed.position_ids), \
+            without_packed_row_detection(attention):
         hidden = model.get_decoder()(
             input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
             use_cache=False,  # with a cache transformers would not detect the packed samples

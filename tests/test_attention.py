@@ -199,13 +199,23 @@ def test_segment_attention_runs_padded_batches_as_plain_sdpa(model):
     torch.testing.assert_close(answer_logps(model, *tensors).detach(), want, **TOL)
 
 
-def test_segment_attention_under_gradient_checkpointing(model, layout):
-    """Recomputed layers in backward see the same position ids, so they cut the same samples."""
+def test_segment_attention_under_gradient_checkpointing(model, layout, monkeypatch):
+    """Recomputed layers in backward see the same position ids, so they cut the same samples,
+    and take the lengths kept on them: read from the position ids, each layer would wait for
+    the device on a GPU."""
+    import minorsft.attention
+
     want_grads = _grads(model, _naive(model))
     use_segment_attention(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    final_logit_transform(model)  # its one-off probe runs one unpacked sample: not counted
+    reads = []
+    real = minorsft.attention.lengths_from_positions
+    monkeypatch.setattr(minorsft.attention, "lengths_from_positions",
+                        lambda position_ids: reads.append(1) or real(position_ids))
     got, _ = micro_batch_logps(model, _rows(), 0, CPU, packing=True)
     _assert_same_grads(_grads(model, got), want_grads)
+    assert reads == []
 
 
 def _leaky(module, query, key, value, attention_mask, **kwargs):
