@@ -42,11 +42,13 @@ import time
 from pathlib import Path
 
 # name -> what the child builds: compiled ("default": as `train` decides for the device;
-# "layers": decoder layers only, eager head blocks), answer-position bucket for the head
+# "layers": decoder layers only, eager head blocks; "none": --no-compile), answer-position
+# bucket for the head
 MINORSFT_RUNS = {
     "minorsft": dict(compiled="default", bucket=0),
     "minorsft-bucketed": dict(compiled="default", bucket=256),
     "minorsft-eager-head": dict(compiled="layers", bucket=0),
+    "minorsft-no-compile": dict(compiled="none", bucket=0),
 }
 TRAINERS = ("trl", *MINORSFT_RUNS)
 
@@ -103,7 +105,7 @@ def minorsft_run(args, dev, model, batches, batch):
     gpu_check.set_attention(model, "segment")  # as `train` picks for an SDPA model
     if settings["compiled"] == "layers":
         compile_decoder_layers(model)
-    elif compiles_by_default(dev.device):
+    elif settings["compiled"] == "default" and compiles_by_default(dev.device):
         compile_model(model)
     trainer = gpu_check.Trainer(model, batch, use_train_module=True)
     ends, counted, synced = [], [], {}
