@@ -22,6 +22,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from gpu_long_run import exit_on_sigterm
+
 KINDS = {"eager": (False, 0), "compiled": (True, 0), "compiled, bucketed 256": (True, 256)}
 
 
@@ -72,6 +74,7 @@ def main() -> None:
     if args.child:
         sys.stdout.write("\n" + json.dumps(child(args)) + "\n")
         return
+    exit_on_sigterm()
     print(f"head {args.vocab} x {args.hidden}, {args.counts} new answer counts in 3,000-4,299, "
           f"then the same again; one fresh process per kind")
     print("| kind | first call ms | new counts ms (median) | slowest new ms | seen counts ms "

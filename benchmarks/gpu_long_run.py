@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -195,7 +196,14 @@ def report(runs: list[dict], warmup: int, unfinished: bool) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n" + note
 
 
+def exit_on_sigterm() -> None:
+    """A `timeout` around this script sends SIGTERM: exit through Python so that subprocess.run
+    kills the running child too (it would go on holding the GPU while the next stage starts)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def parent(args) -> None:
+    exit_on_sigterm()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainers = args.trainers.split(",")
