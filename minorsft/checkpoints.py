@@ -248,15 +248,18 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     # a bf16 run under FSDP continues as a bf16 run on master weights elsewhere, and back.
     if trainer_state.get("optimizer_format") == "by-name":
         saved["master_weights"] = saved["dtype"] in LOW_PRECISION_NAMES
-    if is_fsdp_run(state, config):
+    fsdp = is_fsdp_run(state, config)
+    if fsdp:
         now["master_weights"] = now["dtype"] in LOW_PRECISION_NAMES
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
                for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
+    if fsdp and saved["master_weights"] is False and now["master_weights"]:
+        changed.append("(FSDP always updates fp32 weights: a pure bf16/fp16 run, "
+                       "--no-master-weights, resumes in one process or under DDP only)")
     if changed:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  "
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
                          "start a new run in another --output.")
-    fsdp = is_fsdp_run(state, config)
     device = "cpu" if fsdp else str(state.device)
     weights = load_file(path / "model.safetensors", device=device)
     names = [name for name, p in state.model.named_parameters() if p.requires_grad]

@@ -284,8 +284,9 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
         torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5)
 
 
-def fsdp_torchrun(cache, output, *extra):
-    """`minorsft train` under torchrun, 2 CPU processes (gloo), --strategy fsdp, 4 steps."""
+def fsdp_torchrun(cache, output, *extra, fails: str | None = None):
+    """`minorsft train` under torchrun, 2 CPU processes (gloo), --strategy fsdp, 4 steps
+    (with `fails`: it must fail with that text in its error output)."""
     import socket
 
     with socket.socket() as sock:
@@ -298,6 +299,9 @@ def fsdp_torchrun(cache, output, *extra):
                "--save-every", "2", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if fails is not None:
+        assert result.returncode != 0 and fails in result.stderr + result.stdout
+        return
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -361,6 +365,13 @@ def test_one_process_checkpoint_resumes_under_fsdp(cache, tmp_path):
     resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
     fsdp_torchrun(cache, resumed, "--resume")
     assert_continues(whole, resumed, (2, 3))
+    # a pure bf16 run has no fp32 weights to hand over: refused, saying why
+    pure = dict(dtype="bfloat16", step0_check=False, master_weights=False)
+    run_train(config(cache, tmp_path / "pure", save_every=2, **pure))
+    as_killed_after(tmp_path / "pure", 2)
+    fsdp_torchrun(cache, tmp_path / "pure", "--resume", "--dtype", "bfloat16",
+                  "--no-step0-check", "--no-master-weights",
+                  fails="FSDP always updates fp32 weights")
 
 
 def test_a_bf16_run_resumes_from_fsdps_kind_of_checkpoint(cache, tmp_path):
