@@ -24,7 +24,7 @@ from rich.console import Console
 from minorsft import __version__
 from minorsft.cache import honour_umask
 from minorsft.distributed import all_reduce_sum, barrier
-from minorsft.models import precision_name
+from minorsft.models import dtype_name, precision_name
 from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW
 
 if TYPE_CHECKING:
@@ -246,7 +246,8 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         saved["model"] = now["model"]
     # FSDP updates fp32 weights whatever --master-weights says (its mixed-precision policy):
     # a bf16 run under FSDP continues as a bf16 run on master weights elsewhere, and back.
-    if trainer_state.get("optimizer_format") == "by-name":
+    by_name = trainer_state.get("optimizer_format") == "by-name"  # written under FSDP
+    if by_name:
         saved["master_weights"] = saved["dtype"] in LOW_PRECISION_NAMES
     fsdp = is_fsdp_run(state, config)
     if fsdp:
@@ -262,14 +263,13 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
                          "start a new run in another --output.")
     device = "cpu" if fsdp else str(state.device)
     weights = load_file(path / "model.safetensors", device=device)
-    names = [name for name, p in state.model.named_parameters() if p.requires_grad]
+    trainable = [(name, p) for name, p in state.model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in trainable]
     if set(weights) != set(names):
         raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
     optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
-    if trainer_state.get("optimizer_format") == "by-name":  # written under FSDP: fp32 weights
-        exact = weights
-    else:
-        exact = _exact_weights(path, weights, names, optimizer_state)
+    # FSDP's weights are its fp32 ones; elsewhere the master weights are the exact values
+    exact = weights if by_name else _exact_weights(path, weights, names, optimizer_state)
     if fsdp:
         # Full, name-keyed states: each rank takes its shards of the fp32 values.
         from torch.distributed.checkpoint.state_dict import (
@@ -278,15 +278,18 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
             set_optimizer_state_dict,
         )
 
-        if trainer_state.get("optimizer_format") != "by-name":
+        if not by_name:
             optimizer_state = _index_keyed_to_names(optimizer_state, names)
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(state.model, exact, options=options)
         set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=options)
     else:
-        if trainer_state.get("optimizer_format") == "by-name":
-            optimizer_state = _names_to_index_keyed(optimizer_state, names, exact,
-                                                    state.optimizer)
+        if by_name:
+            optimizer_state = _names_to_index_keyed(optimizer_state, names)
+            if isinstance(state.optimizer, MasterWeightsAdamW):
+                # its copies: one per bf16/fp16 parameter, in parameter order
+                optimizer_state["master_weights"] = [
+                    exact[name].float() for name, p in trainable if p.dtype in LOW_PRECISION]
         state.model.load_state_dict(exact, strict=False)  # cast to the parameters' dtype
         state.optimizer.load_state_dict(optimizer_state)
     state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -294,7 +297,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     return int(trainer_state["step"])
 
 
-LOW_PRECISION_NAMES = ("bfloat16", "float16")
+LOW_PRECISION_NAMES = tuple(dtype_name(dtype) for dtype in LOW_PRECISION)
 
 
 def _exact_weights(path: Path, weights: dict, names: list[str], optimizer_state: dict) -> dict:
@@ -319,21 +322,13 @@ def _index_keyed_to_names(optimizer_state: dict, names: list[str]) -> dict:
                              for group in optimizer_state["param_groups"]]}
 
 
-def _names_to_index_keyed(optimizer_state: dict, names: list[str], exact: dict,
-                          optimizer: torch.optim.Optimizer) -> dict:
-    """A name-keyed (FSDP) optimizer state as `optimizer.load_state_dict` takes it; for
-    `MasterWeightsAdamW` the fp32 weights become its master weights."""
+def _names_to_index_keyed(optimizer_state: dict, names: list[str]) -> dict:
+    """A name-keyed (FSDP) optimizer state as torch's `load_state_dict` takes it: parameters
+    numbered in the trainable parameters' order, `_index_keyed_to_names` undone."""
     index = {name: i for i, name in enumerate(names)}
-    converted = {"state": {index[name]: value for name, value in
-                           optimizer_state["state"].items()},
-                 "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
-                                  for group in optimizer_state["param_groups"]]}
-    if isinstance(optimizer, MasterWeightsAdamW):  # its copies, in the order of its params
-        copies = {id(master) for master, _ in optimizer._pairs}
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        converted["master_weights"] = [exact[name].float() for name, p in
-                                       zip(names, params, strict=True) if id(p) in copies]
-    return converted
+    return {"state": {index[name]: value for name, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
 
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
