@@ -23,7 +23,7 @@ rows held in memory (the CLI adds reading the cache and a metrics line per step)
 without waiting for the GPU between steps, as it runs; `train_step` waits once a step for its
 metrics, as `minorsft train` does.
 
-    OUT=results python benchmarks/gpu_long_run.py --out results --steps 150 --rounds 2
+    python benchmarks/gpu_long_run.py --out results --steps 150 --rounds 2
     python benchmarks/gpu_long_run.py --plot results/long_run.json -o long_run.png
     python benchmarks/gpu_long_run.py --device cpu --small --steps 6 --out smoke  # CPU smoke
 
@@ -130,11 +130,11 @@ def trl_run(args, dev, model, rows, batch, max_len, dtype):
     import gpu_check
     from common import record_trl_steps
 
+    if not gpu_check.trl_in_order():  # else its batches would not be minorsft's
+        raise SystemExit("this TRL cannot read rows in order (no train_sampling_strategy)")
     sft = gpu_check.sft_trainer(dev, model, gpu_check.trl_dataset(rows), batch, max_len,
                                 bf16=dtype == torch.bfloat16, compiled=False,
                                 max_steps=args.steps)
-    if not gpu_check.trl_in_order():
-        raise SystemExit("this TRL cannot read rows in order (no train_sampling_strategy)")
     _, counted = record_trl_steps(sft)  # its collator's token count (no timer synchronising)
     ends, synced, clock = [], {}, {}
 
@@ -184,14 +184,16 @@ def report(runs: list[dict], warmup: int, unfinished: bool) -> str:
             lines[-1] += " tokens counted by the trainer differ from the rows' |"
     ratios = []
     for name in MINORSFT_RUNS:
-        steady = [(by_key[name, r]["steady_tok_s"] / by_key["trl", r]["steady_tok_s"],
-                   by_key[name, r]["whole_tok_s"] / by_key["trl", r]["whole_tok_s"])
-                  for (trainer, r) in by_key if trainer == name and ("trl", r) in by_key]
-        if steady:
+        rounds = [r for (trainer, r) in by_key if trainer == name and ("trl", r) in by_key]
+        steady = [by_key[name, r]["steady_tok_s"] / by_key["trl", r]["steady_tok_s"]
+                  for r in rounds]
+        whole = [by_key[name, r]["whole_tok_s"] / by_key["trl", r]["whole_tok_s"]
+                 for r in rounds]
+        if rounds:
             ratios.append(f"- {name} / trl, steady tokens/s: "
-                          f"{', '.join(f'{a:.2f}' for a, _ in steady)} (median "
-                          f"{statistics.median(a for a, _ in steady):.2f}); whole run: "
-                          f"{', '.join(f'{b:.2f}' for _, b in steady)}")
+                          f"{', '.join(f'{a:.2f}' for a in steady)} (median "
+                          f"{statistics.median(steady):.2f}); whole run: "
+                          f"{', '.join(f'{b:.2f}' for b in whole)}")
     note = "\n_Unfinished: runs still to come._\n" if unfinished else ""
     return "\n".join(lines) + "\n\n" + "\n".join(ratios) + "\n" + note
 
