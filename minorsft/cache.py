@@ -602,8 +602,14 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
                   "parts_total": len(parts), "merged_from": [str(s) for s in sources]}
         write_manifest(staging, merged)
         write_rejects(staging, [parts[k] for k in sorted(parts)])
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.is_dir():
+            # as precompute --overwrite does: only minorsft's own files go; the user's stay
+            for path in out.iterdir():
+                if not is_own_name(path.name):
+                    os.replace(path, staging / path.name)
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -216,9 +216,10 @@ def train(
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the data order and the model.")] = 42,
     dtype: Annotated[str, typer.Option(
-        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16, or bf16-mixed "
+        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, or bf16-mixed "
              "(fp32 weights and updates, forward and backward under bf16 autocast: about twice "
-             "as fast as float32 on CPUs with bf16 instructions).")] = "auto",
+             "as fast as float32 on CPUs with bf16 instructions). Not float16: without a loss "
+             "scale its gradients underflow.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     attention: Annotated[str, typer.Option(
         help="auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager, "

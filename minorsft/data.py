@@ -29,6 +29,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -473,23 +474,32 @@ def refuse_special_tokens(texts: dict[str, str], special: re.Pattern | None, pat
 
 
 def tokenize_conversation(
-    tokenizer, messages: list[dict], max_length: int | None
+    tokenizer, messages: list[dict], max_length: int | None,
+    special: re.Pattern | None | bool = True,
 ) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, for one conversation.
 
     The template renders the whole conversation once; each assistant turn's answer is its content
     and the end-of-turn token after it (see :func:`_answer_span`), and nothing the template adds
     around them (a default system prompt, role headers, the newline after the end-of-turn token).
+    `special` is the tokenizer's :func:`special_token_pattern` (True: build it here).
     """
+    if special is True:
+        special = special_token_pattern(tokenizer)
     full_text = _render(tokenizer, messages, generation_prompt=False)
-    spans = [_answer_span(tokenizer, messages, index, full_text)
+    spans = [_answer_span(tokenizer, messages, index, full_text, special)
              for index, message in enumerate(messages) if message["role"] == "assistant"]
 
     encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
+    # A token is answer if it overlaps an answer span, not only if it starts in one: templates
+    # that write a space before the content ("Assistant: " + content, Llama-2's "[/INST] ")
+    # have it fused with the first word ("ĠThe", "▁The"), and that token is what generation
+    # produces first. Zero-width tokens cover no text.
     answer_mask = [
-        any(start <= token_start < stop for start, stop in spans)
-        for token_start, _ in encoded["offset_mapping"]
+        token_start < token_stop
+        and any(token_start < stop and token_stop > start for start, stop in spans)
+        for token_start, token_stop in encoded["offset_mapping"]
     ]
     answer_mask[0] = False  # the first token has nothing before it to predict it
     truncated = max_length is not None and len(input_ids) > max_length
@@ -502,7 +512,8 @@ def tokenize_conversation(
 ANSWER_PROBE = "MINORSFT_ANSWER_PROBE_7F3A"
 
 
-def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str) -> tuple[int, int]:
+def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
+                 special: re.Pattern | None) -> tuple[int, int]:
     """Where assistant turn `index`'s answer lies in `full_text`: (start, stop) character offsets.
 
     Templates add text of their own around a turn's content: a role header, a default system
@@ -519,7 +530,10 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str) ->
                          "cannot locate the answer tokens")
     head, tail = probed.split(ANSWER_PROBE)
     content_end = len(through) - len(tail)
-    consistent = (full_text.startswith(through) and through.startswith(head)
+    # `through` need not be a prefix of the whole conversation beyond the content: a template
+    # may close the conversation with text of its own (Phi-3's writes the eos token once, after
+    # the last turn's <|end|>\n).
+    consistent = (full_text.startswith(through[:content_end]) and through.startswith(head)
                   and through.endswith(tail) and content_end > len(head))
     if consistent and index > 0:
         # Trained after exactly the prompt that generation starts from: the conversation so
@@ -530,20 +544,23 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str) ->
     if not consistent:
         raise ValueError("the chat template does not render conversations prefix by prefix; "
                          "cannot locate the answer tokens")
-    return len(head), _end_of_turn(tokenizer, through, content_end)
+    # The turn's own end: what follows the content both here and in the whole conversation.
+    turn_end = os.path.commonprefix([through[content_end:], full_text[content_end:]])
+    return len(head), content_end + _end_of_turn(turn_end, special)
 
 
-def _end_of_turn(tokenizer, through: str, content_end: int) -> int:
-    """Where the answer stops: just after the end-of-turn token that follows the content.
+def _end_of_turn(turn_end: str, special: re.Pattern | None) -> int:
+    """How much of `turn_end` (the template's text after a turn's content) is answer: up to and
+    including its first special token, the end-of-turn marker the model generates to stop
+    (ChatML's <|im_end|>, Llama's </s>, Gemma's <end_of_turn>, Phi-3's <|end|>).
 
-    Not the template's newline after it, which the model never has to generate. Templates that
-    end a turn with another marker than the tokenizer's eos token keep that marker, minus the
-    trailing whitespace.
+    Not the template's newline after it, which the model never has to generate, nor what a
+    template writes after the marker (Phi-3's eos at the end of a conversation). A template
+    without special tokens keeps its trailing text, minus whitespace.
     """
-    end_of_turn = tokenizer.eos_token
-    if end_of_turn and (found := through.find(end_of_turn, content_end)) >= 0:
-        return found + len(end_of_turn)
-    return max(content_end, len(through.rstrip()))
+    if special is not None and (found := special.search(turn_end)):
+        return found.end()
+    return len(turn_end.rstrip())
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
@@ -613,9 +630,11 @@ def classify_rows(
                                 f"duplicate id {example_id!r} (first on line {duplicate_of})")
             try:
                 input_ids, answer_mask, truncated = tokenize_conversation(
-                    tokenizer, messages, max_length)
-            except ValueError as error:
-                raise DataError(path_str, row.line, "messages", str(error)) from error
+                    tokenizer, messages, max_length, special)
+            except ValueError as error:  # the template's: a chat row's `messages`, else no field
+                field_name = "messages" if "messages" in row.record and any(
+                    name.startswith("messages[") for name in texts) else None
+                raise DataError(path_str, row.line, field_name, str(error)) from error
             if not any(answer_mask):
                 raise DataError(path_str, row.line, None,
                                 f"answer truncated to zero tokens by --max-length {max_length} "

@@ -197,7 +197,11 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:  # a file in the folder's path
+            raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") \
+                from error
     with _shard_lock(out, shard) as lock:
         prepare_output(out, config.overwrite)
         try:

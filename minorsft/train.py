@@ -145,10 +145,21 @@ class TrainConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
         if self.lr is None:
             self.lr = PAPER_LR[self.loss]
-        if self.lr <= 0:
-            raise ValueError("--lr must be positive")
+        # NaN passes every comparison's "not" and inf passes "> 0": either would train on
+        # and save a model of NaN weights, or fail later with a misleading message.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError("--lr must be a positive finite number")
+        if not math.isfinite(self.beta):  # the metrics use beta with every loss
+            raise ValueError("--beta must be a finite number")
         if self.loss != "sft" and self.beta <= 0:
             raise ValueError("--beta must be positive")
+        if self.dtype.lower() in ("float16", "fp16", "half"):
+            # Without a loss scale, fp16 gradients underflow: the output head's g * softmax
+            # entries (about 1e-3 * 1e-6) lie below fp16's smallest number and become 0.
+            raise ValueError("--dtype float16 does not train: minorsft has no loss scaling, and "
+                             "without it small fp16 gradients round to 0. Use bfloat16 (GPUs "
+                             "since Ampere), bf16-mixed, or float32 (any GPU). A float16 cache "
+                             "is fine for a float32 run (train checks it at step 0).")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("--batch-size and --micro-batch-size must be positive")
         # A micro-batch larger than the step (--batch-size 2 with the default 4) is the step.
@@ -160,8 +171,8 @@ class TrainConfig:
             raise ValueError("--warmup-ratio must lie in [0, 1)")
         if self.epochs < 1:
             raise ValueError("--epochs must be at least 1")
-        if self.weight_decay < 0:
-            raise ValueError("--weight-decay must be >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError("--weight-decay must be a finite number >= 0")
         # clip_grad_norm_ scales by max_norm / norm: a negative norm would turn the step around
         if not self.max_grad_norm > 0:
             raise ValueError("--max-grad-norm must be positive (inf turns clipping off)")
@@ -171,7 +182,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --output and --overwrite replaces "
                              "it: pass one of them")
-        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0) \
+                or not 0 <= self.lora_dropout < 1:
             raise ValueError("--lora-alpha must be positive and --lora-dropout lie in [0, 1)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("--max-steps must be positive")
@@ -327,24 +339,37 @@ class TrainState:
     autocast: torch.dtype | None = None  # bf16-mixed: fp32 weights, forward under bf16 autocast
 
 
-# The first version whose answer spans are only the assistant's content and end-of-turn token.
-ANSWER_SPAN_FIXED = "0.2.0"
+# Versions that changed which tokens of some chats are answer, and what they changed: a cache
+# written before one of them may hold other answer masks than precompute writes now.
+ANSWER_SPAN_FIXES = (
+    ("0.2.0", "chats that begin with an assistant turn (their answer took in the template's "
+              "default system prompt), and templates that end a turn with another marker than "
+              "the eos token (the answer took in the newline after it)"),
+    ("0.4.0", "templates that write a space before the answer, such as Llama-2's, Mistral's "
+              "and DeepSeek's (the answer's first token was left out: for a one-word answer, "
+              "the word itself), and templates that write the eos token once after the last "
+              "turn, such as Phi-3's (multi-turn chats were rejected; the last answer took in "
+              "the newline and the eos token)"),
+)
 
 
 def _old_answer_span_note(version: str | None) -> str | None:
-    """A note for caches written before ANSWER_SPAN_FIXED: some of their answer masks differ."""
+    """A note for caches written before one of ANSWER_SPAN_FIXES: some answer masks differ."""
     try:
-        written, fixed = (tuple(int(part) for part in str(v).split(".")[:3])
-                          for v in (version, ANSWER_SPAN_FIXED))
+        written = _version_tuple(version)
     except ValueError:  # no version recorded, or not a plain one
         return None
-    if written >= fixed:
+    missed = [(fixed, what) for fixed, what in ANSWER_SPAN_FIXES
+              if written < _version_tuple(fixed)]
+    if not missed:
         return None
-    return (f"this cache was written by minorsft {version}. minorsft {ANSWER_SPAN_FIXED} "
-            "fixed the answer span of chats that begin "
-            "with an assistant turn (it took in the template's default system prompt) and of "
-            "templates that end a turn with another marker than the eos token (it took in the "
-            "newline after it). If your data has either, run precompute again.")
+    fixes = "; ".join(f"{fixed} fixed the answer span of {what}" for fixed, what in missed)
+    return (f"this cache was written by minorsft {version}. minorsft {fixes}. If your data or "
+            "template has any of these, run precompute again.")
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...]:
+    return tuple(int(part) for part in str(version).split(".")[:3])
 
 
 # What `train` writes into --output (and --overwrite removes): the model (full or LoRA) and its
@@ -581,9 +606,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                        "rank_tokens_per_s": metrics["rank_tokens"] / seconds,
                        "world_size": state.world.world_size,
                        "step_seconds": seconds, "elapsed": time.perf_counter() - started}
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss became {metrics['loss']} at step {step}: the "
-                                         "updates diverged; train again with a lower --lr")
+            check_finite(metrics, step)
             history.append(metrics)
             if step % config.log_every == 0 or step == state.total_steps - 1:
                 log.write(json.dumps(metrics) + "\n")
@@ -597,6 +620,20 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                 if stopping:
                     raise TrainingInterrupted(done, path)
     return history
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    """Stop at a step whose loss or gradient norm is NaN or infinite: its update (or the next)
+    has made or would make the weights NaN, and nothing after it would be worth saving."""
+    for name in ("loss", "grad_norm"):
+        if math.isfinite(metrics[name]):
+            continue
+        if step == 0:
+            cause = ("no update had happened yet: the model or the cache gives non-finite "
+                     "values (check the step-0 line above)")
+        else:
+            cause = "the updates diverged; train again with a lower --lr"
+        raise FloatingPointError(f"{name} became {metrics[name]} at step {step}: {cause}")
 
 
 def save(state: TrainState, config: TrainConfig) -> Path:
@@ -735,6 +772,11 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
               "max_abs_per_token": abs(per_token[worst]), "tolerance": tolerance}
     figures = (f"step-0 m_theta {m_theta:+.3g}, mean |r|/m {mean_abs:.3g} nats per answer token, "
                f"worst row {abs(per_token[worst]):.3g}")
+    if not all(map(math.isfinite, policy)):
+        raise FloatingPointError(
+            f"step-0 check: the policy's log-probs of the first {len(rows)} cache rows are not "
+            f"all finite ({figures}): the starting model gives NaN or infinite log-probs before "
+            f"any update (broken weights, or a dtype that overflows: dtype {dtypes[1]})")
     if mean_abs > tolerance:
         row = rows[worst]
         error = CacheError(

@@ -110,7 +110,16 @@ def test_bad_option_values():
     ("--max-grad-norm", "-1", "--max-grad-norm must be positive"),  # would reverse the step
     ("--max-grad-norm", "0", "--max-grad-norm must be positive"),  # would freeze the model
     ("--epochs", "0", "--epochs must be at least 1"),
-    ("--weight-decay", "-1", "--weight-decay must be >= 0"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0"),
+    # NaN and inf passed the checks: an all-NaN model saved with exit 0 (--lr inf), or a
+    # failure at step 0 that blamed the lr (--beta nan)
+    ("--weight-decay", "inf", "--weight-decay must be a finite number >= 0"),
+    ("--lr", "inf", "--lr must be a positive finite number"),
+    ("--lr", "nan", "--lr must be a positive finite number"),
+    ("--beta", "nan", "--beta must be a finite number"),
+    ("--beta", "inf", "--beta must be a finite number"),
+    ("--lora-alpha", "nan", "--lora-alpha must be positive"),
+    ("--dtype", "float16", "--dtype float16 does not train"),  # no loss scale: grads underflow
     ("--step0-tolerance", "-1", "--step0-tolerance must be positive"),
     ("--lora-dropout", "1", "--lora-dropout lie in [0, 1)"),
     ("--attention", "foo", "unknown --attention 'foo'"),
@@ -127,6 +136,15 @@ def test_precompute_refuses_an_unknown_verify_dtype_before_scoring(tmp_path):
                                  str(tmp_path / "c"), "--verify-dtype", "bogus"])
     assert result.exit_code == 2 and "unknown --verify-dtype 'bogus'" in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_precompute_out_below_a_file_is_a_one_line_error(tiny_model_dir, tmp_path):
+    """NotADirectoryError came out as a traceback."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(data / "cache")])
+    assert result.exit_code == 2, result.output
+    assert "cannot create its folder (Not a directory)" in result.output
 
 
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):

@@ -98,6 +98,92 @@ def test_a_turn_end_marker_other_than_eos_is_answer_but_not_the_newline_after_it
     assert answer_text(tokenizer, example) == "He has 7 apples.<|endoftext|>"
 
 
+# "User: ...\n\nAssistant: " + content + eos (DeepSeek-LLM-chat's layout): the space before the
+# content is fused with its first word ("ĠThe"), so that token starts in the template's text.
+SPACE_BEFORE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+# Phi-3's layout: every turn ends with <|end|> and a newline; the eos token comes once, after
+# the last turn, only when no generation prompt follows. <|endoftext|> plays <|end|> here.
+END_OF_CONVERSATION_EOS_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|endoftext|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_the_answers_first_word_fused_with_the_templates_space_is_answer(tmp_path):
+    # It was left out: a one-word answer trained on its end-of-turn token alone.
+    tokenizer = tokenizer_with_template(SPACE_BEFORE_TEMPLATE)
+    rows = [DEMO_ROWS[0], {"prompt": "2 plus 3", "response": "5"}, DEMO_ROWS[3]]
+    examples = list(iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer))
+    assert [answer_text(tokenizer, e) for e in examples] == [
+        " The capital of France is Paris.<|im_end|>", " 5<|im_end|>",
+        " 5<|im_end|> 10<|im_end|>"]
+    # the token before the answer is the template's ":", which stays prompt
+    first = examples[0]
+    start = first.answer_mask.index(True)
+    assert tokenizer.decode(first.input_ids[start - 1]) == ":"
+
+
+def build_metaspace_tokenizer(template: str):
+    """A SentencePiece-style tokenizer (words carry a leading "▁"), as Llama-2's and Mistral's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    backend.train_from_iterator(["What is the capital of France", "The capital is Paris"] * 20,
+                                trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_sentencepiece_words_after_the_templates_space_are_answer(tmp_path):
+    tokenizer = build_metaspace_tokenizer(  # Llama-2-chat's layout
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+    row = {"prompt": "What is the capital of France", "response": "The capital is Paris"}
+    (example,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [row]), tokenizer)
+    answer = [tokenizer.convert_ids_to_tokens(t)
+              for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
+    assert answer[0] == "▁The" and answer[-1] == "</s>"
+
+
+def test_eos_the_template_writes_once_after_the_last_turn_is_not_answer(tmp_path):
+    # Phi-3's layout: multi-turn chats were refused ("does not render conversations prefix by
+    # prefix") and a last turn's answer ran on through "\n" and the eos token.
+    tokenizer = tokenizer_with_template(END_OF_CONVERSATION_EOS_TEMPLATE)
+    rows = [DEMO_ROWS[1], DEMO_ROWS[3]]
+    examples = list(iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer))
+    assert [answer_text(tokenizer, e) for e in examples] == [
+        "He has 7 apples.<|endoftext|>", "5<|endoftext|>10<|endoftext|>"]
+
+
+def test_a_refusal_of_a_row_without_messages_names_no_field(tmp_path):
+    tokenizer = tokenizer_with_template(
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}" + CHATML)
+    row = {"system": "Be brief.", "prompt": "2 plus 3", "response": "5"}
+    (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [row]), tokenizer,
+                                on_bad="skip")
+    assert isinstance(rejected, Rejection) and rejected.field is None
+    assert rejected.reason.endswith("System role not supported")
+
+
 def test_conversation_the_template_refuses_is_rejected_not_a_crash(tmp_path):
     tokenizer = tokenizer_with_template(
         "{% if messages[0]['role'] == 'assistant' %}"

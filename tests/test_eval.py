@@ -29,7 +29,7 @@ from minorsft.eval import (
 from minorsft.logprobs import pad_batch, sequence_logps
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
-from .conftest import CHATML
+from .conftest import CHATML, build_tiny_tokenizer
 
 # Four questions with known answers; quoted cells hold commas, as in the real MMLU files.
 CHOICES_CSV = (
@@ -235,12 +235,24 @@ THINKING_CHATML = CHATML.replace(
     "else '') + message['content']")
 
 
+# DeepSeek-LLM-chat's layout: "Assistant: " + content; the letter's token carries the space.
+SPACE_BEFORE_ANSWER = CHATML.replace(
+    "message['role'] + '\n' + message['content']",
+    "message['role'] + '\n' + (' ' if message['role'] == 'assistant' else '') "
+    "+ message['content']")
+
+
 @pytest.mark.parametrize(("eos", "template"), [("<|im_end|>", None), ("<|endoftext|>", None),
-                                               ("<|im_end|>", THINKING_CHATML)])
+                                               ("<|im_end|>", THINKING_CHATML),
+                                               ("<|im_end|>", SPACE_BEFORE_ANSWER)])
 def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos, template):
     """Also where eos is not the token that ends the turn (Gemma, Phi-3: the turn marker was
-    scored with the letter there), and where the template writes text before the answer
-    (Qwen3's empty <think></think>)."""
+    scored with the letter there), where the template writes text before the answer (Qwen3's
+    empty <think></think>), and where a space before the answer is fused with the letter (the
+    eos token alone was scored there: the tokenizer here knows " A" as one token)."""
+    if template == SPACE_BEFORE_ANSWER:
+        tiny_tokenizer = build_tiny_tokenizer(extra_corpus=(" A B C D",) * 20)
+        assert len(tiny_tokenizer.tokenize(" A")) == 1
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.eos_token = eos
     if template is not None:
@@ -250,7 +262,7 @@ def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos, 
     examples = choice_examples(tokenizer, question)
     for letter, example in zip(LETTERS, examples, strict=True):
         answer_ids = [t for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
-        assert tokenizer.decode(answer_ids) == letter
+        assert tokenizer.decode(answer_ids).lstrip(" ") == letter
 
 
 def test_choice_logps_fast_path_equals_full_logits(tiny_model_dir, tiny_tokenizer, choices_csv):

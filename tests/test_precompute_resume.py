@@ -148,6 +148,15 @@ def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
     merged = merge_caches([node_a, node_b], tmp_path / "merged")
     assert merged.metadata["rows"] == 20 and merged.metadata["shards"] == 1
     assert list(iter_rows(tmp_path / "merged")) == expected
+    # --overwrite replaces the cache and keeps the user's files (it deleted the whole folder)
+    (tmp_path / "merged" / "notes.txt").write_text("mine")
+    (tmp_path / "merged" / ".hidden").write_text("mine too")
+    with pytest.raises(CacheError, match="exists: pass --overwrite"):
+        merge_caches([node_a, node_b], tmp_path / "merged")
+    merge_caches([node_a, node_b], tmp_path / "merged", overwrite=True)
+    assert (tmp_path / "merged" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "merged" / ".hidden").read_text() == "mine too"
+    assert list(iter_rows(tmp_path / "merged")) == expected
     with pytest.raises(CacheError, match="shards: 1 -> 2"):  # no mixing of schemes
         precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
 

@@ -475,6 +475,9 @@ def test_a_cache_from_before_the_answer_span_fix_gets_a_note(cache, tmp_path, ca
     run_train(config(cache, tmp_path / "run", max_steps=1))
     err = " ".join(capsys.readouterr().err.split())
     assert "written by minorsft 0.1.0" in err and "run precompute again" in err
+    assert "0.2.0 fixed" in err and "0.4.0 fixed" in err
+    note = train_module._old_answer_span_note("0.3.3")  # only the later fix applies
+    assert "0.4.0 fixed" in note and "0.2.0" not in note
     assert train_module._old_answer_span_note(train_module.__version__) is None
     assert train_module._old_answer_span_note(None) is None  # nothing recorded: no guess
 

@@ -23,6 +23,8 @@ from minorsft.checkpoints import list_checkpoints
 from minorsft.cli import app
 from minorsft.train import (
     TrainConfig,
+    check_finite,
+    check_step0,
     epoch_rows,
     linear_schedule,
     run_train,
@@ -232,6 +234,29 @@ def test_step0_guard_is_not_fooled_by_shifts_that_cancel(tiny_model_dir, tmp_pat
         run_train(config, Console(quiet=True))
     m_theta = float(str(caught.value).split("step-0 m_theta ")[1].split(",")[0])
     assert abs(m_theta) < 1e-4  # the signed mean alone would have passed
+
+
+def test_a_model_with_nan_log_probs_is_stopped_at_step0_not_blamed_on_the_lr(tiny_cache,
+                                                                             tmp_path):
+    """NaN compares False with the tolerance: the guard let it pass, and step 0 then failed
+    with "the updates diverged; train again with a lower --lr" before any update."""
+    config = TrainConfig(cache=str(tiny_cache), output=str(tmp_path / "run"), batch_size=4,
+                         max_steps=1)
+    state = setup(config, Console(quiet=True))
+    with torch.no_grad():
+        state.model.model.norm.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="not all finite .* before any update"):
+        check_step0(state, config, Console(quiet=True))
+
+
+@pytest.mark.parametrize(("step", "cause"), [(0, "no update had happened yet"),
+                                             (3, "lower --lr")])
+@pytest.mark.parametrize("name", ["loss", "grad_norm"])
+def test_a_non_finite_loss_or_gradient_norm_stops_training(step, cause, name):
+    metrics = {"loss": 1.0, "grad_norm": 1.0, name: float("inf")}
+    with pytest.raises(FloatingPointError, match=f"{name} became inf at step {step}: .*{cause}"):
+        check_finite(metrics, step)
+    check_finite({"loss": 1.0, "grad_norm": 1.0}, step)
 
 
 # --- RNG state across a resume -------------------------------------------------------------------
