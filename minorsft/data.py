@@ -577,6 +577,9 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
 def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = None) -> str:
     """The row's `id` column if it has one, else a hash of its content (stable across runs)."""
     if (value := record.get(spec.id_field)) is not None:
+        if isinstance(value, float) and value.is_integer():
+            # pandas stores an integer column with missing values as float64 (3 -> 3.0)
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(path, line, spec.id_field,
                             f"expected a string or integer id, got {type(value).__name__}")

@@ -206,6 +206,19 @@ def test_named_fields_and_alpaca_input(tiny_tokenizer, tmp_path):
     assert example.id.startswith("sha256:")  # no id column: a content hash
 
 
+def test_parquet_integer_ids_stored_as_floats_are_ids(tiny_tokenizer, tmp_path):
+    """pandas writes an integer id column with missing values as float64: every row was
+    rejected ("expected a string or integer id, got float")."""
+    import polars as pl
+
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame({"id": [3.0, None, 2.5], "prompt": ["a", "b", "c"],
+                  "response": ["x", "y", "z"]}).write_parquet(path)
+    kept_3, kept_hash, rejected = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    assert kept_3.id == "3" and kept_hash.id.startswith("sha256:")
+    assert rejected.field == "id" and "got float" in rejected.reason
+
+
 def test_parquet_input(tiny_tokenizer, tmp_path):
     import polars as pl
 
