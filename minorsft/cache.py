@@ -443,6 +443,9 @@ def _file_metadata(path: Path) -> dict:
                          f"{_INPUT_HINT}")
     _check_schema(path, file_metadata.schema.to_arrow_schema())
     metadata = json.loads(raw)
+    if "part" in metadata:  # one part of a parts directory holds only some of its rows
+        raise CacheError(f"{path}: this is part {metadata['part']} of the cache in "
+                         f"{path.parent}, not a whole cache: give the folder {path.parent}")
     metadata["layout"] = "file"
     return metadata
 

@@ -470,8 +470,10 @@ def cache_merge(
 @app.command("eval")
 def eval_command(
     *,
-    model: Annotated[str, typer.Option(help="Checkpoint to evaluate (a `minorsft train` output "
-                                            "folder, a model folder or the built-in name).")],
+    model: Annotated[str, typer.Option(help="Model to evaluate (a `minorsft train` output "
+                                            "folder, a model folder or the built-in name; not "
+                                            "a --save-every checkpoint, which is for "
+                                            "--resume).")],
     reference: Annotated[str | None, typer.Option(
         help="Reference for m_theta: a model (needs --data), or a cache written by `minorsft "
              "precompute` on the held-out data (its token ids and log-probs are reused; then "

@@ -50,7 +50,7 @@ from minorsft.data import (
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
 from minorsft.logprobs import final_logit_transform, pad_batch
-from minorsft.models import fingerprint, load_tokenizer, resolve_model
+from minorsft.models import autocast_context, fingerprint, load_tokenizer, resolve_model
 
 # The paper's ceval-exam prompt (section 4), verbatim up to the placeholders.
 CEVAL_PROMPT = (
@@ -82,6 +82,9 @@ class EvalConfig:
 
     def __post_init__(self):
         FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
+        if self.reference and self.reference.endswith(".parquet") \
+                and not Path(self.reference).exists():  # no model is named so: a mistyped cache
+            raise ValueError(f"--reference {self.reference}: no such cache")
         if self.data is None and not self.choices and not looks_like_cache(self.reference):
             raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
                              "--reference")
@@ -378,8 +381,10 @@ def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question
             fast_letters.append(split[1])
             fast_owner.append(index)
     if fast_prefixes:
-        scores = _next_token_logps(engine.model, fast_prefixes, fast_letters, engine.pad_id,
-                                   engine.device, engine.max_batch_tokens)
+        # in the engine's precision, as engine.score below (bf16-mixed: under bf16 autocast)
+        with autocast_context(engine.device, engine.autocast):
+            scores = _next_token_logps(engine.model, fast_prefixes, fast_letters,
+                                       engine.pad_id, engine.device, engine.max_batch_tokens)
         for index, row in zip(fast_owner, scores, strict=True):
             result[index] = row
     if slow:
@@ -479,6 +484,9 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
         examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],
                                 row["truncated"]))
         ref_logps.append(row["ref_logps"])
+    if not examples:  # (train and verify refuse it too)
+        raise CacheError(f"{path}: the cache has no rows (were they all rejected? see its "
+                         "_rejects.jsonl): nothing to evaluate")
     return examples, ref_logps, metadata
 
 

@@ -66,7 +66,11 @@ def resolve_model(name: str, option: str = "--model") -> str:
             raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():
-            raise ModelError(f"{option} {path}: not a model folder (no config.json in it)")
+            hint = ("; it is a training checkpoint, which holds what `train --resume` needs "
+                    "(weights, optimizer and scheduler states), not a model: give the finished "
+                    "run's --output folder" if (path / "trainer_state.json").exists() else "")
+            raise ModelError(f"{option} {path}: not a model folder (no config.json in it)"
+                             + hint)
         # absolute (and without ..): caches and run configs record it, and are read from
         # other directories
         return os.path.abspath(path)
@@ -166,10 +170,20 @@ def _materialise_builtin(name: str) -> Path:
     return target
 
 
+# Files of which a model folder's tokenizer is made (any one of them can be enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "tiktoken.model")
+
+
 def load_tokenizer(model_path: str, option: str = "--model"):
     """The model's tokenizer; `option` is the command-line option that named the model."""
     from transformers import AutoTokenizer
 
+    folder = Path(model_path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # transformers then tries to convert a tokenizer from nothing and says so in its terms
+        raise ModelError(f"{option} {model_path}: no tokenizer in this folder (none of "
+                         f"{', '.join(TOKENIZER_FILES)}); save the model's tokenizer beside it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as error:  # a name that is neither a folder nor reachable on the hub
@@ -222,6 +236,9 @@ def pick_device(device: str = "auto") -> torch.device:
     except RuntimeError as error:
         raise ModelError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N"
                          ) from error
+    if chosen.type not in ("cpu", "cuda"):  # mps, xpu, meta: untested here, and they fail deep
+        raise ModelError(f"--device {device}: minorsft runs on cpu and cuda devices only; use "
+                         "auto, cpu, cuda or cuda:N")
     if chosen.type == "cuda":
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not available:

@@ -127,9 +127,12 @@ def measure_drift(
             reference_tokens = reference_token_logps[index]
             token_deltas.extend(abs(a - b) for a, b in zip(tokens, reference_tokens, strict=True))
             repeats.append(abs(math.fsum(reference_tokens) - row["ref_logps"]))
-    magnitudes = sorted(abs(d) for d in deltas)
+    # A NaN (or inf) delta is the worst drift there is: sorted last (sorted() leaves a NaN
+    # wherever it happens to be, and the largest magnitude then looked finite) and a failure.
+    magnitudes = sorted((abs(d) for d in deltas), key=_worst_last)
     coefficients = [_coefficient(beta, d) for d in deltas]
-    order = sorted(range(len(rows)), key=lambda i: -abs(deltas[i]))[:5]
+    order = sorted(range(len(rows)), key=lambda i: _worst_last(abs(deltas[i])),
+                   reverse=True)[:5]
     report = DriftReport(
         rows=len(rows),
         answer_tokens=sum(row["num_tokens"] for row in rows),
@@ -150,10 +153,15 @@ def measure_drift(
         token_abs_max=max(token_deltas) if token_deltas else None,
         reference_repeat_max=max(repeats) if repeats else None,
         max_delta_r=max_delta_r,
-        passed=magnitudes[-1] <= max_delta_r,
+        passed=all(map(math.isfinite, magnitudes)) and magnitudes[-1] <= max_delta_r,
         worst_rows=[[rows[i]["id"], deltas[i], rows[i]["num_tokens"]] for i in order],
     )
     return report
+
+
+def _worst_last(magnitude: float) -> tuple[bool, float]:
+    """Sort key for |delta_r|: ascending, with NaN after everything."""
+    return (math.isnan(magnitude), 0.0 if math.isnan(magnitude) else magnitude)
 
 
 def format_report(report: DriftReport) -> str:

@@ -47,6 +47,15 @@ def test_single_file_cache_reads_like_the_parts_directory(parts_cache, tmp_path)
     assert metadata["layout"] == "parts" and metadata["parts"] == 3
 
 
+def test_one_part_file_is_refused_as_a_cache_with_its_folder_named(parts_cache):
+    """It was read as a whole single-file cache: train would have used 6 of 16 rows."""
+    part = parts_cache / "part-00001.parquet"
+    with pytest.raises(CacheError, match=f"part 1 of the cache in {parts_cache}, not a whole"):
+        read_metadata(part)
+    result = CliRunner().invoke(app, ["train", "--cache", str(part), "--output", "unused"])
+    assert result.exit_code == 2 and "give the folder" in " ".join(result.output.split())
+
+
 def test_drift_added_after_scoring_shows_in_cache_info(parts_cache, tmp_path):
     runner = CliRunner()
     first = runner.invoke(app, ["cache", "info", str(parts_cache)]).output

@@ -147,6 +147,30 @@ def test_precompute_out_below_a_file_is_a_one_line_error(tiny_model_dir, tmp_pat
     assert "cannot create its folder (Not a directory)" in result.output
 
 
+def test_a_model_folder_without_a_tokenizer_is_named(tiny_model_dir, tmp_path):
+    """transformers' own message spoke of converting a tokenizer and installing sentencepiece."""
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    result = runner.invoke(app, ["precompute", "--model", str(folder), "--data", str(data),
+                                 "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert f"--model {folder}: no tokenizer in this folder" in " ".join(result.output.split())
+
+
+def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--choices", "x.csv"])
+    assert result.exit_code == 2, result.output
+    assert "it is a training checkpoint" in " ".join(result.output.split())
+
+
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # offline, as this machine is (online, the hub answers "not found": the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -155,6 +179,11 @@ def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
                                  "--device", "gpu"])
     assert result.exit_code == 2 and "--device 'gpu' is not a device" in result.output
+    for other in ("mps", "meta"):  # real torch devices, which failed deep in a traceback
+        result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
+                                     "--device", other])
+        assert result.exit_code == 2, result.output
+        assert "runs on cpu and cuda devices only" in " ".join(result.output.split())
     if not __import__("torch").cuda.is_available():
         result = runner.invoke(app, ["precompute", "--data", str(data), "--out", out,
                                      "--device", "cuda"])

@@ -275,6 +275,21 @@ def test_choice_logps_fast_path_equals_full_logits(tiny_model_dir, tiny_tokenize
     torch.testing.assert_close(torch.tensor(slow), torch.tensor(full), atol=1e-5, rtol=0)
 
 
+def test_choice_logps_fast_path_runs_in_the_engines_mixed_precision(tiny_model_dir,
+                                                                    tiny_tokenizer, choices_csv):
+    """Under --dtype bf16-mixed the fast path ran without autocast: it scored in fp32 while the
+    results said bf16-mixed."""
+    questions = read_choices(choices_csv)
+    mixed = TransformersEngine(str(tiny_model_dir), dtype="bf16-mixed", device="cpu")
+    plain = TransformersEngine(str(tiny_model_dir), dtype="float32", device="cpu")
+    fast = torch.tensor(choice_logps(mixed, tiny_tokenizer, questions, fast=True))
+    slow = torch.tensor(choice_logps(mixed, tiny_tokenizer, questions, fast=False))
+    fp32 = torch.tensor(choice_logps(plain, tiny_tokenizer, questions, fast=True))
+    assert not torch.equal(fast, fp32)
+    # both paths in bf16: they agree to bf16's rounding, far closer than to other letters
+    torch.testing.assert_close(fast, slow, atol=0.05, rtol=0)
+
+
 def test_accuracy_is_argmax_of_letter_logps_tiny(tiny_model_dir, tiny_tokenizer, choices_csv):
     questions = read_choices(choices_csv)
     full = _full_logits_choice_logps(tiny_model_dir, tiny_tokenizer, questions)
@@ -329,6 +344,20 @@ def test_m_theta_against_cache_and_other_model(tiny_model_dir, tiny_tokenizer, d
     assert result["m_theta"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-4)
     assert result["nll_per_token"] == pytest.approx(nll / tokens, rel=1e-5)
     assert abs(result["m_theta"]) > 1e-3  # a different model really does deviate
+
+
+def test_a_cache_with_no_rows_as_reference_is_an_error(tiny_model_dir, tmp_path):
+    """It printed an empty table and exited 0."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p"}\n')
+    cache = tmp_path / "empty"
+    with pytest.raises(ValueError, match="no usable rows"):  # but the cache stays, rejects and all
+        run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data),
+                                        out=str(cache), on_bad="skip", verify_sample=0))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference",
+                                      str(cache)])
+    assert result.exit_code == 2, result.output
+    assert "the cache has no rows" in " ".join(result.output.split())
 
 
 def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
@@ -430,6 +459,11 @@ def test_cli_eval_errors(tiny_model_dir, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir)])
     assert result.exit_code == 2 and "nothing to evaluate" in result.output
+    # a mistyped cache was taken for a model: "nothing to evaluate" although a cache was given
+    typo = str(tmp_path / "heldout.parquet")
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference", typo])
+    assert result.exit_code == 2 and f"--reference {typo}: no such cache" in " ".join(
+        result.output.split())
     bad = tmp_path / "bad.csv"
     bad.write_text("q,a,b,c,d,Z\n")
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--choices", str(bad)])

@@ -65,6 +65,17 @@ def test_measure_drift_figures_by_hand():
     assert json.dumps(report.as_dict())
 
 
+def test_a_nan_drift_fails_the_check_and_heads_the_worst_rows():
+    """With a NaN among the deltas, sorted() left the largest magnitude finite: "OK"."""
+    rows = [_row("a", -1.0, 1), _row("b", -1.0, 1), _row("c", -1.0, 1)]
+    trainer = FixedEngine([[-1.1], [float("nan")], [-1.2]])
+    report = measure_drift(rows, trainer, beta=0.04, reference={}, max_delta_r=1.0)
+    assert not report.passed
+    assert math.isnan(report.delta_r_abs["max"])
+    assert report.worst_rows[0][0] == "b"
+    assert [row[0] for row in report.worst_rows[1:]] == ["c", "a"]
+
+
 def test_measure_drift_refuses_a_token_count_mismatch():
     with pytest.raises(ValueError, match="answer tokens"):
         measure_drift([_row("a", -1.0, 3)], FixedEngine([[-1.0]]), 0.04, {})
