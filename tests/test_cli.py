@@ -166,7 +166,8 @@ def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-4"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--choices", "x.csv"])
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--data", str(data)])
     assert result.exit_code == 2, result.output
     assert "it is a training checkpoint" in " ".join(result.output.split())
 
