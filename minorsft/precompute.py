@@ -272,6 +272,14 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
                          config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
                          max_model_len=config.max_model_len)
+    vllm_only = [option for option, value in (
+        ("--tensor-parallel-size", config.tensor_parallel_size),
+        ("--gpu-memory-utilization", config.gpu_memory_utilization),
+        ("--max-model-len", config.max_model_len)) if value is not None]
+    if vllm_only and engine.name != "vllm":
+        verb = "apply" if len(vllm_only) > 1 else "applies"
+        console.print(f"note: {', '.join(vllm_only)} {verb} to the vLLM engine; the "
+                      f"{engine.name} engine scores this run and ignores them", highlight=False)
     metadata = {
         "model": config.model,
         "model_path": model_path,

@@ -432,6 +432,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if config.strategy == "fsdp" and not world.distributed and world.is_main:
         console.print("note: --strategy fsdp applies under torchrun with several processes; "
                       "this is one process, trained without it", highlight=False)
+    elif config.cpu_offload and config.strategy != "fsdp" and world.is_main:
+        console.print("note: --cpu-offload applies under --strategy fsdp only; ignored",
+                      highlight=False)
     model_name, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
         run_fingerprint = fingerprint(model_path, tokenizer).as_dict()

@@ -172,6 +172,22 @@ def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
     assert "it is a training checkpoint" in " ".join(result.output.split())
 
 
+def test_options_of_another_engine_or_strategy_get_a_note(tiny_model_dir, tmp_path):
+    """They were ignored without a word."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 4)
+    cache = tmp_path / "c"
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(cache), "--engine", "transformers",
+                                 "--gpu-memory-utilization", "0.5", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    assert ("note: --gpu-memory-utilization applies to the vLLM engine; the transformers engine "
+            "scores this run and ignores them") in " ".join(result.output.split())
+    result = runner.invoke(app, ["train", "--cache", str(cache), "--output", str(tmp_path / "r"),
+                                 "--max-steps", "1", "--batch-size", "2", "--cpu-offload"])
+    assert result.exit_code == 0, result.output
+    assert "--cpu-offload applies under --strategy fsdp only" in result.output
+
+
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # offline, as this machine is (online, the hub answers "not found": the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
