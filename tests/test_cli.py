@@ -188,6 +188,21 @@ def test_options_of_another_engine_or_strategy_get_a_note(tiny_model_dir, tmp_pa
     assert "--cpu-offload applies under --strategy fsdp only" in result.output
 
 
+def test_precompute_finds_a_bad_first_row_before_loading_the_model(tiny_model_dir, tmp_path,
+                                                                   monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was looked at")
+
+    monkeypatch.setattr("minorsft.precompute.make_engine", no_engine)
+    data = tmp_path / "rows.jsonl"
+    data.write_text('[{"prompt": "p", "response": "r"}]\n')
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2, result.output
+    assert "rows.jsonl:1:" in result.output and "jq -c" in result.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # offline, as this machine is (online, the hub answers "not found": the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
