@@ -85,7 +85,8 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
         label += f": {config['loss']} lr={config['lr']:g} beta={config.get('beta', 0.04):g}"
         if config.get("lora_r"):
             label += f" LoRA r={config['lora_r']}"
-    # else still running (run_config.json is written at the end): the folder name alone
+    else:  # still running (run_config.json is written at the end): its loss is not known yet
+        label += " (running)"
     return label, rows, config
 
 
@@ -114,7 +115,9 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     style_index: dict[str, int] = {}
     for label, rows, config in runs:
         loss = config.get("loss")
-        colour = LOSS_COLOURS.get(loss)
+        # grey for a run whose loss is not known yet: matplotlib's default blue and orange
+        # would pass it off as an sft or sft-dpo run
+        colour = LOSS_COLOURS.get(loss, "tab:gray")
         # Runs of the same loss share a colour; their lrs differ by line style.
         linestyle = LINESTYLES[style_index.get(loss, 0) % len(LINESTYLES)]
         style_index[loss] = style_index.get(loss, 0) + 1
