@@ -518,34 +518,45 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
 
     Templates add text of their own around a turn's content: a role header, a default system
     prompt when the conversation has none (even before an assistant turn that comes first), an
-    empty thinking block. None of that is answer. Rendering the conversation through this turn
-    once more with a probe string in place of the content shows what the template puts before
-    and after the content, whatever the content is (a template may also trim it).
+    empty thinking block. None of that is answer. Rendering the conversation once more with a
+    probe string in place of this turn's content shows what the template puts before and after
+    it, whatever the content is (a template may also trim it). The whole conversation is
+    rendered, not the part up to this turn: templates may render a turn differently when more
+    follows (Qwen3's writes an empty thinking block only into turns after the last user turn).
     """
-    through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
     probe_turn = dict(messages[index], content=ANSWER_PROBE)
-    probed = _render(tokenizer, messages[:index] + [probe_turn], generation_prompt=False)
+    probed = _render(tokenizer, [*messages[:index], probe_turn, *messages[index + 1:]],
+                     generation_prompt=False)
     if probed.count(ANSWER_PROBE) != 1:
         raise ValueError("the chat template does not render an assistant turn's content once; "
                          "cannot locate the answer tokens")
     head, tail = probed.split(ANSWER_PROBE)
-    content_end = len(through) - len(tail)
-    # `through` need not be a prefix of the whole conversation beyond the content: a template
-    # may close the conversation with text of its own (Phi-3's writes the eos token once, after
-    # the last turn's <|end|>\n).
-    consistent = (full_text.startswith(through[:content_end]) and through.startswith(head)
-                  and through.endswith(tail) and content_end > len(head))
-    if consistent and index > 0:
+    content_end = len(full_text) - len(tail)
+    turn = sum(message["role"] == "assistant" for message in messages[: index + 1])
+    if not (full_text.startswith(head) and full_text.endswith(tail)
+            and content_end > len(head)):
+        raise ValueError(f"the chat template renders assistant turn {turn} differently "
+                         "depending on its content (as templates that move reasoning out of "
+                         "it do); cannot locate the answer tokens")
+    if index > 0:
         # Trained after exactly the prompt that generation starts from: the conversation so
         # far plus the generation prompt. (An empty conversation cannot be rendered, so a
         # first turn has only the check above.)
         before = _render(tokenizer, messages[:index], generation_prompt=True)
-        consistent = head.startswith(before)
-    if not consistent:
-        raise ValueError("the chat template does not render conversations prefix by prefix; "
-                         "cannot locate the answer tokens")
-    # The turn's own end: what follows the content both here and in the whole conversation.
-    turn_end = os.path.commonprefix([through[content_end:], full_text[content_end:]])
+        if not head.startswith(before):
+            raise ValueError(
+                f"the chat template renders the conversation before assistant turn {turn} "
+                "otherwise than the prompt it renders to generate that turn (as "
+                "templates that write the system message into the last user turn only do); "
+                "training on it would not teach what generation asks: drop the system message "
+                "or split the conversation")
+    # The turn's own end: what the template writes after the content both when the
+    # conversation ends with this turn and when it goes on (Phi-3's writes the eos token once,
+    # after the last turn's <|end|>\n; the next turn's header is not this turn's).
+    own_tail = tail if index == len(messages) - 1 else _render(
+        tokenizer, [*messages[:index], probe_turn], generation_prompt=False
+    ).split(ANSWER_PROBE)[-1]
+    turn_end = os.path.commonprefix([own_tail, tail])
     return len(head), content_end + _end_of_turn(turn_end, special)
 
 

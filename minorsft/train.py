@@ -349,7 +349,8 @@ ANSWER_SPAN_FIXES = (
               "and DeepSeek's (the answer's first token was left out: for a one-word answer, "
               "the word itself), and templates that write the eos token once after the last "
               "turn, such as Phi-3's (multi-turn chats were rejected; the last answer took in "
-              "the newline and the eos token)"),
+              "the newline and the eos token); multi-turn chats under templates that render a "
+              "turn otherwise when more follows, such as Qwen3's, were rejected"),
 )
 
 

@@ -173,6 +173,57 @@ def test_eos_the_template_writes_once_after_the_last_turn_is_not_answer(tmp_path
         "He has 7 apples.<|endoftext|>", "5<|endoftext|>10<|endoftext|>"]
 
 
+# Qwen3's layout: an empty thinking block only in assistant turns after the last user turn, so
+# a turn renders differently when the conversation goes on.
+THINKING_AFTER_LAST_USER_TEMPLATE = (
+    "{% set ns = namespace(last_user=0) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Mistral v0.3's layout: the system message goes into the last user turn only.
+SYSTEM_IN_LAST_USER_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set chat = messages[1:] %}{% else %}{% set system = '' %}{% set chat = messages %}"
+    "{% endif %}"
+    "{% for message in chat %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.last and system %}{{ '[INST] ' + system + '\n\n' + message['content'] + "
+    "'[/INST]' }}{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_a_turn_the_template_renders_otherwise_when_more_follows_is_found(tmp_path):
+    # Every multi-turn chat was rejected: the first answer rendered alone got the thinking
+    # block, the whole conversation has none there.
+    tokenizer = tokenizer_with_template(THINKING_AFTER_LAST_USER_TEMPLATE)
+    rows = [DEMO_ROWS[0], DEMO_ROWS[3]]
+    texts = [answer_text(tokenizer, e) for e in iter_examples(
+        write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer)]
+    assert texts == ["The capital of France is Paris.<|im_end|>", "5<|im_end|>10<|im_end|>"]
+
+
+def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_path):
+    tokenizer = tokenizer_with_template(SYSTEM_IN_LAST_USER_TEMPLATE)
+    without_system = {"messages": DEMO_ROWS[3]["messages"][1:]}
+    kept, rejected = iter_examples(  # DEMO_ROWS[3] has a system message
+        write_jsonl(tmp_path / "rows.jsonl", [without_system, DEMO_ROWS[3]]), tokenizer,
+        on_bad="skip")
+    assert answer_text(tokenizer, kept) == " 5<|im_end|> 10<|im_end|>"
+    assert isinstance(rejected, Rejection) and rejected.field == "messages"
+    assert rejected.reason.startswith("the chat template renders the conversation before "
+                                      "assistant turn 1 otherwise than the prompt")
+    assert "system message into the last user turn" in rejected.reason
+
+
 def test_a_refusal_of_a_row_without_messages_names_no_field(tmp_path):
     tokenizer = tokenizer_with_template(
         "{% if messages[0]['role'] == 'system' %}"
