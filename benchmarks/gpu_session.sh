@@ -14,15 +14,16 @@
 # Picture: python benchmarks/gpu_long_run.py --plot $OUT/r05/long_run.json -o long_run.png
 # TRL: where it does not import and .whl/ holds wheels (trl, datasets, dill, multiprocess; made
 # elsewhere with `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`), they
-# are installed into /tmp/site first.
+# are installed into a temporary folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_session_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ! python3 -c "import trl" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  site="$(mktemp -d)"  # not under $OUT: what is there is copied back
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    --target "$site" .whl/*.whl && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 head=() r05=(--steps 120) r15=(--steps 100)
