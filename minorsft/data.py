@@ -533,23 +533,29 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     head, tail = probed.split(ANSWER_PROBE)
     content_end = len(full_text) - len(tail)
     turn = sum(message["role"] == "assistant" for message in messages[: index + 1])
-    if not (full_text.startswith(head) and full_text.endswith(tail)
-            and content_end > len(head)):
-        raise ValueError(f"the chat template renders assistant turn {turn} differently "
-                         "depending on its content (as templates that move reasoning out of "
-                         "it do); cannot locate the answer tokens")
-    if index > 0:
-        # Trained after exactly the prompt that generation starts from: the conversation so
-        # far plus the generation prompt. (An empty conversation cannot be rendered, so a
-        # first turn has only the check above.)
-        before = _render(tokenizer, messages[:index], generation_prompt=True)
-        if not head.startswith(before):
+    # Trained after exactly the prompt that generation starts from: the conversation so far
+    # plus the generation prompt. (An empty conversation cannot be rendered, so a first turn
+    # has only the checks on the probe.)
+    before = _render(tokenizer, messages[:index], generation_prompt=True) if index else None
+    if full_text.startswith(head) and full_text.endswith(tail) and content_end > len(head):
+        start = len(head)
+        if before is not None and not head.startswith(before):
             raise ValueError(
                 f"the chat template renders the conversation before assistant turn {turn} "
                 "otherwise than the prompt it renders to generate that turn (as "
                 "templates that write the system message into the last user turn only do); "
                 "training on it would not teach what generation asks: drop the system message "
                 "or split the conversation")
+    elif (before is not None and full_text.startswith(before) and full_text.endswith(tail)
+          and content_end > len(before)):
+        # The template writes this content otherwise than a plain one (Qwen3's moves the
+        # reasoning in <think>...</think> out of it, into a block of its own before it): all
+        # that follows the generation prompt, up to the turn's end, is what the model generates.
+        start = len(before)
+    else:
+        raise ValueError(f"the chat template renders assistant turn {turn} differently "
+                         "depending on its content (as templates that move reasoning out of "
+                         "it do); cannot locate the answer tokens")
     # The turn's own end: what the template writes after the content both when the
     # conversation ends with this turn and when it goes on (Phi-3's writes the eos token once,
     # after the last turn's <|end|>\n; the next turn's header is not this turn's).
@@ -557,7 +563,7 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
         tokenizer, [*messages[:index], probe_turn], generation_prompt=False
     ).split(ANSWER_PROBE)[-1]
     turn_end = os.path.commonprefix([own_tail, tail])
-    return len(head), content_end + _end_of_turn(turn_end, special)
+    return start, content_end + _end_of_turn(turn_end, special)
 
 
 def _end_of_turn(turn_end: str, special: re.Pattern | None) -> int:

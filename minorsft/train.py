@@ -350,7 +350,8 @@ ANSWER_SPAN_FIXES = (
               "the word itself), and templates that write the eos token once after the last "
               "turn, such as Phi-3's (multi-turn chats were rejected; the last answer took in "
               "the newline and the eos token); multi-turn chats under templates that render a "
-              "turn otherwise when more follows, such as Qwen3's, were rejected"),
+              "turn otherwise when more follows, such as Qwen3's, were rejected, and so were "
+              "answers with <think> reasoning that such templates move"),
 )
 
 

@@ -211,6 +211,39 @@ def test_a_turn_the_template_renders_otherwise_when_more_follows_is_found(tmp_pa
     assert texts == ["The capital of France is Paris.<|im_end|>", "5<|im_end|>10<|im_end|>"]
 
 
+# Qwen3's handling of reasoning: an assistant content "<think>R</think>A" is written as a
+# thinking block of its own in the last turn, and as A alone in earlier turns.
+REASONING_TEMPLATE = (
+    "{% set ns = namespace(last_user=0) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% set parts = message['content'].split('</think>') %}"
+    "{% if message['role'] == 'assistant' and loop.index0 > ns.last_user %}"
+    "{% set reasoning = parts[0].split('<think>')[-1].strip() if parts | length > 1 else '' %}"
+    "{{ '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{% endif %}"
+    "{{ parts[-1].lstrip() + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_reasoning_the_template_moves_into_a_block_of_its_own_is_answer(tmp_path):
+    """Rejected as a template that renders a turn differently depending on its content."""
+    tokenizer = tokenizer_with_template(REASONING_TEMPLATE)
+    chat = {"messages": [
+        {"role": "user", "content": "2 plus 3"},
+        {"role": "assistant", "content": "<think>add them</think>5"},
+        {"role": "user", "content": "times 2"},
+        {"role": "assistant", "content": "<think>double it</think>10"}]}
+    (example,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [chat]), tokenizer)
+    text = tokenizer.decode(example.input_ids)
+    assert "add them" not in text  # the template drops an earlier turn's reasoning
+    assert answer_text(tokenizer, example) == (
+        "5<|im_end|><think>\ndouble it\n</think>\n\n10<|im_end|>")
+
+
 def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_path):
     tokenizer = tokenizer_with_template(SYSTEM_IN_LAST_USER_TEMPLATE)
     without_system = {"messages": DEMO_ROWS[3]["messages"][1:]}
