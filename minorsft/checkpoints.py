@@ -206,6 +206,8 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
         save_file(weights, staging / "model.safetensors")
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
+        if state.scaler is not None:  # fp16-mixed: the loss scale found so far
+            torch.save(state.scaler.state_dict(), staging / "scaler.pt")
         torch.save(rng, staging / "rng.pt")
         trainer_state = {"step": step, "settings": _resume_settings(state, config),
                          "optimizer_format": optimizer_format, "minorsft_version": __version__}
@@ -293,6 +295,8 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         state.model.load_state_dict(exact, strict=False)  # cast to the parameters' dtype
         state.optimizer.load_state_dict(optimizer_state)
     state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if state.scaler is not None and (path / "scaler.pt").exists():
+        state.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     _restore_rng(path, state.world)
     return int(trainer_state["step"])
 

@@ -111,7 +111,7 @@ def precompute(
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,
     dtype: Annotated[str, typer.Option(
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16 or (transformers "
-             "engine) bf16-mixed. Score in the dtype you will train in.")] = "auto",
+             "engine) bf16-mixed, fp16-mixed. Score in the dtype you will train in.")] = "auto",
     engine: Annotated[str, typer.Option(
         help="Scoring engine: vllm, transformers, or auto (vllm when it is installed and a "
              "CUDA GPU is present, else transformers).")] = "auto",
@@ -134,7 +134,7 @@ def precompute(
              "drift (stored in the cache metadata; see `minorsft verify`). 0 skips.")] = 16,
     verify_dtype: Annotated[str, typer.Option(
         help="The dtype training will use, for that check (auto: fp32 on CPU, bf16 on "
-             "GPU; or bf16-mixed).")] = "auto",
+             "GPU; or bf16-mixed, fp16-mixed).")] = "auto",
     on_bad: Annotated[str, typer.Option(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
              "writes it to <out>/_rejects.jsonl with the reason.")] = "error",
@@ -216,10 +216,11 @@ def train(
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the data order and the model.")] = 42,
     dtype: Annotated[str, typer.Option(
-        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, or bf16-mixed "
-             "(fp32 weights and updates, forward and backward under bf16 autocast: about twice "
-             "as fast as float32 on CPUs with bf16 instructions). Not float16: without a loss "
-             "scale its gradients underflow.")] = "auto",
+        help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, bf16-mixed (fp32 weights "
+             "and updates, forward and backward under bf16 autocast: about twice as fast as "
+             "float32 on CPUs with bf16 instructions) or fp16-mixed (the same under fp16 "
+             "autocast with dynamic loss scaling, for GPUs without bf16: T4, V100). Not "
+             "float16: its small gradients round to 0.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     attention: Annotated[str, typer.Option(
         help="auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager, "
@@ -357,7 +358,7 @@ def verify(
     beta: Annotated[float, typer.Option(help="The beta training will use.")] = 0.04,
     dtype: Annotated[str, typer.Option(
         help="The dtype training will use: auto (fp32 on CPU, bf16 on GPU), float32, "
-             "bfloat16, float16 or bf16-mixed.")] = "auto",
+             "bfloat16, float16, bf16-mixed or fp16-mixed.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(
         help="Tokens per scoring batch (default 1024 on a CPU, 16384 on a GPU).",
@@ -493,7 +494,7 @@ def eval_command(
     max_questions: Annotated[int | None, typer.Option(
         help="Only the first N questions of each --choices file.")] = None,
     dtype: Annotated[str, typer.Option(
-        help="auto, float32, bfloat16, float16 or bf16-mixed.")] = "auto",
+        help="auto, float32, bfloat16, float16, bf16-mixed or fp16-mixed.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(
         help="Padded tokens per batch (default 1024 on a CPU, 16384 on a GPU).",

@@ -49,6 +49,7 @@ from minorsft.data import (
 )
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
+from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import autocast_context, fingerprint, load_tokenizer, resolve_model
 
@@ -586,22 +587,6 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         result["per_item"] = config.per_item
     return json_safe(result)
 
-
-
-def json_safe(value):
-    """`value` with NaN and infinities replaced by None (JSON null), recursively.
-
-    json.dumps writes them as NaN / Infinity, which is not JSON: strict parsers (jq, browsers,
-    most other languages) reject the whole file. A log-prob of -inf (an answer token the model
-    gives probability 0 in low precision) would otherwise make an NLL or m_theta infinite.
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def _number(value: float | None, spec: str) -> str:

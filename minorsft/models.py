@@ -253,18 +253,24 @@ def pick_device(device: str = "auto") -> torch.device:
 
 # --dtype for fp32 weights with the forward (and in training the backward) under bf16 autocast.
 MIXED_PRECISION = "bf16-mixed"
+# The same under fp16 autocast, for GPUs without bf16 (T4, V100); training scales the loss.
+FP16_MIXED_PRECISION = "fp16-mixed"
+# --dtype value -> the autocast dtype of fp32 weights
+MIXED_PRECISIONS = {MIXED_PRECISION: torch.bfloat16, FP16_MIXED_PRECISION: torch.float16}
 
 
 def pick_precision(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(weights' dtype, autocast dtype or None) for a --dtype value (see `pick_dtype`)."""
-    if dtype == MIXED_PRECISION:
-        return torch.float32, torch.bfloat16
+    if dtype in MIXED_PRECISIONS:
+        return torch.float32, MIXED_PRECISIONS[dtype]
     return pick_dtype(dtype, device), None
 
 
 def precision_name(weights: torch.dtype, autocast: torch.dtype | None) -> str:
-    """How caches, settings and logs name a precision: a dtype, or bf16-mixed."""
-    return MIXED_PRECISION if autocast is not None else dtype_name(weights)
+    """How caches, settings and logs name a precision: a dtype, bf16-mixed or fp16-mixed."""
+    if autocast is None:
+        return dtype_name(weights)
+    return next(name for name, dtype in MIXED_PRECISIONS.items() if dtype == autocast)
 
 
 def cpu_has_bf16() -> bool:
@@ -291,7 +297,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     check_dtype(dtype)
-    if dtype not in _DTYPES:  # bf16-mixed: fp32 weights under autocast, see pick_precision
+    if dtype not in _DTYPES:  # bf16/fp16-mixed: fp32 weights under autocast, see pick_precision
         raise ValueError(f"--dtype {dtype} is not one dtype of the weights; use pick_precision")
     return _DTYPES[dtype]
 
@@ -302,10 +308,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def check_dtype(dtype: str, option: str = "dtype") -> None:
     """Refuse a --dtype value no stage knows, before any work is done."""
-    if dtype not in ("auto", MIXED_PRECISION, *_DTYPES):
+    if dtype not in ("auto", *MIXED_PRECISIONS, *_DTYPES):
         raise ValueError(
             f"unknown {option} {dtype!r}: use auto, float32, bfloat16, float16 or (transformers "
-            f"only) {MIXED_PRECISION}")
+            f"only) {MIXED_PRECISION} or {FP16_MIXED_PRECISION}")
 
 
 # What --attention accepts: auto, or a transformers attention implementation minorsft trains with.

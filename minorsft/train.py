@@ -65,11 +65,14 @@ from minorsft.distributed import (
     rank_slice,
     wrap_policy,
 )
+from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
 from minorsft.models import (
     ATTENTION_CHOICES,
+    FP16_MIXED_PRECISION,
     MIXED_PRECISION,
+    MIXED_PRECISIONS,
     autocast_context,
     cpu_has_bf16,
     dtype_name,
@@ -156,10 +159,10 @@ class TrainConfig:
         if self.dtype.lower() in ("float16", "fp16", "half"):
             # Without a loss scale, fp16 gradients underflow: the output head's g * softmax
             # entries (about 1e-3 * 1e-6) lie below fp16's smallest number and become 0.
-            raise ValueError("--dtype float16 does not train: minorsft has no loss scaling, and "
-                             "without it small fp16 gradients round to 0. Use bfloat16 (GPUs "
-                             "since Ampere), bf16-mixed, or float32 (any GPU). A float16 cache "
-                             "is fine for a float32 run (train checks it at step 0).")
+            raise ValueError("--dtype float16 does not train: its small gradients round to 0 "
+                             "in fp16 weights. Use fp16-mixed (fp32 weights, fp16 autocast and "
+                             "loss scaling: GPUs without bf16, such as T4 and V100), bfloat16 "
+                             "(GPUs since Ampere), bf16-mixed, or float32.")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("--batch-size and --micro-batch-size must be positive")
         # A micro-batch larger than the step (--batch-size 2 with the default 4) is the step.
@@ -278,10 +281,14 @@ def training_precision(state: TrainState) -> str:
     return precision_name(state.dtype, state.autocast)
 
 
-def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, mixed: bool) -> str:
+def _update_note(optimizer, dtype: torch.dtype, fsdp: bool, autocast: torch.dtype | None) -> str:
     """What precision the weight updates happen in (a line of the start-up log)."""
-    if mixed:
-        return "fp32 weights and updates, forward and backward under bf16 autocast"
+    if autocast is not None:
+        note = ("fp32 weights and updates, forward and backward under "
+                f"{dtype_name(autocast)} autocast")
+        if autocast == torch.float16:
+            note += ", dynamic loss scaling (a step whose gradients overflow is skipped)"
+        return note
     if fsdp and dtype != torch.float32:
         return "fp32 weight updates (FSDP's fp32 master weights)"
     if isinstance(optimizer, MasterWeightsAdamW):
@@ -336,7 +343,9 @@ class TrainState:
     model_path: str
     packing: bool  # micro-batches run as packed rows (decided in setup from config.packing)
     start_step: int = 0  # steps already done (from a checkpoint)
-    autocast: torch.dtype | None = None  # bf16-mixed: fp32 weights, forward under bf16 autocast
+    autocast: torch.dtype | None = None  # bf16/fp16-mixed: fp32 weights, forward under autocast
+    # fp16-mixed: the dynamic loss scale that keeps fp16 gradients from rounding to 0
+    scaler: torch.amp.GradScaler | None = None
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -448,9 +457,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     device = pick_device(rank_device(world, config.device))
     # FSDP2 keeps fp32 master weights and computes in `dtype` through its mixed-precision policy.
     fsdp = world.distributed and config.strategy == "fsdp"
-    mixed = config.dtype == MIXED_PRECISION
+    mixed = config.dtype in MIXED_PRECISIONS
     if mixed and fsdp:
-        raise ValueError(f"--dtype {MIXED_PRECISION} is for one process or DDP; FSDP already "
+        raise ValueError(f"--dtype {config.dtype} is for one process or DDP; FSDP already "
                          "computes in bf16 on fp32 master weights: use --dtype bfloat16")
     dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
@@ -495,14 +504,19 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + (f" ({config.strategy})" if world.distributed else "")
         + f"; {total_steps} steps, {warmup_steps} warm-up; {escape(packing_note)}; "
         f"{escape(compile_note)}; "
-        + _update_note(optimizer, dtype, fsdp, mixed)
+        + _update_note(optimizer, dtype, fsdp, autocast)
     )
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():
         console.print(f"hint: this CPU has bf16 instructions: --dtype {MIXED_PRECISION} (bf16 "
                       "autocast on fp32 weights) trained SmolLM2 at 1.89 x the tokens/s of "
                       "float32 on such a CPU (docs/performance.md)", highlight=False)
+    # fp16's smallest numbers are ~6e-8: the output head's gradient entries (about 1e-3 x 1e-6)
+    # would round to 0 unscaled. The scaler multiplies the loss before backward and divides the
+    # gradients back before clipping, skipping a step whose gradients overflowed.
+    scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
-                       total_steps, metadata, model_path, packing, autocast=autocast)
+                       total_steps, metadata, model_path, packing, autocast=autocast,
+                       scaler=scaler)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -539,7 +553,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
             with compute_precision(state):
                 policy_logps, micro_tokens = state.policy(micro, pad_id, device, state.packing)
                 out = compute_loss(config.loss, policy_logps, ref_logps, num_tokens, config.beta)
-            (out.losses.sum() * (weight * world.world_size / count)).backward()
+            step_loss = out.losses.sum() * (weight * world.world_size / count)
+            (state.scaler.scale(step_loss) if state.scaler else step_loss).backward()
         policy_detached = policy_logps.detach()
         sums += weight * torch.stack([  # in METRIC_SUMS order
             out.losses.detach().sum(),
@@ -549,9 +564,17 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
             policy_detached.sum(), ref_logps.sum(),
         ]).double()
         tokens += int(weight * micro_tokens)
+    if state.scaler:
+        state.scaler.unscale_(state.optimizer)  # clipping sees the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.parameters(), config.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0]
-    state.optimizer.step()
+    if state.scaler:
+        scale = state.scaler.get_scale()
+        state.scaler.step(state.optimizer)  # skipped where the gradients hold inf or NaN
+        state.scaler.update()
+        skipped = state.scaler.get_scale() < scale  # the scale shrinks after a skipped step
+    else:
+        state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -564,6 +587,8 @@ def train_step(state: TrainState, config: TrainConfig, rows: list[dict]) -> dict
     metrics = {key: value / count for key, value in zip(METRIC_SUMS, totals, strict=False)}
     metrics.update(lr=lr, grad_norm=grad_norm, samples=count, tokens=int(totals[-1]),
                    rank_tokens=tokens)
+    if state.scaler:
+        metrics.update(loss_scale=scale, skipped_step=skipped)
     if device.type == "cuda":  # what users size their GPUs by: this rank's peak so far
         metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     elif (peak := peak_rss_bytes()) is not None:  # a CPU: the process's resident peak
@@ -612,9 +637,14 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
                        "world_size": state.world.world_size,
                        "step_seconds": seconds, "elapsed": time.perf_counter() - started}
             check_finite(metrics, step)
+            if metrics.get("skipped_step") and main and step > first + 20:
+                # the first steps find the scale (it starts at 2**16); later, skips are news
+                console.print(f"note: step {step} skipped: its fp16 gradients overflowed (loss "
+                              f"scale now {state.scaler.get_scale():g})", highlight=False)
             history.append(metrics)
             if step % config.log_every == 0 or step == state.total_steps - 1:
-                log.write(json.dumps(metrics) + "\n")
+                # (a skipped fp16 step's gradient norm is inf: null, which JSON has)
+                log.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
                 log.flush()
             bar.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
@@ -633,6 +663,8 @@ def check_finite(metrics: dict, step: int) -> None:
     for name in ("loss", "grad_norm"):
         if math.isfinite(metrics[name]):
             continue
+        if name == "grad_norm" and "skipped_step" in metrics:
+            continue  # fp16-mixed: the loss scaler skipped this step and lowered its scale
         if step == 0:
             cause = ("no update had happened yet: the model or the cache gives non-finite "
                      "values (check the step-0 line above)")
@@ -739,7 +771,8 @@ STEP0_ROWS = 8
 # coarser of the cache's and the run's dtype. fp32 against fp32 measured 0 here; a bf16 policy
 # against an fp32 SmolLM2 cache measured 0.015 (docs/reliability.md); the spec's bf16-vs-fp32
 # scoring of 256 GSM8K answers moved summed log-probs by ~0.005 nats/token on average.
-STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, MIXED_PRECISION: 0.1}
+STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, MIXED_PRECISION: 0.1,
+                   FP16_MIXED_PRECISION: 0.1}
 
 
 def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:

@@ -9,14 +9,16 @@ with plain autograd, under the same autocast.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from minorsft.jsonl import json_safe
 from minorsft.packing import micro_batch_logps
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import demo_rows, precompute_rows
+from .conftest import as_killed_after, demo_rows, precompute_rows
 from .test_attention import CPU, _rows
 from .test_logprobs import _grads, _naive
 
@@ -103,3 +105,79 @@ def test_cpus_with_bf16_get_a_hint_about_bf16_mixed(tiny_model_dir, tmp_path, mo
     run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), batch_size=4,
                           micro_batch_size=4, max_steps=1, dtype=dtype, device="cpu"), console)
     assert ("--dtype bf16-mixed" in console.export_text()) == hinted
+
+
+# --- fp16-mixed: fp16 autocast with dynamic loss scaling -----------------------------------------
+
+def _fp16_mixed_state(cache, output, **settings):
+    from rich.console import Console
+
+    from minorsft.train import setup
+
+    config = TrainConfig(cache=str(cache), output=str(output), dtype="fp16-mixed",
+                         batch_size=6, micro_batch_size=3, warmup_ratio=0.0, **settings)
+    return setup(config, Console(quiet=True)), config
+
+
+def test_fp16_mixed_unscales_to_the_paper_gradient(tiny_model_dir, tmp_path):
+    """The loss is multiplied by the scale before backward; what the optimizer gets must be the
+    gradient of the unscaled mean loss (fp16 rounding aside)."""
+    from minorsft.train import train_step, training_batches
+
+    from .test_accumulation import GradientRecorder, paper_mean_loss_gradient
+
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(2))
+    state, config = _fp16_mixed_state(cache, tmp_path / "run", max_grad_norm=1e12)
+    assert state.scaler is not None and state.dtype == torch.float32
+    torch.manual_seed(4)
+    with torch.no_grad():  # away from the reference, so that r differs from row to row
+        for parameter in state.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    rows = next(training_batches(cache, 3, True, 64, 1, 5))
+    want = paper_mean_loss_gradient(state.model, rows, config.loss, config.beta)
+    metrics = train_step(state, config, rows)
+    assert metrics["loss_scale"] == 2.0**16 and metrics["skipped_step"] is False
+    for parameter, expected in zip(state.model.parameters(), want, strict=True):
+        got = state.optimizer.seen[id(parameter)].double()
+        # scaled, it would be 65536 times too large; fp16 matmuls round to about 1e-3
+        assert (got - expected).abs().max() <= 2e-2 * expected.abs().max() + 1e-9
+
+
+def test_fp16_mixed_skips_a_step_whose_gradients_overflow(tiny_model_dir, tmp_path):
+    from minorsft.train import check_finite, train_step, training_batches
+
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(2))
+    state, config = _fp16_mixed_state(cache, tmp_path / "run")
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 gradients: inf
+    before = [p.detach().clone() for p in state.model.parameters()]
+    metrics = train_step(state, config, next(training_batches(cache, 3, True, 64, 1, 6)))
+    assert metrics["skipped_step"] is True and not math.isfinite(metrics["grad_norm"])
+    assert state.scaler.get_scale() == 2.0**99
+    check_finite(metrics, 0)  # a skipped step is not a divergence
+    for old, new in zip(before, state.model.parameters(), strict=True):
+        assert torch.equal(old, new)
+    json.loads(json.dumps(json_safe(metrics), allow_nan=False))  # what metrics.jsonl gets
+
+
+def test_fp16_mixed_trains_saves_fp32_and_resumes_its_loss_scale(tiny_model_dir, tmp_path):
+    cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(2))
+    settings = dict(cache=str(cache), batch_size=4, micro_batch_size=2, lr=1e-3,
+                    dtype="fp16-mixed", save_every=1)
+    output = tmp_path / "run"
+    run_train(TrainConfig(output=str(output), max_steps=3, **settings))
+    as_killed_after(output, 2)
+    checkpoint = output / "checkpoints" / "step-2"
+    scaler = torch.load(checkpoint / "scaler.pt", weights_only=True)
+    scaler["scale"] = 1024.0  # as if overflows had lowered it: the resumed run must go on from it
+    torch.save(scaler, checkpoint / "scaler.pt")
+    history = run_train(TrainConfig(output=str(output), max_steps=3, resume=True, **settings))
+    assert [h["step"] for h in history] == [2] and history[0]["loss_scale"] == 1024.0
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    from safetensors.torch import load_file
+
+    saved = load_file(output / "model.safetensors")
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+    assert json.loads((output / "run_config.json").read_text())["dtype"] == "fp16-mixed"

@@ -24,7 +24,7 @@ import importlib.util
 import torch
 
 from minorsft.data import Example
-from minorsft.models import MIXED_PRECISION, ModelError, dtype_name, pick_dtype
+from minorsft.models import MIXED_PRECISIONS, ModelError, dtype_name, pick_dtype
 
 # vLLM's own names for the dtypes minorsft uses.
 _VLLM_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -71,9 +71,9 @@ class VLLMEngine:
         self.max_batch_tokens = max_batch_tokens or 8192
         on_gpu = cuda_available()
         self.device = torch.device("cuda" if on_gpu else "cpu")
-        if dtype == MIXED_PRECISION:
-            raise ModelError(f"--dtype {MIXED_PRECISION} (autocast) is a transformers setting; "
-                             "vLLM scores in one dtype: use bfloat16 or float32")
+        if dtype in MIXED_PRECISIONS:
+            raise ModelError(f"--dtype {dtype} (autocast) is a transformers setting; "
+                             "vLLM scores in one dtype: use bfloat16, float16 or float32")
         self.dtype = pick_dtype(dtype, self.device)
         self.precision = dtype_name(self.dtype)  # as the cache records it
         if gpu_memory_utilization is None:

@@ -1,0 +1,19 @@
+"""JSON that strict parsers read: for the JSON and JSONL files minorsft writes."""
+
+import math
+
+
+def json_safe(value):
+    """`value` with NaN and infinities replaced by None (JSON null), recursively.
+
+    json.dumps writes them as NaN / Infinity, which is not JSON: strict parsers (jq, browsers,
+    most other languages) reject the whole file. A log-prob of -inf (an answer token the model
+    gives probability 0 in low precision) would otherwise make an NLL or m_theta infinite.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
