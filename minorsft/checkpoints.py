@@ -57,7 +57,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
-    current step; a second of the same signal stops at once, without saving.
+    current step; a second Ctrl-C stops at once, without saving (a second SIGTERM does not).
 
     Only the same signal again counts as the second: a Ctrl-C reaches torchrun's workers both
     from the terminal (SIGINT) and from torchrun, which passes it on as SIGTERM, and that pair
@@ -73,7 +73,10 @@ class StopRequest:
         return bool(self.seen)
 
     def _handle(self, signum, frame):
-        if signum in self.seen:
+        # A repeated SIGTERM is no "stop now": a scheduler (scancel, pre-emption) signals every
+        # process of the job, and torchrun passes its own SIGTERM on to its workers, so each
+        # worker gets two for one request. torchrun escalates to SIGKILL by itself.
+        if signum in self.seen and signum != signal.SIGTERM:
             raise KeyboardInterrupt
         self.seen.add(signum)
 
@@ -183,15 +186,21 @@ def _rng_states(world) -> dict:
 
 
 def _restore_rng(path: Path, world) -> None:
-    """This rank's RNG states from a checkpoint (rank 0's where the world size changed, and in
-    checkpoints of minorsft <= 0.2.x, which kept only rank 0's)."""
+    """This rank's RNG states from a checkpoint. Where the world size changed (and in
+    checkpoints of minorsft <= 0.2.x, which kept only rank 0's), rank 0's states, from which
+    every rank then draws a seed of its own: ranks must not draw the same dropout masks."""
     saved = torch.load(path / "rng.pt", weights_only=True)
     ranks = saved.get("ranks", [saved])
-    rng = ranks[world.rank] if len(ranks) == world.world_size else ranks[0]
+    same_world = len(ranks) == world.world_size
+    rng = ranks[world.rank] if same_world else ranks[0]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    if not same_world and world.world_size > 1:
+        base = int(torch.randint(2**62, (1,)).item())  # the same on every rank
+        torch.manual_seed(base + world.rank)  # (CUDA's generators too)
+        random.seed(base + world.rank)
 
 
 def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
@@ -200,6 +209,8 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
     if target.exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step-*"):  # a save killed midway (SIGKILL skips the cleanup)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=folder))
     honour_umask(staging)
     try:

@@ -435,6 +435,11 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     check_output(config, world.is_main, config.model or metadata.get("model_path"))
     if config.overwrite:
         barrier(world)  # no rank looks for checkpoints until rank 0 has removed the old ones
+    if config.batch_size % world.world_size == 0:
+        # as in TrainConfig: a micro-batch larger than a process's share of the step is that
+        # share (--batch-size 4 with the default micro-batch of 4 on 2 processes: 2)
+        config.micro_batch_size = min(config.micro_batch_size,
+                                      config.batch_size // world.world_size)
     accumulation = config.accumulation_steps(world.world_size)
     if not int(metadata.get("rows") or 0):
         raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
@@ -652,7 +657,9 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
             stopping = stop.agreed(state)
             if stopping or (config.save_every and done % config.save_every == 0):
                 path = save_checkpoint(state, config, done)
-                if stopping:
+                # a signal that came during the save: this checkpoint is the one to stop at
+                # (another step and save may not fit in the time torchrun or a scheduler gives)
+                if stopping or (done < state.total_steps and stop.agreed(state)):
                     raise TrainingInterrupted(done, path)
     return history
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -611,6 +612,58 @@ def test_sigterm_after_ctrl_c_is_the_same_request_a_repeat_stops_at_once():
     assert stop.requested
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)  # the user pressing Ctrl-C again
+
+
+def test_a_signal_during_a_periodic_save_stops_at_that_checkpoint(cache, tmp_path,
+                                                                  monkeypatch):
+    """It ran one more step and saved again, which may not fit in torchrun's 30 s grace; and a
+    save killed midway left its hidden staging folder for good."""
+    from minorsft import checkpoints as checkpoints_module
+    from minorsft.checkpoints import TrainingInterrupted
+
+    stale = tmp_path / "run" / "checkpoints" / ".step-9.abcd"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_text("half")
+    real_save = checkpoints_module.save_checkpoint
+
+    def save_while_signalled(state, config, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(state, config, step)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_while_signalled)
+    with pytest.raises(TrainingInterrupted) as caught:
+        run_train(config(cache, tmp_path / "run", save_every=2, resume=True))
+    assert caught.value.step == 2
+    assert [line["step"] for line in metrics(tmp_path / "run")] == [0, 1]
+    assert not stale.exists()
+
+
+def test_a_repeated_sigterm_is_the_same_request():
+    """A scheduler signals every process of a job and torchrun passes its own SIGTERM on: each
+    worker got two, and the second stopped it without a checkpoint."""
+    from minorsft.checkpoints import StopRequest
+
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested
+
+
+def test_ranks_resumed_in_another_world_size_draw_different_numbers(tmp_path):
+    """They all took rank 0's RNG states: the same dropout masks on every rank."""
+    from types import SimpleNamespace
+
+    from minorsft.checkpoints import _restore_rng
+
+    torch.save({"ranks": [{"torch": torch.get_rng_state(), "python": random.getstate(),
+                           "cuda": []}]}, tmp_path / "rng.pt")  # a one-process checkpoint
+    draws = []
+    for rank in range(2):
+        _restore_rng(tmp_path, SimpleNamespace(rank=rank, world_size=2))
+        draws.append((torch.rand(4), random.random()))
+    assert not torch.equal(draws[0][0], draws[1][0]) and draws[0][1] != draws[1][1]
+    _restore_rng(tmp_path, SimpleNamespace(rank=1, world_size=2))  # and it is reproducible
+    assert torch.equal(torch.rand(4), draws[1][0])
 
 
 def test_value_checks_read_a_part_in_batches_and_count_across_them(cache):
