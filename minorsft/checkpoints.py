@@ -196,7 +196,9 @@ def _restore_rng(path: Path, world) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # one state per GPU the saving process saw: a machine with fewer GPUs takes those it has
+        for index, cuda_state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
     if not same_world and world.world_size > 1:
         base = int(torch.randint(2**62, (1,)).item())  # the same on every rank
         torch.manual_seed(base + world.rank)  # (CUDA's generators too)

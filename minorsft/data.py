@@ -479,7 +479,7 @@ def tokenize_conversation(
 ) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, for one conversation.
 
-    The template renders the whole conversation once; each assistant turn's answer is its content
+    The template renders the whole conversation; each assistant turn's answer is its content
     and the end-of-turn token after it (see :func:`_answer_span`), and nothing the template adds
     around them (a default system prompt, role headers, the newline after the end-of-turn token).
     `special` is the tokenizer's :func:`special_token_pattern` (True: build it here).

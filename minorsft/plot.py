@@ -85,8 +85,8 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
         label += f": {config['loss']} lr={config['lr']:g} beta={config.get('beta', 0.04):g}"
         if config.get("lora_r"):
             label += f" LoRA r={config['lora_r']}"
-    else:  # still running (run_config.json is written at the end): its loss is not known yet
-        label += " (running)"
+    else:  # running, or stopped (run_config.json is written at the end): loss not known yet
+        label += " (unfinished)"
     return label, rows, config
 
 

@@ -464,8 +464,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     fsdp = world.distributed and config.strategy == "fsdp"
     mixed = config.dtype in MIXED_PRECISIONS
     if mixed and fsdp:
-        raise ValueError(f"--dtype {config.dtype} is for one process or DDP; FSDP already "
-                         "computes in bf16 on fp32 master weights: use --dtype bfloat16")
+        raise ValueError(f"--dtype {config.dtype} is for one process or DDP (--strategy ddp); "
+                         "FSDP computes in bf16 on fp32 master weights already: use --dtype "
+                         "bfloat16 on GPUs that have bf16")
     dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
     if config.attention == "flex_attention" and device.type != "cuda":
@@ -670,9 +671,12 @@ def check_finite(metrics: dict, step: int) -> None:
     for name in ("loss", "grad_norm"):
         if math.isfinite(metrics[name]):
             continue
-        if name == "grad_norm" and "skipped_step" in metrics:
+        if name == "grad_norm" and metrics.get("skipped_step"):
             continue  # fp16-mixed: the loss scaler skipped this step and lowered its scale
-        if step == 0:
+        if "skipped_step" in metrics:  # fp16-mixed: the scaler saw to the gradients
+            cause = ("an activation overflowed fp16's range (65504) in the forward pass; train "
+                     "in float32, or in bf16-mixed where the GPU has bf16")
+        elif step == 0:
             cause = ("no update had happened yet: the model or the cache gives non-finite "
                      "values (check the step-0 line above)")
         else:

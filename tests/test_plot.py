@@ -109,7 +109,7 @@ def test_step_axis_has_integer_ticks_only(tmp_path, saved_figures):
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
-def test_a_running_run_is_grey_and_says_so(tmp_path, saved_figures):
+def test_an_unfinished_run_is_grey_and_says_so(tmp_path, saved_figures):
     """Without run_config.json (written at the end) it took matplotlib's first colour, blue,
     which is raw SFT's."""
     running = _fake_run(tmp_path / "running")
@@ -118,7 +118,7 @@ def test_a_running_run_is_grey_and_says_so(tmp_path, saved_figures):
     (figure,) = saved_figures
     lines = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()
              if not line.get_label().startswith("_")}
-    assert lines == {"done: sft lr=0.001 beta=0.04": "tab:blue", "running (running)": "tab:gray"}
+    assert lines == {"done: sft lr=0.001 beta=0.04": "tab:blue", "running (unfinished)": "tab:gray"}
 
 
 def test_cli_plot_reports_the_file_it_wrote(tmp_path):

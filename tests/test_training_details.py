@@ -259,6 +259,14 @@ def test_a_non_finite_loss_or_gradient_norm_stops_training(step, cause, name):
     check_finite({"loss": 1.0, "grad_norm": 1.0}, step)
 
 
+def test_fp16_mixed_non_finite_loss_is_an_overflow_not_an_lr_problem():
+    """The scaler skips steps with overflowing gradients; a loss that overflows fp16 in the
+    forward pass is not the lr's doing."""
+    check_finite({"loss": 1.0, "grad_norm": float("inf"), "skipped_step": True}, 3)
+    with pytest.raises(FloatingPointError, match="overflowed fp16's range .* float32"):
+        check_finite({"loss": float("inf"), "grad_norm": 1.0, "skipped_step": False}, 3)
+
+
 # --- RNG state across a resume -------------------------------------------------------------------
 
 def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_path):
