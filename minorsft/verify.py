@@ -250,9 +250,14 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
     reference_tokens = None
     if config.rescore:
         # The cache's engine first, closed before the trainer's loads: both may need the GPU.
+        # vLLM as it ran then: a cache scored over several GPUs, or with a shorter
+        # max_model_len, would not fit one GPU's memory otherwise.
+        recorded = metadata.get("engine_settings") or {}
+        vllm_settings = {key: recorded.get(key) for key in (
+            "tensor_parallel_size", "gpu_memory_utilization", "max_model_len")}
         engine = make_engine(metadata.get("engine", "transformers"), model_path,
                              metadata.get("dtype", "auto"), config.device,
-                             config.max_batch_tokens)
+                             config.max_batch_tokens, **vllm_settings)
         try:
             reference_tokens = engine.score_tokens(rows_to_examples(rows))
         finally:

@@ -149,6 +149,30 @@ def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_js
     assert "ABOVE THRESHOLD" in result.output
 
 
+def test_rescore_rebuilds_the_engine_with_the_caches_vllm_settings(tiny_model_dir, demo_jsonl,
+                                                                   tmp_path, monkeypatch):
+    """Only dtype and budget were passed on: a cache scored by vLLM over 2 GPUs, or with a
+    short max_model_len, was rescored on one GPU at the model's full length."""
+    from minorsft.cache import update_metadata
+
+    cache = tmp_path / "ref.parquet"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(demo_jsonl),
+                                    out=str(cache), max_batch_tokens=256, verify_sample=0))
+    settings = {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5, "max_model_len": 256}
+    update_metadata(cache, {"engine_settings": settings})
+    seen = {}
+
+    def recording_make_engine(name, *args, **vllm_options):
+        seen.update(vllm_options)
+        return make_engine(name, *args)
+
+    monkeypatch.setattr("minorsft.engines.make_engine", recording_make_engine)
+    result = CliRunner().invoke(app, ["verify", "--cache", str(cache), "--sample", "2",
+                                      "--rescore"])
+    assert result.exit_code == 0, result.output
+    assert seen == settings
+
+
 def test_bfloat16_training_dtype_shows_drift(tiny_model_dir, demo_jsonl, tmp_path):
     """A fp32 cache checked against a bf16 trainer must report a non-zero drift."""
     cache = tmp_path / "ref.parquet"

@@ -10,7 +10,9 @@ answer positions are summed. Settings that keep these numbers honest:
 - ``enable_prefix_caching=False``: a cached prefix computed in another batch could differ in the
   last bits from a fresh one, and scoring must not depend on the order of the data;
 - ``max_num_batched_tokens``: prompt log-probs materialise a [tokens x vocab] fp32 tensor per
-  engine step (152k vocab x 8k tokens = 5 GB for Qwen2), so the step's token budget bounds it.
+  engine step (152k vocab x 8k tokens = 5 GB for Qwen2, with the bf16 logits beside it about
+  7.5 GB), so the step's token budget bounds it. vLLM's memory profiling does not count it
+  (vllm-project/vllm#5907): it comes on top of --gpu-memory-utilization.
 
 vLLM is imported here only, when the engine is built, so that minorsft runs without it. vLLM
 starts its engine core in a spawned process: the calling script must guard its entry point with
