@@ -188,18 +188,18 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     spec = FieldSpec(config.prompt_field, config.response_field)
-    if config.on_bad == "error" and config.shard_spec is None:
-        # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
-        # now, not after loading the model (minutes for a 7B one). Reads the first row only.
-        _, first = next(classify_rows(data_path, tokenizer, spec, config.max_length), (0, None))
-        if isinstance(first, Rejection) and first.error is not None:
-            raise first.error
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
         raise CacheError(f"--out {out} is the input data file: choose another --out")
     if Path(data_path).resolve().is_relative_to(out.resolve()):
         raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
                          "written to: choose an --out outside the input's folder")
+    if config.on_bad == "error" and config.shard_spec is None:
+        # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
+        # now, not after loading the model (minutes for a 7B one). Reads the first row only.
+        _, first = next(classify_rows(data_path, tokenizer, spec, config.max_length), (0, None))
+        if isinstance(first, Rejection) and first.error is not None:
+            raise first.error
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)
