@@ -270,6 +270,23 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
         yield True
 
 
+def _model_len_for(config: PrecomputeConfig, model_path: str) -> int | None:
+    """vLLM's max_model_len where --max-model-len is not given: what --max-length needs (a
+    sample plus the one token vLLM generates), within the model's own limit. vLLM otherwise
+    reserves room for the model's whole context (128k tokens for Llama-3.1), whose KV cache
+    alone may not fit a GPU beside the weights."""
+    if config.max_length is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    except (OSError, ValueError):  # vLLM will say what is wrong with the model
+        return None
+    wanted = config.max_length + 1
+    return min(wanted, limit) if limit else wanted
+
+
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
                      model_path: str, tokenizer, spec: FieldSpec, started: float,
                      console: Console) -> PrecomputeSummary:
@@ -277,7 +294,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
-                         max_model_len=config.max_model_len)
+                         max_model_len=config.max_model_len or _model_len_for(config, model_path))
     vllm_only = [option for option, value in (
         ("--tensor-parallel-size", config.tensor_parallel_size),
         ("--gpu-memory-utilization", config.gpu_memory_utilization),
