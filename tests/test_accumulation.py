@@ -58,6 +58,18 @@ class GradientRecorder(torch.optim.SGD):
                      for p in group["params"] if p.grad is not None}
 
 
+def record_gradients_away_from_the_reference(state):
+    """`state` with its policy moved off the reference (so that r differs from row to row) and
+    an optimizer that records the gradients instead of stepping."""
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in state.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
+    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    return state
+
+
 def paper_mean_loss_gradient(model, rows, loss, beta):
     """The gradient of the mean per-sample loss, from the paper's formulas in float64, on the
     model's own full logits (none of minorsft's log-prob or loss code)."""
@@ -84,13 +96,7 @@ def test_a_split_short_batch_gives_the_paper_gradient_of_the_mean(tiny_cache, tm
     float64 gradient of the mean of eqs. 5/3/7, not only equal to another split of itself."""
     config = TrainConfig(cache=str(tiny_cache), output=str(tmp_path), loss=loss, batch_size=6,
                          micro_batch_size=3, warmup_ratio=0.0, max_grad_norm=1e12)
-    state = setup(config, Console(quiet=True))
-    torch.manual_seed(4)
-    with torch.no_grad():  # away from the reference, so that r differs from row to row
-        for parameter in state.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    state = record_gradients_away_from_the_reference(setup(config, Console(quiet=True)))
     rows = next(training_batches(tiny_cache, 3, True, 64, 1, 5))
     want = paper_mean_loss_gradient(state.model, rows, loss, config.beta)
     train_step(state, config, rows)

@@ -124,17 +124,15 @@ def test_fp16_mixed_unscales_to_the_paper_gradient(tiny_model_dir, tmp_path):
     gradient of the unscaled mean loss (fp16 rounding aside)."""
     from minorsft.train import train_step, training_batches
 
-    from .test_accumulation import GradientRecorder, paper_mean_loss_gradient
+    from .test_accumulation import (
+        paper_mean_loss_gradient,
+        record_gradients_away_from_the_reference,
+    )
 
     cache = precompute_rows(str(tiny_model_dir), tmp_path, demo_rows(2))
     state, config = _fp16_mixed_state(cache, tmp_path / "run", max_grad_norm=1e12)
     assert state.scaler is not None and state.dtype == torch.float32
-    torch.manual_seed(4)
-    with torch.no_grad():  # away from the reference, so that r differs from row to row
-        for parameter in state.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
+    record_gradients_away_from_the_reference(state)
     rows = next(training_batches(cache, 3, True, 64, 1, 5))
     want = paper_mean_loss_gradient(state.model, rows, config.loss, config.beta)
     metrics = train_step(state, config, rows)

@@ -35,7 +35,10 @@ from minorsft.train import (
 )
 
 from .conftest import as_killed_after, demo_rows, precompute_rows
-from .test_accumulation import GradientRecorder, paper_mean_loss_gradient
+from .test_accumulation import (
+    paper_mean_loss_gradient,
+    record_gradients_away_from_the_reference,
+)
 
 # One torch thread: many tiny forward passes, where a second thread only adds contention.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,14 +57,7 @@ def perturbed_step_state(cache, output, loss, beta, batch_size=6, micro_batch_si
     config = TrainConfig(cache=str(cache), output=str(output), loss=loss, beta=beta,
                          batch_size=batch_size, micro_batch_size=micro_batch_size,
                          warmup_ratio=0.0, max_grad_norm=1e12)  # no clipping
-    state = setup(config, Console(quiet=True))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for parameter in state.model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    state.optimizer = GradientRecorder(state.model.parameters(), lr=1.0)
-    state.scheduler = torch.optim.lr_scheduler.LambdaLR(state.optimizer, lambda step: 1.0)
-    return state, config
+    return record_gradients_away_from_the_reference(setup(config, Console(quiet=True))), config
 
 
 def plain_answer_logps(model, rows) -> list[float]:
