@@ -320,8 +320,9 @@ def read_conversation(record: dict, spec: FieldSpec, path: str,
     system = record.get(spec.system_field)
     if system is not None and not isinstance(system, str):
         raise DataError(path, line, spec.system_field, "expected a string")
-    head = [{"role": "system", "content": system}] if system else []
-    if system:
+    # an empty, null or blank `system` is none: the template's default system prompt applies
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    if head:
         texts[spec.system_field] = system
 
     if spec.prompt_field or spec.response_field:
@@ -486,6 +487,9 @@ def tokenize_conversation(
     """
     if special is True:
         special = special_token_pattern(tokenizer)
+    if any(ANSWER_PROBE in message["content"] for message in messages):
+        raise ValueError(f"a message holds {ANSWER_PROBE!r}, the string minorsft puts in place of "
+                         "an answer to find where the template writes it; remove it")
     full_text = _render(tokenizer, messages, generation_prompt=False)
     spans = [_answer_span(tokenizer, messages, index, full_text, special)
              for index, message in enumerate(messages) if message["role"] == "assistant"]

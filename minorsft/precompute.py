@@ -194,6 +194,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     if Path(data_path).resolve().is_relative_to(out.resolve()):
         raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
                          "written to: choose an --out outside the input's folder")
+    _refuse_lengths_past_learned_positions(config, model_path)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
@@ -268,6 +269,30 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
             yield False
             return
         yield True
+
+
+# Model types whose position embeddings are a learned table besides those whose config names
+# `n_positions` (GPT-2 and its kind): a longer row indexes past it, an IndexError on a CPU and a
+# device-side assert on CUDA. Rotary models (Llama, Qwen, SmolLM2, ...) have no such table.
+LEARNED_POSITION_TYPES = ("opt", "gpt_neo", "biogpt", "xglm")
+
+
+def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_path: str) -> None:
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):  # loading the model will say what is wrong with it
+        return
+    limit = getattr(model_config, "n_positions", None)
+    if limit is None and getattr(model_config, "model_type", None) in LEARNED_POSITION_TYPES:
+        limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or (config.max_length is not None and config.max_length <= limit):
+        return
+    asked = "no limit (0)" if config.max_length is None else str(config.max_length)
+    raise ValueError(f"--max-length {asked} is more than the {limit} positions of {config.model}'s "
+                     "learned position embeddings: a longer row would index past them. Pass "
+                     f"--max-length {limit} or less.")
 
 
 def _model_len_for(config: PrecomputeConfig, model_path: str) -> int | None:

@@ -203,6 +203,26 @@ def test_precompute_finds_a_bad_first_row_before_loading_the_model(tiny_model_di
     assert not (tmp_path / "c").exists()
 
 
+def test_a_max_length_past_learned_position_embeddings_is_refused(tiny_tokenizer, tmp_path):
+    """GPT-2's kind: a row longer than n_positions crashed in the embedding lookup (IndexError
+    on a CPU, a device-side assert on CUDA)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tiny_tokenizer), n_positions=32, n_embd=32, n_layer=1, n_head=2,
+        eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+    )).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
+    args = ["precompute", "--model", str(folder), "--data", str(data), "--verify-sample", "0"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "c1")])
+    assert result.exit_code == 2, result.output
+    assert ("--max-length 2048 is more than the 32 positions" in " ".join(result.output.split()))
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "c2"), "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+
+
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # offline, as this machine is (online, the hub answers "not found": the same error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)

@@ -257,6 +257,22 @@ def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_pat
     assert "system message into the last user turn" in rejected.reason
 
 
+def test_a_row_holding_the_probe_string_is_rejected_with_that_reason(tiny_tokenizer, tmp_path):
+    from minorsft.data import ANSWER_PROBE
+
+    rows = [{"prompt": f"say {ANSWER_PROBE}", "response": "ok"}]
+    (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tiny_tokenizer,
+                                on_bad="skip")
+    assert ANSWER_PROBE in rejected.reason and "remove it" in rejected.reason
+
+
+def test_a_blank_system_column_is_no_system_message(tiny_tokenizer, tmp_path):
+    rows = [{"system": "  ", "prompt": "2 plus 3", "response": "5"},
+            {"prompt": "2 plus 3", "response": "5"}]
+    blank, none = iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tiny_tokenizer)
+    assert blank.input_ids == none.input_ids
+
+
 def test_a_refusal_of_a_row_without_messages_names_no_field(tmp_path):
     tokenizer = tokenizer_with_template(
         "{% if messages[0]['role'] == 'system' %}"
