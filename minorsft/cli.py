@@ -386,7 +386,7 @@ def verify(
         _fail(str(error))
     report = _run(run_verify, config)
     if as_json:
-        from minorsft.eval import json_safe
+        from minorsft.jsonl import json_safe
 
         typer.echo(json.dumps(json_safe(report.as_dict()), indent=2, allow_nan=False))
     if not report.passed:

@@ -194,7 +194,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     if Path(data_path).resolve().is_relative_to(out.resolve()):
         raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
                          "written to: choose an --out outside the input's folder")
-    _refuse_lengths_past_learned_positions(config, model_path)
+    model_config = _model_config(model_path)
+    _refuse_lengths_past_learned_positions(config, model_config)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
@@ -212,8 +213,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     with _shard_lock(out, shard) as lock:
         prepare_output(out, config.overwrite)
         try:
-            return _precompute_into(config, out, shard, data_path, model_path, tokenizer, spec,
-                                    started, console)
+            return _precompute_into(config, out, shard, data_path, model_path, model_config,
+                                    tokenizer, spec, started, console)
         except BaseException:
             if created and out.is_dir() and not load_manifests(out):
                 _remove_if_unused(out, lock)  # no finished part: leave nothing behind
@@ -277,12 +278,19 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
 LEARNED_POSITION_TYPES = ("opt", "gpt_neo", "biogpt", "xglm")
 
 
-def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_path: str) -> None:
+def _model_config(model_path: str):
+    """The model's transformers config, or None where it does not load (loading the model
+    will then say what is wrong with it)."""
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):  # loading the model will say what is wrong with it
+        return AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
+def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_config) -> None:
+    if model_config is None:
         return
     limit = getattr(model_config, "n_positions", None)
     if limit is None and getattr(model_config, "model_type", None) in LEARNED_POSITION_TYPES:
@@ -295,31 +303,26 @@ def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_path:
                      f"--max-length {limit} or less.")
 
 
-def _model_len_for(config: PrecomputeConfig, model_path: str) -> int | None:
+def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     """vLLM's max_model_len where --max-model-len is not given: what --max-length needs (a
     sample plus the one token vLLM generates), within the model's own limit. vLLM otherwise
     reserves room for the model's whole context (128k tokens for Llama-3.1), whose KV cache
     alone may not fit a GPU beside the weights."""
     if config.max_length is None:
         return None
-    from transformers import AutoConfig
-
-    try:
-        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    except (OSError, ValueError):  # vLLM will say what is wrong with the model
-        return None
+    limit = getattr(model_config, "max_position_embeddings", None)  # (None: no config)
     wanted = config.max_length + 1
     return min(wanted, limit) if limit else wanted
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
-                     model_path: str, tokenizer, spec: FieldSpec, started: float,
+                     model_path: str, model_config, tokenizer, spec: FieldSpec, started: float,
                      console: Console) -> PrecomputeSummary:
     source = input_fingerprint(data_path)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
-                         max_model_len=config.max_model_len or _model_len_for(config, model_path))
+                         max_model_len=config.max_model_len or _model_len_for(config, model_config))
     vllm_only = [option for option, value in (
         ("--tensor-parallel-size", config.tensor_parallel_size),
         ("--gpu-memory-utilization", config.gpu_memory_utilization),

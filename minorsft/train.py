@@ -156,7 +156,7 @@ class TrainConfig:
             raise ValueError("--beta must be a finite number")
         if self.loss != "sft" and self.beta <= 0:
             raise ValueError("--beta must be positive")
-        if self.dtype.lower() in ("float16", "fp16", "half"):
+        if self.dtype in ("float16", "fp16"):
             # Without a loss scale, fp16 gradients underflow: the output head's g * softmax
             # entries (about 1e-3 * 1e-6) lie below fp16's smallest number and become 0.
             raise ValueError("--dtype float16 does not train: its small gradients round to 0 "
