@@ -606,14 +606,25 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         write_manifest(staging, merged)
         write_rejects(staging, [parts[k] for k in sorted(parts)])
         if out.is_dir():
-            # as precompute --overwrite does: only minorsft's own files go; the user's stay
-            for path in out.iterdir():
+            # As precompute --overwrite does, only minorsft's own files go; the user's stay.
+            # The old cache goes aside whole, the new one takes its place in one rename, and
+            # the user's files move back: they are never inside `staging`, which a failure
+            # deletes (a failure while moving them back leaves them in the folder aside).
+            aside = out.parent / f".{out.name}.replaced-{staging.name}"
+            os.replace(out, aside)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(aside, out)
+                raise
+            for path in aside.iterdir():
                 if not is_own_name(path.name):
-                    os.replace(path, staging / path.name)
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(staging, out)
+                    os.replace(path, out / path.name)
+            shutil.rmtree(aside)
+        else:
+            if out.exists():
+                out.unlink()
+            os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -156,6 +156,7 @@ def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
     merge_caches([node_a, node_b], tmp_path / "merged", overwrite=True)
     assert (tmp_path / "merged" / "notes.txt").read_text() == "mine"
     assert (tmp_path / "merged" / ".hidden").read_text() == "mine too"
+    assert not list(tmp_path.glob(".merged.*"))  # no staging or old cache left beside it
     assert list(iter_rows(tmp_path / "merged")) == expected
     with pytest.raises(CacheError, match="shards: 1 -> 2"):  # no mixing of schemes
         precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
