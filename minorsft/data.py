@@ -544,12 +544,7 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     if full_text.startswith(head) and full_text.endswith(tail) and content_end > len(head):
         start = len(head)
         if before is not None and not head.startswith(before):
-            raise ValueError(
-                f"the chat template renders the conversation before assistant turn {turn} "
-                "otherwise than the prompt it renders to generate that turn (as "
-                "templates that write the system message into the last user turn only do); "
-                "training on it would not teach what generation asks: drop the system message "
-                "or split the conversation")
+            raise ValueError(_history_differs_reason(messages, index, turn))
     elif (before is not None and full_text.startswith(before) and full_text.endswith(tail)
           and content_end > len(before)):
         # The template writes this content otherwise than a plain one (Qwen3's moves the
@@ -568,6 +563,22 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     ).split(ANSWER_PROBE)[-1]
     turn_end = os.path.commonprefix([own_tail, tail])
     return start, content_end + _end_of_turn(turn_end, special)
+
+
+def _history_differs_reason(messages: list[dict], index: int, turn: int) -> str:
+    """Why assistant turn `turn` (at `index`) is not trained: the conversation before it renders
+    otherwise than the prompt generation starts from, with the likeliest cause named."""
+    what = (f"the chat template renders the conversation before assistant turn {turn} "
+            "otherwise than the prompt it renders to generate that turn, so training on it "
+            "would not teach what generation asks")
+    if messages[index - 1]["role"] == "assistant":
+        return (f"{what}: the turn directly follows another assistant turn, which the template "
+                "renders otherwise when it ends the conversation (as Qwen3's adds an empty "
+                "thinking block to the last turn only); merge the two turns into one")
+    if any(message["role"] == "system" for message in messages):
+        return (f"{what} (as templates that write the system message into the last user turn "
+                "only do): drop the system message or split the conversation")
+    return f"{what}: split the conversation after each assistant turn"
 
 
 def _end_of_turn(turn_end: str, special: re.Pattern | None) -> int:

@@ -257,6 +257,33 @@ def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_pat
     assert "system message into the last user turn" in rejected.reason
 
 
+# Qwen3's own rule: the thinking block goes into the last assistant turn after the last user
+# turn, and into earlier ones only when they carry reasoning.
+THINKING_IN_LAST_TURN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_consecutive_assistant_turns_are_rejected_with_their_own_reason(tmp_path):
+    """The reason named the system message, which the row did not have."""
+    tokenizer = tokenizer_with_template(THINKING_IN_LAST_TURN_TEMPLATE)
+    chat = {"messages": [{"role": "user", "content": "2 plus 3"},
+                         {"role": "assistant", "content": "5"},
+                         {"role": "assistant", "content": "Anything else?"}]}
+    (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [chat]), tokenizer,
+                                on_bad="skip")
+    assert isinstance(rejected, Rejection) and rejected.field == "messages"
+    assert "assistant turn 2 otherwise than the prompt" in rejected.reason
+    assert "directly follows another assistant turn" in rejected.reason
+    assert "system message" not in rejected.reason
+
+
 def test_a_row_holding_the_probe_string_is_rejected_with_that_reason(tiny_tokenizer, tmp_path):
     from minorsft.data import ANSWER_PROBE
 
