@@ -582,6 +582,7 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") from error
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
     honour_umask(staging)
+    placed = False
     try:
         (staging / REJECTS_DIR).mkdir()
         for index, entry in parts.items():
@@ -617,16 +618,24 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
             except BaseException:
                 os.replace(aside, out)
                 raise
-            for path in aside.iterdir():
-                if not is_own_name(path.name):
-                    os.replace(path, out / path.name)
+            placed = True  # staging is now `out`: nothing is left to clean up
+            try:
+                for path in aside.iterdir():
+                    if not is_own_name(path.name):
+                        os.replace(path, out / path.name)
+            except OSError as error:
+                raise CacheError(f"{out}: the merged cache is in place, but moving your own "
+                                 f"files back from the old cache's folder failed "
+                                 f"({error.strerror}: {error.filename}); they are in {aside}, "
+                                 "move them yourself") from error
             shutil.rmtree(aside)
         else:
             if out.exists():
                 out.unlink()
             os.replace(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not placed:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return open_cache(out)
 

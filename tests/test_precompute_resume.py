@@ -162,6 +162,36 @@ def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
         precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
 
 
+def test_merge_names_where_the_users_files_are_when_moving_them_back_fails(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """The failure left them in a hidden folder beside the cache, with no word of where."""
+    from pathlib import Path
+
+    from minorsft.cache import merge_caches
+
+    data = rows_file(tmp_path, 8)
+    shards = [tmp_path / "s0", tmp_path / "s1"]
+    for index, shard in enumerate(shards):
+        precompute(tiny_model_dir, data, shard, shard=f"{index}/2")
+    out = tmp_path / "merged"
+    merge_caches(shards, out)
+    (out / "notes.txt").write_text("mine")
+    real_replace = os.replace
+
+    def replace(source, target):
+        if Path(source).name == "notes.txt":
+            raise PermissionError(13, "Permission denied", str(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr("minorsft.cache.os.replace", replace)
+    with pytest.raises(CacheError, match="the merged cache is in place") as caught:
+        merge_caches(shards, out, overwrite=True)
+    (aside,) = tmp_path.glob(".merged.replaced-*")
+    assert str(aside) in str(caught.value)
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert len(list(iter_rows(out))) == 8  # the new cache stayed where it belongs
+
+
 def test_shard_spec_is_checked():
     with pytest.raises(ValueError, match="I counts from 0"):
         PrecomputeConfig(model="m", data="d", out="o", shard="2/2")
