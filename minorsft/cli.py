@@ -228,6 +228,9 @@ def train(
              "flash_attention_2, flash_attention_3 or flex_attention.")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(
         help="Recompute activations in backward to save memory.")] = False,
+    keep_dropout: Annotated[bool, typer.Option(
+        help="Train with the model's own dropout rates. By default every dropout is off, as "
+             "when the cache was scored: its noise would enter r.")] = False,
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
     allow_mismatch: Annotated[bool, typer.Option(
         help="Train even if the cache was written by a different model/tokenizer (the "
@@ -295,6 +298,7 @@ def train(
             max_steps=max_steps, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm, seed=seed, dtype=dtype, device=device,
             attention=attention, gradient_checkpointing=gradient_checkpointing,
+            keep_dropout=keep_dropout,
             shuffle=shuffle, allow_mismatch=allow_mismatch, strategy=strategy,
             cpu_offload=cpu_offload, save_every=save_every, keep_checkpoints=keep_checkpoints,
             resume=resume, overwrite=overwrite, step0_check=step0_check,

@@ -347,6 +347,26 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attent
     return model.to(device)
 
 
+def disable_dropout(model: torch.nn.Module) -> dict[str, float]:
+    """Set every dropout of `model` to 0, and return the non-zero rates it had, by name.
+
+    Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that attention
+    modules pass to their kernel while training (Llama's and Qwen2's `attention_dropout`, OPT's
+    `dropout` and `layerdrop`), which setting the modules' `p` alone would miss. The model's
+    config is left as it is, so a saved model keeps its own rates.
+    """
+    had: dict[str, float] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
+            had.setdefault(type(module).__name__, module.p)
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if ("dropout" in name or name == "layerdrop") and type(value) is float and value:
+                had.setdefault(name, value)
+                setattr(module, name, 0.0)
+    return had
+
+
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a host tensor to `device` without making the host wait for the device.
 

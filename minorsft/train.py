@@ -75,6 +75,7 @@ from minorsft.models import (
     MIXED_PRECISIONS,
     autocast_context,
     cpu_has_bf16,
+    disable_dropout,
     dtype_name,
     fingerprint,
     load_cache_model,
@@ -117,6 +118,10 @@ class TrainConfig:
     device: str = "auto"
     attention: str = "auto"
     gradient_checkpointing: bool = False
+    # False: every dropout of the model is off while it trains, as the cache was scored (and as
+    # TRL's DPOTrainer does by default): dropout noise in log pi_theta would enter r and the
+    # MinorSFT coefficient. True: the model's own rates apply.
+    keep_dropout: bool = False
     shuffle: bool = True
     shuffle_buffer: int = 4096
     allow_mismatch: bool = False
@@ -476,6 +481,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)
+    dropout_note = ""
+    if not config.keep_dropout and (rates := disable_dropout(model)):
+        dropout_note = ("; dropout off (the model's " + ", ".join(
+            f"{name} {rate:g}" for name, rate in rates.items()) + "; --keep-dropout keeps it)")
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -510,7 +519,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + (f" ({config.strategy})" if world.distributed else "")
         + f"; {total_steps} steps, {warmup_steps} warm-up; {escape(packing_note)}; "
         f"{escape(compile_note)}; "
-        + _update_note(optimizer, dtype, fsdp, autocast)
+        + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
     )
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():
         console.print(f"hint: this CPU has bf16 instructions: --dtype {MIXED_PRECISION} (bf16 "

@@ -287,3 +287,69 @@ def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_pa
     a = load_file(whole / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- dropout -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dropout_cache(tmp_path_factory):
+    """A tiny model whose config has attention dropout 0.5 (a plain rate, not an nn.Dropout
+    module), and the cache it scored of itself."""
+    from .conftest import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("dropout-model")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    return precompute_rows(str(folder / "model"), folder, demo_rows(2))
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_dropout_is_off_while_training_unless_kept(dropout_cache, tmp_path, keep):
+    """The cache is scored without dropout, so a policy trained with it starts at r != 0: the
+    noise enters MinorSFT's coefficient from the first step."""
+    output = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--cache", str(dropout_cache), "--output", str(output), "--max-steps", "1",
+        "--batch-size", "8", "--micro-batch-size", "8", "--no-shuffle",
+        *(["--keep-dropout"] if keep else [])])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("dropout off (the model's attention_dropout 0.5; --keep-dropout keeps it)"
+            in text) is not keep
+    (step0,) = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    # m_theta, the batch mean of r/m at step 0: 0 up to rounding when the policy computes as
+    # the cache did (it is -1e-3 here with the model's rate, whose noise mostly averages out)
+    assert (abs(step0["m_theta"]) > 1e-4) if keep else (abs(step0["m_theta"]) < 1e-6)
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["attention_dropout"] == 0.5  # the model keeps its own rate
+    assert json.loads((output / "run_config.json").read_text())["config"]["keep_dropout"] is keep
+
+
+def test_disable_dropout_reaches_modules_and_plain_rates():
+    """GPT-2's nn.Dropout modules, OPT's plain `dropout` and `layerdrop` rates: all off, so a
+    forward pass in train mode is the eval-mode one."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    from minorsft.models import disable_dropout
+
+    torch.manual_seed(0)
+    models = {
+        "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64,
+                                           bos_token_id=0, eos_token_id=0)),
+        "opt": OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64,
+                                        num_attention_heads=2, vocab_size=64,
+                                        word_embed_proj_dim=32, layerdrop=0.2, bos_token_id=0,
+                                        eos_token_id=0, pad_token_id=0))}
+    rates = {"gpt2": {"Dropout": 0.1}, "opt": {"dropout": 0.1, "layerdrop": 0.2}}
+    ids = torch.randint(1, 64, (1, 12))
+    for name, model in models.items():
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+        assert disable_dropout(model) == rates[name]
+        trained = model(ids).logits
+        model.eval()
+        assert torch.equal(trained, model(ids).logits)
+        assert disable_dropout(model) == {}  # nothing left to turn off
