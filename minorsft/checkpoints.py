@@ -223,6 +223,7 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
             torch.save(state.scaler.state_dict(), staging / "scaler.pt")
         torch.save(rng, staging / "rng.pt")
         trainer_state = {"step": step, "settings": _resume_settings(state, config),
+                         "split": _split(state, config),
                          "optimizer_format": optimizer_format, "minorsft_version": __version__}
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         os.replace(staging, target)
@@ -367,6 +368,23 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
     if state.world.is_main:
         console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)",
                       markup=False)
+        saved = json.loads((path / "trainer_state.json").read_text()).get("split")
+        if (config.lora_dropout or config.keep_dropout) and saved not in (None, _split(state,
+                                                                                       config)):
+            console.print(
+                f"note: the checkpoint's steps ran as micro-batches of {saved['micro_batch_size']}"
+                f" x {saved['world_size']} process(es), this run's as "
+                f"{config.micro_batch_size} x {state.world.world_size}: with dropout on "
+                "(--lora-dropout, --keep-dropout) the masks fall on other samples, so the run "
+                "goes on as an equally likely draw, not as the uninterrupted run would have",
+                markup=False)
+
+
+def _split(state: TrainState, config: TrainConfig) -> dict:
+    """How a step's samples are split into forward passes. Accumulation is exact, so it may
+    change on resume, but dropout draws its masks per forward pass."""
+    return {"micro_batch_size": config.micro_batch_size,
+            "world_size": state.world.world_size}
 
 
 def trim_metrics(path: Path, first_step: int) -> None:

@@ -722,7 +722,8 @@ def save(state: TrainState, config: TrainConfig) -> Path:
         state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
-                  "cache_metadata": state.metadata, "total_steps": state.total_steps,
+                  "cache_metadata": state.metadata, "model_path": state.model_path,
+                  "total_steps": state.total_steps,
                   "dtype": training_precision(state), "device": str(state.device),
                   "world_size": state.world.world_size}
     (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
@@ -735,18 +736,45 @@ def _finished_run(config: TrainConfig) -> bool:
     steps again. Refuses a finished run of other settings, as resuming a checkpoint would."""
     output = Path(config.output)
     try:
-        saved = json.loads((output / "run_config.json").read_text())["config"]
+        run_config = json.loads((output / "run_config.json").read_text())
+        saved = run_config["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     now = asdict(config)
+    if saved.get("dtype") != config.dtype and "dtype" in run_config:
+        # Compared as trained, not as spelled: "auto" on a CPU is float32.
+        saved["dtype"] = run_config["dtype"]
+        now["dtype"] = precision_name(*pick_precision(config.dtype, pick_device(config.device)))
     keys = [key for key in RESUME_KEYS if key != "model" and key in now and key in saved]
     changed = diff_settings({key: saved[key] for key in keys}, {key: now[key] for key in keys})
+    changed += _finished_run_inputs_changed(run_config, config)
     if changed:
         raise ValueError(f"{output} holds a finished run with other settings (finished run -> "
                          "this run):\n  "
                          + "\n  ".join(changed) + "\n--overwrite replaces it; or choose another "
                          "--output")
     return True
+
+
+def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[str]:
+    """The cache and model of a finished run that this run's differ from, as lines."""
+    from minorsft.cache import read_metadata
+    from minorsft.models import resolve_model
+
+    changed = []
+    saved_cache = run_config.get("cache_metadata") or {}
+    cache = read_metadata(Path(config.cache))
+    for key in ("fingerprint", "rows"):
+        if saved_cache.get(key) is not None and saved_cache[key] != cache.get(key):
+            changed.append(f"cache {key}: {saved_cache[key]!r} -> {cache.get(key)!r}")
+    # The model folder (or hub id) it trained from, recorded since 0.4.1 (before, --model as
+    # given, which a relative path or a built-in name does not pin down: not compared).
+    if trained_from := run_config.get("model_path"):
+        wanted = (resolve_model(config.model) if config.model is not None
+                  else cache.get("model_path") or cache.get("model"))
+        if wanted and os.path.abspath(trained_from) != os.path.abspath(wanted):
+            changed.append(f"model: {trained_from} -> {wanted}")
+    return changed
 
 
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:

@@ -23,7 +23,13 @@ from minorsft.checkpoints import TrainingInterrupted, list_checkpoints
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import as_killed_after, build_tiny_model, build_tiny_tokenizer
+from .conftest import (
+    as_killed_after,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    demo_rows,
+    precompute_rows,
+)
 
 TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed", "peak_rss_gib"}
 
@@ -542,6 +548,30 @@ def test_resume_of_a_finished_run_does_nothing(cache, tmp_path, capsys, save_eve
     assert "nothing to do" in capsys.readouterr().err
     assert (output / "metrics.jsonl").read_text() == logged
     assert (output / "model.safetensors").stat().st_mtime_ns == model
+
+
+def test_resume_of_a_finished_run_refuses_another_cache_or_model(cache, tiny_model_dir,
+                                                                  tmp_path, capsys):
+    """Both said "nothing to do" and exited 0: --resume of a finished run compared only the
+    settings, where a checkpoint's resume also compares the cache and the model."""
+    import shutil
+
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2))
+    other = tmp_path / "other"
+    other.mkdir()
+    other_cache = precompute_rows(str(tiny_model_dir), other, demo_rows(3))
+    with pytest.raises(ValueError, match=r"other settings(.|\n)*cache rows: 16 -> 12"):
+        run_train(config(other_cache, output, max_steps=2, resume=True))
+    copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, copy)
+    with pytest.raises(ValueError, match=f"model: {tiny_model_dir} -> {copy}"):
+        run_train(config(cache, output, max_steps=2, resume=True, model=str(copy)))
+    # the same run: its model named, and its dtype spelled as it trained ("auto" on the CPU)
+    capsys.readouterr()
+    assert run_train(config(cache, output, max_steps=2, resume=True, model=str(tiny_model_dir),
+                            dtype="float32")) == []
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_resume_refuses_other_lora_settings_and_takes_the_same_model_by_name(cache, tmp_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -272,9 +273,10 @@ def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_pa
     from safetensors.torch import load_file
 
     def lora_config(output, **overrides):
-        return TrainConfig(cache=str(tiny_cache), output=str(output), batch_size=4,
-                           micro_batch_size=2, lr=1e-2, max_steps=4, save_every=2, lora_r=4,
-                           lora_alpha=8, lora_dropout=0.5, **overrides)
+        settings = dict(batch_size=4, micro_batch_size=2, lr=1e-2, max_steps=4, save_every=2,
+                        lora_r=4, lora_alpha=8, lora_dropout=0.5)
+        return TrainConfig(cache=str(tiny_cache), output=str(output),
+                           **{**settings, **overrides})
 
     whole = tmp_path / "whole"
     expected = run_train(lora_config(whole), Console(quiet=True))
@@ -287,6 +289,13 @@ def test_resume_with_lora_dropout_equals_an_uninterrupted_run(tiny_cache, tmp_pa
     a = load_file(whole / "adapter_model.safetensors")
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Another split draws other masks: said, since the run no longer equals the uninterrupted
+    # one (accumulation is exact only without dropout).
+    split = as_killed_after(whole, 2, copy_to=tmp_path / "split")
+    console = Console(record=True, width=300, file=open(os.devnull, "w"))  # noqa: SIM115
+    run_train(lora_config(split, resume=True, micro_batch_size=1), console)
+    assert ("the checkpoint's steps ran as micro-batches of 2 x 1 process(es), this run's as "
+            "1 x 1: with dropout on" in console.export_text())
 
 
 # --- dropout -------------------------------------------------------------------------------------
