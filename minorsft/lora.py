@@ -33,12 +33,25 @@ def parse_target_modules(value: str) -> str | list[str]:
     return names
 
 
-def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str):
-    """Wrap `model` with fresh LoRA adapters; only the adapters stay trainable."""
+def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
+               merge: bool = False):
+    """Wrap `model` with fresh LoRA adapters; only the adapters stay trainable.
+
+    `merge`: the adapters will be merged into the weights (--merge-lora), which refuses an
+    adapter on an input embedding that the model ties to its output head.
+    """
     peft = _peft()
+    targets = parse_target_modules(target_modules)
+    if merge and (tied := _tied_input_embedding(model)) is not None and targets != "all-linear":
+        if any(tied == name or tied.endswith("." + name) for name in targets):
+            raise ValueError(
+                f"--lora-target-modules {target_modules} with --merge-lora: {tied} is tied to "
+                "the output head (tie_word_embeddings), so merging its adapter would change the "
+                "output head too, which training left as it was: the merged model would not be "
+                "the trained one. Leave the embedding out, or keep the adapters unmerged")
     config = peft.LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=parse_target_modules(target_modules), task_type="CAUSAL_LM",
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+        task_type="CAUSAL_LM",
     )
     with warnings.catch_warnings():
         # peft asks transformers' deprecated `is_gradient_checkpointing`: its warning is for
@@ -46,6 +59,14 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
         return peft.get_peft_model(model, config)
+
+
+def _tied_input_embedding(model) -> str | None:
+    """The name of `model`'s input embedding if it shares its weight with the output head."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embedding.weight is not head.weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is embedding)
 
 
 def is_lora(model) -> bool:

@@ -494,7 +494,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         from minorsft.lora import apply_lora
 
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
-                           config.lora_target_modules)
+                           config.lora_target_modules, merge=config.merge_lora)
     model.train()
     policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
                          config.cpu_offload)

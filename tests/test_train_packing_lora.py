@@ -91,3 +91,23 @@ def test_lora_config_errors(tiny_cache, tmp_path):
         with pytest.raises(ValueError, match=f"{shown}: LoRA settings apply with --lora-r > 0"):
             TrainConfig(cache=str(tiny_cache), output=str(tmp_path), **setting)
     TrainConfig(cache=str(tiny_cache), output=str(tmp_path), lora_r=4, lora_alpha=8.0)
+
+
+def test_merging_an_adapter_on_a_tied_embedding_is_refused(tmp_path):
+    """Merged into the tensor the output head shares, the embedding's adapter changed the head
+    too, which training never did: the merged model was not the trained one (SmolLM2 ties)."""
+    pytest.importorskip("peft")
+    from .conftest import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    cache = precompute_rows(str(tmp_path / "tied"), tmp_path, demo_rows(2))
+    lora = dict(lora_r=4, lora_target_modules="embed_tokens,q_proj")
+    with pytest.raises(ValueError, match="model.embed_tokens is tied to the output head"):
+        _train(cache, tmp_path / "merged", merge_lora=True, **lora)
+    _train(cache, tmp_path / "unmerged", **lora)  # the adapters alone are what was trained
+    _train(cache, tmp_path / "attention", merge_lora=True, lora_r=4, lora_target_modules="q_proj")
