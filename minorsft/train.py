@@ -15,6 +15,7 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -417,9 +418,19 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
     if not is_run and output.is_dir() and (found := sorted(
             f.name for pattern in RUN_FILES if pattern != "metrics.jsonl"  # a crashed run's
             for f in output.glob(pattern))):
-        raise ValueError(f"--output {output} holds {', '.join(found[:3])} but no minorsft run "
-                         "(no run_config.json or checkpoints): train would write over them; "
-                         "choose another --output (or, if a crashed run left them, delete them)")
+        if (output / "metrics.jsonl").exists():
+            # A run stopped while it saved its model (run_config.json is written last).
+            if not (config.overwrite or config.resume):
+                raise ValueError(
+                    f"--output {output} holds a run that did not finish saving "
+                    f"({', '.join(found[:3])} and metrics.jsonl, no run_config.json or "
+                    "checkpoints): pass --overwrite (or --resume) to train it again from "
+                    "step 0, or choose another --output")
+        else:
+            raise ValueError(
+                f"--output {output} holds {', '.join(found[:3])} but no minorsft run (no "
+                "run_config.json or checkpoints): train would write over them; choose another "
+                "--output (or, if a crashed run left them, delete them)")
     if finished and not (config.resume or config.overwrite):
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
@@ -617,7 +628,11 @@ def _describe_training(task: dict) -> str:
             f"{task['tok_s']:.0f} tok/s")
 
 
-def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
+def fit(state: TrainState, config: TrainConfig, console: Console,
+        stop: StopRequest | None = None) -> list[dict]:
+    """Train from `state.start_step` to the last step, logging metrics and saving checkpoints;
+    `stop` (the caller's, to cover what follows too; else one of its own) turns Ctrl-C and
+    SIGTERM into a checkpoint after the current step."""
     output = Path(config.output)
     main = state.world.is_main
     if main:
@@ -640,7 +655,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console) -> list[dict]:
         trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             progress(console, columns, _describe_training, disable=not main) as bar, \
-            StopRequest() as stop:
+            (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
         task = bar.add_task("train", total=state.total_steps, completed=first,
                             loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
@@ -787,8 +802,15 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
     state = setup(config, console)
     if config.step0_check and state.start_step == 0:
         check_step0(state, config, console)
-    history = fit(state, config, console)
-    save(state, config)
+    # One stop request over training and the final save: a Ctrl-C or SIGTERM that comes while
+    # the model is written (minutes for a large one) waits for it, instead of killing the run
+    # with its model half written and no checkpoint of the last steps.
+    with StopRequest() as stop:
+        history = fit(state, config, console, stop)
+        save(state, config)
+    if stop.requested and state.world.is_main:
+        console.print("note: the stop request came while the model was being saved; the run "
+                      "finished and is saved", markup=False)
     # All ranks leave together: a rank that tore down its process group while rank 0 was still
     # writing the model made gloo abort ("terminate called without an active exception").
     barrier(state.world)

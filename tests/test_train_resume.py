@@ -164,6 +164,56 @@ def test_sigint_to_a_real_train_process_saves_a_checkpoint(cache, tmp_path):
     assert len(metrics(output)) == step
 
 
+SIGNAL_DURING_SAVE = """
+import os, signal, sys
+import minorsft.train as train
+real_save = train.save
+def save(state, config):
+    os.kill(os.getpid(), signal.SIG{name})  # as if it came while a large model was written
+    return real_save(state, config)
+train.save = save
+from minorsft.cli import app
+sys.argv = ["minorsft", *sys.argv[1:]]
+app()
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_a_signal_during_the_final_save_waits_for_it(cache, tmp_path, name):
+    """Under the default handlers the save died half way: no run_config.json, no checkpoint of
+    the last steps, and a folder that neither --resume nor --overwrite would take."""
+    output = tmp_path / "run"
+    command = [sys.executable, "-c", SIGNAL_DURING_SAVE.format(name=name), "train", "--cache",
+               str(cache), "--output", str(output), "--batch-size", "4", "--micro-batch-size",
+               "2", "--max-steps", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "the stop request came while the model was being saved" in done.stderr
+    assert json.loads((output / "run_config.json").read_text())["total_steps"] == 2
+    assert len(metrics(output)) == 2
+
+
+def test_a_run_that_died_while_saving_is_trained_again_with_overwrite_or_resume(cache,
+                                                                               tmp_path):
+    """Its model files without run_config.json were refused as files of no minorsft run, and
+    the message said to delete them, even with --overwrite."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2))
+    (output / "run_config.json").unlink()  # as a kill between the model and the run config
+    with pytest.raises(ValueError, match="holds a run that did not finish saving"):
+        run_train(config(cache, output, max_steps=2))
+    expected = metrics(output)
+    for option in ("overwrite", "resume"):
+        assert len(run_train(config(cache, output, max_steps=2, **{option: True}))) == 2
+        assert metrics(output) == expected
+        (output / "run_config.json").unlink()
+    # a folder of model files without metrics is still no minorsft run's
+    (output / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="but no minorsft run"):
+        run_train(config(cache, output, max_steps=2, overwrite=True))
+
+
 def test_fingerprint_mismatch_names_the_field_and_the_fix(cache, tmp_path, capsys):
     from rich.console import Console
 
