@@ -25,7 +25,7 @@ from minorsft import __version__
 from minorsft.cache import honour_umask
 from minorsft.distributed import all_reduce_sum, barrier
 from minorsft.models import dtype_name, precision_name
-from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW
+from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW, optimizer_order
 
 if TYPE_CHECKING:
     from minorsft.train import TrainConfig, TrainState
@@ -279,11 +279,19 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
                          "start a new run in another --output.")
     device = "cpu" if fsdp else str(state.device)
     weights = load_file(path / "model.safetensors", device=device)
-    trainable = [(name, p) for name, p in state.model.named_parameters() if p.requires_grad]
+    # in the optimizer's numbering: its index-keyed state and master weights follow it
+    trainable = optimizer_order([(name, p) for name, p in state.model.named_parameters()
+                                 if p.requires_grad], config.weight_decay)
     names = [name for name, _ in trainable]
     if set(weights) != set(names):
         raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
     optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    if len(optimizer_state["param_groups"]) != len(state.optimizer.param_groups):
+        raise ValueError(f"cannot resume from {path}: its optimizer has "
+                         f"{len(optimizer_state['param_groups'])} parameter group(s), this run's "
+                         f"{len(state.optimizer.param_groups)}. Before 0.4.1, --weight-decay "
+                         "decayed biases and norm gains too (one group); resume it with the "
+                         "minorsft version that wrote it, or start a new run")
     # FSDP's weights are its fp32 ones; elsewhere the master weights are the exact values
     exact = weights if by_name else _exact_weights(path, weights, names, optimizer_state)
     if fsdp:

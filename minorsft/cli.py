@@ -213,7 +213,9 @@ def train(
         help="Stop after N optimizer steps (overrides --epochs; cycles the data).")] = None,
     warmup_ratio: Annotated[float, typer.Option(help="Share of steps spent warming up the "
                                                      "lr linearly; then linear decay.")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay, of weight matrices and embeddings; biases and norm gains "
+             "are left out, as transformers' Trainer does.")] = 0.0,
     max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed for the data order and the model.")] = 42,
     dtype: Annotated[str, typer.Option(

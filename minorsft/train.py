@@ -87,7 +87,7 @@ from minorsft.models import (
     precision_name,
     to_device,
 )
-from minorsft.optim import MasterWeightsAdamW, make_optimizer
+from minorsft.optim import MasterWeightsAdamW, make_optimizer, optimizer_order
 from minorsft.packing import prepare_packing
 from minorsft.progress import progress
 
@@ -516,8 +516,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     rows = int(metadata["rows"])
     steps_per_epoch = math.ceil(rows / config.batch_size)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config.lr,
-                               config.weight_decay, config.master_weights)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer([p for _, p in optimizer_order(trainable, config.weight_decay)],
+                               config.lr, config.weight_decay, config.master_weights)
     warmup_steps = int(config.warmup_ratio * total_steps)
     scheduler = linear_schedule(optimizer, warmup_steps, total_steps)
     console.print(

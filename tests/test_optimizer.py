@@ -9,14 +9,14 @@ from minorsft.optim import MasterWeightsAdamW, make_optimizer
 
 def test_fused_adamw_takes_the_closed_form_first_and_second_steps():
     torch.manual_seed(0)
-    weights = torch.nn.Parameter(torch.randn(1000))
+    weights = torch.nn.Parameter(torch.randn(10, 100))  # a matrix: weight decay applies
     start = weights.detach().clone()
     optimizer = make_optimizer([weights], lr=1e-2, weight_decay=0.1)
     assert optimizer.defaults["fused"] is True  # the CPU has a fused kernel (torch >= 2.4)
 
-    grads = [torch.randn(1000) + 0.5, torch.randn(1000) - 0.5]
+    grads = [torch.randn(10, 100) + 0.5, torch.randn(10, 100) - 0.5]
     expected = start.clone()
-    first, second = torch.zeros(1000), torch.zeros(1000)
+    first, second = torch.zeros(10, 100), torch.zeros(10, 100)
     for step, grad in enumerate(grads, start=1):
         weights.grad = grad.clone()
         optimizer.step()
@@ -28,6 +28,35 @@ def test_fused_adamw_takes_the_closed_form_first_and_second_steps():
         expected = expected - 1e-2 * corrected
         torch.testing.assert_close(weights.detach(), expected, rtol=1e-5, atol=1e-6)
     assert (weights.detach() - start).abs().max() > 1e-2  # it moved: not a trivial pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_decay_leaves_biases_and_norm_gains_alone(dtype):
+    """One group decayed every parameter: a norm gain of 1 shrank towards 0 under zero
+    gradients. transformers' Trainer and TRL leave biases and norm gains out."""
+    from minorsft.optim import optimizer_order
+
+    layer, norm = torch.nn.Linear(16, 16).to(dtype), torch.nn.LayerNorm(16).to(dtype)
+    named = [*(("layer." + n, p) for n, p in layer.named_parameters()),
+             *(("norm." + n, p) for n, p in norm.named_parameters())]
+    ordered = optimizer_order(named, weight_decay=0.1)
+    assert [n for n, _ in ordered] == ["layer.weight", "layer.bias", "norm.weight", "norm.bias"]
+    assert optimizer_order(named, weight_decay=0.0) == named  # no decay: one group, as given
+    before = {n: p.detach().clone() for n, p in named}
+    optimizer = make_optimizer([p for _, p in ordered], lr=0.1, weight_decay=0.5)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+    for _ in range(5):
+        for _, p in named:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    for name, p in named:
+        if name == "layer.weight":  # decayed by (1 - lr wd)^5, Adam's step being 0 here
+            torch.testing.assert_close(p.detach().float(), before[name].float() * 0.95**5,
+                                       rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)
+        else:
+            assert torch.equal(p.detach(), before[name]), name
+    with pytest.raises(ValueError, match="optimizer_order"):
+        make_optimizer([norm.weight, layer.weight], lr=0.1, weight_decay=0.5)
 
 
 def test_devices_without_a_fused_kernel_get_the_plain_adamw():

@@ -98,8 +98,11 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(cache, tmp_path, mon
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_resume_continues_from_the_fp32_master_weights(cache, tmp_path, monkeypatch):
-    bf16 = dict(dtype="bfloat16", step0_check=False)  # fp32 cache, bf16 training: no check
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])  # with it, two groups: norms apart
+def test_bf16_resume_continues_from_the_fp32_master_weights(cache, tmp_path, monkeypatch,
+                                                           weight_decay):
+    # fp32 cache, bf16 training: no step-0 check
+    bf16 = dict(dtype="bfloat16", step0_check=False, weight_decay=weight_decay)
     history = run_train(config(cache, tmp_path / "a", **bf16))
     assert len(history) == 4
     interrupt_after(monkeypatch, 2)
@@ -112,6 +115,22 @@ def test_bf16_resume_continues_from_the_fp32_master_weights(cache, tmp_path, mon
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(v.dtype == torch.bfloat16 for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)  # the copies resumed, not re-rounded
+
+
+def test_a_weight_decay_checkpoint_of_one_group_is_refused_with_the_reason(cache, tmp_path):
+    """minorsft < 0.4.1 put every parameter in one group (norm gains decayed too); torch's own
+    error about group counts said nothing of why."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, weight_decay=0.1, save_every=2))
+    run = as_killed_after(output, 2)
+    path = run / "checkpoints" / "step-2" / "optimizer.pt"
+    state = torch.load(path, weights_only=True)
+    groups = state["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    state["param_groups"] = [{**groups[0], "params": [i for g in groups for i in g["params"]]}]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="Before 0.4.1, --weight-decay decayed biases and norm"):
+        run_train(config(cache, run, weight_decay=0.1, save_every=2, resume=True))
 
 
 def test_periodic_saves_keep_the_newest_and_a_failed_save_keeps_the_previous(
@@ -378,15 +397,17 @@ def assert_continues(expected_run, resumed_run, steps, rel=1e-4, atol=1e-5):
 
 def test_fsdp_checkpoint_resumes_under_torchrun_and_in_one_process(cache, tmp_path):
     """FSDP2, 2 CPU processes: the gathered checkpoint resumes under torchrun to the same run,
-    and in one process too (its name-keyed optimizer state converted)."""
+    and in one process too (its name-keyed optimizer state converted). With weight decay, so
+    that the optimizer has two parameter groups (biases and norm gains undecayed)."""
     whole = tmp_path / "whole"
-    fsdp_torchrun(cache, whole)
+    decay = ("--weight-decay", "0.1")
+    fsdp_torchrun(cache, whole, *decay)
     assert [s for s, _ in list_checkpoints(whole)] == [2, 4]
     resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
-    fsdp_torchrun(cache, resumed, "--resume")
+    fsdp_torchrun(cache, resumed, "--resume", *decay)
     assert_continues(whole, resumed, range(4))
     alone = as_killed_after(whole, 2, copy_to=tmp_path / "alone")
-    history = run_train(config(cache, alone, resume=True, save_every=2,
+    history = run_train(config(cache, alone, resume=True, save_every=2, weight_decay=0.1,
                                shuffle_buffer=TrainConfig.shuffle_buffer))
     assert [m["step"] for m in history] == [2, 3]
     assert_continues(whole, alone, (2, 3))
@@ -431,14 +452,17 @@ def test_one_process_checkpoint_resumes_under_fsdp(cache, tmp_path):
                   fails="FSDP always updates fp32 weights")
 
 
-def test_a_bf16_run_resumes_from_fsdps_kind_of_checkpoint(cache, tmp_path):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])  # with it, two groups: norms apart
+def test_a_bf16_run_resumes_from_fsdps_kind_of_checkpoint(cache, tmp_path, weight_decay):
     """What FSDP writes for a bf16 run: fp32 weights, name-keyed optimizer state, no master
     weights (FSDP's policy keeps its own). Resumed in one process with --dtype bfloat16 (on
     master weights, the default), it continues the run exactly: the fp32 weights become the
     master weights. The checkpoint here is a one-process bf16 checkpoint rewritten that way."""
     from safetensors.torch import load_file, save_file
 
-    bf16 = dict(dtype="bfloat16", step0_check=False, save_every=2)
+    from minorsft.optim import optimizer_order
+
+    bf16 = dict(dtype="bfloat16", step0_check=False, save_every=2, weight_decay=weight_decay)
     whole = tmp_path / "whole"
     run_train(config(cache, whole, **bf16))
     resumed = as_killed_after(whole, 2, copy_to=tmp_path / "resumed")
@@ -446,7 +470,8 @@ def test_a_bf16_run_resumes_from_fsdps_kind_of_checkpoint(cache, tmp_path):
     optimizer = torch.load(step / "optimizer.pt", weights_only=True)
     names = list(load_file(step / "model.safetensors"))
     model = build_tiny_model(build_tiny_tokenizer())  # the run's parameter order
-    order = [name for name, _ in model.named_parameters() if name in names]
+    order = [name for name, _ in optimizer_order(list(model.named_parameters()), weight_decay)
+             if name in names]  # the optimizer's numbering
     masters = dict(zip(order, optimizer.pop("master_weights"), strict=True))  # all bf16
     save_file({name: value.contiguous() for name, value in masters.items()},
               step / "model.safetensors")
