@@ -361,7 +361,7 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
     """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
     checkpoints = list_checkpoints(config.output)
     if not config.resume:
-        if checkpoints:
+        if checkpoints and not config.overwrite:  # --overwrite removes them before training
             raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
                              f"{checkpoints[-1][1].name}): pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --output")

@@ -434,6 +434,13 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
     if finished and not (config.resume or config.overwrite):
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
+
+
+def clear_output(config: TrainConfig, is_main: bool) -> None:
+    """With --overwrite, remove the earlier run from --output: only once this run has loaded
+    and passed its checks, so that a mistake found on the way (a wrong option, a failed step-0
+    check) leaves the earlier run as it was."""
+    output = Path(config.output)
     if config.overwrite and is_main and output.is_dir():
         if (output / "adapter_config.json").exists():
             (output / "README.md").unlink(missing_ok=True)  # the model card peft writes
@@ -803,6 +810,7 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
     state = setup(config, console)
     if config.step0_check and state.start_step == 0:
         check_step0(state, config, console)
+    clear_output(config, state.world.is_main)
     # One stop request over training and the final save: a Ctrl-C or SIGTERM that comes while
     # the model is written (minutes for a large one) waits for it, instead of killing the run
     # with its model half written and no checkpoint of the last steps.

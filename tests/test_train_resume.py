@@ -498,6 +498,14 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
         run_train(config(cache, output, max_steps=2, loss="sft"))
     assert (output / "model.safetensors").read_bytes() == model_before
     assert json.loads((output / "run_config.json").read_text())["config"]["loss"] == "minorsft"
+    # --overwrite removes the earlier run only once the new one has loaded and passed its
+    # checks: a mistake found on the way (here an adapter target no module has) kept nothing
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="nope"):
+        run_train(config(cache, output, max_steps=2, lora_r=4, lora_target_modules="nope",
+                         overwrite=True))
+    assert (output / "model.safetensors").read_bytes() == model_before
+    assert (output / "run_config.json").exists() and len(metrics(output)) == 2
     # --overwrite replaces it, checkpoints of the earlier run included
     (output / "checkpoints" / "step-1").mkdir(parents=True)
     run_train(config(cache, output, max_steps=1, loss="sft", overwrite=True))
