@@ -451,6 +451,16 @@ def clear_output(config: TrainConfig, is_main: bool) -> None:
             shutil.rmtree(output / folder, ignore_errors=True)
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (--gradient-checkpointing), with
+    torch's non-reentrant checkpoint; under the name this transformers has (the later releases
+    call it activation checkpointing, and warn at the old name)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def setup(config: TrainConfig, console: Console) -> TrainState:
     world = init_world(config.device)
     cache = Path(config.cache)
@@ -504,7 +514,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         dropout_note = ("; dropout off (the model's " + ", ".join(
             f"{name} {rate:g}" for name, rate in rates.items()) + "; --keep-dropout keeps it)")
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     packing, packing_note = prepare_packing(model, config.packing)
     compile_note = _compile_layers(model, config.torch_compile, device, fsdp)

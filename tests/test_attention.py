@@ -204,10 +204,11 @@ def test_segment_attention_under_gradient_checkpointing(model, layout, monkeypat
     and take the lengths kept on them: read from the position ids, each layer would wait for
     the device on a GPU."""
     import minorsft.attention
+    from minorsft.train import enable_activation_checkpointing
 
     want_grads = _grads(model, _naive(model))
     use_segment_attention(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     final_logit_transform(model)  # its one-off probe runs one unpacked sample: not counted
     reads = []
     real = minorsft.attention.lengths_from_positions

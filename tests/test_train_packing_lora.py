@@ -111,3 +111,23 @@ def test_merging_an_adapter_on_a_tied_embedding_is_refused(tmp_path):
         _train(cache, tmp_path / "merged", merge_lora=True, **lora)
     _train(cache, tmp_path / "unmerged", **lora)  # the adapters alone are what was trained
     _train(cache, tmp_path / "attention", merge_lora=True, lora_r=4, lora_target_modules="q_proj")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_trains_the_same_steps(tiny_cache, tmp_path, lora):
+    """Recomputing the layers in backward changes memory, not the run (and, under the name
+    this transformers has for it, warns about nothing)."""
+    import warnings
+
+    if lora:
+        pytest.importorskip("peft")
+    settings = dict(lora_r=4) if lora else {}
+    plain = _train(tiny_cache, tmp_path / "plain", **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        recomputed = _train(tiny_cache, tmp_path / "recomputed", gradient_checkpointing=True,
+                            **settings)
+    for a, b in zip(plain, recomputed, strict=True):
+        for key in ("loss", "grad_norm", "m_theta"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert plain[1]["m_theta"] != 0.0  # the second step saw the first update
