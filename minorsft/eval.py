@@ -51,7 +51,15 @@ from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform, pad_batch
-from minorsft.models import autocast_context, fingerprint, load_tokenizer, resolve_model
+from minorsft.models import (
+    autocast_context,
+    fingerprint,
+    learned_position_limit,
+    load_tokenizer,
+    read_model_config,
+    refuse_lengths_past_learned_positions,
+    resolve_model,
+)
 
 # The paper's ceval-exam prompt (section 4), verbatim up to the placeholders.
 CEVAL_PROMPT = (
@@ -359,13 +367,15 @@ def _next_token_logps(model, prefixes: list[list[int]], candidates: list[list[in
 
 
 def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question],
-                 fast: bool = True) -> list[list[float]]:
-    """log p(letter | prompt) for the four letters of each question, [N][4].
+                 fast: bool = True, max_tokens: int | None = None,
+                 path: str = "") -> list[list[float]]:
+    """log p(letter | prompt) for the four letters of each question (of file `path`), [N][4].
 
     With `fast` (the default), questions whose four sequences share one prefix and differ in a
     single letter token are scored with one forward pass; any other question (a tokenizer that
     merges the letter with the text before it, multi-token letters) goes through
-    `answer_logps` on each of its four sequences.
+    `answer_logps` on each of its four sequences. `max_tokens`: the model's learned positions;
+    a question longer than that is refused (a DataError naming it).
     """
     result: list[list[float] | None] = [None] * len(questions)
     slow: list[Example] = []
@@ -373,6 +383,12 @@ def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question
     fast_prefixes, fast_letters, fast_owner = [], [], []
     for index, question in enumerate(questions):
         examples = choice_examples(tokenizer, question)
+        if max_tokens is not None and (longest := max(len(e.input_ids) for e in examples)) > (
+                max_tokens):
+            raise DataError(path, question.line, "question",
+                            f"{longest} tokens as the model reads it (prompt and answer "
+                            f"letter), more than the {max_tokens} positions of its learned "
+                            "position embeddings; shorten it or leave it out")
         split = _single_token_split(examples) if fast else None
         if split is None:
             slow.extend(examples)
@@ -512,6 +528,10 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
     _refuse_special_tokens_in_questions(question_sets, tokenizer)
+    # GPT-2-like models index a table of positions: a longer row was an IndexError
+    model_config = read_model_config(model_path)
+    if config.data is not None and not looks_like_cache(config.reference):
+        refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
     ref_path = None
     if config.reference and not looks_like_cache(config.reference):
@@ -531,6 +551,11 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if looks_like_cache(config.reference):
         examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
                                                         config.max_rows)
+        limit = learned_position_limit(model_config)
+        if limit is not None and (longest := max(len(e.input_ids) for e in examples)) > limit:
+            raise ValueError(f"--reference {config.reference}: rows of up to {longest} tokens, "
+                             f"more than the {limit} positions of {config.model}'s learned "
+                             "position embeddings")
         result["data"] = metadata.get("source")
         if metadata.get("dtype") != result["dtype"]:
             console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
@@ -557,7 +582,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         labels = choice_file_labels(list(question_sets))
         for choice_path, questions in question_sets.items():
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
-            logps = choice_logps(engine, tokenizer, questions)
+            logps = choice_logps(engine, tokenizer, questions, path=choice_path,
+                                 max_tokens=learned_position_limit(model_config))
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
             if config.per_item:
                 items += choice_items(labels[choice_path], questions, logps)

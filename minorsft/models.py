@@ -347,6 +347,45 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attent
     return model.to(device)
 
 
+def read_model_config(model_path: str):
+    """The model's transformers config, or None where it does not load (loading the model
+    will then say what is wrong with it)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+
+
+# Model types whose position embeddings are a learned table besides those whose config names
+# `n_positions` (GPT-2 and its kind): a longer row indexes past it, an IndexError on a CPU and a
+# device-side assert on CUDA. Rotary models (Llama, Qwen, SmolLM2, ...) have no such table.
+LEARNED_POSITION_TYPES = ("opt", "gpt_neo", "biogpt", "xglm")
+
+
+def learned_position_limit(model_config) -> int | None:
+    """How many positions the model's learned position table has (None: no such table)."""
+    if model_config is None:
+        return None
+    limit = getattr(model_config, "n_positions", None)
+    if limit is None and getattr(model_config, "model_type", None) in LEARNED_POSITION_TYPES:
+        limit = getattr(model_config, "max_position_embeddings", None)
+    return limit
+
+
+def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
+                                          model_config) -> None:
+    """Refuse a --max-length (None: no limit) longer than the model's learned positions."""
+    limit = learned_position_limit(model_config)
+    if limit is None or (max_length is not None and max_length <= limit):
+        return
+    asked = "no limit (0)" if max_length is None else str(max_length)
+    raise ValueError(f"--max-length {asked} is more than the {limit} positions of {model}'s "
+                     "learned position embeddings: a longer row would index past them. Pass "
+                     f"--max-length {limit} or less.")
+
+
 def disable_dropout(model: torch.nn.Module) -> dict[str, float]:
     """Set every dropout of `model` to 0, and return the non-zero rates it had, by name.
 

@@ -64,7 +64,14 @@ from minorsft.data import (
     resolve_data,
 )
 from minorsft.engines import make_engine
-from minorsft.models import check_dtype, fingerprint, load_tokenizer, resolve_model
+from minorsft.models import (
+    check_dtype,
+    fingerprint,
+    load_tokenizer,
+    read_model_config,
+    refuse_lengths_past_learned_positions,
+    resolve_model,
+)
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
@@ -194,7 +201,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     if Path(data_path).resolve().is_relative_to(out.resolve()):
         raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
                          "written to: choose an --out outside the input's folder")
-    model_config = _model_config(model_path)
+    model_config = read_model_config(model_path)
     _refuse_lengths_past_learned_positions(config, model_config)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
@@ -272,35 +279,8 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
         yield True
 
 
-# Model types whose position embeddings are a learned table besides those whose config names
-# `n_positions` (GPT-2 and its kind): a longer row indexes past it, an IndexError on a CPU and a
-# device-side assert on CUDA. Rotary models (Llama, Qwen, SmolLM2, ...) have no such table.
-LEARNED_POSITION_TYPES = ("opt", "gpt_neo", "biogpt", "xglm")
-
-
-def _model_config(model_path: str):
-    """The model's transformers config, or None where it does not load (loading the model
-    will then say what is wrong with it)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError):
-        return None
-
-
 def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_config) -> None:
-    if model_config is None:
-        return
-    limit = getattr(model_config, "n_positions", None)
-    if limit is None and getattr(model_config, "model_type", None) in LEARNED_POSITION_TYPES:
-        limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is None or (config.max_length is not None and config.max_length <= limit):
-        return
-    asked = "no limit (0)" if config.max_length is None else str(config.max_length)
-    raise ValueError(f"--max-length {asked} is more than the {limit} positions of {config.model}'s "
-                     "learned position embeddings: a longer row would index past them. Pass "
-                     f"--max-length {limit} or less.")
+    refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
 
 
 def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:

@@ -221,6 +221,20 @@ def test_a_max_length_past_learned_position_embeddings_is_refused(tiny_tokenizer
     assert ("--max-length 2048 is more than the 32 positions" in " ".join(result.output.split()))
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "c2"), "--max-length", "32"])
     assert result.exit_code == 0, result.output
+    # eval reads --data as precompute does (it ended in the IndexError), and a question longer
+    # than the positions is named with its line
+    evaluate = ["eval", "--model", str(folder)]
+    result = runner.invoke(app, [*evaluate, "--data", str(data)])
+    assert result.exit_code == 2, result.output
+    assert ("--max-length 2048 is more than the 32 positions" in " ".join(result.output.split()))
+    result = runner.invoke(app, [*evaluate, "--data", str(data), "--max-length", "32"])
+    assert result.exit_code == 0, result.output
+    choices = tmp_path / "q.csv"
+    choices.write_text("What is 2 + 2?,3,4,5,22,B\n", encoding="utf-8")  # the prompt: ~180
+    result = runner.invoke(app, [*evaluate, "--choices", str(choices)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "q.csv:1: field 'question'" in text and "more than the 32 positions" in text, text
 
 
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):

@@ -296,12 +296,13 @@ def test_a_failed_first_shard_leaves_a_shard_beside_it_alone(tiny_model_dir, tmp
 
 def test_vllm_model_len_defaults_to_what_max_length_needs(tiny_model_dir):
     """None let vLLM reserve KV cache for the model's whole context (128k for Llama-3.1)."""
-    from minorsft.precompute import _model_config, _model_len_for
+    from minorsft.models import read_model_config
+    from minorsft.precompute import _model_len_for
 
     def model_len(max_length):
         return _model_len_for(PrecomputeConfig(model="m", data="d", out="o",
                                                max_length=max_length),
-                              _model_config(str(tiny_model_dir)))
+                              read_model_config(str(tiny_model_dir)))
 
     assert model_len(100) == 101
     assert model_len(2048) == 512  # the tiny model's max_position_embeddings
