@@ -488,7 +488,7 @@ def tokenize_conversation(
     if special is True:
         special = special_token_pattern(tokenizer)
     if any(ANSWER_PROBE in message["content"] for message in messages):
-        raise ValueError(f"a message holds {ANSWER_PROBE!r}, the string minorsft puts in place of "
+        raise ValueError(f"the row holds {ANSWER_PROBE!r}, the string minorsft puts in place of "
                          "an answer to find where the template writes it; remove it")
     full_text = _render(tokenizer, messages, generation_prompt=False)
     spans = [_answer_span(tokenizer, messages, index, full_text, special)
