@@ -92,14 +92,23 @@ def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict
     model.save_pretrained(output, safe_serialization=True, state_dict=state_dict)
     if not merge:
         return None
-    merged_dir = output / "merged"
     if base_path is not None:
-        from transformers import AutoModelForCausalLM
+        return merge_saved_adapters(output, base_path, tokenizer)
+    return _save_merged(model.merge_and_unload(), output, tokenizer)
 
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
-        merged = _peft().PeftModel.from_pretrained(base, output).merge_and_unload()
-    else:
-        merged = model.merge_and_unload()
+
+def merge_saved_adapters(output: Path, base_path: str, tokenizer=None) -> Path:
+    """Merge the adapters saved in `output` into the base model read from `base_path` (on the
+    CPU, in its saved dtype), as a plain model in output/merged."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    return _save_merged(_peft().PeftModel.from_pretrained(base, output).merge_and_unload(),
+                        output, tokenizer)
+
+
+def _save_merged(merged, output: Path, tokenizer) -> Path:
+    merged_dir = output / "merged"
     merged.config.use_cache = True
     merged.save_pretrained(merged_dir, safe_serialization=True)
     if tokenizer is not None:

@@ -789,6 +789,23 @@ def _finished_run(config: TrainConfig) -> bool:
     return True
 
 
+def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
+    """--resume --merge-lora on a finished LoRA run without a merged model (trained without
+    --merge-lora): merge its saved adapters now, instead of doing nothing."""
+    output = Path(config.output)
+    if not (config.merge_lora and (output / "adapter_config.json").exists()
+            and not (output / "merged" / "config.json").exists()):
+        return
+    from minorsft.lora import merge_saved_adapters
+    from minorsft.models import load_tokenizer
+
+    run_config = json.loads((output / "run_config.json").read_text())
+    base = (run_config.get("model_path")
+            or json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"])
+    merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"))
+    console.print(f"merged the finished run's adapters with {base} into {merged}", markup=False)
+
+
 def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[str]:
     """The cache and model of a finished run that this run's differ from, as lines."""
     from minorsft.cache import read_metadata
@@ -814,6 +831,7 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
     console = console or Console(stderr=True)
     if config.resume and _finished_run(config):
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
+        _merge_finished_lora_run(config, console)
         console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
                       "--overwrite replaces it", markup=False)
         return []

@@ -131,3 +131,22 @@ def test_gradient_checkpointing_trains_the_same_steps(tiny_cache, tmp_path, lora
         for key in ("loss", "grad_norm", "m_theta"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     assert plain[1]["m_theta"] != 0.0  # the second step saw the first update
+
+
+def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, tmp_path):
+    """It said "nothing to do" and wrote no merged model: the adapters had to be merged by
+    hand with peft."""
+    pytest.importorskip("peft")
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    _train(tiny_cache, out, lora_r=4, lora_alpha=8)
+    assert not (out / "merged").exists()
+    assert _train(tiny_cache, out, lora_r=4, lora_alpha=8, merge_lora=True, resume=True) == []
+    ids = torch.tensor([[1, 5, 9, 14, 20, 2]])
+    with torch.no_grad():
+        adapter = AutoPeftModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(input_ids=ids).logits
+    torch.testing.assert_close(adapter, merged, atol=1e-4, rtol=1e-4)
+    assert (out / "merged" / "tokenizer_config.json").exists()
