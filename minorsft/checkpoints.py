@@ -270,6 +270,12 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         now["master_weights"] = now["dtype"] in LOW_PRECISION_NAMES
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
                for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
+    if "keep_dropout" not in trainer_state["settings"] and state.dropout_turned_off:
+        # minorsft < 0.4.1 trained with the model's dropout: continuing without it would
+        # change the run half way
+        changed.append("keep_dropout: the checkpoint (minorsft < 0.4.1) trained with the "
+                       f"model's dropout ({', '.join(state.dropout_turned_off)}), this run "
+                       "without: pass --keep-dropout to continue it")
     if fsdp and saved["master_weights"] is False and now["master_weights"]:
         changed.append("(FSDP always updates fp32 weights: a pure bf16/fp16 run, "
                        "--no-master-weights, resumes in one process or under DDP only)")

@@ -42,13 +42,8 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     """
     peft = _peft()
     targets = parse_target_modules(target_modules)
-    if merge and (tied := _tied_input_embedding(model)) is not None and targets != "all-linear":
-        if any(tied == name or tied.endswith("." + name) for name in targets):
-            raise ValueError(
-                f"--lora-target-modules {target_modules} with --merge-lora: {tied} is tied to "
-                "the output head (tie_word_embeddings), so merging its adapter would change the "
-                "output head too, which training left as it was: the merged model would not be "
-                "the trained one. Leave the embedding out, or keep the adapters unmerged")
+    if merge:
+        _refuse_merging_a_tied_embedding(model, targets)
     config = peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
         task_type="CAUSAL_LM",
@@ -59,6 +54,21 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
         return peft.get_peft_model(model, config)
+
+
+def _refuse_merging_a_tied_embedding(model, targets: str | list[str]) -> None:
+    """Refuse to merge adapters of `targets` (peft's target_modules) if one is an input
+    embedding that `model` ties to its output head: training left the head as it was, and the
+    merge would change it through the shared tensor."""
+    tied = _tied_input_embedding(model)
+    if tied is None or isinstance(targets, str):  # "all-linear" (or a regex): linear layers
+        return
+    if any(tied == name or tied.endswith("." + name) for name in targets):
+        raise ValueError(
+            f"--lora-target-modules {','.join(targets)} with --merge-lora: {tied} is tied to the "
+            "output head (tie_word_embeddings), so merging its adapter would change the output "
+            "head too, which training left as it was: the merged model would not be the trained "
+            "one. Leave the embedding out, or keep the adapters unmerged")
 
 
 def _tied_input_embedding(model) -> str | None:
@@ -103,6 +113,9 @@ def merge_saved_adapters(output: Path, base_path: str, tokenizer=None) -> Path:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    targets = _peft().PeftConfig.from_pretrained(output).target_modules
+    _refuse_merging_a_tied_embedding(base, sorted(targets) if isinstance(targets, set)
+                                     else targets)
     return _save_merged(_peft().PeftModel.from_pretrained(base, output).merge_and_unload(),
                         output, tokenizer)
 

@@ -386,24 +386,26 @@ def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
                      f"--max-length {limit} or less.")
 
 
-def disable_dropout(model: torch.nn.Module) -> dict[str, float]:
+def disable_dropout(model: torch.nn.Module) -> dict[str, list[float]]:
     """Set every dropout of `model` to 0, and return the non-zero rates it had, by name.
 
-    Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that attention
-    modules pass to their kernel while training (Llama's and Qwen2's `attention_dropout`, OPT's
-    `dropout` and `layerdrop`), which setting the modules' `p` alone would miss. The model's
-    config is left as it is, so a saved model keeps its own rates.
+    Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that modules
+    pass to their kernel or to `F.dropout` while training (Llama's and Qwen2's
+    `attention_dropout`, OPT's `dropout` and `layerdrop`, DBRX's `resid_pdrop`), which setting
+    the modules' `p` alone would miss. (A model that reads a rate from its config at every
+    forward pass keeps it.) The config is left as it is, so a saved model keeps its own rates.
     """
-    had: dict[str, float] = {}
+    had: dict[str, set[float]] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
-            had.setdefault(type(module).__name__, module.p)
+            had.setdefault(type(module).__name__, set()).add(module.p)
             module.p = 0.0
         for name, value in vars(module).items():
-            if ("dropout" in name or name == "layerdrop") and type(value) is float and value:
-                had.setdefault(name, value)
+            if (("dropout" in name or "pdrop" in name or name == "layerdrop")
+                    and type(value) is float and value):
+                had.setdefault(name, set()).add(value)
                 setattr(module, name, 0.0)
-    return had
+    return {name: sorted(rates) for name, rates in had.items()}
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -74,6 +74,7 @@ from minorsft.models import (
     FP16_MIXED_PRECISION,
     MIXED_PRECISION,
     MIXED_PRECISIONS,
+    ModelError,
     autocast_context,
     cpu_has_bf16,
     disable_dropout,
@@ -352,6 +353,8 @@ class TrainState:
     autocast: torch.dtype | None = None  # bf16/fp16-mixed: fp32 weights, forward under autocast
     # fp16-mixed: the dynamic loss scale that keeps fp16 gradients from rounding to 0
     scaler: torch.amp.GradScaler | None = None
+    # the model's non-zero dropout rates that training turned off (empty: none, or kept)
+    dropout_turned_off: dict = field(default_factory=dict)
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -415,10 +418,8 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
                          "choose another --output")
     finished = (output / "run_config.json").exists()
     is_run = finished or (output / "checkpoints").is_dir()
-    if not is_run and output.is_dir() and (found := sorted(
-            f.name for pattern in RUN_FILES if pattern != "metrics.jsonl"  # a crashed run's
-            for f in output.glob(pattern))):
-        if (output / "metrics.jsonl").exists():
+    if not is_run and output.is_dir() and (found := _model_files(output)):
+        if _died_while_saving(output):
             # A run stopped while it saved its model (run_config.json is written last).
             if not (config.overwrite or config.resume):
                 raise ValueError(
@@ -436,12 +437,28 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
                          "replace it, or choose another --output")
 
 
+def _model_files(output: Path) -> list[str]:
+    """The files of a run's model in `output` (not its metrics, which a crashed run leaves)."""
+    return sorted(f.name for pattern in RUN_FILES if pattern != "metrics.jsonl"
+                  for f in output.glob(pattern))
+
+
+def _died_while_saving(output: Path) -> bool:
+    """Whether `output` holds a run stopped while it saved its model: its metrics and model
+    files, but neither run_config.json (written last) nor checkpoints."""
+    return ((output / "metrics.jsonl").exists() and not (output / "run_config.json").exists()
+            and not (output / "checkpoints").is_dir() and bool(_model_files(output)))
+
+
 def clear_output(config: TrainConfig, is_main: bool) -> None:
     """With --overwrite, remove the earlier run from --output: only once this run has loaded
     and passed its checks, so that a mistake found on the way (a wrong option, a failed step-0
     check) leaves the earlier run as it was."""
     output = Path(config.output)
-    if config.overwrite and is_main and output.is_dir():
+    # --resume of a run that died while saving, with no checkpoint, starts again from step 0:
+    # its files go as with --overwrite (a LoRA run must not leave a full model's files behind)
+    again = config.resume and _died_while_saving(output)
+    if (config.overwrite or again) and is_main and output.is_dir():
         if (output / "adapter_config.json").exists():
             (output / "README.md").unlink(missing_ok=True)  # the model card peft writes
         for pattern in RUN_FILES:
@@ -466,8 +483,6 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     cache = Path(config.cache)
     metadata = read_metadata(cache)
     check_output(config, world.is_main, config.model or metadata.get("model_path"))
-    if config.overwrite:
-        barrier(world)  # no rank looks for checkpoints until rank 0 has removed the old ones
     if config.batch_size % world.world_size == 0:
         # as in TrainConfig: a micro-batch larger than a process's share of the step is that
         # share (--batch-size 4 with the default micro-batch of 4 on 2 processes: 2)
@@ -509,10 +524,11 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)
-    dropout_note = ""
+    dropout_note, rates = "", {}
     if not config.keep_dropout and (rates := disable_dropout(model)):
         dropout_note = ("; dropout off (the model's " + ", ".join(
-            f"{name} {rate:g}" for name, rate in rates.items()) + "; --keep-dropout keeps it)")
+            f"{name} {'/'.join(f'{rate:g}' for rate in values)}"
+            for name, values in rates.items()) + "; --keep-dropout keeps it)")
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -560,7 +576,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
-                       scaler=scaler)
+                       scaler=scaler, dropout_turned_off=rates)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -813,15 +829,23 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
 
     changed = []
     saved_cache = run_config.get("cache_metadata") or {}
-    cache = read_metadata(Path(config.cache))
+    try:
+        cache = read_metadata(Path(config.cache))
+    except CacheError:
+        # A finished run needs no cache: a job script that passes --resume on every start
+        # still gets "nothing to do" after the scratch space was cleaned.
+        cache = {}
     for key in ("fingerprint", "rows"):
-        if saved_cache.get(key) is not None and saved_cache[key] != cache.get(key):
+        if cache and saved_cache.get(key) is not None and saved_cache[key] != cache.get(key):
             changed.append(f"cache {key}: {saved_cache[key]!r} -> {cache.get(key)!r}")
     # The model folder (or hub id) it trained from, recorded since 0.4.1 (before, --model as
     # given, which a relative path or a built-in name does not pin down: not compared).
     if trained_from := run_config.get("model_path"):
-        wanted = (resolve_model(config.model) if config.model is not None
-                  else cache.get("model_path") or cache.get("model"))
+        try:
+            wanted = (resolve_model(config.model) if config.model is not None
+                      else cache.get("model_path") or cache.get("model"))
+        except ModelError:  # gone too, like the cache: nothing to compare
+            wanted = None
         if wanted and os.path.abspath(trained_from) != os.path.abspath(wanted):
             changed.append(f"model: {trained_from} -> {wanted}")
     return changed

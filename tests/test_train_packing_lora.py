@@ -110,6 +110,9 @@ def test_merging_an_adapter_on_a_tied_embedding_is_refused(tmp_path):
     with pytest.raises(ValueError, match="model.embed_tokens is tied to the output head"):
         _train(cache, tmp_path / "merged", merge_lora=True, **lora)
     _train(cache, tmp_path / "unmerged", **lora)  # the adapters alone are what was trained
+    with pytest.raises(ValueError, match="model.embed_tokens is tied to the output head"):
+        _train(cache, tmp_path / "unmerged", merge_lora=True, resume=True, **lora)
+    assert not (tmp_path / "unmerged" / "merged").exists()
     _train(cache, tmp_path / "attention", merge_lora=True, lora_r=4, lora_target_modules="q_proj")
 
 

@@ -227,6 +227,12 @@ def test_a_run_that_died_while_saving_is_trained_again_with_overwrite_or_resume(
         assert len(run_train(config(cache, output, max_steps=2, **{option: True}))) == 2
         assert metrics(output) == expected
         (output / "run_config.json").unlink()
+    # trained again as another kind of run, it leaves none of the dead run's model files
+    pytest.importorskip("peft")
+    run_train(config(cache, output, max_steps=2, resume=True, lora_r=4))
+    assert not (output / "model.safetensors").exists()
+    assert (output / "adapter_model.safetensors").exists()
+    (output / "run_config.json").unlink()
     # a folder of model files without metrics is still no minorsft run's
     (output / "metrics.jsonl").unlink()
     with pytest.raises(ValueError, match="but no minorsft run"):
@@ -654,6 +660,9 @@ def test_resume_of_a_finished_run_refuses_another_cache_or_model(cache, tiny_mod
     capsys.readouterr()
     assert run_train(config(cache, output, max_steps=2, resume=True, model=str(tiny_model_dir),
                             dtype="float32")) == []
+    assert "nothing to do" in capsys.readouterr().err
+    # a finished run needs no cache: a job script's --resume after the cache was cleaned away
+    assert run_train(config(tmp_path / "gone.parquet", output, max_steps=2, resume=True)) == []
     assert "nothing to do" in capsys.readouterr().err
 
 

@@ -337,6 +337,28 @@ def test_dropout_is_off_while_training_unless_kept(dropout_cache, tmp_path, keep
     assert json.loads((output / "run_config.json").read_text())["config"]["keep_dropout"] is keep
 
 
+def test_a_checkpoint_from_before_dropout_was_turned_off_continues_only_with_it(dropout_cache,
+                                                                               tmp_path):
+    """minorsft < 0.4.1 trained with the model's dropout; resumed now, the run went on without
+    it from half way, silently."""
+    output = tmp_path / "run"
+
+    def train(**settings):
+        return run_train(TrainConfig(cache=str(dropout_cache), output=str(output), max_steps=4,
+                                     batch_size=4, micro_batch_size=4, save_every=2,
+                                     **settings), Console(quiet=True))
+
+    train(keep_dropout=True)
+    as_killed_after(output, 2)
+    state_file = output / "checkpoints" / "step-2" / "trainer_state.json"
+    trainer_state = json.loads(state_file.read_text())
+    del trainer_state["settings"]["keep_dropout"]  # as minorsft 0.4.0 wrote it
+    state_file.write_text(json.dumps(trainer_state))
+    with pytest.raises(ValueError, match="pass --keep-dropout to continue it"):
+        train(resume=True)
+    assert [m["step"] for m in train(resume=True, keep_dropout=True)] == [2, 3]
+
+
 def test_disable_dropout_reaches_modules_and_plain_rates():
     """GPT-2's nn.Dropout modules, OPT's plain `dropout` and `layerdrop` rates: all off, so a
     forward pass in train mode is the eval-mode one."""
@@ -351,8 +373,9 @@ def test_disable_dropout_reaches_modules_and_plain_rates():
         "opt": OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64,
                                         num_attention_heads=2, vocab_size=64,
                                         word_embed_proj_dim=32, layerdrop=0.2, bos_token_id=0,
-                                        eos_token_id=0, pad_token_id=0))}
-    rates = {"gpt2": {"Dropout": 0.1}, "opt": {"dropout": 0.1, "layerdrop": 0.2}}
+                                        eos_token_id=0, pad_token_id=0, attention_dropout=0.3))}
+    # (OPT's attention keeps its rate as `dropout` too: both rates are named)
+    rates = {"gpt2": {"Dropout": [0.1]}, "opt": {"dropout": [0.1, 0.3], "layerdrop": [0.2]}}
     ids = torch.randint(1, 64, (1, 12))
     for name, model in models.items():
         model.train()
