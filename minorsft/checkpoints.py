@@ -270,11 +270,12 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
         now["master_weights"] = now["dtype"] in LOW_PRECISION_NAMES
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
                for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
-    if "keep_dropout" not in trainer_state["settings"] and state.dropout_turned_off:
+    if ("keep_dropout" not in trainer_state["settings"] and state.model_dropout
+            and not config.keep_dropout):
         # minorsft < 0.4.1 trained with the model's dropout: continuing without it would
         # change the run half way
         changed.append("keep_dropout: the checkpoint (minorsft < 0.4.1) trained with the "
-                       f"model's dropout ({', '.join(state.dropout_turned_off)}), this run "
+                       f"model's dropout ({', '.join(state.model_dropout)}), this run "
                        "without: pass --keep-dropout to continue it")
     if fsdp and saved["master_weights"] is False and now["master_weights"]:
         changed.append("(FSDP always updates fp32 weights: a pure bf16/fp16 run, "
@@ -383,8 +384,8 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
         console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)",
                       markup=False)
         saved = json.loads((path / "trainer_state.json").read_text()).get("split")
-        if (config.lora_dropout or config.keep_dropout) and saved not in (None, _split(state,
-                                                                                       config)):
+        dropout_on = config.lora_dropout or (config.keep_dropout and state.model_dropout)
+        if dropout_on and saved not in (None, _split(state, config)):
             console.print(
                 f"note: the checkpoint's steps ran as micro-batches of {saved['micro_batch_size']}"
                 f" x {saved['world_size']} process(es), this run's as "

@@ -386,8 +386,9 @@ def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
                      f"--max-length {limit} or less.")
 
 
-def disable_dropout(model: torch.nn.Module) -> dict[str, list[float]]:
-    """Set every dropout of `model` to 0, and return the non-zero rates it had, by name.
+def disable_dropout(model: torch.nn.Module, turn_off: bool = True) -> dict[str, list[float]]:
+    """Set every dropout of `model` to 0, and return the non-zero rates it had, by name
+    (`turn_off` False: only return them).
 
     Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that modules
     pass to their kernel or to `F.dropout` while training (Llama's and Qwen2's
@@ -399,12 +400,14 @@ def disable_dropout(model: torch.nn.Module) -> dict[str, list[float]]:
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
             had.setdefault(type(module).__name__, set()).add(module.p)
-            module.p = 0.0
+            if turn_off:
+                module.p = 0.0
         for name, value in vars(module).items():
             if (("dropout" in name or "pdrop" in name or name == "layerdrop")
                     and type(value) is float and value):
                 had.setdefault(name, set()).add(value)
-                setattr(module, name, 0.0)
+                if turn_off:
+                    setattr(module, name, 0.0)
     return {name: sorted(rates) for name, rates in had.items()}
 
 

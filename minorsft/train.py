@@ -353,8 +353,8 @@ class TrainState:
     autocast: torch.dtype | None = None  # bf16/fp16-mixed: fp32 weights, forward under autocast
     # fp16-mixed: the dynamic loss scale that keeps fp16 gradients from rounding to 0
     scaler: torch.amp.GradScaler | None = None
-    # the model's non-zero dropout rates that training turned off (empty: none, or kept)
-    dropout_turned_off: dict = field(default_factory=dict)
+    # the model's own non-zero dropout rates (turned off unless --keep-dropout)
+    model_dropout: dict = field(default_factory=dict)
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -524,8 +524,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)
-    dropout_note, rates = "", {}
-    if not config.keep_dropout and (rates := disable_dropout(model)):
+    rates = disable_dropout(model, turn_off=not config.keep_dropout)
+    dropout_note = ""
+    if rates and not config.keep_dropout:
         dropout_note = ("; dropout off (the model's " + ", ".join(
             f"{name} {'/'.join(f'{rate:g}' for rate in values)}"
             for name, values in rates.items()) + "; --keep-dropout keeps it)")
@@ -576,7 +577,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
-                       scaler=scaler, dropout_turned_off=rates)
+                       scaler=scaler, model_dropout=rates)
     resume_from_checkpoint(state, config, console)
     return state
 

@@ -379,6 +379,7 @@ def test_disable_dropout_reaches_modules_and_plain_rates():
     ids = torch.randint(1, 64, (1, 12))
     for name, model in models.items():
         model.train()
+        assert disable_dropout(model, turn_off=False) == rates[name]  # only read
         assert not torch.equal(model(ids).logits, model(ids).logits)
         assert disable_dropout(model) == rates[name]
         trained = model(ids).logits
