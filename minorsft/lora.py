@@ -7,6 +7,8 @@ MinorSFT coefficient is 1/2 (2 sigmoid(0) = 1), as with full fine-tuning.
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -121,9 +123,16 @@ def merge_saved_adapters(output: Path, base_path: str, tokenizer=None) -> Path:
 
 
 def _save_merged(merged, output: Path, tokenizer) -> Path:
+    """Write the merged model whole under a hidden name, then rename it to output/merged: a
+    merge killed part way leaves no `merged/` that looks finished (its config.json comes
+    before the weights)."""
     merged_dir = output / "merged"
+    staging = output / f".merged.{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
     merged.config.use_cache = True
-    merged.save_pretrained(merged_dir, safe_serialization=True)
+    merged.save_pretrained(staging, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(merged_dir)
+        tokenizer.save_pretrained(staging)
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    os.replace(staging, merged_dir)
     return merged_dir

@@ -80,6 +80,7 @@ from minorsft.models import (
     disable_dropout,
     dtype_name,
     fingerprint,
+    is_first_rank,
     load_cache_model,
     load_model,
     pick_attention,
@@ -395,7 +396,8 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
 # What `train` writes into --output (and --overwrite removes): the model (full or LoRA) and its
 # configs, the merged model, the metrics, the run's config and the checkpoints. (The tokenizer's
 # files are written again by every run.) Nothing else is touched.
-RUN_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json",
+RUN_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+             "config.json",
              "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
              "metrics.jsonl", "run_config.json")
 RUN_FOLDERS = ("checkpoints", "merged")
@@ -444,13 +446,21 @@ def _model_files(output: Path) -> list[str]:
 
 
 def _died_while_saving(output: Path) -> bool:
-    """Whether `output` holds a run stopped while it saved its model: its metrics and model
-    files, but neither run_config.json (written last) nor checkpoints."""
-    return ((output / "metrics.jsonl").exists() and not (output / "run_config.json").exists()
-            and not (output / "checkpoints").is_dir() and bool(_model_files(output)))
+    """Whether `output` holds a run stopped while it saved its model: its metrics (minorsft's:
+    the first line is a step's record) and model files, but neither run_config.json (written
+    last) nor checkpoints."""
+    if (output / "run_config.json").exists() or (output / "checkpoints").is_dir():
+        return False
+    try:
+        with (output / "metrics.jsonl").open(encoding="utf-8") as log:
+            first = json.loads(log.readline())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(first, dict) and {"step", "loss", "m_theta"} <= first.keys()
+            and bool(_model_files(output)))
 
 
-def clear_output(config: TrainConfig, is_main: bool) -> None:
+def clear_output(config: TrainConfig, is_main: bool, console: Console | None = None) -> None:
     """With --overwrite, remove the earlier run from --output: only once this run has loaded
     and passed its checks, so that a mistake found on the way (a wrong option, a failed step-0
     check) leaves the earlier run as it was."""
@@ -458,6 +468,10 @@ def clear_output(config: TrainConfig, is_main: bool) -> None:
     # --resume of a run that died while saving, with no checkpoint, starts again from step 0:
     # its files go as with --overwrite (a LoRA run must not leave a full model's files behind)
     again = config.resume and _died_while_saving(output)
+    if again and is_main and console is not None:
+        console.print(f"--resume: {output} holds a run that died while saving its model "
+                      f"({', '.join(_model_files(output)[:3])}, no checkpoint): training it "
+                      "again from step 0, in place of those files", markup=False)
     if (config.overwrite or again) and is_main and output.is_dir():
         if (output / "adapter_config.json").exists():
             (output / "README.md").unlink(missing_ok=True)  # the model card peft writes
@@ -811,14 +825,22 @@ def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
     --merge-lora): merge its saved adapters now, instead of doing nothing."""
     output = Path(config.output)
     if not (config.merge_lora and (output / "adapter_config.json").exists()
-            and not (output / "merged" / "config.json").exists()):
-        return
+            # (a merged/ without weights: one a kill cut short before 0.4.1 wrote it whole)
+            and not any((output / "merged").glob("*.safetensors")) and is_first_rank()):
+        return  # (under torchrun, one process merges: the others have nothing to do)
     from minorsft.lora import merge_saved_adapters
-    from minorsft.models import load_tokenizer
+    from minorsft.models import BUILTIN_MODELS, load_tokenizer, resolve_model
 
     run_config = json.loads((output / "run_config.json").read_text())
     base = (run_config.get("model_path")
             or json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")):
+        name = (run_config["config"].get("model")
+                or (run_config.get("cache_metadata") or {}).get("model"))
+        if name not in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
+            raise ModelError(f"{base}: the model this run trained from is not there any more; "
+                             "the adapters cannot be merged without it")
+        base = resolve_model(name)
     merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"))
     console.print(f"merged the finished run's adapters with {base} into {merged}", markup=False)
 
@@ -845,8 +867,10 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
         try:
             wanted = (resolve_model(config.model) if config.model is not None
                       else cache.get("model_path") or cache.get("model"))
-        except ModelError:  # gone too, like the cache: nothing to compare
-            wanted = None
+        except ModelError:
+            if config.model is not None and Path(config.model).expanduser().exists():
+                raise  # there, but no model: an error as in any run
+            wanted = None  # gone too, like the cache: nothing to compare
         if wanted and os.path.abspath(trained_from) != os.path.abspath(wanted):
             changed.append(f"model: {trained_from} -> {wanted}")
     return changed
@@ -863,7 +887,7 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
     state = setup(config, console)
     if config.step0_check and state.start_step == 0:
         check_step0(state, config, console)
-    clear_output(config, state.world.is_main)
+    clear_output(config, state.world.is_main, console)
     # One stop request over training and the final save: a Ctrl-C or SIGTERM that comes while
     # the model is written (minutes for a large one) waits for it, instead of killing the run
     # with its model half written and no checkpoint of the last steps.

@@ -136,16 +136,38 @@ def test_gradient_checkpointing_trains_the_same_steps(tiny_cache, tmp_path, lora
     assert plain[1]["m_theta"] != 0.0  # the second step saw the first update
 
 
-def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, tmp_path):
+def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, tmp_path,
+                                                                    monkeypatch):
     """It said "nothing to do" and wrote no merged model: the adapters had to be merged by
     hand with peft."""
     pytest.importorskip("peft")
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
+    from minorsft.models import ModelError
+
     out = tmp_path / "lora"
     _train(tiny_cache, out, lora_r=4, lora_alpha=8)
     assert not (out / "merged").exists()
+    # under torchrun only the first rank merges (each would load the whole base model)
+    monkeypatch.setattr("minorsft.train.is_first_rank", lambda: False)
+    assert _train(tiny_cache, out, lora_r=4, lora_alpha=8, merge_lora=True, resume=True) == []
+    assert not (out / "merged").exists()
+    monkeypatch.undo()
+    # the base model's folder gone: one line saying so (it was transformers' OSError)
+    run_config = json.loads((out / "run_config.json").read_text())
+    moved = dict(run_config, model_path=str(tmp_path / "gone"))
+    (out / "run_config.json").write_text(json.dumps(moved))
+    from rich.console import Console
+
+    from minorsft.train import _merge_finished_lora_run
+
+    with pytest.raises(ModelError, match="gone: the model this run trained from is not there"):
+        _merge_finished_lora_run(TrainConfig(cache=str(tiny_cache), output=str(out), lora_r=4,
+                                             merge_lora=True, resume=True), Console(quiet=True))
+    (out / "run_config.json").write_text(json.dumps(run_config))
+    (out / "merged").mkdir()  # what a merge killed before 0.4.1 left: a config, no weights
+    (out / "merged" / "config.json").write_text("{}")
     assert _train(tiny_cache, out, lora_r=4, lora_alpha=8, merge_lora=True, resume=True) == []
     ids = torch.tensor([[1, 5, 9, 14, 20, 2]])
     with torch.no_grad():

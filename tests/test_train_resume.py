@@ -233,10 +233,15 @@ def test_a_run_that_died_while_saving_is_trained_again_with_overwrite_or_resume(
     assert not (output / "model.safetensors").exists()
     assert (output / "adapter_model.safetensors").exists()
     (output / "run_config.json").unlink()
-    # a folder of model files without metrics is still no minorsft run's
-    (output / "metrics.jsonl").unlink()
-    with pytest.raises(ValueError, match="but no minorsft run"):
-        run_train(config(cache, output, max_steps=2, overwrite=True))
+    # a folder of model files without metrics is still no minorsft run's, and so is one with
+    # metrics of something else: --resume removes nothing there
+    (output / "metrics.jsonl").write_text('{"epoch": 1, "accuracy": 0.5}\n')
+    (output / "model_init.safetensors").write_text("the user's")
+    for option in ("resume", "overwrite"):
+        with pytest.raises(ValueError, match="but no minorsft run"):
+            run_train(config(cache, output, max_steps=2, **{option: True}))
+    assert (output / "adapter_model.safetensors").exists()
+    assert (output / "model_init.safetensors").read_text() == "the user's"
 
 
 def test_fingerprint_mismatch_names_the_field_and_the_fix(cache, tmp_path, capsys):
@@ -664,6 +669,11 @@ def test_resume_of_a_finished_run_refuses_another_cache_or_model(cache, tiny_mod
     # a finished run needs no cache: a job script's --resume after the cache was cleaned away
     assert run_train(config(tmp_path / "gone.parquet", output, max_steps=2, resume=True)) == []
     assert "nothing to do" in capsys.readouterr().err
+    # but a --model that is there and is no model is an error, as in any run
+    from minorsft.models import ModelError
+
+    with pytest.raises(ModelError, match="not a model folder"):
+        run_train(config(cache, output, max_steps=2, resume=True, model=str(other)))
 
 
 def test_resume_refuses_other_lora_settings_and_takes_the_same_model_by_name(cache, tmp_path,
