@@ -386,6 +386,16 @@ def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
                      f"--max-length {limit} or less.")
 
 
+def _is_rate(name: str, value) -> bool:
+    return ("dropout" in name or "pdrop" in name or name == "layerdrop") and (
+        type(value) is float and value != 0.0)
+
+
+def config_dropout(config) -> dict[str, float]:
+    """The non-zero dropout rates of a transformers config, by name."""
+    return {name: value for name, value in vars(config).items() if _is_rate(name, value)}
+
+
 def disable_dropout(model: torch.nn.Module, turn_off: bool = True) -> dict[str, list[float]]:
     """Set every dropout of `model` to 0, and return the non-zero rates it had, by name
     (`turn_off` False: only return them).
@@ -393,8 +403,9 @@ def disable_dropout(model: torch.nn.Module, turn_off: bool = True) -> dict[str, 
     Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that modules
     pass to their kernel or to `F.dropout` while training (Llama's and Qwen2's
     `attention_dropout`, OPT's `dropout` and `layerdrop`, DBRX's `resid_pdrop`), which setting
-    the modules' `p` alone would miss. (A model that reads a rate from its config at every
-    forward pass keeps it.) The config is left as it is, so a saved model keeps its own rates.
+    the modules' `p` alone would miss; and the model config's rates, which some models read at
+    every forward pass (Falcon's `hidden_dropout`): the caller puts those back before saving
+    (`config_dropout` reads them first), so a saved model keeps its own rates.
     """
     had: dict[str, set[float]] = {}
     for module in model.modules():
@@ -403,11 +414,15 @@ def disable_dropout(model: torch.nn.Module, turn_off: bool = True) -> dict[str, 
             if turn_off:
                 module.p = 0.0
         for name, value in vars(module).items():
-            if (("dropout" in name or "pdrop" in name or name == "layerdrop")
-                    and type(value) is float and value):
+            if _is_rate(name, value):
                 had.setdefault(name, set()).add(value)
                 if turn_off:
                     setattr(module, name, 0.0)
+    if (config := getattr(model, "config", None)) is not None:
+        for name, value in config_dropout(config).items():
+            had.setdefault(name, set()).add(value)
+            if turn_off:
+                setattr(config, name, 0.0)
     return {name: sorted(rates) for name, rates in had.items()}
 
 

@@ -76,6 +76,7 @@ from minorsft.models import (
     MIXED_PRECISIONS,
     ModelError,
     autocast_context,
+    config_dropout,
     cpu_has_bf16,
     disable_dropout,
     dtype_name,
@@ -356,6 +357,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     # the model's own non-zero dropout rates (turned off unless --keep-dropout)
     model_dropout: dict = field(default_factory=dict)
+    config_dropout: dict = field(default_factory=dict)  # the config's own, for saving
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -538,6 +540,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)
+    config_rates = config_dropout(model.config)  # to write back into the saved model's config
     rates = disable_dropout(model, turn_off=not config.keep_dropout)
     dropout_note = ""
     if rates and not config.keep_dropout:
@@ -591,7 +594,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
-                       scaler=scaler, model_dropout=rates)
+                       scaler=scaler, model_dropout=rates, config_dropout=config_rates)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -764,6 +767,8 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     if not state.world.is_main:
         return output
     state.model.config.use_cache = True
+    for name, rate in state.config_dropout.items():  # off while training, the model's own
+        setattr(state.model.config, name, rate)
     if config.lora_r:
         from minorsft.lora import save_lora
 

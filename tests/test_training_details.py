@@ -362,7 +362,14 @@ def test_a_checkpoint_from_before_dropout_was_turned_off_continues_only_with_it(
 def test_disable_dropout_reaches_modules_and_plain_rates():
     """GPT-2's nn.Dropout modules, OPT's plain `dropout` and `layerdrop` rates: all off, so a
     forward pass in train mode is the eval-mode one."""
-    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+    from transformers import (
+        FalconConfig,
+        FalconForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        OPTConfig,
+        OPTForCausalLM,
+    )
 
     from minorsft.models import disable_dropout
 
@@ -373,9 +380,18 @@ def test_disable_dropout_reaches_modules_and_plain_rates():
         "opt": OPTForCausalLM(OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64,
                                         num_attention_heads=2, vocab_size=64,
                                         word_embed_proj_dim=32, layerdrop=0.2, bos_token_id=0,
-                                        eos_token_id=0, pad_token_id=0, attention_dropout=0.3))}
-    # (OPT's attention keeps its rate as `dropout` too: both rates are named)
-    rates = {"gpt2": {"Dropout": [0.1]}, "opt": {"dropout": [0.1, 0.3], "layerdrop": [0.2]}}
+                                        eos_token_id=0, pad_token_id=0, attention_dropout=0.3)),
+        # reads its config's hidden_dropout at every forward pass
+        "falcon": FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32,
+                                                 num_hidden_layers=2, num_attention_heads=2,
+                                                 hidden_dropout=0.3, attention_dropout=0.2,
+                                                 bos_token_id=0, eos_token_id=0))}
+    # (OPT's attention keeps its rate as `dropout` too: both rates are named; and the configs'
+    # own rates, which some models read at each forward pass, are turned off as well)
+    rates = {"gpt2": {"Dropout": [0.1], "resid_pdrop": [0.1], "embd_pdrop": [0.1],
+                      "attn_pdrop": [0.1], "summary_first_dropout": [0.1]},
+             "opt": {"dropout": [0.1, 0.3], "layerdrop": [0.2], "attention_dropout": [0.3]},
+             "falcon": {"hidden_dropout": [0.3], "Dropout": [0.2], "attention_dropout": [0.2]}}
     ids = torch.randint(1, 64, (1, 12))
     for name, model in models.items():
         model.train()
