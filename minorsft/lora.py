@@ -90,7 +90,7 @@ def is_lora(model) -> bool:
 
 
 def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict | None = None,
-              base_path: str | None = None) -> Path | None:
+              base_path: str | None = None, dtype="auto") -> Path | None:
     """Save the adapters in `output`; with `merge`, also a plain merged model in output/merged.
 
     The merged folder loads with transformers (and vLLM) without peft: it gets `tokenizer`
@@ -105,16 +105,17 @@ def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict
     if not merge:
         return None
     if base_path is not None:
-        return merge_saved_adapters(output, base_path, tokenizer)
+        return merge_saved_adapters(output, base_path, tokenizer, dtype)
     return _save_merged(model.merge_and_unload(), output, tokenizer)
 
 
-def merge_saved_adapters(output: Path, base_path: str, tokenizer=None) -> Path:
+def merge_saved_adapters(output: Path, base_path: str, tokenizer=None, dtype="auto") -> Path:
     """Merge the adapters saved in `output` into the base model read from `base_path` (on the
-    CPU, in its saved dtype), as a plain model in output/merged."""
+    CPU, in `dtype`: the dtype the run trained its weights in, as a merge at the end of
+    training has it; "auto": the base's saved dtype), as a plain model in output/merged."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     targets = _peft().PeftConfig.from_pretrained(output).target_modules
     _refuse_merging_a_tied_embedding(base, sorted(targets) if isinstance(targets, set)
                                      else targets)

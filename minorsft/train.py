@@ -777,7 +777,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
         sharded = is_fsdp_run(state, config)
         save_lora(state.model, output, config.merge_lora, state.tokenizer,
                   state_dict=weights if sharded else None,
-                  base_path=state.model_path if sharded else None)
+                  base_path=state.model_path if sharded else None, dtype=state.dtype)
     elif is_fsdp_run(state, config) and state.dtype != torch.float32:
         # FSDP trained fp32 weights computing in --dtype: saved in that dtype, as a one-process
         # run saves its bf16 weights (rounded from its fp32 master weights), not at twice the
@@ -846,7 +846,13 @@ def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
             raise ModelError(f"{base}: the model this run trained from is not there any more; "
                              "the adapters cannot be merged without it")
         base = resolve_model(name)
-    merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"))
+    # in the dtype the run's weights trained in (bf16-mixed and fp16-mixed: fp32), as a merge
+    # at the end of that training would have written it
+    trained = run_config.get("dtype")
+    dtype = getattr(torch, trained) if trained in ("float32", "bfloat16", "float16") else (
+        torch.float32 if trained in MIXED_PRECISIONS else "auto")
+    merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"),
+                                  dtype)
     console.print(f"merged the finished run's adapters with {base} into {merged}", markup=False)
 
 

@@ -175,3 +175,19 @@ def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, 
         merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(input_ids=ids).logits
     torch.testing.assert_close(adapter, merged, atol=1e-4, rtol=1e-4)
     assert (out / "merged" / "tokenizer_config.json").exists()
+
+
+def test_a_finished_bf16_run_merges_into_bf16_weights(tiny_cache, tmp_path):
+    """The base read again from disk came in its saved dtype (fp32 here): a pure-bf16 run got
+    an fp32 merged model after the fact, and a bf16 one when merged at the end of training."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    bf16 = dict(lora_r=4, dtype="bfloat16", step0_check=False)
+    _train(tiny_cache, tmp_path / "at-the-end", merge_lora=True, **bf16)
+    later = tmp_path / "later"
+    _train(tiny_cache, later, **bf16)
+    _train(tiny_cache, later, merge_lora=True, resume=True, **bf16)
+    for run in (tmp_path / "at-the-end", later):
+        weights = load_file(run / "merged" / "model.safetensors")
+        assert {w.dtype for w in weights.values()} == {torch.bfloat16}, run
