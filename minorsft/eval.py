@@ -530,6 +530,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     _refuse_special_tokens_in_questions(question_sets, tokenizer)
     # GPT-2-like models index a table of positions: a longer row was an IndexError
     model_config = read_model_config(model_path)
+    position_limit = learned_position_limit(model_config)
     if config.data is not None and not looks_like_cache(config.reference):
         refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
@@ -551,11 +552,11 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if looks_like_cache(config.reference):
         examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
                                                         config.max_rows)
-        limit = learned_position_limit(model_config)
-        if limit is not None and (longest := max(len(e.input_ids) for e in examples)) > limit:
+        if position_limit is not None and (
+                longest := max(len(e.input_ids) for e in examples)) > position_limit:
             raise ValueError(f"--reference {config.reference}: rows of up to {longest} tokens, "
-                             f"more than the {limit} positions of {config.model}'s learned "
-                             "position embeddings")
+                             f"more than the {position_limit} positions of {config.model}'s "
+                             "learned position embeddings")
         result["data"] = metadata.get("source")
         if metadata.get("dtype") != result["dtype"]:
             console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
@@ -583,7 +584,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         for choice_path, questions in question_sets.items():
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions, path=choice_path,
-                                 max_tokens=learned_position_limit(model_config))
+                                 max_tokens=position_limit)
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
             if config.per_item:
                 items += choice_items(labels[choice_path], questions, logps)

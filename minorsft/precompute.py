@@ -202,7 +202,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
                          "written to: choose an --out outside the input's folder")
     model_config = read_model_config(model_path)
-    _refuse_lengths_past_learned_positions(config, model_config)
+    refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
@@ -277,10 +277,6 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
             yield False
             return
         yield True
-
-
-def _refuse_lengths_past_learned_positions(config: PrecomputeConfig, model_config) -> None:
-    refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
 
 
 def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:

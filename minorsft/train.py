@@ -15,7 +15,6 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -681,10 +680,10 @@ def _describe_training(task: dict) -> str:
 
 
 def fit(state: TrainState, config: TrainConfig, console: Console,
-        stop: StopRequest | None = None) -> list[dict]:
+        stop: StopRequest) -> list[dict]:
     """Train from `state.start_step` to the last step, logging metrics and saving checkpoints;
-    `stop` (the caller's, to cover what follows too; else one of its own) turns Ctrl-C and
-    SIGTERM into a checkpoint after the current step."""
+    `stop` (entered by the caller, to cover the final save too) turns Ctrl-C and SIGTERM into a
+    checkpoint after the current step."""
     output = Path(config.output)
     main = state.world.is_main
     if main:
@@ -706,8 +705,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
     if main:
         trim_metrics(metrics_path, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
-            progress(console, columns, _describe_training, disable=not main) as bar, \
-            (contextlib.nullcontext(stop) if stop is not None else StopRequest()) as stop:
+            progress(console, columns, _describe_training, disable=not main) as bar:
         task = bar.add_task("train", total=state.total_steps, completed=first,
                             loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
@@ -799,16 +797,17 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     return output
 
 
-def _finished_run(config: TrainConfig) -> bool:
-    """Whether --output holds a finished run (run_config.json, written last). Its checkpoints
-    are usually from before the last step (--save-every), and resuming one would train the last
-    steps again. Refuses a finished run of other settings, as resuming a checkpoint would."""
+def _finished_run(config: TrainConfig) -> dict | None:
+    """The run config of a finished run in --output (run_config.json, written last), or None.
+    Its checkpoints are usually from before the last step (--save-every), and resuming one
+    would train the last steps again. Refuses a finished run of other settings, as resuming a
+    checkpoint would."""
     output = Path(config.output)
     try:
         run_config = json.loads((output / "run_config.json").read_text())
-        saved = run_config["config"]
+        saved = dict(run_config["config"])
     except (OSError, ValueError, KeyError, TypeError):
-        return False
+        return None
     now = asdict(config)
     if saved.get("dtype") != config.dtype and "dtype" in run_config:
         # Compared as trained, not as spelled: "auto" on a CPU is float32.
@@ -822,10 +821,10 @@ def _finished_run(config: TrainConfig) -> bool:
                          "this run):\n  "
                          + "\n  ".join(changed) + "\n--overwrite replaces it; or choose another "
                          "--output")
-    return True
+    return run_config
 
 
-def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
+def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Console) -> None:
     """--resume --merge-lora on a finished LoRA run without a merged model (trained without
     --merge-lora): merge its saved adapters now, instead of doing nothing."""
     output = Path(config.output)
@@ -836,7 +835,6 @@ def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
     from minorsft.lora import merge_saved_adapters
     from minorsft.models import BUILTIN_MODELS, load_tokenizer, resolve_model
 
-    run_config = json.loads((output / "run_config.json").read_text())
     base = (run_config.get("model_path")
             or json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"])
     if not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")):
@@ -849,8 +847,7 @@ def _merge_finished_lora_run(config: TrainConfig, console: Console) -> None:
     # in the dtype the run's weights trained in (bf16-mixed and fp16-mixed: fp32), as a merge
     # at the end of that training would have written it
     trained = run_config.get("dtype")
-    dtype = getattr(torch, trained) if trained in ("float32", "bfloat16", "float16") else (
-        torch.float32 if trained in MIXED_PRECISIONS else "auto")
+    dtype = pick_precision(trained, torch.device("cpu"))[0] if trained else "auto"
     merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"),
                                   dtype)
     console.print(f"merged the finished run's adapters with {base} into {merged}", markup=False)
@@ -889,9 +886,9 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
 
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
-    if config.resume and _finished_run(config):
+    if config.resume and (finished := _finished_run(config)) is not None:
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
-        _merge_finished_lora_run(config, console)
+        _merge_finished_lora_run(config, finished, console)
         console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
                       "--overwrite replaces it", markup=False)
         return []

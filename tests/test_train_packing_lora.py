@@ -164,7 +164,8 @@ def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, 
 
     with pytest.raises(ModelError, match="gone: the model this run trained from is not there"):
         _merge_finished_lora_run(TrainConfig(cache=str(tiny_cache), output=str(out), lora_r=4,
-                                             merge_lora=True, resume=True), Console(quiet=True))
+                                             merge_lora=True, resume=True), moved,
+                                 Console(quiet=True))
     (out / "run_config.json").write_text(json.dumps(run_config))
     (out / "merged").mkdir()  # what a merge killed before 0.4.1 left: a config, no weights
     (out / "merged" / "config.json").write_text("{}")
