@@ -386,9 +386,17 @@ def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
                      f"--max-length {limit} or less.")
 
 
+# The noise some mixture-of-experts layers multiply their input by while training, a rate like
+# dropout's: Mixtral's, MiniMax's and Switch's `jitter_noise`, PhiMoE's `input_jitter_noise`,
+# DBRX's `moe_jitter_eps`. Not PhiMoE's `router_jitter_noise`: its router's threshold, used in
+# eval mode too, so turning it off would change what the model computes.
+_TRAINING_NOISE = frozenset({"jitter_noise", "input_jitter_noise", "moe_jitter_eps"})
+
+
 def _is_rate(name: str, value) -> bool:
-    return ("dropout" in name or "pdrop" in name or name == "layerdrop") and (
-        type(value) is float and value != 0.0)
+    named = ("dropout" in name or "pdrop" in name or name.endswith("layerdrop")
+             or name in _TRAINING_NOISE)
+    return named and type(value) is float and value != 0.0
 
 
 def config_dropout(config) -> dict[str, float]:
@@ -403,9 +411,10 @@ def disable_dropout(model: torch.nn.Module, turn_off: bool = True) -> dict[str, 
     Both kinds: `nn.Dropout` modules (GPT-2's, OPT's) and the plain float rates that modules
     pass to their kernel or to `F.dropout` while training (Llama's and Qwen2's
     `attention_dropout`, OPT's `dropout` and `layerdrop`, DBRX's `resid_pdrop`), which setting
-    the modules' `p` alone would miss; and the model config's rates, which some models read at
-    every forward pass (Falcon's `hidden_dropout`): the caller puts those back before saving
-    (`config_dropout` reads them first), so a saved model keeps its own rates.
+    the modules' `p` alone would miss; the input noise of some mixture-of-experts layers
+    (`_TRAINING_NOISE`: Mixtral's `jitter_noise`); and the model config's rates, which some
+    models read at every forward pass (Falcon's `hidden_dropout`): the caller puts those back
+    before saving (`config_dropout` reads them first), so a saved model keeps its own rates.
     """
     had: dict[str, set[float]] = {}
     for module in model.modules():

@@ -360,13 +360,15 @@ def test_a_checkpoint_from_before_dropout_was_turned_off_continues_only_with_it(
 
 
 def test_disable_dropout_reaches_modules_and_plain_rates():
-    """GPT-2's nn.Dropout modules, OPT's plain `dropout` and `layerdrop` rates: all off, so a
-    forward pass in train mode is the eval-mode one."""
+    """GPT-2's nn.Dropout modules, OPT's plain `dropout` and `layerdrop` rates, Mixtral's
+    training noise: all off, so a forward pass in train mode is the eval-mode one."""
     from transformers import (
         FalconConfig,
         FalconForCausalLM,
         GPT2Config,
         GPT2LMHeadModel,
+        MixtralConfig,
+        MixtralForCausalLM,
         OPTConfig,
         OPTForCausalLM,
     )
@@ -385,13 +387,19 @@ def test_disable_dropout_reaches_modules_and_plain_rates():
         "falcon": FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32,
                                                  num_hidden_layers=2, num_attention_heads=2,
                                                  hidden_dropout=0.3, attention_dropout=0.2,
-                                                 bos_token_id=0, eos_token_id=0))}
+                                                 bos_token_id=0, eos_token_id=0)),
+        # multiplies its experts' input by noise while training, a rate by another name
+        "mixtral": MixtralForCausalLM(MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+            num_experts_per_tok=2, router_jitter_noise=0.2, bos_token_id=0, eos_token_id=0))}
     # (OPT's attention keeps its rate as `dropout` too: both rates are named; and the configs'
     # own rates, which some models read at each forward pass, are turned off as well)
     rates = {"gpt2": {"Dropout": [0.1], "resid_pdrop": [0.1], "embd_pdrop": [0.1],
                       "attn_pdrop": [0.1], "summary_first_dropout": [0.1]},
              "opt": {"dropout": [0.1, 0.3], "layerdrop": [0.2], "attention_dropout": [0.3]},
-             "falcon": {"hidden_dropout": [0.3], "Dropout": [0.2], "attention_dropout": [0.2]}}
+             "falcon": {"hidden_dropout": [0.3], "Dropout": [0.2], "attention_dropout": [0.2]},
+             "mixtral": {"jitter_noise": [0.2]}}
     ids = torch.randint(1, 64, (1, 12))
     for name, model in models.items():
         model.train()
