@@ -120,6 +120,8 @@ class EvalConfig:
             raise ValueError(f"--reference {self.reference} is what m_theta compares held-out "
                              "answers against: give them with --data (multiple-choice accuracy "
                              "does not use a reference)")
+        if self.max_length is not None and self.max_length < 2:  # (as precompute's)
+            raise ValueError("--max-length must be at least 2 (0: no limit)")
         for name in ("max_rows", "max_questions", "max_batch_tokens"):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
@@ -144,9 +146,10 @@ class Question:
 
 # --- reading multiple-choice files ---------------------------------------------------------------
 
-def read_choices(path: Path) -> list[Question]:
+def read_choices(path: Path, limit: int | None = None) -> list[Question]:
     """Questions from an MMLU-style CSV (question, A, B, C, D, answer; no header, or exactly
-    those names) or JSONL.
+    those names) or JSONL; the first `limit` of them (a bad row after those is not read, as
+    with `--max-rows`).
 
     JSONL rows hold ``question``, ``answer`` (a letter A-D, or an index 0-3) and either ``A``..
     ``D`` or ``choices`` (a list of four strings). Bad rows raise DataError with file, line,
@@ -157,9 +160,9 @@ def read_choices(path: Path) -> list[Question]:
         raise DataError(str(path), None, None, "no such file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        questions = _read_choices_csv(path)
+        questions = _read_choices_csv(path, limit)
     elif suffix in {".jsonl", ".json", ".ndjson"}:
-        questions = _read_choices_jsonl(path)
+        questions = _read_choices_jsonl(path, limit)
     else:
         raise DataError(str(path), None, None, f"unknown file type {path.suffix!r}: use .csv "
                                                "(MMLU layout) or .jsonl")
@@ -192,6 +195,8 @@ def _answer_letter(value, path: str, line: int, numbers: bool = True) -> str:
     if isinstance(value, str) and value.strip().upper() in LETTERS:
         return value.strip().upper()
     also = " (or the number 0-3)" if numbers else ""
+    if numbers and isinstance(value, str) and value.strip() in {"0", "1", "2", "3"}:
+        also += f" (an index is a JSON number: write {value.strip()}, not {json.dumps(value)})"
     raise DataError(path, line, "answer", f"expected one of A, B, C, D{also}, got {value!r}")
 
 
@@ -207,19 +212,24 @@ def _looks_like_header(cells: list[str]) -> bool:
     return "question" in names or "answer" in names
 
 
-def _read_choices_csv(path: Path) -> list[Question]:
+def _read_choices_csv(path: Path, limit: int | None) -> list[Question]:
     questions = []
     first_row = True
     with io.StringIO(_read_text(path), newline="") as handle:
-        for index, cells in enumerate(csv.reader(handle), start=1):
+        reader = csv.reader(handle)
+        next_line = 1
+        for cells in reader:
+            # The text line the row starts on, as an editor shows it: a quoted cell can span
+            # lines (MMLU's code questions do), so the row count is not the line.
+            index, next_line = next_line, reader.line_num + 1
+            if len(questions) == limit:
+                break
             if not cells or not any(c.strip() for c in cells):
                 continue
             is_first, first_row = first_row, False
             if is_first and tuple(c.strip().lower() for c in cells) == CSV_HEADER:
                 continue
             hint = HEADER_HINT if is_first and _looks_like_header(cells) else ""
-            # csv's line_num would count lines inside quoted fields; rows are what users see
-            # in a spreadsheet, so name the row.
             if len(cells) != 6:
                 raise DataError(str(path), index, None,
                                 f"expected 6 columns (question, A, B, C, D, answer), got "
@@ -234,10 +244,12 @@ def _read_choices_csv(path: Path) -> list[Question]:
     return questions
 
 
-def _read_choices_jsonl(path: Path) -> list[Question]:
+def _read_choices_jsonl(path: Path, limit: int | None) -> list[Question]:
     questions = []
     with io.StringIO(_read_text(path), newline=None) as handle:
         for line_no, text in enumerate(handle, start=1):
+            if len(questions) == limit:
+                break
             if not text.strip():
                 continue
             try:
@@ -366,16 +378,30 @@ def _next_token_logps(model, prefixes: list[list[int]], candidates: list[list[in
     return out
 
 
+def refuse_questions_past_learned_positions(question_sets: dict[str, list[Question]],
+                                            tokenizer, limit: int | None) -> None:
+    """A question longer, as the model reads it, than `limit` (the model's learned positions;
+    None: no such table) would index past them: a DataError naming it."""
+    if limit is None:
+        return
+    for path, questions in question_sets.items():
+        for question in questions:
+            if (longest := max(len(e.input_ids) for e in choice_examples(tokenizer, question))
+                    ) > limit:
+                raise DataError(path, question.line, "question",
+                                f"{longest} tokens as the model reads it (prompt and answer "
+                                f"letter), more than the {limit} positions of its learned "
+                                "position embeddings; shorten it or leave it out")
+
+
 def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question],
-                 fast: bool = True, max_tokens: int | None = None,
-                 path: str = "") -> list[list[float]]:
-    """log p(letter | prompt) for the four letters of each question (of file `path`), [N][4].
+                 fast: bool = True) -> list[list[float]]:
+    """log p(letter | prompt) for the four letters of each question, [N][4].
 
     With `fast` (the default), questions whose four sequences share one prefix and differ in a
     single letter token are scored with one forward pass; any other question (a tokenizer that
     merges the letter with the text before it, multi-token letters) goes through
-    `answer_logps` on each of its four sequences. `max_tokens`: the model's learned positions;
-    a question longer than that is refused (a DataError naming it).
+    `answer_logps` on each of its four sequences.
     """
     result: list[list[float] | None] = [None] * len(questions)
     slow: list[Example] = []
@@ -383,12 +409,6 @@ def choice_logps(engine: TransformersEngine, tokenizer, questions: list[Question
     fast_prefixes, fast_letters, fast_owner = [], [], []
     for index, question in enumerate(questions):
         examples = choice_examples(tokenizer, question)
-        if max_tokens is not None and (longest := max(len(e.input_ids) for e in examples)) > (
-                max_tokens):
-            raise DataError(path, question.line, "question",
-                            f"{longest} tokens as the model reads it (prompt and answer "
-                            f"letter), more than the {max_tokens} positions of its learned "
-                            "position embeddings; shorten it or leave it out")
         split = _single_token_split(examples) if fast else None
         if split is None:
             slow.extend(examples)
@@ -471,10 +491,12 @@ def write_items(path: Path, items: list[dict]) -> None:
 
 
 def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
-                    num_tokens: list[int]) -> dict:
-    """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta."""
+                    num_tokens: list[int], truncated_rows: int = 0) -> dict:
+    """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta;
+    `truncated_rows`: how many rows --max-length cut (their answers are scored in part)."""
     metrics = {
         "rows": len(policy_logps),
+        "truncated_rows": truncated_rows,
         "answer_tokens": sum(num_tokens),
         "nll_per_token": -sum(policy_logps) / sum(num_tokens),
         "mean_nll": sum(-p / m for p, m in zip(policy_logps, num_tokens, strict=True))
@@ -523,7 +545,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     """Score the model on held-out answers and/or multiple-choice files; return a result dict."""
     console = console or Console(stderr=True)
     # Read the question files first: a bad row should fail before minutes of model loading.
-    question_sets = {path: read_choices(Path(path))[: config.max_questions]
+    question_sets = {path: read_choices(Path(path), config.max_questions)
                      for path in config.choices}
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
@@ -533,6 +555,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     position_limit = learned_position_limit(model_config)
     if config.data is not None and not looks_like_cache(config.reference):
         refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
+    refuse_questions_past_learned_positions(question_sets, tokenizer, position_limit)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
     ref_path = None
     if config.reference and not looks_like_cache(config.reference):
@@ -543,6 +566,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             if ref_fp[key] != model_fp[key]:
                 raise ValueError(f"--reference {config.reference} has a different {key} "
                                  "than --model: log-ratios would compare different tokens")
+        # it reads the same rows, after the policy's whole pass
+        refuse_lengths_past_learned_positions(config.max_length, config.reference,
+                                              read_model_config(ref_path))
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
                                 max_batch_tokens=config.max_batch_tokens)
     result: dict = {"model": config.model, "reference": config.reference,
@@ -583,8 +609,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         labels = choice_file_labels(list(question_sets))
         for choice_path, questions in question_sets.items():
             console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
-            logps = choice_logps(engine, tokenizer, questions, path=choice_path,
-                                 max_tokens=position_limit)
+            logps = choice_logps(engine, tokenizer, questions)
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
             if config.per_item:
                 items += choice_items(labels[choice_path], questions, logps)
@@ -604,7 +629,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         ref_engine.close()
     if examples:
         result["heldout"] = heldout_metrics(policy_logps, ref_logps,
-                                            [e.num_tokens for e in examples])
+                                            [e.num_tokens for e in examples],
+                                            sum(e.truncated for e in examples))
         if config.per_item:
             items = heldout_items(examples, policy_logps, ref_logps) + items
     if choices is not None:
@@ -625,15 +651,21 @@ def format_table(result: dict) -> str:
     """The result as a small markdown table (what `minorsft eval` prints)."""
     lines = ["| metric | value |", "|---|---|"]
     if held := result.get("heldout"):
-        lines.append(f"| held-out rows | {held['rows']} ({held['answer_tokens']} answer tokens) |")
+        cut = (f"; {held['truncated_rows']} cut at the maximum length"
+               if held.get("truncated_rows") else "")
+        lines.append(f"| held-out rows | {held['rows']} ({held['answer_tokens']} answer "
+                     f"tokens{cut}) |")
         lines.append(f"| NLL per answer token | {_number(held['nll_per_token'], '.4f')} |")
         lines.append(f"| mean per-sample NLL | {_number(held['mean_nll'], '.4f')} |")
         if "m_theta" in held:
             lines.append(f"| m_theta vs reference | {_number(held['m_theta'], '+.3e')} |")
     if choices := result.get("choices"):
-        for name, metrics in [("all", choices["overall"]), *choices["files"].items()]:
+        # the pooled row unparenthesised: a file may be named all.csv
+        for name, metrics in [("accuracy, all files", choices["overall"]),
+                              *((f"accuracy ({stem})", m) for stem, m in
+                                choices["files"].items())]:
             correct = _number(metrics["correct"], "d")
-            lines.append(f"| accuracy ({name}) | {_number(metrics['accuracy'], '.3f')} "
+            lines.append(f"| {name} | {_number(metrics['accuracy'], '.3f')} "
                          f"({correct}/{metrics['questions']}), letter mass "
                          f"{_number(metrics['letter_mass'], '.2f')} |")
     return "\n".join(lines)

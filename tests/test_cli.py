@@ -203,7 +203,8 @@ def test_precompute_finds_a_bad_first_row_before_loading_the_model(tiny_model_di
     assert not (tmp_path / "c").exists()
 
 
-def test_a_max_length_past_learned_position_embeddings_is_refused(tiny_tokenizer, tmp_path):
+def test_a_max_length_past_learned_position_embeddings_is_refused(tiny_tokenizer,
+                                                                  tiny_model_dir, tmp_path):
     """GPT-2's kind: a row longer than n_positions crashed in the embedding lookup (IndexError
     on a CPU, a device-side assert on CUDA)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -235,6 +236,18 @@ def test_a_max_length_past_learned_position_embeddings_is_refused(tiny_tokenizer
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.split())
     assert "q.csv:1: field 'question'" in text and "more than the 32 positions" in text, text
+    # ... before the held-out rows are scored (it was found after their whole pass)
+    result = runner.invoke(app, [*evaluate, "--data", str(data), "--max-length", "32",
+                                 "--choices", str(choices)])
+    assert result.exit_code == 2 and "scoring" not in result.output, result.output
+    assert "q.csv:1: field 'question'" in " ".join(result.output.split())
+    # the same model as --reference, after a policy without such a table: refused before the
+    # policy's pass (it was an IndexError traceback after it)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference",
+                                 str(folder), "--data", str(data)])
+    assert result.exit_code == 2 and "scoring" not in result.output, result.output
+    assert (f"--max-length 2048 is more than the 32 positions of {folder}'s"
+            in " ".join(result.output.split()))
 
 
 def test_device_and_model_mistakes_are_one_line_errors(tmp_path, monkeypatch):

@@ -86,6 +86,10 @@ def test_read_choices_jsonl(tmp_path):
 @pytest.mark.parametrize("text, line, field", [
     ("q,a,b,c,d,B\nq,a,b,c,d,E\n", 2, "answer"),
     ("q,a,b,c,d,B\nq,a,b,c\n", 2, None),
+    # a quoted cell over three lines (as in MMLU's code questions): the bad row starts on text
+    # line 4, which an editor shows (it was named as row 2)
+    ('"def f():\n    return 1\n",a,b,c,d,B\nq,a,b,c,d,E\n', 4, "answer"),
+    ("\nq,a,b,c,d,B\n\nq,a,b,c,d,E\n", 4, "answer"),  # blank lines count too
 ])
 def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
     path = tmp_path / "bad.csv"
@@ -499,6 +503,74 @@ def test_eval_mistakes_fail_before_any_scoring(tiny_model_dir, demo_jsonl, choic
     assert "give them with --data" in fails("--choices", choices_csv, "--reference",
                                             tiny_model_dir)
     assert "must be positive" in fails("--choices", choices_csv, "--max-batch-tokens", 0)
+
+
+def test_a_question_line_is_the_text_line_it_starts_on(tmp_path):
+    path = tmp_path / "mc.csv"
+    path.write_text('"What does\nthis print?",a,b,c,d,B\nq,a,b,c,d,A\n')
+    assert [(q.line, q.id) for q in read_choices(path)] == [(1, "mc:1"), (3, "mc:3")]
+
+
+@pytest.mark.parametrize("name", ["mc.csv", "mc.jsonl"])
+def test_max_questions_reads_no_further_than_its_questions(tiny_model_dir, tmp_path, name):
+    """--max-questions 1 read the whole file and stopped at a bad third question (--max-rows
+    does not read past its rows either)."""
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        path.write_text("What is 2 + 2?,3,4,5,22,B\n\nq,a,b,c,d,E\n")
+    else:
+        good = json.dumps({"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"],
+                           "answer": 1})
+        path.write_text(f"{good}\n\nnot json\n")
+    assert [q.line for q in read_choices(path, limit=1)] == [1]
+    result = run_eval(EvalConfig(model=str(tiny_model_dir), choices=[str(path)],
+                                 max_questions=1))
+    assert result["choices"]["overall"]["questions"] == 1
+    with pytest.raises(DataError, match=":3:"):
+        read_choices(path, limit=2)
+
+
+def test_a_quoted_index_as_answer_is_explained(tmp_path):
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b", "c", "d"],
+                                "answer": "0"}) + "\n")
+    with pytest.raises(DataError, match=r'write 0, not "0"'):
+        read_choices(path)
+
+
+def test_max_length_below_two_is_refused(tiny_model_dir, demo_jsonl):
+    """-3 was taken as a slice end: every row lost its last 3 tokens, silently."""
+    for bad in (-3, 1):
+        with pytest.raises(ValueError, match="--max-length must be at least 2"):
+            EvalConfig(model=str(tiny_model_dir), data=str(demo_jsonl), max_length=bad)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
+                                      str(demo_jsonl), "--max-length", "-3"])
+    assert result.exit_code == 2 and "at least 2" in result.output
+
+
+def test_rows_cut_by_max_length_are_counted(tiny_model_dir, tmp_path):
+    data = tmp_path / "long_answers.jsonl"
+    long_answer = "Tom has 3 apples and buys 4 more, so he has 7 apples. The answer is 7."
+    data.write_text("".join(json.dumps({"prompt": "How many?", "response": long_answer * n})
+                            + "\n" for n in (1, 2, 3)) + json.dumps(
+        {"prompt": "Hi", "response": "Paris"}) + "\n")
+    whole = run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data)))
+    assert whole["heldout"]["truncated_rows"] == 0
+    assert "cut at the maximum length" not in format_table(whole)
+    cut = run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data), max_length=24))
+    assert cut["heldout"]["truncated_rows"] == 3
+    assert cut["heldout"]["answer_tokens"] < whole["heldout"]["answer_tokens"]
+    assert "3 cut at the maximum length" in format_table(cut)
+
+
+def test_a_file_named_all_does_not_share_the_pooled_rows_label(tiny_model_dir, tmp_path):
+    files = []
+    for name in ("all.csv", "other.csv"):
+        files.append(str(tmp_path / name))
+        (tmp_path / name).write_text(CHOICES_CSV)
+    table = format_table(run_eval(EvalConfig(model=str(tiny_model_dir), choices=files)))
+    labels = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert labels == ["accuracy, all files", "accuracy (all)", "accuracy (other)"]
 
 
 def test_csv_answer_message_offers_no_numbers(tmp_path):
