@@ -606,6 +606,9 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
                   "parts_total": len(parts), "merged_from": [str(s) for s in sources]}
         write_manifest(staging, merged)
         write_rejects(staging, [parts[k] for k in sorted(parts)])
+        # Read back before anything of `out` is touched: a damaged part (a copy cut short on
+        # its way from another machine) must not cost the cache --overwrite would replace.
+        open_cache(staging)
         if out.is_dir():
             # As precompute --overwrite does, only minorsft's own files go; the user's stay.
             # The old cache goes aside whole, the new one takes its place in one rename, and

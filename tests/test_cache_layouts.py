@@ -179,6 +179,24 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
     assert "cannot create its folder" in merge(*shards, "--out", notes / "merged")
 
 
+def test_merge_over_a_cache_with_a_damaged_part_leaves_it_as_it_was(parts_cache, tmp_path):
+    """--overwrite replaced the good cache first and found the damage after: both were lost."""
+    good = tmp_path / "good"
+    merge_caches([parts_cache], good)
+    rows = list(iter_rows(good))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(parts_cache, damaged)
+    with (damaged / "part-00001.parquet").open("r+b") as part:  # a copy cut short
+        part.truncate(100)
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(CacheError, match="part 1"):
+        merge_caches([damaged], good, overwrite=True)
+    assert list(iter_rows(good)) == rows
+    with pytest.raises(CacheError, match="part 1"):
+        merge_caches([damaged], tmp_path / "new")
+    assert sorted(tmp_path.iterdir()) == before  # no staging or half cache left
+
+
 def test_cache_files_get_the_umask_permissions_not_private_ones(tiny_model_dir, demo_jsonl,
                                                                  tmp_path):
     """Written through mkstemp, parts and manifests were 0600: unreadable on a shared disk."""
