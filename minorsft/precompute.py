@@ -217,14 +217,18 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         except (FileExistsError, NotADirectoryError) as error:  # a file in the folder's path
             raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") \
                 from error
+    lock_was_there = (out / f".{manifest_name(shard)}.lock").exists()
     with _shard_lock(out, shard) as lock:
-        prepare_output(out, config.overwrite)
         try:
+            prepare_output(out, config.overwrite)
             return _precompute_into(config, out, shard, data_path, model_path, model_config,
                                     tokenizer, spec, started, console)
         except BaseException:
-            if created and out.is_dir() and not load_manifests(out):
-                _remove_if_unused(out, lock)  # no finished part: leave nothing behind
+            if out.is_dir() and not load_manifests(out):  # no finished part
+                if created:
+                    _remove_if_unused(out, lock)  # leave nothing behind
+                elif not lock_was_there:  # a folder refused as the user's: as it was
+                    lock.unlink(missing_ok=True)
             raise
 
 

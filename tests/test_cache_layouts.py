@@ -239,6 +239,9 @@ def test_a_folder_of_other_files_is_never_written_into_or_cleared(demo_jsonl, ti
             run_precompute(PrecomputeConfig(**config, data=str(demo_jsonl), out=str(folder),
                                             overwrite=overwrite))
     assert all(file.read_bytes() == b"user data" for file in spark_parts)
+    # as it was: no lock file left behind in the user's folder either
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [".DS_Store", *(file.name for file in spark_parts)])
     # A cache folder the user also put a file in: --overwrite replaces the cache, keeps the file.
     cache = tmp_path / "cache"
     run_precompute(PrecomputeConfig(**config, data=str(demo_jsonl), out=str(cache), part_rows=6))
