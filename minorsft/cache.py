@@ -142,6 +142,15 @@ FIX_HINTS = {
     "fingerprint.chat_template": (
         "the chat template differs, so prompts were rendered differently. Re-run "
         "`minorsft precompute` with this model's tokenizer."),
+    "fingerprint.tensors": (
+        "a tensor of the weights differs (the sampled `weights` may not see it: a change to some "
+        "layers only). Train with `--model` set to the model the cache was written with, or "
+        "re-run `minorsft precompute --model <the policy's starting model>`."),
+    "fingerprint.tokenization": (
+        "the tokenizer splits text into other ids (same vocabulary; other merges or "
+        "pre-tokenizer settings), so the cached ids are not what this model's tokenizer makes "
+        "of the data, and a model trained on them learns ids it will never be given. Re-run "
+        "`minorsft precompute` with this model."),
 }
 
 
@@ -163,6 +172,16 @@ def check_compatible(metadata: dict, expected: dict, path: Path) -> None:
             + "\n".join(problems) + "\n"
             "Pass --allow-mismatch only if you know the difference does not matter."
         )
+
+
+def check_model_matches(metadata: dict, model_path: str, tokenizer, path: Path) -> None:
+    """Refuse a cache written with another model than `model_path` and its tokenizer (every
+    fingerprint field the cache has; see `models.comparable_fields`)."""
+    from minorsft.models import comparable_fields, fingerprint
+
+    run = comparable_fields(metadata.get("fingerprint"),
+                            fingerprint(model_path, tokenizer).as_dict())
+    check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run.items()}, path)
 
 
 def _lookup(metadata: dict, key: str):

@@ -53,6 +53,7 @@ from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import (
     autocast_context,
+    comparable_fields,
     fingerprint,
     learned_position_limit,
     load_tokenizer,
@@ -493,7 +494,7 @@ def write_items(path: Path, items: list[dict]) -> None:
 def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
                     num_tokens: list[int], truncated_rows: int = 0) -> dict:
     """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta;
-    `truncated_rows`: how many rows --max-length cut (their answers are scored in part)."""
+    `truncated_rows`: how many rows --max-length cut (the answer is scored up to the cut)."""
     metrics = {
         "rows": len(policy_logps),
         "truncated_rows": truncated_rows,
@@ -511,11 +512,16 @@ def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
 
 # --- the stage ---------------------------------------------------------------------------------
 
+# What must match for token ids to mean the same text and to be the ids the model is given.
+TOKENIZER_FIELDS = ("tokenizer", "tokenization", "chat_template")
+
+
 def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     metadata = read_metadata(path)
     cached = metadata.get("fingerprint", {})
-    for key in ("tokenizer", "chat_template"):
-        if cached.get(key) != tokenizer_fp[key]:
+    for key, want in comparable_fields(
+            cached, {key: tokenizer_fp[key] for key in TOKENIZER_FIELDS}).items():
+        if cached.get(key) != want:
             raise CacheError(f"{path}: the cache was tokenized with a different {key} than the "
                              "evaluated model's; its token ids do not apply")
     examples, ref_logps = [], []
@@ -562,7 +568,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         # Before any scoring: a mistyped --reference should not cost the policy's whole pass.
         ref_path = resolve_model(config.reference, option="--reference")
         ref_fp = fingerprint(ref_path, load_tokenizer(ref_path, option="--reference")).as_dict()
-        for key in ("tokenizer", "chat_template"):
+        for key in TOKENIZER_FIELDS:
             if ref_fp[key] != model_fp[key]:
                 raise ValueError(f"--reference {config.reference} has a different {key} "
                                  "than --model: log-ratios would compare different tokens")

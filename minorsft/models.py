@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -456,19 +457,37 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 _SAMPLE_BLOCKS = 16
 _BLOCK = 1 << 16
+_TENSOR_SAMPLE = 1 << 12
+
+# The fields every cache has; `tensors` and `tokenization` came in 0.4.2, and a cache written
+# before has its other fields checked.
+FINGERPRINT_FIELDS_BEFORE_0_4_2 = ("weights", "tokenizer", "chat_template")
 
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What identifies the numbers a model produces: its weights, tokenizer and chat template."""
+    """What identifies the numbers a model produces: its weights (`weights` samples the files,
+    `tensors` each tensor), its tokenizer (`tokenizer`: the vocabulary, what the ids mean;
+    `tokenization`: which ids it makes of text) and chat template."""
 
     weights: str
     tokenizer: str
     chat_template: str
+    tensors: str
+    tokenization: str
 
     def as_dict(self) -> dict[str, str]:
         return {"weights": self.weights, "tokenizer": self.tokenizer,
-                "chat_template": self.chat_template}
+                "chat_template": self.chat_template, "tensors": self.tensors,
+                "tokenization": self.tokenization}
+
+
+def comparable_fields(cached: dict | None, run: dict) -> dict[str, str]:
+    """The fields of the run's fingerprint to check against a cache's `cached` fingerprint:
+    all, less those a cache from before 0.4.2 does not have."""
+    cached = cached or {}
+    return {key: value for key, value in run.items()
+            if key in FINGERPRINT_FIELDS_BEFORE_0_4_2 or key in cached}
 
 
 def weights_fingerprint(model_path: str) -> str:
@@ -497,6 +516,64 @@ def weights_fingerprint(model_path: str) -> str:
     return digest.hexdigest()[:32]
 
 
+def tensors_fingerprint(model_path: str) -> str:
+    """A hash of every tensor of the safetensors files: its name, dtype, shape, and its first
+    and last 4 KiB.
+
+    `weights_fingerprint`'s evenly spaced blocks miss a tensor that lies between two of them
+    (a 7B model has hundreds of tensors for 17 blocks): one layer changed by partial
+    fine-tuning, a partial merge or surgery. A change confined to the middle of a tensor (a few
+    rows of an embedding) is still missed: reading everything would take seconds per 15 GB at
+    every start. Weights in other formats (.bin, .gguf) are left to `weights_fingerprint`.
+    """
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            try:
+                (header_size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_size))
+                tensors = sorted((spec["data_offsets"][0], spec["data_offsets"][1], name,
+                                  spec["dtype"], spec["shape"])
+                                 for name, spec in header.items() if name != "__metadata__")
+            except (struct.error, ValueError, KeyError, TypeError, IndexError,
+                    MemoryError) as error:
+                raise ModelError(f"{path}: not a readable safetensors file ({error})") from None
+            digest.update(path.name.encode())
+            for start, stop, name, dtype, shape in tensors:  # in file order: forward reads
+                digest.update(f"{name}:{dtype}:{shape}".encode())
+                for offset in sorted({start, max(start, stop - _TENSOR_SAMPLE)}):
+                    handle.seek(8 + header_size + offset)
+                    digest.update(handle.read(min(_TENSOR_SAMPLE, stop - offset)))
+    return digest.hexdigest()[:32]
+
+
+# Text that shows how a tokenizer splits: words with and without a space before them, numbers,
+# runs of spaces, newlines and tabs, code, accents, other scripts, emoji. Two tokenizers with
+# one vocabulary and other merges, normaliser or pre-tokenizer (Llama's `legacy`,
+# `add_prefix_space`) give it other ids.
+_TOKENIZATION_PROBE = (
+    "Hello world. The quick brown fox jumps over the lazy dog!\n\nQuestion: Natalia sold clips "
+    "to 48 of her friends in April, and then she sold half as many in May. 3.14159 1,234,567 "
+    "2026-11-27 12:30\n\tdef f(x):\n        return x ** 2  # square\r\n  two  spaces   three"
+    "    ÄÖÜ äöü ß café naïve — “quoted” ‘single’ … Привет, мир. 你好，世界。こんにちは。"
+    "안녕하세요. مرحبا. שלום. नमस्ते। 🙂👍🏽 <b>{\"key\": [1, 2]}</b> https://example.com/a?b=1&c=2 "
+    "CamelCaseWord snake_case_word UPPER lower MiXeD end ")
+
+
+def tokenization_fingerprint(tokenizer) -> str:
+    """A hash of the ids the tokenizer makes of `_TOKENIZATION_PROBE` (with no special tokens
+    added, as the chat template's text is tokenized), alone, after a space, and with its special
+    tokens written between the words, as the template's text has them."""
+    specials = " ".join(sorted(set(tokenizer.all_special_tokens)))
+    texts = [_TOKENIZATION_PROBE, " " + _TOKENIZATION_PROBE,
+             f"{specials}\n{_TOKENIZATION_PROBE}{specials}"]
+    ids = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:32]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
@@ -513,4 +590,6 @@ def fingerprint(model_path: str, tokenizer) -> ModelFingerprint:
         weights=weights_fingerprint(model_path),
         tokenizer=tokenizer_fingerprint(tokenizer),
         chat_template=chat_template_fingerprint(tokenizer),
+        tensors=tensors_fingerprint(model_path),
+        tokenization=tokenization_fingerprint(tokenizer),
     )

@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from minorsft import __version__
 from minorsft.cache import (
     CacheError,
-    check_compatible,
+    check_model_matches,
     diff_settings,
     iter_rows,
     read_metadata,
@@ -79,7 +79,6 @@ from minorsft.models import (
     cpu_has_bf16,
     disable_dropout,
     dtype_name,
-    fingerprint,
     is_first_rank,
     load_cache_model,
     load_model,
@@ -516,9 +515,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
                       highlight=False)
     model_name, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
-        run_fingerprint = fingerprint(model_path, tokenizer).as_dict()
-        check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
-                         cache)
+        check_model_matches(metadata, model_path, tokenizer, cache)
     if world.is_main and (note := _old_answer_span_note(metadata.get("minorsft_version"))):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     torch.manual_seed(config.seed)

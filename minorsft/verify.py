@@ -233,19 +233,17 @@ def reference_of(metadata: dict) -> dict:
 
 def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftReport:
     """Sample the cache, recompute with the trainer's engine, report (see `measure_drift`)."""
-    from minorsft.cache import check_compatible, iter_rows, read_metadata
+    from minorsft.cache import check_model_matches, iter_rows, read_metadata
     from minorsft.engines import make_engine
     from minorsft.engines.hf import TransformersEngine
-    from minorsft.models import fingerprint, load_cache_model
+    from minorsft.models import load_cache_model
 
     console = console or Console(stderr=True)
     cache = Path(config.cache)
     metadata = read_metadata(cache)
     _, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
-        run_fingerprint = fingerprint(model_path, tokenizer).as_dict()
-        check_compatible(metadata, {f"fingerprint.{k}": v for k, v in run_fingerprint.items()},
-                         cache)
+        check_model_matches(metadata, model_path, tokenizer, cache)
     rows = sample_rows(iter_rows(cache), config.sample, config.seed)
     reference_tokens = None
     if config.rescore:

@@ -834,3 +834,106 @@ def test_a_checkpoint_naming_its_model_folder_relatively_still_matches(tmp_path,
     assert _same_folder("./models/../models/tiny", loaded)
     assert not _same_folder("models/other", loaded)
     assert not _same_folder(None, loaded)
+
+
+def _copy_with(model_dir, target, tokenizer=None, change=None):
+    """A copy of the model folder, with another tokenizer, or with `change` applied to the
+    weights' state dict before saving."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, target)
+    if change is not None:
+        model = AutoModelForCausalLM.from_pretrained(target)
+        with torch.no_grad():
+            change(model.state_dict())
+        model.save_pretrained(target)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(target)
+    return target
+
+
+def _with_fewer_merges(tokenizer):
+    """The same vocabulary and special tokens, a third of the merges: other ids for most text."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["merges"] = spec["model"]["merges"][: len(spec["model"]["merges"]) // 3]
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token,
+        unk_token=tokenizer.unk_token)
+    other.chat_template = tokenizer.chat_template
+    return other
+
+
+def test_a_tokenizer_with_the_same_vocabulary_and_other_merges_is_refused(
+        cache, tiny_model_dir, tmp_path):
+    """The tokenizer fingerprint hashed the vocabulary only: a tokenizer that splits text into
+    other ids passed (and a cache could resume or merge across the two)."""
+    from minorsft.eval import EvalConfig, run_eval
+    from minorsft.models import tokenization_fingerprint, tokenizer_fingerprint
+
+    tokenizer = build_tiny_tokenizer()
+    other = _with_fewer_merges(tokenizer)
+    text = "What is the capital of France? The capital of France is Paris."
+    assert len(other(text)["input_ids"]) > len(tokenizer(text)["input_ids"])
+    assert tokenizer_fingerprint(other) == tokenizer_fingerprint(tokenizer)
+    assert tokenization_fingerprint(other) != tokenization_fingerprint(tokenizer)
+    model = _copy_with(tiny_model_dir, tmp_path / "other-merges", tokenizer=other)
+    with pytest.raises(CacheError, match=r"fingerprint.tokenization: cache has .*\n    -> the "
+                                         "tokenizer splits text into other ids"):
+        run_train(config(cache, tmp_path / "run", model=str(model)))
+    with pytest.raises(CacheError, match="different tokenization"):
+        run_eval(EvalConfig(model=str(model), reference=str(cache)))
+    with pytest.raises(CacheError, match="fingerprint"):  # resuming it with the other tokenizer
+        run_precompute(PrecomputeConfig(model=str(model), data=str(cache.parent / "sft.jsonl"),
+                                        out=str(cache), part_rows=8, max_batch_tokens=256))
+
+
+def test_one_tensor_changed_between_the_sampled_blocks_is_refused(cache, tiny_model_dir,
+                                                                  tmp_path):
+    """`weights` reads 17 blocks of 64 KiB: one layer changed between them (partial fine-tuning,
+    surgery) passed, and its log-probs went into a cache scored with the other weights."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minorsft.models import _BLOCK, _SAMPLE_BLOCKS, tensors_fingerprint, weights_fingerprint
+
+    torch.manual_seed(0)
+    big = tmp_path / "big"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512,
+                                 num_hidden_layers=4, num_attention_heads=4)).save_pretrained(big)
+    file = big / "model.safetensors"
+    size = file.stat().st_size
+    blocks = [(start := min(size, i * (size - _BLOCK) // _SAMPLE_BLOCKS), start + _BLOCK)
+              for i in range(_SAMPLE_BLOCKS + 1)]
+    header = json.loads(file.read_bytes()[8:8 + int.from_bytes(file.read_bytes()[:8], "little")])
+    base = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+    unseen = next(name for name, spec in sorted(header.items()) if name != "__metadata__"
+                  and not any(base + spec["data_offsets"][0] < stop
+                              and base + spec["data_offsets"][1] > start
+                              for start, stop in blocks))
+    with safe_open(file, "pt") as handle:
+        assert handle.get_tensor(unseen).numel() > 0
+    changed = _copy_with(big, tmp_path / "changed",
+                         change=lambda state: state[unseen].add_(0.01))
+    assert weights_fingerprint(str(changed)) == weights_fingerprint(str(big))
+    assert tensors_fingerprint(str(changed)) != tensors_fingerprint(str(big))
+    # and train refuses such a model by the new field (on the tiny model both fields differ)
+    model = _copy_with(tiny_model_dir, tmp_path / "one-layer",
+                       change=lambda state: state["model.layers.1.mlp.down_proj.weight"].add_(0.01))
+    with pytest.raises(CacheError, match=r"fingerprint.tensors: cache has .*\n    -> a tensor"):
+        run_train(config(cache, tmp_path / "run", model=str(model)))
+
+
+def test_a_cache_from_before_the_new_fingerprint_fields_still_trains(cache, tmp_path):
+    from minorsft.cache import read_metadata, update_metadata
+
+    fields = read_metadata(cache)["fingerprint"]
+    update_metadata(cache, {"fingerprint": {key: fields[key] for key in
+                                            ("weights", "tokenizer", "chat_template")}})
+    assert set(read_metadata(cache)["fingerprint"]) == {"weights", "tokenizer", "chat_template"}
+    assert len(run_train(config(cache, tmp_path / "run", max_steps=1))) == 1
