@@ -567,7 +567,8 @@ def tokenization_fingerprint(tokenizer) -> str:
     """A hash of the ids the tokenizer makes of `_TOKENIZATION_PROBE` (with no special tokens
     added, as the chat template's text is tokenized), alone, after a space, and with its special
     tokens written between the words, as the template's text has them."""
-    specials = " ".join(sorted(set(tokenizer.all_special_tokens)))
+    specials = " ".join(sorted({str(token) for token in
+                                getattr(tokenizer, "all_special_tokens", None) or ()}))
     texts = [_TOKENIZATION_PROBE, " " + _TOKENIZATION_PROBE,
              f"{specials}\n{_TOKENIZATION_PROBE}{specials}"]
     ids = [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
