@@ -583,6 +583,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def chat_template_fingerprint(tokenizer) -> str:
     template = tokenizer.chat_template or ""
+    if isinstance(template, dict):  # named templates ("default", "tool_use", ...): all of them
+        template = json.dumps(template, sort_keys=True)
     return hashlib.sha256(template.encode()).hexdigest()[:32]
 
 

@@ -379,3 +379,26 @@ def test_a_mistyped_local_path_is_named_before_the_hub_is_tried(tmp_path, monkey
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
     assert resolve_model("runs/minr") == "runs/minr"
     assert capsys.readouterr().err == ""
+
+
+def test_a_tokenizer_with_named_chat_templates_precomputes(tiny_model_dir, demo_jsonl, tmp_path):
+    """A dict of named templates ("default", "tool_use": Command-R's kind) crashed the chat
+    template's fingerprint; its default template renders the rows."""
+    import shutil
+
+    from minorsft.models import chat_template_fingerprint, load_tokenizer
+
+    from .conftest import CHATML
+
+    folder = tmp_path / "named-templates"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = {"default": CHATML, "tool_use": CHATML + "{# tools #}"}
+    tokenizer.save_pretrained(folder)
+    result = runner.invoke(app, ["precompute", "--model", str(folder), "--data", str(demo_jsonl),
+                                 "--out", str(tmp_path / "c"), "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    named = chat_template_fingerprint(load_tokenizer(str(folder)))
+    assert named != chat_template_fingerprint(load_tokenizer(str(tiny_model_dir)))
+    tokenizer.chat_template = {"default": CHATML, "tool_use": CHATML + "{# other tools #}"}
+    assert chat_template_fingerprint(tokenizer) != named
