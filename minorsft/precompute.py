@@ -299,6 +299,19 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
                      model_path: str, model_config, tokenizer, spec: FieldSpec, started: float,
                      console: Console) -> PrecomputeSummary:
     source = input_fingerprint(data_path)
+    # What an earlier run's manifest must match that is known before the model loads (minutes
+    # for a 7B model): a resume with another input or settings is refused first.
+    settings = {
+        "fingerprint": fingerprint(model_path, tokenizer).as_dict(),
+        "max_length": config.max_length,
+        "truncation": TRUNCATION_RULE,
+        "minorsft_version": __version__,
+        "fields": asdict(spec),
+        "part_rows": config.part_rows,
+        "window_rows": config.window_rows,
+        "shards": shard[1] if shard else 1,
+    }
+    refuse_other_settings(out, settings, source)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
@@ -314,22 +327,15 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     metadata = {
         "model": config.model,
         "model_path": model_path,
-        "fingerprint": fingerprint(model_path, tokenizer).as_dict(),
-        "max_length": config.max_length,
-        "truncation": TRUNCATION_RULE,
+        **settings,
         "dtype": engine.precision,
         "engine": engine.name,
         "engine_version": engine.version,
         "engine_settings": engine.describe(),
-        "minorsft_version": __version__,
         "source": str(data_path),
-        "fields": asdict(spec),
-        "part_rows": config.part_rows,
-        "window_rows": config.window_rows,
         # The budget in effect (the engine's default for its device when none was given), so
         # that an explicit --max-batch-tokens equal to the default resumes the same cache.
         "max_batch_tokens": engine.max_batch_tokens,
-        "shards": shard[1] if shard else 1,
     }
     manifest = open_manifest(out, shard, metadata, source)
     done = finished_parts(out, manifest)
@@ -466,17 +472,13 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
-                  source: dict) -> dict:
-    """This process's manifest: the one found (after checking it matches) or a new one.
-
-    Every manifest already in `out` (other shards' too) must have been written with the same
-    settings and the same input, else the run is refused with what changed.
-    """
-    settings = {key: metadata[key] for key in SETTINGS_KEYS}
-    own = None
-    for manifest in load_manifests(out):
-        changes = diff_settings(manifest["settings"], settings)
+def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]:
+    """The manifests in `out`, after checking that each was written with `settings` (all of
+    SETTINGS_KEYS, or some of them, checked before the model loads) from the input `source`."""
+    manifests = load_manifests(out)
+    for manifest in manifests:
+        changes = diff_settings({key: manifest["settings"].get(key) for key in settings},
+                                settings)
         if manifest["input"] != source:
             changes.insert(0, f"input file content: sha256 {manifest['input']['sha256'][:12]}"
                               f"..., {manifest['input']['bytes']} bytes -> sha256 "
@@ -487,6 +489,19 @@ def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
                 "with other settings, and mixing them would give a wrong cache:\n  "
                 + "\n  ".join(changes) + "\nRun the original command to resume it, pass "
                 "--overwrite to start over, or choose another --out.")
+    return manifests
+
+
+def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
+                  source: dict) -> dict:
+    """This process's manifest: the one found (after checking it matches) or a new one.
+
+    Every manifest already in `out` (other shards' too) must have been written with the same
+    settings and the same input, else the run is refused with what changed.
+    """
+    settings = {key: metadata[key] for key in SETTINGS_KEYS}
+    own = None
+    for manifest in refuse_other_settings(out, settings, source):
         if manifest["_file"] == manifest_name(shard):
             own = manifest
     if own is None:

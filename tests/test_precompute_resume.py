@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import minorsft.precompute
 from minorsft.cache import CacheError, iter_rows, load_manifests, read_metadata, update_metadata
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
@@ -104,15 +105,24 @@ def test_crash_between_part_file_and_manifest_is_redone(tiny_model_dir, tmp_path
     assert not (out / ".part-00003.parquet.stale.tmp").exists()
 
 
-def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path):
+def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path, monkeypatch):
     data = rows_file(tmp_path, 8)
     out = tmp_path / "out"
     precompute(tiny_model_dir, data, out, max_length=64)
+    make_engine = minorsft.precompute.make_engine
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the model loaded before the refusal (minutes for a 7B model)")
+
+    monkeypatch.setattr(minorsft.precompute, "make_engine", no_engine)
     with pytest.raises(CacheError, match=r"max_length: 64 -> 32") as caught:
         precompute(tiny_model_dir, data, out, max_length=32)
     assert "--overwrite" in str(caught.value)
     with pytest.raises(CacheError, match="part_rows: 6 -> 5"):
         precompute(tiny_model_dir, data, out, max_length=64, part_rows=5)
+    monkeypatch.setattr(minorsft.precompute, "make_engine", make_engine)
+    with pytest.raises(CacheError, match="max_batch_tokens: 256 -> 128"):  # known once it loads
+        precompute(tiny_model_dir, data, out, max_length=64, max_batch_tokens=128)
     rows_file(tmp_path, 9)  # the input grows by a row
     with pytest.raises(CacheError, match="input file content: sha256"):
         precompute(tiny_model_dir, data, out, max_length=64)
