@@ -402,15 +402,21 @@ def _split(state: TrainState, config: TrainConfig) -> dict:
             "world_size": state.world.world_size}
 
 
-def trim_metrics(path: Path, first_step: int) -> None:
-    """Drop metrics logged after the checkpoint a run resumes from (they will be redone)."""
+def trim_metrics(path: Path, first_step: int) -> float:
+    """Drop metrics logged after the checkpoint a run resumes from (they will be redone); return
+    the `elapsed` seconds of the last step kept (0 for none), which the resumed run goes on from."""
     if first_step == 0 or not path.exists():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if (record := _metrics_record(line)) is not None and record["step"] < first_step]
+        return 0.0
+    kept, elapsed = [], 0.0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if (record := _metrics_record(line)) is not None and record["step"] < first_step:
+            kept.append(line)
+            if isinstance(record.get("elapsed"), int | float):
+                elapsed = float(record["elapsed"])
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(temp, path)
+    return elapsed
 
 
 

@@ -365,7 +365,8 @@ def verify(
     beta: Annotated[float, typer.Option(help="The beta training will use.")] = 0.04,
     dtype: Annotated[str, typer.Option(
         help="The dtype training will use: auto (fp32 on CPU, bf16 on GPU), float32, "
-             "bfloat16, float16, bf16-mixed or fp16-mixed.")] = "auto",
+             "bfloat16, bf16-mixed or fp16-mixed (float16 is measured too, but train refuses "
+             "it).")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(
         help="Tokens per scoring batch (default 1024 on a CPU, 16384 on a GPU).",

@@ -78,7 +78,15 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     config: dict = {}
     config_path = run_dir / "run_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text()).get("config", {})
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))["config"]
+            if not isinstance(config, dict):
+                raise TypeError("its config is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            # one damaged file should not stop the plot of every run given with it
+            print(f"warning: {config_path}: unreadable ({error}); the run is drawn without its "
+                  "settings", file=sys.stderr)
+            config = {}
     label = name
     if "loss" in config and "lr" in config:
         # beta scales the coefficient and reward panels for every loss, sft included

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from minorsft import __version__
 from minorsft.cache import (
     CacheError,
+    atomic_write_text,
     check_model_matches,
     diff_settings,
     iter_rows,
@@ -699,8 +700,9 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
                           "coef {task.fields[coef]:.3f}  {task.fields[tok_s]:.0f} tok/s"),
                TimeElapsedColumn())
     metrics_path = output / "metrics.jsonl" if main else Path(os.devnull)
-    if main:
-        trim_metrics(metrics_path, first)
+    # A resumed run's `elapsed` goes on from its checkpoint's (the time it was stopped not
+    # counted), so that wall-clock curves have no jump back to 0.
+    elapsed_before = trim_metrics(metrics_path, first) if main else 0.0
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             progress(console, columns, _describe_training, disable=not main) as bar:
         task = bar.add_task("train", total=state.total_steps, completed=first,
@@ -712,7 +714,8 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
             metrics = {"step": step, **metrics, "tokens_per_s": metrics["tokens"] / seconds,
                        "rank_tokens_per_s": metrics["rank_tokens"] / seconds,
                        "world_size": state.world.world_size,
-                       "step_seconds": seconds, "elapsed": time.perf_counter() - started}
+                       "step_seconds": seconds,
+                       "elapsed": elapsed_before + time.perf_counter() - started}
             check_finite(metrics, step)
             if metrics.get("skipped_step") and main and step > first + 20:
                 # the first steps find the scale (it starts at 2**16); later, skips are news
@@ -790,7 +793,8 @@ def save(state: TrainState, config: TrainConfig) -> Path:
                   "total_steps": state.total_steps,
                   "dtype": training_precision(state), "device": str(state.device),
                   "world_size": state.world.world_size}
-    (output / "run_config.json").write_text(json.dumps(run_config, indent=2))
+    # whole or not at all: it marks the run finished, and plot and --resume read it
+    atomic_write_text(output / "run_config.json", json.dumps(run_config, indent=2))
     return output
 
 
@@ -915,7 +919,8 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
                       f"({state.total_steps}); model saved in {config.output}", markup=False)
     if state.world.is_main and history:
         last = history[-1]
-        seconds = last["elapsed"]
+        # this process's training time: `elapsed` counts a resumed run's earlier ones too
+        seconds = last["elapsed"] - history[0]["elapsed"] + history[0]["step_seconds"]
         console.print(
             f"done: {len(history)} step{'s' * (len(history) != 1)} in {seconds:.0f} s on "
             f"{state.world.world_size} "

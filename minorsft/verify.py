@@ -221,10 +221,10 @@ class VerifyConfig:
     def __post_init__(self):
         if self.sample < 1:
             raise ValueError("--sample must be positive")
-        if self.beta <= 0:
-            raise ValueError("--beta must be positive")
-        if self.max_delta_r < 0:
-            raise ValueError("--max-delta-r must not be negative")
+        if not (math.isfinite(self.beta) and self.beta > 0):  # (nan gave nan and "OK")
+            raise ValueError("--beta must be a positive number")
+        if not self.max_delta_r >= 0:  # nan too; inf stays: never fail
+            raise ValueError("--max-delta-r must be a number, not negative")
 
 
 def reference_of(metadata: dict) -> dict:

@@ -121,6 +121,20 @@ def test_an_unfinished_run_is_grey_and_says_so(tmp_path, saved_figures):
     assert lines == {"done: sft lr=0.001 beta=0.04": "tab:blue", "running (unfinished)": "tab:gray"}
 
 
+@pytest.mark.parametrize("text", ['{"config": {"loss": "s', "[1]", '{"config": 3}'])
+def test_a_damaged_run_config_is_named_and_does_not_stop_the_plot(tmp_path, capsys, text):
+    """A run_config.json cut short stopped the plot of every run with a bare JSON error naming
+    no file; valid JSON of another shape was a traceback."""
+    damaged = _fake_run(tmp_path / "damaged")
+    (damaged / "run_config.json").write_text(text)
+    label, rows, config = read_run(damaged)
+    assert label == "damaged (unfinished)" and rows and config == {}
+    assert f"warning: {damaged / 'run_config.json'}: unreadable" in capsys.readouterr().err
+    result = CliRunner().invoke(app, ["plot", str(_fake_run(tmp_path / "fine")), str(damaged),
+                                      "-o", str(tmp_path / "both.png")])
+    assert result.exit_code == 0, result.output
+
+
 def test_cli_plot_reports_the_file_it_wrote(tmp_path):
     """matplotlib adds .png to an -o without extension: the message names that file."""
     run_dir = _fake_run(tmp_path / "run")

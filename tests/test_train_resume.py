@@ -91,9 +91,15 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(cache, tmp_path, mon
         run_train(config(cache, tmp_path / "b"))
     with pytest.raises(ValueError, match="lr: checkpoint 0.001, this run 0.002"):
         run_train(config(cache, tmp_path / "b", lr=2e-3, resume=True))
+    before = [json.loads(line)["elapsed"]
+              for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     history = run_train(config(cache, tmp_path / "b", resume=True))
     assert [m["step"] for m in history] == [2, 3]
     assert metrics(tmp_path / "b") == metrics(tmp_path / "a")  # appended, equal to the end
+    # `elapsed` goes on from the checkpoint's step (it restarted from 0)
+    elapsed = [json.loads(line)["elapsed"]
+               for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert elapsed[:2] == before and elapsed == sorted(elapsed) and elapsed[2] > before[-1]
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

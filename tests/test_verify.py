@@ -147,6 +147,12 @@ def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_js
     result = runner.invoke(app, ["verify", "--cache", str(shifted), "--sample", "4"])
     assert result.exit_code == 1
     assert "ABOVE THRESHOLD" in result.output
+    # not numbers: refused (--beta nan printed nan figures and "OK"; --max-delta-r nan always
+    # failed, as if the cache had drifted)
+    for option, value in (("--beta", "nan"), ("--beta", "inf"), ("--max-delta-r", "nan")):
+        result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "4", option,
+                                     value])
+        assert result.exit_code == 2 and option in result.output, result.output
 
 
 def test_rescore_rebuilds_the_engine_with_the_caches_vllm_settings(tiny_model_dir, demo_jsonl,
