@@ -121,6 +121,15 @@ class PrecomputeConfig:
             raise ValueError("--part-rows must be positive")
         if self.window_rows < 1:
             raise ValueError("window_rows must be positive")
+        # vLLM's own options, checked whichever engine runs: vLLM would find them only after
+        # the model's weights are loaded
+        if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
+            raise ValueError("--tensor-parallel-size must be positive")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("--gpu-memory-utilization must lie in (0, 1]: the share of the "
+                             "GPU's memory vLLM may take")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("--max-model-len must be at least 2")
         FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")

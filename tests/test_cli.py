@@ -129,6 +129,19 @@ def test_train_refuses_option_values_that_would_train_wrong(option, value, messa
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    # vLLM's options: ignored by the transformers engine and found by vLLM only after loading
+    ("--gpu-memory-utilization", "2", "--gpu-memory-utilization must lie in (0, 1]"),
+    ("--gpu-memory-utilization", "nan", "--gpu-memory-utilization must lie in (0, 1]"),
+    ("--tensor-parallel-size", "0", "--tensor-parallel-size must be positive"),
+    ("--max-model-len", "1", "--max-model-len must be at least 2"),
+])
+def test_precompute_refuses_vllm_option_values_before_loading(option, value, message):
+    result = runner.invoke(app, ["precompute", "--data", "demo", "--out", "unused", option,
+                                 value])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
 def test_precompute_refuses_an_unknown_verify_dtype_before_scoring(tmp_path):
     """--verify-dtype was read only by the drift check, after the whole cache was scored."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
