@@ -294,14 +294,15 @@ def _cache_lock(out: Path, name: str, wait: bool = True):
 
 def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     """vLLM's max_model_len where --max-model-len is not given: what --max-length needs (a
-    sample plus the one token vLLM generates), within the model's own limit. vLLM otherwise
-    reserves room for the model's whole context (128k tokens for Llama-3.1), whose KV cache
-    alone may not fit a GPU beside the weights."""
+    sample plus the one token vLLM generates), up to the model's own limit + 1 (a sample of the
+    model's full length; the engine lets vLLM take that one more). vLLM otherwise reserves room
+    for the model's whole context (128k tokens for Llama-3.1), whose KV cache alone may not fit
+    a GPU beside the weights."""
     if config.max_length is None:
         return None
     limit = getattr(model_config, "max_position_embeddings", None)  # (None: no config)
     wanted = config.max_length + 1
-    return min(wanted, limit) if limit else wanted
+    return min(wanted, limit + 1) if limit else wanted
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,

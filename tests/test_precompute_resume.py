@@ -315,5 +315,7 @@ def test_vllm_model_len_defaults_to_what_max_length_needs(tiny_model_dir):
                               read_model_config(str(tiny_model_dir)))
 
     assert model_len(100) == 101
-    assert model_len(2048) == 512  # the tiny model's max_position_embeddings
+    # the tiny model's max_position_embeddings + 1: a row of its full length fits (at 512, a
+    # --max-length of 512 or more could score no row that long)
+    assert model_len(2048) == model_len(512) == 513 and model_len(511) == 512
     assert model_len(None) is None

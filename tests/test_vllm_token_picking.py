@@ -44,3 +44,25 @@ def test_an_answer_ending_the_sequence_and_its_errors():
     first = Example(id="z", line=3, input_ids=[5, 6], answer_mask=[True, True])
     with pytest.raises(ValueError, match="first token cannot be an answer token"):
         _answer_token_logps(first, fake_prompt_logprobs([5, 6]))
+
+
+def test_vllm_may_take_one_past_the_models_limit_and_no_more(tiny_model_dir, monkeypatch):
+    """A sample of the model's full length needs max_model_len = limit + 1 (vLLM counts the token
+    it generates), which vLLM refuses unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set: --max-length
+    equal to the model's context could score no row that long."""
+    import os
+
+    from minorsft.engines.vllm_engine import _one_past_the_model_limit
+
+    name = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
+    monkeypatch.delenv(name, raising=False)
+    with _one_past_the_model_limit(str(tiny_model_dir), 513):  # its limit is 512
+        assert os.environ[name] == "1"
+    assert name not in os.environ
+    for other in (None, 512, 514):
+        with _one_past_the_model_limit(str(tiny_model_dir), other):
+            assert name not in os.environ
+    monkeypatch.setenv(name, "0")  # the user's own setting comes back
+    with _one_past_the_model_limit(str(tiny_model_dir), 513):
+        assert os.environ[name] == "1"
+    assert os.environ[name] == "0"

@@ -21,12 +21,20 @@ starts its engine core in a spawned process: the calling script must guard its e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 
 import torch
 
 from minorsft.data import Example
-from minorsft.models import MIXED_PRECISIONS, ModelError, dtype_name, pick_dtype
+from minorsft.models import (
+    MIXED_PRECISIONS,
+    ModelError,
+    dtype_name,
+    pick_dtype,
+    read_model_config,
+)
 
 # vLLM's own names for the dtypes minorsft uses.
 _VLLM_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -46,6 +54,29 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@contextlib.contextmanager
+def _one_past_the_model_limit(model_path: str, max_model_len: int | None):
+    """Let vLLM take a max_model_len of the model's limit + 1, which it refuses by default.
+
+    A sample as long as the model's context (what `--max-length` equal to it produces) needs
+    one more: vLLM counts the token it generates after the prompt. Scoring never reads that
+    token, so no position past the model's limit is ever computed. Larger values stay refused.
+    """
+    limit = getattr(read_model_config(model_path), "max_position_embeddings", None)
+    if max_model_len is None or limit is None or max_model_len != limit + 1:
+        yield
+        return
+    name, before = "VLLM_ALLOW_LONG_MAX_MODEL_LEN", os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+    os.environ[name] = "1"  # read while vLLM builds its config, in this process
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 class VLLMEngine:
     """Scores answers with `vllm.LLM`; one engine per instance, started in the constructor.
 
@@ -59,6 +90,7 @@ class VLLMEngine:
             CPU backend it is the share of RAM, and vLLM's 0.92 default is refused there, so
             None means 0.9 on GPU and 0.3 on CPU.
         max_model_len: longest sequence (prompt + 1); None lets vLLM take the model's limit.
+            The model's limit + 1 is allowed (a sample of the model's full length).
         enforce_eager: skip CUDA graphs / compilation: faster start, slower steps.
     """
 
@@ -91,7 +123,8 @@ class VLLMEngine:
             "enforce_eager": enforce_eager,
             "seed": seed,
         }
-        self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **self.settings)
+        with _one_past_the_model_limit(model_path, max_model_len):
+            self.llm = vllm.LLM(model=model_path, tokenizer=model_path, **self.settings)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._sampling = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0,
                                              detokenize=False)
