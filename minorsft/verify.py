@@ -253,6 +253,12 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
         recorded = metadata.get("engine_settings") or {}
         vllm_settings = {key: recorded.get(key) for key in (
             "tensor_parallel_size", "gpu_memory_utilization", "max_model_len")}
+        import torch
+
+        if recorded.get("device") not in (None, "cuda" if torch.cuda.is_available() else "cpu"):
+            # a share of a GPU's memory is no share of RAM (vLLM's CPU build refuses 0.9), nor
+            # the other way round: the engine's default for this device
+            vllm_settings["gpu_memory_utilization"] = None
         engine = make_engine(metadata.get("engine", "transformers"), model_path,
                              metadata.get("dtype", "auto"), config.device,
                              config.max_batch_tokens, **vllm_settings)

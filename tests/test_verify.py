@@ -177,6 +177,15 @@ def test_rescore_rebuilds_the_engine_with_the_caches_vllm_settings(tiny_model_di
                                       "--rescore"])
     assert result.exit_code == 0, result.output
     assert seen == settings
+    # scored on another kind of device: its share of memory is not this one's (vLLM's CPU
+    # build refuses a GPU's 0.9 share of RAM)
+    other = "cpu" if torch.cuda.is_available() else "cuda"
+    update_metadata(cache, {"engine_settings": dict(settings, device=other)})
+    seen.clear()
+    result = CliRunner().invoke(app, ["verify", "--cache", str(cache), "--sample", "2",
+                                      "--rescore"])
+    assert result.exit_code == 0, result.output
+    assert seen == dict(settings, gpu_memory_utilization=None)
 
 
 def test_bfloat16_training_dtype_shows_drift(tiny_model_dir, demo_jsonl, tmp_path):

@@ -66,3 +66,25 @@ def test_vllm_may_take_one_past_the_models_limit_and_no_more(tiny_model_dir, mon
     with _one_past_the_model_limit(str(tiny_model_dir), 513):
         assert os.environ[name] == "1"
     assert os.environ[name] == "0"
+
+
+def test_vllm_failing_to_start_is_one_line_not_a_traceback(monkeypatch, tmp_path):
+    """vLLM's engine core dies in its own process and vLLM raises a bare RuntimeError, which
+    the command line printed as a traceback."""
+    from typer.testing import CliRunner
+
+    import minorsft.engines.vllm_engine as vllm_engine
+    from minorsft.cli import app
+
+    class FailingEngine:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", FailingEngine)
+    result = CliRunner().invoke(app, ["precompute", "--engine", "vllm", "--data", "demo",
+                                      "--out", str(tmp_path / "c")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "vLLM did not start: Engine core initialization failed" in text
+    assert not (tmp_path / "c").exists()

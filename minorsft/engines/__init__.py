@@ -73,8 +73,18 @@ def make_engine(name: str, model_path: str, dtype: str, device: str = "auto",
             # vLLM takes the GPU when there is one; a CPU run needs a CPU build of vLLM.
             raise ValueError("--engine vllm picks its device itself; drop --device cpu or use "
                              "--engine transformers")
+        from minorsft.models import ModelError
+
         options = {k: v for k, v in vllm_options.items() if v is not None}
-        return VLLMEngine(model_path, dtype=dtype, max_batch_tokens=max_batch_tokens, **options)
+        try:
+            return VLLMEngine(model_path, dtype=dtype, max_batch_tokens=max_batch_tokens,
+                              **options)
+        except ModelError:
+            raise
+        except RuntimeError as error:  # "Engine core initialization failed": no traceback
+            raise ModelError(f"vLLM did not start: {error} (its log above says why: memory, "
+                             "--tensor-parallel-size, --max-model-len are the usual causes)"
+                             ) from error
     from minorsft.engines.hf import TransformersEngine
 
     return TransformersEngine(model_path, dtype=dtype, device=device,
