@@ -226,7 +226,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         except (FileExistsError, NotADirectoryError) as error:  # a file in the folder's path
             raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") \
                 from error
-    lock_was_there = (out / f".{manifest_name(shard)}.lock").exists()
+    lock_was_there = (out / _shard_lock_name(shard)).exists()
     with _shard_lock(out, shard) as lock:
         try:
             prepare_output(out, config.overwrite)
@@ -250,6 +250,10 @@ def _remove_if_unused(out: Path, lock: Path) -> None:
             folder.rmdir()
 
 
+def _shard_lock_name(shard) -> str:
+    return f".{manifest_name(shard)}.lock"
+
+
 @contextlib.contextmanager
 def _shard_lock(out: Path, shard):
     """Hold this shard's lock in `out` for the run; refuse if another process holds it.
@@ -258,7 +262,7 @@ def _shard_lock(out: Path, shard):
     manifest. The lock is an flock on an empty file, so it goes with its process, even after
     kill -9, and the next run resumes.
     """
-    lock_name = f".{manifest_name(shard)}.lock"
+    lock_name = _shard_lock_name(shard)
     with _cache_lock(out, lock_name, wait=False) as held:
         if not held:
             what = f"shard {shard[0]}/{shard[1]} of " if shard else ""
