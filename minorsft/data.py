@@ -147,10 +147,10 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
     with path.open("rb") as handle:
         for line_no, raw_bytes in enumerate(handle, start=1):
-            if line_no == 1:
-                # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
-                # blank test, so that a line holding only the mark is blank, not a row).
-                raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
+            # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
+            # blank test, so that a line holding only the mark is blank, not a row). Not only on
+            # line 1: `cat a.jsonl b.jsonl` puts b's mark at the start of a later line.
+            raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
             if not raw_bytes.strip():
                 continue
             try:
@@ -474,6 +474,15 @@ def refuse_special_tokens(texts: dict[str, str], special: re.Pattern | None, pat
                             "drop the row")
 
 
+def refuse_answer_probe(texts: dict[str, str], path: str, line: int) -> None:
+    """A DataError for the first text field holding :data:`ANSWER_PROBE`."""
+    for field_name, text in texts.items():
+        if ANSWER_PROBE in text:
+            raise DataError(path, line, field_name,
+                            f"holds {ANSWER_PROBE!r}, the string minorsft puts in place of an "
+                            "answer to find where the template writes it; remove it")
+
+
 def tokenize_conversation(
     tokenizer, messages: list[dict], max_length: int | None,
     special: re.Pattern | None | bool = True,
@@ -663,15 +672,15 @@ def classify_rows(
             if duplicate_of is not None:
                 raise DataError(path_str, row.line, spec.id_field,
                                 f"duplicate id {example_id!r} (first on line {duplicate_of})")
+            refuse_answer_probe(texts, path_str, row.line)
             try:
                 input_ids, answer_mask, truncated = tokenize_conversation(
                     tokenizer, messages, max_length, special)
-            except ValueError as error:  # the template's: a chat row's `messages`, else no field
-                field_name = "messages" if "messages" in row.record and any(
-                    name.startswith("messages[") for name in texts) else None
-                raise DataError(path_str, row.line, field_name, str(error)) from error
+            except ValueError as error:  # the template's, about the conversation as a whole
+                raise DataError(path_str, row.line, _conversation_fields(texts),
+                                str(error)) from error
             if not any(answer_mask):
-                raise DataError(path_str, row.line, None,
+                raise DataError(path_str, row.line, _first_answer_field(row.record, texts),
                                 f"answer truncated to zero tokens by --max-length {max_length} "
                                 f"(the prompt alone has {len(input_ids)}+ tokens)")
             yield index, Example(example_id, row.line, input_ids, answer_mask, truncated)
@@ -680,6 +689,24 @@ def classify_rows(
                 yield index, None
                 continue
             yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error)
+
+
+def _conversation_fields(texts: dict[str, str]) -> str:
+    """The field(s) a template refusal is about: a chat row's `messages`, else the columns the
+    conversation was made of (`system, prompt, response`)."""
+    if any(name.startswith("messages[") for name in texts):
+        return "messages"
+    return ", ".join(texts)
+
+
+def _first_answer_field(record: dict, texts: dict[str, str]) -> str:
+    """The field holding the row's first answer: a chat's first assistant content, else the
+    answer column (the last text field read: `response`, `output` or --response-field)."""
+    chat = record.get("messages")
+    chat = chat if isinstance(chat, list) else []
+    chat_answers = (f"messages[{i}].content" for i, message in enumerate(chat)
+                    if isinstance(message, dict) and message.get("role") == "assistant")
+    return next((name for name in chat_answers if name in texts), next(reversed(texts)))
 
 
 def iter_examples(

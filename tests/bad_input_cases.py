@@ -59,7 +59,7 @@ CASES = [
     ("duplicate id", _json(dict(GOOD, prompt="Another question?")), "id",
      "duplicate id 'good' (first on line 1)"),
     ("answer truncated to zero tokens by --max-length",
-     _json({"id": "c16", "prompt": LONG_PROMPT, "response": "5"}), None,
+     _json({"id": "c16", "prompt": LONG_PROMPT, "response": "5"}), "response",
      "truncated to zero tokens"),
     ("system prompt twice (a system column and a system message)",
      _json({"id": "c17", "system": "Be brief.",

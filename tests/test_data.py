@@ -1,5 +1,6 @@
 """Input formats, the answer mask, truncation, row ids and clear errors."""
 
+import codecs
 import json
 import re
 
@@ -291,6 +292,17 @@ def test_a_row_holding_the_probe_string_is_rejected_with_that_reason(tiny_tokeni
     (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tiny_tokenizer,
                                 on_bad="skip")
     assert ANSWER_PROBE in rejected.reason and "remove it" in rejected.reason
+    assert rejected.field == "prompt"
+
+
+def test_a_byte_order_mark_on_a_later_line_is_dropped(tiny_tokenizer, tmp_path):
+    # `cat a.jsonl b.jsonl` of two files saved with a mark puts b's at the start of a line.
+    rows = [{"prompt": "2 plus 3", "response": "5"}, {"prompt": "4 plus 1", "response": "5"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    first, second = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(codecs.BOM_UTF8 + first + codecs.BOM_UTF8 + second + codecs.BOM_UTF8 + b"\n")
+    examples = list(iter_examples(path, tiny_tokenizer))
+    assert [example.line for example in examples] == [1, 2]
 
 
 def test_a_blank_system_column_is_no_system_message(tiny_tokenizer, tmp_path):
@@ -300,14 +312,14 @@ def test_a_blank_system_column_is_no_system_message(tiny_tokenizer, tmp_path):
     assert blank.input_ids == none.input_ids
 
 
-def test_a_refusal_of_a_row_without_messages_names_no_field(tmp_path):
+def test_a_refusal_of_a_row_without_messages_names_the_columns_it_was_made_of(tmp_path):
     tokenizer = tokenizer_with_template(
         "{% if messages[0]['role'] == 'system' %}"
         "{{ raise_exception('System role not supported') }}{% endif %}" + CHATML)
     row = {"system": "Be brief.", "prompt": "2 plus 3", "response": "5"}
     (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [row]), tokenizer,
                                 on_bad="skip")
-    assert isinstance(rejected, Rejection) and rejected.field is None
+    assert isinstance(rejected, Rejection) and rejected.field == "system, prompt, response"
     assert rejected.reason.endswith("System role not supported")
 
 
