@@ -301,12 +301,32 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     sample plus the one token vLLM generates), up to the model's own limit + 1 (a sample of the
     model's full length; the engine lets vLLM take that one more). vLLM otherwise reserves room
     for the model's whole context (128k tokens for Llama-3.1), whose KV cache alone may not fit
-    a GPU beside the weights."""
-    if config.max_length is None:
-        return None
+    a GPU beside the weights. With no --max-length (0), the model's limit + 1 as well: vLLM's
+    own default, the limit, would refuse a row of exactly the model's context."""
     limit = getattr(model_config, "max_position_embeddings", None)  # (None: no config)
+    if limit and _rope_scaling_extends_context(model_config):
+        limit = None  # vLLM derives a longer context from the scaling: left to it
+    if config.max_length is None:
+        return limit + 1 if limit else None
     wanted = config.max_length + 1
     return min(wanted, limit + 1) if limit else wanted
+
+
+# RoPE scalings after which vLLM still takes max_position_embeddings as the model's context
+# (Llama-3.1's `llama3` writes the extended length there itself); it multiplies it by the
+# factor for the others (linear, dynamic, yarn).
+_ROPE_TYPES_WITHIN_MAX_POSITIONS = {None, "default", "llama3", "longrope", "su"}
+
+
+def _rope_scaling_extends_context(model_config) -> bool:
+    """Whether the config's RoPE scaling makes the model's context longer than
+    max_position_embeddings (as vLLM reads it): then capping at that would refuse long rows."""
+    scaling = (getattr(model_config, "rope_scaling", None)
+               or getattr(model_config, "rope_parameters", None))
+    if not isinstance(scaling, dict):
+        return False
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    return rope_type not in _ROPE_TYPES_WITHIN_MAX_POSITIONS
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,

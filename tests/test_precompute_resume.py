@@ -318,4 +318,26 @@ def test_vllm_model_len_defaults_to_what_max_length_needs(tiny_model_dir):
     # the tiny model's max_position_embeddings + 1: a row of its full length fits (at 512, a
     # --max-length of 512 or more could score no row that long)
     assert model_len(2048) == model_len(512) == 513 and model_len(511) == 512
-    assert model_len(None) is None
+    # no --max-length (0): the model's limit + 1 too, not vLLM's default of the limit itself
+    assert model_len(None) == 513
+
+
+def test_vllm_model_len_is_not_capped_below_a_context_rope_scaling_extends():
+    """vLLM multiplies a yarn/linear/dynamic model's max_position_embeddings by the factor:
+    capping at max_position_embeddings + 1 would refuse its longer rows."""
+    from transformers import LlamaConfig
+
+    from minorsft.precompute import _model_len_for
+
+    def model_len(max_length, model_config):
+        return _model_len_for(PrecomputeConfig(model="m", data="d", out="o",
+                                               max_length=max_length), model_config)
+
+    yarn = LlamaConfig(max_position_embeddings=4096, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
+    assert model_len(10_000, yarn) == 10_001 and model_len(None, yarn) is None
+    # Llama-3.1's scaling writes the extended context into max_position_embeddings itself
+    llama3 = LlamaConfig(max_position_embeddings=8192, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024})
+    assert model_len(10_000, llama3) == model_len(None, llama3) == 8193
