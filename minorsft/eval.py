@@ -54,6 +54,7 @@ from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import (
     autocast_context,
     comparable_fields,
+    context_note,
     fingerprint,
     learned_position_limit,
     load_tokenizer,
@@ -561,6 +562,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     position_limit = learned_position_limit(model_config)
     if config.data is not None and not looks_like_cache(config.reference):
         refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
+        if note := context_note(config.max_length, config.model, model_config):
+            console.print(f"note: {note}", highlight=False, markup=False)
     refuse_questions_past_learned_positions(question_sets, tokenizer, position_limit)
     model_fp = fingerprint(model_path, tokenizer).as_dict()
     ref_path = None

@@ -387,6 +387,42 @@ def refuse_lengths_past_learned_positions(max_length: int | None, model: str,
                      f"--max-length {limit} or less.")
 
 
+def context_note(max_length: int | None, model: str, model_config) -> str | None:
+    """A note when --max-length (None: no limit) lets rows run past a rotary model's context.
+
+    Nothing fails there (rotary positions have no table to index past), but the log-probs are
+    what the model computes beyond the lengths it was trained on: worth knowing, not refusing.
+    Learned-position models are refused instead (`refuse_lengths_past_learned_positions`); a
+    config whose RoPE scaling lengthens the context has no single limit to compare with.
+    """
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if (not isinstance(limit, int) or learned_position_limit(model_config) is not None
+            or rope_scaling_extends_context(model_config)
+            or (max_length is not None and max_length <= limit)):
+        return None
+    asked = "0 (no limit)" if max_length is None else str(max_length)
+    return (f"--max-length {asked} is more than {model}'s context of {limit} tokens "
+            "(max_position_embeddings): a longer row is scored past the lengths the model was "
+            "trained on")
+
+
+# RoPE scalings after which vLLM still takes max_position_embeddings as the model's context
+# (Llama-3.1's `llama3` writes the extended length there itself); it multiplies it by the
+# factor for the others (linear, dynamic, yarn).
+_ROPE_TYPES_WITHIN_MAX_POSITIONS = {None, "default", "llama3", "longrope", "su"}
+
+
+def rope_scaling_extends_context(model_config) -> bool:
+    """Whether the config's RoPE scaling makes the model's context longer than
+    max_position_embeddings (as vLLM reads it: it multiplies it by the scaling's factor)."""
+    scaling = (getattr(model_config, "rope_scaling", None)
+               or getattr(model_config, "rope_parameters", None))
+    if not isinstance(scaling, dict):
+        return False
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    return rope_type not in _ROPE_TYPES_WITHIN_MAX_POSITIONS
+
+
 # The noise some mixture-of-experts layers multiply their input by while training, a rate like
 # dropout's: Mixtral's, MiniMax's and Switch's `jitter_noise`, PhiMoE's `input_jitter_noise`,
 # DBRX's `moe_jitter_eps`. Not PhiMoE's `router_jitter_noise`: its router's threshold, used in

@@ -66,11 +66,13 @@ from minorsft.data import (
 from minorsft.engines import make_engine
 from minorsft.models import (
     check_dtype,
+    context_note,
     fingerprint,
     load_tokenizer,
     read_model_config,
     refuse_lengths_past_learned_positions,
     resolve_model,
+    rope_scaling_extends_context,
 )
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
@@ -304,29 +306,13 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     a GPU beside the weights. With no --max-length (0), the model's limit + 1 as well: vLLM's
     own default, the limit, would refuse a row of exactly the model's context."""
     limit = getattr(model_config, "max_position_embeddings", None)  # (None: no config)
-    if limit and _rope_scaling_extends_context(model_config):
+    if limit and rope_scaling_extends_context(model_config):
         limit = None  # vLLM derives a longer context from the scaling: left to it
     if config.max_length is None:
         return limit + 1 if limit else None
     wanted = config.max_length + 1
     return min(wanted, limit + 1) if limit else wanted
 
-
-# RoPE scalings after which vLLM still takes max_position_embeddings as the model's context
-# (Llama-3.1's `llama3` writes the extended length there itself); it multiplies it by the
-# factor for the others (linear, dynamic, yarn).
-_ROPE_TYPES_WITHIN_MAX_POSITIONS = {None, "default", "llama3", "longrope", "su"}
-
-
-def _rope_scaling_extends_context(model_config) -> bool:
-    """Whether the config's RoPE scaling makes the model's context longer than
-    max_position_embeddings (as vLLM reads it): then capping at that would refuse long rows."""
-    scaling = (getattr(model_config, "rope_scaling", None)
-               or getattr(model_config, "rope_parameters", None))
-    if not isinstance(scaling, dict):
-        return False
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    return rope_type not in _ROPE_TYPES_WITHIN_MAX_POSITIONS
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
@@ -354,6 +340,10 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         ("--tensor-parallel-size", config.tensor_parallel_size),
         ("--gpu-memory-utilization", config.gpu_memory_utilization),
         ("--max-model-len", config.max_model_len)) if value is not None]
+    # (vLLM refuses such rows itself: its max_model_len stops at the model's limit)
+    if engine.name != "vllm" and (
+            note := context_note(config.max_length, config.model, model_config)):
+        console.print(f"note: {note}", highlight=False, markup=False)
     if vllm_only and engine.name != "vllm":
         verb = "apply" if len(vllm_only) > 1 else "applies"
         console.print(f"note: {', '.join(vllm_only)} {verb} to the vLLM engine; the "

@@ -185,6 +185,23 @@ def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
     assert "it is a training checkpoint" in " ".join(result.output.split())
 
 
+def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, tmp_path):
+    """Nothing fails there, but the rows past it are scored beyond what the model learned."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 2)
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--verify-sample", "0"]
+    result = runner.invoke(app, ["precompute", *common, "--out", str(tmp_path / "c"),
+                                 "--max-length", "600"])
+    assert result.exit_code == 0, result.output
+    assert (f"note: --max-length 600 is more than {tiny_model_dir}'s context of 512 tokens "
+            "(max_position_embeddings)") in " ".join(result.output.split())
+    for max_length, command in (("0", "eval"), ("512", "precompute")):
+        out = ["--out", str(tmp_path / "c2")] if command == "precompute" else []
+        result = runner.invoke(app, [command, *common[:4], *out, "--max-length", max_length])
+        assert result.exit_code == 0, result.output
+        noted = "is more than" in result.output
+        assert noted == (max_length == "0"), (command, result.output)
+
+
 def test_options_of_another_engine_or_strategy_get_a_note(tiny_model_dir, tmp_path):
     """They were ignored without a word."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 4)
