@@ -26,6 +26,7 @@ line and field, so nothing is lost silently.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import hashlib
 import json
@@ -101,12 +102,16 @@ class Rejection:
     reason: str
     raw: str = ""
     error: DataError | None = field(default=None, repr=False, compare=False)
+    # A line that is not UTF-8 as it was: `raw` has replacement characters in its bad bytes
+    raw_bytes: bytes | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         record = {"file": self.path, "line": self.line, "field": self.field,
                   "reason": self.reason, "raw": self.raw[:REJECT_RAW_LIMIT]}
         if len(self.raw) > REJECT_RAW_LIMIT:
             record["raw_truncated"] = True
+        if self.raw_bytes is not None and len(self.raw_bytes) <= REJECT_RAW_LIMIT:
+            record["raw_base64"] = base64.b64encode(self.raw_bytes).decode("ascii")
         return record
 
 
@@ -117,6 +122,7 @@ class RawRow:
     error: DataError | None = None
     raw: str = ""
     extra: dict = field(default_factory=dict)
+    raw_bytes: bytes | None = None  # the line as read, where it is not UTF-8
 
 
 def resolve_data(name: str) -> Path:
@@ -157,6 +163,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
                 text = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as error:
                 yield RawRow(line_no, raw=raw_bytes.decode("utf-8", "replace"),
+                             raw_bytes=raw_bytes.rstrip(b"\r\n"),
                              error=DataError(str(path), line_no, None,
                                              _not_utf8_reason(raw_bytes, error)))
                 continue
@@ -688,7 +695,8 @@ def classify_rows(
             if select is not None and not select(index):
                 yield index, None
                 continue
-            yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error)
+            yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
+                                   row.raw_bytes)
 
 
 def _conversation_fields(texts: dict[str, str]) -> str:

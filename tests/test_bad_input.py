@@ -3,6 +3,7 @@ where input rows = cached rows + rejected rows."""
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -55,8 +56,14 @@ def test_skip_accounts_for_every_row_across_parts(tiny_model_dir, tmp_path):
         rows_in, rows_in - len(CASES), len(CASES))
     rejects = [json.loads(x) for x in (out / "_rejects.jsonl").read_text().splitlines()]
     assert [r["field"] for r in rejects] == [field for _, _, field, _ in CASES]
-    for (_, _, _, reason), reject in zip(CASES, rejects, strict=True):
+    for (_, line, _, reason), reject in zip(CASES, rejects, strict=True):
         assert reason in reject["reason"] and reject["file"] == str(data)
+        # a line that is not UTF-8 keeps its bytes as they were (`raw` has U+FFFD in place of
+        # the bad ones); the others' `raw` is the line itself
+        not_utf8 = "not valid UTF-8" in reason
+        assert ("raw_base64" in reject) == not_utf8
+        assert (base64.b64decode(reject["raw_base64"]) if not_utf8
+                else reject["raw"].encode()) == line
     cached_lines = {r["line"] for r in iter_rows(out)}
     rejected_lines = {r["line"] for r in rejects}
     assert not cached_lines & rejected_lines
