@@ -364,14 +364,22 @@ def _names_to_index_keyed(optimizer_state: dict, names: list[str]) -> dict:
                              for group in optimizer_state["param_groups"]]}
 
 
+def refuse_earlier_checkpoints(config: TrainConfig) -> None:
+    """Without --resume or --overwrite (which removes them before training), refuse an --output
+    holding an earlier run's checkpoints: a new run would mix with them."""
+    if config.resume or config.overwrite:
+        return
+    if checkpoints := list_checkpoints(config.output):
+        raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
+                         f"{checkpoints[-1][1].name}): pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --output")
+
+
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
     """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
     checkpoints = list_checkpoints(config.output)
     if not config.resume:
-        if checkpoints and not config.overwrite:  # --overwrite removes them before training
-            raise ValueError(f"{config.output} holds checkpoints of an earlier run (latest: "
-                             f"{checkpoints[-1][1].name}): pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --output")
+        refuse_earlier_checkpoints(config)
         return
     if not checkpoints:
         if state.world.is_main:

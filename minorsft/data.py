@@ -162,8 +162,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 text = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as error:
-                yield RawRow(line_no, raw=raw_bytes.decode("utf-8", "replace"),
-                             raw_bytes=raw_bytes.rstrip(b"\r\n"),
+                line_bytes = raw_bytes.rstrip(b"\r\n")  # as the other rows' `raw`
+                yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
+                             raw_bytes=line_bytes,
                              error=DataError(str(path), line_no, None,
                                              _not_utf8_reason(raw_bytes, error)))
                 continue

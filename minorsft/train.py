@@ -48,6 +48,7 @@ from minorsft.checkpoints import (
     StopRequest,
     TrainingInterrupted,
     is_fsdp_run,
+    refuse_earlier_checkpoints,
     resume_from_checkpoint,
     save_checkpoint,
     trim_metrics,
@@ -438,6 +439,7 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
     if finished and not (config.resume or config.overwrite):
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
+    refuse_earlier_checkpoints(config)  # (a stopped run: minutes of model loading saved)
 
 
 def _model_files(output: Path) -> list[str]:

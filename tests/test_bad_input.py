@@ -62,6 +62,7 @@ def test_skip_accounts_for_every_row_across_parts(tiny_model_dir, tmp_path):
         # the bad ones); the others' `raw` is the line itself
         not_utf8 = "not valid UTF-8" in reason
         assert ("raw_base64" in reject) == not_utf8
+        assert reject["raw"] == line.decode("utf-8", "replace")
         assert (base64.b64decode(reject["raw_base64"]) if not_utf8
                 else reject["raw"].encode()) == line
     cached_lines = {r["line"] for r in iter_rows(out)}

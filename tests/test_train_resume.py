@@ -87,7 +87,10 @@ def test_ctrl_c_checkpoint_then_resume_equals_uninterrupted(cache, tmp_path, mon
     assert stopped.value.step == 2
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]
     assert len(metrics(tmp_path / "b")) == 2
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with monkeypatch.context() as patched, pytest.raises(
+            ValueError, match="holds checkpoints of an earlier run"):
+        # refused before the model loads (minutes for a 7B one), not after
+        patched.setattr("minorsft.train.load_model", lambda *a, **k: pytest.fail("loaded"))
         run_train(config(cache, tmp_path / "b"))
     with pytest.raises(ValueError, match="lr: checkpoint 0.001, this run 0.002"):
         run_train(config(cache, tmp_path / "b", lr=2e-3, resume=True))
