@@ -106,6 +106,9 @@ def precompute(
         help="Column holding the prompt (with --response-field), e.g. 'question'.")] = None,
     response_field: Annotated[str | None, typer.Option(
         help="Column holding the answer (with --prompt-field), e.g. 'answer'.")] = None,
+    system_field: Annotated[str, typer.Option(
+        help="Column holding a system prompt, where a row has one (e.g. 'system_prompt').")
+    ] = "system",
     max_length: Annotated[int, typer.Option(
         help="Keep the first N tokens of each sample; answer tokens past N are dropped, and a "
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,
@@ -154,7 +157,8 @@ def precompute(
     try:
         config = PrecomputeConfig(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
-            response_field=response_field, max_length=max_length or None, dtype=dtype,
+            response_field=response_field, system_field=system_field,
+            max_length=max_length or None, dtype=dtype,
             engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
             part_rows=part_rows, shard=shard, overwrite=overwrite,
             tensor_parallel_size=tensor_parallel_size,
@@ -496,6 +500,8 @@ def eval_command(
              "several.")] = None,
     prompt_field: Annotated[str | None, typer.Option(help="Prompt column of --data.")] = None,
     response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
+    system_field: Annotated[str, typer.Option(
+        help="System-prompt column of --data.")] = "system",
     max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
                                                  "for none.")] = 2048,
     max_rows: Annotated[int | None, typer.Option(help="Only the first N held-out rows.")] = None,
@@ -523,6 +529,7 @@ def eval_command(
         config = EvalConfig(
             model=model, reference=reference, data=data, choices=list(choices or []),
             prompt_field=prompt_field, response_field=response_field,
+            system_field=system_field,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
             per_item=str(per_item) if per_item else None)

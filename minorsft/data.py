@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import base64
 import codecs
+import gzip
 import hashlib
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -65,6 +67,9 @@ class FieldSpec:
         # One named column without the other is an option mistake, not a fault of every row.
         if bool(self.prompt_field) != bool(self.response_field):
             raise ValueError("--prompt-field and --response-field must be given together")
+        if self.system_field in (self.prompt_field, self.response_field):
+            raise ValueError(f"--system-field {self.system_field!r} is also the prompt or the "
+                             "answer column; give each its own column")
         # The same column twice would train the model to repeat its prompt as the answer.
         if self.prompt_field and self.prompt_field == self.response_field:
             raise ValueError(f"--prompt-field and --response-field name the same column "
@@ -139,38 +144,52 @@ def resolve_data(name: str) -> Path:
 
 def read_rows(path: Path) -> Iterator[RawRow]:
     """Rows of a JSONL or Parquet file, with their 1-based line (JSONL) or row (Parquet) number."""
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    compressed = path.suffix.lower() == ".gz"
+    suffix = Path(path.stem).suffix.lower() if compressed else path.suffix.lower()
     if suffix in {".jsonl", ".json", ".ndjson"}:
-        yield from _read_jsonl(path)
-    elif suffix == ".parquet":
+        yield from _read_jsonl(path, compressed)
+    elif suffix == ".parquet" and not compressed:
         yield from _read_parquet(path)
     else:
+        given = "".join(path.suffixes[-2:]) if compressed else path.suffix
         raise DataError(str(path), None, None,
-                        f"unknown file type {path.suffix!r}: use .jsonl or .parquet")
+                        f"unknown file type {given!r}: use .jsonl, .jsonl.gz or .parquet")
 
 
-def _read_jsonl(path: Path) -> Iterator[RawRow]:
+def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
-    with path.open("rb") as handle:
-        for line_no, raw_bytes in enumerate(handle, start=1):
-            # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
-            # blank test, so that a line holding only the mark is blank, not a row). Not only on
-            # line 1: `cat a.jsonl b.jsonl` puts b's mark at the start of a later line.
-            raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
-            if not raw_bytes.strip():
-                continue
-            try:
-                text = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as error:
-                line_bytes = raw_bytes.rstrip(b"\r\n")  # as the other rows' `raw`
-                yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
-                             raw_bytes=line_bytes,
-                             error=DataError(str(path), line_no, None,
-                                             _not_utf8_reason(raw_bytes, error)))
-                continue
-            # Without its line ending, so that json's column is the column in the line (with it,
-            # a cut-off line ends at "line 2, column 1").
-            yield _parse_line(path, line_no, text.rstrip("\r\n"))
+    try:
+        with (gzip.open(path, "rb") if compressed else path.open("rb")) as handle:
+            yield from _jsonl_rows(path, handle)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, or cut off
+        raise DataError(str(path), None, None,
+                        f"not a readable gzip file ({error or type(error).__name__})") from None
+
+
+def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
+    for line_no, raw_bytes in enumerate(handle, start=1):
+        # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
+        # blank test, so that a line holding only the mark is blank, not a row). Not only on
+        # line 1: `cat a.jsonl b.jsonl` puts b's mark at the start of a later line.
+        raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
+        if not raw_bytes.strip():
+            continue
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line_bytes = raw_bytes.rstrip(b"\r\n")  # as the other rows' `raw`
+            reason = _not_utf8_reason(raw_bytes, error)
+            if line_no == 1 and raw_bytes[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+                reason += (f"; {path.name} starts with UTF-16's byte-order mark (as Windows "
+                           "PowerShell's > writes): convert it with iconv -f UTF-16 -t UTF-8 "
+                           f"{path.name} > {path.stem}.utf8.jsonl")
+            yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
+                         raw_bytes=line_bytes,
+                         error=DataError(str(path), line_no, None, reason))
+            continue
+        # Without its line ending, so that json's column is the column in the line (with it,
+        # a cut-off line ends at "line 2, column 1").
+        yield _parse_line(path, line_no, text.rstrip("\r\n"))
 
 
 def _not_utf8_reason(raw_bytes: bytes, error: UnicodeDecodeError) -> str:
@@ -307,17 +326,41 @@ def _require_text(record: dict, key: str, path: str, line: int, allow_empty=Fals
 # The known formats and the columns each needs (alpaca's `input` is optional).
 FORMATS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "prompt/response": ("prompt", "response"),
+    "prompt/completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
 }
 
+# Role names of a `messages` chat (OpenAI's `developer` is its newer name for `system`), and of
+# a ShareGPT one (`from`: human, gpt), mapped to the template's.
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
+              "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+# Turns of tool calling, which the template is not given: their calls and results would be lost.
+TOOL_ROLES = ("tool", "function", "ipython", "observation")
+# Message keys the template would render but minorsft does not pass on: refused, not dropped.
+TOOL_CALL_KEYS = ("tool_calls", "function_call")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
-def read_conversation(record: dict, spec: FieldSpec, path: str,
-                      line: int) -> tuple[list[dict], dict[str, str]]:
-    """The row as chat messages, and the text fields they were made of (field name -> text).
 
-    The fields are what later checks name (`response`, `messages[1].content`): one message may
-    join two of them (alpaca's instruction and input).
+@dataclass
+class Conversation:
+    """A row as chat messages, with what the checks and the answer mask need to know."""
+
+    messages: list[dict]  # {role, content}, as the template takes them
+    texts: dict[str, str]  # the text fields they were made of: field name -> text
+    trained: list[bool]  # per message: an assistant turn that is answer
+    answer_fields: list[str]  # the fields of the trained answers, in order
+    fields: str  # what a template refusal names: `messages`, or `system, prompt, response`
+
+
+def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
+    """The row as a :class:`Conversation`.
+
+    The text fields are what later checks name (`response`, `messages[1].content`): one message
+    may join two of them (alpaca's instruction and input).
     """
     texts: dict[str, str] = {}
 
@@ -325,6 +368,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str,
         texts[key] = _require_text(record, key, path, line)
         return texts[key]
 
+    _refuse_tools(record, path, line)
     system = record.get(spec.system_field)
     if system is not None and not isinstance(system, str):
         raise DataError(path, line, spec.system_field, "expected a string")
@@ -333,24 +377,74 @@ def read_conversation(record: dict, spec: FieldSpec, path: str,
     if head:
         texts[spec.system_field] = system
 
+    def single_turn(prompt_key: str, answer_key: str) -> Conversation:
+        messages = head + _single_turn(text(prompt_key), text(answer_key))
+        return Conversation(messages, texts, [False] * (len(messages) - 1) + [True],
+                            [answer_key], ", ".join(texts))
+
     if spec.prompt_field or spec.response_field:
         # Named columns (both, FieldSpec checks) win over any known format's columns the row
         # also has.
-        prompt = text(spec.prompt_field)
-        return head + _single_turn(prompt, text(spec.response_field)), texts
+        return single_turn(spec.prompt_field, spec.response_field)
     row_format = _row_format(record, path, line)
-    if row_format == "chat":
-        chat = _chat_messages(record["messages"], path, line)
-        texts.update((f"messages[{i}].content", m["content"]) for i, m in enumerate(chat))
-        return _with_system_column(head, chat, spec.system_field, path, line), texts
+    if row_format in ("chat", "sharegpt"):
+        column = FORMATS[row_format][0]
+        turns = _chat_messages(record[column], path, line, column,
+                               CHAT_ROLES if row_format == "chat" else SHAREGPT_ROLES)
+        return _chat_conversation(head, [turns], spec.system_field, texts, path, line, column)
+    if row_format == "prompt/completion":
+        prompt, completion = record["prompt"], record["completion"]
+        if isinstance(prompt, list) or isinstance(completion, list):
+            # TRL's conversational form: the prompt's turns are context, the completion's
+            # assistant turns are the answer.
+            turns = [_chat_messages(prompt, path, line, "prompt", CHAT_ROLES, answers=False),
+                     _chat_messages(completion, path, line, "completion", CHAT_ROLES)]
+            return _chat_conversation(head, turns, spec.system_field, texts, path, line,
+                                      "prompt, completion")
+        return single_turn("prompt", "completion")
     if row_format == "prompt/response":
-        prompt = text("prompt")
-        return head + _single_turn(prompt, text("response")), texts
+        return single_turn("prompt", "response")
     instruction = text("instruction")
     if extra := _alpaca_input(record, path, line):
         texts["input"] = extra
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return head + _single_turn(prompt, text("output")), texts
+    messages = head + _single_turn(prompt, text("output"))
+    return Conversation(messages, texts, [False] * (len(messages) - 1) + [True], ["output"],
+                        ", ".join(texts))
+
+
+def _refuse_tools(record: dict, path: str, line: int) -> None:
+    """Refuse a row with tool definitions: the template would write them into the prompt, and
+    minorsft does not pass them, so the row would train on another prompt than it has."""
+    tools = record.get("tools")
+    if tools is None or (isinstance(tools, str) and tools.strip() in ("", "[]", "null")):
+        return
+    if isinstance(tools, list | dict) and not tools:
+        return
+    raise DataError(path, line, "tools", "tool definitions are not supported (the chat "
+                    "template would render them into the prompt, and minorsft does not pass "
+                    "them on); drop the column's content or the row")
+
+
+@dataclass
+class _Turns:
+    """Messages of one chat column, as `_chat_messages` read them."""
+
+    messages: list[dict]
+    trained: list[bool]
+    fields: list[str]  # each message's content field (`messages[1].content`)
+
+
+def _chat_conversation(head: list[dict], parts: list[_Turns], system_field: str,
+                       texts: dict[str, str], path: str, line: int,
+                       fields: str) -> Conversation:
+    chat = [message for part in parts for message in part.messages]
+    trained = [flag for part in parts for flag in part.trained]
+    content_fields = [name for part in parts for name in part.fields]
+    texts.update(zip(content_fields, (m["content"] for m in chat), strict=True))
+    messages = _with_system_column(head, chat, content_fields, system_field, path, line)
+    answer_fields = [name for name, flag in zip(content_fields, trained, strict=True) if flag]
+    return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields)
 
 
 def _alpaca_input(record: dict, path: str, line: int) -> str:
@@ -388,68 +482,138 @@ def _row_format(record: dict, path: str, line: int) -> str:
         reason = "missing"
         if given:
             reason += f" (the row has {', '.join(given)}, so it reads as the {partial} format)"
+            if partial == "prompt/response" and missing == "response":
+                reason += "; with a 'completion' column it reads as prompt/completion"
         raise DataError(path, line, missing, reason)
     columns = ", ".join(sorted(record)) or "none"
     raise DataError(path, line, None,
                     f"unknown format (columns: {columns}); expected 'messages', "
-                    "'prompt'+'response', 'instruction'+'output', or name the columns with "
+                    "'conversations', 'prompt'+'response', 'prompt'+'completion', "
+                    "'instruction'+'output', or name the columns with "
                     "--prompt-field/--response-field")
 
 
 def _partial_format(record: dict) -> str | None:
-    """The format the row has some columns of, when that names one format: then the error can
-    say which column is missing. Filled columns decide first; else columns that are null."""
-    for has in (lambda column: record.get(column) is not None, lambda column: column in record):
-        candidates = [name for name, columns in FORMATS.items() if any(map(has, columns))]
-        if candidates:
-            return candidates[0] if len(candidates) == 1 else None
-    return None
+    """The format the row has most columns of, when that names one format: then the error can
+    say which column is missing. Filled columns decide first; else columns that are null. A
+    lone `prompt` reads as prompt/response, the format the docs name first."""
+    def score(name: str) -> tuple[int, int]:
+        columns = FORMATS[name]
+        return (sum(record.get(c) is not None for c in columns),
+                sum(c in record for c in columns))
+
+    best = max(score(name) for name in FORMATS)
+    if best == (0, 0):
+        return None
+    tied = [name for name in FORMATS if score(name) == best]
+    if set(tied) == {"prompt/response", "prompt/completion"}:
+        return "prompt/response"
+    return tied[0] if len(tied) == 1 else None
 
 
 def _columns_text(format_name: str) -> str:
     return "+".join(repr(column) for column in FORMATS[format_name])
 
 
-def _with_system_column(head: list[dict], chat: list[dict], system_field: str, path: str,
-                        line: int) -> list[dict]:
+def _with_system_column(head: list[dict], chat: list[dict], fields: list[str],
+                        system_field: str, path: str, line: int) -> list[dict]:
     """The chat with the row's system column as its first message, unless it has its own."""
     own = next((i for i, message in enumerate(chat) if message["role"] == "system"), None)
     if head and own is not None:
         # Which of the two prompts was meant is anyone's guess; neither is dropped silently.
+        where = fields[own].rsplit(".", 1)[0]
         raise DataError(path, line, system_field,
-                        f"the chat has its own system message (messages[{own}]); "
+                        f"the chat has its own system message ({where}); "
                         "give the system prompt in one place")
     return head + chat
 
 
-def _chat_messages(messages, path: str, line: int) -> list[dict]:
+def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str, str],
+                   answers: bool = True) -> _Turns:
+    """The turns of chat column `column` (`answers`: its assistant turns are answer, unless a
+    turn's OpenAI-style `weight` is 0)."""
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else type(messages).__name__
-        raise DataError(path, line, "messages",
+        raise DataError(path, line, column,
                         f"expected a non-empty list of {{role, content}}, got {got}")
-    cleaned = []
+    turns = _Turns([], [], [])
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = f"{column}[{index}]"
         if not isinstance(message, dict):
             raise DataError(path, line, where, "expected an object with role and content")
-        role = message.get("role")
+        # ShareGPT's turns are {from, value}; some of its files use {role, content}
+        role_key, content_key = (("from", "value") if roles is SHAREGPT_ROLES
+                                 and "from" in message else ("role", "content"))
+        role = message.get(role_key)
         if role is None:
-            raise DataError(path, line, f"{where}.role", "missing")
-        if role not in ROLES:
-            raise DataError(path, line, f"{where}.role",
-                            f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if content is None:
-            raise DataError(path, line, f"{where}.content", "missing")
-        if not isinstance(content, str):
-            raise DataError(path, line, f"{where}.content",
-                            f"expected a string, got {type(content).__name__}")
+            raise DataError(path, line, f"{where}.{role_key}", "missing")
+        if role in TOOL_ROLES:
+            raise DataError(path, line, f"{where}.{role_key}",
+                            f"a {role!r} turn: tool calling is not supported (the template is "
+                            "not given tool calls and results); drop the row")
+        if role not in roles:
+            raise DataError(path, line, f"{where}.{role_key}",
+                            f"unknown role {role!r}; expected one of {', '.join(roles)}")
+        for key in TOOL_CALL_KEYS + REASONING_KEYS:
+            if message.get(key):
+                raise DataError(path, line, f"{where}.{key}", _unpassed_key_reason(key))
+        content = _message_text(message.get(content_key), path, line, f"{where}.{content_key}")
+        role = roles[role]
         if role == "assistant" and not content.strip():
-            raise DataError(path, line, f"{where}.content", "empty answer")
-        cleaned.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in cleaned):
-        raise DataError(path, line, "messages", "no assistant turn: nothing to train on")
-    return cleaned
+            raise DataError(path, line, f"{where}.{content_key}", "empty answer")
+        trained = role == "assistant" and answers and _turn_weight(message, path, line, where)
+        turns.messages.append({"role": role, "content": content})
+        turns.trained.append(trained)
+        turns.fields.append(f"{where}.{content_key}")
+    if answers and not any(m["role"] == "assistant" for m in turns.messages):
+        raise DataError(path, line, column, "no assistant turn: nothing to train on")
+    if answers and not any(turns.trained):
+        raise DataError(path, line, column,
+                        "every assistant turn has weight 0: nothing to train on")
+    return turns
+
+
+def _unpassed_key_reason(key: str) -> str:
+    if key in TOOL_CALL_KEYS:
+        return ("tool calls are not supported (the template is not given them, so the turn "
+                "would train without its call); drop the row")
+    return (f"reasoning in its own key is not supported (it would be dropped): write it into "
+            "the content as the model's template expects (e.g. <think>...</think>), or drop "
+            f"the {key!r} key")
+
+
+def _message_text(content, path: str, line: int, field_name: str) -> str:
+    """A message's content: a string, or a list of text parts (OpenAI's `[{type: text, text}]`),
+    joined."""
+    if content is None:
+        raise DataError(path, line, field_name, "missing")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for index, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"a part of type {kind!r}" if kind else f"a {type(part).__name__}"
+                raise DataError(path, line, f"{field_name}[{index}]",
+                                f"expected a string or a list of text parts "
+                                f"({{type: text, text}}), got {what}")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(path, line, field_name, f"expected a string or a list of text parts, got "
+                    f"{'an empty list' if isinstance(content, list) else type(content).__name__}")
+
+
+def _turn_weight(message: dict, path: str, line: int, where: str) -> bool:
+    """OpenAI's per-turn `weight`: 0 leaves an assistant turn out of the answer (it stays in
+    the prompt of later turns), 1 or none keeps it."""
+    weight = message.get("weight")
+    if weight is None:
+        return True
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise DataError(path, line, f"{where}.weight",
+                        f"expected 0 (not trained on) or 1, got {weight!r}")
+    return weight == 1
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -493,7 +657,7 @@ def refuse_answer_probe(texts: dict[str, str], path: str, line: int) -> None:
 
 def tokenize_conversation(
     tokenizer, messages: list[dict], max_length: int | None,
-    special: re.Pattern | None | bool = True,
+    special: re.Pattern | None | bool = True, trained: list[bool] | None = None,
 ) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, for one conversation.
 
@@ -501,6 +665,7 @@ def tokenize_conversation(
     and the end-of-turn token after it (see :func:`_answer_span`), and nothing the template adds
     around them (a default system prompt, role headers, the newline after the end-of-turn token).
     `special` is the tokenizer's :func:`special_token_pattern` (True: build it here).
+    `trained` says per message which assistant turns are answer (None: all of them).
     """
     if special is True:
         special = special_token_pattern(tokenizer)
@@ -509,7 +674,8 @@ def tokenize_conversation(
                          "an answer to find where the template writes it; remove it")
     full_text = _render(tokenizer, messages, generation_prompt=False)
     spans = [_answer_span(tokenizer, messages, index, full_text, special)
-             for index, message in enumerate(messages) if message["role"] == "assistant"]
+             for index, message in enumerate(messages) if message["role"] == "assistant"
+             and (trained is None or trained[index])]
 
     encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
@@ -675,20 +841,20 @@ def classify_rows(
             if select is not None and not select(index):
                 yield index, None
                 continue
-            messages, texts = read_conversation(row.record, spec, path_str, row.line)
-            refuse_special_tokens(texts, special, path_str, row.line)
+            conversation = read_conversation(row.record, spec, path_str, row.line)
+            refuse_special_tokens(conversation.texts, special, path_str, row.line)
             if duplicate_of is not None:
                 raise DataError(path_str, row.line, spec.id_field,
                                 f"duplicate id {example_id!r} (first on line {duplicate_of})")
-            refuse_answer_probe(texts, path_str, row.line)
+            refuse_answer_probe(conversation.texts, path_str, row.line)
             try:
                 input_ids, answer_mask, truncated = tokenize_conversation(
-                    tokenizer, messages, max_length, special)
+                    tokenizer, conversation.messages, max_length, special,
+                    conversation.trained)
             except ValueError as error:  # the template's, about the conversation as a whole
-                raise DataError(path_str, row.line, _conversation_fields(texts),
-                                str(error)) from error
+                raise DataError(path_str, row.line, conversation.fields, str(error)) from error
             if not any(answer_mask):
-                raise DataError(path_str, row.line, _first_answer_field(row.record, texts),
+                raise DataError(path_str, row.line, conversation.answer_fields[0],
                                 f"answer truncated to zero tokens by --max-length {max_length} "
                                 f"(the prompt alone has {len(input_ids)}+ tokens)")
             yield index, Example(example_id, row.line, input_ids, answer_mask, truncated)
@@ -698,24 +864,6 @@ def classify_rows(
                 continue
             yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
                                    row.raw_bytes)
-
-
-def _conversation_fields(texts: dict[str, str]) -> str:
-    """The field(s) a template refusal is about: a chat row's `messages`, else the columns the
-    conversation was made of (`system, prompt, response`)."""
-    if any(name.startswith("messages[") for name in texts):
-        return "messages"
-    return ", ".join(texts)
-
-
-def _first_answer_field(record: dict, texts: dict[str, str]) -> str:
-    """The field holding the row's first answer: a chat's first assistant content, else the
-    answer column (the last text field read: `response`, `output` or --response-field)."""
-    chat = record.get("messages")
-    chat = chat if isinstance(chat, list) else []
-    chat_answers = (f"messages[{i}].content" for i, message in enumerate(chat)
-                    if isinstance(message, dict) and message.get("role") == "assistant")
-    return next((name for name in chat_answers if name in texts), next(reversed(texts)))
 
 
 def iter_examples(

@@ -83,6 +83,7 @@ class EvalConfig:
     choices: list[str] = field(default_factory=list)
     prompt_field: str | None = None
     response_field: str | None = None
+    system_field: str = "system"
     max_length: int | None = 2048
     max_rows: int | None = None  # first N held-out rows (quick looks)
     max_questions: int | None = None  # first N questions of each choices file
@@ -92,7 +93,8 @@ class EvalConfig:
     per_item: str | None = None  # JSONL: one line per held-out row and per question
 
     def __post_init__(self):
-        FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
+        # checks them before any work
+        FieldSpec(self.prompt_field, self.response_field, self.system_field)
         if self.reference and self.reference.endswith(".parquet") \
                 and not Path(self.reference).exists():  # no model is named so: a mistyped cache
             raise ValueError(f"--reference {self.reference}: no such cache")
@@ -111,6 +113,7 @@ class EvalConfig:
                 option for option, value, unset in (
                     ("--prompt-field", self.prompt_field, None),
                     ("--response-field", self.response_field, None),
+                    ("--system-field", self.system_field, EvalConfig.system_field),
                     ("--max-length", self.max_length, EvalConfig.max_length))
                 if value != unset]):
             # they shape how --data is read; a cache's rows were tokenized and cut by precompute
@@ -598,7 +601,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                           f"this model in {result['dtype']}; m_theta includes that difference")
     elif config.data is not None:
         data_path = resolve_data(config.data)
-        spec = FieldSpec(config.prompt_field, config.response_field)
+        spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
         # islice stops before reading row N+1 (a bad row past the first N is not theirs)
         examples = list(islice(iter_examples(data_path, tokenizer, spec, config.max_length,
                                              on_bad="error"), config.max_rows))

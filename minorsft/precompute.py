@@ -93,6 +93,7 @@ class PrecomputeConfig:
     out: str
     prompt_field: str | None = None
     response_field: str | None = None
+    system_field: str = "system"
     max_length: int | None = 2048
     dtype: str = "auto"
     engine: str = "auto"
@@ -132,7 +133,8 @@ class PrecomputeConfig:
                              "GPU's memory vLLM may take")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("--max-model-len must be at least 2")
-        FieldSpec(self.prompt_field, self.response_field)  # checks them before any work
+        # checks them before any work
+        FieldSpec(self.prompt_field, self.response_field, self.system_field)
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         parse_shard(self.shard)
@@ -185,9 +187,8 @@ def _count_rows(path: Path) -> int | None:
             return None
     if suffix not in {".jsonl", ".ndjson"}:
         return None
-    with path.open("rb") as handle:  # (line 1's byte-order mark alone is blank, as data.py reads)
-        return sum(1 for number, line in enumerate(handle)
-                   if (line.removeprefix(codecs.BOM_UTF8) if number == 0 else line).strip())
+    with path.open("rb") as handle:  # (a byte-order mark alone is blank, as data.py reads)
+        return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
 
 
 def input_fingerprint(path: Path) -> dict:
@@ -205,7 +206,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     data_path = resolve_data(config.data)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path)
-    spec = FieldSpec(config.prompt_field, config.response_field)
+    spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
         raise CacheError(f"--out {out} is the input data file: choose another --out")

@@ -5,8 +5,10 @@ import os
 import socket
 
 import pytest
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
+from minorsft.cache import iter_rows
 from minorsft.cli import app
 
 from .conftest import write_jsonl
@@ -183,6 +185,20 @@ def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--data", str(data)])
     assert result.exit_code == 2, result.output
     assert "it is a training checkpoint" in " ".join(result.output.split())
+
+
+def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"system_prompt": "Answer in French.", "question": "2 plus 3?", "response": "cinq"}])
+    cache = tmp_path / "c"
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(cache), "--prompt-field", "question",
+                                 "--response-field", "response", "--system-field",
+                                 "system_prompt", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    (row,) = iter_rows(cache)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert "Answer in French." in tokenizer.decode(row["input_ids"])
 
 
 def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, tmp_path):

@@ -675,3 +675,135 @@ def test_messages_of_another_type_say_what_they_are(tiny_tokenizer, tmp_path, me
 def test_the_same_column_as_prompt_and_answer_is_refused():
     with pytest.raises(ValueError, match="name the same column 'q'"):
         FieldSpec("q", "q")
+
+
+# --- the formats people bring from other tools ----------------------------------------------
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text, **extra):
+    return {"role": "assistant", "content": text, **extra}
+
+
+def read_all(tokenizer, tmp_path, rows):
+    return list(iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer,
+                              on_bad="skip"))
+
+
+def test_trl_prompt_completion_rows_train_on_the_completion_only(tiny_tokenizer, tmp_path):
+    """TRL's SFT format: strings are one turn; lists are a chat whose prompt turns (few-shot
+    answers too) are context and whose completion's assistant turns are the answer."""
+    system = {"role": "system", "content": "Be brief."}
+    rows = [
+        {"prompt": "What is 2 plus 3?", "completion": "5"},
+        {"prompt": "What is 2 plus 3?", "response": "5"},
+        {"prompt": [system, _user("1 plus 1?"), _assistant("2"), _user("2 plus 3?")],
+         "completion": [_assistant("5")]},
+        {"messages": [system, _user("1 plus 1?"), _assistant("2", weight=0), _user("2 plus 3?"),
+                      _assistant("5")]},
+    ]
+    text_completion, text_response, chat_completion, weighted = read_all(
+        tiny_tokenizer, tmp_path, rows)
+    assert (text_completion.input_ids, text_completion.answer_mask) == (
+        text_response.input_ids, text_response.answer_mask)
+    assert answer_text(tiny_tokenizer, chat_completion) == "5<|im_end|>"
+    # the few-shot answer stays in the prompt, as a weight-0 turn of a chat does
+    assert (chat_completion.input_ids, chat_completion.answer_mask) == (
+        weighted.input_ids, weighted.answer_mask)
+    assert "1 plus 1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>" in tiny_tokenizer.decode(
+        chat_completion.input_ids)
+
+
+def test_openai_turn_weights_choose_the_trained_turns(tiny_tokenizer, tmp_path):
+    chat = [_user("Q1"), _assistant("BAD ANSWER", weight=0), _user("Try again"),
+            _assistant("5", weight=1)]
+    rows = [{"messages": chat},
+            {"messages": [_user("Q1"), _assistant("A", weight=0.5)]},
+            {"messages": [_user("Q1"), _assistant("A", weight="0")]},
+            {"messages": [_user("Q1"), _assistant("A", weight=0)]}]
+    trained, half, text, none = read_all(tiny_tokenizer, tmp_path, rows)
+    assert answer_text(tiny_tokenizer, trained) == "5<|im_end|>"
+    assert "BAD ANSWER" in tiny_tokenizer.decode(trained.input_ids)  # still in the prompt
+    assert (half.field, text.field) == ("messages[1].weight", "messages[1].weight")
+    assert half.reason == "expected 0 (not trained on) or 1, got 0.5"
+    assert (none.field, none.reason) == (
+        "messages", "every assistant turn has weight 0: nothing to train on")
+
+
+def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer, tmp_path):
+    plain = {"messages": [{"role": "system", "content": "Be brief."}, _user("2 plus 3?"),
+                          _assistant("5")]}
+    rows = [
+        plain,
+        {"conversations": [{"from": "system", "value": "Be brief."},
+                           {"from": "human", "value": "2 plus 3?"}, {"from": "gpt", "value": "5"}]},
+        {"conversations": plain["messages"]},
+        {"messages": [{"role": "developer", "content": "Be brief."},
+                      _user([{"type": "text", "text": "2 plus "}, {"type": "text", "text": "3?"}]),
+                      _assistant([{"type": "text", "text": "5"}])]},
+    ]
+    first, *others = read_all(tiny_tokenizer, tmp_path, rows)
+    for other in others:
+        assert (other.input_ids, other.answer_mask) == (first.input_ids, first.answer_mask)
+
+
+@pytest.mark.parametrize(("row", "field", "reason"), [
+    ({"messages": [_user("Weather?"), _assistant("Let me check.", tool_calls=[
+        {"type": "function", "function": {"name": "get_weather", "arguments": {}}}])]},
+     "messages[1].tool_calls", "tool calls are not supported"),
+    ({"messages": [_user("Weather?"), {"role": "tool", "content": "sunny"}, _assistant("Sun.")]},
+     "messages[1].role", "a 'tool' turn: tool calling is not supported"),
+    ({"messages": [_user("2 plus 3?"), _assistant("5", reasoning_content="2+3=5")]},
+     "messages[1].reasoning_content", "reasoning in its own key is not supported"),
+    ({"messages": [_user("Weather?"), _assistant("Sun.")], "tools": [{"type": "function"}]},
+     "tools", "tool definitions are not supported"),
+    ({"messages": [_user([{"type": "image_url", "image_url": {"url": "x"}}]), _assistant("A")]},
+     "messages[0].content[0]", "got a part of type 'image_url'"),
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
+     "conversations[1].from", "unknown role 'bot'; expected one of system, human, user, gpt"),
+    ({"prompt": "Q"}, "response", "so it reads as the prompt/response format); with a "
+     "'completion' column it reads as prompt/completion"),
+    ({"prompt": "Q", "completion": [_assistant("A")]}, "prompt",
+     "expected a non-empty list of {role, content}, got str"),
+])
+def test_what_would_be_dropped_is_refused_with_the_field(tiny_tokenizer, tmp_path, row, field,
+                                                         reason):
+    """Tool calls, tool turns, tool definitions and reasoning in its own key were dropped
+    without a word: the row trained on other text than it holds."""
+    (rejected,) = read_all(tiny_tokenizer, tmp_path, [row])
+    assert isinstance(rejected, Rejection), rejected
+    assert rejected.field == field and reason in rejected.reason, rejected
+
+
+def test_a_named_system_column_is_the_system_message(tiny_tokenizer, tmp_path):
+    """OpenOrca's `system_prompt` was silently unused: no option named it."""
+    rows = [{"system_prompt": "Answer in French.", "question": "2 plus 3?", "response": "cinq"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    (named,) = iter_examples(path, tiny_tokenizer, FieldSpec("question", "response",
+                                                             "system_prompt"))
+    assert "<|im_start|>system\nAnswer in French.<|im_end|>" in tiny_tokenizer.decode(
+        named.input_ids)
+    assert answer_text(tiny_tokenizer, named) == "cinq<|im_end|>"
+    with pytest.raises(ValueError, match="--system-field 'question' is also the prompt"):
+        FieldSpec("question", "response", "question")
+
+
+def test_gzip_jsonl_is_read_and_a_utf16_file_gets_the_conversion_hint(tiny_tokenizer, tmp_path):
+    import gzip
+
+    rows = [{"prompt": "2 plus 3?", "response": "5"}, {"prompt": "1 plus 1?", "response": "2"}]
+    plain = write_jsonl(tmp_path / "rows.jsonl", rows)
+    packed = tmp_path / "rows.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert [e.input_ids for e in iter_examples(packed, tiny_tokenizer)] == [
+        e.input_ids for e in iter_examples(plain, tiny_tokenizer)]
+    broken = tmp_path / "cut.jsonl.gz"
+    broken.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(DataError, match="cut.jsonl.gz: not a readable gzip file"):
+        list(iter_examples(broken, tiny_tokenizer))
+    utf16 = tmp_path / "win.jsonl"
+    utf16.write_bytes(plain.read_text().encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(DataError, match="convert it with iconv -f UTF-16 -t UTF-8 win.jsonl"):
+        list(iter_examples(utf16, tiny_tokenizer))
