@@ -5,13 +5,21 @@ rejected as ambiguous):
 
 - ``--prompt-field`` / ``--response-field`` given: those two columns (e.g. GSM8K's
   ``question`` / ``answer``), whatever other columns the row has;
-- ``messages``: a list of ``{role, content}`` with roles system, user, assistant; every
-  assistant turn is answer (multi-turn chats train on all of them);
+- ``messages``: a list of ``{role, content}`` with roles system (or developer), user,
+  assistant; every assistant turn is answer (multi-turn chats train on all of them) unless its
+  OpenAI-style ``weight`` is 0; content is a string or a list of text parts;
+- ShareGPT's ``conversations``: ``{from, value}`` turns (human, gpt, system), read as a chat;
 - ``prompt`` + ``response``;
+- TRL's ``prompt`` + ``completion``: strings (one turn), or lists of messages (the prompt's
+  turns are context, the completion's assistant turns the answer);
 - alpaca: ``instruction`` + optional ``input`` + ``output``.
 
-A ``system`` column, where present and not empty, becomes the system message (in a chat, the
-first message; a chat that has a system message of its own and a ``system`` column is rejected).
+What the chat template would render but is not passed on (tool calls, tool turns, tool
+definitions, reasoning in its own key) is refused, not dropped.
+
+A ``system`` column (``--system-field``), where present and not empty, becomes the system
+message (in a chat, the first message; a chat that has a system message of its own and a
+``system`` column is rejected).
 
 The tokenizer's chat template renders the conversation once; answer tokens are those whose text
 lies inside an assistant turn's content up to and including the end-of-turn token.
