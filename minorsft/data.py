@@ -143,10 +143,15 @@ def resolve_data(name: str) -> Path:
     if name in BUILTIN_DATA and not Path(name).exists():
         return Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))
     path = Path(name).expanduser()
+    several = "one file per run; to read several, join them first: cat a.jsonl b.jsonl > " \
+        "all.jsonl, or for Parquet files python -c \"import polars as pl; " \
+        "pl.read_parquet('dir/*.parquet').write_parquet('all.parquet')\""
     if not path.exists():
-        raise DataError(str(path), None, None, "no such file")
+        glob = any(char in name for char in "*?[")
+        raise DataError(str(path), None, None, f"no such file{'; ' + several if glob else ''}")
     if path.is_dir():
-        raise DataError(str(path), None, None, "is a folder; give a .jsonl or .parquet file")
+        raise DataError(str(path), None, None,
+                        f"is a folder; give a .jsonl or .parquet file ({several})")
     return path
 
 

@@ -807,3 +807,12 @@ def test_gzip_jsonl_is_read_and_a_utf16_file_gets_the_conversion_hint(tiny_token
     utf16.write_bytes(plain.read_text().encode("utf-16"))  # with its byte-order mark
     with pytest.raises(DataError, match="convert it with iconv -f UTF-16 -t UTF-8 win.jsonl"):
         list(iter_examples(utf16, tiny_tokenizer))
+
+
+def test_a_folder_or_a_glob_is_told_how_to_join_the_files(tmp_path):
+    (tmp_path / "dir").mkdir()
+    for name in (str(tmp_path / "dir"), str(tmp_path / "dir" / "*.jsonl")):
+        with pytest.raises(DataError, match="join them first: cat a.jsonl b.jsonl > all.jsonl"):
+            resolve_data(name)
+    with pytest.raises(DataError, match="no such file$"):
+        resolve_data(str(tmp_path / "missing.jsonl"))
