@@ -685,7 +685,10 @@ def cache_stats(path: Path) -> dict:
         if incomplete:
             raise CacheError(f"{path}: incomplete cache with no rows yet: "
                              + "; ".join(incomplete))
-        raise CacheError(f"{path}: the cache has no rows")
+        rejected = _lookup(layout.metadata, "rows_rejected")
+        raise CacheError(f"{path}: the cache has no rows" + (
+            f" (all {rejected} input rows were rejected: see its _rejects.jsonl)"
+            if rejected else ""))
     num_tokens = table["num_tokens"].cast(pa.float64())
     per_token = pc.divide(table["ref_logps"], num_tokens)
     # token counts are whole numbers: "nearest" quantiles, min and max are shown as integers

@@ -362,6 +362,10 @@ def test_a_cache_with_no_rows_as_reference_is_an_error(tiny_model_dir, tmp_path)
                                       str(cache)])
     assert result.exit_code == 2, result.output
     assert "the cache has no rows" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["cache", "info", str(cache)])
+    assert result.exit_code != 0
+    assert ("the cache has no rows (all 1 input rows were rejected: see its _rejects.jsonl)"
+            in " ".join(result.output.split())), result.output
 
 
 def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
