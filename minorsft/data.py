@@ -352,7 +352,7 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
 # Turns of tool calling, which the template is not given: their calls and results would be lost.
-TOOL_ROLES = ("tool", "function", "ipython", "observation")
+TOOL_ROLES = ("tool", "function", "function_call", "ipython", "observation")
 # Message keys the template would render but minorsft does not pass on: refused, not dropped.
 TOOL_CALL_KEYS = ("tool_calls", "function_call")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
@@ -381,7 +381,6 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
         texts[key] = _require_text(record, key, path, line)
         return texts[key]
 
-    _refuse_tools(record, path, line)
     system = record.get(spec.system_field)
     if system is not None and not isinstance(system, str):
         raise DataError(path, line, spec.system_field, "expected a string")
@@ -397,8 +396,9 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
 
     if spec.prompt_field or spec.response_field:
         # Named columns (both, FieldSpec checks) win over any known format's columns the row
-        # also has.
+        # also has (a `tools` column among them is not this prompt's).
         return single_turn(spec.prompt_field, spec.response_field)
+    _refuse_tools(record, path, line)
     row_format = _row_format(record, path, line)
     if row_format in ("chat", "sharegpt"):
         column = FORMATS[row_format][0]
@@ -430,10 +430,9 @@ def _refuse_tools(record: dict, path: str, line: int) -> None:
     """Refuse a row with tool definitions: the template would write them into the prompt, and
     minorsft does not pass them, so the row would train on another prompt than it has."""
     tools = record.get("tools")
-    if tools is None or (isinstance(tools, str) and tools.strip() in ("", "[]", "null")):
-        return
-    if isinstance(tools, list | dict) and not tools:
-        return
+    if not tools or not isinstance(tools, str | list | dict) or (
+            isinstance(tools, str) and tools.strip() in ("[]", "{}", "null")):
+        return  # none: null, empty, or no definitions (false, 0)
     raise DataError(path, line, "tools", "tool definitions are not supported (the chat "
                     "template would render them into the prompt, and minorsft does not pass "
                     "them on); drop the column's content or the row")
@@ -555,11 +554,15 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         if not isinstance(message, dict):
             raise DataError(path, line, where, "expected an object with role and content")
         # ShareGPT's turns are {from, value}; some of its files use {role, content}
+        # (a Parquet column of both kinds holds all four keys, the other kind's null)
         role_key, content_key = (("from", "value") if roles is SHAREGPT_ROLES
-                                 and "from" in message else ("role", "content"))
+                                 and message.get("from") is not None else ("role", "content"))
         role = message.get(role_key)
         if role is None:
             raise DataError(path, line, f"{where}.{role_key}", "missing")
+        if not isinstance(role, str):
+            raise DataError(path, line, f"{where}.{role_key}",
+                            f"expected a string, got {type(role).__name__}")
         if role in TOOL_ROLES:
             raise DataError(path, line, f"{where}.{role_key}",
                             f"a {role!r} turn: tool calling is not supported (the template is "

@@ -763,6 +763,11 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
      "messages[0].content[0]", "got a part of type 'image_url'"),
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
      "conversations[1].from", "unknown role 'bot'; expected one of system, human, user, gpt"),
+    ({"messages": [{"role": ["user"], "content": "Q"}, _assistant("A")]}, "messages[0].role",
+     "expected a string, got list"),  # (a crash of the whole run, not a rejection)
+    ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"},
+                        {"from": "gpt", "value": "A"}]},
+     "conversations[1].from", "a 'function_call' turn: tool calling is not supported"),
     ({"prompt": "Q"}, "response", "so it reads as the prompt/response format); with a "
      "'completion' column it reads as prompt/completion"),
     ({"prompt": "Q", "completion": [_assistant("A")]}, "prompt",
@@ -816,3 +821,21 @@ def test_a_folder_or_a_glob_is_told_how_to_join_the_files(tmp_path):
             resolve_data(name)
     with pytest.raises(DataError, match="no such file$"):
         resolve_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_rows_without_tools_or_with_both_sharegpt_layouts_are_read(tiny_tokenizer, tmp_path):
+    """A Parquet column mixing {from, value} and {role, content} turns gives every turn all four
+    keys, the other kind's null; `tools` that define nothing are no tools; and named columns
+    build their own prompt, whatever `tools` the row has."""
+    plain = {"messages": [_user("Q"), _assistant("A")]}
+    both = [{"from": None, "value": None, "role": "user", "content": "Q"},
+            {"from": "gpt", "value": "A", "role": None, "content": None}]
+    rows = [plain, {"conversations": both}, dict(plain, tools="{}"), dict(plain, tools=False),
+            dict(plain, tools=[]), dict(plain, tool_calls=None)]
+    first, *others = read_all(tiny_tokenizer, tmp_path, rows)
+    for other in others:
+        assert (other.input_ids, other.answer_mask) == (first.input_ids, first.answer_mask)
+    named = [{"question": "Q", "answer": "A", "tools": ["calculator"]}]
+    (example,) = iter_examples(write_jsonl(tmp_path / "named.jsonl", named), tiny_tokenizer,
+                               FieldSpec("question", "answer"))
+    assert (example.input_ids, example.answer_mask) == (first.input_ids, first.answer_mask)
