@@ -61,6 +61,7 @@ from minorsft.data import (
     FieldSpec,
     Rejection,
     classify_rows,
+    read_rows,
     resolve_data,
 )
 from minorsft.engines import make_engine
@@ -221,6 +222,15 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
         _, first = next(classify_rows(data_path, tokenizer, spec, config.max_length), (0, None))
         if isinstance(first, Rejection) and first.error is not None:
             raise first.error
+    if spec.system_field != FieldSpec.system_field:
+        # The column is optional per row, so a mistyped name would silently give no row one.
+        first_row = next(read_rows(data_path), None)
+        if first_row is not None and first_row.record is not None \
+                and spec.system_field not in first_row.record:
+            console.print(f"note: the first row has no {spec.system_field!r} column "
+                          f"(--system-field); rows without it get no system message from it "
+                          f"(its columns: {', '.join(sorted(first_row.record))})",
+                          highlight=False, markup=False)
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)

@@ -199,6 +199,15 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
     (row,) = iter_rows(cache)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert "Answer in French." in tokenizer.decode(row["input_ids"])
+    assert "(--system-field)" not in result.output
+    # a column the rows do not have (mistyped) gets a note, not silence
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(tmp_path / "c2"), "--prompt-field",
+                                 "question", "--response-field", "response", "--system-field",
+                                 "sytem_prompt", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    assert ("note: the first row has no 'sytem_prompt' column (--system-field)"
+            in " ".join(result.output.split())), result.output
 
 
 def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, tmp_path):
