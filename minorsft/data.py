@@ -184,7 +184,7 @@ def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
         # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
         # blank test, so that a line holding only the mark is blank, not a row). Not only on
         # line 1: `cat a.jsonl b.jsonl` puts b's mark at the start of a later line.
-        raw_bytes = raw_bytes.removeprefix(codecs.BOM_UTF8)
+        as_read, raw_bytes = raw_bytes, raw_bytes.removeprefix(codecs.BOM_UTF8)
         if not raw_bytes.strip():
             continue
         try:
@@ -197,7 +197,7 @@ def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
                            "PowerShell's > writes): convert it with iconv -f UTF-16 -t UTF-8 "
                            f"{path.name} > {path.stem}.utf8.jsonl")
             yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
-                         raw_bytes=line_bytes,
+                         raw_bytes=as_read.rstrip(b"\r\n"),  # mark and all
                          error=DataError(str(path), line_no, None, reason))
             continue
         # Without its line ending, so that json's column is the column in the line (with it,

@@ -839,3 +839,18 @@ def test_rows_without_tools_or_with_both_sharegpt_layouts_are_read(tiny_tokenize
     (example,) = iter_examples(write_jsonl(tmp_path / "named.jsonl", named), tiny_tokenizer,
                                FieldSpec("question", "answer"))
     assert (example.input_ids, example.answer_mask) == (first.input_ids, first.answer_mask)
+
+
+def test_a_rejected_line_that_is_not_utf8_keeps_its_bytes_byte_order_mark_and_all(tmp_path):
+    import base64
+
+    from minorsft.data import read_rows
+
+    line = codecs.BOM_UTF8 + b'{"prompt": "caf\xe9", "response": "x"}'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(line + b"\r\n")
+    (row,) = read_rows(path)
+    record = Rejection(str(path), row.line, None, row.error.reason, row.raw, row.error,
+                       row.raw_bytes).as_dict()
+    assert base64.b64decode(record["raw_base64"]) == line
+    assert record["raw"] == '{"prompt": "caf\ufffd", "response": "x"}'
