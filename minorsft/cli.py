@@ -132,7 +132,8 @@ def precompute(
              "RAM, default 0.3).")] = None,
     max_model_len: Annotated[int | None, typer.Option(
         help="vLLM: longest sequence + 1 (default: --max-length + 1, at most the model's "
-             "limit + 1; with --max-length 0, the model's limit + 1).")] = None,
+             "context + 1, RoPE scaling included; with --max-length 0, the context + 1).")
+    ] = None,
     verify_sample: Annotated[int, typer.Option(
         help="Rows recomputed at the end by the trainer's engine to measure the cache's "
              "drift (stored in the cache metadata; see `minorsft verify`). 0 skips.")] = 16,

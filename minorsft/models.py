@@ -407,20 +407,36 @@ def context_note(max_length: int | None, model: str, model_config) -> str | None
 
 
 # RoPE scalings after which vLLM still takes max_position_embeddings as the model's context
-# (Llama-3.1's `llama3` writes the extended length there itself); it multiplies it by the
-# factor for the others (linear, dynamic, yarn).
+# (Llama-3.1's `llama3` writes the extended length there itself); for the others (linear,
+# dynamic, yarn) it multiplies the original length by the factor.
 _ROPE_TYPES_WITHIN_MAX_POSITIONS = {None, "default", "llama3", "longrope", "su"}
+
+
+def _rope_scaling(model_config) -> dict | None:
+    scaling = (getattr(model_config, "rope_scaling", None)
+               or getattr(model_config, "rope_parameters", None))
+    return scaling if isinstance(scaling, dict) else None
 
 
 def rope_scaling_extends_context(model_config) -> bool:
     """Whether the config's RoPE scaling makes the model's context longer than
-    max_position_embeddings (as vLLM reads it: it multiplies it by the scaling's factor)."""
-    scaling = (getattr(model_config, "rope_scaling", None)
-               or getattr(model_config, "rope_parameters", None))
-    if not isinstance(scaling, dict):
-        return False
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    return rope_type not in _ROPE_TYPES_WITHIN_MAX_POSITIONS
+    max_position_embeddings (as vLLM reads it)."""
+    scaling = _rope_scaling(model_config)
+    return scaling is not None and (
+        scaling.get("rope_type", scaling.get("type")) not in _ROPE_TYPES_WITHIN_MAX_POSITIONS)
+
+
+def vllm_context_length(model_config) -> int | None:
+    """The model's context as vLLM derives it (`_get_and_verify_max_len`): max_position_embeddings,
+    or for a scaling that lengthens it, the original length (yarn's
+    original_max_position_embeddings) times the factor. None: no config or no such field."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not rope_scaling_extends_context(model_config):
+        return limit if isinstance(limit, int) else None
+    scaling = _rope_scaling(model_config)
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        limit = scaling.get("original_max_position_embeddings") or limit
+    return int(limit * (scaling.get("factor") or 1.0))
 
 
 # The noise some mixture-of-experts layers multiply their input by while training, a rate like

@@ -73,7 +73,7 @@ from minorsft.models import (
     read_model_config,
     refuse_lengths_past_learned_positions,
     resolve_model,
-    rope_scaling_extends_context,
+    vllm_context_length,
 )
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
@@ -315,10 +315,9 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     model's full length; the engine lets vLLM take that one more). vLLM otherwise reserves room
     for the model's whole context (128k tokens for Llama-3.1), whose KV cache alone may not fit
     a GPU beside the weights. With no --max-length (0), the model's limit + 1 as well: vLLM's
-    own default, the limit, would refuse a row of exactly the model's context."""
-    limit = getattr(model_config, "max_position_embeddings", None)  # (None: no config)
-    if limit and rope_scaling_extends_context(model_config):
-        limit = None  # vLLM derives a longer context from the scaling: left to it
+    own default, the limit, would refuse a row of exactly the model's context. The limit is
+    the context vLLM derives, RoPE scaling included."""
+    limit = vllm_context_length(model_config)  # (None: no config; scaled as vLLM scales it)
     if config.max_length is None:
         return limit + 1 if limit else None
     wanted = config.max_length + 1

@@ -323,8 +323,8 @@ def test_vllm_model_len_defaults_to_what_max_length_needs(tiny_model_dir):
 
 
 def test_vllm_model_len_is_not_capped_below_a_context_rope_scaling_extends():
-    """vLLM multiplies a yarn/linear/dynamic model's max_position_embeddings by the factor:
-    capping at max_position_embeddings + 1 would refuse its longer rows."""
+    """vLLM multiplies a yarn/linear/dynamic model's original context by the factor: capping at
+    max_position_embeddings + 1 would refuse its longer rows."""
     from transformers import LlamaConfig
 
     from minorsft.precompute import _model_len_for
@@ -335,7 +335,9 @@ def test_vllm_model_len_is_not_capped_below_a_context_rope_scaling_extends():
 
     yarn = LlamaConfig(max_position_embeddings=4096, rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096})
-    assert model_len(10_000, yarn) == 10_001 and model_len(None, yarn) is None
+    # its context is 4 x 4096: capped at that + 1, which the engine lets vLLM take
+    assert model_len(10_000, yarn) == 10_001
+    assert model_len(None, yarn) == model_len(20_000, yarn) == 16_385
     # Llama-3.1's scaling writes the extended context into max_position_embeddings itself
     llama3 = LlamaConfig(max_position_embeddings=8192, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

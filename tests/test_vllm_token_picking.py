@@ -46,7 +46,8 @@ def test_an_answer_ending_the_sequence_and_its_errors():
         _answer_token_logps(first, fake_prompt_logprobs([5, 6]))
 
 
-def test_vllm_may_take_one_past_the_models_limit_and_no_more(tiny_model_dir, monkeypatch):
+def test_vllm_may_take_one_past_the_models_limit_and_no_more(tiny_model_dir, monkeypatch,
+                                                           tmp_path):
     """A sample of the model's full length needs max_model_len = limit + 1 (vLLM counts the token
     it generates), which vLLM refuses unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set: --max-length
     equal to the model's context could score no row that long."""
@@ -66,6 +67,21 @@ def test_vllm_may_take_one_past_the_models_limit_and_no_more(tiny_model_dir, mon
     with _one_past_the_model_limit(str(tiny_model_dir), 513):
         assert os.environ[name] == "1"
     assert os.environ[name] == "0"
+    # a yarn model's context is what vLLM derives: 2 x 512 here, so 1025 is its limit + 1
+    import json
+    import shutil
+
+    yarn = tmp_path / "yarn"
+    shutil.copytree(tiny_model_dir, yarn)
+    config = json.loads((yarn / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 2.0,
+                              "original_max_position_embeddings": 512}
+    (yarn / "config.json").write_text(json.dumps(config))
+    monkeypatch.delenv(name)
+    with _one_past_the_model_limit(str(yarn), 1025):
+        assert os.environ[name] == "1"
+    with _one_past_the_model_limit(str(yarn), 513):
+        assert name not in os.environ
 
 
 def test_vllm_failing_to_start_is_one_line_not_a_traceback(monkeypatch, tmp_path):
