@@ -389,10 +389,13 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     if head:
         texts[spec.system_field] = system
 
-    def single_turn(prompt_key: str, answer_key: str) -> Conversation:
-        messages = head + _single_turn(text(prompt_key), text(answer_key))
+    def one_turn(prompt: str, answer_key: str) -> Conversation:
+        messages = head + _single_turn(prompt, text(answer_key))
         return Conversation(messages, texts, [False] * (len(messages) - 1) + [True],
                             [answer_key], ", ".join(texts))
+
+    def single_turn(prompt_key: str, answer_key: str) -> Conversation:
+        return one_turn(text(prompt_key), answer_key)
 
     if spec.prompt_field or spec.response_field:
         # Named columns (both, FieldSpec checks) win over any known format's columns the row
@@ -420,10 +423,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     instruction = text("instruction")
     if extra := _alpaca_input(record, path, line):
         texts["input"] = extra
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = head + _single_turn(prompt, text("output"))
-    return Conversation(messages, texts, [False] * (len(messages) - 1) + [True], ["output"],
-                        ", ".join(texts))
+    return one_turn(f"{instruction}\n\n{extra}" if extra.strip() else instruction, "output")
 
 
 def _refuse_tools(record: dict, path: str, line: int) -> None:
