@@ -376,11 +376,11 @@ def refuse_earlier_checkpoints(config: TrainConfig) -> None:
 
 
 def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Console) -> None:
-    """With `resume`, load the latest checkpoint; without it, refuse to mix with an old run."""
-    checkpoints = list_checkpoints(config.output)
+    """With `resume`, load the latest checkpoint. (Without it, `train.check_output` has
+    refused an --output with an old run's checkpoints before anything loaded.)"""
     if not config.resume:
-        refuse_earlier_checkpoints(config)
         return
+    checkpoints = list_checkpoints(config.output)
     if not checkpoints:
         if state.world.is_main:
             console.print(f"--resume: no checkpoint in {Path(config.output) / CHECKPOINTS}; "
