@@ -392,18 +392,16 @@ def context_note(max_length: int | None, model: str, model_config) -> str | None
 
     Nothing fails there (rotary positions have no table to index past), but the log-probs are
     what the model computes beyond the lengths it was trained on: worth knowing, not refusing.
-    Learned-position models are refused instead (`refuse_lengths_past_learned_positions`); a
-    config whose RoPE scaling lengthens the context has no single limit to compare with.
+    Learned-position models are refused instead (`refuse_lengths_past_learned_positions`). The
+    context is `context_length`'s, RoPE scaling included.
     """
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if (not isinstance(limit, int) or learned_position_limit(model_config) is not None
-            or rope_scaling_extends_context(model_config)
+    limit = context_length(model_config)
+    if (limit is None or learned_position_limit(model_config) is not None
             or (max_length is not None and max_length <= limit)):
         return None
     asked = "0 (no limit)" if max_length is None else str(max_length)
-    return (f"--max-length {asked} is more than {model}'s context of {limit} tokens "
-            "(max_position_embeddings): a longer row is scored past the lengths the model was "
-            "trained on")
+    return (f"--max-length {asked} is more than {model}'s context of {limit} tokens: a longer "
+            "row is scored past the lengths the model was trained on")
 
 
 # RoPE scalings after which vLLM still takes max_position_embeddings as the model's context
@@ -418,7 +416,7 @@ def _rope_scaling(model_config) -> dict | None:
     return scaling if isinstance(scaling, dict) else None
 
 
-def rope_scaling_extends_context(model_config) -> bool:
+def _rope_scaling_extends_context(model_config) -> bool:
     """Whether the config's RoPE scaling makes the model's context longer than
     max_position_embeddings (as vLLM reads it)."""
     scaling = _rope_scaling(model_config)
@@ -426,12 +424,13 @@ def rope_scaling_extends_context(model_config) -> bool:
         scaling.get("rope_type", scaling.get("type")) not in _ROPE_TYPES_WITHIN_MAX_POSITIONS)
 
 
-def vllm_context_length(model_config) -> int | None:
-    """The model's context as vLLM derives it (`_get_and_verify_max_len`): max_position_embeddings,
-    or for a scaling that lengthens it, the original length (yarn's
-    original_max_position_embeddings) times the factor. None: no config or no such field."""
+def context_length(model_config) -> int | None:
+    """The model's context, as vLLM derives it (`_get_and_verify_max_len`):
+    max_position_embeddings, or for a RoPE scaling that lengthens it, the original length
+    (yarn's original_max_position_embeddings) times the factor. None: no config or no such
+    field."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or not rope_scaling_extends_context(model_config):
+    if not isinstance(limit, int) or not _rope_scaling_extends_context(model_config):
         return limit if isinstance(limit, int) else None
     scaling = _rope_scaling(model_config)
     if scaling.get("rope_type", scaling.get("type")) == "yarn":

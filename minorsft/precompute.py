@@ -67,13 +67,13 @@ from minorsft.data import (
 from minorsft.engines import make_engine
 from minorsft.models import (
     check_dtype,
+    context_length,
     context_note,
     fingerprint,
     load_tokenizer,
     read_model_config,
     refuse_lengths_past_learned_positions,
     resolve_model,
-    vllm_context_length,
 )
 from minorsft.progress import progress
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
@@ -317,12 +317,11 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     a GPU beside the weights. With no --max-length (0), the model's limit + 1 as well: vLLM's
     own default, the limit, would refuse a row of exactly the model's context. The limit is
     the context vLLM derives, RoPE scaling included."""
-    limit = vllm_context_length(model_config)  # (None: no config; scaled as vLLM scales it)
+    limit = context_length(model_config)  # (None: no config; scaled as vLLM scales it)
     if config.max_length is None:
         return limit + 1 if limit else None
     wanted = config.max_length + 1
     return min(wanted, limit + 1) if limit else wanted
-
 
 
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,

@@ -217,8 +217,8 @@ def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, t
     result = runner.invoke(app, ["precompute", *common, "--out", str(tmp_path / "c"),
                                  "--max-length", "600"])
     assert result.exit_code == 0, result.output
-    assert (f"note: --max-length 600 is more than {tiny_model_dir}'s context of 512 tokens "
-            "(max_position_embeddings)") in " ".join(result.output.split())
+    assert (f"note: --max-length 600 is more than {tiny_model_dir}'s context of 512 tokens: a "
+            "longer row is scored past the lengths") in " ".join(result.output.split())
     for max_length, command in (("0", "eval"), ("512", "precompute")):
         out = ["--out", str(tmp_path / "c2")] if command == "precompute" else []
         result = runner.invoke(app, [command, *common[:4], *out, "--max-length", max_length])

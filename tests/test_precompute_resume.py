@@ -338,6 +338,11 @@ def test_vllm_model_len_is_not_capped_below_a_context_rope_scaling_extends():
     # its context is 4 x 4096: capped at that + 1, which the engine lets vLLM take
     assert model_len(10_000, yarn) == 10_001
     assert model_len(None, yarn) == model_len(20_000, yarn) == 16_385
+    # and a note only past that context, not past max_position_embeddings
+    from minorsft.models import context_note
+
+    assert context_note(10_000, "m", yarn) is None
+    assert "context of 16384 tokens" in context_note(20_000, "m", yarn)
     # Llama-3.1's scaling writes the extended context into max_position_embeddings itself
     llama3 = LlamaConfig(max_position_embeddings=8192, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -31,10 +31,10 @@ from minorsft.data import Example
 from minorsft.models import (
     MIXED_PRECISIONS,
     ModelError,
+    context_length,
     dtype_name,
     pick_dtype,
     read_model_config,
-    vllm_context_length,
 )
 
 # vLLM's own names for the dtypes minorsft uses.
@@ -63,7 +63,7 @@ def _one_past_the_model_limit(model_path: str, max_model_len: int | None):
     one more: vLLM counts the token it generates after the prompt. Scoring never reads that
     token, so no position past the model's limit is ever computed. Larger values stay refused.
     """
-    limit = vllm_context_length(read_model_config(model_path))
+    limit = context_length(read_model_config(model_path))
     if max_model_len is None or limit is None or max_model_len != limit + 1:
         yield
         return
