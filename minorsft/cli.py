@@ -109,6 +109,11 @@ def precompute(
     system_field: Annotated[str, typer.Option(
         help="Column holding a system prompt, where a row has one (e.g. 'system_prompt').")
     ] = "system",
+    chat_template: Annotated[str | None, typer.Option(
+        help="Render the data with this chat template instead of the model's own (needed for "
+             "a tokenizer without one, as most base models'): the built-in 'chatml', a .jinja "
+             "file, or a model folder. The cache keeps it; train, verify and eval use it, and "
+             "the trained model is saved with it.", show_default=False)] = None,
     max_length: Annotated[int, typer.Option(
         help="Keep the first N tokens of each sample; answer tokens past N are dropped, and a "
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,
@@ -159,7 +164,7 @@ def precompute(
         config = PrecomputeConfig(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
             response_field=response_field, system_field=system_field,
-            max_length=max_length or None, dtype=dtype,
+            chat_template=chat_template, max_length=max_length or None, dtype=dtype,
             engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
             part_rows=part_rows, shard=shard, overwrite=overwrite,
             tensor_parallel_size=tensor_parallel_size,
@@ -437,7 +442,10 @@ def cache_info(
         typer.echo(f"{'status':>20}: complete")
     counts = ("rows", "rows_in", "rows_rejected")  # shown together in the "rows" line below
     for key, value in metadata.items():
-        if key != "drift" and key not in counts:
+        if key == "chat_template" and isinstance(value, dict):  # (its text: many lines)
+            typer.echo(f"{key:>20}: --chat-template {value.get('given')} "
+                       f"({len(value.get('text') or '')} characters; --json shows it)")
+        elif key != "drift" and key not in counts:
             typer.echo(f"{key:>20}: {_plain_value(value)}")
     typer.echo(f"{'schema':>20}: {info['schema']}")
     typer.echo(f"{'rows':>20}: {info['rows']} cached"
@@ -503,6 +511,10 @@ def eval_command(
     response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
     system_field: Annotated[str, typer.Option(
         help="System-prompt column of --data.")] = "system",
+    chat_template: Annotated[str | None, typer.Option(
+        help="Chat template to render --data and --choices with, as precompute's (default: "
+             "the one a cache --reference was written with, else the model's own).",
+        show_default=False)] = None,
     max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
                                                  "for none.")] = 2048,
     max_rows: Annotated[int | None, typer.Option(help="Only the first N held-out rows.")] = None,
@@ -530,7 +542,7 @@ def eval_command(
         config = EvalConfig(
             model=model, reference=reference, data=data, choices=list(choices or []),
             prompt_field=prompt_field, response_field=response_field,
-            system_field=system_field,
+            system_field=system_field, chat_template=chat_template,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
             per_item=str(per_item) if per_item else None)

@@ -37,6 +37,7 @@ from minorsft.cache import (
     looks_like_cache,
     read_metadata,
 )
+from minorsft.chat_templates import cached_chat_template, read_chat_template
 from minorsft.data import (
     DataError,
     Example,
@@ -84,6 +85,9 @@ class EvalConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     system_field: str = "system"
+    # as precompute's; None: a cache --reference's template where it was given one, else the
+    # model's own
+    chat_template: str | None = None
     max_length: int | None = 2048
     max_rows: int | None = None  # first N held-out rows (quick looks)
     max_questions: int | None = None  # first N questions of each choices file
@@ -539,6 +543,17 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     return examples, ref_logps, metadata
 
 
+def _chat_template_for(config: EvalConfig) -> str | None:
+    """The template text to render with: --chat-template's, else the one a cache --reference
+    was scored with (its rows were rendered with it, and a model trained on them was saved
+    with it), else None (the model's own)."""
+    if config.chat_template:
+        return read_chat_template(config.chat_template)
+    if looks_like_cache(config.reference):
+        return cached_chat_template(read_metadata(Path(config.reference)))
+    return None
+
+
 def _refuse_special_tokens_in_questions(question_sets: dict[str, list[Question]],
                                         tokenizer) -> None:
     """A question or option holding one of the tokenizer's special tokens (`<|im_end|>`) would
@@ -557,8 +572,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     # Read the question files first: a bad row should fail before minutes of model loading.
     question_sets = {path: read_choices(Path(path), config.max_questions)
                      for path in config.choices}
+    template = _chat_template_for(config)
     model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, chat_template=template)
     _refuse_special_tokens_in_questions(question_sets, tokenizer)
     # GPT-2-like models index a table of positions: a longer row was an IndexError
     model_config = read_model_config(model_path)
@@ -573,7 +589,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if config.reference and not looks_like_cache(config.reference):
         # Before any scoring: a mistyped --reference should not cost the policy's whole pass.
         ref_path = resolve_model(config.reference, option="--reference")
-        ref_fp = fingerprint(ref_path, load_tokenizer(ref_path, option="--reference")).as_dict()
+        ref_tokenizer = load_tokenizer(ref_path, option="--reference", chat_template=template)
+        ref_fp = fingerprint(ref_path, ref_tokenizer).as_dict()
         for key in TOKENIZER_FIELDS:
             if ref_fp[key] != model_fp[key]:
                 raise ValueError(f"--reference {config.reference} has a different {key} "

@@ -176,8 +176,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "tiktoken.model")
 
 
-def load_tokenizer(model_path: str, option: str = "--model"):
-    """The model's tokenizer; `option` is the command-line option that named the model."""
+def load_tokenizer(model_path: str, option: str = "--model", chat_template=None):
+    """The model's tokenizer; `option` is the command-line option that named the model.
+    `chat_template` (a chat_templates.ChatTemplate) replaces the tokenizer's own."""
     from transformers import AutoTokenizer
 
     folder = Path(model_path)
@@ -189,8 +190,15 @@ def load_tokenizer(model_path: str, option: str = "--model"):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as error:  # a name that is neither a folder nor reachable on the hub
         raise ModelError(_unresolved(model_path, error, option)) from error
-    if tokenizer.chat_template is None:
-        raise ModelError(f"{model_path}: the tokenizer has no chat template")
+    if chat_template is not None:
+        from minorsft.chat_templates import apply_chat_template
+
+        apply_chat_template(tokenizer, chat_template)
+    elif tokenizer.chat_template is None:
+        raise ModelError(f"{option} {model_path}: the tokenizer has no chat template (a base "
+                         "model's often has none): precompute and eval take one with "
+                         "--chat-template (the built-in 'chatml', a .jinja file, or a model "
+                         "folder whose tokenizer has one)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -200,10 +208,14 @@ def load_cache_model(given: str | None, metadata: dict, cache: Path) -> tuple[st
     """(name, folder or hub id, tokenizer) of the model to load for a cache: `given` (--model),
     or else the model that wrote the cache: its folder while that is there (an absolute path
     in caches of minorsft >= 0.3.1), else the name precompute was given (a hub id, a built-in
-    name, or a folder relative to where precompute ran)."""
+    name, or a folder relative to where precompute ran). The tokenizer has the chat template
+    precompute was given, if it was given one."""
+    from minorsft.chat_templates import cached_chat_template
+
+    template = cached_chat_template(metadata)
     if given:
         path = resolve_model(given)
-        return given, path, load_tokenizer(path)
+        return given, path, load_tokenizer(path, chat_template=template)
     recorded, given_then = metadata.get("model_path"), metadata["model"]
     name = recorded if recorded and Path(recorded).is_dir() else given_then
     try:
@@ -213,7 +225,7 @@ def load_cache_model(given: str | None, metadata: dict, cache: Path) -> tuple[st
             # another folder of that name
             raise ModelError(f"{recorded}: the model folder is not there any more")
         path = resolve_model(name)
-        return given_then, path, load_tokenizer(path)
+        return given_then, path, load_tokenizer(path, chat_template=template)
     except ModelError as error:
         raise ModelError(f"{error}; it is the model that wrote {cache} (from its metadata): "
                          "--model names the model to load") from error

@@ -55,6 +55,7 @@ from minorsft.cache import (
     write_manifest,
     write_rejects,
 )
+from minorsft.chat_templates import markers_not_in_vocabulary, read_chat_template
 from minorsft.data import (
     TRUNCATION_RULE,
     Example,
@@ -95,6 +96,8 @@ class PrecomputeConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     system_field: str = "system"
+    # a built-in name, a .jinja file or a model folder (chat_templates.py); None: the model's
+    chat_template: str | None = None
     max_length: int | None = 2048
     dtype: str = "auto"
     engine: str = "auto"
@@ -205,8 +208,14 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     console = console or Console(stderr=True)
     started = time.perf_counter()
     data_path = resolve_data(config.data)
+    template = read_chat_template(config.chat_template) if config.chat_template else None
     model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, chat_template=template)
+    if template and (missing := markers_not_in_vocabulary(tokenizer, template)):
+        console.print(f"note: the tokenizer has no token {' or '.join(missing)}: the template "
+                      "writes it as ordinary text (several tokens), which the model learns to "
+                      "end its answers with; stop generation on that text", highlight=False,
+                      markup=False)
     spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
@@ -366,6 +375,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         "engine_version": engine.version,
         "engine_settings": engine.describe(),
         "source": str(data_path),
+        # train, verify and eval render and fingerprint with it (the fingerprint has its hash)
+        **({"chat_template": {"given": config.chat_template, "text": tokenizer.chat_template}}
+           if config.chat_template else {}),
         # The budget in effect (the engine's default for its device when none was given), so
         # that an explicit --max-batch-tokens equal to the default resumes the same cache.
         "max_batch_tokens": engine.max_batch_tokens,

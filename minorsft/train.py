@@ -43,6 +43,7 @@ from minorsft.cache import (
     read_metadata,
     validate_values,
 )
+from minorsft.chat_templates import cached_chat_template
 from minorsft.checkpoints import (
     RESUME_KEYS,
     StopRequest,
@@ -575,7 +576,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"[bold]minorsft train[/] loss={config.loss} beta={config.beta} lr={config.lr} "
         f"model={escape(str(model_name))} cache={escape(str(cache))} ({rows} rows, engine "
         f"{metadata.get('engine')}, "
-        f"{metadata.get('dtype')}) device={device} dtype={precision_name(dtype, autocast)}\n"
+        f"{metadata.get('dtype')}) device={device} dtype={precision_name(dtype, autocast)}"
+        + (f" chat-template={escape(str(metadata['chat_template'].get('given')))} (the "
+           "cache's)" if cached_chat_template(metadata) else "") + "\n"
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")

@@ -1,0 +1,212 @@
+"""--chat-template: a base model (a tokenizer without a template) through precompute, train,
+verify and eval, and the ways a template is named and refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from minorsft.cache import CacheError, iter_rows, read_metadata
+from minorsft.chat_templates import (
+    CHATML,
+    ChatTemplate,
+    markers_not_in_vocabulary,
+    read_chat_template,
+)
+from minorsft.cli import app
+from minorsft.eval import EvalConfig, run_eval
+from minorsft.models import ModelError, load_tokenizer
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, run_train
+from minorsft.verify import VerifyConfig, run_verify
+
+from .conftest import CHATML as TEST_MODEL_TEMPLATE
+from .conftest import demo_rows, write_jsonl
+
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its tokenizer's chat template removed, as a base model's."""
+    folder = tmp_path_factory.mktemp("tiny-base") / "base"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config  # (transformers 5 keeps it in chat_template.jinja)
+    return folder
+
+
+def _precompute(model, data, out, **settings):
+    return run_precompute(PrecomputeConfig(model=str(model), data=str(data), out=str(out),
+                                           verify_sample=0, **settings), QUIET)
+
+
+def test_a_tokenizer_without_a_template_is_refused_with_the_way_out(base_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(1))
+    with pytest.raises(ModelError, match="no chat template.*--chat-template.*chatml"):
+        _precompute(base_model_dir, data, tmp_path / "cache")
+
+
+def test_chatml_on_a_base_model_caches_what_the_model_with_chatml_caches(
+        tiny_model_dir, base_model_dir, tmp_path):
+    """The built-in template renders as the test model's own ChatML template: same token ids,
+    answer masks and reference log-probs (same weights), and the cache keeps the text."""
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(2))
+    _precompute(tiny_model_dir, data, tmp_path / "own")
+    _precompute(base_model_dir, data, tmp_path / "given", chat_template="chatml")
+    own, given = list(iter_rows(tmp_path / "own")), list(iter_rows(tmp_path / "given"))
+    assert len(own) == len(given) == 8
+    for a, b in zip(own, given, strict=True):
+        assert (a["input_ids"], a["answer_mask"]) == (b["input_ids"], b["answer_mask"])
+        assert b["ref_logps"] == pytest.approx(a["ref_logps"], abs=1e-4)
+    metadata = read_metadata(tmp_path / "given")
+    assert metadata["chat_template"] == {"given": "chatml", "text": CHATML}
+    assert "chat_template" not in read_metadata(tmp_path / "own")
+    own_fp = read_metadata(tmp_path / "own")["fingerprint"]
+    assert metadata["fingerprint"]["chat_template"] != own_fp["chat_template"]  # (other text)
+    assert metadata["fingerprint"]["weights"] == own_fp["weights"]
+
+
+def test_train_verify_and_eval_use_the_caches_template(base_model_dir, tmp_path):
+    """Train, verify and eval load the base model's tokenizer with the cache's template (it
+    matches the cache's fingerprint), and the trained model is saved with it, so it evaluates
+    with no --chat-template."""
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(2))
+    cache = tmp_path / "cache"
+    _precompute(base_model_dir, data, cache, chat_template="chatml")
+    history = run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"),
+                                    batch_size=4, max_steps=1), QUIET)
+    assert abs(history[0]["m_theta"]) < 1e-5  # the policy's tokens are the cache's
+    report = run_verify(VerifyConfig(cache=str(cache)), QUIET)
+    assert report.rows > 0
+    saved = load_tokenizer(str(tmp_path / "run"))
+    assert saved.chat_template == CHATML
+    trained = run_eval(EvalConfig(model=str(tmp_path / "run"), data=str(data)), QUIET)
+    assert trained["heldout"]["rows"] == 8
+    against_cache = run_eval(EvalConfig(model=str(base_model_dir), reference=str(cache)), QUIET)
+    assert against_cache["heldout"]["m_theta"] == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ModelError, match="no chat template"):
+        run_eval(EvalConfig(model=str(base_model_dir), data=str(data)), QUIET)
+    given = run_eval(EvalConfig(model=str(base_model_dir), data=str(data),
+                                chat_template="chatml"), QUIET)
+    assert given["heldout"]["nll_per_token"] == pytest.approx(
+        against_cache["heldout"]["nll_per_token"], rel=1e-5)
+
+
+def test_a_resume_with_another_template_is_refused(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(1))
+    (tmp_path / "other.jinja").write_text(TEST_MODEL_TEMPLATE + "{# another #}")
+    out = tmp_path / "cache"
+    _precompute(tiny_model_dir, data, out, chat_template="chatml")
+    with pytest.raises(CacheError, match="chat_template"):
+        _precompute(tiny_model_dir, data, out, chat_template=str(tmp_path / "other.jinja"))
+
+
+def test_templates_are_read_from_files_folders_and_tokenizer_configs(tiny_model_dir, tmp_path):
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(TEST_MODEL_TEMPLATE)
+    assert read_chat_template(str(jinja)) == ChatTemplate(TEST_MODEL_TEMPLATE,
+                                                          f"--chat-template {jinja}")
+    assert read_chat_template(str(tiny_model_dir)).text == TEST_MODEL_TEMPLATE
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]}))
+    assert read_chat_template(str(named)).text == "plain"
+    assert read_chat_template(str(named / "tokenizer_config.json")).text == "plain"
+    assert read_chat_template("chatml").text == CHATML
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.jinja", "not a file, not a folder, and not a built-in"),
+    (lambda d: (d / "empty.jinja").write_text("  \n") and d / "empty.jinja", "empty"),
+    (lambda d: d, "the folder has no chat template"),
+    (lambda d: (d / "x.json").write_text("[1]") and d / "x.json", "JSON object"),
+    (lambda d: (d / "x.json").write_text("{}") and d / "x.json", "no chat template"),
+])
+def test_a_template_that_cannot_be_read_is_named(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(ModelError, match=message) as raised:
+        read_chat_template(str(path))
+    assert str(raised.value).startswith(f"--chat-template {path}")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }", "cannot render.*TemplateSyntaxError"),
+    ("{{ raise_exception('system only') }}", "cannot render.*system only"),
+    ('{"a": 1}\n', "does not write the messages' content"),
+])
+def test_a_template_that_cannot_render_a_chat_is_refused_before_any_row(
+        base_model_dir, tmp_path, template, message):
+    (tmp_path / "t.jinja").write_text(template)
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(1))
+    with pytest.raises(ModelError, match=message) as raised:
+        _precompute(base_model_dir, data, tmp_path / "cache",
+                    chat_template=str(tmp_path / "t.jinja"))
+    assert str(raised.value).startswith(f"--chat-template {tmp_path / 't.jinja'}")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_chatml_markers_a_tokenizer_lacks_are_named():
+    class Vocabulary:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def get_vocab(self):
+            return dict.fromkeys(self.tokens, 0)
+
+    chatml = ChatTemplate(CHATML, "chatml")
+    assert markers_not_in_vocabulary(Vocabulary(["<|im_start|>", "<|im_end|>"]), chatml) == []
+    assert markers_not_in_vocabulary(Vocabulary(["<|im_end|>"]), chatml) == ["<|im_start|>"]
+    assert markers_not_in_vocabulary(Vocabulary([]), ChatTemplate("{{ x }}", "f")) == []
+
+
+def test_cli_precompute_takes_the_option_and_cache_info_names_it(base_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(1))
+    out = tmp_path / "cache"
+    runner = CliRunner()
+    result = runner.invoke(app, ["precompute", "--data", str(data), "--model",
+                                 str(base_model_dir), "--out", str(out), "--chat-template",
+                                 "chatml", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(app, ["cache", "info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert f"chat_template: --chat-template chatml ({len(CHATML)} characters" in info.output
+
+
+def test_chatml_on_a_tokenizer_without_its_markers_trains_them_as_text(tmp_path):
+    """A base model whose vocabulary lacks <|im_start|> and <|im_end|> (as GPT-2's, Llama-3's):
+    precompute says the markers are plain text, and the answer ends with <|im_end|>'s
+    several tokens (the model's stop text), not with the newline after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .conftest import CORPUS, build_tiny_model
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                        unk_token="<|endoftext|>")
+    folder = tmp_path / "gpt-like-base"
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
+    console = Console(record=True, width=200)
+    run_precompute(PrecomputeConfig(model=str(folder), data=str(data), out=str(tmp_path / "c"),
+                                    chat_template="chatml", verify_sample=0), console)
+    assert ("the tokenizer has no token <|im_start|> or <|im_end|>: the template writes it as "
+            "ordinary text") in console.export_text()
+    (row,) = iter_rows(tmp_path / "c")
+    answer = [token for token, kept in zip(row["input_ids"], row["answer_mask"], strict=True)
+              if kept]
+    assert tokenizer.decode(answer) == "5<|im_end|>"
+    assert len(answer) > 2  # the marker is several tokens
