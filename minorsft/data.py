@@ -7,7 +7,8 @@ rejected as ambiguous):
   ``question`` / ``answer``), whatever other columns the row has;
 - ``messages``: a list of ``{role, content}`` with roles system (or developer), user,
   assistant; every assistant turn is answer (multi-turn chats train on all of them) unless its
-  OpenAI-style ``weight`` is 0; content is a string or a list of text parts;
+  OpenAI-style ``weight`` is 0 or axolotl's ``training``/``train`` is false; content is a
+  string or a list of text parts;
 - ShareGPT's ``conversations``: ``{from, value}`` turns (human, gpt, system), read as a chat;
 - ``prompt`` + ``response``;
 - TRL's ``prompt`` + ``completion``: strings (one turn), or lists of messages (the prompt's
@@ -356,6 +357,11 @@ TOOL_ROLES = ("tool", "function", "function_call", "ipython", "observation")
 # Message keys the template would render but minorsft does not pass on: refused, not dropped.
 TOOL_CALL_KEYS = ("tool_calls", "function_call")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+# Booleans that mark a turn as trained or not, as axolotl reads them (its
+# `message_field_training`: `training` in its docs, `train` in other tools' files); besides
+# OpenAI's `weight`. Spans within a turn (axolotl's `train_detail`) are refused.
+TRAIN_FLAG_KEYS = ("training", "train")
+TRAIN_DETAIL_KEYS = ("train_detail", "training_detail")
 
 
 @dataclass
@@ -543,7 +549,7 @@ def _with_system_column(head: list[dict], chat: list[dict], fields: list[str],
 def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str, str],
                    answers: bool = True) -> _Turns:
     """The turns of chat column `column` (`answers`: its assistant turns are answer, unless a
-    turn's OpenAI-style `weight` is 0)."""
+    turn is marked otherwise: see `_turn_trained`)."""
     if not isinstance(messages, list) or not messages:
         got = "an empty list" if isinstance(messages, list) else type(messages).__name__
         raise DataError(path, line, column,
@@ -577,7 +583,7 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         role = roles[role]
         if role == "assistant" and not content.strip():
             raise DataError(path, line, f"{where}.{content_key}", "empty answer")
-        trained = role == "assistant" and answers and _turn_weight(message, path, line, where)
+        trained = _turn_trained(message, role, path, line, where) and answers
         turns.messages.append({"role": role, "content": content})
         turns.trained.append(trained)
         turns.fields.append(f"{where}.{content_key}")
@@ -585,7 +591,8 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         raise DataError(path, line, column, "no assistant turn: nothing to train on")
     if answers and not any(turns.trained):
         raise DataError(path, line, column,
-                        "every assistant turn has weight 0: nothing to train on")
+                        "every assistant turn is marked not to be trained (weight 0, or "
+                        "training/train false): nothing to train on")
     return turns
 
 
@@ -620,16 +627,42 @@ def _message_text(content, path: str, line: int, field_name: str) -> str:
                     f"{'an empty list' if isinstance(content, list) else type(content).__name__}")
 
 
-def _turn_weight(message: dict, path: str, line: int, where: str) -> bool:
-    """OpenAI's per-turn `weight`: 0 leaves an assistant turn out of the answer (it stays in
-    the prompt of later turns), 1 or none keeps it."""
+def _turn_trained(message: dict, role: str, path: str, line: int, where: str) -> bool:
+    """Whether a turn is answer: an assistant turn unless marked otherwise. OpenAI's `weight` 0
+    or axolotl's `training`/`train` false leaves it out of the answer (it stays in the prompt
+    of later turns); 1, true or no mark keeps it. Another role marked to be trained is refused:
+    minorsft's answers are assistant turns."""
+    for key in TRAIN_DETAIL_KEYS:
+        if message.get(key):
+            raise DataError(path, line, f"{where}.{key}",
+                            "spans of a turn to train on are not supported (a turn is trained "
+                            f"whole or not at all); drop the {key!r} key, or mark the whole "
+                            "turn with training: true/false")
+    marks = {}
+    for key in TRAIN_FLAG_KEYS:
+        if (value := message.get(key)) is not None:
+            if not isinstance(value, bool):
+                raise DataError(path, line, f"{where}.{key}",
+                                f"expected true or false, got {value!r}")
+            marks[key] = value
+    if role != "assistant":
+        if marked := [key for key, value in marks.items() if value]:
+            raise DataError(path, line, f"{where}.{marked[0]}",
+                            f"a {role} turn marked to be trained: minorsft trains assistant "
+                            "turns only (the answer whose log-ratio the loss weighs); drop the "
+                            "mark or the row")
+        return False
     weight = message.get("weight")
-    if weight is None:
-        return True
-    if isinstance(weight, bool) or weight not in (0, 1):
-        raise DataError(path, line, f"{where}.weight",
-                        f"expected 0 (not trained on) or 1, got {weight!r}")
-    return weight == 1
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise DataError(path, line, f"{where}.weight",
+                            f"expected 0 (not trained on) or 1, got {weight!r}")
+        marks["weight"] = weight == 1
+    if len(set(marks.values())) > 1:
+        raise DataError(path, line, where, "the turn's marks disagree on whether it is "
+                        f"trained ({', '.join(f'{k}: {message[k]!r}' for k in marks)}); "
+                        "keep one")
+    return all(marks.values())
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:

@@ -679,8 +679,8 @@ def test_the_same_column_as_prompt_and_answer_is_refused():
 
 # --- the formats people bring from other tools ----------------------------------------------
 
-def _user(text):
-    return {"role": "user", "content": text}
+def _user(text, **extra):
+    return {"role": "user", "content": text, **extra}
 
 
 def _assistant(text, **extra):
@@ -729,7 +729,41 @@ def test_openai_turn_weights_choose_the_trained_turns(tiny_tokenizer, tmp_path):
     assert (half.field, text.field) == ("messages[1].weight", "messages[1].weight")
     assert half.reason == "expected 0 (not trained on) or 1, got 0.5"
     assert (none.field, none.reason) == (
-        "messages", "every assistant turn has weight 0: nothing to train on")
+        "messages", "every assistant turn is marked not to be trained (weight 0, or "
+        "training/train false): nothing to train on")
+
+
+def test_axolotl_training_flags_choose_the_trained_turns(tiny_tokenizer, tmp_path):
+    """axolotl's per-turn booleans (`training`, or `train` where its config names that key)
+    were ignored: a turn marked `training: false` was trained on."""
+    def chat(first: dict, last: dict | None = None) -> dict:
+        return {"messages": [_user("Q1"), _assistant("BAD ANSWER", **first), _user("Again"),
+                             _assistant("5", **(last or {}))]}
+
+    rows = [chat({"training": False}), chat({"train": False}, {"train": True}),
+            chat({"weight": 0, "training": False}), chat({"weight": 1}),
+            chat({"training": "no"}), chat({"weight": 0, "train": True}),
+            chat({"train_detail": [{"begin_offset": 0, "end_offset": 3, "train": True}]}),
+            {"messages": [_user("Q1", training=True), _assistant("A")]},
+            {"messages": [_user("Q1", training=False), _assistant("A")]},
+            chat({"training": False}, {"training": False})]
+    (flagged, train_key, agreeing, weighted, text, disagreeing, detail, user_trained,
+     user_untrained, none) = read_all(tiny_tokenizer, tmp_path, rows)
+    for example in (flagged, train_key, agreeing):
+        assert answer_text(tiny_tokenizer, example) == "5<|im_end|>"
+        assert "BAD ANSWER" in tiny_tokenizer.decode(example.input_ids)  # still in the prompt
+    assert answer_text(tiny_tokenizer, weighted) == "BAD ANSWER<|im_end|>5<|im_end|>"
+    assert (text.field, text.reason) == ("messages[1].training", "expected true or false, "
+                                                                 "got 'no'")
+    assert (disagreeing.field, disagreeing.reason) == (
+        "messages[1]", "the turn's marks disagree on whether it is trained (train: True, "
+        "weight: 0); keep one")
+    assert detail.field == "messages[1].train_detail"
+    assert "spans of a turn to train on are not supported" in detail.reason
+    assert user_trained.field == "messages[0].training"
+    assert "a user turn marked to be trained" in user_trained.reason
+    assert answer_text(tiny_tokenizer, user_untrained) == "A<|im_end|>"
+    assert none.field == "messages"
 
 
 def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer, tmp_path):
