@@ -596,8 +596,10 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                 raise ValueError(f"--reference {config.reference} has a different {key} "
                                  "than --model: log-ratios would compare different tokens")
         # it reads the same rows, after the policy's whole pass
-        refuse_lengths_past_learned_positions(config.max_length, config.reference,
-                                              read_model_config(ref_path))
+        ref_config = read_model_config(ref_path)
+        refuse_lengths_past_learned_positions(config.max_length, config.reference, ref_config)
+        if note := context_note(config.max_length, config.reference, ref_config):
+            console.print(f"note: {note}", highlight=False, markup=False)
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
                                 max_batch_tokens=config.max_batch_tokens)
     result: dict = {"model": config.model, "reference": config.reference,

@@ -1,6 +1,7 @@
 """The command line: help for every command, and clear errors for what users get wrong."""
 
 import io
+import json
 import os
 import socket
 
@@ -225,6 +226,24 @@ def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, t
         assert result.exit_code == 0, result.output
         noted = "is more than" in result.output
         assert noted == (max_length == "0"), (command, result.output)
+
+
+def test_evals_context_note_names_a_reference_with_a_shorter_context(tiny_model_dir, tmp_path):
+    """The note named --model only: a reference model of shorter context scored the same rows
+    past its context without a word."""
+    import shutil
+
+    reference = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, reference)
+    config = json.loads((reference / "config.json").read_text())
+    (reference / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=256)))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 2)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference",
+                                 str(reference), "--data", str(data), "--max-length", "300"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert f"note: --max-length 300 is more than {reference}'s context of 256 tokens" in output
+    assert f"{tiny_model_dir}'s context" not in output
 
 
 def test_options_of_another_engine_or_strategy_get_a_note(tiny_model_dir, tmp_path):
