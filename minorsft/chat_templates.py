@@ -32,25 +32,33 @@ _CHECK_CONVERSATION = [{"role": "user", "content": "Hello"},
                        {"role": "assistant", "content": "Hi there"}]
 
 
+# A chat template is a few KiB; a larger file is some other file given by mistake (weights).
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A template's Jinja text, and where it came from (for messages)."""
+    """A template's Jinja text, where it came from (for messages), and whether it is a
+    built-in one (which minorsft fits to the tokenizer: see `apply_chat_template`)."""
 
     text: str
     source: str
+    builtin: bool = False
 
 
 def read_chat_template(value: str, option: str = "--chat-template") -> ChatTemplate:
     """The template `value` names: a built-in name (`chatml`), a file holding a Jinja template
     (or a tokenizer_config.json / chat_template.json with a `chat_template` key), or a model
-    folder whose tokenizer has one."""
+    folder (or built-in model name) whose tokenizer has one."""
+    if value in BUILTIN_TEMPLATES:
+        return ChatTemplate(BUILTIN_TEMPLATES[value], f"{option} {value}", builtin=True)
     return ChatTemplate(_template_text(value, option), f"{option} {value}")
 
 
 def _template_text(value: str, option: str) -> str:
-    if value in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[value]
-    path = Path(value).expanduser()
+    from minorsft.models import BUILTIN_MODELS, resolve_model
+
+    path = Path(resolve_model(value) if value in BUILTIN_MODELS else value).expanduser()
     if path.is_dir():
         text = _folder_template(path, option)
     elif path.is_file():
@@ -64,6 +72,9 @@ def _template_text(value: str, option: str) -> str:
 
 
 def _file_template(path: Path, option: str) -> str:
+    if (size := path.stat().st_size) > MAX_TEMPLATE_BYTES:
+        raise ModelError(f"{option} {path}: {size / 2**20:.1f} MiB is no chat template (they "
+                         f"are a few KiB; at most {MAX_TEMPLATE_BYTES >> 20} MiB is read)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -115,20 +126,66 @@ def _one_template(template, where: str) -> str:
 def apply_chat_template(tokenizer, template: ChatTemplate) -> None:
     """Give `tokenizer` the template, checked to render a user and an assistant turn with their
     content (a syntax error, a template for other roles or a file that is no template fails
-    here, not on every row)."""
-    from jinja2.exceptions import TemplateError
+    here, not on every row).
 
-    tokenizer.chat_template = template.text
-    try:
-        rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
-        tokenizer.apply_chat_template(_CHECK_CONVERSATION[:1], tokenize=False,
-                                      add_generation_prompt=True)
-    except (TemplateError, ValueError, TypeError, KeyError) as error:
-        raise ModelError(f"{template.source}: the chat template cannot render a user turn and "
-                         f"an assistant turn ({type(error).__name__}: {error})") from None
+    A built-in template starts with the tokenizer's BOS token where the tokenizer puts one
+    before every text it encodes (Llama's and Mistral's `<s>`): rows are tokenized as the
+    template writes them, and such a model has seen every text begin with it. (The text given
+    to the tokenizer is what the cache keeps, so train and eval apply it as it is.)
+    """
+    builtin_with_bos = template.builtin and bos_the_tokenizer_adds(tokenizer)
+    tokenizer.chat_template = ("{{- bos_token -}}" if builtin_with_bos else "") + template.text
+    rendered = _render(tokenizer, template, _CHECK_CONVERSATION, generation_prompt=False)
+    _render(tokenizer, template, _CHECK_CONVERSATION[:1], generation_prompt=True)
     if not all(message["content"] in rendered for message in _CHECK_CONVERSATION):
         raise ModelError(f"{template.source}: the chat template does not write the messages' "
                          f"content (it renders a user and an assistant turn as {rendered!r:.200})")
+
+
+def _render(tokenizer, template: ChatTemplate, messages: list[dict],
+            generation_prompt: bool) -> str:
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except (TemplateError, ValueError, TypeError, KeyError) as error:
+        raise ModelError(f"{template.source}: the chat template cannot render a user turn and "
+                         f"an assistant turn ({type(error).__name__}: {error})") from None
+
+
+def bos_the_tokenizer_adds(tokenizer) -> str | None:
+    """The BOS token the tokenizer puts before every text it encodes, if it does."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos is None or bos_id is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return str(bos) if ids and ids[0] == bos_id else None
+
+
+def missing_bos_note(tokenizer, template: ChatTemplate) -> str | None:
+    """A note for a template given as a file or folder that does not begin the text with the
+    BOS token the tokenizer adds to every text (the model saw every text begin with it)."""
+    bos = bos_the_tokenizer_adds(tokenizer)
+    if template.builtin or bos is None:
+        return None
+    if _render(tokenizer, template, _CHECK_CONVERSATION, False).startswith(bos):
+        return None
+    return (f"{template.source} does not begin the text with the BOS token {bos!r}, which the "
+            "tokenizer puts before every text it encodes and the model saw first in training; "
+            "rows are tokenized as the template writes them, so they begin without it (write "
+            "{{ bos_token }} at the template's start to keep it)")
+
+
+def template_notes(tokenizer, template: ChatTemplate) -> list[str]:
+    """What a user should know about how `template` (given with --chat-template) fits the
+    tokenizer: a BOS token it leaves out, ChatML markers the vocabulary lacks."""
+    notes = [note] if (note := missing_bos_note(tokenizer, template)) else []
+    if missing := markers_not_in_vocabulary(tokenizer, template):
+        notes.append(f"the tokenizer has no token {' or '.join(missing)}: the template writes it "
+                     "as ordinary text (several tokens), which the model learns to end its "
+                     "answers with; stop generation on that text")
+    return notes
 
 
 def markers_not_in_vocabulary(tokenizer, template: ChatTemplate) -> list[str]:
@@ -138,6 +195,30 @@ def markers_not_in_vocabulary(tokenizer, template: ChatTemplate) -> list[str]:
     vocabulary = tokenizer.get_vocab()
     return [marker for marker in CHATML_MARKERS
             if marker in template.text and marker not in vocabulary]
+
+
+def stop_at_end_of_turn(model, tokenizer) -> str | None:
+    """Add the template's end-of-turn token to the model's generation stop tokens, where it is
+    not among them: a base model's generation_config stops at its own eos (`<|endoftext|>`),
+    while the model learns to end answers with the template's marker (`<|im_end|>`), so
+    `generate` and vLLM, which read generation_config.json, would run past it. Returns the
+    token added, if any. (A marker that is plain text, no token, is left to precompute's note.)
+    """
+    from minorsft.data import special_token_pattern
+
+    rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
+    answer = _CHECK_CONVERSATION[-1]["content"]
+    special = special_token_pattern(tokenizer)
+    found = special.search(rendered, rendered.rindex(answer) + len(answer)) if special else None
+    if found is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(found.group())
+    stops = model.generation_config.eos_token_id
+    stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+    if token_id is None or token_id in stops:
+        return None
+    model.generation_config.eos_token_id = [*stops, token_id]
+    return found.group()
 
 
 def cached_chat_template(metadata: dict) -> ChatTemplate | None:

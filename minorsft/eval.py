@@ -37,7 +37,12 @@ from minorsft.cache import (
     looks_like_cache,
     read_metadata,
 )
-from minorsft.chat_templates import cached_chat_template, read_chat_template
+from minorsft.chat_templates import (
+    ChatTemplate,
+    cached_chat_template,
+    read_chat_template,
+    template_notes,
+)
 from minorsft.data import (
     DataError,
     Example,
@@ -129,6 +134,10 @@ class EvalConfig:
             raise ValueError(f"--reference {self.reference} is what m_theta compares held-out "
                              "answers against: give them with --data (multiple-choice accuracy "
                              "does not use a reference)")
+        if self.chat_template is not None and not self.chat_template.strip():
+            # (an unset shell variable): silently the model's own template otherwise
+            raise ValueError("--chat-template is empty: give a built-in name (chatml), a "
+                             ".jinja file or a model folder, or leave the option out")
         if self.max_length is not None and self.max_length < 2:  # (as precompute's)
             raise ValueError("--max-length must be at least 2 (0: no limit)")
         for name in ("max_rows", "max_questions", "max_batch_tokens"):
@@ -530,8 +539,14 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     for key, want in comparable_fields(
             cached, {key: tokenizer_fp[key] for key in TOKENIZER_FIELDS}).items():
         if cached.get(key) != want:
+            fix = ""
+            if key == "chat_template":
+                given = (metadata.get("chat_template") or {}).get("given")
+                fix = (f" (the cache was rendered with --chat-template {given}, which eval "
+                       "uses unless --chat-template says otherwise)" if given else
+                       " (the cache was rendered with its model's own template)")
             raise CacheError(f"{path}: the cache was tokenized with a different {key} than the "
-                             "evaluated model's; its token ids do not apply")
+                             f"evaluated model's; its token ids do not apply{fix}")
     examples, ref_logps = [], []
     for row in islice(iter_rows(path), max_rows):
         examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],
@@ -543,7 +558,7 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     return examples, ref_logps, metadata
 
 
-def _chat_template_for(config: EvalConfig) -> str | None:
+def _chat_template_for(config: EvalConfig) -> ChatTemplate | None:
     """The template text to render with: --chat-template's, else the one a cache --reference
     was scored with (its rows were rendered with it, and a model trained on them was saved
     with it), else None (the model's own)."""
@@ -575,6 +590,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     template = _chat_template_for(config)
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path, chat_template=template)
+    for note in template_notes(tokenizer, template) if config.chat_template else ():
+        console.print(f"note: {note}", highlight=False, markup=False)
     _refuse_special_tokens_in_questions(question_sets, tokenizer)
     # GPT-2-like models index a table of positions: a longer row was an IndexError
     model_config = read_model_config(model_path)
@@ -593,8 +610,10 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         ref_fp = fingerprint(ref_path, ref_tokenizer).as_dict()
         for key in TOKENIZER_FIELDS:
             if ref_fp[key] != model_fp[key]:
+                fix = (" (give both one template with --chat-template)"
+                       if key == "chat_template" and not config.chat_template else "")
                 raise ValueError(f"--reference {config.reference} has a different {key} "
-                                 "than --model: log-ratios would compare different tokens")
+                                 f"than --model: log-ratios would compare different tokens{fix}")
         # it reads the same rows, after the policy's whole pass
         ref_config = read_model_config(ref_path)
         refuse_lengths_past_learned_positions(config.max_length, config.reference, ref_config)

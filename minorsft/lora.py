@@ -90,7 +90,8 @@ def is_lora(model) -> bool:
 
 
 def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict | None = None,
-              base_path: str | None = None, dtype="auto") -> Path | None:
+              base_path: str | None = None, dtype="auto",
+              generation_config=None) -> Path | None:
     """Save the adapters in `output`; with `merge`, also a plain merged model in output/merged.
 
     The merged folder loads with transformers (and vLLM) without peft: it gets `tokenizer`
@@ -100,8 +101,13 @@ def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict
     `state_dict` (the model's gathered weights) and `base_path`: for a model whose parameters
     are FSDP shards, which can neither be saved nor merged as they are; the merge then loads
     the base model from `base_path` on the CPU and the saved adapters onto it.
+    `generation_config`: the run's, where it is not the base model's, saved beside the adapters.
     """
     model.save_pretrained(output, safe_serialization=True, state_dict=state_dict)
+    # the run's stop tokens where they are not the base model's (chat_templates.
+    # stop_at_end_of_turn), for a merge from the saved adapters, which loads the base's own
+    if generation_config is not None:
+        generation_config.save_pretrained(output)
     if not merge:
         return None
     if base_path is not None:
@@ -113,9 +119,11 @@ def merge_saved_adapters(output: Path, base_path: str, tokenizer=None, dtype="au
     """Merge the adapters saved in `output` into the base model read from `base_path` (on the
     CPU, in `dtype`: the dtype the run trained its weights in, as a merge at the end of
     training has it; "auto": the base's saved dtype), as a plain model in output/merged."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if (output / "generation_config.json").exists():  # (runs before 0.5.0 have none)
+        base.generation_config = GenerationConfig.from_pretrained(output)
     targets = _peft().PeftConfig.from_pretrained(output).target_modules
     _refuse_merging_a_tied_embedding(base, sorted(targets) if isinstance(targets, set)
                                      else targets)

@@ -55,7 +55,7 @@ from minorsft.cache import (
     write_manifest,
     write_rejects,
 )
-from minorsft.chat_templates import markers_not_in_vocabulary, read_chat_template
+from minorsft.chat_templates import read_chat_template, template_notes
 from minorsft.data import (
     TRUNCATION_RULE,
     Example,
@@ -139,6 +139,10 @@ class PrecomputeConfig:
             raise ValueError("--max-model-len must be at least 2")
         # checks them before any work
         FieldSpec(self.prompt_field, self.response_field, self.system_field)
+        if self.chat_template is not None and not self.chat_template.strip():
+            # (an unset shell variable): silently the model's own template otherwise
+            raise ValueError("--chat-template is empty: give a built-in name (chatml), a "
+                             ".jinja file or a model folder, or leave the option out")
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         parse_shard(self.shard)
@@ -211,11 +215,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     template = read_chat_template(config.chat_template) if config.chat_template else None
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path, chat_template=template)
-    if template and (missing := markers_not_in_vocabulary(tokenizer, template)):
-        console.print(f"note: the tokenizer has no token {' or '.join(missing)}: the template "
-                      "writes it as ordinary text (several tokens), which the model learns to "
-                      "end its answers with; stop generation on that text", highlight=False,
-                      markup=False)
+    for note in template_notes(tokenizer, template) if template else ():
+        console.print(f"note: {note}", highlight=False, markup=False)
     spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
@@ -528,6 +529,11 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
             changes.insert(0, f"input file content: sha256 {manifest['input']['sha256'][:12]}"
                               f"..., {manifest['input']['bytes']} bytes -> sha256 "
                               f"{source['sha256'][:12]}..., {source['bytes']} bytes")
+        if "fingerprint" in settings and (manifest["settings"].get("fingerprint") or {}).get(
+                "chat_template") != settings["fingerprint"]["chat_template"]:
+            given = (manifest.get("metadata", {}).get("chat_template") or {}).get("given")
+            changes.append("the chat template differs from the cache's, which was "
+                           + (f"--chat-template {given}" if given else "the model's own"))
         if changes:
             raise CacheError(
                 f"{out} already holds a cache ({manifest['_file']}) made from another input or "

@@ -43,7 +43,7 @@ from minorsft.cache import (
     read_metadata,
     validate_values,
 )
-from minorsft.chat_templates import cached_chat_template
+from minorsft.chat_templates import cached_chat_template, stop_at_end_of_turn
 from minorsft.checkpoints import (
     RESUME_KEYS,
     StopRequest,
@@ -537,6 +537,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         # torch's flex attention has no CPU backward: training would fail at the first step
         raise ValueError("--attention flex_attention trains only on CUDA GPUs; use sdpa")
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
+    if cached_chat_template(metadata):  # (a template of the model's own is left as it was)
+        stop_at_end_of_turn(model, tokenizer)
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)
@@ -780,7 +782,9 @@ def save(state: TrainState, config: TrainConfig) -> Path:
         sharded = is_fsdp_run(state, config)
         save_lora(state.model, output, config.merge_lora, state.tokenizer,
                   state_dict=weights if sharded else None,
-                  base_path=state.model_path if sharded else None, dtype=state.dtype)
+                  base_path=state.model_path if sharded else None, dtype=state.dtype,
+                  generation_config=state.model.generation_config
+                  if cached_chat_template(state.metadata) else None)
     elif is_fsdp_run(state, config) and state.dtype != torch.float32:
         # FSDP trained fp32 weights computing in --dtype: saved in that dtype, as a one-process
         # run saves its bf16 weights (rounded from its fp32 master weights), not at twice the

@@ -179,11 +179,10 @@ def test_cli_precompute_takes_the_option_and_cache_info_names_it(base_model_dir,
     assert f"chat_template: --chat-template chatml ({len(CHATML)} characters" in info.output
 
 
-def test_chatml_on_a_tokenizer_without_its_markers_trains_them_as_text(tmp_path):
-    """A base model whose vocabulary lacks <|im_start|> and <|im_end|> (as GPT-2's, Llama-3's):
-    precompute says the markers are plain text, and the answer ends with <|im_end|>'s
-    several tokens (the model's stop text), not with the newline after it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _base_model(folder, specials=("<|endoftext|>",), eos="<|endoftext|>", bos=None):
+    """A tiny base model whose tokenizer has only `specials`, eos `eos`, and (given `bos`) puts
+    `bos` before every text it encodes, as Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from .conftest import CORPUS, build_tiny_model
@@ -192,13 +191,28 @@ def test_chatml_on_a_tokenizer_without_its_markers_trains_them_as_text(tmp_path)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=300, special_tokens=list(specials), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>")
-    folder = tmp_path / "gpt-like-base"
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, bos_token=bos,
+                                        unk_token=specials[0])
     build_tiny_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder, tokenizer
+
+
+def _answer_of(tokenizer, row) -> str:
+    return tokenizer.decode([token for token, kept in zip(row["input_ids"], row["answer_mask"],
+                                                          strict=True) if kept])
+
+
+def test_chatml_on_a_tokenizer_without_its_markers_trains_them_as_text(tmp_path):
+    """A base model whose vocabulary lacks <|im_start|> and <|im_end|> (as GPT-2's, Llama-3's):
+    precompute says the markers are plain text, and the answer ends with <|im_end|>'s
+    several tokens (the model's stop text), not with the newline after it."""
+    folder, tokenizer = _base_model(tmp_path / "gpt-like-base")
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
     console = Console(record=True, width=200)
     run_precompute(PrecomputeConfig(model=str(folder), data=str(data), out=str(tmp_path / "c"),
@@ -206,7 +220,109 @@ def test_chatml_on_a_tokenizer_without_its_markers_trains_them_as_text(tmp_path)
     assert ("the tokenizer has no token <|im_start|> or <|im_end|>: the template writes it as "
             "ordinary text") in console.export_text()
     (row,) = iter_rows(tmp_path / "c")
-    answer = [token for token, kept in zip(row["input_ids"], row["answer_mask"], strict=True)
-              if kept]
-    assert tokenizer.decode(answer) == "5<|im_end|>"
-    assert len(answer) > 2  # the marker is several tokens
+    assert _answer_of(tokenizer, row) == "5<|im_end|>"
+    assert sum(row["answer_mask"]) > 2  # the marker is several tokens
+
+
+def test_chatml_keeps_the_bos_token_a_llama_like_tokenizer_adds(tmp_path):
+    """Rows are tokenized as the template writes them: the built-in ChatML began them without
+    the <s> a Llama-like tokenizer puts before every text (the model saw it first in
+    pretraining). A template file without it gets a note; one with it none."""
+    folder, tokenizer = _base_model(tmp_path / "llama-like", ("<unk>", "<s>", "</s>"), "</s>",
+                                    bos="<s>")
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
+    console = Console(record=True, width=300)
+    run_precompute(PrecomputeConfig(model=str(folder), data=str(data), out=str(tmp_path / "c"),
+                                    chat_template="chatml", verify_sample=0), console)
+    (row,) = iter_rows(tmp_path / "c")
+    assert row["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(row["input_ids"]).startswith("<s><|im_start|>user\n2 plus 3")
+    assert "BOS" not in console.export_text()
+    history = run_train(TrainConfig(cache=str(tmp_path / "c"), output=str(tmp_path / "run"),
+                                    batch_size=1, max_steps=1), QUIET)
+    assert abs(history[0]["m_theta"]) < 1e-5  # the cached text (with BOS) applied as it is
+    for template, noted in ((CHATML, True), ("{{ bos_token }}" + CHATML, False)):
+        (tmp_path / "t.jinja").write_text(template)
+        console = Console(record=True, width=300)
+        run_precompute(PrecomputeConfig(model=str(folder), data=str(data), overwrite=True,
+                                        out=str(tmp_path / "c2"), verify_sample=0,
+                                        chat_template=str(tmp_path / "t.jinja")), console)
+        assert ("does not begin the text with the BOS token '<s>'" in console.export_text()
+                ) == noted
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_trained_model_stops_at_the_templates_end_of_turn(tmp_path, lora):
+    """A Qwen-base-like model: <|im_end|> is a token, but its eos is <|endoftext|>. The model
+    learns to end answers with <|im_end|>, so the saved generation config must stop there
+    too (generate and vLLM read it), for the full model and the merged LoRA model."""
+    from transformers import GenerationConfig
+
+    folder, tokenizer = _base_model(tmp_path / "qwen-like",
+                                    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}] * 2)
+    cache = tmp_path / "c"
+    _precompute(folder, data, cache, chat_template="chatml")
+    lora_options = {"lora_r": 4, "merge_lora": True} if lora else {}
+    run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), batch_size=2,
+                          max_steps=1, **lora_options), QUIET)
+    saved = tmp_path / "run" / "merged" if lora else tmp_path / "run"
+    stops = GenerationConfig.from_pretrained(saved).eos_token_id
+    assert set(stops) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    if lora:  # merged again from the saved adapters (FSDP runs, --resume --merge-lora)
+        from minorsft.lora import merge_saved_adapters
+
+        again = merge_saved_adapters(tmp_path / "run", str(folder), load_tokenizer(str(saved)))
+        assert set(GenerationConfig.from_pretrained(again).eos_token_id) == set(stops)
+
+
+def test_a_models_own_template_leaves_its_generation_config_as_it_was(tmp_path):
+    folder, tokenizer = _base_model(tmp_path / "qwen-like",
+                                    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    (folder / "chat_template.jinja").write_text(CHATML)
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}] * 2)
+    _precompute(folder, data, tmp_path / "c")
+    run_train(TrainConfig(cache=str(tmp_path / "c"), output=str(tmp_path / "run"),
+                          batch_size=2, max_steps=1), QUIET)
+    saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_odd_option_values_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--chat-template is empty"):
+        PrecomputeConfig(model="m", data="d", out="o", chat_template=" ")
+    with pytest.raises(ValueError, match="--chat-template is empty"):
+        EvalConfig(model="m", choices=["x.csv"], chat_template="")
+    big = tmp_path / "model.safetensors"
+    with big.open("wb") as handle:
+        handle.truncate(3 << 20)
+    with pytest.raises(ModelError, match="3.0 MiB is no chat template"):
+        read_chat_template(str(big))
+
+
+def test_a_builtin_model_names_its_template():
+    from minorsft.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+
+    own = load_tokenizer(resolve_model(DEFAULT_MODEL)).chat_template
+    assert read_chat_template(DEFAULT_MODEL).text == own
+
+
+def test_mismatch_messages_name_the_template(tiny_model_dir, base_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", demo_rows(1))
+    cache = tmp_path / "cache"
+    _precompute(base_model_dir, data, cache, chat_template="chatml")
+    (tmp_path / "other.jinja").write_text(CHATML + "{# other #}")
+    with pytest.raises(CacheError, match="rendered with --chat-template chatml, which eval uses"):
+        run_eval(EvalConfig(model=str(base_model_dir), reference=str(cache),
+                            chat_template=str(tmp_path / "other.jinja")), QUIET)
+    with pytest.raises(CacheError, match="the chat template differs from the cache's, which "
+                                         "was --chat-template chatml"):
+        _precompute(base_model_dir, data, cache, chat_template=str(tmp_path / "other.jinja"))
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    (other / "chat_template.jinja").write_text(CHATML)
+    with pytest.raises(ValueError, match=r"different chat_template than --model.*give both one "
+                                         "template with --chat-template"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), reference=str(other), data=str(data)),
+                 QUIET)
