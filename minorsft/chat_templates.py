@@ -9,6 +9,7 @@ with the template it learned.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,11 @@ def _template_text(value: str, option: str) -> str:
 
 
 def _file_template(path: Path, option: str) -> str:
-    if (size := path.stat().st_size) > MAX_TEMPLATE_BYTES:
+    # (a tokenizer_config.json holds the added tokens too: Gemma's is over 1 MiB)
+    limit = MAX_TEMPLATE_BYTES * (64 if path.suffix == ".json" else 1)
+    if (size := path.stat().st_size) > limit:
         raise ModelError(f"{option} {path}: {size / 2**20:.1f} MiB is no chat template (they "
-                         f"are a few KiB; at most {MAX_TEMPLATE_BYTES >> 20} MiB is read)")
+                         f"are a few KiB; at most {limit >> 20} MiB is read)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -133,9 +136,11 @@ def apply_chat_template(tokenizer, template: ChatTemplate) -> None:
     template writes them, and such a model has seen every text begin with it. (The text given
     to the tokenizer is what the cache keeps, so train and eval apply it as it is.)
     """
-    builtin_with_bos = template.builtin and bos_the_tokenizer_adds(tokenizer)
-    tokenizer.chat_template = ("{{- bos_token -}}" if builtin_with_bos else "") + template.text
+    tokenizer.chat_template = template.text
     rendered = _render(tokenizer, template, _CHECK_CONVERSATION, generation_prompt=False)
+    if template.builtin and (bos := bos_the_tokenizer_adds(tokenizer)) \
+            and not rendered.startswith(bos):  # (a BOS of <|im_start|> is there already)
+        tokenizer.chat_template = "{{- bos_token -}}" + template.text
     _render(tokenizer, template, _CHECK_CONVERSATION[:1], generation_prompt=True)
     if not all(message["content"] in rendered for message in _CHECK_CONVERSATION):
         raise ModelError(f"{template.source}: the chat template does not write the messages' "
@@ -155,7 +160,8 @@ def _render(tokenizer, template: ChatTemplate, messages: list[dict],
 
 
 def bos_the_tokenizer_adds(tokenizer) -> str | None:
-    """The BOS token the tokenizer puts before every text it encodes, if it does."""
+    """The BOS token the tokenizer puts before every text it encodes, if it does (a tokenizer
+    that adds one without naming it its bos_token is not seen)."""
     bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
     if bos is None or bos_id is None:
         return None
@@ -201,24 +207,42 @@ def stop_at_end_of_turn(model, tokenizer) -> str | None:
     """Add the template's end-of-turn token to the model's generation stop tokens, where it is
     not among them: a base model's generation_config stops at its own eos (`<|endoftext|>`),
     while the model learns to end answers with the template's marker (`<|im_end|>`), so
-    `generate` and vLLM, which read generation_config.json, would run past it. Returns the
-    token added, if any. (A marker that is plain text, no token, is left to precompute's note.)
+    `generate` and vLLM, which read generation_config.json, would run past it. The marker is
+    the first added token (special or not) after the answer; one that is plain text, no token,
+    is left to precompute's note. Returns a note where the token could not be added.
     """
-    from minorsft.data import special_token_pattern
-
     rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
     answer = _CHECK_CONVERSATION[-1]["content"]
-    special = special_token_pattern(tokenizer)
-    found = special.search(rendered, rendered.rindex(answer) + len(answer)) if special else None
-    if found is None:
+    after = rendered[rendered.rindex(answer) + len(answer):]
+    added = {str(token) for token in getattr(tokenizer, "all_special_tokens", None) or ()}
+    added |= {token.content for token in (getattr(tokenizer, "added_tokens_decoder", None)
+                                          or {}).values()}
+    found = [(after.index(token), token) for token in added
+             if token.strip() and token in after]  # (not added runs of spaces or newlines)
+    if not found:
         return None
-    token_id = tokenizer.convert_tokens_to_ids(found.group())
-    stops = model.generation_config.eos_token_id
+    marker = min(found, key=lambda hit: (hit[0], -len(hit[1])))[1]  # first; longest there
+    token_id = tokenizer.convert_tokens_to_ids(marker)
+    config = model.generation_config
+    stops = config.eos_token_id
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
     if token_id is None or token_id in stops:
         return None
-    model.generation_config.eos_token_id = [*stops, token_id]
-    return found.group()
+    # transformers refuses to save a changed generation config that it finds invalid (a base
+    # model's do_sample false with a temperature, say), which would fail the run's save after
+    # training: checked now, on a copy
+    candidate = copy.deepcopy(config)
+    candidate.eos_token_id = [*stops, token_id]
+    try:
+        candidate.validate(strict=True)
+    except ValueError as error:
+        reason = str(error).strip().splitlines()
+        return (f"{marker} (the template's end of turn) is not added to the saved "
+                f"generation_config.json's eos_token_id: transformers does not save the "
+                f"model's generation config once changed ({' '.join(reason[:2])}); add "
+                f"{token_id} to its eos_token_id by hand, or stop generation on {marker}")
+    config.eos_token_id = candidate.eos_token_id
+    return None
 
 
 def cached_chat_template(metadata: dict) -> ChatTemplate | None:

@@ -583,7 +583,8 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         role = roles[role]
         if role == "assistant" and not content.strip():
             raise DataError(path, line, f"{where}.{content_key}", "empty answer")
-        trained = _turn_trained(message, role, path, line, where) and answers
+        # (a TRL prompt's turns are context whatever their marks, as in TRL)
+        trained = answers and _turn_trained(message, role, path, line, where)
         turns.messages.append({"role": role, "content": content})
         turns.trained.append(trained)
         turns.fields.append(f"{where}.{content_key}")
@@ -641,10 +642,10 @@ def _turn_trained(message: dict, role: str, path: str, line: int, where: str) ->
     marks = {}
     for key in TRAIN_FLAG_KEYS:
         if (value := message.get(key)) is not None:
-            if not isinstance(value, bool):
+            if value not in (True, False):  # (1 and 0 too, as for `weight`)
                 raise DataError(path, line, f"{where}.{key}",
                                 f"expected true or false, got {value!r}")
-            marks[key] = value
+            marks[key] = bool(value)
     if role != "assistant":
         if marked := [key for key, value in marks.items() if value]:
             raise DataError(path, line, f"{where}.{marked[0]}",

@@ -537,8 +537,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         # torch's flex attention has no CPU backward: training would fail at the first step
         raise ValueError("--attention flex_attention trains only on CUDA GPUs; use sdpa")
     model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
-    if cached_chat_template(metadata):  # (a template of the model's own is left as it was)
-        stop_at_end_of_turn(model, tokenizer)
+    # (a model's own template is left to its own generation config)
+    if cached_chat_template(metadata) and (note := stop_at_end_of_turn(model, tokenizer)) \
+            and world.is_main:
+        console.print(f"note: {note}", highlight=False, markup=False)
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
     final_logit_transform(model)

@@ -326,3 +326,64 @@ def test_mismatch_messages_name_the_template(tiny_model_dir, base_model_dir, tmp
                                          "template with --chat-template"):
         run_eval(EvalConfig(model=str(tiny_model_dir), reference=str(other), data=str(data)),
                  QUIET)
+
+
+def test_a_generation_config_transformers_would_not_save_changed_gets_a_note(tmp_path):
+    """transformers validates a changed generation config strictly when saving: a base model's
+    do_sample false with a temperature made the run fail at its save, after training."""
+    from transformers import GenerationConfig
+
+    folder, tokenizer = _base_model(tmp_path / "qwen-like",
+                                    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    saved = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(
+        dict(saved, do_sample=False, temperature=0.7)))
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}] * 2)
+    _precompute(folder, data, tmp_path / "c", chat_template="chatml")
+    console = Console(record=True, width=400)
+    run_train(TrainConfig(cache=str(tmp_path / "c"), output=str(tmp_path / "run"), batch_size=2,
+                          max_steps=1), console)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert GenerationConfig.from_pretrained(tmp_path / "run").eos_token_id == \
+        tokenizer.eos_token_id
+    text = " ".join(console.export_text().split())
+    assert ("<|im_end|> (the template's end of turn) is not added to the saved "
+            "generation_config.json's eos_token_id") in text
+
+
+def test_an_end_of_turn_added_as_an_ordinary_token_is_a_stop_token_too(tmp_path):
+    from tokenizers import AddedToken
+
+    from minorsft.chat_templates import stop_at_end_of_turn
+
+    from .conftest import build_tiny_model
+
+    _, tokenizer = _base_model(tmp_path / "base")
+    tokenizer.add_tokens([AddedToken("<|im_start|>", special=False),
+                          AddedToken("<|im_end|>", special=False)])
+    tokenizer.chat_template = CHATML
+    model = build_tiny_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert stop_at_end_of_turn(model, tokenizer) is None
+    assert model.generation_config.eos_token_id == [
+        tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert stop_at_end_of_turn(model, tokenizer) is None  # (not added twice)
+    assert len(model.generation_config.eos_token_id) == 2
+
+
+def test_a_bos_of_im_start_is_not_doubled(tmp_path):
+    folder, tokenizer = _base_model(tmp_path / "im-start-bos",
+                                    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                                    bos="<|im_start|>")
+    assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
+    _precompute(folder, data, tmp_path / "c", chat_template="chatml")
+    (row,) = iter_rows(tmp_path / "c")
+    assert tokenizer.decode(row["input_ids"]).startswith("<|im_start|>user\n")
+
+
+def test_a_large_tokenizer_config_is_read(tmp_path):
+    """tokenizer_config.json holds the added tokens too (over 1 MiB for Gemma's)."""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": CHATML, "padding": "x" * (3 << 20)}))
+    assert read_chat_template(str(config)).text == CHATML

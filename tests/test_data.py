@@ -764,6 +764,14 @@ def test_axolotl_training_flags_choose_the_trained_turns(tiny_tokenizer, tmp_pat
     assert "a user turn marked to be trained" in user_trained.reason
     assert answer_text(tiny_tokenizer, user_untrained) == "A<|im_end|>"
     assert none.field == "messages"
+    # 1 and 0 as true and false (as `weight` takes them); a TRL prompt's turns are context
+    # whatever their marks, as they were before the marks were read
+    numbers, prompt_marked = read_all(tiny_tokenizer, tmp_path, [
+        chat({"train": 0}, {"train": 1}),
+        {"prompt": [_user("Q1", train=True), _assistant("A", weight=0.5, training=True),
+                    _user("Q2")], "completion": [_assistant("5")]}])
+    assert answer_text(tiny_tokenizer, numbers) == "5<|im_end|>"
+    assert answer_text(tiny_tokenizer, prompt_marked) == "5<|im_end|>"
 
 
 def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer, tmp_path):
