@@ -315,15 +315,28 @@ def _looks_like_a_json_document(line_no: int, text: str) -> bool:
     return line_no == 1 and (start.startswith("[") or start == "{")
 
 
+# Rows of a Parquet file read at a time: the file is streamed, not loaded whole (a multi-GB
+# data set would otherwise cost its size in RAM before the first row is scored).
+PARQUET_BATCH_ROWS = 4096
+
+
 def _read_parquet(path: Path) -> Iterator[RawRow]:
     import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    row_no = 0
     try:
-        frame = pl.read_parquet(path)
-    except Exception as error:  # polars raises several types for a broken file
-        raise DataError(str(path), None, None, f"cannot read Parquet: {error}") from error
-    for row_no, record in enumerate(frame.iter_rows(named=True), start=1):
-        yield RawRow(row_no, record=record, raw=json.dumps(record, default=str))
+        # (batches become Python values through polars, as a whole-file polars read made them;
+        # without pre-buffering, a row group's column chunks are not all held at once)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in pl.from_arrow(batch).iter_rows(named=True):
+                row_no += 1
+                yield RawRow(row_no, record=record, raw=json.dumps(record, default=str))
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as error:  # not Parquet, cut off
+        where = f" (after row {row_no})" if row_no else ""
+        raise DataError(str(path), None, None, f"cannot read Parquet{where}: {error}") from error
 
 
 def _require_text(record: dict, key: str, path: str, line: int, allow_empty=False) -> str:

@@ -368,6 +368,35 @@ def test_parquet_input(tiny_tokenizer, tmp_path):
     assert [e.line for e in examples] == [1, 2]
 
 
+def test_parquet_is_streamed_in_batches_with_the_rows_a_whole_read_gives(tmp_path, monkeypatch):
+    """The file was loaded whole (a multi-GB data set cost its size in RAM): it is read in
+    batches now, which must give the same Python values row by row (the row ids hash them)."""
+    import datetime
+
+    import polars as pl
+
+    import minorsft.data as data
+
+    monkeypatch.setattr(data, "PARQUET_BATCH_ROWS", 7)
+    rows = [{"id": index if index % 4 else None, "score": index / 3 if index % 5 else None,
+             "messages": [{"role": "user", "content": f"q{index}", "weight": None},
+                          {"role": "assistant", "content": f"a{index}",
+                           "weight": float(index % 2)}],
+             "day": datetime.date(2026, 1, 1 + index % 28), "blob": bytes([index]) * 2,
+             "tags": ["a", "b"][: index % 3], "kind": ["x", "y"][index % 2]}
+            for index in range(50)]
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame(rows).with_columns(pl.col("kind").cast(pl.Categorical)).write_parquet(
+        path, row_group_size=20)
+    whole = list(pl.read_parquet(path).iter_rows(named=True))
+    streamed = list(data.read_rows(path))
+    assert [row.record for row in streamed] == whole
+    assert [row.line for row in streamed] == list(range(1, 51))
+    (tmp_path / "cut.parquet").write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match="cannot read Parquet"):
+        list(data.read_rows(tmp_path / "cut.parquet"))
+
+
 def test_parquet_with_columns_of_several_formats_uses_the_filled_ones(tiny_tokenizer, tmp_path):
     # A Parquet file mixing chat and prompt/response rows has every column on every row; the
     # columns of the other format are null there, which is not ambiguous.
