@@ -24,7 +24,17 @@ CHATML = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-BUILTIN_TEMPLATES = {"chatml": CHATML}
+# Plain text, as TRL trains a string prompt and completion: the turns' contents written one
+# after the other, nothing around them, each assistant turn ended by the eos token (what the
+# model learns to stop with). For base-model completion data, not for chats: roles leave no
+# trace in the text.
+PLAIN = (
+    "{%- for message in messages -%}"
+    "{{- message['content'] -}}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+BUILTIN_TEMPLATES = {"chatml": CHATML, "plain": PLAIN}
 CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")
 
 # What a template is checked on before any row is read: it must render a user turn followed by
@@ -48,9 +58,9 @@ class ChatTemplate:
 
 
 def read_chat_template(value: str, option: str = "--chat-template") -> ChatTemplate:
-    """The template `value` names: a built-in name (`chatml`), a file holding a Jinja template
-    (or a tokenizer_config.json / chat_template.json with a `chat_template` key), or a model
-    folder (or built-in model name) whose tokenizer has one."""
+    """The template `value` names: a built-in name (`chatml`, `plain`), a file holding a Jinja
+    template (or a tokenizer_config.json / chat_template.json with a `chat_template` key), or a
+    model folder (or built-in model name) whose tokenizer has one."""
     if value in BUILTIN_TEMPLATES:
         return ChatTemplate(BUILTIN_TEMPLATES[value], f"{option} {value}", builtin=True)
     return ChatTemplate(_template_text(value, option), f"{option} {value}")
@@ -136,6 +146,9 @@ def apply_chat_template(tokenizer, template: ChatTemplate) -> None:
     template writes them, and such a model has seen every text begin with it. (The text given
     to the tokenizer is what the cache keeps, so train and eval apply it as it is.)
     """
+    if template.text == PLAIN and tokenizer.eos_token is None:  # (Jinja would write "None")
+        raise ModelError(f"{template.source}: the tokenizer has no eos token to end an answer "
+                         "with; give a template that writes an end of its own")
     tokenizer.chat_template = template.text
     rendered = _render(tokenizer, template, _CHECK_CONVERSATION, generation_prompt=False)
     if template.builtin and (bos := bos_the_tokenizer_adds(tokenizer)) \

@@ -111,9 +111,11 @@ def precompute(
     ] = "system",
     chat_template: Annotated[str | None, typer.Option(
         help="Render the data with this chat template instead of the model's own (needed for "
-             "a tokenizer without one, as most base models'): the built-in 'chatml', a .jinja "
-             "file, or a model folder. The cache keeps it; train, verify and eval use it, and "
-             "the trained model is saved with it.", show_default=False)] = None,
+             "a tokenizer without one, as most base models'): the built-in 'chatml' or 'plain' "
+             "(the turns' text one after the other, eos after each answer, as TRL trains "
+             "string prompt/completion rows), a .jinja file, or a model folder. The cache "
+             "keeps it; train, verify and eval use it, and the trained model is saved with it.",
+        show_default=False)] = None,
     max_length: Annotated[int, typer.Option(
         help="Keep the first N tokens of each sample; answer tokens past N are dropped, and a "
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,

@@ -197,8 +197,8 @@ def load_tokenizer(model_path: str, option: str = "--model", chat_template=None)
     elif tokenizer.chat_template is None:
         raise ModelError(f"{option} {model_path}: the tokenizer has no chat template (a base "
                          "model's often has none): precompute and eval take one with "
-                         "--chat-template (the built-in 'chatml', a .jinja file, or a model "
-                         "folder whose tokenizer has one)")
+                         "--chat-template (the built-in 'chatml' or 'plain', a .jinja file, or "
+                         "a model folder whose tokenizer has one)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -387,3 +387,34 @@ def test_a_large_tokenizer_config_is_read(tmp_path):
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"chat_template": CHATML, "padding": "x" * (3 << 20)}))
     assert read_chat_template(str(config)).text == CHATML
+
+
+def test_plain_trains_the_completion_and_eos_after_the_prompt_text(tmp_path):
+    """`--chat-template plain`: TRL's string prompt/completion as plain text (the prompt's text
+    then the completion's and eos), for base-model completion data; the answer is the
+    completion and the eos, and the model's eos is already its stop token."""
+    from transformers import GenerationConfig
+
+    folder, tokenizer = _base_model(tmp_path / "base")
+    data = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": "Tom has 3 apples and buys 4 more, so he has", "completion": " 7 apples."}] * 2)
+    _precompute(folder, data, tmp_path / "c", chat_template="plain")
+    row = next(iter_rows(tmp_path / "c"))
+    assert tokenizer.decode(row["input_ids"]) == \
+        "Tom has 3 apples and buys 4 more, so he has 7 apples.<|endoftext|>"
+    assert _answer_of(tokenizer, row) == " 7 apples.<|endoftext|>"
+    run_train(TrainConfig(cache=str(tmp_path / "c"), output=str(tmp_path / "run"), batch_size=2,
+                          max_steps=1), QUIET)
+    assert GenerationConfig.from_pretrained(tmp_path / "run").eos_token_id == \
+        tokenizer.eos_token_id
+
+
+def test_plain_needs_an_eos_token(tmp_path):
+    from minorsft.chat_templates import apply_chat_template
+
+    from .conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.eos_token = None
+    with pytest.raises(ModelError, match="--chat-template plain: the tokenizer has no eos token"):
+        apply_chat_template(tokenizer, read_chat_template("plain"))
