@@ -136,7 +136,7 @@ class EvalConfig:
                              "does not use a reference)")
         if self.chat_template is not None and not self.chat_template.strip():
             # (an unset shell variable): silently the model's own template otherwise
-            raise ValueError("--chat-template is empty: give a built-in name (chatml), a "
+            raise ValueError("--chat-template is empty: give a built-in name (chatml, plain), a "
                              ".jinja file or a model folder, or leave the option out")
         if self.max_length is not None and self.max_length < 2:  # (as precompute's)
             raise ValueError("--max-length must be at least 2 (0: no limit)")

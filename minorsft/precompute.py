@@ -141,7 +141,7 @@ class PrecomputeConfig:
         FieldSpec(self.prompt_field, self.response_field, self.system_field)
         if self.chat_template is not None and not self.chat_template.strip():
             # (an unset shell variable): silently the model's own template otherwise
-            raise ValueError("--chat-template is empty: give a built-in name (chatml), a "
+            raise ValueError("--chat-template is empty: give a built-in name (chatml, plain), a "
                              ".jinja file or a model folder, or leave the option out")
         if self.on_bad not in {"error", "skip"}:
             raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
