@@ -327,16 +327,21 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
 
     row_no = 0
     try:
-        # (batches become Python values through polars, as a whole-file polars read made them;
-        # without pre-buffering, a row group's column chunks are not all held at once)
+        # pyarrow reads a batch at a time, without pre-buffering (so a row group's column chunks
+        # are not all held at once; polars' own streaming reader holds a whole row group, as
+        # much as a whole-file read for most files); polars turns the batch into the Python
+        # values a whole-file polars read gave (row ids hash them), but for date64 columns
+        # (dates, not datetimes) and 128-bit integers (refused)
         parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for record in pl.from_arrow(batch).iter_rows(named=True):
                 row_no += 1
                 yield RawRow(row_no, record=record, raw=json.dumps(record, default=str))
-    except (OSError, pa.ArrowException, pl.exceptions.PolarsError) as error:  # not Parquet, cut off
+    except (OSError, pa.ArrowException, pl.exceptions.PolarsError,
+            pl.exceptions.PanicException) as error:  # not Parquet, cut off, an odd type
         where = f" (after row {row_no})" if row_no else ""
-        raise DataError(str(path), None, None, f"cannot read Parquet{where}: {error}") from error
+        raise DataError(str(path), None, None,  # (one line: pyarrow's have newlines)
+                        f"cannot read Parquet{where}: {' '.join(str(error).split())}") from error
 
 
 def _require_text(record: dict, key: str, path: str, line: int, allow_empty=False) -> str:

@@ -395,6 +395,17 @@ def test_parquet_is_streamed_in_batches_with_the_rows_a_whole_read_gives(tmp_pat
     (tmp_path / "cut.parquet").write_bytes(path.read_bytes()[:300])
     with pytest.raises(DataError, match="cannot read Parquet"):
         list(data.read_rows(tmp_path / "cut.parquet"))
+    # a type polars cannot convert panics in Rust (a BaseException): one DataError all the same
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["x"], "response": ["y"], "price": pa.array(
+        [decimal.Decimal("1.00")], pa.decimal256(40, 2))}), tmp_path / "wide.parquet")
+    with pytest.raises(DataError, match="cannot read Parquet: .*Int256") as raised:
+        list(data.read_rows(tmp_path / "wide.parquet"))
+    assert "\n" not in str(raised.value)
 
 
 def test_parquet_with_columns_of_several_formats_uses_the_filled_ones(tiny_tokenizer, tmp_path):
