@@ -7,7 +7,9 @@ how far the resident high-water mark rose above the child's resident memory befo
 
 - whole: `polars.read_parquet(path).iter_rows(named=True)`, the file loaded at once, and each
   row's JSON text made for the rejects report (minorsft read Parquet so until 0.5.0);
-- streamed: `minorsft.data.read_rows`, which decodes `PARQUET_BATCH_ROWS` rows at a time.
+- polars-streamed: `polars.scan_parquet(path).collect_batches(chunk_size=4096)`;
+- streamed: `minorsft.data.read_rows`, which decodes `PARQUET_BATCH_ROWS` rows at a time
+  through pyarrow.
 
 Both give the same rows (tests/test_data.py checks it). Usage:
 
@@ -47,6 +49,11 @@ def _read(method: str, path: str, queue) -> None:
         for record in pl.read_parquet(path).iter_rows(named=True):
             json.dumps(record, default=str)
             count += 1
+    elif method == "polars-streamed":  # polars' own streaming reader, the same batch size
+        for batch in pl.scan_parquet(path).collect_batches(chunk_size=4096):
+            for record in batch.iter_rows(named=True):
+                json.dumps(record, default=str)
+                count += 1
     else:
         for _ in read_rows(Path(path)):
             count += 1
@@ -93,7 +100,7 @@ def main() -> None:
               f"{size:.1f} MiB of Parquet in {groups} row group(s)")
         print("| method | rows read | peak resident rise (MiB) | seconds |")
         print("|---|---|---|---|")
-        for method in ("whole", "streamed"):
+        for method in ("whole", "polars-streamed", "streamed"):
             queue = context.Queue()
             child = context.Process(target=_read, args=(method, str(path), queue))
             child.start()

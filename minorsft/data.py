@@ -328,8 +328,8 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
     row_no = 0
     try:
         # pyarrow reads a batch at a time, without pre-buffering (so a row group's column chunks
-        # are not all held at once; polars' own streaming reader holds a whole row group, as
-        # much as a whole-file read for most files); polars turns the batch into the Python
+        # are not all held at once; polars' own streaming reader took as much memory as a
+        # whole-file read: docs/performance.md 6b); polars turns the batch into the Python
         # values a whole-file polars read gave (row ids hash them), but for date64 columns
         # (dates, not datetimes) and 128-bit integers (refused)
         parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
