@@ -196,6 +196,12 @@ def missing_bos_note(tokenizer, template: ChatTemplate) -> str | None:
             "{{ bos_token }} at the template's start to keep it)")
 
 
+def renders_plain_text(tokenizer) -> bool:
+    """Whether the tokenizer's template is the built-in `plain` (with or without the BOS
+    prefix): text straight after the prompt, as a base model continues it."""
+    return isinstance(tokenizer.chat_template, str) and tokenizer.chat_template.endswith(PLAIN)
+
+
 def template_notes(tokenizer, template: ChatTemplate) -> list[str]:
     """What a user should know about how `template` (given with --chat-template) fits the
     tokenizer: a BOS token it leaves out, ChatML markers the vocabulary lacks."""

@@ -41,6 +41,7 @@ from minorsft.chat_templates import (
     ChatTemplate,
     cached_chat_template,
     read_chat_template,
+    renders_plain_text,
     template_notes,
 )
 from minorsft.data import (
@@ -327,13 +328,16 @@ def choice_examples(tokenizer, question: Question) -> list[Example]:
     The chat template renders the assistant turn as "<letter><end-of-turn marker(s)>"; the
     answer mask is cut after the tokens that spell the letter, so that the score is
     log p(letter | prompt) alone, whatever closes the turn (eos, Gemma's <end_of_turn>, Phi-3's
-    <|end|> and a newline).
+    <|end|> and a newline). Under the built-in `plain` template the letter follows the prompt's
+    "Your answer is:" directly, as text, so it is scored as " A", as a base model writes it.
     """
     messages = [{"role": "user", "content": question.prompt()}]
+    before_letter = " " if renders_plain_text(tokenizer) else ""
     examples = []
     for letter in LETTERS:
-        input_ids, mask, _ = _tokenize_conversation(
-            tokenizer, messages + [{"role": "assistant", "content": letter}], max_length=None)
+        answer = {"role": "assistant", "content": before_letter + letter}
+        input_ids, mask, _ = _tokenize_conversation(tokenizer, messages + [answer],
+                                                    max_length=None)
         positions = [i for i, m in enumerate(mask) if m]
         if (span := _letter_span(tokenizer, [input_ids[i] for i in positions], letter)):
             keep = set(positions[span[0]:span[1]])

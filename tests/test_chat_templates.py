@@ -418,3 +418,25 @@ def test_plain_needs_an_eos_token(tmp_path):
     tokenizer.eos_token = None
     with pytest.raises(ModelError, match="--chat-template plain: the tokenizer has no eos token"):
         apply_chat_template(tokenizer, read_chat_template("plain"))
+
+
+def test_plain_scores_a_choice_letter_with_its_space(tmp_path):
+    """Under `plain` the letter follows "Your answer is:" as text: a base model writes " A"
+    there, and "A" (no space) got a small share of its probability (0.0013 of SmolLM2's)."""
+    from minorsft.chat_templates import apply_chat_template
+    from minorsft.eval import Question, choice_examples
+
+    from .conftest import build_tiny_tokenizer
+
+    question = Question("q1", 1, "What is 2 plus 3?", ("4", "5", "6", "7"), "B")
+    tokenizer = build_tiny_tokenizer()
+    own = [tokenizer.decode([t for t, m in zip(e.input_ids, e.answer_mask, strict=True) if m])
+           for e in choice_examples(tokenizer, question)]
+    assert own == ["A", "B", "C", "D"]  # ChatML: the letter opens the assistant turn
+    apply_chat_template(tokenizer, read_chat_template("plain"))
+    examples = choice_examples(tokenizer, question)
+    scored = [tokenizer.decode([t for t, m in zip(e.input_ids, e.answer_mask, strict=True) if m])
+              for e in examples]
+    # (this tokenizer has no " A" token: the space stays prompt, as generation would see it)
+    assert [text.strip() for text in scored] == ["A", "B", "C", "D"]
+    assert tokenizer.decode(examples[1].input_ids).endswith("Your answer is: B<|im_end|>")
