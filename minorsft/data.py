@@ -15,8 +15,10 @@ rejected as ambiguous):
   turns are context, the completion's assistant turns the answer);
 - alpaca: ``instruction`` + optional ``input`` + ``output``.
 
-What the chat template would render but is not passed on (tool calls, tool turns, tool
-definitions, reasoning in its own key) is refused, not dropped.
+Tool calling (a ``tools`` column, assistant turns' ``tool_calls``, ``tool`` turns) is passed to
+the template as transformers takes it (see :mod:`minorsft.tools`); a calling turn is answer, and
+a row whose calls, results or definitions the template leaves out is refused. Reasoning in its
+own key, which minorsft does not pass on, is refused too, not dropped.
 
 A ``system`` column (``--system-field``), where present and not empty, becomes the system
 message (in a chat, the first message; a chat that has a system message of its own and a
@@ -48,19 +50,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from minorsft import tools
+from minorsft.data_errors import DataError
+
 TRUNCATION_RULE = "right"  # keep the first max_length tokens
-ROLES = ("system", "user", "assistant")
 BUILTIN_DATA = {"demo": "demo.jsonl"}
-
-
-class DataError(ValueError):
-    """Bad input: the message names the file, the line (or row) and the field."""
-
-    def __init__(self, path: str, line: int | None, field_name: str | None, reason: str):
-        self.path, self.line, self.field, self.reason = path, line, field_name, reason
-        where = path if line is None else f"{path}:{line}"
-        what = f" field {field_name!r}:" if field_name else ""
-        super().__init__(f"{where}:{what} {reason}")
 
 
 @dataclass
@@ -366,14 +360,14 @@ FORMATS = {
 
 # Role names of a `messages` chat (OpenAI's `developer` is its newer name for `system`), and of
 # a ShareGPT one (`from`: human, gpt), mapped to the template's.
+# A tool's result is a `tool` turn, whichever name the data gives it (see `minorsft.tools`);
+# ShareGPT's `function_call` turn is an assistant turn that calls a tool.
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
-              "assistant": "assistant"}
+              "assistant": "assistant", **dict.fromkeys(tools.TOOL_RESULT_ROLES, "tool")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant"}
-# Turns of tool calling, which the template is not given: their calls and results would be lost.
-TOOL_ROLES = ("tool", "function", "function_call", "ipython", "observation")
-# Message keys the template would render but minorsft does not pass on: refused, not dropped.
-TOOL_CALL_KEYS = ("tool_calls", "function_call")
+                  "assistant": "assistant", "function_call": "assistant",
+                  **dict.fromkeys(tools.TOOL_RESULT_ROLES, "tool")}
+# A message key the template would render but minorsft does not pass on: refused, not dropped.
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 # Booleans that mark a turn as trained or not, as axolotl reads them (its
 # `message_field_training`: `training` in its docs, `train` in other tools' files); besides
@@ -391,6 +385,7 @@ class Conversation:
     trained: list[bool]  # per message: an assistant turn that is answer
     answer_fields: list[str]  # the fields of the trained answers, in order
     fields: str  # what a template refusal names: `messages`, or `system, prompt, response`
+    tools: list[dict] | None = None  # the tool definitions the template is given
 
 
 def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
@@ -416,7 +411,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     def one_turn(prompt: str, answer_key: str) -> Conversation:
         messages = head + _single_turn(prompt, text(answer_key))
         return Conversation(messages, texts, [False] * (len(messages) - 1) + [True],
-                            [answer_key], ", ".join(texts))
+                            [answer_key], ", ".join(texts), defined)
 
     def single_turn(prompt_key: str, answer_key: str) -> Conversation:
         return one_turn(text(prompt_key), answer_key)
@@ -424,14 +419,19 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     if spec.prompt_field or spec.response_field:
         # Named columns (both, FieldSpec checks) win over any known format's columns the row
         # also has (a `tools` column among them is not this prompt's).
+        defined = None
         return single_turn(spec.prompt_field, spec.response_field)
-    _refuse_tools(record, path, line)
+    # (read before the turns, whose checks do not need them, so that `tools` is the first
+    # field named in `texts`; the rendering then checks that the template wrote them)
+    if defined := tools.read_tools(record.get("tools"), path, line):
+        texts["tools"] = json.dumps(defined, ensure_ascii=False)
     row_format = _row_format(record, path, line)
     if row_format in ("chat", "sharegpt"):
         column = FORMATS[row_format][0]
         turns = _chat_messages(record[column], path, line, column,
                                CHAT_ROLES if row_format == "chat" else SHAREGPT_ROLES)
-        return _chat_conversation(head, [turns], spec.system_field, texts, path, line, column)
+        return _chat_conversation(head, [turns], spec.system_field, texts, path, line, column,
+                                  defined)
     if row_format == "prompt/completion":
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -440,7 +440,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
             turns = [_chat_messages(prompt, path, line, "prompt", CHAT_ROLES, answers=False),
                      _chat_messages(completion, path, line, "completion", CHAT_ROLES)]
             return _chat_conversation(head, turns, spec.system_field, texts, path, line,
-                                      "prompt, completion")
+                                      "prompt, completion", defined)
         return single_turn("prompt", "completion")
     if row_format == "prompt/response":
         return single_turn("prompt", "response")
@@ -450,37 +450,30 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     return one_turn(f"{instruction}\n\n{extra}" if extra.strip() else instruction, "output")
 
 
-def _refuse_tools(record: dict, path: str, line: int) -> None:
-    """Refuse a row with tool definitions: the template would write them into the prompt, and
-    minorsft does not pass them, so the row would train on another prompt than it has."""
-    tools = record.get("tools")
-    if not tools or not isinstance(tools, str | list | dict) or (
-            isinstance(tools, str) and tools.strip() in ("[]", "{}", "null")):
-        return  # none: null, empty, or no definitions (false, 0)
-    raise DataError(path, line, "tools", "tool definitions are not supported (the chat "
-                    "template would render them into the prompt, and minorsft does not pass "
-                    "them on); drop the column's content or the row")
-
-
 @dataclass
 class _Turns:
     """Messages of one chat column, as `_chat_messages` read them."""
 
     messages: list[dict]
     trained: list[bool]
-    fields: list[str]  # each message's content field (`messages[1].content`)
+    # each message's field: its content (`messages[1].content`), or the calls of a turn that
+    # has only calls (`messages[1].tool_calls`)
+    fields: list[str]
+    texts: dict[str, str] = field(default_factory=dict)  # contents and calls, by field
 
 
 def _chat_conversation(head: list[dict], parts: list[_Turns], system_field: str,
                        texts: dict[str, str], path: str, line: int,
-                       fields: str) -> Conversation:
+                       fields: str, defined: list[dict] | None) -> Conversation:
     chat = [message for part in parts for message in part.messages]
     trained = [flag for part in parts for flag in part.trained]
-    content_fields = [name for part in parts for name in part.fields]
-    texts.update(zip(content_fields, (m["content"] for m in chat), strict=True))
-    messages = _with_system_column(head, chat, content_fields, system_field, path, line)
-    answer_fields = [name for name, flag in zip(content_fields, trained, strict=True) if flag]
-    return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields)
+    message_fields = [name for part in parts for name in part.fields]
+    for part in parts:
+        texts.update(part.texts)
+    messages = _with_system_column(head, chat, message_fields, system_field, path, line)
+    answer_fields = [name for name, flag in zip(message_fields, trained, strict=True) if flag]
+    return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields,
+                        defined)
 
 
 def _alpaca_input(record: dict, path: str, line: int) -> str:
@@ -587,25 +580,24 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         if not isinstance(role, str):
             raise DataError(path, line, f"{where}.{role_key}",
                             f"expected a string, got {type(role).__name__}")
-        if role in TOOL_ROLES:
-            raise DataError(path, line, f"{where}.{role_key}",
-                            f"a {role!r} turn: tool calling is not supported (the template is "
-                            "not given tool calls and results); drop the row")
         if role not in roles:
             raise DataError(path, line, f"{where}.{role_key}",
                             f"unknown role {role!r}; expected one of {', '.join(roles)}")
-        for key in TOOL_CALL_KEYS + REASONING_KEYS:
+        for key in REASONING_KEYS:
             if message.get(key):
                 raise DataError(path, line, f"{where}.{key}", _unpassed_key_reason(key))
-        content = _message_text(message.get(content_key), path, line, f"{where}.{content_key}")
-        role = roles[role]
-        if role == "assistant" and not content.strip():
-            raise DataError(path, line, f"{where}.{content_key}", "empty answer")
+        read = _read_message(message, role, roles[role], content_key, path, line, where)
         # (a TRL prompt's turns are context whatever their marks, as in TRL)
-        trained = answers and _turn_trained(message, role, path, line, where)
-        turns.messages.append({"role": role, "content": content})
+        trained = answers and _turn_trained(message, read["role"], path, line, where)
+        turns.messages.append(read)
         turns.trained.append(trained)
-        turns.fields.append(f"{where}.{content_key}")
+        content_field = f"{where}.{content_key}"
+        turns.texts[content_field] = read["content"]
+        if calls := read.get("tool_calls"):
+            calls_field = (content_field if role == "function_call" else f"{where}.tool_calls"
+                           if message.get("tool_calls") else f"{where}.function_call")
+            turns.texts.update(tools.call_texts(calls, calls_field))
+        turns.fields.append(calls_field if calls and not read["content"] else content_field)
     if answers and not any(m["role"] == "assistant" for m in turns.messages):
         raise DataError(path, line, column, "no assistant turn: nothing to train on")
     if answers and not any(turns.trained):
@@ -615,10 +607,37 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
     return turns
 
 
+def _read_message(message: dict, given_role: str, role: str, content_key: str, path: str,
+                  line: int, where: str) -> dict:
+    """One turn as the template takes it: role and content, an assistant's tool calls, a
+    tool result's name and call id (see `minorsft.tools`)."""
+    if given_role == "function_call":  # ShareGPT's call turn: the value is the call
+        return {"role": role, "content": "", "tool_calls": tools.read_sharegpt_call(
+            message.get(content_key), path, line, f"{where}.{content_key}")}
+    calls = tools.read_tool_calls(message, path, line, where) if role == "assistant" else []
+    for key in ("tool_calls", "function_call"):
+        if not calls and message.get(key):
+            raise DataError(path, line, f"{where}.{key}",
+                            f"a {role} turn with tool calls: only assistant turns call tools")
+    # A turn that calls tools may say nothing else (its content null or "").
+    content = ("" if calls and not message.get(content_key) else
+               _message_text(message.get(content_key), path, line, f"{where}.{content_key}"))
+    if role == "assistant" and not calls and not content.strip():
+        raise DataError(path, line, f"{where}.{content_key}", "empty answer")
+    read = {"role": role, "content": content}
+    if calls:
+        read["tool_calls"] = calls
+    if role == "tool":
+        for key in tools.TOOL_RESULT_KEYS:
+            if (value := message.get(key)) is not None:
+                if not isinstance(value, str):
+                    raise DataError(path, line, f"{where}.{key}",
+                                    f"expected a string, got {type(value).__name__}")
+                read[key] = value
+    return read
+
+
 def _unpassed_key_reason(key: str) -> str:
-    if key in TOOL_CALL_KEYS:
-        return ("tool calls are not supported (the template is not given them, so the turn "
-                "would train without its call); drop the row")
     return (f"reasoning in its own key is not supported (it would be dropped): write it into "
             "the content as the model's template expects (e.g. <think>...</think>), or drop "
             f"the {key!r} key")
@@ -726,6 +745,7 @@ def refuse_answer_probe(texts: dict[str, str], path: str, line: int) -> None:
 def tokenize_conversation(
     tokenizer, messages: list[dict], max_length: int | None,
     special: re.Pattern | None | bool = True, trained: list[bool] | None = None,
+    tool_definitions: list[dict] | None = None,
 ) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, for one conversation.
 
@@ -734,16 +754,24 @@ def tokenize_conversation(
     around them (a default system prompt, role headers, the newline after the end-of-turn token).
     `special` is the tokenizer's :func:`special_token_pattern` (True: build it here).
     `trained` says per message which assistant turns are answer (None: all of them).
+    `tool_definitions` go to the template as its `tools`; a turn's tool calls are answer too.
     """
     if special is True:
         special = special_token_pattern(tokenizer)
     if any(ANSWER_PROBE in message["content"] for message in messages):
         raise ValueError(f"the row holds {ANSWER_PROBE!r}, the string minorsft puts in place of "
                          "an answer to find where the template writes it; remove it")
-    full_text = _render(tokenizer, messages, generation_prompt=False)
-    spans = [_answer_span(tokenizer, messages, index, full_text, special)
-             for index, message in enumerate(messages) if message["role"] == "assistant"
-             and (trained is None or trained[index])]
+    def render(some: list[dict], generation_prompt: bool) -> str:
+        return _render(tokenizer, some, generation_prompt, tool_definitions)
+
+    full_text = render(messages, generation_prompt=False)
+    answers = {index: _answer_span(render, messages, index, full_text, special)
+               for index, message in enumerate(messages) if message["role"] == "assistant"
+               and (trained is None or trained[index])}
+    if tool_definitions or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
+        if reason := tools.unrendered(full_text, answers, messages, tool_definitions):
+            raise ValueError(reason)
+    spans = list(answers.values())
 
     encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoded["input_ids"])
@@ -767,8 +795,8 @@ def tokenize_conversation(
 ANSWER_PROBE = "MINORSFT_ANSWER_PROBE_7F3A"
 
 
-def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
-                 special: re.Pattern | None) -> tuple[int, int]:
+def _answer_span(render: Callable[[list[dict], bool], str], messages: list[dict], index: int,
+                 full_text: str, special: re.Pattern | None) -> tuple[int, int]:
     """Where assistant turn `index`'s answer lies in `full_text`: (start, stop) character offsets.
 
     Templates add text of their own around a turn's content: a role header, a default system
@@ -778,10 +806,12 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     it, whatever the content is (a template may also trim it). The whole conversation is
     rendered, not the part up to this turn: templates may render a turn differently when more
     follows (Qwen3's writes an empty thinking block only into turns after the last user turn).
+    `render(messages, generation_prompt)` is the template with the row's tool definitions.
     """
+    if "tool_calls" in messages[index]:
+        return _tool_call_span(render, messages, index, full_text, special)
     probe_turn = dict(messages[index], content=ANSWER_PROBE)
-    probed = _render(tokenizer, [*messages[:index], probe_turn, *messages[index + 1:]],
-                     generation_prompt=False)
+    probed = render([*messages[:index], probe_turn, *messages[index + 1:]], False)
     if probed.count(ANSWER_PROBE) != 1:
         raise ValueError("the chat template does not render an assistant turn's content once; "
                          "cannot locate the answer tokens")
@@ -791,7 +821,7 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     # Trained after exactly the prompt that generation starts from: the conversation so far
     # plus the generation prompt. (An empty conversation cannot be rendered, so a first turn
     # has only the checks on the probe.)
-    before = _render(tokenizer, messages[:index], generation_prompt=True) if index else None
+    before = render(messages[:index], True) if index else None
     if full_text.startswith(head) and full_text.endswith(tail) and content_end > len(head):
         start = len(head)
         if before is not None and not head.startswith(before):
@@ -809,9 +839,8 @@ def _answer_span(tokenizer, messages: list[dict], index: int, full_text: str,
     # The turn's own end: what the template writes after the content both when the
     # conversation ends with this turn and when it goes on (Phi-3's writes the eos token once,
     # after the last turn's <|end|>\n; the next turn's header is not this turn's).
-    own_tail = tail if index == len(messages) - 1 else _render(
-        tokenizer, [*messages[:index], probe_turn], generation_prompt=False
-    ).split(ANSWER_PROBE)[-1]
+    own_tail = tail if index == len(messages) - 1 else render(
+        [*messages[:index], probe_turn], False).split(ANSWER_PROBE)[-1]
     turn_end = os.path.commonprefix([own_tail, tail])
     return start, content_end + _end_of_turn(turn_end, special)
 
@@ -846,14 +875,88 @@ def _end_of_turn(turn_end: str, special: re.Pattern | None) -> int:
     return len(turn_end.rstrip())
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[dict],
+                    index: int, full_text: str, special: re.Pattern | None) -> tuple[int, int]:
+    """Where assistant turn `index`, which calls tools, lies in `full_text`: its content (if
+    any) and its calls as the template writes them, up to and including the token that ends it.
+
+    Templates write calls in their own markup (Qwen's <tool_call>{json}</tool_call>, Llama's
+    bare JSON, gpt-oss's `to=functions.name ... <|call|>`), and some drop the content of a turn
+    that calls, so the answer is found from around it. It starts where the turn's content
+    starts (found with the probe where the template writes the content, else right after the
+    generation prompt). It ends as a turn with plain content in its place would (at its
+    end-of-turn token, the conversation going on the same), else, where the template ends a
+    conversation that stops at this turn with a special token (gpt-oss's <|call|>, Gemma 4's
+    <|tool_response>), at that token.
+    """
+    turn = sum(message["role"] == "assistant" for message in messages[: index + 1])
+    if index == 0:
+        raise ValueError(f"assistant turn {turn} calls a tool before any prompt; a chat that "
+                         "calls tools starts with a user turn")
+    before = render(messages[:index], True)
+    if not full_text.startswith(before):
+        raise ValueError(_history_differs_reason(messages, index, turn))
+    start = len(before)
+    probed = render([*messages[:index], dict(messages[index], content=ANSWER_PROBE),
+                     *messages[index + 1:]], False)
+    if probed.count(ANSWER_PROBE) == 1:  # the template writes the content of a calling turn
+        head = probed.split(ANSWER_PROBE)[0]
+        names = [call["function"]["name"] for call in messages[index]["tool_calls"]]
+        if (full_text.startswith(head) and head.startswith(before)
+                and not any(name in head[start:] for name in names)):
+            # (not the empty thinking block Qwen3's writes before the content; but the calls,
+            # where a template writes them before the content, are answer)
+            start = len(head)
+    stop = _plain_turn_end(render, messages, index, full_text, special)
+    if stop is None:
+        upto = full_text if index == len(messages) - 1 else render(messages[: index + 1], False)
+        ending = upto[start:].rstrip()
+        found = special.search(ending, max(0, len(ending) - 64)) if special else None
+        while found and found.end() < len(ending):  # the last special token, if it ends it
+            found = special.search(ending, found.end())
+        if found is None or start + len(ending) > len(full_text) or (
+                full_text[:start + len(ending)] != upto[:start + len(ending)]):
+            raise ValueError(f"the chat template ends assistant turn {turn}, which calls a "
+                             "tool, otherwise than a turn with text, and not with a special "
+                             "token; cannot locate where its answer ends")
+        stop = start + len(ending)
+    if stop <= start:
+        raise ValueError(f"cannot locate assistant turn {turn}'s tool call in the rendered text")
+    return start, stop
+
+
+def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[dict],
+                    index: int, full_text: str, special: re.Pattern | None) -> int | None:
+    """Where turn `index` ends in `full_text` if the template ends it as a turn with plain
+    content (the probe) in its place, and writes what follows the same; None where not."""
+    plain = {"role": "assistant", "content": ANSWER_PROBE}
+    try:
+        rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
+        last = rendered if index == len(messages) - 1 else render([*messages[:index], plain],
+                                                                   False)
+    except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
+        return None
+    if rendered.count(ANSWER_PROBE) != 1 or last.count(ANSWER_PROBE) != 1:
+        return None
+    tail = rendered.split(ANSWER_PROBE)[1]
+    turn_end = os.path.commonprefix([tail, last.split(ANSWER_PROBE)[1]])
+    found = special.search(turn_end) if special else None
+    if found is None or not full_text.endswith(tail):  # (an end-of-turn token, not a "<")
+        return None
+    return len(full_text) - len(tail) + found.end()
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool,
+            tool_definitions: list[dict] | None = None) -> str:
     from jinja2.exceptions import TemplateError  # transformers' template engine, needed here only
 
     try:
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except (TemplateError, ValueError) as error:  # e.g. "roles must alternate user/assistant"
+            messages, tools=tool_definitions, tokenize=False,
+            add_generation_prompt=generation_prompt)
+    # (TypeError: a template adding a string to what it takes for one, as DeepSeek-V3's does
+    # with a call's arguments)
+    except (TemplateError, ValueError, TypeError) as error:  # "roles must alternate ..."
         raise ValueError(f"the chat template refused this conversation: {error}") from error
 
 
@@ -918,7 +1021,7 @@ def classify_rows(
             try:
                 input_ids, answer_mask, truncated = tokenize_conversation(
                     tokenizer, conversation.messages, max_length, special,
-                    conversation.trained)
+                    conversation.trained, conversation.tools)
             except ValueError as error:  # the template's, about the conversation as a whole
                 raise DataError(path_str, row.line, conversation.fields, str(error)) from error
             if not any(answer_mask):

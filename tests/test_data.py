@@ -834,13 +834,13 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
 @pytest.mark.parametrize(("row", "field", "reason"), [
     ({"messages": [_user("Weather?"), _assistant("Let me check.", tool_calls=[
         {"type": "function", "function": {"name": "get_weather", "arguments": {}}}])]},
-     "messages[1].tool_calls", "tool calls are not supported"),
-    ({"messages": [_user("Weather?"), {"role": "tool", "content": "sunny"}, _assistant("Sun.")]},
-     "messages[1].role", "a 'tool' turn: tool calling is not supported"),
+     "messages", "the chat template does not render tool calls"),  # (this one: ChatML)
     ({"messages": [_user("2 plus 3?"), _assistant("5", reasoning_content="2+3=5")]},
      "messages[1].reasoning_content", "reasoning in its own key is not supported"),
     ({"messages": [_user("Weather?"), _assistant("Sun.")], "tools": [{"type": "function"}]},
-     "tools", "tool definitions are not supported"),
+     "tools[0].name", "expected the tool's name"),
+    ({"messages": [_user("Weather?"), _assistant("Sun.")], "tools": [{"name": "get_weather"}]},
+     "messages", "the chat template does not render tool definitions"),
     ({"messages": [_user([{"type": "image_url", "image_url": {"url": "x"}}]), _assistant("A")]},
      "messages[0].content[0]", "got a part of type 'image_url'"),
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
@@ -849,7 +849,7 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
      "expected a string, got list"),  # (a crash of the whole run, not a rejection)
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "function_call", "value": "{}"},
                         {"from": "gpt", "value": "A"}]},
-     "conversations[1].from", "a 'function_call' turn: tool calling is not supported"),
+     "conversations[1].value.name", "expected the called tool's name"),
     ({"prompt": "Q"}, "response", "so it reads as the prompt/response format); with a "
      "'completion' column it reads as prompt/completion"),
     ({"prompt": "Q", "completion": [_assistant("A")]}, "prompt",
@@ -858,7 +858,8 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
 def test_what_would_be_dropped_is_refused_with_the_field(tiny_tokenizer, tmp_path, row, field,
                                                          reason):
     """Tool calls, tool turns, tool definitions and reasoning in its own key were dropped
-    without a word: the row trained on other text than it holds."""
+    without a word: the row trained on other text than it holds. (Since 0.6.0 tool calling is
+    read, and refused where the template drops it: tests/test_tools.py.)"""
     (rejected,) = read_all(tiny_tokenizer, tmp_path, [row])
     assert isinstance(rejected, Rejection), rejected
     assert rejected.field == field and reason in rejected.reason, rejected

@@ -1,0 +1,12 @@
+"""The error every bad input row raises: its own module, so that the readers of parts of a row
+(`minorsft.tools`) and `minorsft.data`, which uses them, can both raise it."""
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the line (or row) and the field."""
+
+    def __init__(self, path: str, line: int | None, field_name: str | None, reason: str):
+        self.path, self.line, self.field, self.reason = path, line, field_name, reason
+        where = path if line is None else f"{path}:{line}"
+        what = f" field {field_name!r}:" if field_name else ""
+        super().__init__(f"{where}:{what} {reason}")

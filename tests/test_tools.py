@@ -1,0 +1,217 @@
+"""Tool calling in chat rows: definitions, calls and results reach the template, a calling turn
+is answer up to its end-of-turn token, and a template that leaves any of them out is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from minorsft.cache import iter_rows, read_metadata
+from minorsft.data import Rejection, iter_examples
+from minorsft.precompute import PrecomputeConfig, run_precompute
+from minorsft.train import TrainConfig, run_train
+from minorsft.verify import VerifyConfig, run_verify
+
+from .conftest import build_tiny_tokenizer, write_jsonl
+
+# Qwen2.5's way, written small: tools in the system turn, a call as JSON in <tool_call> tags
+# after the turn's content, a result in a `tool` turn.
+HERMES = (
+    "{%- if tools -%}{{- '<|im_start|>system\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools><|im_end|>\\n' -}}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call.function.name + '\", \"arguments\": '"
+    " + (call.function.arguments | tojson) + '}\\n</tool_call>' -}}"
+    "{%- endfor -%}{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+# Llama 3.1's way: a calling turn is the call alone, its content left out.
+CALL_ONLY = HERMES.replace(
+    "'\\n' + message['content'] -}}",
+    "'\\n' + ('' if message.get('tool_calls') else message['content']) -}}")
+# gpt-oss's way: a calling turn ends with its own token (here <|endoftext|>), not <|im_end|>.
+OWN_END = HERMES.replace(
+    "{%- endfor -%}{{- '<|im_end|>\\n' -}}{%- endfor -%}",
+    "{%- endfor -%}{{- '<|endoftext|>' if message.get('tool_calls') else '<|im_end|>\\n' -}}"
+    "{%- endfor -%}")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+ROW = {"tools": [WEATHER], "messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    {"role": "assistant", "content": "It is sunny in Paris."}]}
+CALL_ANSWER = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+               '</tool_call><|im_end|>')
+
+
+def tokenizer_with(template: str):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def read_rows(tokenizer, tmp_path, rows):
+    return list(iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer,
+                              on_bad="skip"))
+
+
+def answers(tokenizer, example) -> list[str]:
+    """The example's answer tokens, decoded run by run."""
+    runs, run = [], []
+    for token, kept in zip(example.input_ids, example.answer_mask, strict=True):
+        if kept:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, tokenizer.decode(run)], []
+    return runs + ([tokenizer.decode(run)] if run else [])
+
+
+def test_a_calling_turn_is_answer_and_definitions_and_results_are_prompt(tmp_path):
+    tokenizer = tokenizer_with(HERMES)
+    (example,) = read_rows(tokenizer, tmp_path, [ROW])
+    assert answers(tokenizer, example) == [CALL_ANSWER, "It is sunny in Paris.<|im_end|>"]
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith('<|im_start|>system\n<tools>\n{"type": "function", "function": '
+                           '{"name": "get_weather"')
+    assert "<|im_start|>tool\nsunny, 21 C<|im_end|>" in text
+
+
+@pytest.mark.parametrize("layout", [
+    "dict arguments", "bare call", "older function_call", "tools as a JSON string",
+    "a lone definition", "ipython result", "function result", "sharegpt", "sharegpt list",
+])
+def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layout):
+    """The layouts datasets use (OpenAI's, transformers', LLaMA-Factory's ShareGPT) read as
+    one: arguments as an object or a JSON string, calls nested or bare, the result's role."""
+    messages = json.loads(json.dumps(ROW["messages"]))
+    row = {"tools": [WEATHER], "messages": messages}
+    call, result = messages[1], messages[2]
+    function = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    if layout == "dict arguments":
+        call["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    elif layout == "bare call":
+        call["tool_calls"] = [function]
+    elif layout == "older function_call":
+        del call["tool_calls"]
+        call["function_call"] = function
+    elif layout == "tools as a JSON string":
+        row["tools"] = json.dumps([WEATHER])
+    elif layout == "a lone definition":
+        row["tools"] = WEATHER
+    elif layout in ("ipython result", "function result"):
+        result["role"] = layout.split()[0]
+    else:
+        value = json.dumps([function] if layout == "sharegpt list" else function)
+        row = {"tools": json.dumps([WEATHER]), "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": value},
+            {"from": "observation", "value": "sunny, 21 C"},
+            {"from": "gpt", "value": "It is sunny in Paris."}]}
+    tokenizer = tokenizer_with(HERMES)
+    (expected,), (example,) = (read_rows(tokenizer, tmp_path, [ROW]),
+                               read_rows(tokenizer, tmp_path, [row]))
+    assert not isinstance(example, Rejection), example
+    # (the call id is not rendered by this template, so rows without one match too)
+    assert (example.input_ids, example.answer_mask) == (expected.input_ids,
+                                                        expected.answer_mask)
+
+
+@pytest.mark.parametrize(("template", "call_answer"), [
+    (CALL_ONLY, CALL_ANSWER),
+    (OWN_END, "Let me check." + CALL_ANSWER.replace("<|im_end|>", "<|endoftext|>")),
+    (HERMES, "Let me check." + CALL_ANSWER),
+])
+def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, call_answer):
+    """A template that drops a calling turn's content, one that ends the turn with a token of
+    its own, and a turn with text before its call: the answer is what generation writes after
+    the generation prompt, up to the token that ends the turn."""
+    row = json.loads(json.dumps(ROW))
+    row["messages"][1]["content"] = "Let me check."
+    tokenizer = tokenizer_with(template)
+    (example,) = read_rows(tokenizer, tmp_path, [row])
+    assert answers(tokenizer, example) == [call_answer, "It is sunny in Paris.<|im_end|>"]
+
+
+def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
+    """Before 0.6.0 any tool calling was refused; now a template that drops a part of it (the
+    test model's plain ChatML drops calls and definitions) is, rather than training without."""
+    tokenizer = build_tiny_tokenizer()
+    without_definitions = dict(ROW, messages=[ROW["messages"][0], ROW["messages"][3]])
+    with_weight_0 = json.loads(json.dumps(ROW))
+    with_weight_0["messages"][1]["weight"] = 0
+    del with_weight_0["tools"]
+    rejected = read_rows(tokenizer, tmp_path, [ROW, without_definitions, with_weight_0])
+    assert [r.field for r in rejected] == ["messages"] * 3
+    assert "does not render tool calls (assistant turn 1's call to 'get_weather'" in (
+        rejected[0].reason)
+    assert "does not render tool definitions (tool 'get_weather'" in rejected[1].reason
+    assert "does not render tool calls" in rejected[2].reason  # (an untrained call too)
+    assert "--chat-template" in rejected[0].reason
+
+
+@pytest.mark.parametrize(("change", "field", "reason"), [
+    (lambda row: row.update(tools="[{"), "tools", "the string is not JSON"),
+    (lambda row: row.update(tools=[{"type": "function", "function": {}}]),
+     "tools[0].function.name", "expected the tool's name"),
+    (lambda row: row.update(tools=["get_weather"]), "tools[0]",
+     "expected a tool definition"),
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(arguments="city=Paris"),
+     "messages[1].tool_calls[0].function.arguments", "not JSON"),
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(arguments=["Paris"]),
+     "messages[1].tool_calls[0].function.arguments", "expected an object of arguments"),
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].pop("name"),
+     "messages[1].tool_calls[0].function.name", "expected the called tool's name"),
+    (lambda row: row["messages"][1].update(tool_calls={"name": "x"}),
+     "messages[1].tool_calls", "expected a list of calls"),
+    (lambda row: row["messages"][0].update(tool_calls=[CALL]),
+     "messages[0].tool_calls", "only assistant turns call tools"),
+    (lambda row: row["messages"][2].update(training=True),
+     "messages[2].training", "a tool turn marked to be trained"),
+    (lambda row: row["messages"][2].update(tool_call_id=7),
+     "messages[2].tool_call_id", "expected a string, got int"),
+    (lambda row: row["messages"][2].update(content=None), "messages[2].content", "missing"),
+    (lambda row: row["messages"][1].update(content=None, tool_calls=[]),
+     "messages[1].content", "missing"),
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(
+        arguments={"city": "<|im_end|>"}),
+     "messages[1].tool_calls[0]", "special token '<|im_end|>'"),
+    (lambda row: row.update(tools=[dict(WEATHER, description="<|im_start|>")]), "tools",
+     "special token '<|im_start|>'"),
+    (lambda row: row["messages"].pop(0), "messages",
+     "assistant turn 1 calls a tool before any prompt"),
+])
+def test_bad_tool_calling_rows_are_rejected_naming_the_field(tmp_path, change, field, reason):
+    row = json.loads(json.dumps(ROW))
+    change(row)
+    (rejected,) = read_rows(tokenizer_with(HERMES), tmp_path, [row])
+    assert isinstance(rejected, Rejection), rejected
+    assert rejected.field == field and reason in rejected.reason, rejected
+
+
+def test_a_tool_calling_cache_matches_a_fresh_forward_pass_and_trains(tiny_model_dir, tmp_path):
+    """precompute with a tool template file, verify (cached log-probs against a fresh forward
+    pass of the tokens) and a training step on the calls."""
+    (tmp_path / "hermes.jinja").write_text(HERMES)
+    rows = [dict(json.loads(json.dumps(ROW)), id=f"r{i}") for i in range(3)]
+    rows[1]["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Rome"}
+    data = write_jsonl(tmp_path / "tools.jsonl", rows)
+    cache = tmp_path / "cache"
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(cache),
+                                    chat_template=str(tmp_path / "hermes.jinja"),
+                                    verify_sample=0), Console(quiet=True))
+    cached = list(iter_rows(cache))
+    assert len(cached) == 3 and read_metadata(cache)["chat_template"]["text"] == HERMES
+    assert run_verify(VerifyConfig(cache=str(cache)), Console(quiet=True)).rows == 3
+    history = run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"),
+                                    batch_size=3, max_steps=1), Console(quiet=True))
+    assert abs(history[0]["m_theta"]) < 1e-5  # the policy starts as the reference
