@@ -416,15 +416,14 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     def single_turn(prompt_key: str, answer_key: str) -> Conversation:
         return one_turn(text(prompt_key), answer_key)
 
-    if spec.prompt_field or spec.response_field:
-        # Named columns (both, FieldSpec checks) win over any known format's columns the row
-        # also has (a `tools` column among them is not this prompt's).
-        defined = None
+    # Named columns (both, FieldSpec checks) win over any known format's columns the row also
+    # has (a `tools` column among them is not this prompt's).
+    named = bool(spec.prompt_field or spec.response_field)
+    defined = None if named else tools.read_tools(record.get("tools"), path, line)
+    if defined:
+        texts["tools"] = tools.as_text(defined)
+    if named:
         return single_turn(spec.prompt_field, spec.response_field)
-    # (read before the turns, whose checks do not need them, so that `tools` is the first
-    # field named in `texts`; the rendering then checks that the template wrote them)
-    if defined := tools.read_tools(record.get("tools"), path, line):
-        texts["tools"] = json.dumps(defined, ensure_ascii=False)
     row_format = _row_format(record, path, line)
     if row_format in ("chat", "sharegpt"):
         column = FORMATS[row_format][0]
@@ -591,13 +590,19 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
         trained = answers and _turn_trained(message, read["role"], path, line, where)
         turns.messages.append(read)
         turns.trained.append(trained)
-        content_field = f"{where}.{content_key}"
+        content_field = message_field = f"{where}.{content_key}"
         turns.texts[content_field] = read["content"]
         if calls := read.get("tool_calls"):
-            calls_field = (content_field if role == "function_call" else f"{where}.tool_calls"
-                           if message.get("tool_calls") else f"{where}.function_call")
-            turns.texts.update(tools.call_texts(calls, calls_field))
-        turns.fields.append(calls_field if calls and not read["content"] else content_field)
+            # (ShareGPT's call turn holds its call in its value)
+            calls_field = (content_field if role == "function_call"
+                           else f"{where}.{tools.calls_key(message)}")
+            turns.texts[calls_field] = tools.as_text(calls)
+            if not read["content"]:
+                message_field = calls_field
+        for key in tools.TOOL_RESULT_KEYS:  # (a result's; written into the prompt)
+            if key in read:
+                turns.texts[f"{where}.{key}"] = read[key]
+        turns.fields.append(message_field)
     if answers and not any(m["role"] == "assistant" for m in turns.messages):
         raise DataError(path, line, column, "no assistant turn: nothing to train on")
     if answers and not any(turns.trained):
@@ -614,11 +619,10 @@ def _read_message(message: dict, given_role: str, role: str, content_key: str, p
     if given_role == "function_call":  # ShareGPT's call turn: the value is the call
         return {"role": role, "content": "", "tool_calls": tools.read_sharegpt_call(
             message.get(content_key), path, line, f"{where}.{content_key}")}
+    if role != "assistant" and (key := tools.calls_key(message)):
+        raise DataError(path, line, f"{where}.{key}",
+                        f"a {role} turn with tool calls: only assistant turns call tools")
     calls = tools.read_tool_calls(message, path, line, where) if role == "assistant" else []
-    for key in ("tool_calls", "function_call"):
-        if not calls and message.get(key):
-            raise DataError(path, line, f"{where}.{key}",
-                            f"a {role} turn with tool calls: only assistant turns call tools")
     # A turn that calls tools may say nothing else (its content null or "").
     content = ("" if calls and not message.get(content_key) else
                _message_text(message.get(content_key), path, line, f"{where}.{content_key}"))
@@ -769,7 +773,11 @@ def tokenize_conversation(
                for index, message in enumerate(messages) if message["role"] == "assistant"
                and (trained is None or trained[index])}
     if tool_definitions or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
-        if reason := tools.unrendered(full_text, answers, messages, tool_definitions):
+        def render_with(some: list[dict], definitions: list[dict] | None) -> str:
+            return _render(tokenizer, some, False, definitions)
+
+        if reason := tools.unrendered(render_with, full_text, answers, messages,
+                                      tool_definitions):
             raise ValueError(reason)
     spans = list(answers.values())
 
@@ -899,6 +907,11 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
     start = len(before)
     probed = render([*messages[:index], dict(messages[index], content=ANSWER_PROBE),
                      *messages[index + 1:]], False)
+    if messages[index]["content"].strip() and probed.count(ANSWER_PROBE) != 1:
+        # (Llama 3.1's writes the call alone): the turn's text would be lost
+        raise ValueError(f"the chat template drops the text of assistant turn {turn}, which "
+                         "calls a tool; leave the text out of the turn, or give a template "
+                         "that writes it with --chat-template")
     if probed.count(ANSWER_PROBE) == 1:  # the template writes the content of a calling turn
         head = probed.split(ANSWER_PROBE)[0]
         names = [call["function"]["name"] for call in messages[index]["tool_calls"]]
@@ -930,13 +943,20 @@ def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[di
     """Where turn `index` ends in `full_text` if the template ends it as a turn with plain
     content (the probe) in its place, and writes what follows the same; None where not."""
     plain = {"role": "assistant", "content": ANSWER_PROBE}
+    later = tools.with_result_probes(messages)[index + 1:]
     try:
         rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
         last = rendered if index == len(messages) - 1 else render([*messages[:index], plain],
                                                                    False)
+        probed = render([*messages[:index], plain, *later], False)
     except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
         return None
     if rendered.count(ANSWER_PROBE) != 1 or last.count(ANSWER_PROBE) != 1:
+        return None
+    # What follows must be written the same after a plain turn, results included (Gemma 4's
+    # drops a result that follows no call, and writes one that does inside the calling turn)
+    if any(tools.RESULT_PROBE.format(i) not in probed for i, m in enumerate(later, index + 1)
+           if m["role"] == "tool"):
         return None
     tail = rendered.split(ANSWER_PROBE)[1]
     turn_end = os.path.commonprefix([tail, last.split(ANSWER_PROBE)[1]])
@@ -954,10 +974,14 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool,
         return tokenizer.apply_chat_template(
             messages, tools=tool_definitions, tokenize=False,
             add_generation_prompt=generation_prompt)
-    # (TypeError: a template adding a string to what it takes for one, as DeepSeek-V3's does
-    # with a call's arguments)
-    except (TemplateError, ValueError, TypeError) as error:  # "roles must alternate ..."
+    except (TemplateError, ValueError) as error:  # e.g. "roles must alternate user/assistant"
         raise ValueError(f"the chat template refused this conversation: {error}") from error
+    except Exception as error:  # noqa: BLE001 (the template's code meeting the row's data)
+        # Tool definitions and calls are the row's own objects, handed to the template's code:
+        # DeepSeek-V3's adds a string to a call's arguments (TypeError), Gemma 4's sorts a
+        # definition's `properties` as an object (AttributeError on a list).
+        raise ValueError(f"the chat template failed on this conversation: "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = None) -> str:

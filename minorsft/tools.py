@@ -22,6 +22,7 @@ rejected rather than trained on without them.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from minorsft.data_errors import DataError
 
@@ -32,8 +33,9 @@ TOOL_RESULT_KEYS = ("name", "tool_call_id")
 
 
 def read_tools(value, path: str, line: int) -> list[dict] | None:
-    """The row's tool definitions, or None where it defines none (null, empty, "[]")."""
-    if value is None or value == "" or value is False:
+    """The row's tool definitions, or None where it defines none (null, false, 0, empty, "[]",
+    "null")."""
+    if value is None or value == "" or value is False or value == 0:
         return None
     if isinstance(value, str):
         try:
@@ -42,6 +44,10 @@ def read_tools(value, path: str, line: int) -> list[dict] | None:
             raise DataError(path, line, "tools", "expected a list of tool definitions or a "
                             f"JSON string of one; the string is not JSON ({error.msg} at "
                             f"character {error.pos})") from None
+        if value is None:
+            return None
+    elif from_parquet(path):
+        value = without_nulls(value)
     if isinstance(value, dict):
         value = [] if not value else [value]  # one definition, not in a list
     if not isinstance(value, list):
@@ -68,20 +74,53 @@ def tool_name(definition, path: str, line: int, where: str) -> str:
     return name
 
 
+def calls_key(message: dict) -> str | None:
+    """Which key of a message holds its calls: `tool_calls`, the older `function_call`, or
+    none."""
+    return next((key for key in ("tool_calls", "function_call") if message.get(key)), None)
+
+
 def read_tool_calls(message: dict, path: str, line: int, where: str) -> list[dict]:
-    """An assistant message's calls (`tool_calls`, or the older single `function_call`), in
-    the layout templates take; [] where it makes none."""
-    calls, key = message.get("tool_calls"), "tool_calls"
-    if not calls and message.get("function_call"):
-        calls, key = [message["function_call"]], "function_call"
-    if not calls:
+    """An assistant message's calls (`tool_calls`, a JSON string of them, or the older single
+    `function_call`), in the layout templates take; [] where it makes none."""
+    key = calls_key(message)
+    if key is None:
         return []
-    if not isinstance(calls, list):
-        raise DataError(path, line, f"{where}.{key}",
+    calls, where = message[key], f"{where}.{key}"
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError as error:
+            raise DataError(path, line, where, "expected a list of calls or a JSON string of "
+                            f"one; not JSON ({error.msg} at character {error.pos})") from None
+    elif from_parquet(path):
+        calls = without_nulls(calls)
+    if key == "function_call":
+        calls = [calls]  # one call, and its fields are named without an index
+    elif not isinstance(calls, list):
+        raise DataError(path, line, where,
                         f"expected a list of calls, got {type(calls).__name__}")
-    return [read_call(call, path, line, f"{where}.{key}"
-                      + (f"[{index}]" if key == "tool_calls" else ""))
+    return [read_call(call, path, line, where + ("" if key == "function_call" else f"[{index}]"))
             for index, call in enumerate(calls)]
+
+
+def from_parquet(path: str) -> bool:
+    return path.lower().endswith(".parquet")
+
+
+def without_nulls(value):
+    """`value` without the keys whose value is null, at any depth.
+
+    A Parquet struct column has one schema for all its rows, so each row's definitions and
+    arguments come back with every other row's keys, as nulls (`{"city": null, "tz": "CET"}`):
+    left in, they would teach calls with parameters the tool does not have. A null that a
+    row's data really holds cannot be told apart there; as a JSON string it is kept.
+    """
+    if isinstance(value, dict):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
 
 
 def read_sharegpt_call(value, path: str, line: int, where: str) -> list[dict]:
@@ -140,45 +179,71 @@ def _arguments(value, path: str, line: int, where: str) -> dict:
     return value
 
 
-def call_texts(calls: list[dict], where: str) -> dict[str, str]:
-    """The calls as text, by field, for the checks every text field goes through (special
-    tokens): a call's arguments are written into the answer as they are."""
-    return {f"{where}[{index}]": json.dumps(call["function"], ensure_ascii=False)
-            for index, call in enumerate(calls)}
+def as_text(value) -> str:
+    """Definitions or a call as text, for the checks every text field goes through (special
+    tokens): they are written into the prompt or the answer as they are. (A Parquet date or
+    decimal in them is written as its text: the template decides whether it takes it.)"""
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def unrendered(full_text: str, spans: dict[int, tuple[int, int]], messages: list[dict],
+# Stands in for a tool's result, to find whether and where the template writes it.
+RESULT_PROBE = "MINORSFT_RESULT_PROBE_{}_9C2E"
+
+
+def with_result_probes(messages: list[dict]) -> list[dict]:
+    """The conversation with each tool result's content replaced by its own probe."""
+    return [dict(message, content=RESULT_PROBE.format(index)) if message["role"] == "tool"
+            else message for index, message in enumerate(messages)]
+
+
+def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text: str,
+               answers: dict[int, tuple[int, int]], messages: list[dict],
                tools: list[dict] | None) -> str | None:
-    """What of the row's tool calling the rendered text lacks, as the reason to reject the row;
-    None where all of it is there.
+    """What of the row's tool calling the template leaves out, as the reason to reject the row;
+    None where it writes all of it.
 
-    `spans` maps the index of each trained assistant turn to its answer's (start, stop). Every
-    call's tool name and argument names must lie inside its turn's answer (an untrained turn's
-    anywhere in the text), every defined tool's name and every non-empty result in the text.
+    `render(messages, tools)` is the template; `answers` maps the index of each trained
+    assistant turn to its answer's (start, stop) in `full_text`. Each part is checked by
+    rendering the conversation without it, so that text elsewhere in the row (a definition
+    holding a call's name, an answer quoting a result) cannot stand in for it: the
+    definitions must change the text; each call must change it, and its tool's name and
+    argument names lie inside its turn's answer (where the turn is trained); each result must
+    be written (its probe in the text).
     """
-    turns = results = 0
+    if tools and render(messages, None) == full_text:
+        return ("the chat template does not render tool definitions (the text is the same "
+                f"without them); {_GIVE_ONE}")
+    turn = 0
     for index, message in enumerate(messages):
-        turns += message["role"] == "assistant"
-        results += message["role"] == "tool"
-        turn_text = full_text[slice(*spans[index])] if index in spans else full_text
+        turn += message["role"] == "assistant"
         for call in message.get("tool_calls") or ():
             function = call["function"]
-            missing = [word for word in (function["name"], *function["arguments"])
-                       if word not in turn_text]
-            if missing:
-                return (f"the chat template does not render tool calls (assistant turn {turns}'s "
-                        f"call to {function['name']!r}: {missing[0]!r} is not in the rendered "
-                        "turn); give a template that does with --chat-template (such as "
-                        "Qwen2.5's)")
-        if message["role"] == "tool" and message["content"] not in full_text:
+            where = f"assistant turn {turn}'s call to {function['name']!r}"
+            if index in answers:
+                text = full_text[slice(*answers[index])]
+                if missing := [word for word in (function["name"], *function["arguments"])
+                               if word not in text]:
+                    return (f"the chat template does not render tool calls ({where}: "
+                            f"{missing[0]!r} is not in its answer); {_GIVE_ONE}")
+        if message.get("tool_calls") and _same_without_calls(render, messages, index, tools,
+                                                             full_text):
+            return (f"the chat template does not render tool calls (assistant turn {turn}'s "
+                    f"text is the same without them); {_GIVE_ONE}")
+    probed = render(with_result_probes(messages), tools)
+    for index, message in enumerate(messages):
+        if message["role"] == "tool" and RESULT_PROBE.format(index) not in probed:
+            results = sum(m["role"] == "tool" for m in messages[: index + 1])
             return (f"the chat template does not render tool results (tool result {results} "
-                    "is not in the rendered text); give a template that does with "
-                    "--chat-template")
-    for definition in tools or ():
-        name = (definition["function"] if isinstance(definition.get("function"), dict)
-                else definition)["name"]
-        if name not in full_text:
-            return (f"the chat template does not render tool definitions (tool {name!r} is not "
-                    "in the rendered prompt); give a template that does with --chat-template "
-                    "(such as Qwen2.5's)")
+                    f"is not in the text); {_GIVE_ONE}")
     return None
+
+
+_GIVE_ONE = "give a template that does with --chat-template (such as Qwen2.5's)"
+
+
+def _same_without_calls(render, messages: list[dict], index: int, tools, full_text: str) -> bool:
+    without = {key: value for key, value in messages[index].items() if key != "tool_calls"}
+    try:
+        return render([*messages[:index], without, *messages[index + 1:]], tools) == full_text
+    except ValueError:  # the template wants the calls there (a result follows): it reads them
+        return False

@@ -39,6 +39,25 @@ OWN_END = HERMES.replace(
     "{%- endfor -%}{{- '<|im_end|>\\n' -}}{%- endfor -%}",
     "{%- endfor -%}{{- '<|endoftext|>' if message.get('tool_calls') else '<|im_end|>\\n' -}}"
     "{%- endfor -%}")
+# Gemma 4's way: a result is written inside the calling turn, right after the call (a result
+# that follows no call is dropped), opened by the token (here <|endoftext|>) that the model
+# writes to hand over to the tool, which also ends a conversation that stops at a call.
+INLINE_RESULTS = (
+    "{%- for message in messages -%}{%- set previous = messages[loop.index0 - 1] -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.index0 and previous.get('tool_calls') -%}"
+    "{{- '<|endoftext|>' + message['content'] + '</tool_response>' -}}{%- endif -%}"
+    "{%- elif message.get('tool_calls') -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{{- '<tool_call>' + call.function.name + (call.function.arguments | tojson) -}}"
+    "{%- endfor -%}{%- if loop.last -%}{{- '<|endoftext|>' -}}{%- endif -%}"
+    "{%- elif loop.index0 and previous['role'] == 'tool' -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and messages[-1]['role'] != 'tool' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -88,6 +107,7 @@ def test_a_calling_turn_is_answer_and_definitions_and_results_are_prompt(tmp_pat
 
 @pytest.mark.parametrize("layout", [
     "dict arguments", "bare call", "older function_call", "tools as a JSON string",
+    "calls as a JSON string",
     "a lone definition", "ipython result", "function result", "sharegpt", "sharegpt list",
 ])
 def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layout):
@@ -104,6 +124,8 @@ def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layou
     elif layout == "older function_call":
         del call["tool_calls"]
         call["function_call"] = function
+    elif layout == "calls as a JSON string":
+        call["tool_calls"] = json.dumps(call["tool_calls"])
     elif layout == "tools as a JSON string":
         row["tools"] = json.dumps([WEATHER])
     elif layout == "a lone definition":
@@ -126,20 +148,33 @@ def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layou
                                                         expected.answer_mask)
 
 
-@pytest.mark.parametrize(("template", "call_answer"), [
-    (CALL_ONLY, CALL_ANSWER),
-    (OWN_END, "Let me check." + CALL_ANSWER.replace("<|im_end|>", "<|endoftext|>")),
-    (HERMES, "Let me check." + CALL_ANSWER),
+@pytest.mark.parametrize(("template", "text", "call_answer"), [
+    (CALL_ONLY, None, CALL_ANSWER),
+    (OWN_END, "Let me check.", "Let me check." + CALL_ANSWER.replace("<|im_end|>",
+                                                                     "<|endoftext|>")),
+    (HERMES, "Let me check.", "Let me check." + CALL_ANSWER),
+    (INLINE_RESULTS, None, '<tool_call>get_weather{"city": "Paris"}<|endoftext|>'),
 ])
-def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, call_answer):
-    """A template that drops a calling turn's content, one that ends the turn with a token of
-    its own, and a turn with text before its call: the answer is what generation writes after
-    the generation prompt, up to the token that ends the turn."""
+def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, text,
+                                                            call_answer):
+    """A template that writes a calling turn's call alone, one that ends the turn with a token
+    of its own, a turn with text before its call, and a template that writes the result inside
+    the calling turn (the result was answer): the answer is what generation writes after the
+    generation prompt, up to the token that ends the turn, never the result."""
     row = json.loads(json.dumps(ROW))
-    row["messages"][1]["content"] = "Let me check."
+    row["messages"][1]["content"] = text
+    if template == INLINE_RESULTS:
+        del row["tools"]  # (it writes none)
     tokenizer = tokenizer_with(template)
     (example,) = read_rows(tokenizer, tmp_path, [row])
     assert answers(tokenizer, example) == [call_answer, "It is sunny in Paris.<|im_end|>"]
+
+
+def test_a_template_that_drops_a_calling_turns_text_is_refused(tmp_path):
+    row = json.loads(json.dumps(ROW))
+    row["messages"][1]["content"] = "Let me check."
+    (rejected,) = read_rows(tokenizer_with(CALL_ONLY), tmp_path, [row])
+    assert "drops the text of assistant turn 1, which calls a tool" in rejected.reason
 
 
 def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
@@ -150,13 +185,73 @@ def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
     with_weight_0 = json.loads(json.dumps(ROW))
     with_weight_0["messages"][1]["weight"] = 0
     del with_weight_0["tools"]
-    rejected = read_rows(tokenizer, tmp_path, [ROW, without_definitions, with_weight_0])
-    assert [r.field for r in rejected] == ["messages"] * 3
+    without_tools = {key: value for key, value in ROW.items() if key != "tools"}
+    rejected = read_rows(tokenizer, tmp_path, [ROW, without_definitions, with_weight_0,
+                                               without_tools])
+    assert [r.field for r in rejected] == ["messages"] * 4
+    assert "does not render tool definitions (the text is the same" in rejected[0].reason
+    assert "does not render tool definitions" in rejected[1].reason
+    assert "does not render tool calls (assistant turn 1's text is the same" in (
+        rejected[2].reason)  # (an untrained call too)
     assert "does not render tool calls (assistant turn 1's call to 'get_weather'" in (
-        rejected[0].reason)
-    assert "does not render tool definitions (tool 'get_weather'" in rejected[1].reason
-    assert "does not render tool calls" in rejected[2].reason  # (an untrained call too)
+        rejected[3].reason)
     assert "--chat-template" in rejected[0].reason
+
+
+@pytest.mark.parametrize(("dropped", "weight", "reason"), [
+    ("{%- for call in message.get('tool_calls') or [] -%}", 0, "does not render tool calls"),
+    ("{%- for call in message.get('tool_calls') or [] -%}", 1, "does not render tool calls"),
+    ("{%- if tools -%}", 1, "does not render tool definitions"),
+    ("'<|im_start|>' + message['role']", 1, "does not render tool results"),
+])
+def test_text_elsewhere_in_the_row_does_not_pass_for_a_dropped_part(tmp_path, dropped, weight,
+                                                                    reason):
+    """A template that drops one part was let through where the row held its words elsewhere:
+    a call's name in the definitions (an untrained call) or in the turn's text, the definitions'
+    names in the call, a result quoted in the final answer."""
+    if dropped.startswith("{%- for"):  # calls: never written
+        template = HERMES.replace(dropped, "{%- for call in [] -%}")
+    elif dropped.startswith("{%- if"):  # definitions: never written
+        template = HERMES.replace(dropped, "{%- if false -%}")
+    else:  # results: a tool turn is not written
+        template = HERMES.replace(
+            "{%- for message in messages -%}",
+            "{%- for message in messages if message['role'] != 'tool' -%}")
+    row = json.loads(json.dumps(ROW))
+    row["messages"][1].update(content="I will use get_weather on Paris.", weight=weight)
+    row["messages"][3]["content"] = "It is sunny, 21 C in Paris."
+    (rejected,) = read_rows(tokenizer_with(template), tmp_path, [row])
+    assert isinstance(rejected, Rejection), rejected
+    assert reason in rejected.reason, rejected.reason
+
+
+def test_parquet_calls_and_definitions_lose_the_nulls_of_other_rows_keys(tmp_path):
+    """A Parquet struct column gives each row every other row's keys, as nulls: the call to
+    get_weather trained as {"city": "Paris", "tz": null}. A JSON string keeps its nulls; bad
+    structures and values the template cannot write are rejected, not a crash of the run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = json.loads(json.dumps(ROW))
+    other["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"tz": "CET"}
+    rows = [json.loads(json.dumps(ROW)), other]
+    rows[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    dated = json.loads(json.dumps(ROW))
+    dated["messages"][1]["tool_calls"][0]["function"]["arguments"] = {"day": "2026-11-28"}
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    tokenizer = tokenizer_with(HERMES)
+    first, second = iter_examples(path, tokenizer)
+    (expected,) = read_rows(tokenizer, tmp_path, [ROW])
+    assert first.input_ids == expected.input_ids
+    assert '{"tz": "CET"}' in tokenizer.decode(second.input_ids)
+    assert "null" not in tokenizer.decode(first.input_ids + second.input_ids)
+    broken = json.loads(json.dumps(ROW))
+    broken["tools"][0]["function"]["parameters"]["properties"] = ["city"]
+    gemma_like = HERMES.replace("(tool | tojson)", "(tool.function.parameters.properties | "
+                                "dictsort | string)")
+    (rejected,) = read_rows(tokenizer_with(gemma_like), tmp_path, [broken])
+    assert "the chat template failed on this conversation: " in rejected.reason
 
 
 @pytest.mark.parametrize(("change", "field", "reason"), [
@@ -184,7 +279,9 @@ def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
      "messages[1].content", "missing"),
     (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(
         arguments={"city": "<|im_end|>"}),
-     "messages[1].tool_calls[0]", "special token '<|im_end|>'"),
+     "messages[1].tool_calls", "special token '<|im_end|>'"),
+    (lambda row: row["messages"][2].update(name="get<|im_start|>"),
+     "messages[2].name", "special token '<|im_start|>'"),
     (lambda row: row.update(tools=[dict(WEATHER, description="<|im_start|>")]), "tools",
      "special token '<|im_start|>'"),
     (lambda row: row["messages"].pop(0), "messages",
