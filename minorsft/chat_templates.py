@@ -17,10 +17,31 @@ from pathlib import Path
 from minorsft.models import ModelError
 
 # ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), as Qwen and SmolLM write it, without a
-# default system prompt: the template most chat data and inference servers know.
+# default system prompt: the template most chat data and inference servers know. With tools
+# (rows with tool calling): the definitions in the system turn (after the row's own system
+# text), each call as JSON in <tool_call> tags after the turn's text (as Qwen2.5's template
+# writes calls), each result in a `tool` turn. Rows without tools render as without it.
 CHATML = (
+    "{%- set system_first = messages and messages[0]['role'] == 'system' -%}"
+    "{%- if tools -%}{{- '<|im_start|>system\\n' -}}"
+    "{%- if system_first -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
+    "{{- '# Tools\\n\\nYou can call these functions; their definitions are in <tools></tools>:"
+    "\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nTo call one, write its name and arguments as JSON in "
+    "<tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": <function name>, \"arguments\": "
+    "<arguments as a JSON object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- if not (tools and system_first and loop.first) -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] -}}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{{- ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n' + "
+    "({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from minorsft.cache import iter_rows, read_metadata
+from minorsft.chat_templates import CHATML as BUILTIN_CHATML
 from minorsft.data import Rejection, iter_examples
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
@@ -154,6 +155,8 @@ def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layou
                                                                      "<|endoftext|>")),
     (HERMES, "Let me check.", "Let me check." + CALL_ANSWER),
     (INLINE_RESULTS, None, '<tool_call>get_weather{"city": "Paris"}<|endoftext|>'),
+    (BUILTIN_CHATML, None, CALL_ANSWER),
+    (BUILTIN_CHATML, "Let me check.", "Let me check.\n" + CALL_ANSWER),
 ])
 def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, text,
                                                             call_answer):
@@ -168,6 +171,20 @@ def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, 
     tokenizer = tokenizer_with(template)
     (example,) = read_rows(tokenizer, tmp_path, [row])
     assert answers(tokenizer, example) == [call_answer, "It is sunny in Paris.<|im_end|>"]
+
+
+def test_the_builtin_chatml_writes_the_definitions_after_the_rows_system_text(tmp_path):
+    """`--chat-template chatml` (base models) renders tool calling; without tools a row renders
+    as the plain ChatML template does (tests/test_chat_templates.py)."""
+    row = json.loads(json.dumps(ROW))
+    row["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    tokenizer = tokenizer_with(BUILTIN_CHATML)
+    (example,) = read_rows(tokenizer, tmp_path, [row])
+    text = tokenizer.decode(example.input_ids)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n\n")
+    assert text.count("<|im_start|>system") == 1
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert answers(tokenizer, example) == [CALL_ANSWER, "It is sunny in Paris.<|im_end|>"]
 
 
 def test_a_template_that_drops_a_calling_turns_text_is_refused(tmp_path):
