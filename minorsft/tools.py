@@ -38,12 +38,8 @@ def read_tools(value, path: str, line: int) -> list[dict] | None:
     if value is None or value == "" or value is False or value == 0:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise DataError(path, line, "tools", "expected a list of tool definitions or a "
-                            f"JSON string of one; the string is not JSON ({error.msg} at "
-                            f"character {error.pos})") from None
+        value = _loads(value, path, line, "tools",
+                       "expected a list of tool definitions or a JSON string of one")
         if value is None:
             return None
     elif from_parquet(path):
@@ -88,11 +84,8 @@ def read_tool_calls(message: dict, path: str, line: int, where: str) -> list[dic
         return []
     calls, where = message[key], f"{where}.{key}"
     if isinstance(calls, str):
-        try:
-            calls = json.loads(calls)
-        except json.JSONDecodeError as error:
-            raise DataError(path, line, where, "expected a list of calls or a JSON string of "
-                            f"one; not JSON ({error.msg} at character {error.pos})") from None
+        calls = _loads(calls, path, line, where, "expected a list of calls or a JSON string "
+                       "of one")
     elif from_parquet(path):
         calls = without_nulls(calls)
     if key == "function_call":
@@ -102,6 +95,26 @@ def read_tool_calls(message: dict, path: str, line: int, where: str) -> list[dic
                         f"expected a list of calls, got {type(calls).__name__}")
     return [read_call(call, path, line, where + ("" if key == "function_call" else f"[{index}]"))
             for index, call in enumerate(calls)]
+
+
+def _loads(text: str, path: str, line: int, where: str, expected: str):
+    """A JSON string inside a row (`tools`, a call or its arguments), as a DataError where it
+    cannot be read: not JSON, a number past Python's 4300 digits, nesting past the recursion
+    limit, or an unpaired surrogate escape (\\ud800), which no tokenizer takes."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except json.JSONDecodeError as error:
+        raise DataError(path, line, where, f"{expected}; not JSON ({error.msg} at character "
+                        f"{error.pos})") from None
+    except UnicodeEncodeError:
+        raise DataError(path, line, where, "the JSON holds an unpaired surrogate escape "
+                        "(\\ud800-\\udfff), half of a UTF-16 pair and no character; repair "
+                        "the text or drop the row") from None
+    except (ValueError, RecursionError) as error:  # too many digits, too deeply nested
+        raise DataError(path, line, where, f"{expected}; the JSON cannot be read "
+                        f"({type(error).__name__}: {str(error)[:200]})") from None
+    return value
 
 
 def from_parquet(path: str) -> bool:
@@ -127,11 +140,7 @@ def read_sharegpt_call(value, path: str, line: int, where: str) -> list[dict]:
     """A ShareGPT `function_call` turn's value: a call (`{name, arguments}`) or a list of calls,
     as a JSON string, as LLaMA-Factory's data holds them."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise DataError(path, line, where, "expected the call as JSON ({name, arguments}); "
-                            f"not JSON ({error.msg} at character {error.pos})") from None
+        value = _loads(value, path, line, where, "expected the call as JSON ({name, arguments})")
     calls = value if isinstance(value, list) else [value]
     if not calls:
         raise DataError(path, line, where, "expected a call, got an empty list")
@@ -168,11 +177,8 @@ def _arguments(value, path: str, line: int, where: str) -> dict:
     if value is None:
         return {}
     if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as error:
-            raise DataError(path, line, where, "expected an object or a JSON string of one; "
-                            f"not JSON ({error.msg} at character {error.pos})") from None
+        value = (_loads(value, path, line, where, "expected an object or a JSON string of one")
+                 if value.strip() else {})
     if not isinstance(value, dict):
         raise DataError(path, line, where,
                         f"expected an object of arguments, got {type(value).__name__}")
@@ -204,37 +210,60 @@ def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text
 
     `render(messages, tools)` is the template; `answers` maps the index of each trained
     assistant turn to its answer's (start, stop) in `full_text`. Each part is checked by
-    rendering the conversation without it, so that text elsewhere in the row (a definition
-    holding a call's name, an answer quoting a result) cannot stand in for it: the
-    definitions must change the text; each call must change it, and its tool's name and
-    argument names lie inside its turn's answer (where the turn is trained); each result must
-    be written (its probe in the text).
+    rendering the conversation without it or with a probe in its place, so that text elsewhere
+    in the row (a definition holding a call's name, an answer quoting a result, a first call
+    like a second one) cannot stand in for it: the definitions must change the text; each
+    call's probed name must be written (gpt-oss's template writes a turn's first call only),
+    and in a trained turn its tool's and arguments' names lie inside the answer; each result's
+    probe must be written.
     """
     if tools and render(messages, None) == full_text:
         return ("the chat template does not render tool definitions (the text is the same "
                 f"without them); {_GIVE_ONE}")
-    turn = 0
-    for index, message in enumerate(messages):
-        turn += message["role"] == "assistant"
-        for call in message.get("tool_calls") or ():
-            function = call["function"]
-            where = f"assistant turn {turn}'s call to {function['name']!r}"
-            if index in answers:
-                text = full_text[slice(*answers[index])]
-                if missing := [word for word in (function["name"], *function["arguments"])
-                               if word not in text]:
-                    return (f"the chat template does not render tool calls ({where}: "
-                            f"{missing[0]!r} is not in its answer); {_GIVE_ONE}")
-        if message.get("tool_calls") and _same_without_calls(render, messages, index, tools,
-                                                             full_text):
-            return (f"the chat template does not render tool calls (assistant turn {turn}'s "
-                    f"text is the same without them); {_GIVE_ONE}")
+    if reason := _unrendered_calls(render, full_text, answers, messages, tools):
+        return reason
     probed = render(with_result_probes(messages), tools)
     for index, message in enumerate(messages):
         if message["role"] == "tool" and RESULT_PROBE.format(index) not in probed:
             results = sum(m["role"] == "tool" for m in messages[: index + 1])
             return (f"the chat template does not render tool results (tool result {results} "
                     f"is not in the text); {_GIVE_ONE}")
+    return None
+
+
+# Stands in for a called tool's name (lower case and an identifier, as a template may expect).
+CALL_PROBE = "minorsft_call_probe_{}_{}"
+
+
+def _unrendered_calls(render, full_text: str, answers: dict[int, tuple[int, int]],
+                      messages: list[dict], tools: list[dict] | None) -> str | None:
+    probed_messages = [dict(message, tool_calls=[
+        dict(call, function=dict(call["function"], name=CALL_PROBE.format(index, number)))
+        for number, call in enumerate(message["tool_calls"])])
+        if message.get("tool_calls") else message for index, message in enumerate(messages)]
+    try:
+        probed = render(probed_messages, tools)
+    except ValueError:  # a template that takes only the defined tools' names
+        probed = None
+    turn = 0
+    for index, message in enumerate(messages):
+        turn += message["role"] == "assistant"
+        for number, call in enumerate(message.get("tool_calls") or ()):
+            function = call["function"]
+            where = f"assistant turn {turn}'s call {number + 1}, to {function['name']!r}"
+            if probed is not None and CALL_PROBE.format(index, number) not in probed:
+                return (f"the chat template does not render tool calls ({where}, is not in "
+                        f"the text); {_GIVE_ONE}")
+            if index in answers:
+                answer = full_text[slice(*answers[index])]
+                if missing := [word for word in (function["name"], *function["arguments"])
+                               if word not in answer and json.dumps(word)[1:-1] not in answer]:
+                    return (f"the chat template does not render tool calls ({where}: "
+                            f"{missing[0]!r} is not in its answer); {_GIVE_ONE}")
+        if (probed is None and message.get("tool_calls")
+                and _same_without_calls(render, messages, index, tools, full_text)):
+            return (f"the chat template does not render tool calls (assistant turn {turn}'s "
+                    f"text is the same without them); {_GIVE_ONE}")
     return None
 
 

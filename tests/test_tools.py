@@ -208,10 +208,9 @@ def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
     assert [r.field for r in rejected] == ["messages"] * 4
     assert "does not render tool definitions (the text is the same" in rejected[0].reason
     assert "does not render tool definitions" in rejected[1].reason
-    assert "does not render tool calls (assistant turn 1's text is the same" in (
-        rejected[2].reason)  # (an untrained call too)
-    assert "does not render tool calls (assistant turn 1's call to 'get_weather'" in (
-        rejected[3].reason)
+    assert "does not render tool calls (assistant turn 1's call 1, to 'get_weather', is not in " \
+        "the text)" in rejected[2].reason  # (an untrained call too)
+    assert "does not render tool calls" in rejected[3].reason
     assert "--chat-template" in rejected[0].reason
 
 
@@ -240,6 +239,25 @@ def test_text_elsewhere_in_the_row_does_not_pass_for_a_dropped_part(tmp_path, dr
     (rejected,) = read_rows(tokenizer_with(template), tmp_path, [row])
     assert isinstance(rejected, Rejection), rejected
     assert reason in rejected.reason, rejected.reason
+
+
+def test_each_call_of_a_turn_must_be_written_and_escaped_argument_names_are_found(tmp_path):
+    """gpt-oss's template writes a turn's first call only: a second call to the same tool
+    passed the check (its name and argument names were the first's). An argument name that
+    JSON escapes (`say "hi"`) is written escaped, and was refused as missing."""
+    first_only = HERMES.replace("message.get('tool_calls') or []",
+                                "(message.get('tool_calls') or [])[:1]")
+    row = json.loads(json.dumps(ROW))
+    row["messages"][1]["tool_calls"].append(
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}})
+    (rejected,) = read_rows(tokenizer_with(first_only), tmp_path, [row])
+    assert "(assistant turn 1's call 2, to 'get_weather', is not in the text)" in (
+        rejected.reason)
+    (example,) = read_rows(tokenizer_with(HERMES), tmp_path, [row])
+    assert not isinstance(example, Rejection), example
+    row["messages"][1]["tool_calls"][1]["function"]["arguments"] = {'say "hi"': "x"}
+    (example,) = read_rows(tokenizer_with(HERMES), tmp_path, [row])
+    assert not isinstance(example, Rejection), example
 
 
 def test_parquet_calls_and_definitions_lose_the_nulls_of_other_rows_keys(tmp_path):
@@ -272,7 +290,14 @@ def test_parquet_calls_and_definitions_lose_the_nulls_of_other_rows_keys(tmp_pat
 
 
 @pytest.mark.parametrize(("change", "field", "reason"), [
-    (lambda row: row.update(tools="[{"), "tools", "the string is not JSON"),
+    (lambda row: row.update(tools="[{"), "tools", "JSON string of one; not JSON"),
+    (lambda row: row.update(tools="[" + "9" * 5000 + "]"), "tools",
+     "the JSON cannot be read (ValueError: Exceeds the limit"),
+    (lambda row: row.update(tools="[" * 100_000 + "]" * 100_000), "tools",
+     "the JSON cannot be read (RecursionError"),
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(
+        arguments='{"city": "\\ud800"}'),
+     "messages[1].tool_calls[0].function.arguments", "an unpaired surrogate escape"),
     (lambda row: row.update(tools=[{"type": "function", "function": {}}]),
      "tools[0].function.name", "expected the tool's name"),
     (lambda row: row.update(tools=["get_weather"]), "tools[0]",
