@@ -231,15 +231,18 @@ def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text
     return None
 
 
-# Stands in for a called tool's name (lower case and an identifier, as a template may expect).
+# Stand in for a called tool's name (lower case and an identifier, as a template may expect)
+# and for the text of a turn that calls.
 CALL_PROBE = "minorsft_call_probe_{}_{}"
+CALLER_TEXT_PROBE = "MINORSFT_CALLER_TEXT_PROBE_{}_5B1D"
 
 
 def _unrendered_calls(render, full_text: str, answers: dict[int, tuple[int, int]],
                       messages: list[dict], tools: list[dict] | None) -> str | None:
     probed_messages = [dict(message, tool_calls=[
         dict(call, function=dict(call["function"], name=CALL_PROBE.format(index, number)))
-        for number, call in enumerate(message["tool_calls"])])
+        for number, call in enumerate(message["tool_calls"])],
+        content=CALLER_TEXT_PROBE.format(index) if message["content"] else "")
         if message.get("tool_calls") else message for index, message in enumerate(messages)]
     try:
         probed = render(probed_messages, tools)
@@ -248,6 +251,12 @@ def _unrendered_calls(render, full_text: str, answers: dict[int, tuple[int, int]
     turn = 0
     for index, message in enumerate(messages):
         turn += message["role"] == "assistant"
+        if (probed is not None and message.get("tool_calls") and message["content"]
+                and CALLER_TEXT_PROBE.format(index) not in probed):
+            # (Llama 3.1's writes the call alone; a trained turn is refused on this sooner)
+            return (f"the chat template drops the text of assistant turn {turn}, which calls a "
+                    "tool; leave the text out of the turn, or give a template that writes it "
+                    "with --chat-template")
         for number, call in enumerate(message.get("tool_calls") or ()):
             function = call["function"]
             where = f"assistant turn {turn}'s call {number + 1}, to {function['name']!r}"

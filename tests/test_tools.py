@@ -187,9 +187,11 @@ def test_the_builtin_chatml_writes_the_definitions_after_the_rows_system_text(tm
     assert answers(tokenizer, example) == [CALL_ANSWER, "It is sunny in Paris.<|im_end|>"]
 
 
-def test_a_template_that_drops_a_calling_turns_text_is_refused(tmp_path):
+@pytest.mark.parametrize("weight", [1, 0])
+def test_a_template_that_drops_a_calling_turns_text_is_refused(tmp_path, weight):
+    """Trained or not (then it is prompt of the later turns), the turn's text would be lost."""
     row = json.loads(json.dumps(ROW))
-    row["messages"][1]["content"] = "Let me check."
+    row["messages"][1].update(content="Let me check.", weight=weight)
     (rejected,) = read_rows(tokenizer_with(CALL_ONLY), tmp_path, [row])
     assert "drops the text of assistant turn 1, which calls a tool" in rejected.reason
 
