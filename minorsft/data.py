@@ -41,6 +41,7 @@ import base64
 import codecs
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -168,10 +169,28 @@ def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
     try:
         with (gzip.open(path, "rb") if compressed else path.open("rb")) as handle:
+            if handle.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+                handle = _utf16_as_utf8_lines(path, handle)
             yield from _jsonl_rows(path, handle)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, or cut off
         raise DataError(str(path), None, None,
                         f"not a readable gzip file ({error or type(error).__name__})") from None
+
+
+def _utf16_as_utf8_lines(path: Path, handle) -> Iterator[bytes]:
+    """The lines of a UTF-16 file with its byte-order mark (as Windows PowerShell's `>` and
+    `Out-File` write), as UTF-8 bytes, for the reader of UTF-8 lines. Half of a surrogate pair
+    passes through as bytes that are not UTF-8, so that its row is rejected with its line."""
+    text = io.TextIOWrapper(handle, encoding="utf-16", errors="surrogatepass", newline="")
+    lines = 0
+    try:
+        for line in text:
+            lines += 1
+            yield line.encode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as error:  # an odd number of bytes: the file is cut off
+        raise DataError(str(path), None, None, f"not valid UTF-16 after line {lines} "
+                        f"({error.reason}); the file starts with UTF-16's byte-order "
+                        "mark") from None
 
 
 def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
@@ -187,10 +206,6 @@ def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
         except UnicodeDecodeError as error:
             line_bytes = raw_bytes.rstrip(b"\r\n")  # as the other rows' `raw`
             reason = _not_utf8_reason(raw_bytes, error)
-            if line_no == 1 and raw_bytes[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-                reason += (f"; {path.name} starts with UTF-16's byte-order mark (as Windows "
-                           "PowerShell's > writes): convert it with iconv -f UTF-16 -t UTF-8 "
-                           f"{path.name} > {path.stem}.utf8.jsonl")
             yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
                          raw_bytes=as_read.rstrip(b"\r\n"),  # mark and all
                          error=DataError(str(path), line_no, None, reason))

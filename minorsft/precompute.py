@@ -196,6 +196,8 @@ def _count_rows(path: Path) -> int | None:
     if suffix not in {".jsonl", ".ndjson"}:
         return None
     with path.open("rb") as handle:  # (a byte-order mark alone is blank, as data.py reads)
+        if handle.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            return None  # (UTF-16: its lines are not split on b"\n" bytes alone)
         return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
 
 

@@ -878,7 +878,8 @@ def test_a_named_system_column_is_the_system_message(tiny_tokenizer, tmp_path):
         FieldSpec("question", "response", "question")
 
 
-def test_gzip_jsonl_is_read_and_a_utf16_file_gets_the_conversion_hint(tiny_tokenizer, tmp_path):
+def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
+    import codecs
     import gzip
 
     rows = [{"prompt": "2 plus 3?", "response": "5"}, {"prompt": "1 plus 1?", "response": "2"}]
@@ -891,10 +892,26 @@ def test_gzip_jsonl_is_read_and_a_utf16_file_gets_the_conversion_hint(tiny_token
     broken.write_bytes(packed.read_bytes()[:-12])
     with pytest.raises(DataError, match="cut.jsonl.gz: not a readable gzip file"):
         list(iter_examples(broken, tiny_tokenizer))
-    utf16 = tmp_path / "win.jsonl"
-    utf16.write_bytes(plain.read_text().encode("utf-16"))  # with its byte-order mark
-    with pytest.raises(DataError, match="convert it with iconv -f UTF-16 -t UTF-8 win.jsonl"):
-        list(iter_examples(utf16, tiny_tokenizer))
+    # UTF-16 with its byte-order mark, as Windows PowerShell's `>` writes (was refused with a
+    # hint to convert it with iconv, which Windows lacks); little- and big-endian, gzipped too
+    expected = [(e.input_ids, e.answer_mask) for e in iter_examples(plain, tiny_tokenizer)]
+    text = plain.read_text().replace("\n", "\r\n")
+    for name, data in [("le.jsonl", text.encode("utf-16")),
+                       ("be.jsonl", codecs.BOM_UTF16_BE + text.encode("utf-16-be")),
+                       ("le.jsonl.gz", gzip.compress(text.encode("utf-16")))]:
+        (tmp_path / name).write_bytes(data)
+        assert [(e.input_ids, e.answer_mask)
+                for e in iter_examples(tmp_path / name, tiny_tokenizer)] == expected, name
+    lone = tmp_path / "lone.jsonl"  # half of a surrogate pair: that row only is rejected
+    lone.write_bytes(text.encode("utf-16") + '{"prompt": "\ud800"}\r\n'.encode(
+        "utf-16-le", "surrogatepass") + text.encode("utf-16-le"))
+    rows = list(iter_examples(lone, tiny_tokenizer, on_bad="skip"))
+    assert [type(row).__name__ for row in rows] == ["Example"] * 2 + ["Rejection"] + [
+        "Example"] * 2 and rows[2].line == 3 and "not valid UTF-8" in rows[2].reason
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(text.encode("utf-16")[:-1])
+    with pytest.raises(DataError, match=r"cut.jsonl: not valid UTF-16 after line 1 \(trunc"):
+        list(iter_examples(cut, tiny_tokenizer))
 
 
 def test_a_folder_or_a_glob_is_told_how_to_join_the_files(tmp_path):
