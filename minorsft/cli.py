@@ -109,6 +109,10 @@ def precompute(
     system_field: Annotated[str, typer.Option(
         help="Column holding a system prompt, where a row has one (e.g. 'system_prompt').")
     ] = "system",
+    train_turns: Annotated[str, typer.Option(
+        help="Which assistant turns of a chat are answer: 'all' (each one not marked weight 0 "
+             "or training false) or 'last' (the last of them; the earlier ones are prompt, as "
+             "LLaMA-Factory's mask_history).")] = "all",
     chat_template: Annotated[str | None, typer.Option(
         help="Render the data with this chat template instead of the model's own (needed for "
              "a tokenizer without one, as most base models'): the built-in 'chatml' or 'plain' "
@@ -166,6 +170,7 @@ def precompute(
         config = PrecomputeConfig(
             model=model, data=data, out=str(out), prompt_field=prompt_field,
             response_field=response_field, system_field=system_field,
+            train_turns=train_turns,
             chat_template=chat_template, max_length=max_length or None, dtype=dtype,
             engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
             part_rows=part_rows, shard=shard, overwrite=overwrite,
@@ -513,6 +518,9 @@ def eval_command(
     response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
     system_field: Annotated[str, typer.Option(
         help="System-prompt column of --data.")] = "system",
+    train_turns: Annotated[str, typer.Option(
+        help="Which assistant turns of a --data chat are scored, as precompute's: 'all' or "
+             "'last'.")] = "all",
     chat_template: Annotated[str | None, typer.Option(
         help="Chat template to render --data and --choices with, as precompute's (default: "
              "the one a cache --reference was written with, else the model's own).",
@@ -544,7 +552,7 @@ def eval_command(
         config = EvalConfig(
             model=model, reference=reference, data=data, choices=list(choices or []),
             prompt_field=prompt_field, response_field=response_field,
-            system_field=system_field, chat_template=chat_template,
+            system_field=system_field, train_turns=train_turns, chat_template=chat_template,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
             per_item=str(per_item) if per_item else None)

@@ -55,6 +55,7 @@ from minorsft import tools
 from minorsft.data_errors import DataError
 
 TRUNCATION_RULE = "right"  # keep the first max_length tokens
+TRAIN_TURNS = ("all", "last")
 BUILTIN_DATA = {"demo": "demo.jsonl"}
 
 
@@ -66,8 +67,14 @@ class FieldSpec:
     response_field: str | None = None
     system_field: str = "system"
     id_field: str = "id"
+    # Which assistant turns of a chat are answer: "all" (those not marked otherwise), or "last"
+    # (the last of them; the earlier ones are prompt, as LLaMA-Factory's mask_history does).
+    train_turns: str = "all"
 
     def __post_init__(self):
+        if self.train_turns not in TRAIN_TURNS:
+            raise ValueError(f"--train-turns must be one of {', '.join(TRAIN_TURNS)}, got "
+                             f"{self.train_turns!r}")
         # One named column without the other is an option mistake, not a fault of every row.
         if bool(self.prompt_field) != bool(self.response_field):
             raise ValueError("--prompt-field and --response-field must be given together")
@@ -444,8 +451,8 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
         column = FORMATS[row_format][0]
         turns = _chat_messages(record[column], path, line, column,
                                CHAT_ROLES if row_format == "chat" else SHAREGPT_ROLES)
-        return _chat_conversation(head, [turns], spec.system_field, texts, path, line, column,
-                                  defined)
+        return _last_turn_only(_chat_conversation(
+            head, [turns], spec.system_field, texts, path, line, column, defined), spec)
     if row_format == "prompt/completion":
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -453,8 +460,9 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
             # assistant turns are the answer.
             turns = [_chat_messages(prompt, path, line, "prompt", CHAT_ROLES, answers=False),
                      _chat_messages(completion, path, line, "completion", CHAT_ROLES)]
-            return _chat_conversation(head, turns, spec.system_field, texts, path, line,
-                                      "prompt, completion", defined)
+            return _last_turn_only(_chat_conversation(
+                head, turns, spec.system_field, texts, path, line, "prompt, completion",
+                defined), spec)
         return single_turn("prompt", "completion")
     if row_format == "prompt/response":
         return single_turn("prompt", "response")
@@ -488,6 +496,19 @@ def _chat_conversation(head: list[dict], parts: list[_Turns], system_field: str,
     answer_fields = [name for name, flag in zip(message_fields, trained, strict=True) if flag]
     return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields,
                         defined)
+
+
+def _last_turn_only(conversation: Conversation, spec: FieldSpec) -> Conversation:
+    """With `--train-turns last`, the conversation with its last trained turn the only answer:
+    the earlier ones stay, as prompt (and are not checked against the prompt that generation
+    would start them from: Qwen3.5's template writes earlier turns without the thinking block
+    its generation prompt opens)."""
+    if spec.train_turns != "last":
+        return conversation
+    last = max(index for index, trained in enumerate(conversation.trained) if trained)
+    conversation.trained = [index == last for index in range(len(conversation.trained))]
+    conversation.answer_fields = conversation.answer_fields[-1:]
+    return conversation
 
 
 def _alpaca_input(record: dict, path: str, line: int) -> str:
@@ -784,9 +805,22 @@ def tokenize_conversation(
         return _render(tokenizer, some, generation_prompt, tool_definitions)
 
     full_text = render(messages, generation_prompt=False)
-    answers = {index: _answer_span(render, messages, index, full_text, special)
-               for index, message in enumerate(messages) if message["role"] == "assistant"
-               and (trained is None or trained[index])}
+    answered = [index for index, message in enumerate(messages)
+                if message["role"] == "assistant" and (trained is None or trained[index])]
+    try:
+        answers = {index: _answer_span(render, messages, index, full_text, special)
+                   for index in answered}
+    except HistoryDiffers as error:
+        # Where the last turn would train, say that it can be trained alone (Qwen3.5's
+        # templates write earlier turns without the thinking block generation opens).
+        if error.index != answered[-1]:
+            try:
+                _answer_span(render, messages, answered[-1], full_text, special)
+            except ValueError:
+                raise error from None
+            raise ValueError(f"{error}; its last turn can be trained alone, the earlier ones "
+                             "as prompt, with --train-turns last") from None
+        raise
     if tool_definitions or any(m["role"] == "tool" or "tool_calls" in m for m in messages):
         def render_with(some: list[dict], definitions: list[dict] | None) -> str:
             return _render(tokenizer, some, False, definitions)
@@ -848,7 +882,7 @@ def _answer_span(render: Callable[[list[dict], bool], str], messages: list[dict]
     if full_text.startswith(head) and full_text.endswith(tail) and content_end > len(head):
         start = len(head)
         if before is not None and not head.startswith(before):
-            raise ValueError(_history_differs_reason(messages, index, turn))
+            raise HistoryDiffers(_history_differs_reason(messages, index, turn), index)
     elif (before is not None and full_text.startswith(before) and full_text.endswith(tail)
           and content_end > len(before)):
         # The template writes this content otherwise than a plain one (Qwen3's moves the
@@ -866,6 +900,15 @@ def _answer_span(render: Callable[[list[dict], bool], str], messages: list[dict]
         [*messages[:index], probe_turn], False).split(ANSWER_PROBE)[-1]
     turn_end = os.path.commonprefix([own_tail, tail])
     return start, content_end + _end_of_turn(turn_end, special)
+
+
+class HistoryDiffers(ValueError):
+    """The conversation before assistant turn `index` renders otherwise than the prompt that
+    generation starts from (see :func:`_history_differs_reason`)."""
+
+    def __init__(self, reason: str, index: int):
+        super().__init__(reason)
+        self.index = index
 
 
 def _history_differs_reason(messages: list[dict], index: int, turn: int) -> str:
@@ -918,7 +961,7 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
                          "calls tools starts with a user turn")
     before = render(messages[:index], True)
     if not full_text.startswith(before):
-        raise ValueError(_history_differs_reason(messages, index, turn))
+        raise HistoryDiffers(_history_differs_reason(messages, index, turn), index)
     start = len(before)
     probed = render([*messages[:index], dict(messages[index], content=ANSWER_PROBE),
                      *messages[index + 1:]], False)

@@ -91,6 +91,7 @@ class EvalConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     system_field: str = "system"
+    train_turns: str = "all"  # which assistant turns of a --data chat are scored, as precompute's
     # as precompute's; None: a cache --reference's template where it was given one, else the
     # model's own
     chat_template: str | None = None
@@ -104,7 +105,8 @@ class EvalConfig:
 
     def __post_init__(self):
         # checks them before any work
-        FieldSpec(self.prompt_field, self.response_field, self.system_field)
+        FieldSpec(self.prompt_field, self.response_field, self.system_field,
+                  train_turns=self.train_turns)
         if self.reference and self.reference.endswith(".parquet") \
                 and not Path(self.reference).exists():  # no model is named so: a mistyped cache
             raise ValueError(f"--reference {self.reference}: no such cache")
@@ -643,7 +645,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                           f"this model in {result['dtype']}; m_theta includes that difference")
     elif config.data is not None:
         data_path = resolve_data(config.data)
-        spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
+        spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
+                         train_turns=config.train_turns)
         # islice stops before reading row N+1 (a bad row past the first N is not theirs)
         examples = list(islice(iter_examples(data_path, tokenizer, spec, config.max_length,
                                              on_bad="error"), config.max_rows))

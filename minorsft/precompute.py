@@ -96,6 +96,7 @@ class PrecomputeConfig:
     prompt_field: str | None = None
     response_field: str | None = None
     system_field: str = "system"
+    train_turns: str = "all"  # which assistant turns of a chat are answer (data.FieldSpec)
     # a built-in name, a .jinja file or a model folder (chat_templates.py); None: the model's
     chat_template: str | None = None
     max_length: int | None = 2048
@@ -138,7 +139,8 @@ class PrecomputeConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("--max-model-len must be at least 2")
         # checks them before any work
-        FieldSpec(self.prompt_field, self.response_field, self.system_field)
+        FieldSpec(self.prompt_field, self.response_field, self.system_field,
+                  train_turns=self.train_turns)
         if self.chat_template is not None and not self.chat_template.strip():
             # (an unset shell variable): silently the model's own template otherwise
             raise ValueError("--chat-template is empty: give a built-in name (chatml, plain), a "
@@ -219,7 +221,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     tokenizer = load_tokenizer(model_path, chat_template=template)
     for note in template_notes(tokenizer, template) if template else ():
         console.print(f"note: {note}", highlight=False, markup=False)
-    spec = FieldSpec(config.prompt_field, config.response_field, config.system_field)
+    spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
+                     train_turns=config.train_turns)
     out = Path(config.out)
     if out.resolve() == Path(data_path).resolve():
         raise CacheError(f"--out {out} is the input data file: choose another --out")

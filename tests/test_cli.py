@@ -105,6 +105,11 @@ def test_cache_info(tiny_model_dir, demo_jsonl, tmp_path):
 def test_bad_option_values():
     result = runner.invoke(app, ["train", "--loss", "dpo"])
     assert result.exit_code == 2 and "unknown loss" in result.output
+    for command in (["precompute", "--data", "d.jsonl"],
+                    ["eval", "--model", "m", "--data", "d.jsonl"]):
+        result = runner.invoke(app, [*command, "--train-turns", "first"])
+        assert result.exit_code == 2 and "--train-turns must be one of all, last" in (
+            result.output), result.output
     result = runner.invoke(app, ["train", "--batch-size", "10", "--micro-batch-size", "4"])
     assert result.exit_code == 2 and "multiple" in result.output
 

@@ -954,3 +954,42 @@ def test_a_rejected_line_that_is_not_utf8_keeps_its_bytes_byte_order_mark_and_al
                        row.raw_bytes).as_dict()
     assert base64.b64decode(record["raw_base64"]) == line
     assert record["raw"] == '{"prompt": "caf\ufffd", "response": "x"}'
+
+
+# Qwen3.5's way: the generation prompt opens an (empty) thinking block, which earlier assistant
+# turns are written without; the last turn is written with it.
+THINKING_LAST = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if loop.last and message['role'] == 'assistant' -%}{{- '<think></think>' -}}"
+    "{%- endif -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think></think>' -}}"
+    "{%- endif -%}"
+)
+
+
+def test_train_turns_last_trains_the_last_answer_and_lets_qwen35_chats_through(tmp_path):
+    """A multi-turn chat under a template that writes earlier turns without the thinking block
+    its generation prompt opens (Qwen3.5's) was refused whole; with --train-turns last the
+    earlier turns are prompt and only the last trained turn is answer."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = THINKING_LAST
+    chat = [_user("Hi"), _assistant("Hello"), _user("Again?"), _assistant("Yes")]
+    rows = [{"messages": chat}, {"prompt": chat[:1], "completion": chat[1:]}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    every = list(iter_examples(path, tokenizer, on_bad="skip"))
+    assert all(isinstance(row, Rejection) for row in every)
+    assert "split the conversation after each assistant turn; its last turn can be trained " \
+        "alone, the earlier ones as prompt, with --train-turns last" in every[0].reason
+    last, trl = iter_examples(path, tokenizer, FieldSpec(train_turns="last"))
+    assert answer_text(tokenizer, last) == "Yes<|im_end|>"
+    assert (trl.input_ids, trl.answer_mask) == (last.input_ids, last.answer_mask)
+    plain = build_tiny_tokenizer()  # (ChatML: every turn trained by default)
+    marked = {"messages": [*chat[:3], _assistant("Yes", weight=0)]}
+    path = write_jsonl(tmp_path / "plain.jsonl", [rows[0], marked])
+    both, _ = iter_examples(path, plain)
+    one, before_marked = iter_examples(path, plain, FieldSpec(train_turns="last"))
+    assert both.input_ids == one.input_ids and answer_text(plain, one) == "Yes<|im_end|>"
+    assert answer_text(plain, both) == "Hello<|im_end|>Yes<|im_end|>"
+    assert answer_text(plain, before_marked) == "Hello<|im_end|>"  # the last one trained
+    with pytest.raises(ValueError, match="--train-turns must be one of all, last"):
+        FieldSpec(train_turns="first")
