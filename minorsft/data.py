@@ -176,7 +176,12 @@ def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
     try:
         with (gzip.open(path, "rb") if compressed else path.open("rb")) as handle:
-            if handle.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            start = handle.peek(4)[:4]
+            if start in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):  # (before UTF-16's: FF FE)
+                raise DataError(str(path), None, None, "starts with UTF-32's byte-order mark; "
+                                "UTF-8 and UTF-16 are read: save it as UTF-8 (PowerShell: "
+                                "Out-File -Encoding utf8)")
+            if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
                 handle = _utf16_as_utf8_lines(path, handle)
             yield from _jsonl_rows(path, handle)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, or cut off
@@ -188,7 +193,8 @@ def _utf16_as_utf8_lines(path: Path, handle) -> Iterator[bytes]:
     """The lines of a UTF-16 file with its byte-order mark (as Windows PowerShell's `>` and
     `Out-File` write), as UTF-8 bytes, for the reader of UTF-8 lines. Half of a surrogate pair
     passes through as bytes that are not UTF-8, so that its row is rejected with its line."""
-    text = io.TextIOWrapper(handle, encoding="utf-16", errors="surrogatepass", newline="")
+    # (newline="\n": lines end at LF only, as UTF-8 files' do; a CR is the line's text)
+    text = io.TextIOWrapper(handle, encoding="utf-16", errors="surrogatepass", newline="\n")
     lines = 0
     try:
         for line in text:
@@ -814,8 +820,10 @@ def tokenize_conversation(
         # Where the last turn would train, say that it can be trained alone (Qwen3.5's
         # templates write earlier turns without the thinking block generation opens).
         if error.index != answered[-1]:
-            try:
-                _answer_span(render, messages, answered[-1], full_text, special)
+            try:  # (the row as --train-turns last reads it, all its checks included)
+                tokenize_conversation(tokenizer, messages, max_length, special,
+                                      [index == answered[-1] for index in range(len(messages))],
+                                      tool_definitions)
             except ValueError:
                 raise error from None
             raise ValueError(f"{error}; its last turn can be trained alone, the earlier ones "

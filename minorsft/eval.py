@@ -126,6 +126,7 @@ class EvalConfig:
                     ("--prompt-field", self.prompt_field, None),
                     ("--response-field", self.response_field, None),
                     ("--system-field", self.system_field, EvalConfig.system_field),
+                    ("--train-turns", self.train_turns, EvalConfig.train_turns),
                     ("--max-length", self.max_length, EvalConfig.max_length))
                 if value != unset]):
             # they shape how --data is read; a cache's rows were tokenized and cut by precompute

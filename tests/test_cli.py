@@ -110,6 +110,9 @@ def test_bad_option_values():
         result = runner.invoke(app, [*command, "--train-turns", "first"])
         assert result.exit_code == 2 and "--train-turns must be one of all, last" in (
             result.output), result.output
+    result = runner.invoke(app, ["eval", "--model", "m", "--choices", "q.csv", "--train-turns",
+                                 "last"])  # (no --data: it would be ignored)
+    assert result.exit_code == 2 and "--train-turns apply to --data" in result.output
     result = runner.invoke(app, ["train", "--batch-size", "10", "--micro-batch-size", "4"])
     assert result.exit_code == 2 and "multiple" in result.output
 

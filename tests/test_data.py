@@ -908,6 +908,14 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
     rows = list(iter_examples(lone, tiny_tokenizer, on_bad="skip"))
     assert [type(row).__name__ for row in rows] == ["Example"] * 2 + ["Rejection"] + [
         "Example"] * 2 and rows[2].line == 3 and "not valid UTF-8" in rows[2].reason
+    carriage = tmp_path / "cr.jsonl"  # a CR inside a line is whitespace, not a line's end
+    carriage.write_bytes('{"prompt": "a",\r "response": "b"}\n'.encode("utf-16"))
+    (row,) = iter_examples(carriage, tiny_tokenizer)
+    assert row.line == 1
+    utf32 = tmp_path / "utf32.jsonl"
+    utf32.write_bytes(text.encode("utf-32"))
+    with pytest.raises(DataError, match="starts with UTF-32's byte-order mark"):
+        list(iter_examples(utf32, tiny_tokenizer))
     cut = tmp_path / "cut.jsonl"
     cut.write_bytes(text.encode("utf-16")[:-1])
     with pytest.raises(DataError, match=r"cut.jsonl: not valid UTF-16 after line 1 \(trunc"):
