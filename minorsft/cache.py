@@ -293,10 +293,17 @@ def _shard(manifest: dict) -> tuple[int, int] | None:
     return None if shard is None else (int(shard[0]), int(shard[1]))
 
 
-def diff_settings(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every key whose value differs (keys of either side)."""
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every key whose value differs (keys of either side); where both
+    values are dicts, their keys that differ (`fields.train_turns: 'all' -> 'last'`)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += diff_settings(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
 
 
 @dataclass

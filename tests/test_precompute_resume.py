@@ -120,7 +120,7 @@ def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path,
     assert "--overwrite" in str(caught.value)
     with pytest.raises(CacheError, match="part_rows: 6 -> 5"):
         precompute(tiny_model_dir, data, out, max_length=64, part_rows=5)
-    with pytest.raises(CacheError, match="fields: .*'train_turns': 'all'.* -> .*'last'"):
+    with pytest.raises(CacheError, match=r"\n  fields.train_turns: 'all' -> 'last'\n"):
         precompute(tiny_model_dir, data, out, max_length=64, train_turns="last")
     monkeypatch.setattr(minorsft.precompute, "make_engine", make_engine)
     with pytest.raises(CacheError, match="max_batch_tokens: 256 -> 128"):  # known once it loads
