@@ -182,8 +182,9 @@ def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
                                 "UTF-8 and UTF-16 are read: save it as UTF-8 (PowerShell: "
                                 "Out-File -Encoding utf8)")
             if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-                handle = _utf16_as_utf8_lines(path, handle)
-            yield from _jsonl_rows(path, handle)
+                yield from _jsonl_rows(path, _utf16_as_utf8_lines(path, handle), utf16=True)
+            else:
+                yield from _jsonl_rows(path, handle)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, or cut off
         raise DataError(str(path), None, None,
                         f"not a readable gzip file ({error or type(error).__name__})") from None
@@ -206,7 +207,9 @@ def _utf16_as_utf8_lines(path: Path, handle) -> Iterator[bytes]:
                         "mark") from None
 
 
-def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
+def _jsonl_rows(path: Path, handle, utf16: bool = False) -> Iterator[RawRow]:
+    """The rows of lines of UTF-8 bytes (`utf16`: re-encoded from a UTF-16 file, whose half
+    surrogate pairs come as bytes that are not UTF-8)."""
     for line_no, raw_bytes in enumerate(handle, start=1):
         # A byte-order mark is legal UTF-8 that json.loads refuses: drop it (before the
         # blank test, so that a line holding only the mark is blank, not a row). Not only on
@@ -218,6 +221,15 @@ def _jsonl_rows(path: Path, handle) -> Iterator[RawRow]:
             text = raw_bytes.decode("utf-8")
         except UnicodeDecodeError as error:
             line_bytes = raw_bytes.rstrip(b"\r\n")  # as the other rows' `raw`
+            if utf16:  # (the bytes are not the file's: no raw_base64)
+                text = line_bytes.decode("utf-8", "surrogatepass")
+                column, half = next((i, c) for i, c in enumerate(text, 1) if SURROGATE.match(c))
+                yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
+                             error=DataError(str(path), line_no, None, (
+                                 f"half of a UTF-16 surrogate pair (U+{ord(half):04X}) at "
+                                 f"column {column}, no character; repair the text or drop "
+                                 "the row")))
+                continue
             reason = _not_utf8_reason(raw_bytes, error)
             yield RawRow(line_no, raw=line_bytes.decode("utf-8", "replace"),
                          raw_bytes=as_read.rstrip(b"\r\n"),  # mark and all

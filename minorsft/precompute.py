@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import io
 import json
 import math
 import re
@@ -198,8 +199,16 @@ def _count_rows(path: Path) -> int | None:
     if suffix not in {".jsonl", ".ndjson"}:
         return None
     with path.open("rb") as handle:  # (a byte-order mark alone is blank, as data.py reads)
+        if handle.peek(4)[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
+            return None  # (refused by the reader, naming it)
         if handle.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            return None  # (UTF-16: its lines are not split on b"\n" bytes alone)
+            # (its lines are not split on b"\n" bytes; the reader decodes it so)
+            text = io.TextIOWrapper(handle, encoding="utf-16", errors="surrogatepass",
+                                    newline="\n")
+            try:
+                return sum(1 for line in text if line.removeprefix("\ufeff").strip())
+            except UnicodeDecodeError:  # cut off: the reader says where
+                return None
         return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
 
 

@@ -882,6 +882,8 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
     import codecs
     import gzip
 
+    from minorsft.precompute import _count_rows
+
     rows = [{"prompt": "2 plus 3?", "response": "5"}, {"prompt": "1 plus 1?", "response": "2"}]
     plain = write_jsonl(tmp_path / "rows.jsonl", rows)
     packed = tmp_path / "rows.jsonl.gz"
@@ -902,12 +904,15 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
         (tmp_path / name).write_bytes(data)
         assert [(e.input_ids, e.answer_mask)
                 for e in iter_examples(tmp_path / name, tiny_tokenizer)] == expected, name
+    assert _count_rows(tmp_path / "le.jsonl") == 2  # (precompute's progress total)
     lone = tmp_path / "lone.jsonl"  # half of a surrogate pair: that row only is rejected
     lone.write_bytes(text.encode("utf-16") + '{"prompt": "\ud800"}\r\n'.encode(
         "utf-16-le", "surrogatepass") + text.encode("utf-16-le"))
     rows = list(iter_examples(lone, tiny_tokenizer, on_bad="skip"))
     assert [type(row).__name__ for row in rows] == ["Example"] * 2 + ["Rejection"] + [
-        "Example"] * 2 and rows[2].line == 3 and "not valid UTF-8" in rows[2].reason
+        "Example"] * 2 and rows[2].line == 3
+    assert "half of a UTF-16 surrogate pair (U+D800) at column 13" in rows[2].reason
+    assert "raw_base64" not in rows[2].as_dict()  # (no bytes of the file's to keep)
     carriage = tmp_path / "cr.jsonl"  # a CR inside a line is whitespace, not a line's end
     carriage.write_bytes('{"prompt": "a",\r "response": "b"}\n'.encode("utf-16"))
     (row,) = iter_examples(carriage, tiny_tokenizer)
