@@ -176,18 +176,25 @@ def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
     # Read line by line (not polars' ndjson reader) so that a bad line can be named and skipped.
     try:
         with (gzip.open(path, "rb") if compressed else path.open("rb")) as handle:
-            start = handle.peek(4)[:4]
-            if start in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):  # (before UTF-16's: FF FE)
-                raise DataError(str(path), None, None, "starts with UTF-32's byte-order mark; "
-                                "UTF-8 and UTF-16 are read: save it as UTF-8 (PowerShell: "
-                                "Out-File -Encoding utf8)")
-            if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-                yield from _jsonl_rows(path, _utf16_as_utf8_lines(path, handle), utf16=True)
-            else:
-                yield from _jsonl_rows(path, handle)
+            lines, utf16 = utf8_lines(path, handle)
+            yield from _jsonl_rows(path, lines, utf16)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # not gzip, or cut off
         raise DataError(str(path), None, None,
                         f"not a readable gzip file ({error or type(error).__name__})") from None
+
+
+def utf8_lines(path: Path, handle) -> tuple[Iterator[bytes], bool]:
+    """The lines of a JSON Lines file open as `handle` (binary), as UTF-8 bytes, and whether
+    they were decoded from UTF-16 (a file that starts with its byte-order mark). A UTF-32 file
+    is refused, naming it."""
+    start = handle.peek(4)[:4]
+    if start in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):  # (before UTF-16's: FF FE)
+        raise DataError(str(path), None, None, "starts with UTF-32's byte-order mark; UTF-8 "
+                        "and UTF-16 are read: save it as UTF-8 (PowerShell: Out-File "
+                        "-Encoding utf8)")
+    if start[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        return _utf16_as_utf8_lines(path, handle), True
+    return handle, False
 
 
 def _utf16_as_utf8_lines(path: Path, handle) -> Iterator[bytes]:
@@ -986,10 +993,7 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
     probed = render([*messages[:index], dict(messages[index], content=ANSWER_PROBE),
                      *messages[index + 1:]], False)
     if messages[index]["content"].strip() and probed.count(ANSWER_PROBE) != 1:
-        # (Llama 3.1's writes the call alone): the turn's text would be lost
-        raise ValueError(f"the chat template drops the text of assistant turn {turn}, which "
-                         "calls a tool; leave the text out of the turn, or give a template "
-                         "that writes it with --chat-template")
+        raise ValueError(tools.dropped_text_reason(turn))  # (the turn's text would be lost)
     if probed.count(ANSWER_PROBE) == 1:  # the template writes the content of a calling turn
         head = probed.split(ANSWER_PROBE)[0]
         names = [call["function"]["name"] for call in messages[index]["tool_calls"]]
@@ -1002,11 +1006,9 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
     if stop is None:
         upto = full_text if index == len(messages) - 1 else render(messages[: index + 1], False)
         ending = upto[start:].rstrip()
-        found = special.search(ending, max(0, len(ending) - 64)) if special else None
-        while found and found.end() < len(ending):  # the last special token, if it ends it
-            found = special.search(ending, found.end())
-        if found is None or start + len(ending) > len(full_text) or (
-                full_text[:start + len(ending)] != upto[:start + len(ending)]):
+        ends_with_special = special is not None and any(
+            match.end() == len(ending) for match in special.finditer(ending))
+        if not ends_with_special or full_text[:start + len(ending)] != upto[:start + len(ending)]:
             raise ValueError(f"the chat template ends assistant turn {turn}, which calls a "
                              "tool, otherwise than a turn with text, and not with a special "
                              "token; cannot locate where its answer ends")
@@ -1022,19 +1024,20 @@ def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[di
     content (the probe) in its place, and writes what follows the same; None where not."""
     plain = {"role": "assistant", "content": ANSWER_PROBE}
     later = tools.with_result_probes(messages)[index + 1:]
+    results = [tools.RESULT_PROBE.format(i) for i, message in enumerate(later, index + 1)
+               if message["role"] == "tool"]
     try:
         rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
         last = rendered if index == len(messages) - 1 else render([*messages[:index], plain],
                                                                    False)
-        probed = render([*messages[:index], plain, *later], False)
+        probed = render([*messages[:index], plain, *later], False) if results else ""
     except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
         return None
     if rendered.count(ANSWER_PROBE) != 1 or last.count(ANSWER_PROBE) != 1:
         return None
     # What follows must be written the same after a plain turn, results included (Gemma 4's
     # drops a result that follows no call, and writes one that does inside the calling turn)
-    if any(tools.RESULT_PROBE.format(i) not in probed for i, m in enumerate(later, index + 1)
-           if m["role"] == "tool"):
+    if any(result not in probed for result in results):
         return None
     tail = rendered.split(ANSWER_PROBE)[1]
     turn_end = os.path.commonprefix([tail, last.split(ANSWER_PROBE)[1]])

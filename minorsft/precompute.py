@@ -20,7 +20,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
-import io
 import json
 import math
 import re
@@ -59,12 +58,14 @@ from minorsft.cache import (
 from minorsft.chat_templates import read_chat_template, template_notes
 from minorsft.data import (
     TRUNCATION_RULE,
+    DataError,
     Example,
     FieldSpec,
     Rejection,
     classify_rows,
     read_rows,
     resolve_data,
+    utf8_lines,
 )
 from minorsft.engines import make_engine
 from minorsft.models import (
@@ -199,17 +200,11 @@ def _count_rows(path: Path) -> int | None:
     if suffix not in {".jsonl", ".ndjson"}:
         return None
     with path.open("rb") as handle:  # (a byte-order mark alone is blank, as data.py reads)
-        if handle.peek(4)[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):
-            return None  # (refused by the reader, naming it)
-        if handle.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            # (its lines are not split on b"\n" bytes; the reader decodes it so)
-            text = io.TextIOWrapper(handle, encoding="utf-16", errors="surrogatepass",
-                                    newline="\n")
-            try:
-                return sum(1 for line in text if line.removeprefix("\ufeff").strip())
-            except UnicodeDecodeError:  # cut off: the reader says where
-                return None
-        return sum(1 for line in handle if line.removeprefix(codecs.BOM_UTF8).strip())
+        try:
+            lines, _ = utf8_lines(path, handle)
+            return sum(1 for line in lines if line.removeprefix(codecs.BOM_UTF8).strip())
+        except DataError:  # UTF-32, or UTF-16 cut off: the reader says so, with the line
+            return None
 
 
 def input_fingerprint(path: Path) -> dict:

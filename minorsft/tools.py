@@ -254,9 +254,7 @@ def _unrendered_calls(render, full_text: str, answers: dict[int, tuple[int, int]
         if (probed is not None and message.get("tool_calls") and message["content"]
                 and CALLER_TEXT_PROBE.format(index) not in probed):
             # (Llama 3.1's writes the call alone; a trained turn is refused on this sooner)
-            return (f"the chat template drops the text of assistant turn {turn}, which calls a "
-                    "tool; leave the text out of the turn, or give a template that writes it "
-                    "with --chat-template")
+            return dropped_text_reason(turn)
         for number, call in enumerate(message.get("tool_calls") or ()):
             function = call["function"]
             where = f"assistant turn {turn}'s call {number + 1}, to {function['name']!r}"
@@ -277,6 +275,12 @@ def _unrendered_calls(render, full_text: str, answers: dict[int, tuple[int, int]
 
 
 _GIVE_ONE = "give a template that does with --chat-template (such as Qwen2.5's)"
+
+
+def dropped_text_reason(turn: int) -> str:
+    return (f"the chat template drops the text of assistant turn {turn}, which calls a tool; "
+            "leave the text out of the turn, or give a template that writes it with "
+            "--chat-template")
 
 
 def _same_without_calls(render, messages: list[dict], index: int, tools, full_text: str) -> bool:
