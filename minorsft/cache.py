@@ -6,7 +6,8 @@ Schema (one row per sample, in input order):
 column         type             meaning
 =============  ===============  =========================================================
 id             string           the row's `id` column, else a content hash
-line           int64            line (JSONL) or row (Parquet) of the input file, 1-based
+file           string           the input file the row came from (not in caches before 0.7)
+line           int64            line (JSONL) or row (Parquet) of that file, 1-based
 input_ids      list<int32>      prompt + answer token ids, exactly as the model saw them
 answer_mask    list<bool>       true for answer tokens (the ones the losses sum over)
 num_tokens     int32            m, the number of answer tokens
@@ -58,6 +59,7 @@ FORMAT_VERSION = 1
 
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
+    pa.field("file", pa.string(), nullable=False),
     pa.field("line", pa.int64(), nullable=False),
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("answer_mask", pa.list_(pa.bool_()), nullable=False),
@@ -65,6 +67,9 @@ SCHEMA = pa.schema([
     pa.field("ref_logps", pa.float64(), nullable=False),
     pa.field("truncated", pa.bool_(), nullable=False),
 ])
+
+# Columns a cache written by an earlier minorsft may lack, and what its rows read as instead.
+LATER_COLUMNS = {"file": None}
 
 # What must match between a cache and a training run for the cached numbers to mean anything.
 FINGERPRINT_FIELDS = ("weights", "tokenizer", "chat_template")
@@ -126,8 +131,12 @@ def iter_rows(path: Path, batch_rows: int = 256) -> Iterator[dict]:
     """Stream the cache row by row, in input order, without loading it whole."""
     for file in open_cache(path).files:
         parquet = pq.ParquetFile(file)
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=SCHEMA.names):
-            yield from batch.to_pylist()
+        names = parquet.schema_arrow.names
+        missing = {name: value for name, value in LATER_COLUMNS.items() if name not in names}
+        columns = [name for name in SCHEMA.names if name not in missing]
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            for row in batch.to_pylist():
+                yield row | missing if missing else row
 
 
 # Per fingerprint field: what differs, and how to fix it.
@@ -480,6 +489,8 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
     problems = []
     for expected in SCHEMA:
         if expected.name not in schema.names:
+            if expected.name in LATER_COLUMNS:
+                continue
             problems.append(f"column {expected.name!r} is missing")
         elif (found := schema.field(expected.name).type) != expected.type:
             problems.append(f"column {expected.name!r} is {found}, expected {expected.type}")
@@ -489,6 +500,13 @@ def _check_schema(path: Path, schema: pa.Schema) -> None:
 
 
 VALUE_CHECK_COLUMNS = ["id", "line", "ref_logps", "num_tokens", "input_ids", "answer_mask"]
+
+
+def input_place(row: dict) -> str:
+    """Where a cache row came from in the input, for messages: its file (caches since 0.7
+    have it) and line."""
+    return f"input {row['file']}, line {row['line']}" if row.get("file") else \
+        f"input line {row['line']}"
 
 
 def validate_values(path: Path, batch_rows: int = 8192) -> None:
@@ -503,8 +521,9 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
     for file in open_cache(path).files:
         counts: dict[str, int] = {}
         first_rows: dict[str, dict] = {}
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows,
-                                                       columns=VALUE_CHECK_COLUMNS):
+        parquet = pq.ParquetFile(file)
+        columns = VALUE_CHECK_COLUMNS + ["file"] * ("file" in parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             for mask, what in _value_checks(batch):
                 count = pc.sum(mask).as_py() or 0
                 if count:
@@ -514,8 +533,8 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
                                                        1).to_pylist()[0]
         for what, row in first_rows.items():  # the first kind found
             raise CacheError(
-                f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} (input "
-                f"line {row['line']}, ref_logps/num_tokens {row['ref_logps']!r}/"
+                f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} "
+                f"({input_place(row)}, ref_logps/num_tokens {row['ref_logps']!r}/"
                 f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
                 "engine: re-run `minorsft precompute --overwrite`.")
 

@@ -78,6 +78,11 @@ def _check_writable_file(path: Path, option: str) -> None:
         _fail(f"{option} {path}: not writable")
 
 
+# `--data data/train-*.parquet` unquoted: the shell gives the files after the first as
+# arguments; they are read after it, in the order given.
+SHELL_EXPANDED_DATA = typer.Argument(hidden=True, show_default=False, metavar="MORE_DATA")
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"minorsft {__version__}")
@@ -95,8 +100,9 @@ def main_options(
 @app.command()
 def precompute(
     *,
-    data: Annotated[str, typer.Option(help="Input .jsonl or .parquet file, or 'demo' for the "
-                                           "built-in demo set.")],
+    data: Annotated[str, typer.Option(help=(
+        "Input .jsonl or .parquet file; a folder of them, or a quoted pattern such as "
+        "'data/train-*.parquet' (read in name order); or 'demo' for the built-in demo set."))],
     out: Annotated[Path, typer.Option(
         help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
              "resumes it.")] = Path("cache/ref.parquet"),
@@ -162,13 +168,15 @@ def precompute(
              "merge`.")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Start over: delete the cache at --out instead of resuming it.")] = False,
+    more_data: Annotated[list[str] | None, SHELL_EXPANDED_DATA] = None,
 ):
     """Score every answer under the frozen reference model and write the Parquet cache."""
     from minorsft.precompute import PrecomputeConfig, run_precompute
 
     try:
         config = PrecomputeConfig(
-            model=model, data=data, out=str(out), prompt_field=prompt_field,
+            model=model, data=[data, *more_data] if more_data else data, out=str(out),
+            prompt_field=prompt_field,
             response_field=response_field, system_field=system_field,
             train_turns=train_turns,
             chat_template=chat_template, max_length=max_length or None, dtype=dtype,
@@ -508,8 +516,9 @@ def eval_command(
              "precompute` on the held-out data (its token ids and log-probs are reused; then "
              "no --data).")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Held-out SFT data (.jsonl/.parquet), any "
-                                                  "format `precompute` reads.")] = None,
+    data: Annotated[str | None, typer.Option(help=(
+        "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern), any format "
+        "`precompute` reads."))] = None,
     choices: Annotated[list[str] | None, typer.Option(
         help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer letter A-D; "
              "no header, or exactly that one) or JSONL (answer A-D or 0-3). Repeat for "

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import glob
 import gzip
 import hashlib
 import io
@@ -96,6 +97,7 @@ class Example:
     input_ids: list[int]
     answer_mask: list[bool]
     truncated: bool = False
+    file: str = ""  # the input file the row came from
 
     @property
     def num_tokens(self) -> int:
@@ -141,21 +143,79 @@ class RawRow:
     raw_bytes: bytes | None = None  # the line as read, where it is not UTF-8
 
 
-def resolve_data(name: str) -> Path:
-    """A file path, or a built-in data set name (`demo`)."""
+# What a folder given as --data is read for (not .json: a saved data set's folder holds
+# dataset_info.json and state.json; a pattern or a file name reads .json as JSON Lines)
+FOLDER_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".parquet")
+# Split names as Hugging Face data sets name their files (train-00000-of-00002.parquet,
+# test.jsonl, ...): a folder that holds two of them is refused, so that a run never trains on a
+# test split because it lay beside the training one.
+SPLIT_NAME = re.compile(r"(?<![a-z])(train|test|validation|valid|val|dev|eval)(?![a-z])")
+
+
+def resolve_data(names: str | list[str]) -> list[Path]:
+    """The input files `--data` names, in the order their rows are read. Each name is one
+    file; a folder (every data file directly in it, by name); a glob pattern (its matches, by
+    name), as Hugging Face's sharded data sets come (`data/train-*.parquet`); or a built-in
+    data set (`demo`). Several names (a pattern the shell expanded) are read in their order."""
+    if isinstance(names, str):
+        return _resolve_one(names)
+    files = [path for name in names for path in _resolve_one(name)]
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:
+            raise DataError(str(path), None, None, "named twice in --data (its rows would be "
+                            "read twice)")
+        seen.add(path.resolve())
+    return files
+
+
+def _resolve_one(name: str) -> list[Path]:
     if name in BUILTIN_DATA and not Path(name).exists():
-        return Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))
+        return [Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))]
     path = Path(name).expanduser()
-    several = "one file per run; to read several, join them first: cat a.jsonl b.jsonl > " \
-        "all.jsonl, or for Parquet files python -c \"import polars as pl; " \
-        "pl.read_parquet('dir/*.parquet').write_parquet('all.parquet')\""
+    if any(char in name for char in "*?[") and not path.exists():
+        matches = sorted(Path(found) for found in glob.glob(str(path), recursive=True)
+                         if Path(found).is_file())
+        if not matches:
+            raise DataError(str(path), None, None, "no file matches this pattern")
+        return matches
     if not path.exists():
-        glob = any(char in name for char in "*?[")
-        raise DataError(str(path), None, None, f"no such file{'; ' + several if glob else ''}")
+        raise DataError(str(path), None, None, "no such file")
     if path.is_dir():
-        raise DataError(str(path), None, None,
-                        f"is a folder; give a .jsonl or .parquet file ({several})")
-    return path
+        return _folder_files(path)
+    return [path]
+
+
+def data_source(names: str | list[str]) -> str:
+    """`--data` as given, as one string (a pattern, a folder, or the names the shell gave)."""
+    return names if isinstance(names, str) else " ".join(names)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = sorted(child for child in folder.iterdir()
+                   if child.is_file() and child.name.lower().endswith(FOLDER_SUFFIXES)
+                   and not child.name.startswith((".", "_")))
+    if not files:
+        raise DataError(str(folder), None, None, "is a folder with no .jsonl, .jsonl.gz or "
+                        ".parquet file in it (for other names, give a pattern: --data "
+                        f"'{folder / '*.json'}')")
+    splits = sorted({match.group(1) for child in files
+                     if (match := SPLIT_NAME.search(child.name.lower()))})
+    if len(splits) > 1:
+        one = "train" if "train" in splits else splits[0]
+        raise DataError(str(folder), None, None, (
+            f"is a folder of several splits ({', '.join(splits)}); name the files of one, "
+            f"e.g. --data '{folder / (one + '*')}' (quoted, so that minorsft, not the shell, "
+            "expands the pattern)"))
+    return files
+
+
+def data_label(files: list[Path]) -> str:
+    """The input as one name for messages and the cache's metadata: the file, or the first of
+    several and their count."""
+    if len(files) == 1:
+        return str(files[0])
+    return f"{files[0]} and {len(files) - 1} more file{'s' * (len(files) > 2)}"
 
 
 def read_rows(path: Path) -> Iterator[RawRow]:
@@ -1082,74 +1142,92 @@ def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = Non
 
 
 def classify_rows(
-    path: Path,
+    paths: Path | list[Path],
     tokenizer,
     spec: FieldSpec | None = None,
     max_length: int | None = None,
     select: Callable[[int], bool] | None = None,
 ) -> Iterator[tuple[int, Example | Rejection | None]]:
-    """Every row of `path` as (index, Example or Rejection); None for rows `select` leaves out.
+    """Every row of the input files as (index, Example or Rejection); None for rows `select`
+    leaves out.
 
-    `index` counts rows from 0 in file order (blank JSONL lines are not rows). Rows that
-    `select(index)` declines are read for their id, so that duplicate ids are found across the
-    whole file whichever part of it a process works on, but they are neither checked further
-    nor tokenized. Ids are unique per file: the first row that carries an id keeps it, and any
-    later row with the same id is rejected, even if the first row was rejected for another
-    reason (so the outcome of a row never depends on how the file was split).
+    `index` counts rows from 0 in file order, across the files in their order (blank JSONL
+    lines are not rows). Rows that `select(index)` declines are read for their id, so that
+    duplicate ids are found across the whole input whichever part of it a process works on,
+    but they are neither checked further nor tokenized. Ids are unique across the input: the
+    first row that carries an id keeps it, and any later row with the same id is rejected, even
+    if the first row was rejected for another reason (so the outcome of a row never depends on
+    how the input was split).
     """
     spec = spec or FieldSpec()
-    path_str = str(path)
+    files = [paths] if isinstance(paths, Path) else list(paths)
     special = special_token_pattern(tokenizer)
-    seen_ids: dict[str, int] = {}
-    for index, row in enumerate(read_rows(path)):
+    seen_ids: dict[str, tuple[str, int]] = {}  # id -> (file, line) of its first row
+    index = -1
+    for path in files:
+        path_str = str(path)
+        for row in read_rows(path):
+            index += 1
+            yield index, _classify_row(row, path_str, tokenizer, spec, max_length, special,
+                                       seen_ids, len(files) > 1, select, index)
+
+
+def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
+                  max_length: int | None, special: re.Pattern | None,
+                  seen_ids: dict[str, tuple[str, int]], several_files: bool,
+                  select: Callable[[int], bool] | None,
+                  index: int) -> Example | Rejection | None:
+    try:
+        if row.error is not None:
+            raise row.error
+        example_id = row_id(row.record, spec, path_str, row.line)
+        duplicate_of = seen_ids.get(example_id)
+        if duplicate_of is None:
+            seen_ids[example_id] = (path_str, row.line)
+        elif row.record.get(spec.id_field) is None:
+            # Identical rows without ids (a null id is none: a Parquet id column holds nulls
+            # where rows have none) are legitimate up-sampling: number the repeats.
+            where = f"{Path(path_str).name}:{row.line}" if several_files else row.line
+            example_id = f"{example_id}#{where}"
+            duplicate_of = None
+        if select is not None and not select(index):
+            return None
+        conversation = read_conversation(row.record, spec, path_str, row.line)
+        refuse_special_tokens(conversation.texts, special, path_str, row.line)
+        if duplicate_of is not None:
+            first_file, first_line = duplicate_of
+            first = (f"line {first_line}" if first_file == path_str
+                     else f"{first_file}, line {first_line}")
+            raise DataError(path_str, row.line, spec.id_field,
+                            f"duplicate id {example_id!r} (first on {first})")
+        refuse_answer_probe(conversation.texts, path_str, row.line)
         try:
-            if row.error is not None:
-                raise row.error
-            example_id = row_id(row.record, spec, path_str, row.line)
-            duplicate_of = seen_ids.get(example_id)
-            if duplicate_of is None:
-                seen_ids[example_id] = row.line
-            elif row.record.get(spec.id_field) is None:
-                # Identical rows without ids (a null id is none: a Parquet id column holds nulls
-                # where rows have none) are legitimate up-sampling: number the repeats.
-                example_id = f"{example_id}#{row.line}"
-                duplicate_of = None
-            if select is not None and not select(index):
-                yield index, None
-                continue
-            conversation = read_conversation(row.record, spec, path_str, row.line)
-            refuse_special_tokens(conversation.texts, special, path_str, row.line)
-            if duplicate_of is not None:
-                raise DataError(path_str, row.line, spec.id_field,
-                                f"duplicate id {example_id!r} (first on line {duplicate_of})")
-            refuse_answer_probe(conversation.texts, path_str, row.line)
-            try:
-                input_ids, answer_mask, truncated = tokenize_conversation(
-                    tokenizer, conversation.messages, max_length, special,
-                    conversation.trained, conversation.tools)
-            except ValueError as error:  # the template's, about the conversation as a whole
-                raise DataError(path_str, row.line, conversation.fields, str(error)) from error
-            if not any(answer_mask):
-                raise DataError(path_str, row.line, conversation.answer_fields[0],
-                                f"answer truncated to zero tokens by --max-length {max_length} "
-                                f"(the prompt alone has {len(input_ids)}+ tokens)")
-            yield index, Example(example_id, row.line, input_ids, answer_mask, truncated)
-        except DataError as error:
-            if select is not None and not select(index):
-                yield index, None
-                continue
-            yield index, Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
-                                   row.raw_bytes)
+            input_ids, answer_mask, truncated = tokenize_conversation(
+                tokenizer, conversation.messages, max_length, special,
+                conversation.trained, conversation.tools)
+        except ValueError as error:  # the template's, about the conversation as a whole
+            raise DataError(path_str, row.line, conversation.fields, str(error)) from error
+        if not any(answer_mask):
+            raise DataError(path_str, row.line, conversation.answer_fields[0],
+                            f"answer truncated to zero tokens by --max-length {max_length} "
+                            f"(the prompt alone has {len(input_ids)}+ tokens)")
+        return Example(example_id, row.line, input_ids, answer_mask, truncated, path_str)
+    except DataError as error:
+        if select is not None and not select(index):
+            return None
+        return Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
+                         row.raw_bytes)
 
 
 def iter_examples(
-    path: Path,
+    path: Path | list[Path],
     tokenizer,
     spec: FieldSpec | None = None,
     max_length: int | None = None,
     on_bad: str = "error",
 ) -> Iterator[Example | Rejection]:
-    """Every row of `path` as an Example or (with on_bad="skip") a Rejection; never dropped.
+    """Every row of the input file(s) as an Example or (with on_bad="skip") a Rejection;
+    never dropped.
 
     With on_bad="error" the first bad row raises a DataError naming file, line and field.
     """

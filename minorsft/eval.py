@@ -48,6 +48,8 @@ from minorsft.data import (
     DataError,
     Example,
     FieldSpec,
+    data_label,
+    data_source,
     iter_examples,
     lines_file_name,
     refuse_special_tokens,
@@ -86,7 +88,7 @@ class EvalConfig:
 
     model: str
     reference: str | None = None  # a model, or a precompute cache of the held-out set
-    data: str | None = None
+    data: str | list[str] | None = None
     choices: list[str] = field(default_factory=list)
     prompt_field: str | None = None
     response_field: str | None = None
@@ -488,7 +490,9 @@ def heldout_items(examples: list[Example], policy_logps: list[float],
     items = []
     for index, (example, logp) in enumerate(zip(examples, policy_logps, strict=True)):
         m = example.num_tokens
-        item = {"kind": "heldout", "id": example.id, "line": example.line, "answer_tokens": m,
+        item = {"kind": "heldout", "id": example.id, **({"file": example.file} if example.file
+                                                         else {}),
+                "line": example.line, "answer_tokens": m,
                 "truncated": example.truncated, "policy_logps": logp, "nll_per_token": -logp / m}
         if ref_logps is not None:
             item["ref_logps"] = ref_logps[index]
@@ -557,7 +561,7 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     examples, ref_logps = [], []
     for row in islice(iter_rows(path), max_rows):
         examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],
-                                row["truncated"]))
+                                row["truncated"], row.get("file") or ""))
         ref_logps.append(row["ref_logps"])
     if not examples:  # (train and verify refuse it too)
         raise CacheError(f"{path}: the cache has no rows (were they all rejected? see its "
@@ -645,15 +649,17 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
                           f"this model in {result['dtype']}; m_theta includes that difference")
     elif config.data is not None:
-        data_path = resolve_data(config.data)
+        data_files = resolve_data(config.data)
         spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
                          train_turns=config.train_turns)
         # islice stops before reading row N+1 (a bad row past the first N is not theirs)
-        examples = list(islice(iter_examples(data_path, tokenizer, spec, config.max_length,
+        examples = list(islice(iter_examples(data_files, tokenizer, spec, config.max_length,
                                              on_bad="error"), config.max_rows))
         if not examples:
-            raise DataError(str(data_path), None, None, "no rows (the file is empty)")
-        result["data"] = str(data_path)
+            raise DataError(data_label(data_files), None, None, "no rows (the "
+                            f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
+        result["data"] = (str(data_files[0]) if len(data_files) == 1
+                          else data_source(config.data))
 
     policy_logps = None
     if examples:

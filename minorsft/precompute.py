@@ -63,6 +63,8 @@ from minorsft.data import (
     FieldSpec,
     Rejection,
     classify_rows,
+    data_label,
+    data_source,
     read_rows,
     resolve_data,
     utf8_lines,
@@ -93,7 +95,7 @@ class PrecomputeConfig:
     """Settings of `minorsft precompute` (the CLI's options, one place for their defaults)."""
 
     model: str
-    data: str
+    data: str | list[str]  # several: a pattern the shell expanded (data.resolve_data)
     out: str
     prompt_field: str | None = None
     response_field: str | None = None
@@ -189,8 +191,13 @@ class PrecomputeSummary:
     waiting_for: str = ""  # what is missing when this shard is done but the cache is not
 
 
-def _count_rows(path: Path) -> int | None:
+def _count_rows(files: list[Path]) -> int | None:
     """Input rows, for the progress bar's total (None where counting means parsing)."""
+    counts = [_count_file_rows(path) for path in files]
+    return None if None in counts else sum(counts)
+
+
+def _count_file_rows(path: Path) -> int | None:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -207,19 +214,27 @@ def _count_rows(path: Path) -> int | None:
             return None
 
 
-def input_fingerprint(path: Path) -> dict:
-    """Content hash and size of the input file: what a resumed run must find unchanged."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+def input_fingerprint(files: list[Path]) -> dict:
+    """Content hash and size of the input: what a resumed run must find unchanged. For several
+    files, the hash of their hashes in order, and their count."""
+    digests = []
+    for path in files:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        digests.append(digest.hexdigest())
+    size = sum(path.stat().st_size for path in files)
+    if len(files) == 1:
+        return {"sha256": digests[0], "bytes": size}
+    combined = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return {"sha256": combined, "bytes": size, "files": len(files)}
 
 
 def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> PrecomputeSummary:
     console = console or Console(stderr=True)
     started = time.perf_counter()
-    data_path = resolve_data(config.data)
+    data_files = resolve_data(config.data)
     template = read_chat_template(config.chat_template) if config.chat_template else None
     model_path = resolve_model(config.model)
     tokenizer = load_tokenizer(model_path, chat_template=template)
@@ -228,22 +243,29 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
                      train_turns=config.train_turns)
     out = Path(config.out)
-    if out.resolve() == Path(data_path).resolve():
-        raise CacheError(f"--out {out} is the input data file: choose another --out")
-    if Path(data_path).resolve().is_relative_to(out.resolve()):
-        raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache is "
-                         "written to: choose an --out outside the input's folder")
+    for data_path in data_files:
+        if out.resolve() == data_path.resolve():
+            raise CacheError(f"--out {out} is the input data file: choose another --out")
+        if data_path.resolve().is_relative_to(out.resolve()):
+            raise CacheError(f"--data {data_path} lies inside --out {out}, the folder the cache "
+                             "is written to: choose an --out outside the input's folder")
+    if len(data_files) > 1:
+        names = [path.name for path in data_files]
+        if len(names) > 6:  # (a data set of 500 shards: the first and last few say the order)
+            names = [*names[:3], f"... {len(names) - 5} more ...", *names[-2:]]
+        console.print(f"reading {len(data_files)} files in this order: {', '.join(names)}",
+                      highlight=False, markup=False)
     model_config = read_model_config(model_path)
     refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
-        _, first = next(classify_rows(data_path, tokenizer, spec, config.max_length), (0, None))
+        _, first = next(classify_rows(data_files, tokenizer, spec, config.max_length), (0, None))
         if isinstance(first, Rejection) and first.error is not None:
             raise first.error
     if spec.system_field != FieldSpec.system_field:
         # The column is optional per row, so a mistyped name would silently give no row one.
-        first_row = next(read_rows(data_path), None)
+        first_row = next(read_rows(data_files[0]), None)
         if first_row is not None and first_row.record is not None \
                 and spec.system_field not in first_row.record:
             console.print(f"note: the first row has no {spec.system_field!r} column "
@@ -262,7 +284,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     with _shard_lock(out, shard) as lock:
         try:
             prepare_output(out, config.overwrite)
-            return _precompute_into(config, out, shard, data_path, model_path, model_config,
+            return _precompute_into(config, out, shard, data_files, model_path, model_config,
                                     tokenizer, spec, started, console)
         except BaseException:
             if out.is_dir() and not load_manifests(out):  # no finished part
@@ -343,10 +365,10 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     return min(wanted, limit + 1) if limit else wanted
 
 
-def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path,
+def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: list[Path],
                      model_path: str, model_config, tokenizer, spec: FieldSpec, started: float,
                      console: Console) -> PrecomputeSummary:
-    source = input_fingerprint(data_path)
+    source = input_fingerprint(data_files)
     # What an earlier run's manifest must match that is known before the model loads (minutes
     # for a 7B model): a resume with another input or settings is refused first.
     settings = {
@@ -384,7 +406,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
         "engine": engine.name,
         "engine_version": engine.version,
         "engine_settings": engine.describe(),
-        "source": str(data_path),
+        "source": str(data_files[0]) if len(data_files) == 1 else data_source(config.data),
+        **({"source_files": [str(path) for path in data_files]} if len(data_files) > 1 else {}),
         # train, verify and eval render and fingerprint with it (the fingerprint has its hash)
         **({"chat_template": {"given": config.chat_template, "text": tokenizer.chat_template}}
            if config.chat_template else {}),
@@ -423,7 +446,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
     rows_total = 0
     try:
         with bar:
-            task = bar.add_task("score", total=_count_rows(data_path), rows_s=0.0, tok_s=0.0,
+            task = bar.add_task("score", total=_count_rows(data_files), rows_s=0.0, tok_s=0.0,
                                 scored=0)
 
             def scored(rows: int, tokens: int) -> None:
@@ -438,7 +461,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
                 write_manifest(out, manifest)  # the part counts as done from here on
                 counters["parts"] += 1
 
-            for index, item in classify_rows(data_path, tokenizer, spec, config.max_length,
+            for index, item in classify_rows(data_files, tokenizer, spec, config.max_length,
                                              lambda i: mine(i // config.part_rows)):
                 rows_total = index + 1
                 bar.update(task, advance=1)
@@ -464,7 +487,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_path: Path
             part.abort()
         raise
     if rows_total == 0:
-        raise ValueError(f"{data_path}: no rows (the file is empty)")
+        raise ValueError(f"{data_label(data_files)}: no rows (the "
+                         f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
     manifest.update(input_rows=rows_total, parts_total=math.ceil(rows_total / config.part_rows))
     write_manifest(out, manifest)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
@@ -535,9 +559,8 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
         changes = diff_settings({key: manifest["settings"].get(key) for key in settings},
                                 settings)
         if manifest["input"] != source:
-            changes.insert(0, f"input file content: sha256 {manifest['input']['sha256'][:12]}"
-                              f"..., {manifest['input']['bytes']} bytes -> sha256 "
-                              f"{source['sha256'][:12]}..., {source['bytes']} bytes")
+            changes.insert(0, f"input content: {_describe_input(manifest['input'])} -> "
+                              f"{_describe_input(source)}")
         if "fingerprint" in settings and (manifest["settings"].get("fingerprint") or {}).get(
                 "chat_template") != settings["fingerprint"]["chat_template"]:
             given = (manifest.get("metadata", {}).get("chat_template") or {}).get("given")
@@ -550,6 +573,11 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
                 + "\n  ".join(changes) + "\nRun the original command to resume it, pass "
                 "--overwrite to start over, or choose another --out.")
     return manifests
+
+
+def _describe_input(source: dict) -> str:
+    files = f"{source['files']} files, " if source.get("files") else ""
+    return f"{files}sha256 {source['sha256'][:12]}..., {source['bytes']} bytes"
 
 
 def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
@@ -641,6 +669,7 @@ class _PartBuilder:
         scores = self.engine.score(window)
         self.writer.write({
             "id": [e.id for e in window],
+            "file": [e.file for e in window],
             "line": [e.line for e in window],
             "input_ids": [e.input_ids for e in window],
             "answer_mask": [e.answer_mask for e in window],

@@ -39,6 +39,7 @@ from minorsft.cache import (
     atomic_write_text,
     check_model_matches,
     diff_settings,
+    input_place,
     iter_rows,
     read_metadata,
     validate_values,
@@ -997,7 +998,7 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
         error = CacheError(
             f"step-0 check failed: on the first {len(rows)} cache rows the policy's own "
             f"log-probs differ from the cached reference ones: {figures} (id {row['id']!r}, "
-            f"input line {row['line']}: policy {policy[worst]:.4f}, cache "
+            f"{input_place(row)}: policy {policy[worst]:.4f}, cache "
             f"{row['ref_logps']:.4f} over {row['num_tokens']} tokens). That is more than "
             f"--step0-tolerance {tolerance:g}, what the dtypes (cache {dtypes[0]}, training "
             f"{dtypes[1]}) explain.\n"

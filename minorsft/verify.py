@@ -62,7 +62,8 @@ class DriftReport:
 
 def rows_to_examples(rows: Sequence[dict]) -> list[Example]:
     return [Example(id=r["id"], line=r.get("line", 0), input_ids=list(r["input_ids"]),
-                    answer_mask=[bool(x) for x in r["answer_mask"]]) for r in rows]
+                    answer_mask=[bool(x) for x in r["answer_mask"]], file=r.get("file") or "")
+            for r in rows]
 
 
 def sample_rows(rows: Iterable[dict], size: int, seed: int = 0) -> list[dict]:

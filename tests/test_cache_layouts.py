@@ -47,6 +47,30 @@ def test_single_file_cache_reads_like_the_parts_directory(parts_cache, tmp_path)
     assert metadata["layout"] == "parts" and metadata["parts"] == 3
 
 
+def test_a_cache_from_before_the_file_column_still_reads_and_trains(parts_cache, tmp_path):
+    """Caches written before 0.7 have no `file` column: their rows read with file None, their
+    values are checked, and train runs on them."""
+    import pyarrow.parquet as pq
+
+    from minorsft.cache import input_place, validate_values
+
+    old = tmp_path / "old.parquet"
+    shutil.copytree(parts_cache, old)
+    for part in sorted(old.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["file"]), part)  # (the schema metadata is kept)
+    rows = list(iter_rows(old))
+    assert [row["file"] for row in rows] == [None] * 16
+    assert [{**row, "file": None} for row in iter_rows(parts_cache)] == rows
+    validate_values(old)
+    assert input_place(rows[0]) == "input line 1"
+    assert input_place(next(iter_rows(parts_cache))).startswith("input /")
+    result = CliRunner().invoke(app, ["train", "--cache", str(old), "--model",
+                                      str(read_metadata(old)["model"]), "--output",
+                                      str(tmp_path / "run"), "--max-steps", "1"])
+    assert result.exit_code == 0, result.output
+
+
 def test_one_part_file_is_refused_as_a_cache_with_its_folder_named(parts_cache):
     """It was read as a whole single-file cache: train would have used 6 of 16 rows."""
     part = parts_cache / "part-00001.parquet"
@@ -141,7 +165,9 @@ def test_overwrite_replaces_only_a_minorsft_cache_never_other_files(parts_cache,
     with pytest.raises(CacheError, match="pass --overwrite"):
         run_precompute(PrecomputeConfig(**config))
     run_precompute(PrecomputeConfig(**config, overwrite=True))
-    assert single.is_dir() and list(iter_rows(single)) == rows
+    # (the same rows, from a copy of the input file)
+    assert single.is_dir() and list(iter_rows(single)) == [{**row, "file": str(data)}
+                                                           for row in rows]
 
 
 def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_path):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from minorsft.cache import iter_rows
 from minorsft.cli import app
 
-from .conftest import write_jsonl
+from .conftest import DEMO_ROWS, write_jsonl
 
 runner = CliRunner()
 
@@ -484,3 +484,42 @@ def test_a_tokenizer_with_named_chat_templates_precomputes(tiny_model_dir, demo_
     assert named != chat_template_fingerprint(load_tokenizer(str(tiny_model_dir)))
     tokenizer.chat_template = {"default": CHATML, "tool_use": CHATML + "{# other tools #}"}
     assert chat_template_fingerprint(tokenizer) != named
+
+
+def test_precompute_of_several_files_keeps_each_rows_file(tiny_model_dir, tmp_path):
+    """A pattern the shell expanded arrives as --data's value plus arguments: the files are read
+    in that order; the cache's `file` column and the rejects report name each row's file; a
+    resume with another set of files is refused; verify and eval read the cache."""
+    from minorsft.cache import read_metadata
+
+    first = write_jsonl(tmp_path / "train-0.jsonl", [dict(DEMO_ROWS[0], id="a")])
+    bad = {"id": "c", "messages": [{"role": "robot", "content": "hi"}]}
+    second = write_jsonl(tmp_path / "train-1.jsonl", [dict(DEMO_ROWS[1], id="b"), bad])
+    out = tmp_path / "cache"
+    command = ["precompute", "--model", str(tiny_model_dir), "--out", str(out), "--on-bad",
+               "skip", "--verify-sample", "2"]
+    result = runner.invoke(app, [*command, "--data", str(first), str(second)])
+    assert result.exit_code == 0, result.output
+    assert "reading 2 files in this order: train-0.jsonl, train-1.jsonl" in result.output
+    assert [(row["id"], row["file"], row["line"]) for row in iter_rows(out)] == [
+        ("a", str(first), 1), ("b", str(second), 1)]
+    (rejected,) = [json.loads(line) for line in (out / "_rejects.jsonl").read_text().splitlines()]
+    assert (rejected["file"], rejected["line"]) == (str(second), 2)
+    metadata = read_metadata(out)
+    assert metadata["source_files"] == [str(first), str(second)]
+    assert metadata["source"] == f"{first} {second}"
+    # the same files as a quoted pattern: the same input, so the finished cache is kept
+    result = runner.invoke(app, [*command, "--data", str(tmp_path / "train-*.jsonl")])
+    assert result.exit_code == 0 and "nothing to score" in " ".join(result.output.split())
+    result = runner.invoke(app, [*command, "--data", str(first)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "input content: 2 files, sha256" in text
+    result = runner.invoke(app, ["verify", "--cache", str(out), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    per_item = tmp_path / "items.jsonl"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
+                                 str(tmp_path / "train-*.jsonl"), "--per-item", str(per_item),
+                                 "--max-rows", "2"])  # (the third row is the bad one)
+    assert result.exit_code == 0, result.output
+    items = [json.loads(line) for line in per_item.read_text().splitlines()]
+    assert [(item["file"], item["line"]) for item in items] == [(str(first), 1), (str(second), 1)]

@@ -3,6 +3,7 @@
 import codecs
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from minorsft.data import (
     Example,
     FieldSpec,
     Rejection,
+    classify_rows,
     iter_examples,
     resolve_data,
     tokenize_conversation,
@@ -904,7 +906,7 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
         (tmp_path / name).write_bytes(data)
         assert [(e.input_ids, e.answer_mask)
                 for e in iter_examples(tmp_path / name, tiny_tokenizer)] == expected, name
-    assert _count_rows(tmp_path / "le.jsonl") == 2  # (precompute's progress total)
+    assert _count_rows([tmp_path / "le.jsonl"]) == 2  # (precompute's progress total)
     lone = tmp_path / "lone.jsonl"  # half of a surrogate pair: that row only is rejected
     lone.write_bytes(text.encode("utf-16") + '{"prompt": "\ud800"}\r\n'.encode(
         "utf-16-le", "surrogatepass") + text.encode("utf-16-le"))
@@ -927,13 +929,59 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
         list(iter_examples(cut, tiny_tokenizer))
 
 
-def test_a_folder_or_a_glob_is_told_how_to_join_the_files(tmp_path):
-    (tmp_path / "dir").mkdir()
-    for name in (str(tmp_path / "dir"), str(tmp_path / "dir" / "*.jsonl")):
-        with pytest.raises(DataError, match="join them first: cat a.jsonl b.jsonl > all.jsonl"):
-            resolve_data(name)
+def test_a_folder_or_a_pattern_reads_its_files_in_name_order(tiny_tokenizer, tmp_path):
+    """Hugging Face's sharded data sets: rows keep their own file and line, are numbered across
+    the files, and ids are unique across them (a repeat names the other file)."""
+    import polars as pl
+
+    shards = tmp_path / "data"
+    shards.mkdir()
+    rows = [{key: value for key, value in row.items() if key != "id"} for row in DEMO_ROWS[:3]]
+    pl.DataFrame([rows[1], rows[1]]).write_parquet(shards / "train-00001-of-00002.parquet")
+    write_jsonl(shards / "train-00000-of-00002.jsonl", [rows[2], rows[1]])
+    (shards / "README.md").write_text("not data")
+    (shards / "dataset_info.json").write_text("{}")
+    expected = [shards / "train-00000-of-00002.jsonl", shards / "train-00001-of-00002.parquet"]
+    assert resolve_data(str(shards)) == expected
+    assert resolve_data(str(shards / "train-*")) == expected
+    assert resolve_data([str(path) for path in expected]) == expected  # as the shell expands
+    items = [item for _, item in classify_rows(expected, tiny_tokenizer)]
+    assert [(Path(item.path if isinstance(item, Rejection) else item.file).name, item.line)
+            for item in items] == [("train-00000-of-00002.jsonl", 1),
+                                   ("train-00000-of-00002.jsonl", 2),
+                                   ("train-00001-of-00002.parquet", 1),
+                                   ("train-00001-of-00002.parquet", 2)]
+    # the same row again (no id column): numbered by file and line
+    assert [item.id.partition("#")[2] for item in items] == [
+        "", "", "train-00001-of-00002.parquet:1", "train-00001-of-00002.parquet:2"]
+    assert len({item.id for item in items}) == 4
+    with_ids = [dict(row, id=f"r{i}") for i, row in enumerate(rows[1:3])]
+    write_jsonl(tmp_path / "a.jsonl", with_ids)
+    write_jsonl(tmp_path / "b.jsonl", with_ids[1:])
+    *_, repeat = iter_examples([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], tiny_tokenizer,
+                               on_bad="skip")
+    assert isinstance(repeat, Rejection) and repeat.path.endswith("b.jsonl")
+    assert repeat.reason == f"duplicate id 'r1' (first on {tmp_path / 'a.jsonl'}, line 2)"
+
+
+def test_data_names_that_give_no_file_or_mix_splits_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a folder with no .jsonl, .jsonl.gz or .parquet"):
+        resolve_data(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="no file matches this pattern"):
+        resolve_data(str(tmp_path / "empty" / "*.jsonl"))
     with pytest.raises(DataError, match="no such file$"):
         resolve_data(str(tmp_path / "missing.jsonl"))
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet"):
+        (splits / name).write_bytes(b"")
+    with pytest.raises(DataError, match=r"several splits \(test, train\); name the files of "
+                                        r"one, e.g. --data '.*splits/train\*'"):
+        resolve_data(str(splits))
+    write_jsonl(tmp_path / "a.jsonl", DEMO_ROWS[:1])
+    with pytest.raises(DataError, match="a.jsonl: named twice in --data"):
+        resolve_data([str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl")])
 
 
 def test_rows_without_tools_or_with_both_sharegpt_layouts_are_read(tiny_tokenizer, tmp_path):

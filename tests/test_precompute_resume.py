@@ -126,7 +126,7 @@ def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path,
     with pytest.raises(CacheError, match="max_batch_tokens: 256 -> 128"):  # known once it loads
         precompute(tiny_model_dir, data, out, max_length=64, max_batch_tokens=128)
     rows_file(tmp_path, 9)  # the input grows by a row
-    with pytest.raises(CacheError, match="input file content: sha256"):
+    with pytest.raises(CacheError, match="input content: sha256"):
         precompute(tiny_model_dir, data, out, max_length=64)
     summary = precompute(tiny_model_dir, data, out, max_length=64, overwrite=True)
     assert summary.rows_cached == 9 and read_metadata(out)["rows"] == 9

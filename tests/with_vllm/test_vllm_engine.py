@@ -44,7 +44,7 @@ ROWS = 12  # demo rows scored: all of them are the drift sample and step 0's bat
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    lines = resolve_data("demo").read_text(encoding="utf-8").splitlines()[:ROWS]
+    lines = resolve_data("demo")[0].read_text(encoding="utf-8").splitlines()[:ROWS]
     path = tmp_path_factory.mktemp("data") / "sft.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
