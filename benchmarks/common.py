@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from minorsft.data import Example, FieldSpec, Rejection, iter_examples, resolve_data
+from minorsft.data import (
+    Example,
+    FieldSpec,
+    Rejection,
+    iter_examples,
+    read_rows,
+    resolve_data,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,14 +85,14 @@ def load_examples(data: str, tokenizer, rows: int, prompt_field: str | None,
 
 
 def read_records(data: str, rows: int) -> list[dict]:
-    """The first `rows` raw JSON records (for TRL, which tokenizes its own way)."""
+    """The first `rows` readable raw records (for TRL, which tokenizes its own way)."""
     records = []
-    with resolve_data(data).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                records.append(json.loads(line))
+    for path in resolve_data(data):
+        for row in read_rows(path):
+            if row.record is not None:
+                records.append(row.record)
             if len(records) == rows:
-                break
+                return records
     return records
 
 

@@ -79,8 +79,19 @@ def _check_writable_file(path: Path, option: str) -> None:
 
 
 # `--data data/train-*.parquet` unquoted: the shell gives the files after the first as
-# arguments; they are read after it, in the order given.
-SHELL_EXPANDED_DATA = typer.Argument(hidden=True, show_default=False, metavar="MORE_DATA")
+# arguments (left out of the usage line: they are --data's, not arguments of their own).
+EXTRA_ARGUMENTS = {"allow_extra_args": True}
+
+
+def _data_names(given: list[str] | None, more: list[str] | None) -> str | list[str] | None:
+    """--data's values (repeated, or a pattern the shell expanded into arguments) as one name
+    or a list; an argument that is no file is a stray, not data."""
+    for name in more or ():
+        if not os.path.exists(os.path.expanduser(name)):
+            _fail(f"unexpected argument {name!r}: the only arguments taken are more --data "
+                  "files, as a shell gives them for an unquoted pattern")
+    names = [*(given or ()), *(more or ())]
+    return None if not names else names[0] if len(names) == 1 else names
 
 
 def _version(value: bool):
@@ -97,12 +108,14 @@ def main_options(
     """minorsft: MinorSFT fine-tuning with a precomputed reference cache."""
 
 
-@app.command()
+@app.command(context_settings=EXTRA_ARGUMENTS)
 def precompute(
+    context: typer.Context,
     *,
-    data: Annotated[str, typer.Option(help=(
+    data: Annotated[list[str], typer.Option(help=(
         "Input .jsonl or .parquet file; a folder of them, or a quoted pattern such as "
-        "'data/train-*.parquet' (read in name order); or 'demo' for the built-in demo set."))],
+        "'data/train-*.parquet' (read in name order); or 'demo' for the built-in demo set. "
+        "Repeat for several, read in the order given."))],
     out: Annotated[Path, typer.Option(
         help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
              "resumes it.")] = Path("cache/ref.parquet"),
@@ -168,14 +181,13 @@ def precompute(
              "merge`.")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="Start over: delete the cache at --out instead of resuming it.")] = False,
-    more_data: Annotated[list[str] | None, SHELL_EXPANDED_DATA] = None,
 ):
     """Score every answer under the frozen reference model and write the Parquet cache."""
     from minorsft.precompute import PrecomputeConfig, run_precompute
 
     try:
         config = PrecomputeConfig(
-            model=model, data=[data, *more_data] if more_data else data, out=str(out),
+            model=model, data=_data_names(data, context.args), out=str(out),
             prompt_field=prompt_field,
             response_field=response_field, system_field=system_field,
             train_turns=train_turns,
@@ -460,6 +472,9 @@ def cache_info(
         if key == "chat_template" and isinstance(value, dict):  # (its text: many lines)
             typer.echo(f"{key:>20}: --chat-template {value.get('given')} "
                        f"({len(value.get('text') or '')} characters; --json shows it)")
+        elif key == "source_files" and isinstance(value, list) and len(value) > 6:
+            typer.echo(f"{key:>20}: {len(value)} files, {', '.join(value[:2])}, ..., "
+                       f"{value[-1]} (--json lists them)")
         elif key != "drift" and key not in counts:
             typer.echo(f"{key:>20}: {_plain_value(value)}")
     typer.echo(f"{'schema':>20}: {info['schema']}")
@@ -504,8 +519,9 @@ def cache_merge(
                       f"verify --cache {escape(str(out))}` measures it", highlight=False)
 
 
-@app.command("eval")
+@app.command("eval", context_settings=EXTRA_ARGUMENTS)
 def eval_command(
+    context: typer.Context,
     *,
     model: Annotated[str, typer.Option(help="Model to evaluate (a `minorsft train` output "
                                             "folder, a model folder or the built-in name; not "
@@ -516,9 +532,9 @@ def eval_command(
              "precompute` on the held-out data (its token ids and log-probs are reused; then "
              "no --data).")
     ] = None,
-    data: Annotated[str | None, typer.Option(help=(
-        "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern), any format "
-        "`precompute` reads."))] = None,
+    data: Annotated[list[str] | None, typer.Option(help=(
+        "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern; repeat for "
+        "several), any format `precompute` reads."))] = None,
     choices: Annotated[list[str] | None, typer.Option(
         help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer letter A-D; "
              "no header, or exactly that one) or JSONL (answer A-D or 0-3). Repeat for "
@@ -557,9 +573,15 @@ def eval_command(
     """Held-out answer NLL, m_theta against a reference, and multiple-choice accuracy."""
     from minorsft.eval import EvalConfig, format_table, run_eval
 
+    if stray := context.args:  # (--data and --choices take files: which one was it for?)
+        _fail(f"unexpected argument(s) {' '.join(stray)}: an unquoted pattern the shell "
+              "expanded? Quote it (--data 'dir/test-*.parquet') or repeat the option for each "
+              "file")
+
     try:
         config = EvalConfig(
-            model=model, reference=reference, data=data, choices=list(choices or []),
+            model=model, reference=reference, data=_data_names(data, None),
+            choices=list(choices or []),
             prompt_field=prompt_field, response_field=response_field,
             system_field=system_field, train_turns=train_turns, chat_template=chat_template,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import base64
 import codecs
-import glob
 import gzip
 import hashlib
 import io
@@ -49,15 +48,19 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from minorsft import tools
 from minorsft.data_errors import DataError
+from minorsft.data_files import (  # noqa: F401  (re-exported: callers read input via data)
+    BUILTIN_DATA,
+    data_label,
+    data_source,
+    resolve_data,
+)
 
 TRUNCATION_RULE = "right"  # keep the first max_length tokens
 TRAIN_TURNS = ("all", "last")
-BUILTIN_DATA = {"demo": "demo.jsonl"}
 
 
 @dataclass
@@ -141,81 +144,6 @@ class RawRow:
     raw: str = ""
     extra: dict = field(default_factory=dict)
     raw_bytes: bytes | None = None  # the line as read, where it is not UTF-8
-
-
-# What a folder given as --data is read for (not .json: a saved data set's folder holds
-# dataset_info.json and state.json; a pattern or a file name reads .json as JSON Lines)
-FOLDER_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".parquet")
-# Split names as Hugging Face data sets name their files (train-00000-of-00002.parquet,
-# test.jsonl, ...): a folder that holds two of them is refused, so that a run never trains on a
-# test split because it lay beside the training one.
-SPLIT_NAME = re.compile(r"(?<![a-z])(train|test|validation|valid|val|dev|eval)(?![a-z])")
-
-
-def resolve_data(names: str | list[str]) -> list[Path]:
-    """The input files `--data` names, in the order their rows are read. Each name is one
-    file; a folder (every data file directly in it, by name); a glob pattern (its matches, by
-    name), as Hugging Face's sharded data sets come (`data/train-*.parquet`); or a built-in
-    data set (`demo`). Several names (a pattern the shell expanded) are read in their order."""
-    if isinstance(names, str):
-        return _resolve_one(names)
-    files = [path for name in names for path in _resolve_one(name)]
-    seen: set[Path] = set()
-    for path in files:
-        if path.resolve() in seen:
-            raise DataError(str(path), None, None, "named twice in --data (its rows would be "
-                            "read twice)")
-        seen.add(path.resolve())
-    return files
-
-
-def _resolve_one(name: str) -> list[Path]:
-    if name in BUILTIN_DATA and not Path(name).exists():
-        return [Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))]
-    path = Path(name).expanduser()
-    if any(char in name for char in "*?[") and not path.exists():
-        matches = sorted(Path(found) for found in glob.glob(str(path), recursive=True)
-                         if Path(found).is_file())
-        if not matches:
-            raise DataError(str(path), None, None, "no file matches this pattern")
-        return matches
-    if not path.exists():
-        raise DataError(str(path), None, None, "no such file")
-    if path.is_dir():
-        return _folder_files(path)
-    return [path]
-
-
-def data_source(names: str | list[str]) -> str:
-    """`--data` as given, as one string (a pattern, a folder, or the names the shell gave)."""
-    return names if isinstance(names, str) else " ".join(names)
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    files = sorted(child for child in folder.iterdir()
-                   if child.is_file() and child.name.lower().endswith(FOLDER_SUFFIXES)
-                   and not child.name.startswith((".", "_")))
-    if not files:
-        raise DataError(str(folder), None, None, "is a folder with no .jsonl, .jsonl.gz or "
-                        ".parquet file in it (for other names, give a pattern: --data "
-                        f"'{folder / '*.json'}')")
-    splits = sorted({match.group(1) for child in files
-                     if (match := SPLIT_NAME.search(child.name.lower()))})
-    if len(splits) > 1:
-        one = "train" if "train" in splits else splits[0]
-        raise DataError(str(folder), None, None, (
-            f"is a folder of several splits ({', '.join(splits)}); name the files of one, "
-            f"e.g. --data '{folder / (one + '*')}' (quoted, so that minorsft, not the shell, "
-            "expands the pattern)"))
-    return files
-
-
-def data_label(files: list[Path]) -> str:
-    """The input as one name for messages and the cache's metadata: the file, or the first of
-    several and their count."""
-    if len(files) == 1:
-        return str(files[0])
-    return f"{files[0]} and {len(files) - 1} more file{'s' * (len(files) > 2)}"
 
 
 def read_rows(path: Path) -> Iterator[RawRow]:
@@ -1163,18 +1091,23 @@ def classify_rows(
     files = [paths] if isinstance(paths, Path) else list(paths)
     special = special_token_pattern(tokenizer)
     seen_ids: dict[str, tuple[str, int]] = {}  # id -> (file, line) of its first row
+    # Repeats of a row without an id are numbered by line, and by file where there are several
+    # (by name, or by path where two files share a name), so that ids stay unique.
+    names = [path.name for path in files]
+    labels = {str(path): "" if len(files) == 1 else
+              f"{path.name if names.count(path.name) == 1 else path}:" for path in files}
     index = -1
     for path in files:
         path_str = str(path)
         for row in read_rows(path):
             index += 1
             yield index, _classify_row(row, path_str, tokenizer, spec, max_length, special,
-                                       seen_ids, len(files) > 1, select, index)
+                                       seen_ids, labels[path_str], select, index)
 
 
 def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
                   max_length: int | None, special: re.Pattern | None,
-                  seen_ids: dict[str, tuple[str, int]], several_files: bool,
+                  seen_ids: dict[str, tuple[str, int]], file_label: str,
                   select: Callable[[int], bool] | None,
                   index: int) -> Example | Rejection | None:
     try:
@@ -1187,8 +1120,7 @@ def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
         elif row.record.get(spec.id_field) is None:
             # Identical rows without ids (a null id is none: a Parquet id column holds nulls
             # where rows have none) are legitimate up-sampling: number the repeats.
-            where = f"{Path(path_str).name}:{row.line}" if several_files else row.line
-            example_id = f"{example_id}#{where}"
+            example_id = f"{example_id}#{file_label}{row.line}"
             duplicate_of = None
         if select is not None and not select(index):
             return None

@@ -649,7 +649,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
                           f"this model in {result['dtype']}; m_theta includes that difference")
     elif config.data is not None:
-        data_files = resolve_data(config.data)
+        data_files = resolve_data(config.data, prefer_split="test")
         spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
                          train_turns=config.train_turns)
         # islice stops before reading row N+1 (a bad row past the first N is not theirs)

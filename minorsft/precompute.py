@@ -64,7 +64,6 @@ from minorsft.data import (
     Rejection,
     classify_rows,
     data_label,
-    data_source,
     read_rows,
     resolve_data,
     utf8_lines,
@@ -81,6 +80,7 @@ from minorsft.models import (
     resolve_model,
 )
 from minorsft.progress import progress
+from minorsft.read_ahead import read_ahead
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
 # Metadata that decides the cached numbers: a resumed run or another shard must match all of it.
@@ -191,6 +191,11 @@ class PrecomputeSummary:
     waiting_for: str = ""  # what is missing when this shard is done but the cache is not
 
 
+# Tokenize in a background thread (read_ahead.py); off only to measure what it saves
+# (benchmarks/bench_read_ahead.py).
+READ_AHEAD = True
+
+
 def _count_rows(files: list[Path]) -> int | None:
     """Input rows, for the progress bar's total (None where counting means parsing)."""
     counts = [_count_file_rows(path) for path in files]
@@ -224,11 +229,41 @@ def input_fingerprint(files: list[Path]) -> dict:
             while block := handle.read(1 << 20):
                 digest.update(block)
         digests.append(digest.hexdigest())
-    size = sum(path.stat().st_size for path in files)
+    sizes = [path.stat().st_size for path in files]
     if len(files) == 1:
-        return {"sha256": digests[0], "bytes": size}
+        return {"sha256": digests[0], "bytes": sizes[0]}
     combined = hashlib.sha256("\n".join(digests).encode()).hexdigest()
-    return {"sha256": combined, "bytes": size, "files": len(files)}
+    # (names only for messages: the same files spelled another way are the same input)
+    return {"sha256": combined, "bytes": sum(sizes), "files": [
+        {"name": path.name, "sha256": digest, "bytes": size}
+        for path, digest, size in zip(files, digests, sizes, strict=True)]}
+
+
+def _input_change(old: dict, new: dict) -> str | None:
+    """What differs between the input a cache was made from and this run's, or None."""
+    if (old["sha256"], old["bytes"]) == (new["sha256"], new["bytes"]):
+        return None
+    old_files, new_files = old.get("files") or [], new.get("files") or []
+    if not (old_files and new_files):
+        return f"input content: {_describe_input(old)} -> {_describe_input(new)}"
+    old_hashes = [entry["sha256"] for entry in old_files]
+    new_hashes = [entry["sha256"] for entry in new_files]
+    if sorted(old_hashes) == sorted(new_hashes):
+        return ("input files: the same files in another order: "
+                f"{_names(old_files)} -> {_names(new_files)}")
+    removed = [entry for entry in old_files if entry["sha256"] not in new_hashes]
+    added = [entry for entry in new_files if entry["sha256"] not in old_hashes]
+    changed = sorted({entry["name"] for entry in removed} & {entry["name"] for entry in added})
+    removed = [entry for entry in removed if entry["name"] not in changed]
+    added = [entry for entry in added if entry["name"] not in changed]
+    return "input files: " + "; ".join(f"{what}: {_names(entries)}" for what, entries in (
+        ("changed", [{"name": name} for name in changed]), ("added", added),
+        ("removed", removed)) if entries)
+
+
+def _names(entries: list[dict]) -> str:
+    names = [entry["name"] for entry in entries]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> PrecomputeSummary:
@@ -406,7 +441,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
         "engine": engine.name,
         "engine_version": engine.version,
         "engine_settings": engine.describe(),
-        "source": str(data_files[0]) if len(data_files) == 1 else data_source(config.data),
+        "source": str(data_files[0]) if len(data_files) == 1 else data_label(data_files),
         **({"source_files": [str(path) for path in data_files]} if len(data_files) > 1 else {}),
         # train, verify and eval render and fingerprint with it (the fingerprint has its hash)
         **({"chat_template": {"given": config.chat_template, "text": tokenizer.chat_template}}
@@ -443,6 +478,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     part: _PartBuilder | None = None
+    input_rows = None
     rows_total = 0
     try:
         with bar:
@@ -461,8 +497,11 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 write_manifest(out, manifest)  # the part counts as done from here on
                 counters["parts"] += 1
 
-            for index, item in classify_rows(data_files, tokenizer, spec, config.max_length,
-                                             lambda i: mine(i // config.part_rows)):
+            input_rows = classify_rows(data_files, tokenizer, spec, config.max_length,
+                                       lambda i: mine(i // config.part_rows))
+            if READ_AHEAD:  # the next window is tokenized while this one is scored
+                input_rows = read_ahead(input_rows, depth=config.window_rows)
+            for index, item in input_rows:
                 rows_total = index + 1
                 bar.update(task, advance=1)
                 if part is not None and index // config.part_rows != part.index:
@@ -483,6 +522,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 finish(part)
                 part = None
     except BaseException:
+        if input_rows is not None:  # stops the read-ahead thread now, not when collected
+            input_rows.close()
         if part is not None:
             part.abort()
         raise
@@ -558,9 +599,8 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
     for manifest in manifests:
         changes = diff_settings({key: manifest["settings"].get(key) for key in settings},
                                 settings)
-        if manifest["input"] != source:
-            changes.insert(0, f"input content: {_describe_input(manifest['input'])} -> "
-                              f"{_describe_input(source)}")
+        if change := _input_change(manifest["input"], source):
+            changes.insert(0, change)
         if "fingerprint" in settings and (manifest["settings"].get("fingerprint") or {}).get(
                 "chat_template") != settings["fingerprint"]["chat_template"]:
             given = (manifest.get("metadata", {}).get("chat_template") or {}).get("given")
@@ -576,7 +616,7 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
 
 
 def _describe_input(source: dict) -> str:
-    files = f"{source['files']} files, " if source.get("files") else ""
+    files = f"{len(source['files'])} files, " if source.get("files") else ""
     return f"{files}sha256 {source['sha256'][:12]}..., {source['bytes']} bytes"
 
 

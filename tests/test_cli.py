@@ -507,13 +507,29 @@ def test_precompute_of_several_files_keeps_each_rows_file(tiny_model_dir, tmp_pa
     assert (rejected["file"], rejected["line"]) == (str(second), 2)
     metadata = read_metadata(out)
     assert metadata["source_files"] == [str(first), str(second)]
-    assert metadata["source"] == f"{first} {second}"
+    assert metadata["source"] == f"{first} and 1 more file"
     # the same files as a quoted pattern: the same input, so the finished cache is kept
     result = runner.invoke(app, [*command, "--data", str(tmp_path / "train-*.jsonl")])
     assert result.exit_code == 0 and "nothing to score" in " ".join(result.output.split())
     result = runner.invoke(app, [*command, "--data", str(first)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "input content: 2 files, sha256" in text
+    result = runner.invoke(app, [*command, "--data", str(second), "--data", str(first)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and ("input files: the same files in another order: "
+                                      "train-0.jsonl, train-1.jsonl -> train-1.jsonl, "
+                                      "train-0.jsonl") in text
+    third = write_jsonl(tmp_path / "train-2.jsonl", [dict(DEMO_ROWS[2], id="d")])
+    write_jsonl(first, [dict(DEMO_ROWS[0], id="a2")])
+    result = runner.invoke(app, [*command, "--data", str(tmp_path / "train-*.jsonl")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and ("input files: changed: train-0.jsonl; added: "
+                                      "train-2.jsonl") in text
+    third.unlink()
+    write_jsonl(first, [dict(DEMO_ROWS[0], id="a")])
+    result = runner.invoke(app, [*command, "--data", str(first), "1024"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "unexpected argument '1024'" in text
     result = runner.invoke(app, ["verify", "--cache", str(out), "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.output
     per_item = tmp_path / "items.jsonl"
@@ -523,3 +539,10 @@ def test_precompute_of_several_files_keeps_each_rows_file(tiny_model_dir, tmp_pa
     assert result.exit_code == 0, result.output
     items = [json.loads(line) for line in per_item.read_text().splitlines()]
     assert [(item["file"], item["line"]) for item in items] == [(str(first), 1), (str(second), 1)]
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(first),
+                                 str(second)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Quote it (--data 'dir/test-*.parquet')" in text
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(out)])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a minorsft cache, not input data" in text

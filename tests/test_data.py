@@ -17,6 +17,7 @@ from minorsft.data import (
     resolve_data,
     tokenize_conversation,
 )
+from minorsft.data_files import split_of
 
 from .conftest import CHATML, DEMO_ROWS, build_tiny_tokenizer, write_jsonl
 
@@ -955,6 +956,12 @@ def test_a_folder_or_a_pattern_reads_its_files_in_name_order(tiny_tokenizer, tmp
     assert [item.id.partition("#")[2] for item in items] == [
         "", "", "train-00001-of-00002.parquet:1", "train-00001-of-00002.parquet:2"]
     assert len({item.id for item in items}) == 4
+    # two files of one name in two folders: numbered by path
+    (tmp_path / "other").mkdir()
+    twins = [write_jsonl(tmp_path / folder / "twin.jsonl", [rows[1], rows[1]])
+             for folder in ("data", "other")]
+    ids = [item.id for item in iter_examples(twins, tiny_tokenizer)]
+    assert len(set(ids)) == 4 and ids[3].endswith(f"#{twins[1]}:2")
     with_ids = [dict(row, id=f"r{i}") for i, row in enumerate(rows[1:3])]
     write_jsonl(tmp_path / "a.jsonl", with_ids)
     write_jsonl(tmp_path / "b.jsonl", with_ids[1:])
@@ -976,9 +983,21 @@ def test_data_names_that_give_no_file_or_mix_splits_are_refused(tmp_path):
     splits.mkdir()
     for name in ("train-00000-of-00001.parquet", "test-00000-of-00001.parquet"):
         (splits / name).write_bytes(b"")
-    with pytest.raises(DataError, match=r"several splits \(test, train\); name the files of "
-                                        r"one, e.g. --data '.*splits/train\*'"):
-        resolve_data(str(splits))
+    for name in (str(splits), str(splits / "*"), str(tmp_path / "*" / "*.parquet")):
+        with pytest.raises(DataError, match=r"several splits: test \(1 file\), train \(1 "
+                                            r"file\); name the files of one, e.g. --data "
+                                            r"'.*splits/train-\*'.*join them into one file"):
+            resolve_data(name)
+    with pytest.raises(DataError, match=r"e.g. --data '.*splits/test-\*'"):
+        resolve_data(str(splits), prefer_split="test")  # (eval's)
+    with pytest.raises(DataError, match="several splits"):  # as the shell expands splits/*
+        resolve_data([str(path) for path in sorted(splits.iterdir())])
+    # Hugging Face's names: the split is the shards' prefix; else the name's last split word
+    assert [split_of(Path(name)) for name in (
+        "train_sft-00000-of-00003.parquet", "test_gen-00001-of-00002.parquet",
+        "gsm8k_train.jsonl", "Training.jsonl", "unit_test_generation-train.jsonl",
+        "contest.jsonl", "retrain.jsonl", "heldout/x.jsonl", "data.parquet")] == [
+        "train_sft", "test_gen", "train", "train", "train", None, None, "held-out", None]
     write_jsonl(tmp_path / "a.jsonl", DEMO_ROWS[:1])
     with pytest.raises(DataError, match="a.jsonl: named twice in --data"):
         resolve_data([str(tmp_path / "a.jsonl"), str(tmp_path / "*.jsonl")])
