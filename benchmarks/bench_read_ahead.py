@@ -69,7 +69,8 @@ def main() -> None:
 
     print(f"{machine()}\n{args.model}, {rows} rows ({answer_tokens} answer tokens) of "
           f"{args.data}, engine {args.engine}, {args.repeats} runs each, alternating\n")
-    print(f"tokenizing alone (data.classify_rows): {tokenize_s:.2f} s\n")
+    print(f"tokenizing alone (data.classify_rows, one thread): {tokenize_s:.2f} s, "
+          f"{rows / tokenize_s:,.0f} rows/s, {answer_tokens / tokenize_s:,.0f} answer tokens/s\n")
     plain = statistics.median(seconds[False])
     print(table(["precompute", "median s", "runs s", "rows/s", "x one after the other"], [
         [name, f"{statistics.median(seconds[mode]):.2f}",

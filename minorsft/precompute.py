@@ -522,10 +522,12 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 finish(part)
                 part = None
     except BaseException:
-        if input_rows is not None:  # stops the read-ahead thread now, not when collected
-            input_rows.close()
-        if part is not None:
-            part.abort()
+        try:
+            if input_rows is not None:  # stops the read-ahead thread now, not when collected
+                input_rows.close()
+        finally:
+            if part is not None:
+                part.abort()
         raise
     if rows_total == 0:
         raise ValueError(f"{data_label(data_files)}: no rows (the "

@@ -20,8 +20,9 @@ _END = object()
 def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
     """The items of `items`, in order, produced by a background thread that runs at most
     `depth` items ahead. An exception raised by `items` is raised here, where its item would
-    have come; stopping early (an exception in the consumer, or closing this generator) stops
-    the thread at its next item."""
+    have come. Closing this generator (or dropping it: Python closes it when collected) stops
+    the thread at its next item, after the one it is making; up to `depth` items wait in
+    memory meanwhile."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     handoff: queue.Queue = queue.Queue(maxsize=depth)

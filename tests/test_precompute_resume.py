@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -103,6 +104,27 @@ def test_crash_between_part_file_and_manifest_is_redone(tiny_model_dir, tmp_path
     assert summary.parts_skipped == 2 and summary.parts_written == 2
     assert list(iter_rows(out)) == list(iter_rows(reference))
     assert not (out / ".part-00003.parquet.stale.tmp").exists()
+
+
+def test_an_interrupted_run_stops_its_tokenizing_thread(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C while rows are still waiting to be tokenized stops the read-ahead thread at once,
+    not when the generator is collected (a traceback kept alive would keep it running)."""
+    import minorsft.precompute as precompute_module
+
+    data = rows_file(tmp_path, 60)  # the thread is at most 4 rows ahead of row 18 when it stops
+    real_write, calls = precompute_module.write_manifest, []
+
+    def crash_on_third(directory, manifest):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(directory, manifest)
+
+    monkeypatch.setattr(precompute_module, "write_manifest", crash_on_third)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        precompute(tiny_model_dir, data, tmp_path / "out")
+    assert caught.traceback  # the frames (and the generator in them) are still referenced here
+    assert "minorsft-read-ahead" not in [thread.name for thread in threading.enumerate()]
 
 
 def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path, monkeypatch):

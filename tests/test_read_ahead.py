@@ -8,10 +8,13 @@ import pytest
 from minorsft.read_ahead import read_ahead
 
 
+def reader_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "minorsft-read-ahead"]
+
+
 def test_items_come_in_order_and_the_thread_ends():
-    before = threading.active_count()
     assert list(read_ahead(iter(range(1000)), depth=7)) == list(range(1000))
-    assert threading.active_count() == before
+    assert reader_threads() == []
 
 
 def test_an_error_is_raised_where_its_item_would_have_come():
@@ -35,14 +38,14 @@ def test_the_thread_runs_at_most_depth_items_ahead_and_stops_with_the_consumer()
             produced.append(number)
             yield number
 
-    before = threading.active_count()
     reader = read_ahead(items(), depth=3)
     assert next(reader) == 0
+    assert len(reader_threads()) == 1
     time.sleep(0.3)  # time to run ahead as far as it may
     # 0 taken, 3 waiting in the queue, one more produced and waiting to be put
     assert len(produced) <= 5
     reader.close()  # as precompute does when a row stops the run
-    assert threading.active_count() == before
+    assert reader_threads() == []
     assert len(produced) <= 5
 
 
