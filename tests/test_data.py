@@ -2,6 +2,7 @@
 
 import codecs
 import json
+import random
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from minorsft.data import (
     Example,
     FieldSpec,
     Rejection,
+    _overlaps,
     classify_rows,
     iter_examples,
     resolve_data,
@@ -1073,3 +1075,30 @@ def test_train_turns_last_trains_the_last_answer_and_lets_qwen35_chats_through(t
     assert answer_text(plain, before_marked) == "Hello<|im_end|>"  # the last one trained
     with pytest.raises(ValueError, match="--train-turns must be one of all, last"):
         FieldSpec(train_turns="first")
+
+
+def test_the_one_pass_answer_mask_equals_testing_every_span():
+    """`_overlaps` (a pointer into the sorted spans) marks a token exactly when it covers text
+    of some span: random offsets with empty tokens, tokens sharing offsets (a character's bytes
+    split over tokens), touching and overlapping spans, offsets out of order."""
+    def every_span(offsets, spans):
+        return [start < stop and any(start < s_stop and stop > s_start
+                                     for s_start, s_stop in spans) for start, stop in offsets]
+
+    rng = random.Random(0)
+    kinds = {"in order": 0, "out of order": 0}
+    for _ in range(5000):
+        position, offsets = 0, []
+        for _ in range(rng.randint(1, 30)):
+            start = position + rng.choice([0, 0, 1, 2])
+            stop = start + rng.choice([0, 1, 2, 3])
+            offsets.append((start, stop))
+            position = start if rng.random() < 0.3 else stop
+        shuffled = rng.random() < 0.1
+        if shuffled:
+            rng.shuffle(offsets)
+        kinds["out of order" if shuffled else "in order"] += 1
+        spans = [(start, start + rng.randint(0, 8))
+                 for start in (rng.randint(0, position + 3) for _ in range(rng.randint(0, 4)))]
+        assert _overlaps(offsets, spans) == every_span(offsets, spans), (offsets, spans)
+    assert min(kinds.values()) > 100
