@@ -809,6 +809,18 @@ def tokenize_conversation(
     `trained` says per message which assistant turns are answer (None: all of them).
     `tool_definitions` go to the template as its `tools`; a turn's tool calls are answer too.
     """
+    text, spans = render_conversation(tokenizer, messages, special, trained, tool_definitions)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return answer_tokens(encoded["input_ids"], encoded["offset_mapping"], spans, max_length)
+
+
+def render_conversation(
+    tokenizer, messages: list[dict], special: re.Pattern | None | bool = True,
+    trained: list[bool] | None = None, tool_definitions: list[dict] | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the template writes it, and where in that text its answers lie
+    (character offsets), for :func:`tokenize_conversation` (which see) to tokenize. Split from
+    it so that the texts of many rows can go to the tokenizer at once (`classify_rows`)."""
     if special is True:
         special = special_token_pattern(tokenizer)
     if any(ANSWER_PROBE in message["content"] for message in messages):
@@ -828,9 +840,9 @@ def tokenize_conversation(
         # templates write earlier turns without the thinking block generation opens).
         if error.index != answered[-1]:
             try:  # (the row as --train-turns last reads it, all its checks included)
-                tokenize_conversation(tokenizer, messages, max_length, special,
-                                      [index == answered[-1] for index in range(len(messages))],
-                                      tool_definitions)
+                render_conversation(tokenizer, messages, special,
+                                    [index == answered[-1] for index in range(len(messages))],
+                                    tool_definitions)
             except ValueError:
                 raise error from None
             raise ValueError(f"{error}; its last turn can be trained alone, the earlier ones "
@@ -843,15 +855,19 @@ def tokenize_conversation(
         if reason := tools.unrendered(render_with, full_text, answers, messages,
                                       tool_definitions):
             raise ValueError(reason)
-    spans = list(answers.values())
+    return full_text, list(answers.values())
 
-    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
+
+def answer_tokens(input_ids, offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+                  max_length: int | None) -> tuple[list[int], list[bool], bool]:
+    """Token ids, answer mask and whether truncation happened, from the tokenizer's ids and
+    character offsets of a conversation's text and its answer `spans` in that text."""
+    input_ids = list(input_ids)
     # A token is answer if it overlaps an answer span, not only if it starts in one: templates
     # that write a space before the content ("Assistant: " + content, Llama-2's "[/INST] ")
     # have it fused with the first word ("ĠThe", "▁The"), and that token is what generation
     # produces first. Zero-width tokens cover no text.
-    answer_mask = _overlaps(encoded["offset_mapping"], spans)
+    answer_mask = _overlaps(offsets, spans)
     answer_mask[0] = False  # the first token has nothing before it to predict it
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
@@ -865,8 +881,8 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     The tokens of one text start in order, so one pass with a pointer into the sorted spans
     does it: a span that ends before a token starts ends before every later token too, and
     with disjoint spans only the first one left can overlap the token. (Testing every span per
-    token, as before 0.7.0, made tokenizing GSM8K rows take 1.37 x as long: docs/performance.md
-    6c.) Offsets out of order, or spans that overlap, take the test per span.
+    token, as before 0.7.0, was a sizeable share of tokenizing: docs/performance.md 6c.)
+    Offsets out of order, or spans that overlap, take the test per span.
     """
     spans = sorted(spans)
     mask = []
@@ -1093,12 +1109,18 @@ def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = Non
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
+# Rows whose texts go to the tokenizer in one call: a fast tokenizer encodes a batch on all
+# cores, outside the GIL (docs/performance.md 6c).
+TOKENIZE_BATCH_ROWS = 64
+
+
 def classify_rows(
     paths: Path | list[Path],
     tokenizer,
     spec: FieldSpec | None = None,
     max_length: int | None = None,
     select: Callable[[int], bool] | None = None,
+    batch_rows: int = TOKENIZE_BATCH_ROWS,
 ) -> Iterator[tuple[int, Example | Rejection | None]]:
     """Every row of the input files as (index, Example or Rejection); None for rows `select`
     leaves out.
@@ -1109,7 +1131,8 @@ def classify_rows(
     but they are neither checked further nor tokenized. Ids are unique across the input: the
     first row that carries an id keeps it, and any later row with the same id is rejected, even
     if the first row was rejected for another reason (so the outcome of a row never depends on
-    how the input was split).
+    how the input was split). Rows are rendered one by one and tokenized `batch_rows` at a time
+    (1: each as soon as it is read); an error reading the input comes after the rows before it.
     """
     spec = spec or FieldSpec()
     files = [paths] if isinstance(paths, Path) else list(paths)
@@ -1121,19 +1144,69 @@ def classify_rows(
     labels = {str(path): "" if len(files) == 1 else
               f"{path.name if names.count(path.name) == 1 else path}:" for path in files}
     index = -1
+    pending: list[tuple[int, Example | Rejection | _Rendered | None]] = []
     for path in files:
         path_str = str(path)
-        for row in read_rows(path):
+        rows = read_rows(path)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except Exception:  # (a file cut off: its rows so far first, then the error)
+                yield from _tokenize(pending, tokenizer, max_length)
+                raise
             index += 1
-            yield index, _classify_row(row, path_str, tokenizer, spec, max_length, special,
-                                       seen_ids, labels[path_str], select, index)
+            pending.append((index, _classify_row(row, path_str, tokenizer, spec, special,
+                                                 seen_ids, labels[path_str], select, index)))
+            if len(pending) >= batch_rows:
+                yield from _tokenize(pending, tokenizer, max_length)
+                pending = []
+    yield from _tokenize(pending, tokenizer, max_length)
+
+
+@dataclass
+class _Rendered:
+    """A row that passed its checks, rendered, waiting for the tokenizer."""
+
+    example_id: str
+    row: RawRow
+    path: str
+    text: str
+    spans: list[tuple[int, int]]
+    answer_field: str
+
+
+def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]], tokenizer,
+              max_length: int | None) -> Iterator[tuple[int, Example | Rejection | None]]:
+    """The rows of `pending` in order, those rendered tokenized (their texts in one call)."""
+    rendered = [item for _, item in pending if isinstance(item, _Rendered)]
+    if rendered:
+        encoded = tokenizer([item.text for item in rendered], add_special_tokens=False,
+                            return_offsets_mapping=True)
+        tokens = iter(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+    for index, item in pending:
+        if isinstance(item, _Rendered):
+            input_ids, offsets = next(tokens)
+            input_ids, answer_mask, truncated = answer_tokens(input_ids, offsets, item.spans,
+                                                              max_length)
+            if not any(answer_mask):
+                error = DataError(item.path, item.row.line, item.answer_field,
+                                  f"answer truncated to zero tokens by --max-length "
+                                  f"{max_length} (the prompt alone has {len(input_ids)}+ tokens)")
+                item = Rejection(item.path, item.row.line, error.field, error.reason,
+                                 item.row.raw, error, item.row.raw_bytes)
+            else:
+                item = Example(item.example_id, item.row.line, input_ids, answer_mask,
+                               truncated, item.path)
+        yield index, item
 
 
 def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
-                  max_length: int | None, special: re.Pattern | None,
+                  special: re.Pattern | None,
                   seen_ids: dict[str, tuple[str, int]], file_label: str,
                   select: Callable[[int], bool] | None,
-                  index: int) -> Example | Rejection | None:
+                  index: int) -> _Rendered | Rejection | None:
     try:
         if row.error is not None:
             raise row.error
@@ -1158,16 +1231,12 @@ def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
                             f"duplicate id {example_id!r} (first on {first})")
         refuse_answer_probe(conversation.texts, path_str, row.line)
         try:
-            input_ids, answer_mask, truncated = tokenize_conversation(
-                tokenizer, conversation.messages, max_length, special,
-                conversation.trained, conversation.tools)
+            text, spans = render_conversation(tokenizer, conversation.messages, special,
+                                              conversation.trained, conversation.tools)
         except ValueError as error:  # the template's, about the conversation as a whole
             raise DataError(path_str, row.line, conversation.fields, str(error)) from error
-        if not any(answer_mask):
-            raise DataError(path_str, row.line, conversation.answer_fields[0],
-                            f"answer truncated to zero tokens by --max-length {max_length} "
-                            f"(the prompt alone has {len(input_ids)}+ tokens)")
-        return Example(example_id, row.line, input_ids, answer_mask, truncated, path_str)
+        return _Rendered(example_id, row, path_str, text, spans,
+                         conversation.answer_fields[0])
     except DataError as error:
         if select is not None and not select(index):
             return None

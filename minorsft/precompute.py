@@ -295,7 +295,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
-        _, first = next(classify_rows(data_files, tokenizer, spec, config.max_length), (0, None))
+        _, first = next(classify_rows(data_files, tokenizer, spec, config.max_length,
+                                      batch_rows=1), (0, None))
         if isinstance(first, Rejection) and first.error is not None:
             raise first.error
     if spec.system_field != FieldSpec.system_field:

@@ -1102,3 +1102,57 @@ def test_the_one_pass_answer_mask_equals_testing_every_span():
                  for start in (rng.randint(0, position + 3) for _ in range(rng.randint(0, 4)))]
         assert _overlaps(offsets, spans) == every_span(offsets, spans), (offsets, spans)
     assert min(kinds.values()) > 100
+
+
+def test_tokenizing_rows_in_batches_gives_what_one_at_a_time_gives(tiny_tokenizer, tmp_path):
+    """classify_rows renders rows one by one and tokenizes their texts `batch_rows` at a time:
+    the same items in the same order for any batch size, over good rows, bad ones, duplicate
+    ids, rows truncated to no answer, rows another shard takes, and two files."""
+    import gzip
+
+    bad = ['{"prompt": "x"', {"id": "a", "prompt": "q", "response": "r"},
+           {"prompt": "q", "response": ""}, {"prompt": "w " * 40, "response": "long prompt"}]
+    first = write_jsonl(tmp_path / "one.jsonl", [*DEMO_ROWS, *bad] * 3)
+    second = tmp_path / "two.jsonl.gz"
+    second.write_bytes(gzip.compress(write_jsonl(
+        tmp_path / "plain.jsonl", [dict(row, id=f"2-{row['id']}") for row in DEMO_ROWS])
+        .read_bytes()))
+
+    def items(batch_rows):
+        found = []
+        for index, item in classify_rows([first, second], tiny_tokenizer, FieldSpec(), 30,
+                                         select=lambda i: i % 5 != 3, batch_rows=batch_rows):
+            found.append((index, type(item).__name__, getattr(item, "id", None),
+                          getattr(item, "input_ids", None), getattr(item, "answer_mask", None),
+                          getattr(item, "truncated", None), getattr(item, "file", None),
+                          getattr(item, "field", None), getattr(item, "reason", None)))
+        return found
+
+    one_at_a_time = items(1)
+    kinds = {kind for _, kind, *_ in one_at_a_time}
+    assert kinds == {"Example", "Rejection", "NoneType"}
+    assert any("truncated to zero tokens" in (entry[-1] or "") for entry in one_at_a_time)
+    assert any(entry[2] and entry[2].startswith("2-") for entry in one_at_a_time)
+    for batch_rows in (2, 5, 64):
+        assert items(batch_rows) == one_at_a_time
+
+
+def test_rows_read_before_a_cut_off_file_come_before_its_error(tiny_tokenizer, tmp_path):
+    import gzip
+
+    rows = [dict(row, id=f"{row['id']}{n}") for n in range(10) for row in DEMO_ROWS]
+    packed = write_jsonl(tmp_path / "rows.jsonl", rows).read_bytes()
+    cut = tmp_path / "cut.jsonl.gz"
+    compressed = gzip.compress(packed)
+    cut.write_bytes(compressed[: len(compressed) * 3 // 4])  # a download that stopped
+
+    def read(batch_rows):
+        got = []
+        with pytest.raises(DataError, match="cut.jsonl.gz"):
+            for _, item in classify_rows(cut, tiny_tokenizer, batch_rows=batch_rows):
+                got.append(item.id)
+        return got
+
+    before_the_cut = read(1)
+    assert 0 < len(before_the_cut) < len(rows)
+    assert read(64) == before_the_cut
