@@ -1184,7 +1184,9 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
     if rendered:
         encoded = tokenizer([item.text for item in rendered], add_special_tokens=False,
                             return_offsets_mapping=True)
-        tokens = iter(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True))
+        # only ids and offsets are kept: the rest of the batch's encoding is freed now
+        tokens = iter(list(zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)))
+        del encoded
     for index, item in pending:
         if isinstance(item, _Rendered):
             input_ids, offsets = next(tokens)
