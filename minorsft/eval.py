@@ -652,7 +652,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         data_files = resolve_data(config.data, prefer_split="test")
         spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
                          train_turns=config.train_turns)
-        # islice stops before reading row N+1 (a bad row past the first N is not theirs)
+        # islice takes the first N rows; a bad row past them is not theirs and raises nothing
+        # (the reader may have rendered up to a tokenizer batch more, unused)
         examples = list(islice(iter_examples(data_files, tokenizer, spec, config.max_length,
                                              on_bad="error"), config.max_rows))
         if not examples:
