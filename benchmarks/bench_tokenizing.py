@@ -1,9 +1,14 @@
 """How fast precompute reads and tokenizes rows (`data.classify_rows`: the chat template, the
-tokenizer, the answer mask): as 0.7.0 does it (texts tokenized 64 rows to a call, the answer
-mask in one pass) against each change undone, alternating. Usage:
+tokenizer, the answer mask): as 0.8.0 does it on a GPU machine (batches of 64 rows rendered and
+tokenized in worker processes, `--tokenize-workers`), and in one process as 0.7.0 does (texts
+tokenized 64 rows to a call, the answer mask in one pass), against each change undone,
+alternating. Usage:
 
     python benchmarks/bench_tokenizing.py --data ../gsm8k/train.jsonl \
-        --prompt-field question --response-field answer --rows 2000 --repeats 3
+        --prompt-field question --response-field answer --rows 2000 --repeats 3 --workers 2
+
+`--turns N` joins N rows into one chat of N user and N assistant turns (every assistant turn
+trained), whose every answer the template renders several times: multi-turn data.
 
 A fast tokenizer encodes a batch of texts on all cores, outside the GIL; the chat template
 renders row by row on one. On a GPU, scoring a small model can outrun one core tokenizing
@@ -23,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import add_data_arguments, machine, read_records, table  # noqa: E402
+from common import add_data_arguments, machine, read_records, table, to_chat  # noqa: E402
 
 
 def every_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -33,47 +38,83 @@ def every_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
             for start, stop in offsets]
 
 
+def joined(records: list[dict], turns: int, prompt_field: str | None,
+           response_field: str | None) -> list[dict]:
+    """Every `turns` records as one chat of `turns` user and assistant turns."""
+    chats = []
+    for first in range(0, len(records) - turns + 1, turns):
+        messages = []
+        for record in records[first:first + turns]:
+            prompt, completion = to_chat(record, prompt_field, response_field)
+            messages += [*prompt, *completion]
+        chats.append({"messages": messages})
+    return chats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser, rows=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes for the first method (precompute's "
+                             "--tokenize-workers); 0 leaves it out")
+    parser.add_argument("--turns", type=int, default=1,
+                        help="rows joined into one multi-turn chat")
     args = parser.parse_args()
 
     import minorsft.data as data
     from minorsft.models import load_tokenizer, resolve_model
+    from minorsft.row_workers import RowWorkers
 
     one_pass = data._overlaps
-    methods = {  # name: (rows per tokenizer call, answer mask)
-        "0.7.0: 64 rows a call, mask in one pass": (data.TOKENIZE_BATCH_ROWS, one_pass),
-        "a row a call, mask in one pass": (1, one_pass),
-        "before 0.7.0: a row a call, every span per token": (1, every_span),
+    methods = {  # name: (worker processes, rows per tokenizer call, answer mask)
+        f"0.8.0: {args.workers} worker processes": (args.workers, data.TOKENIZE_BATCH_ROWS,
+                                                     one_pass),
+        "0.7.0: one process, 64 rows a call, mask in one pass": (0, data.TOKENIZE_BATCH_ROWS,
+                                                                 one_pass),
+        "a row a call, mask in one pass": (0, 1, one_pass),
+        "before 0.7.0: a row a call, every span per token": (0, 1, every_span),
     }
+    if not args.workers:
+        methods.pop(next(iter(methods)))
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     masks: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as scratch:
         rows_file = Path(scratch) / "rows.jsonl"
-        rows_file.write_text("".join(json.dumps(r, default=str) + "\n"
-                                     for r in read_records(args.data, args.rows)))
-        tokenizer = load_tokenizer(resolve_model(args.model))
+        records = read_records(args.data, args.rows * args.turns)
         spec = data.FieldSpec(args.prompt_field, args.response_field)
+        if args.turns > 1:
+            records = joined(records, args.turns, args.prompt_field, args.response_field)
+            spec = data.FieldSpec()
+        rows_file.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        # Made once, before the timing, as precompute makes them before the model loads.
+        started = time.perf_counter()
+        workers = RowWorkers(args.workers, tokenizer) if args.workers else None
+        start_s = time.perf_counter() - started
         try:
             for _ in range(args.repeats):
-                for name, (batch_rows, overlaps) in methods.items():
+                for name, (count, batch_rows, overlaps) in methods.items():
                     data._overlaps = overlaps
                     started = time.perf_counter()
                     items = [item for _, item in data.classify_rows(
-                        rows_file, tokenizer, spec, args.max_length, batch_rows=batch_rows)]
+                        rows_file, tokenizer, spec, args.max_length, batch_rows=batch_rows,
+                        workers=workers if count else None)]
                     seconds[name].append(time.perf_counter() - started)
                     masks[name] = [getattr(item, "answer_mask", None) for item in items]
         finally:
             data._overlaps = one_pass
+            if workers is not None:
+                workers.close()
     first, *others = masks.values()
     if any(other != first for other in others):
         raise SystemExit("the methods gave different answer masks")
     rows = len(first)
     answer_tokens = sum(sum(mask) for mask in first if mask is not None)
-    print(f"{machine()}\n{args.model}, {rows} rows ({answer_tokens} answer tokens) of "
-          f"{args.data}, {args.repeats} runs each, alternating; the same masks every way\n")
+    shape = f"chats of {args.turns} turns of" if args.turns > 1 else "rows"
+    print(f"{machine()}\n{args.model}, {rows} {shape} ({answer_tokens} answer tokens) of "
+          f"{args.data}, {args.repeats} runs each, alternating; the same masks every way"
+          + (f"; {args.workers} workers started in {start_s:.2f} s" if workers else "") + "\n")
     print(table(["classify_rows", "median s", "runs s", "rows/s", "answer tokens/s"], [
         [name, f"{statistics.median(runs):.2f}", " ".join(f"{s:.2f}" for s in runs),
          f"{rows / statistics.median(runs):,.0f}",

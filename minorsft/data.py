@@ -49,6 +49,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minorsft import tools
 from minorsft.data_errors import DataError
@@ -58,6 +59,9 @@ from minorsft.data_files import (  # noqa: F401  (re-exported: callers read inpu
     data_source,
     resolve_data,
 )
+
+if TYPE_CHECKING:
+    from minorsft.row_workers import RowWorkers
 
 TRUNCATION_RULE = "right"  # keep the first max_length tokens
 TRAIN_TURNS = ("all", "last")
@@ -1120,6 +1124,7 @@ def classify_rows(
     max_length: int | None = None,
     select: Callable[[int], bool] | None = None,
     batch_rows: int = TOKENIZE_BATCH_ROWS,
+    workers: RowWorkers | None = None,
 ) -> Iterator[tuple[int, Example | Rejection | None]]:
     """Every row of the input files as (index, Example or Rejection); None for rows `select`
     leaves out.
@@ -1130,12 +1135,44 @@ def classify_rows(
     but they are neither checked further nor tokenized. Ids are unique across the input: the
     first row that carries an id keeps it, and any later row with the same id is rejected, even
     if the first row was rejected for another reason (so the outcome of a row never depends on
-    how the input was split). Rows are rendered one by one and tokenized `batch_rows` at a time
-    (1: each as soon as it is read); an error reading the input comes after the rows before it.
+    how the input was split). Rows are rendered and tokenized `batch_rows` at a time (1: each
+    as soon as it is read), here or in the processes of `workers` (made with `tokenizer`):
+    the same items in the same order either way. An error reading the input comes after the
+    rows before it.
     """
     spec = spec or FieldSpec()
-    files = [paths] if isinstance(paths, Path) else list(paths)
+    batches = _identified_batches(paths, spec, select, batch_rows)
+    if workers is not None:
+        if workers.tokenizer is not tokenizer:
+            raise ValueError("classify_rows: the workers were made with another tokenizer")
+        yield from workers.run(batches, spec, max_length)
+        return
     special = special_token_pattern(tokenizer)
+    for batch in batches:
+        yield from render_and_tokenize(batch, tokenizer, spec, special, max_length)
+
+
+@dataclass
+class _Identified:
+    """A row that has an id and is to be checked, rendered and tokenized."""
+
+    example_id: str
+    row: RawRow
+    path: str
+    duplicate_of: tuple[str, int] | None  # (file, line) of the first row with this id
+
+
+Batch = list[tuple[int, _Identified | Rejection | None]]
+
+
+def _identified_batches(paths: Path | list[Path], spec: FieldSpec,
+                        select: Callable[[int], bool] | None, batch_rows: int,
+                        ) -> Iterator[Batch]:
+    """The rows of the input files `batch_rows` at a time, each with its index and id (see
+    `classify_rows`): what needs the whole input in order (ids and their repeats), so that the
+    rest can be done a batch at a time anywhere. A file cut off gives its rows read so far as
+    a batch, then its error."""
+    files = [paths] if isinstance(paths, Path) else list(paths)
     seen_ids: dict[str, tuple[str, int]] = {}  # id -> (file, line) of its first row
     # Repeats of a row without an id are numbered by line, and by file where there are several
     # (by name, or by path where two files share a name), so that ids stay unique.
@@ -1143,7 +1180,7 @@ def classify_rows(
     labels = {str(path): "" if len(files) == 1 else
               f"{path.name if names.count(path.name) == 1 else path}:" for path in files}
     index = -1
-    pending: list[tuple[int, Example | Rejection | _Rendered | None]] = []
+    pending: Batch = []
     for path in files:
         path_str = str(path)
         rows = read_rows(path)
@@ -1153,15 +1190,57 @@ def classify_rows(
             except StopIteration:
                 break
             except Exception:  # (a file cut off: its rows so far first, then the error)
-                yield from _tokenize(pending, tokenizer, max_length)
+                if pending:
+                    yield pending
                 raise
             index += 1
-            pending.append((index, _classify_row(row, path_str, tokenizer, spec, special,
-                                                 seen_ids, labels[path_str], select, index)))
+            pending.append((index, _identify_row(row, path_str, spec, seen_ids,
+                                                 labels[path_str], select, index)))
             if len(pending) >= batch_rows:
-                yield from _tokenize(pending, tokenizer, max_length)
+                yield pending
                 pending = []
-    yield from _tokenize(pending, tokenizer, max_length)
+    if pending:
+        yield pending
+
+
+def _identify_row(row: RawRow, path_str: str, spec: FieldSpec,
+                  seen_ids: dict[str, tuple[str, int]], file_label: str,
+                  select: Callable[[int], bool] | None,
+                  index: int) -> _Identified | Rejection | None:
+    try:
+        if row.error is not None:
+            raise row.error
+        example_id = row_id(row.record, spec, path_str, row.line)
+        duplicate_of = seen_ids.get(example_id)
+        if duplicate_of is None:
+            seen_ids[example_id] = (path_str, row.line)
+        elif row.record.get(spec.id_field) is None:
+            # Identical rows without ids (a null id is none: a Parquet id column holds nulls
+            # where rows have none) are legitimate up-sampling: number the repeats.
+            example_id = f"{example_id}#{file_label}{row.line}"
+            duplicate_of = None
+        if select is not None and not select(index):
+            return None
+        return _Identified(example_id, row, path_str, duplicate_of)
+    except DataError as error:
+        if select is not None and not select(index):
+            return None
+        return _rejection(row, path_str, error)
+
+
+def _rejection(row: RawRow, path_str: str, error: DataError) -> Rejection:
+    return Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
+                     row.raw_bytes)
+
+
+def render_and_tokenize(batch: Batch, tokenizer, spec: FieldSpec, special: re.Pattern | None,
+                        max_length: int | None,
+                        ) -> Iterator[tuple[int, Example | Rejection | None]]:
+    """The rows of `batch` in order, checked and rendered one by one and tokenized (their
+    texts in one call)."""
+    return _tokenize([(index, _render_row(item, tokenizer, spec, special)
+                       if isinstance(item, _Identified) else item) for index, item in batch],
+                     tokenizer, max_length)
 
 
 @dataclass
@@ -1195,54 +1274,35 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
                 error = DataError(item.path, item.row.line, item.answer_field,
                                   f"answer truncated to zero tokens by --max-length "
                                   f"{max_length} (the prompt alone has {len(input_ids)}+ tokens)")
-                item = Rejection(item.path, item.row.line, error.field, error.reason,
-                                 item.row.raw, error, item.row.raw_bytes)
+                item = _rejection(item.row, item.path, error)
             else:
                 item = Example(item.example_id, item.row.line, input_ids, answer_mask,
                                truncated, item.path)
         yield index, item
 
 
-def _classify_row(row: RawRow, path_str: str, tokenizer, spec: FieldSpec,
-                  special: re.Pattern | None,
-                  seen_ids: dict[str, tuple[str, int]], file_label: str,
-                  select: Callable[[int], bool] | None,
-                  index: int) -> _Rendered | Rejection | None:
+def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
+                special: re.Pattern | None) -> _Rendered | Rejection:
+    row, path_str = item.row, item.path
     try:
-        if row.error is not None:
-            raise row.error
-        example_id = row_id(row.record, spec, path_str, row.line)
-        duplicate_of = seen_ids.get(example_id)
-        if duplicate_of is None:
-            seen_ids[example_id] = (path_str, row.line)
-        elif row.record.get(spec.id_field) is None:
-            # Identical rows without ids (a null id is none: a Parquet id column holds nulls
-            # where rows have none) are legitimate up-sampling: number the repeats.
-            example_id = f"{example_id}#{file_label}{row.line}"
-            duplicate_of = None
-        if select is not None and not select(index):
-            return None
         conversation = read_conversation(row.record, spec, path_str, row.line)
         refuse_special_tokens(conversation.texts, special, path_str, row.line)
-        if duplicate_of is not None:
-            first_file, first_line = duplicate_of
+        if item.duplicate_of is not None:
+            first_file, first_line = item.duplicate_of
             first = (f"line {first_line}" if first_file == path_str
                      else f"{first_file}, line {first_line}")
             raise DataError(path_str, row.line, spec.id_field,
-                            f"duplicate id {example_id!r} (first on {first})")
+                            f"duplicate id {item.example_id!r} (first on {first})")
         refuse_answer_probe(conversation.texts, path_str, row.line)
         try:
             text, spans = render_conversation(tokenizer, conversation.messages, special,
                                               conversation.trained, conversation.tools)
         except ValueError as error:  # the template's, about the conversation as a whole
             raise DataError(path_str, row.line, conversation.fields, str(error)) from error
-        return _Rendered(example_id, row, path_str, text, spans,
+        return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0])
     except DataError as error:
-        if select is not None and not select(index):
-            return None
-        return Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
-                         row.raw_bytes)
+        return _rejection(row, path_str, error)
 
 
 def iter_examples(

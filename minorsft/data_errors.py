@@ -10,3 +10,6 @@ class DataError(ValueError):
         where = path if line is None else f"{path}:{line}"
         what = f" field {field_name!r}:" if field_name else ""
         super().__init__(f"{where}:{what} {reason}")
+
+    def __reduce__(self):  # (rows are checked in other processes: minorsft.row_workers)
+        return type(self), (self.path, self.line, self.field, self.reason)

@@ -81,6 +81,7 @@ from minorsft.models import (
 )
 from minorsft.progress import progress
 from minorsft.read_ahead import read_ahead
+from minorsft.row_workers import RowWorkers, auto_workers
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 
 # Metadata that decides the cached numbers: a resumed run or another shard must match all of it.
@@ -110,6 +111,7 @@ class PrecomputeConfig:
     max_batch_tokens: int | None = None  # None: the engine's default for its device
     window_rows: int = 1024
     on_bad: str = "error"
+    tokenize_workers: int | None = None  # None: row_workers.auto_workers
     # vLLM engine only (None: vLLM's default or minorsft's, see engines/vllm_engine.py)
     tensor_parallel_size: int | None = None
     gpu_memory_utilization: float | None = None
@@ -133,6 +135,8 @@ class PrecomputeConfig:
             raise ValueError("--part-rows must be positive")
         if self.window_rows < 1:
             raise ValueError("window_rows must be positive")
+        if self.tokenize_workers is not None and self.tokenize_workers < 0:
+            raise ValueError("--tokenize-workers must be 0 (none) or positive")
         # vLLM's own options, checked whichever engine runs: vLLM would find them only after
         # the model's weights are loaded
         if self.tensor_parallel_size is not None and self.tensor_parallel_size < 1:
@@ -317,11 +321,14 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
             raise CacheError(f"--out {out}: cannot create its folder ({error.strerror})") \
                 from error
     lock_was_there = (out / _shard_lock_name(shard)).exists()
-    with _shard_lock(out, shard) as lock:
+    # (the workers first: forked later, they would hold the lock's file, and keep it held if
+    # this process were killed)
+    with (_row_workers(config, tokenizer, console) as row_workers,
+          _shard_lock(out, shard) as lock):
         try:
             prepare_output(out, config.overwrite)
             return _precompute_into(config, out, shard, data_files, model_path, model_config,
-                                    tokenizer, spec, started, console)
+                                    tokenizer, spec, started, console, row_workers)
         except BaseException:
             if out.is_dir() and not load_manifests(out):  # no finished part
                 if created:
@@ -401,9 +408,30 @@ def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
     return min(wanted, limit + 1) if limit else wanted
 
 
+def _row_workers(config: PrecomputeConfig, tokenizer, console: Console,
+                 ) -> contextlib.AbstractContextManager:
+    """The processes that render and tokenize rows (none: a null context), to be made before
+    the engine starts CUDA, threads or processes of its own and before any file is opened that
+    they should not inherit (row_workers.py). Where processes cannot be made (a container
+    without shared memory for their semaphores), rows are tokenized here, with a note."""
+    count = config.tokenize_workers
+    if count is None:
+        import torch
+
+        count = auto_workers(on_gpu=config.device != "cpu" and torch.cuda.is_available())
+    if not count:
+        return contextlib.nullcontext()
+    try:
+        return RowWorkers(count, tokenizer)
+    except (OSError, ImportError, NotImplementedError) as error:
+        console.print(f"note: no tokenize workers ({type(error).__name__}: {error}); rows are "
+                      "tokenized in this process", highlight=False, markup=False)
+        return contextlib.nullcontext()
+
+
 def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: list[Path],
                      model_path: str, model_config, tokenizer, spec: FieldSpec, started: float,
-                     console: Console) -> PrecomputeSummary:
+                     console: Console, row_workers: RowWorkers | None) -> PrecomputeSummary:
     source = input_fingerprint(data_files)
     # What an earlier run's manifest must match that is known before the model loads (minutes
     # for a 7B model): a resume with another input or settings is refused first.
@@ -499,7 +527,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 counters["parts"] += 1
 
             input_rows = classify_rows(data_files, tokenizer, spec, config.max_length,
-                                       lambda i: mine(i // config.part_rows))
+                                       lambda i: mine(i // config.part_rows),
+                                       workers=row_workers)
             if READ_AHEAD:  # the next window is tokenized while this one is scored
                 input_rows = read_ahead(input_rows, depth=config.window_rows)
             for index, item in input_rows:

@@ -21,8 +21,8 @@ def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
     """The items of `items`, in order, produced by a background thread that runs at most
     `depth` items ahead. An exception raised by `items` is raised here, where its item would
     have come. Closing this generator (or dropping it: Python closes it when collected) stops
-    the thread at its next item, after the one it is making; up to `depth` items wait in
-    memory meanwhile."""
+    the thread at its next item, after the one it is making, and closes `items` there; up to
+    `depth` items wait in memory meanwhile."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     handoff: queue.Queue = queue.Queue(maxsize=depth)
@@ -38,13 +38,17 @@ def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
         return False
 
     def produce() -> None:
+        iterator = iter(items)
         try:
-            for item in items:
+            for item in iterator:
                 if not put((True, item)):
                     return
             put((True, _END))
         except BaseException as error:  # handed to the consumer, raised there
             put((False, error))
+        finally:  # a generator's own clean-up (worker processes) runs now, not when collected
+            if close := getattr(iterator, "close", None):
+                close()
 
     thread = threading.Thread(target=produce, name="minorsft-read-ahead", daemon=True)
     thread.start()

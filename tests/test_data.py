@@ -2,6 +2,7 @@
 
 import codecs
 import json
+import pickle
 import random
 import re
 from pathlib import Path
@@ -20,6 +21,7 @@ from minorsft.data import (
     tokenize_conversation,
 )
 from minorsft.data_files import split_of
+from minorsft.row_workers import RowWorkers
 
 from .conftest import CHATML, DEMO_ROWS, build_tiny_tokenizer, write_jsonl
 
@@ -1118,10 +1120,11 @@ def test_tokenizing_rows_in_batches_gives_what_one_at_a_time_gives(tiny_tokenize
         tmp_path / "plain.jsonl", [dict(row, id=f"2-{row['id']}") for row in DEMO_ROWS])
         .read_bytes()))
 
-    def items(batch_rows):
+    def items(batch_rows, workers=None):
         found = []
         for index, item in classify_rows([first, second], tiny_tokenizer, FieldSpec(), 30,
-                                         select=lambda i: i % 5 != 3, batch_rows=batch_rows):
+                                         select=lambda i: i % 5 != 3, batch_rows=batch_rows,
+                                         workers=workers):
             found.append((index, type(item).__name__, getattr(item, "id", None),
                           getattr(item, "input_ids", None), getattr(item, "answer_mask", None),
                           getattr(item, "truncated", None), getattr(item, "file", None),
@@ -1133,8 +1136,12 @@ def test_tokenizing_rows_in_batches_gives_what_one_at_a_time_gives(tiny_tokenize
     assert kinds == {"Example", "Rejection", "NoneType"}
     assert any("truncated to zero tokens" in (entry[-1] or "") for entry in one_at_a_time)
     assert any(entry[2] and entry[2].startswith("2-") for entry in one_at_a_time)
+    assert any("duplicate id" in (entry[-1] or "") for entry in one_at_a_time)
     for batch_rows in (2, 5, 64):
         assert items(batch_rows) == one_at_a_time
+    with RowWorkers(2, tiny_tokenizer) as workers:  # (`precompute --tokenize-workers`)
+        for batch_rows in (1, 5, 64):
+            assert items(batch_rows, workers) == one_at_a_time
 
 
 def test_rows_read_before_a_cut_off_file_come_before_its_error(tiny_tokenizer, tmp_path):
@@ -1146,13 +1153,50 @@ def test_rows_read_before_a_cut_off_file_come_before_its_error(tiny_tokenizer, t
     compressed = gzip.compress(packed)
     cut.write_bytes(compressed[: len(compressed) * 3 // 4])  # a download that stopped
 
-    def read(batch_rows):
+    def read(batch_rows, workers=None):
         got = []
         with pytest.raises(DataError, match="cut.jsonl.gz"):
-            for _, item in classify_rows(cut, tiny_tokenizer, batch_rows=batch_rows):
+            for _, item in classify_rows(cut, tiny_tokenizer, batch_rows=batch_rows,
+                                         workers=workers):
                 got.append(item.id)
         return got
 
     before_the_cut = read(1)
     assert 0 < len(before_the_cut) < len(rows)
     assert read(64) == before_the_cut
+    with RowWorkers(2, tiny_tokenizer) as workers:
+        assert read(3, workers) == before_the_cut
+
+
+def test_row_workers_stop_with_their_reader_and_refuse_another_tokenizer(tiny_tokenizer,
+                                                                         tmp_path):
+    rows = [dict(row, id=f"{row['id']}{n}") for n in range(100) for row in DEMO_ROWS]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    with RowWorkers(2, tiny_tokenizer) as workers:
+        processes = list(workers._pool._processes.values())
+        assert len(processes) == 2 and all(process.is_alive() for process in processes)
+        reader = classify_rows(data, tiny_tokenizer, batch_rows=4, workers=workers)
+        assert next(reader)[0] == 0
+        reader.close()  # as precompute's read-ahead does when a row stops the run
+        # the workers are free again: a second read gives every row
+        assert len(list(classify_rows(data, tiny_tokenizer, workers=workers))) == len(rows)
+        with pytest.raises(ValueError, match="another tokenizer"):
+            next(classify_rows(data, build_tiny_tokenizer(), workers=workers))
+    assert not any(process.is_alive() for process in processes)
+
+
+def test_tokenize_workers_default_to_none_on_the_cpu_and_half_the_cores_on_a_gpu(monkeypatch):
+    import minorsft.row_workers as row_workers
+
+    for cores, expected in ((1, 0), (2, 1), (16, 8), (64, 8)):
+        monkeypatch.setattr(row_workers.os, "sched_getaffinity", lambda _, n=cores: range(n),
+                            raising=False)
+        assert row_workers.auto_workers(on_gpu=False) == 0
+        assert row_workers.auto_workers(on_gpu=True) == expected
+
+
+def test_a_data_error_crosses_processes_whole():
+    error = DataError("rows.jsonl", 3, "messages[1].content", "empty answer")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.path, copy.line, copy.field, copy.reason, str(copy)) == (
+        error.path, error.line, error.field, error.reason, str(error))

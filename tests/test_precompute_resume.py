@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +127,121 @@ def test_an_interrupted_run_stops_its_tokenizing_thread(tiny_model_dir, tmp_path
         precompute(tiny_model_dir, data, tmp_path / "out")
     assert caught.traceback  # the frames (and the generator in them) are still referenced here
     assert "minorsft-read-ahead" not in [thread.name for thread in threading.enumerate()]
+
+
+def test_an_interrupted_run_stops_its_tokenize_workers(tiny_model_dir, tmp_path, monkeypatch):
+    import multiprocessing
+
+    import minorsft.precompute as precompute_module
+
+    data = rows_file(tmp_path, 600)
+    real_write, calls = precompute_module.write_manifest, []
+
+    def crash_on_third(directory, manifest):
+        calls.append(1)
+        if len(calls) == 3:
+            assert len(multiprocessing.active_children()) == 2  # (they were working)
+            raise KeyboardInterrupt
+        real_write(directory, manifest)
+
+    monkeypatch.setattr(precompute_module, "write_manifest", crash_on_third)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        precompute(tiny_model_dir, data, tmp_path / "out", tokenize_workers=2)
+    assert caught.traceback
+    assert multiprocessing.active_children() == []
+    assert "minorsft-read-ahead" not in [thread.name for thread in threading.enumerate()]
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) from /proc, None for a process that is gone."""
+    try:  # (the command may hold spaces: state and parent are the fields after the last ")")
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return None
+    return state, int(parent)
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+            and (process_state(int(entry.name)) or ("", 0))[1] == pid]
+
+
+def running(pid: int) -> bool:
+    return (process_state(pid) or ("Z", 0))[0] != "Z"  # (a zombie has ended)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_tokenize_workers_of_a_killed_run_exit_and_the_run_resumes(tiny_model_dir, tmp_path):
+    """kill -9 leaves the parent no chance to stop its workers: they must end by themselves,
+    and must not hold the cache's lock (the resume would be refused)."""
+    data = rows_file(tmp_path, 240)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "minorsft", "precompute", "--model", str(tiny_model_dir),
+               "--data", str(data), "--out", str(out), "--part-rows", "6",
+               "--max-batch-tokens", "256", "--tokenize-workers", "2", "--verify-sample", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    manifest = out / "_manifest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if manifest.exists() and json.loads(manifest.read_text())["parts"]:
+            break
+        time.sleep(0.02)
+    workers = children_of(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(workers) == 2, "the run had no workers when it was killed"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(running, workers)):
+        time.sleep(0.05)
+    assert not any(map(running, workers)), "workers outlived their killed parent"
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"\(\d+ parts? (was|were) already done\)", resumed.stderr)
+    assert read_metadata(out)["rows"] == 240
+
+
+def test_tokenize_workers_write_the_same_cache_and_rejects(tiny_model_dir, tmp_path):
+    rows = [dict(DEMO_ROWS[i % 4], id=f"r{i}") for i in range(40)]
+    rows[7] = {"id": "r7", "prompt": "no answer"}
+    rows[20] = dict(rows[3])  # a repeated id
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    here = precompute(tiny_model_dir, data, tmp_path / "here", on_bad="skip",
+                      tokenize_workers=0)
+    workers = precompute(tiny_model_dir, data, tmp_path / "workers", on_bad="skip",
+                         tokenize_workers=2)
+    assert (here.rows_cached, here.rows_rejected) == (38, 2)
+    assert (workers.rows_cached, workers.rows_rejected) == (38, 2)
+    assert list(iter_rows(tmp_path / "workers")) == list(iter_rows(tmp_path / "here"))
+    rejects = [sorted(path.relative_to(tmp_path / out).as_posix()
+                      for path in (tmp_path / out / "_rejects").rglob("*")) + [
+        path.read_text() for path in sorted((tmp_path / out / "_rejects").rglob("*.jsonl"))]
+        for out in ("here", "workers")]
+    assert rejects[0] == rejects[1] and len(rejects[0]) > 1
+    with pytest.raises(ValueError, match="--tokenize-workers"):
+        PrecomputeConfig(model="m", data="d", out="o", tokenize_workers=-1)
+
+
+def test_without_processes_rows_are_tokenized_here_with_a_note(tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import minorsft.precompute as precompute_module
+
+    def no_semaphores(*args):  # as a container without /dev/shm
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(precompute_module, "RowWorkers", no_semaphores)
+    data = rows_file(tmp_path, 10)
+    said = io.StringIO()
+    config = PrecomputeConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "o"),
+                              tokenize_workers=2, **SETTINGS)
+    assert run_precompute(config, Console(file=said, width=200)).rows_cached == 10
+    assert "note: no tokenize workers (OSError: [Errno 38] Function not implemented)" in \
+        said.getvalue()
 
 
 def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path, monkeypatch):

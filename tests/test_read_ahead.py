@@ -49,6 +49,23 @@ def test_the_thread_runs_at_most_depth_items_ahead_and_stops_with_the_consumer()
     assert len(produced) <= 5
 
 
+def test_closing_the_reader_closes_the_iterator_in_its_thread():
+    """So that a generator's clean-up (precompute's worker processes) runs when the reader
+    stops, not whenever the generator is collected."""
+    cleaned_up = []
+
+    def items():
+        try:
+            yield from range(100)
+        finally:
+            cleaned_up.append(threading.current_thread().name)
+
+    reader = read_ahead(items(), depth=2)
+    assert next(reader) == 0
+    reader.close()
+    assert cleaned_up == ["minorsft-read-ahead"]
+
+
 def test_work_overlaps_with_the_consumer():
     """Each item takes 50 ms to make and 50 ms to use: one after the other at least 2 s for 20
     items, overlapped ~1 s (sleep releases the GIL, as waiting for CUDA does)."""
