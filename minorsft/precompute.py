@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -423,7 +424,7 @@ def _row_workers(config: PrecomputeConfig, tokenizer, console: Console,
         return contextlib.nullcontext()
     try:
         return RowWorkers(count, tokenizer)
-    except (OSError, ImportError, NotImplementedError) as error:
+    except (OSError, ImportError, NotImplementedError, BrokenProcessPool) as error:
         console.print(f"note: no tokenize workers ({type(error).__name__}: {error}); rows are "
                       "tokenized in this process", highlight=False, markup=False)
         return contextlib.nullcontext()
@@ -532,6 +533,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
             if READ_AHEAD:  # the next window is tokenized while this one is scored
                 input_rows = read_ahead(input_rows, depth=config.window_rows)
             for index, item in input_rows:
+                if index != rows_total:  # every row, in order: a part must never miss one
+                    raise RuntimeError(f"minorsft bug: row {rows_total} of the input is "
+                                       f"missing from the tokenized rows (next: row {index})")
                 rows_total = index + 1
                 bar.update(task, advance=1)
                 if part is not None and index // config.part_rows != part.index:

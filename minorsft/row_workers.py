@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -62,9 +65,11 @@ class RowWorkers:
         if count < 1:
             raise ValueError(f"--tokenize-workers must be at least 1 here, got {count}")
         self.count, self.tokenizer = count, tokenizer
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context(method),
-                                         initializer=_start_worker, initargs=(tokenizer,))
+        # (fork only on Linux: on macOS it is unsafe with system frameworks loaded)
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        self._stop = context.Event()  # set while a stopped reader waits for its batches
+        self._pool = ProcessPoolExecutor(count, mp_context=context, initializer=_start_worker,
+                                         initargs=(tokenizer, os.getpid(), self._stop))
         # The workers encode on one thread each: the tokenizer's thread pool does not survive
         # a fork (it would hang), and the workers are several already. Set while they fork,
         # so that they inherit it (the tokenizer library then has no warning to print), and
@@ -75,6 +80,9 @@ class RowWorkers:
             # Processes start at the first task (all of them, for fork): start them now, while
             # this process is as bare as it will be.
             self._pool.submit(int).result()
+        except BaseException:  # (a fork refused, Ctrl-C): no worker is left behind
+            self._abandon()
+            raise
         finally:
             if given is None:
                 del os.environ[TOKENIZERS_PARALLELISM]
@@ -83,31 +91,51 @@ class RowWorkers:
 
     def run(self, batches: Iterable[Batch], spec: FieldSpec, max_length: int | None,
             ) -> Iterator[tuple[int, Example | Rejection | None]]:
-        """`data.render_and_tokenize` of each batch, in order. An error from `batches` (a file
-        cut off) comes after the items of the batches before it; closing this generator drops
-        the batches not begun and waits for those begun (one per worker)."""
+        """`data.render_and_tokenize` of each batch, in order. An error reading `batches` (a
+        file cut off) comes after the items of the batches before it; an error in a batch
+        comes where its items would have, with nothing after it. Closing this generator waits
+        for the batches the workers are on and drops the others."""
         in_flight: deque[Future] = deque()
+        batches = iter(batches)
+        unreadable: Exception | None = None
         try:
-            try:
-                for batch in batches:
-                    in_flight.append(self._pool.submit(_work, batch, spec, max_length))
-                    if len(in_flight) > self.count * (1 + QUEUED_PER_WORKER):
-                        yield from in_flight.popleft().result()
-            except Exception:  # the input's own error: what was read before it comes first
-                while in_flight:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception as error:  # the input's own: what was read before it first
+                    unreadable = error
+                    break
+                in_flight.append(self._pool.submit(_work, batch, spec, max_length))
+                if len(in_flight) > self.count * (1 + QUEUED_PER_WORKER):
                     yield from in_flight.popleft().result()
-                raise
             while in_flight:
                 yield from in_flight.popleft().result()
+            if unreadable is not None:
+                raise unreadable
         finally:
-            for future in in_flight:
-                future.cancel()
-            for future in in_flight:  # (those begun: their worker is busy until they end)
-                if not future.cancelled():
-                    future.exception()
+            if in_flight:  # stopped early, or a batch failed: the rest is not wanted
+                self._stop.set()  # (batches already handed to a worker end at once)
+                for future in in_flight:
+                    future.cancel()
+                for future in in_flight:
+                    if not future.cancelled():
+                        future.exception()
+                self._stop.clear()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _abandon(self) -> None:
+        """Stop the workers that did start, where the pool could not be made whole."""
+        # (the pool's processes first: shutting down forgets them)
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=5)
 
     def __enter__(self) -> RowWorkers:
         return self
@@ -119,12 +147,12 @@ class RowWorkers:
 _worker: dict = {}
 
 
-def _start_worker(tokenizer) -> None:
+def _start_worker(tokenizer, parent: int, stop) -> None:
     # Ctrl-C reaches every process of the terminal's group: the parent stops the pool; a
     # worker's own KeyboardInterrupt would only print a traceback and break the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(tokenizer=tokenizer, special=special_token_pattern(tokenizer))
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True,
+    _worker.update(tokenizer=tokenizer, special=special_token_pattern(tokenizer), stop=stop)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
                      name="minorsft-parent-watch").start()
 
 
@@ -138,5 +166,17 @@ def _exit_with_parent(parent: int) -> None:
 
 def _work(batch: Batch, spec: FieldSpec, max_length: int | None,
           ) -> list[tuple[int, Example | Rejection | None]]:
-    return list(render_and_tokenize(batch, _worker["tokenizer"], spec, _worker["special"],
-                                    max_length))
+    if _worker["stop"].is_set():  # the reader stopped: nobody takes these rows
+        return []
+    try:
+        return list(render_and_tokenize(batch, _worker["tokenizer"], spec, _worker["special"],
+                                        max_length))
+    except Exception as error:
+        # An error the parent could not rebuild (an exception whose arguments are not its
+        # constructor's) would reach it as a broken pool, its message lost: send its text.
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            raise RuntimeError(f"{type(error).__name__}: {error}\n"
+                               f"{traceback.format_exc()}") from None
+        raise

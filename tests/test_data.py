@@ -1185,6 +1185,71 @@ def test_row_workers_stop_with_their_reader_and_refuse_another_tokenizer(tiny_to
     assert not any(process.is_alive() for process in processes)
 
 
+class TwoArguments(Exception):  # as jinja2's TemplateSyntaxError(message, lineno)
+    def __init__(self, message, line):
+        super().__init__(f"{message} (line {line})")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug while rendering r9"),
+                                   TwoArguments("a bug while rendering r9", 3)])
+def test_an_error_in_a_worker_comes_where_in_one_process_with_nothing_after(
+        tiny_tokenizer, tmp_path, monkeypatch, error):
+    """Not a bad row (those are rejections) but a bug: in one process it stops the rows at its
+    batch. With workers, the batches after it must not come first (precompute would record a
+    part without the failed batch's rows as done), and an exception the parent cannot rebuild
+    must still say what it was."""
+    import minorsft.data as data
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [
+        {"id": f"r{i}", "prompt": f"q {i}", "response": f"a {i}"} for i in range(40)])
+    real = data._render_row
+
+    def buggy(item, *args):
+        if item.example_id == "r9":  # in the third batch of 4
+            raise error
+        return real(item, *args)
+
+    monkeypatch.setattr(data, "_render_row", buggy)  # (before the fork: the workers have it)
+
+    def read(workers):
+        got = []
+        with pytest.raises(Exception, match="a bug while rendering r9") as raised:
+            for index, _ in classify_rows(rows, tiny_tokenizer, batch_rows=4, workers=workers):
+                got.append(index)
+        return got, raised.type
+
+    assert read(None) == (list(range(8)), type(error))
+    with RowWorkers(2, tiny_tokenizer) as workers:
+        got, kind = read(workers)
+        assert got == list(range(8))
+        assert kind is (RuntimeError if isinstance(error, TwoArguments) else type(error))
+        # the workers go on working (rows without r9)
+        others = write_jsonl(tmp_path / "others.jsonl", [
+            {"id": f"s{i}", "prompt": f"q {i}", "response": f"a {i}"} for i in range(40)])
+        assert len(list(classify_rows(others, tiny_tokenizer, workers=workers))) == 40
+
+
+def test_workers_that_cannot_all_start_leave_none_behind(tiny_tokenizer, monkeypatch):
+    """A fork refused (a pids limit) after the first succeeded: the one started must not wait
+    for work forever (the interpreter would hang at exit joining it)."""
+    import multiprocessing
+    import os
+
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(BlockingIOError):
+        RowWorkers(2, tiny_tokenizer)
+    assert len(forks) == 2
+    assert multiprocessing.active_children() == []
+
+
 def test_tokenize_workers_default_to_none_on_the_cpu_and_half_the_cores_on_a_gpu(monkeypatch):
     import minorsft.row_workers as row_workers
 

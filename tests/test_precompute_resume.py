@@ -223,6 +223,24 @@ def test_tokenize_workers_write_the_same_cache_and_rejects(tiny_model_dir, tmp_p
         PrecomputeConfig(model="m", data="d", out="o", tokenize_workers=-1)
 
 
+def test_a_row_missing_from_the_tokenized_rows_stops_the_run_before_its_part(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Every row's index must arrive, in order: a part recorded without one of its rows would
+    be trusted by every resume."""
+    import minorsft.precompute as precompute_module
+
+    real = precompute_module.classify_rows
+
+    def losing_row_4(*args, **kwargs):
+        return ((index, item) for index, item in real(*args, **kwargs) if index != 4)
+
+    monkeypatch.setattr(precompute_module, "classify_rows", losing_row_4)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="row 4 of the input is missing"):
+        precompute(tiny_model_dir, rows_file(tmp_path, 20), out)
+    assert not out.exists() or not any(manifest["parts"] for manifest in load_manifests(out))
+
+
 def test_without_processes_rows_are_tokenized_here_with_a_note(tiny_model_dir, tmp_path,
                                                                monkeypatch):
     import io
