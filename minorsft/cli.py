@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,27 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
+
+# Options grouped in `--help` (typer's help panels): precompute, train and eval have 17-40
+# options each, which one flat list makes hard to scan.
+_input = partial(typer.Option, rich_help_panel="Input")
+_model = partial(typer.Option, rich_help_panel="Model and chat template")
+_output = partial(typer.Option, rich_help_panel="Output and resuming")
+_scoring = partial(typer.Option, rich_help_panel="Scoring")
+_vllm = partial(typer.Option, rich_help_panel="vLLM engine")
+_drift = partial(typer.Option, rich_help_panel="Drift check")
+_files = partial(typer.Option, rich_help_panel="Input and output")
+_loss = partial(typer.Option, rich_help_panel="Loss")
+_optim = partial(typer.Option, rich_help_panel="Optimisation")
+_speed = partial(typer.Option, rich_help_panel="Precision, speed and memory")
+_lora = partial(typer.Option, rich_help_panel="LoRA")
+_resume = partial(typer.Option, rich_help_panel="Checkpoints and resuming")
+_checks = partial(typer.Option, rich_help_panel="Checks")
+_multi = partial(typer.Option, rich_help_panel="Several GPUs (torchrun)")
+_models = partial(typer.Option, rich_help_panel="Models")
+_heldout = partial(typer.Option, rich_help_panel="Held-out data")
+_choices = partial(typer.Option, rich_help_panel="Multiple choice")
+_report = partial(typer.Option, rich_help_panel="Output")
 
 
 def _fail(message: str) -> None:
@@ -112,79 +134,79 @@ def main_options(
 def precompute(
     context: typer.Context,
     *,
-    data: Annotated[list[str], typer.Option(help=(
+    data: Annotated[list[str], _input(help=(
         "Input .jsonl or .parquet file; a folder of them, or a quoted pattern such as "
         "'data/train-*.parquet' (read in name order); or 'demo' for the built-in demo set. "
         "Repeat for several, read in the order given."))],
-    out: Annotated[Path, typer.Option(
+    out: Annotated[Path, _output(
         help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
              "resumes it.")] = Path("cache/ref.parquet"),
-    model: Annotated[str, typer.Option(help="Reference model: a Hugging Face folder, a hub id, "
+    model: Annotated[str, _model(help="Reference model: a Hugging Face folder, a hub id, "
                                             f"or the built-in '{DEFAULT_MODEL}'.")] = DEFAULT_MODEL,
-    prompt_field: Annotated[str | None, typer.Option(
+    prompt_field: Annotated[str | None, _input(
         help="Column holding the prompt (with --response-field), e.g. 'question'.")] = None,
-    response_field: Annotated[str | None, typer.Option(
+    response_field: Annotated[str | None, _input(
         help="Column holding the answer (with --prompt-field), e.g. 'answer'.")] = None,
-    system_field: Annotated[str, typer.Option(
+    system_field: Annotated[str, _input(
         help="Column holding a system prompt, where a row has one (e.g. 'system_prompt').")
     ] = "system",
-    train_turns: Annotated[str, typer.Option(
+    train_turns: Annotated[str, _input(
         help="Which assistant turns of a chat are answer: 'all' (each one not marked weight 0 "
              "or training false) or 'last' (the last of them; the earlier ones are prompt, as "
              "LLaMA-Factory's mask_history).")] = "all",
-    chat_template: Annotated[str | None, typer.Option(
+    chat_template: Annotated[str | None, _model(
         help="Render the data with this chat template instead of the model's own (needed for "
              "a tokenizer without one, as most base models'): the built-in 'chatml' or 'plain' "
              "(the turns' text one after the other, eos after each answer, as TRL trains "
              "string prompt/completion rows), a .jinja file, or a model folder. The cache "
              "keeps it; train, verify and eval use it, and the trained model is saved with it.",
         show_default=False)] = None,
-    max_length: Annotated[int, typer.Option(
+    max_length: Annotated[int, _model(
         help="Keep the first N tokens of each sample; answer tokens past N are dropped, and a "
              "row left without answer tokens is rejected. 0 for no limit.")] = 2048,
-    dtype: Annotated[str, typer.Option(
+    dtype: Annotated[str, _model(
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16 or (transformers "
              "engine) bf16-mixed, fp16-mixed. Score in the dtype you will train in.")] = "auto",
-    engine: Annotated[str, typer.Option(
+    engine: Annotated[str, _scoring(
         help="Scoring engine: vllm, transformers, or auto (vllm when it is installed and a "
              "CUDA GPU is present, else transformers).")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (transformers "
+    device: Annotated[str, _scoring(help="auto, cpu, cuda or cuda:N (transformers "
                                              "engine; vLLM picks its own).")] = "auto",
-    max_batch_tokens: Annotated[int | None, typer.Option(
+    max_batch_tokens: Annotated[int | None, _scoring(
         help="Tokens per scoring batch, which bounds memory: padded tokens per forward pass "
              "(transformers; default 1024 on a CPU, where small batches are faster, 16384 on "
              "a GPU) or vLLM's max_num_batched_tokens per engine step (default 8192; prompt "
              "log-probs hold a tokens x vocab fp32 tensor).", show_default=False)] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option(
+    tensor_parallel_size: Annotated[int | None, _vllm(
         help="vLLM: GPUs to shard the model over.")] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(
+    gpu_memory_utilization: Annotated[float | None, _vllm(
         help="vLLM: share of GPU memory it may take (default 0.9; on a CPU build, share of "
              "RAM, default 0.3).")] = None,
-    max_model_len: Annotated[int | None, typer.Option(
+    max_model_len: Annotated[int | None, _vllm(
         help="vLLM: longest sequence + 1 (default: --max-length + 1, at most the model's "
              "context + 1, RoPE scaling included; with --max-length 0, the context + 1).")
     ] = None,
-    verify_sample: Annotated[int, typer.Option(
+    verify_sample: Annotated[int, _drift(
         help="Rows recomputed at the end by the trainer's engine to measure the cache's "
              "drift (stored in the cache metadata; see `minorsft verify`). 0 skips.")] = 16,
-    verify_dtype: Annotated[str, typer.Option(
+    verify_dtype: Annotated[str, _drift(
         help="The dtype training will use, for that check (auto: fp32 on CPU, bf16 on "
              "GPU; or bf16-mixed, fp16-mixed).")] = "auto",
-    on_bad: Annotated[str, typer.Option(
+    on_bad: Annotated[str, _input(
         help="What a bad input row does: 'error' stops with file, line and field; 'skip' "
              "writes it to <out>/_rejects.jsonl with the reason.")] = "error",
-    tokenize_workers: Annotated[int | None, typer.Option(
+    tokenize_workers: Annotated[int | None, _scoring(
         help="Processes that render and tokenize rows beside the scoring (the same cache "
              "with any number). Default: none on a CPU, where scoring takes the time; on a "
              "GPU half the cores, at most 8. 0: tokenize in this process.",
         show_default=False)] = None,
-    part_rows: Annotated[int, typer.Option(
+    part_rows: Annotated[int, _output(
         help="Input rows per part file: the unit of resuming and sharding.")] = 4096,
-    shard: Annotated[str | None, typer.Option(
+    shard: Annotated[str | None, _output(
         help="I/N: score only the parts k with k mod N = I (I counts from 0). Run N processes "
              "(GPUs, nodes) with the same --out, or join their outputs with `minorsft cache "
              "merge`.")] = None,
-    overwrite: Annotated[bool, typer.Option(
+    overwrite: Annotated[bool, _output(
         help="Start over: delete the cache at --out instead of resuming it.")] = False,
 ):
     """Score every answer under the frozen reference model and write the Parquet cache."""
@@ -234,95 +256,95 @@ def precompute(
 @app.command()
 def train(
     *,
-    cache: Annotated[Path, typer.Option(help="Cache written by `minorsft precompute`.")] = Path(
+    cache: Annotated[Path, _files(help="Cache written by `minorsft precompute`.")] = Path(
         "cache/ref.parquet"),
-    output: Annotated[Path, typer.Option(help="Folder for the trained model, metrics.jsonl "
+    output: Annotated[Path, _files(help="Folder for the trained model, metrics.jsonl "
                                               "and run_config.json.")] = Path("runs/minorsft"),
-    model: Annotated[str | None, typer.Option(
+    model: Annotated[str | None, _files(
         help="The policy's starting model; default: the model that wrote the cache.")] = None,
-    loss: Annotated[str, typer.Option(
+    loss: Annotated[str, _loss(
         help="minorsft (eq. 7), sft (raw SFT, eq. 5) or sft-dpo (SFT using DPO, eq. 3).")
     ] = "minorsft",
-    beta: Annotated[float, typer.Option(help="beta of MinorSFT and SFT-using-DPO.")] = 0.04,
-    lr: Annotated[float | None, typer.Option(
+    beta: Annotated[float, _loss(help="beta of MinorSFT and SFT-using-DPO.")] = 0.04,
+    lr: Annotated[float | None, _optim(
         help="Peak learning rate; default: the paper's best, 2e-5 (minorsft, sft-dpo) or "
              "1e-5 (sft).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch in samples (micro-batch x "
+    batch_size: Annotated[int, _optim(help="Global batch in samples (micro-batch x "
                                                  "accumulation).")] = 64,
-    micro_batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 4,
-    epochs: Annotated[int, typer.Option(help="Passes over the cache.")] = 1,
-    max_steps: Annotated[int | None, typer.Option(
+    micro_batch_size: Annotated[int, _optim(help="Samples per forward pass.")] = 4,
+    epochs: Annotated[int, _optim(help="Passes over the cache.")] = 1,
+    max_steps: Annotated[int | None, _optim(
         help="Stop after N optimizer steps (overrides --epochs; cycles the data).")] = None,
-    warmup_ratio: Annotated[float, typer.Option(help="Share of steps spent warming up the "
+    warmup_ratio: Annotated[float, _optim(help="Share of steps spent warming up the "
                                                      "lr linearly; then linear decay.")] = 0.1,
-    weight_decay: Annotated[float, typer.Option(
+    weight_decay: Annotated[float, _optim(
         help="AdamW weight decay, of weight matrices and embeddings; biases and norm gains "
              "are left out, as transformers' Trainer does.")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed for the data order and the model.")] = 42,
-    dtype: Annotated[str, typer.Option(
+    max_grad_norm: Annotated[float, _optim(help="Gradient clipping norm.")] = 1.0,
+    seed: Annotated[int, _optim(help="Seed for the data order and the model.")] = 42,
+    dtype: Annotated[str, _speed(
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, bf16-mixed (fp32 weights "
              "and updates, forward and backward under bf16 autocast: about twice as fast as "
              "float32 on CPUs with bf16 instructions) or fp16-mixed (the same under fp16 "
              "autocast with dynamic loss scaling, for GPUs without bf16: T4, V100). Not "
              "float16: its small gradients round to 0.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    attention: Annotated[str, typer.Option(
+    device: Annotated[str, _speed(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    attention: Annotated[str, _speed(
         help="auto (flash_attention_2 when installed on GPU, else sdpa), sdpa, eager, "
              "flash_attention_2, flash_attention_3 or flex_attention.")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option(
+    gradient_checkpointing: Annotated[bool, _speed(
         help="Recompute activations in backward to save memory.")] = False,
-    keep_dropout: Annotated[bool, typer.Option(
+    keep_dropout: Annotated[bool, _optim(
         help="Train with the model's own dropout rates. By default every dropout is off, as "
              "when the cache was scored: its noise would enter r.")] = False,
-    shuffle: Annotated[bool, typer.Option(help="Shuffle rows (seeded buffer).")] = True,
-    allow_mismatch: Annotated[bool, typer.Option(
+    shuffle: Annotated[bool, _optim(help="Shuffle rows (seeded buffer).")] = True,
+    allow_mismatch: Annotated[bool, _files(
         help="Train even if the cache was written by a different model/tokenizer (the "
              "step-0 check then warns instead of stopping).")] = False,
-    save_every: Annotated[int | None, typer.Option(
+    save_every: Annotated[int | None, _resume(
         help="Write a checkpoint (model, optimizer, scheduler, RNG, data position) every N "
              "steps under <output>/checkpoints. Ctrl-C and SIGTERM always write one.")] = None,
-    keep_checkpoints: Annotated[int, typer.Option(
+    keep_checkpoints: Annotated[int, _resume(
         help="How many of the newest checkpoints to keep.")] = 2,
-    resume: Annotated[bool, typer.Option(
+    resume: Annotated[bool, _resume(
         help="Continue from the newest checkpoint in --output (from step 0 if there is "
              "none; on a finished run: nothing to do with the same settings, refused with "
              "other ones).")] = False,
-    overwrite: Annotated[bool, typer.Option(
+    overwrite: Annotated[bool, _resume(
         help="Replace the run in --output (its model, metrics and checkpoints); without it an "
              "--output that holds a run is refused.")] = False,
-    step0_check: Annotated[bool, typer.Option(
+    step0_check: Annotated[bool, _checks(
         help="Before training, check on a few rows that the policy's own log-probs match the "
              "cache (step-0 m_theta near 0).")] = True,
-    step0_tolerance: Annotated[float | None, typer.Option(
+    step0_tolerance: Annotated[float | None, _checks(
         help="Largest mean |log-ratio| per answer token the step-0 check accepts; default 1e-3 "
              "when cache and training are float32, else 0.1.")] = None,
-    strategy: Annotated[str, typer.Option(
+    strategy: Annotated[str, _multi(
         help="Under torchrun: ddp (replicated model) or fsdp (FSDP2, sharded, fp32 master "
              "weights with --dtype as compute dtype).")] = "ddp",
-    cpu_offload: Annotated[bool, typer.Option(
+    cpu_offload: Annotated[bool, _multi(
         help="FSDP only: keep parameters, gradients and optimizer state on the CPU.")] = False,
-    packing: Annotated[bool | None, typer.Option(
+    packing: Annotated[bool | None, _speed(
         "--packing/--no-packing",
         help="Padding-free: run each micro-batch as one row of concatenated samples, each "
              "attending only to itself (same log-probs, no padding). Default: on where no "
              "dense block mask is needed (flash-attn, or SDPA, which minorsft runs per "
              "sample) and the model passes an isolation check; else padded.",
         show_default=False)] = None,
-    lora_r: Annotated[int, typer.Option(
+    lora_r: Annotated[int, _lora(
         help="LoRA rank; 0 trains all weights. Needs `pip install 'minorsft\\[lora]'`.")] = 0,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale alpha/r).")] = 16.0,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.0,
-    lora_target_modules: Annotated[str, typer.Option(
+    lora_alpha: Annotated[float, _lora(help="LoRA alpha (scale alpha/r).")] = 16.0,
+    lora_dropout: Annotated[float, _lora(help="LoRA dropout.")] = 0.0,
+    lora_target_modules: Annotated[str, _lora(
         help="'all-linear' or comma-separated module names, e.g. 'q_proj,v_proj'.")
     ] = "all-linear",
-    merge_lora: Annotated[bool, typer.Option(
+    merge_lora: Annotated[bool, _lora(
         help="Besides the adapters, save a merged plain model in <output>/merged.")] = False,
-    master_weights: Annotated[bool, typer.Option(
+    master_weights: Annotated[bool, _speed(
         help="With bf16/fp16 weights, let AdamW update fp32 copies of them (12 more bytes per "
              "parameter). Without, updates under half a bf16 step (most, at lr 2e-5) are "
              "rounded away.")] = True,
-    torch_compile: Annotated[bool | None, typer.Option(
+    torch_compile: Annotated[bool | None, _speed(
         "--compile/--no-compile",
         help="torch.compile the decoder layers and the output head's block arithmetic: fewer, "
              "fused kernels, after a compile of about 10 s in the first step (compiled layers: "
@@ -528,51 +550,51 @@ def cache_merge(
 def eval_command(
     context: typer.Context,
     *,
-    model: Annotated[str, typer.Option(help="Model to evaluate (a `minorsft train` output "
+    model: Annotated[str, _models(help="Model to evaluate (a `minorsft train` output "
                                             "folder, a model folder or the built-in name; not "
                                             "a --save-every checkpoint, which is for "
                                             "--resume).")],
-    reference: Annotated[str | None, typer.Option(
+    reference: Annotated[str | None, _models(
         help="Reference for m_theta: a model (needs --data), or a cache written by `minorsft "
              "precompute` on the held-out data (its token ids and log-probs are reused; then "
              "no --data).")
     ] = None,
-    data: Annotated[list[str] | None, typer.Option(help=(
+    data: Annotated[list[str] | None, _heldout(help=(
         "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern; repeat for "
         "several), any format `precompute` reads."))] = None,
-    choices: Annotated[list[str] | None, typer.Option(
+    choices: Annotated[list[str] | None, _choices(
         help="Multiple-choice file: MMLU-style CSV (question, A, B, C, D, answer letter A-D; "
              "no header, or exactly that one) or JSONL (answer A-D or 0-3). Repeat for "
              "several.")] = None,
-    prompt_field: Annotated[str | None, typer.Option(help="Prompt column of --data.")] = None,
-    response_field: Annotated[str | None, typer.Option(help="Answer column of --data.")] = None,
-    system_field: Annotated[str, typer.Option(
+    prompt_field: Annotated[str | None, _heldout(help="Prompt column of --data.")] = None,
+    response_field: Annotated[str | None, _heldout(help="Answer column of --data.")] = None,
+    system_field: Annotated[str, _heldout(
         help="System-prompt column of --data.")] = "system",
-    train_turns: Annotated[str, typer.Option(
+    train_turns: Annotated[str, _heldout(
         help="Which assistant turns of a --data chat are scored, as precompute's: 'all' or "
              "'last'.")] = "all",
-    chat_template: Annotated[str | None, typer.Option(
+    chat_template: Annotated[str | None, _heldout(
         help="Chat template to render --data and --choices with, as precompute's (default: "
              "the one a cache --reference was written with, else the model's own).",
         show_default=False)] = None,
-    max_length: Annotated[int, typer.Option(help="Truncation of --data as in precompute; 0 "
+    max_length: Annotated[int, _heldout(help="Truncation of --data as in precompute; 0 "
                                                  "for none.")] = 2048,
-    max_rows: Annotated[int | None, typer.Option(help="Only the first N held-out rows.")] = None,
-    max_questions: Annotated[int | None, typer.Option(
+    max_rows: Annotated[int | None, _heldout(help="Only the first N held-out rows.")] = None,
+    max_questions: Annotated[int | None, _choices(
         help="Only the first N questions of each --choices file.")] = None,
-    dtype: Annotated[str, typer.Option(
+    dtype: Annotated[str, _scoring(
         help="auto, float32, bfloat16, float16, bf16-mixed or fp16-mixed.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    max_batch_tokens: Annotated[int | None, typer.Option(
+    device: Annotated[str, _scoring(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    max_batch_tokens: Annotated[int | None, _scoring(
         help="Padded tokens per batch (default 1024 on a CPU, 16384 on a GPU).",
         show_default=False)] = None,
-    json_out: Annotated[Path | None, typer.Option("--json-out", help="Also write the result "
+    json_out: Annotated[Path | None, _report("--json-out", help="Also write the result "
                                                                      "as JSON here.")] = None,
-    per_item: Annotated[Path | None, typer.Option(
+    per_item: Annotated[Path | None, _report(
         "--per-item", help="Also write one JSONL line per held-out row (log-probs, NLL, r/m) "
                            "and per question (predicted letter, correct, letter log-probs) "
                            "here: for comparing checkpoints row by row.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+    as_json: Annotated[bool, _report("--json", help="Print JSON instead of a table.")
                        ] = False,
 ):
     """Held-out answer NLL, m_theta against a reference, and multiple-choice accuracy."""

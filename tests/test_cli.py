@@ -546,3 +546,17 @@ def test_precompute_of_several_files_keeps_each_rows_file(tiny_model_dir, tmp_pa
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(out)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "is a minorsft cache, not input data" in text
+
+
+def test_every_option_of_the_long_commands_has_a_help_panel():
+    """`--help` of precompute, train and eval groups their options (17-40 each) in panels: a
+    new option must be given one, or it lands alone in a plain "Options" box."""
+    import typer
+
+    commands = typer.main.get_command(app).commands
+    for name in ("precompute", "train", "eval"):
+        ungrouped = [param.name for param in commands[name].params
+                     if param.name != "help" and not getattr(param, "rich_help_panel", None)]
+        assert ungrouped == [], name
+        panels = {param.rich_help_panel for param in commands[name].params if param.name != "help"}
+        assert len(panels) >= 5, (name, panels)
