@@ -740,6 +740,12 @@ def _turn_trained(message: dict, role: str, path: str, line: int, where: str) ->
                 raise DataError(path, line, f"{where}.{key}",
                                 f"expected true or false, got {value!r}")
             marks[key] = bool(value)
+    weight = message.get("weight")
+    if weight is not None:
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise DataError(path, line, f"{where}.weight",
+                            f"expected 0 (not trained on) or 1, got {weight!r}")
+        marks["weight"] = weight == 1
     if role != "assistant":
         if marked := [key for key, value in marks.items() if value]:
             raise DataError(path, line, f"{where}.{marked[0]}",
@@ -747,12 +753,6 @@ def _turn_trained(message: dict, role: str, path: str, line: int, where: str) ->
                             "turns only (the answer whose log-ratio the loss weighs); drop the "
                             "mark or the row")
         return False
-    weight = message.get("weight")
-    if weight is not None:
-        if isinstance(weight, bool) or weight not in (0, 1):
-            raise DataError(path, line, f"{where}.weight",
-                            f"expected 0 (not trained on) or 1, got {weight!r}")
-        marks["weight"] = weight == 1
     if len(set(marks.values())) > 1:
         raise DataError(path, line, where, "the turn's marks disagree on whether it is "
                         f"trained ({', '.join(f'{k}: {message[k]!r}' for k in marks)}); "

@@ -780,6 +780,25 @@ def test_openai_turn_weights_choose_the_trained_turns(tiny_tokenizer, tmp_path):
         "training/train false): nothing to train on")
 
 
+def test_weight_on_a_user_or_system_turn_is_checked_as_on_an_assistant_turn(tiny_tokenizer,
+                                                                            tmp_path):
+    """`weight` was read on assistant turns only: a user turn with weight 0.5 or 1, or a system
+    turn with weight "heavy", was accepted silently (the README says they are rejected)."""
+    rows = [{"messages": [_user("Q1", weight=0.5), _assistant("A")]},
+            {"messages": [_user("Q1", weight=1), _assistant("A")]},
+            {"messages": [{"role": "system", "content": "S", "weight": "heavy"}, _user("Q1"),
+                          _assistant("A")]},
+            {"messages": [_user("Q1", weight=0), _assistant("A")]}]
+    half, trained, text, untrained = read_all(tiny_tokenizer, tmp_path, rows)
+    assert (half.field, half.reason) == ("messages[0].weight",
+                                         "expected 0 (not trained on) or 1, got 0.5")
+    assert trained.field == "messages[0].weight"
+    assert "a user turn marked to be trained" in trained.reason
+    assert (text.field, text.reason) == ("messages[0].weight",
+                                         "expected 0 (not trained on) or 1, got 'heavy'")
+    assert answer_text(tiny_tokenizer, untrained) == "A<|im_end|>"
+
+
 def test_axolotl_training_flags_choose_the_trained_turns(tiny_tokenizer, tmp_path):
     """axolotl's per-turn booleans (`training`, or `train` where its config names that key)
     were ignored: a turn marked `training: false` was trained on."""
