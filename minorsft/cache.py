@@ -315,6 +315,38 @@ def diff_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def input_change(old: dict, new: dict) -> str | None:
+    """What differs between the input a cache was made from and this run's, or None."""
+    if (old["sha256"], old["bytes"]) == (new["sha256"], new["bytes"]):
+        return None
+    old_files, new_files = old.get("files") or [], new.get("files") or []
+    if not (old_files and new_files):
+        return f"input content: {_describe_input(old)} -> {_describe_input(new)}"
+    old_hashes = [entry["sha256"] for entry in old_files]
+    new_hashes = [entry["sha256"] for entry in new_files]
+    if sorted(old_hashes) == sorted(new_hashes):
+        return ("input files: the same files in another order: "
+                f"{_names(old_files)} -> {_names(new_files)}")
+    removed = [entry for entry in old_files if entry["sha256"] not in new_hashes]
+    added = [entry for entry in new_files if entry["sha256"] not in old_hashes]
+    changed = sorted({entry["name"] for entry in removed} & {entry["name"] for entry in added})
+    removed = [entry for entry in removed if entry["name"] not in changed]
+    added = [entry for entry in added if entry["name"] not in changed]
+    return "input files: " + "; ".join(f"{what}: {_names(entries)}" for what, entries in (
+        ("changed", [{"name": name} for name in changed]), ("added", added),
+        ("removed", removed)) if entries)
+
+
+def _names(entries: list[dict]) -> str:
+    names = [entry["name"] for entry in entries]
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _describe_input(source: dict) -> str:
+    files = f"{len(source['files'])} files, " if source.get("files") else ""
+    return f"{files}sha256 {source['sha256'][:12]}..., {source['bytes']} bytes"
+
+
 @dataclass
 class CacheLayout:
     """A cache as found on disk: its files in row order and its combined metadata."""
@@ -338,11 +370,16 @@ def collect_parts(directory: Path, manifests: list[dict]) -> dict[int, dict]:
     for manifest in manifests:
         for key in ("settings", "input", "part_rows"):
             if manifest.get(key) != first.get(key):
-                what = (diff_settings(first[key], manifest[key]) if key == "settings"
-                        else [f"{first.get(key)!r} -> {manifest.get(key)!r}"])
+                # (first's value before the arrow, as first is named first)
+                if key == "settings":
+                    what = "; ".join(diff_settings(first[key], manifest[key]))
+                elif key == "input":
+                    what = input_change(first[key], manifest[key])
+                else:
+                    what = f"{key}: {first.get(key)!r} -> {manifest.get(key)!r}"
                 raise CacheError(
-                    f"{where(manifest)} and {where(first)} were written with different {key} "
-                    "and cannot form one cache: " + "; ".join(what))
+                    f"{where(first)} and {where(manifest)} were written with different {key} "
+                    f"and cannot form one cache: {what}")
         for index, entry in manifest["parts"].items():
             parts.setdefault(int(index), entry)
     return parts

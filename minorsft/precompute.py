@@ -44,6 +44,7 @@ from minorsft.cache import (
     atomic_write_text,
     collect_parts,
     diff_settings,
+    input_change,
     is_own_name,
     is_single_file_cache,
     load_manifests,
@@ -242,33 +243,6 @@ def input_fingerprint(files: list[Path]) -> dict:
     return {"sha256": combined, "bytes": sum(sizes), "files": [
         {"name": path.name, "sha256": digest, "bytes": size}
         for path, digest, size in zip(files, digests, sizes, strict=True)]}
-
-
-def _input_change(old: dict, new: dict) -> str | None:
-    """What differs between the input a cache was made from and this run's, or None."""
-    if (old["sha256"], old["bytes"]) == (new["sha256"], new["bytes"]):
-        return None
-    old_files, new_files = old.get("files") or [], new.get("files") or []
-    if not (old_files and new_files):
-        return f"input content: {_describe_input(old)} -> {_describe_input(new)}"
-    old_hashes = [entry["sha256"] for entry in old_files]
-    new_hashes = [entry["sha256"] for entry in new_files]
-    if sorted(old_hashes) == sorted(new_hashes):
-        return ("input files: the same files in another order: "
-                f"{_names(old_files)} -> {_names(new_files)}")
-    removed = [entry for entry in old_files if entry["sha256"] not in new_hashes]
-    added = [entry for entry in new_files if entry["sha256"] not in old_hashes]
-    changed = sorted({entry["name"] for entry in removed} & {entry["name"] for entry in added})
-    removed = [entry for entry in removed if entry["name"] not in changed]
-    added = [entry for entry in added if entry["name"] not in changed]
-    return "input files: " + "; ".join(f"{what}: {_names(entries)}" for what, entries in (
-        ("changed", [{"name": name} for name in changed]), ("added", added),
-        ("removed", removed)) if entries)
-
-
-def _names(entries: list[dict]) -> str:
-    names = [entry["name"] for entry in entries]
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> PrecomputeSummary:
@@ -635,7 +609,7 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
     for manifest in manifests:
         changes = diff_settings({key: manifest["settings"].get(key) for key in settings},
                                 settings)
-        if change := _input_change(manifest["input"], source):
+        if change := input_change(manifest["input"], source):
             changes.insert(0, change)
         if "fingerprint" in settings and (manifest["settings"].get("fingerprint") or {}).get(
                 "chat_template") != settings["fingerprint"]["chat_template"]:
@@ -649,11 +623,6 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
                 + "\n  ".join(changes) + "\nRun the original command to resume it, pass "
                 "--overwrite to start over, or choose another --out.")
     return manifests
-
-
-def _describe_input(source: dict) -> str:
-    files = f"{len(source['files'])} files, " if source.get("files") else ""
-    return f"{files}sha256 {source['sha256'][:12]}..., {source['bytes']} bytes"
 
 
 def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,

@@ -183,9 +183,20 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
         assert result.exit_code == 2, result.output
         return " ".join(result.output.split())
 
-    # the message names each manifest with its own directory (it blamed the first source's)
+    # the message names each manifest with its own directory (it blamed the first source's),
+    # in the order of the values around the arrow (it named them the other way round)
     text = merge(parts_cache, other, "--out", out)
-    assert f"{other / '_manifest.json'} and {parts_cache / '_manifest.json'}" in text
+    assert f"{parts_cache / '_manifest.json'} and {other / '_manifest.json'}" in text
+    assert "max_length: 2048 -> 64" in text
+    # other input: said in words, as precompute's resume check says it (it was a raw dict)
+    shorter = tmp_path / "shorter.jsonl"
+    shorter.write_text("".join(demo_jsonl.read_text().splitlines(keepends=True)[:-1]))
+    run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=str(shorter),
+                                    out=str(other), part_rows=6, max_batch_tokens=256,
+                                    verify_sample=0, overwrite=True))
+    text = merge(parts_cache, other, "--out", out)
+    assert "different input and cannot form one cache: input content: sha256 " in text
+    assert f"{demo_jsonl.stat().st_size} bytes -> " in text and "{" not in text
     assert "a source is given twice" in merge(parts_cache, parts_cache, "--out", out)
     assert "no such directory" in merge(tmp_path / "nope", other, "--out", out)
     notes = tmp_path / "notes.txt"
