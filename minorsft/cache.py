@@ -555,7 +555,13 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
     scored). Reads everything but the text once, at start-up, `batch_rows` rows at a time (a
     large part or an old single-file cache is never held whole, on any rank).
     """
-    for file in open_cache(path).files:
+    for problem in value_problems(open_cache(path).files, batch_rows):
+        raise CacheError(problem)
+
+
+def value_problems(files: list[Path], batch_rows: int = 8192) -> Iterator[str]:
+    """`validate_values`'s findings as messages, the first kind of each file (none: all well)."""
+    for file in files:
         counts: dict[str, int] = {}
         first_rows: dict[str, dict] = {}
         parquet = pq.ParquetFile(file)
@@ -568,12 +574,11 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
                     if what not in first_rows:
                         first_rows[what] = batch.slice(pc.index(mask, True).as_py(),
                                                        1).to_pylist()[0]
-        for what, row in first_rows.items():  # the first kind found
-            raise CacheError(
-                f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} "
-                f"({input_place(row)}, ref_logps/num_tokens {row['ref_logps']!r}/"
-                f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
-                "engine: re-run `minorsft precompute --overwrite`.")
+        for what, row in list(first_rows.items())[:1]:  # the first kind found
+            yield (f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} "
+                   f"({input_place(row)}, ref_logps/num_tokens {row['ref_logps']!r}/"
+                   f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "
+                   "engine: re-run `minorsft precompute --overwrite`.")
 
 
 def _value_checks(batch: pa.RecordBatch) -> list[tuple[pa.Array, str]]:
@@ -771,6 +776,8 @@ def cache_stats(path: Path) -> dict:
                                 "min": pc.min(per_token).as_py(),
                                 "max": pc.max(per_token).as_py()},
         "truncated": pc.sum(table["truncated"]).as_py() or 0,
+        # what train, eval and verify would refuse (a NaN log-prob made the means nan unflagged)
+        "problems": list(value_problems(layout.files)),
     }
 
 

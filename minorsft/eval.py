@@ -36,6 +36,7 @@ from minorsft.cache import (
     iter_rows,
     looks_like_cache,
     read_metadata,
+    validate_values,
 )
 from minorsft.chat_templates import (
     ChatTemplate,
@@ -558,6 +559,7 @@ def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
                        " (the cache was rendered with its model's own template)")
             raise CacheError(f"{path}: the cache was tokenized with a different {key} than the "
                              f"evaluated model's; its token ids do not apply{fix}")
+    validate_values(path)  # (a NaN reference log-prob showed as an unexplained "n/a")
     examples, ref_logps = [], []
     for row in islice(iter_rows(path), max_rows):
         examples.append(Example(row["id"], row["line"], row["input_ids"], row["answer_mask"],

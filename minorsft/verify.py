@@ -234,13 +234,14 @@ def reference_of(metadata: dict) -> dict:
 
 def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftReport:
     """Sample the cache, recompute with the trainer's engine, report (see `measure_drift`)."""
-    from minorsft.cache import check_model_matches, iter_rows, read_metadata
+    from minorsft.cache import check_model_matches, iter_rows, read_metadata, validate_values
     from minorsft.engines import make_engine
     from minorsft.engines.hf import TransformersEngine
     from minorsft.models import load_cache_model
 
     console = console or Console(stderr=True)
     cache = Path(config.cache)
+    validate_values(cache)  # (a NaN reference log-prob was reported as a nan drift)
     metadata = read_metadata(cache)
     _, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:

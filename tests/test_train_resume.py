@@ -312,12 +312,28 @@ def test_nan_missing_parts_and_schema_mismatch_are_refused(cache, tmp_path):
     def nan_row(table):
         values = table["ref_logps"].to_pylist()
         values[3] = float("nan")
-        return table.set_column(table.schema.get_field_index("ref_logps"), "ref_logps",
-                                pa.array(values, pa.float64()))
+        return table.set_column(table.schema.get_field_index("ref_logps"),
+                                table.schema.field("ref_logps"), pa.array(values, pa.float64()))
 
     rewrite_part(part, nan_row)
     with pytest.raises(CacheError, match=r"1 row\(s\) where ref_logps is not finite, first id"):
         run_train(config(cache, tmp_path / "run"))
+    # eval showed an unexplained "n/a", verify a nan drift, cache info a nan mean unflagged
+    from typer.testing import CliRunner
+
+    from minorsft.cli import app
+    from minorsft.eval import EvalConfig, run_eval
+    from minorsft.verify import VerifyConfig, run_verify
+
+    model = json.loads((cache / "_manifest.json").read_text())["metadata"]["model"]
+    with pytest.raises(CacheError, match=r"where ref_logps is not finite"):
+        run_eval(EvalConfig(model=model, reference=str(cache)))
+    with pytest.raises(CacheError, match=r"where ref_logps is not finite"):
+        run_verify(VerifyConfig(cache=str(cache)))
+    info = CliRunner().invoke(app, ["cache", "info", str(cache)])
+    assert info.exit_code == 0, info.output
+    assert "status: CORRUPT (train, eval and verify refuse it)" in " ".join(info.output.split())
+    assert "where ref_logps is not finite" in " ".join(info.output.split())
     rewrite_part(part, lambda t: t.set_column(
         t.schema.get_field_index("ref_logps"), "ref_logps", t["ref_logps"].cast(pa.float32())))
     with pytest.raises(CacheError, match="column 'ref_logps' is float, expected double"):
