@@ -837,14 +837,14 @@ def _finished_run(config: TrainConfig) -> dict | None:
     return run_config
 
 
-def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Console) -> None:
+def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Console) -> bool:
     """--resume --merge-lora on a finished LoRA run without a merged model (trained without
-    --merge-lora): merge its saved adapters now, instead of doing nothing."""
+    --merge-lora): merge its saved adapters now, instead of doing nothing. Whether it merged."""
     output = Path(config.output)
     if not (config.merge_lora and (output / "adapter_config.json").exists()
             # (a merged/ without weights: one a kill cut short before 0.4.1 wrote it whole)
             and not any((output / "merged").glob("*.safetensors")) and is_first_rank()):
-        return  # (under torchrun, one process merges: the others have nothing to do)
+        return False  # (under torchrun, one process merges: the others have nothing to do)
     from minorsft.lora import merge_saved_adapters
     from minorsft.models import BUILTIN_MODELS, load_tokenizer, resolve_model
 
@@ -864,6 +864,7 @@ def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Con
     merged = merge_saved_adapters(output, base, load_tokenizer(str(output), option="--output"),
                                   dtype)
     console.print(f"merged the finished run's adapters with {base} into {merged}", markup=False)
+    return True
 
 
 def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[str]:
@@ -901,8 +902,10 @@ def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]
     console = console or Console(stderr=True)
     if config.resume and (finished := _finished_run(config)) is not None:
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
-        _merge_finished_lora_run(config, finished, console)
-        console.print(f"nothing to do: {config.output} holds a finished run (run_config.json); "
+        # ("nothing to do" right after "merged ..." read as if the merge had not happened)
+        merged = _merge_finished_lora_run(config, finished, console)
+        console.print(f"{'nothing left to train' if merged else 'nothing to do'}: "
+                      f"{config.output} holds a finished run (run_config.json); "
                       "--overwrite replaces it", markup=False)
         return []
     state = setup(config, console)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -169,7 +170,15 @@ def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, 
     (out / "run_config.json").write_text(json.dumps(run_config))
     (out / "merged").mkdir()  # what a merge killed before 0.4.1 left: a config, no weights
     (out / "merged" / "config.json").write_text("{}")
-    assert _train(tiny_cache, out, lora_r=4, lora_alpha=8, merge_lora=True, resume=True) == []
+    said = Console(record=True, width=400, file=io.StringIO())
+    assert run_train(TrainConfig(cache=str(tiny_cache), output=str(out), batch_size=6,
+                                 micro_batch_size=3, max_steps=2, lr=1e-3, shuffle=False,
+                                 warmup_ratio=0.0, lora_r=4, lora_alpha=8, merge_lora=True,
+                                 resume=True), console=said) == []
+    # it said "nothing to do" right after "merged ...", as if the merge had not happened
+    text = said.export_text()
+    assert "merged the finished run's adapters" in text
+    assert "nothing left to train:" in text and "nothing to do" not in text
     ids = torch.tensor([[1, 5, 9, 14, 20, 2]])
     with torch.no_grad():
         adapter = AutoPeftModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
