@@ -562,6 +562,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
 
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                            config.lora_target_modules, merge=config.merge_lora)
+    lora_note = _lora_note(config, model) if config.lora_r else ""
     model.train()
     policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
                          config.cpu_offload)
@@ -590,6 +591,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + f"; {total_steps} steps, {warmup_steps} warm-up; {escape(packing_note)}; "
         f"{escape(compile_note)}; "
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
+        + escape(lora_note)
     )
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():
         console.print(f"hint: this CPU has bf16 instructions: --dtype {MIXED_PRECISION} (bf16 "
@@ -835,6 +837,17 @@ def _finished_run(config: TrainConfig) -> dict | None:
                          + "\n  ".join(changed) + "\n--overwrite replaces it; or choose another "
                          "--output")
     return run_config
+
+
+def _lora_note(config: TrainConfig, model) -> str:
+    """What the start-up line says of LoRA (it said nothing: a LoRA run looked like full
+    fine-tuning until the adapters were saved). Counted before FSDP shards the tensors."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"; LoRA r={config.lora_r} alpha={config.lora_alpha:g} on "
+            f"{config.lora_target_modules}: {trained:,} of {total:,} parameters trained "
+            f"({100 * trained / total:.2f} %)"
+            + (", merged model saved at the end" if config.merge_lora else ""))
 
 
 def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Console) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -48,8 +49,22 @@ def test_packed_training_equals_padded(tiny_cache, tmp_path):
 def test_lora_starts_at_the_reference_and_saves(tiny_cache, tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
-    history = _train(tiny_cache, out, lora_r=4, lora_alpha=8, merge_lora=True,
-                     loss="minorsft")
+    from rich.console import Console
+
+    said = Console(record=True, width=400, file=io.StringIO())
+    history = run_train(TrainConfig(
+        cache=str(tiny_cache), output=str(out), batch_size=6, micro_batch_size=3, max_steps=2,
+        lr=1e-3, shuffle=False, warmup_ratio=0.0, lora_r=4, lora_alpha=8, merge_lora=True,
+        loss="minorsft"), console=said)
+    # the start-up line says it is a LoRA run, and how much of the model trains
+    trained = re.search(r"LoRA r=4 alpha=8 on all-linear: ([\d,]+) of ([\d,]+) parameters "
+                        r"trained \(\d+\.\d\d %\), merged model saved at the end",
+                        said.export_text())
+    assert trained, said.export_text()
+    from safetensors.torch import load_file
+
+    adapters = load_file(out / "adapter_model.safetensors")
+    assert int(trained[1].replace(",", "")) == sum(t.numel() for t in adapters.values())
     # B = 0 at initialisation: the policy is the reference, r = 0, coefficient sigmoid(0).
     assert abs(history[0]["m_theta"]) < 1e-5
     assert history[0]["coefficient"] == pytest.approx(0.5, abs=1e-6)
