@@ -235,9 +235,12 @@ def precompute(
     skipped = summary.parts_skipped
     resumed = (f" ({skipped} part{' was' if skipped == 1 else 's were'} already done)"
                if skipped else "")
+    # (the summary did not say that rows were cut)
+    cut = (f" ({summary.rows_truncated} cut at --max-length {config.max_length})"
+           if summary.rows_truncated else "")
     if not summary.complete:
         console.print(
-            f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached, "
+            f"[green]shard {shard} done[/]: {summary.rows_cached} rows cached{cut}, "
             f"{summary.rows_rejected} rejected{resumed}. The cache is not complete yet: "
             f"{escape(str(summary.waiting_for))}. Shards that share this --out complete it "
             "there; shards written to other folders are joined with `minorsft cache merge "
@@ -245,7 +248,7 @@ def precompute(
         return
     console.print(
         f"[green]wrote[/] {escape(str(summary.cache_path))}: {summary.rows_in} input rows = "
-        f"{summary.rows_cached} cached + {summary.rows_rejected} rejected, "
+        f"{summary.rows_cached} cached{cut} + {summary.rows_rejected} rejected, "
         f"{summary.answer_tokens} answer tokens, {summary.seconds:.1f} s{resumed}",
         highlight=False)
     if summary.rejects_path:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
@@ -195,6 +196,7 @@ class PrecomputeSummary:
     parts_skipped: int = 0
     complete: bool = True
     waiting_for: str = ""  # what is missing when this shard is done but the cache is not
+    rows_truncated: int = 0  # cached rows that --max-length cut
 
 
 # Tokenize in a background thread (read_ahead.py); off only to measure what it saves
@@ -766,8 +768,12 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
         if rows_cached == 0:
             raise ValueError(f"{out}: no usable rows (all {rows_rejected} rejected; see "
                              f"{rejects_path})")
+    # (a bool column per part: cheap; the summary did not say rows were cut at all)
+    truncated = sum(pc.sum(pq.read_table(out / e["file"], columns=["truncated"])["truncated"])
+                    .as_py() or 0 for e in entries if e["rows_cached"])
     return PrecomputeSummary(
         cache_path=str(out), rows_in=rows_cached + rows_rejected, rows_cached=rows_cached,
+        rows_truncated=truncated,
         rows_rejected=rows_rejected, answer_tokens=sum(e["answer_tokens"] for e in entries),
         seconds=time.perf_counter() - started, rejects_path=rejects_path,
         parts_written=written, parts_skipped=skipped, complete=not problems,

@@ -85,6 +85,13 @@ def test_cli_reports_bad_row_with_exit_code_2(tiny_model_dir, tmp_path):
                                  str(data), "--out", str(out), "--on-bad", "skip"])
     assert result.exit_code == 0, result.output
     assert "2 input rows = 1 cached + 1 rejected" in " ".join(result.output.split())
+    # rows cut at --max-length are counted in the summary (it did not say any were)
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(out), "--on-bad", "skip",
+                                 "--max-length", "24", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert ("2 input rows = 1 cached (1 cut at --max-length 24) + 1 rejected"
+            in " ".join(result.output.split()))
 
 
 def test_rejects_keep_a_long_row_whole(tiny_model_dir, tmp_path):
