@@ -247,6 +247,9 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
     if not config.allow_mismatch:
         check_model_matches(metadata, model_path, tokenizer, cache)
     rows = sample_rows(iter_rows(cache), config.sample, config.seed)
+    if len(rows) < config.sample:  # (it checked fewer rows than asked without a word)
+        console.print(f"note: the cache has {len(rows)} rows, fewer than --sample "
+                      f"{config.sample}: all of them are checked", highlight=False)
     reference_tokens = None
     if config.rescore:
         # The cache's engine first, closed before the trainer's loads: both may need the GPU.

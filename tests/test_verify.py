@@ -130,6 +130,12 @@ def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_js
     report = json.loads(result.stdout)
     assert report["rows"] == 8 and report["delta_r_abs"]["max"] < 1e-4
     assert report["token_abs_mean"] is None  # per-token figures need --rescore
+    # more than the cache holds: all its rows, and a note saying so (it said nothing)
+    result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "100", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"] == 16
+    assert "the cache has 16 rows, fewer than --sample 100: all of them are checked" in " ".join(
+        result.output.split())
 
     result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "4", "--rescore",
                                  "--json"])
