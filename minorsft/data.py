@@ -1298,7 +1298,8 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
             text, spans = render_conversation(tokenizer, conversation.messages, special,
                                               conversation.trained, conversation.tools)
         except ValueError as error:  # the template's, about the conversation as a whole
-            raise DataError(path_str, row.line, conversation.fields, str(error)) from error
+            raise DataError(path_str, row.line, getattr(error, "field", conversation.fields),
+                            str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0])
     except DataError as error:

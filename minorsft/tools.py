@@ -202,11 +202,18 @@ def with_result_probes(messages: list[dict]) -> list[dict]:
             else message for index, message in enumerate(messages)]
 
 
+class DefinitionsNotRendered(ValueError):
+    """The template leaves out the row's tool definitions: the refusal names its `tools`
+    field (it named the messages, which hold nothing wrong)."""
+
+    field = "tools"
+
+
 def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text: str,
                answers: dict[int, tuple[int, int]], messages: list[dict],
                tools: list[dict] | None) -> str | None:
     """What of the row's tool calling the template leaves out, as the reason to reject the row;
-    None where it writes all of it.
+    None where it writes all of it. Raises :class:`DefinitionsNotRendered` for the definitions.
 
     `render(messages, tools)` is the template; `answers` maps the index of each trained
     assistant turn to its answer's (start, stop) in `full_text`. Each part is checked by
@@ -218,8 +225,8 @@ def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text
     probe must be written.
     """
     if tools and render(messages, None) == full_text:
-        return ("the chat template does not render tool definitions (the text is the same "
-                f"without them); {_GIVE_ONE}")
+        raise DefinitionsNotRendered("the chat template does not render tool definitions (the "
+                                     f"text is the same without them); {_GIVE_ONE}")
     if reason := _unrendered_calls(render, full_text, answers, messages, tools):
         return reason
     probed = render(with_result_probes(messages), tools)

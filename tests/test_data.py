@@ -866,7 +866,7 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
     ({"messages": [_user("Weather?"), _assistant("Sun.")], "tools": [{"type": "function"}]},
      "tools[0].name", "expected the tool's name"),
     ({"messages": [_user("Weather?"), _assistant("Sun.")], "tools": [{"name": "get_weather"}]},
-     "messages", "the chat template does not render tool definitions"),
+     "tools", "the chat template does not render tool definitions"),
     ({"messages": [_user([{"type": "image_url", "image_url": {"url": "x"}}]), _assistant("A")]},
      "messages[0].content[0]", "got a part of type 'image_url'"),
     ({"conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
