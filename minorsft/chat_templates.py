@@ -9,8 +9,10 @@ with the template it learned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,10 +225,34 @@ def renders_plain_text(tokenizer) -> bool:
     return isinstance(tokenizer.chat_template, str) and tokenizer.chat_template.endswith(PLAIN)
 
 
+def unended_answer_note(tokenizer, template: ChatTemplate) -> str | None:
+    """A note for a template that writes nothing after an assistant turn's content, neither an
+    end-of-turn marker nor the eos token: the answers it trains on end nowhere, so the model
+    never learns to stop (it said nothing, and such a model generates on past its answers)."""
+    answer = _CHECK_CONVERSATION[-1]["content"]
+    tails = [_render(tokenizer, template, _CHECK_CONVERSATION, False).rsplit(answer, 1)[-1]]
+    with contextlib.suppress(ModelError):  # (a template may refuse to end on a user turn)
+        going_on = _render(tokenizer, template,
+                           [*_CHECK_CONVERSATION, {"role": "user", "content": "Thanks"}], False)
+        tails.append(going_on.split(answer, 1)[-1])
+    # the turn's own end is what both write after it (as the answer mask takes it); the
+    # whitespace a template writes between turns is not answer
+    if os.path.commonprefix(tails).strip():
+        return None
+    eos = getattr(tokenizer, "eos_token", None)
+    return (f"{template.source} writes nothing after an assistant turn's content (no "
+            f"end-of-turn marker{f', no eos {eos!r}' if eos else ''}): the model never learns "
+            "to end an answer and generates on past it; end each assistant turn with "
+            "{{ eos_token }} or the model's end-of-turn marker")
+
+
 def template_notes(tokenizer, template: ChatTemplate) -> list[str]:
     """What a user should know about how `template` (given with --chat-template) fits the
-    tokenizer: a BOS token it leaves out, ChatML markers the vocabulary lacks."""
+    tokenizer: a BOS token it leaves out, ChatML markers the vocabulary lacks, answers that
+    end with nothing."""
     notes = [note] if (note := missing_bos_note(tokenizer, template)) else []
+    if note := unended_answer_note(tokenizer, template):
+        notes.append(note)
     if missing := markers_not_in_vocabulary(tokenizer, template):
         notes.append(f"the tokenizer has no token {' or '.join(missing)}: the template writes it "
                      "as ordinary text (several tokens), which the model learns to end its "

@@ -252,6 +252,31 @@ def test_chatml_keeps_the_bos_token_a_llama_like_tokenizer_adds(tmp_path):
                 ) == noted
 
 
+def test_a_template_that_ends_answers_with_nothing_gets_a_note(tmp_path):
+    """A template file that writes no end-of-turn marker and no eos after an answer trains a
+    model that never learns to stop; precompute said nothing of it."""
+    folder, _ = _base_model(tmp_path / "llama-like", ("<unk>", "<s>", "</s>"), "</s>",
+                            bos="<s>")
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "2 plus 3", "response": "5"}])
+    loop = "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+    for ending, noted in (("\n", True), ("{{ eos_token }}\n", False), ("\n### end\n", False)):
+        (tmp_path / "t.jinja").write_text(loop + ending + "{% endfor %}")
+        console = Console(record=True, width=400)
+        run_precompute(PrecomputeConfig(model=str(folder), data=str(data), overwrite=True,
+                                        out=str(tmp_path / "c"), verify_sample=0,
+                                        chat_template=str(tmp_path / "t.jinja")), console)
+        said = console.export_text()
+        assert ("writes nothing after an assistant turn's content (no end-of-turn marker, no "
+                "eos '</s>'): the model never learns to end an answer" in said) == noted, said
+    # the built-in templates end their answers
+    for name in ("chatml", "plain"):
+        console = Console(record=True, width=400)
+        run_precompute(PrecomputeConfig(model=str(folder), data=str(data), overwrite=True,
+                                        out=str(tmp_path / "c"), verify_sample=0,
+                                        chat_template=name), console)
+        assert "writes nothing after" not in console.export_text()
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_the_trained_model_stops_at_the_templates_end_of_turn(tmp_path, lora):
     """A Qwen-base-like model: <|im_end|> is a token, but its eos is <|endoftext|>. The model
