@@ -21,8 +21,10 @@ app = typer.Typer(
          "under the reference model (precompute), then train the policy against that cache.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True,
+                        context_settings={"help_option_names": ["-h", "--help"]})
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
@@ -635,7 +637,8 @@ def eval_command(
 
 @app.command()
 def plot(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `minorsft train`.")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `minorsft train`.",
+                                                   metavar="RUN_DIR")],
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG file to write.")] = Path(
         "runs.png"),
     title: Annotated[str | None, typer.Option(help="Figure title.")] = None,

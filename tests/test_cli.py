@@ -560,3 +560,13 @@ def test_every_option_of_the_long_commands_has_a_help_panel():
         assert ungrouped == [], name
         panels = {param.rich_help_panel for param in commands[name].params if param.name != "help"}
         assert len(panels) >= 5, (name, panels)
+
+
+def test_h_is_help_everywhere():
+    """`-h` was an unknown option; the plot usage line read `{run_dirs}...`."""
+    runner = CliRunner()
+    for command in ([], ["train"], ["cache", "info"], ["plot"]):
+        result = runner.invoke(app, [*command, "-h"])
+        assert result.exit_code == 0 and "Usage: minorsft" in result.output, (command,
+                                                                                result.output)
+    assert "{RUN_DIR}..." in runner.invoke(app, ["plot", "-h"]).output
