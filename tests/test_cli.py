@@ -566,7 +566,7 @@ def test_h_is_help_everywhere():
     """`-h` was an unknown option; the plot usage line read `{run_dirs}...`."""
     runner = CliRunner()
     for command in ([], ["train"], ["cache", "info"], ["plot"]):
-        result = runner.invoke(app, [*command, "-h"])
+        result = runner.invoke(app, [*command, "-h"], prog_name="minorsft")
         assert result.exit_code == 0 and "Usage: minorsft" in result.output, (command,
                                                                                 result.output)
-    assert "{RUN_DIR}..." in runner.invoke(app, ["plot", "-h"]).output
+    assert "{RUN_DIR}..." in runner.invoke(app, ["plot", "-h"], prog_name="minorsft").output
