@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minorsft import tools
-from minorsft.data_errors import DataError
+from minorsft.data_errors import DataError, type_name
 from minorsft.data_files import (  # noqa: F401  (re-exported: callers read input via data)
     BUILTIN_DATA,
     data_label,
@@ -269,7 +269,7 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
     except RecursionError:  # e.g. 100,000 nested brackets
         return bad("unreadable JSON (nested deeper than Python's JSON reader allows)")
     if not isinstance(record, dict):
-        return bad(f"expected a JSON object, got {type(record).__name__}")
+        return bad(f"expected a JSON object, got {type_name(record)}")
     # Only a \u escape makes a surrogate (the bytes were valid UTF-8): most rows skip the walk.
     if "\\u" in text and (found := _unpaired_surrogate(record)) is not None:
         return bad(*found)
@@ -382,7 +382,7 @@ def _require_text(record: dict, key: str, path: str, line: int, allow_empty=Fals
         raise DataError(path, line, key, "missing")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(path, line, key, f"expected a string, got {type(value).__name__}")
+        raise DataError(path, line, key, f"expected a string, got {type_name(value)}")
     if not allow_empty and not value.strip():
         raise DataError(path, line, key, "empty")
     return value
@@ -534,7 +534,7 @@ def _alpaca_input(record: dict, path: str, line: int) -> str:
     if extra is None:
         return ""
     if not isinstance(extra, str):
-        raise DataError(path, line, "input", f"expected a string, got {type(extra).__name__}")
+        raise DataError(path, line, "input", f"expected a string, got {type_name(extra)}")
     return extra
 
 
@@ -614,7 +614,7 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
     """The turns of chat column `column` (`answers`: its assistant turns are answer, unless a
     turn is marked otherwise: see `_turn_trained`)."""
     if not isinstance(messages, list) or not messages:
-        got = "an empty list" if isinstance(messages, list) else type(messages).__name__
+        got = "an empty list" if isinstance(messages, list) else type_name(messages)
         raise DataError(path, line, column,
                         f"expected a non-empty list of {{role, content}}, got {got}")
     turns = _Turns([], [], [])
@@ -631,7 +631,7 @@ def _chat_messages(messages, path: str, line: int, column: str, roles: dict[str,
             raise DataError(path, line, f"{where}.{role_key}", "missing")
         if not isinstance(role, str):
             raise DataError(path, line, f"{where}.{role_key}",
-                            f"expected a string, got {type(role).__name__}")
+                            f"expected a string, got {type_name(role)}")
         if role not in roles:
             raise DataError(path, line, f"{where}.{role_key}",
                             f"unknown role {role!r}; expected one of {', '.join(roles)}")
@@ -689,7 +689,7 @@ def _read_message(message: dict, given_role: str, role: str, content_key: str, p
             if (value := message.get(key)) is not None:
                 if not isinstance(value, str):
                     raise DataError(path, line, f"{where}.{key}",
-                                    f"expected a string, got {type(value).__name__}")
+                                    f"expected a string, got {type_name(value)}")
                 read[key] = value
     return read
 
@@ -712,14 +712,14 @@ def _message_text(content, path: str, line: int, field_name: str) -> str:
         for index, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                what = f"a part of type {kind!r}" if kind else f"a {type(part).__name__}"
+                what = f"a part of type {kind!r}" if kind else f"a {type_name(part)}"
                 raise DataError(path, line, f"{field_name}[{index}]",
                                 f"expected a string or a list of text parts "
                                 f"({{type: text, text}}), got {what}")
             texts.append(part["text"])
         return "".join(texts)
     raise DataError(path, line, field_name, f"expected a string or a list of text parts, got "
-                    f"{'an empty list' if isinstance(content, list) else type(content).__name__}")
+                    f"{'an empty list' if isinstance(content, list) else type_name(content)}")
 
 
 def _turn_trained(message: dict, role: str, path: str, line: int, where: str) -> bool:
@@ -1104,7 +1104,7 @@ def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = Non
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(path, line, spec.id_field,
-                            f"expected a string or integer id, got {type(value).__name__}")
+                            f"expected a string or integer id, got {type_name(value)}")
         if not str(value).strip():
             raise DataError(path, line, spec.id_field, "empty id")
         return str(value)

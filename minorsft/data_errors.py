@@ -13,3 +13,9 @@ class DataError(ValueError):
 
     def __reduce__(self):  # (rows are checked in other processes: minorsft.row_workers)
         return type(self), (self.path, self.line, self.field, self.reason)
+
+
+def type_name(value) -> str:
+    """A row value's type for messages: Python's names, but `null` for JSON's null (a `null`
+    line read "expected a JSON object, got NoneType")."""
+    return "null" if value is None else type(value).__name__

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from minorsft.data_errors import DataError
+from minorsft.data_errors import DataError, type_name
 
 # Roles of a tool's result, mapped to the one templates know.
 TOOL_RESULT_ROLES = ("tool", "ipython", "function", "observation")
@@ -48,7 +48,7 @@ def read_tools(value, path: str, line: int) -> list[dict] | None:
         value = [] if not value else [value]  # one definition, not in a list
     if not isinstance(value, list):
         raise DataError(path, line, "tools", "expected a list of tool definitions, got "
-                        f"{type(value).__name__}")
+                        f"{type_name(value)}")
     for index, definition in enumerate(value):
         tool_name(definition, path, line, f"tools[{index}]")
     return value or None
@@ -59,7 +59,7 @@ def tool_name(definition, path: str, line: int, where: str) -> str:
     if not isinstance(definition, dict):
         raise DataError(path, line, where, "expected a tool definition ({type: function, "
                         f"function: {{name, description, parameters}}}}), got "
-                        f"{type(definition).__name__}")
+                        f"{type_name(definition)}")
     function = definition.get("function")
     holder, key = ((function, f"{where}.function.name") if isinstance(function, dict)
                    else (definition, f"{where}.name"))
@@ -92,7 +92,7 @@ def read_tool_calls(message: dict, path: str, line: int, where: str) -> list[dic
         calls = [calls]  # one call, and its fields are named without an index
     elif not isinstance(calls, list):
         raise DataError(path, line, where,
-                        f"expected a list of calls, got {type(calls).__name__}")
+                        f"expected a list of calls, got {type_name(calls)}")
     return [read_call(call, path, line, where + ("" if key == "function_call" else f"[{index}]"))
             for index, call in enumerate(calls)]
 
@@ -153,7 +153,7 @@ def read_call(call, path: str, line: int, where: str) -> dict:
     templates write), the arguments an object."""
     if not isinstance(call, dict):
         raise DataError(path, line, where, "expected a call ({type: function, function: "
-                        f"{{name, arguments}}}}), got {type(call).__name__}")
+                        f"{{name, arguments}}}}), got {type_name(call)}")
     function = call.get("function")
     if isinstance(function, dict):
         where = f"{where}.function"
@@ -181,7 +181,7 @@ def _arguments(value, path: str, line: int, where: str) -> dict:
                  if value.strip() else {})
     if not isinstance(value, dict):
         raise DataError(path, line, where,
-                        f"expected an object of arguments, got {type(value).__name__}")
+                        f"expected an object of arguments, got {type_name(value)}")
     return value
 
 

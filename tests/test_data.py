@@ -554,6 +554,11 @@ def test_a_json_array_file_is_refused_with_a_hint_at_json_lines(tiny_tokenizer, 
     with pytest.raises(DataError) as caught:
         list(iter_examples(path, tiny_tokenizer))
     assert (caught.value.line, caught.value.reason) == (2, "expected a JSON object, got list")
+    # a `null` line: JSON's word (it said "got NoneType")
+    path.write_text(json.dumps(DEMO_ROWS[1]) + "\nnull\n")
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert (caught.value.line, caught.value.reason) == (2, "expected a JSON object, got null")
 
 
 def test_non_utf8_and_missing_file(tiny_tokenizer, tmp_path):
