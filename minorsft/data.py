@@ -45,6 +45,7 @@ import io
 import json
 import os
 import re
+import shlex
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -248,9 +249,13 @@ def _not_utf8_reason(raw_bytes: bytes, error: UnicodeDecodeError) -> str:
 def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
     def bad(reason: str, field_name: str | None = None) -> RawRow:
         if _looks_like_a_json_document(line_no, text):
-            reason += (f"; {path.name} looks like one JSON document (an array?), but the data "
-                       "must be JSON Lines: one JSON object per line (for an array: "
-                       f"jq -c '.[]' {path.name} > {lines_file_name(path)})")
+            # (a pretty-printed object got the array's command, which fails on an object)
+            array = text.strip().startswith("[")
+            reason += (f"; {path.name} looks like one JSON document ("
+                       f"{'an array' if array else 'pretty-printed objects'}), but the data "
+                       "must be JSON Lines: one JSON object per line (convert with "
+                       f"jq -c {shlex.quote('.[]') if array else '.'} {path.name} > "
+                       f"{lines_file_name(path)})")
         if _looks_like_cr_line_endings(text):
             reason += ("; the line holds a carriage return followed by '{': the file uses CR "
                        f"line endings; convert with tr '\\r' '\\n' < {path.name} > "

@@ -534,8 +534,8 @@ def test_malformed_json_names_the_column_in_the_line(tiny_tokenizer, tmp_path, l
 
 
 def test_a_json_array_file_is_refused_with_a_hint_at_json_lines(tiny_tokenizer, tmp_path):
-    hint = ("rows.json looks like one JSON document (an array?), but the data must be JSON Lines: "
-            "one JSON object per line (for an array: jq -c '.[]' rows.json > rows.jsonl)")
+    hint = ("rows.json looks like one JSON document (an array), but the data must be JSON Lines: "
+            "one JSON object per line (convert with jq -c '.[]' rows.json > rows.jsonl)")
     path = tmp_path / "rows.json"
     for text in (json.dumps(DEMO_ROWS[1:3], indent=2), json.dumps(DEMO_ROWS[1:3])):
         path.write_text(text + "\n")
@@ -549,6 +549,13 @@ def test_a_json_array_file_is_refused_with_a_hint_at_json_lines(tiny_tokenizer, 
     with pytest.raises(DataError) as caught:
         list(iter_examples(array_jsonl, tiny_tokenizer))
     assert caught.value.reason.endswith("jq -c '.[]' rows.jsonl > rows.lines.jsonl)")
+    # Pretty-printed objects: jq -c . (the array's '.[]' fails on an object)
+    path.write_text("\n".join(json.dumps(row, indent=2) for row in DEMO_ROWS[1:3]) + "\n")
+    with pytest.raises(DataError) as caught:
+        list(iter_examples(path, tiny_tokenizer))
+    assert caught.value.reason.endswith(
+        "rows.json looks like one JSON document (pretty-printed objects), but the data must be "
+        "JSON Lines: one JSON object per line (convert with jq -c . rows.json > rows.jsonl)")
     # A JSON Lines file with a stray array on a later line is not an array file.
     write_jsonl(path, [DEMO_ROWS[1], ["2 plus 3", "5"]])
     with pytest.raises(DataError) as caught:
