@@ -60,6 +60,7 @@ from minorsft.data_files import (  # noqa: F401  (re-exported: callers read inpu
     data_source,
     resolve_data,
 )
+from minorsft.jsonl import malformed_json_reason
 
 if TYPE_CHECKING:
     from minorsft.row_workers import RowWorkers
@@ -268,7 +269,7 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
         return bad(f"the key {error.key!r} appears twice in one JSON object (JSON readers "
                    "silently keep one of the values)", error.key)
     except json.JSONDecodeError as error:
-        return bad(_malformed_json_reason(error, text))
+        return bad(malformed_json_reason(error, text))
     except ValueError as error:  # a valid number that Python refuses (over 4300 digits)
         return bad(f"unreadable JSON ({str(error).split('; use sys.')[0]})")
     except RecursionError:  # e.g. 100,000 nested brackets
@@ -300,13 +301,6 @@ def lines_file_name(path: Path) -> str:
     """A name for the JSON Lines copy of `path` that is not `path` itself (a shell redirect to
     the file jq reads would empty it first)."""
     return f"{path.stem}{'.lines' if path.suffix == '.jsonl' else ''}.jsonl"
-
-
-def _malformed_json_reason(error: json.JSONDecodeError, text: str) -> str:
-    # Some of json's messages end in the word "at" ("Unterminated string starting at").
-    at = "" if error.msg.endswith(" at") else " at"
-    at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
-    return f"malformed JSON ({error.msg}{at} column {error.colno}{at_end})"
 
 
 def _looks_like_cr_line_endings(text: str) -> bool:

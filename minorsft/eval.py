@@ -59,7 +59,7 @@ from minorsft.data import (
 )
 from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
-from minorsft.jsonl import json_safe
+from minorsft.jsonl import json_safe, malformed_json_reason
 from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import (
     autocast_context,
@@ -281,7 +281,7 @@ def _read_choices_jsonl(path: Path, limit: int | None) -> list[Question]:
                 record = json.loads(text)
             except json.JSONDecodeError as error:
                 raise DataError(str(path), line_no, None,
-                                f"malformed JSON ({error.msg})") from error
+                                malformed_json_reason(error, text.rstrip("\r\n"))) from error
             except (ValueError, RecursionError) as error:  # a 5000-digit number, deep nesting
                 raise DataError(str(path), line_no, None,
                                 f"unreadable JSON ({error})") from error

@@ -1,5 +1,6 @@
 """JSON that strict parsers read: for the JSON and JSONL files minorsft writes."""
 
+import json
 import math
 
 
@@ -17,3 +18,13 @@ def json_safe(value):
     if isinstance(value, list | tuple):
         return [json_safe(item) for item in value]
     return value
+
+
+def malformed_json_reason(error: json.JSONDecodeError, text: str) -> str:
+    """json's complaint about a line, with the column in the line (`text`, the line without its
+    ending) and whether that is the line's end (a cut-off line)."""
+    # Some of json's messages end in the word "at" ("Invalid control character at"): without a
+    # position after it the message read as cut short.
+    at = "" if error.msg.endswith(" at") else " at"
+    at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
+    return f"malformed JSON ({error.msg}{at} column {error.colno}{at_end})"

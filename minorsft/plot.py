@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from minorsft.jsonl import malformed_json_reason
+
 # (metrics key, panel title). nll is the per-token answer NLL, comparable across losses; the
 # losses themselves live on different scales (sft-dpo's starts at log 2).
 PANELS = (
@@ -65,7 +67,7 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as error:
-                problem = f"malformed JSON ({error.msg})"
+                problem = malformed_json_reason(error, text.rstrip("\r\n"))
             else:
                 if isinstance(row, dict) and isinstance(row.get("step"), int):
                     rows.append(row)

@@ -86,6 +86,8 @@ def test_read_run_skips_unparsable_lines_with_a_warning(tmp_path, capsys):
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 2
     assert f"{metrics}:2:" in warnings[0] and f"{metrics}:4:" in warnings[1]
+    # where in the line (json's "Invalid control character at" read as cut short)
+    assert warnings[1].endswith("(malformed JSON (Unterminated string starting at column 13))")
 
 
 def test_read_run_refuses_a_run_without_a_parsable_line(tmp_path, capsys):
