@@ -588,7 +588,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"global batch {config.batch_size} = micro-batch {config.micro_batch_size} x "
         f"accumulation {accumulation} x {world.world_size} process(es)"
         + (f" ({config.strategy})" if world.distributed else "")
-        + f"; {total_steps} steps, {warmup_steps} warm-up; {escape(packing_note)}; "
+        + f"; {total_steps} step{'s' * (total_steps != 1)}, {warmup_steps} warm-up; "
+        f"{escape(packing_note)}; "
         f"{escape(compile_note)}; "
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
         + escape(lora_note)
