@@ -83,8 +83,9 @@ def _folder_files(folder: Path, quiet: bool = False) -> list[Path]:
         folders = sorted(child.name for child in folder.iterdir()
                          if child.is_dir() and not child.name.startswith((".", "_")))
         inside = f"; it holds the folders {', '.join(folders[:5])}: name one" if folders else ""
-        raise DataError(str(folder), None, None, "is a folder with no .jsonl, .jsonl.gz or "
-                        f".parquet file in it{inside} (for other names, give a pattern: "
+        raise DataError(str(folder), None, None, "is a folder with no .jsonl, .ndjson (or "
+                        f"either .gz) or .parquet file in it{inside} (for other names, give a "
+                        "pattern: "
                         f"--data '{folder / '*.json'}')")
     return files
 

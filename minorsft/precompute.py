@@ -204,6 +204,17 @@ class PrecomputeSummary:
 READ_AHEAD = True
 
 
+def _has_a_row(path: Path) -> bool:
+    """Whether the file holds a row (a line that is not blank), good or bad: reads up to the
+    first. A file the reader cannot open counts as having one (the reader says what is wrong
+    where it always has)."""
+    try:
+        with contextlib.closing(read_rows(path)) as rows:
+            return next(rows, None) is not None
+    except DataError:
+        return True
+
+
 def _count_rows(files: list[Path]) -> int | None:
     """Input rows, for the progress bar's total (None where counting means parsing)."""
     counts = [_count_file_rows(path) for path in files]
@@ -273,6 +284,9 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                       highlight=False, markup=False)
     model_config = read_model_config(model_path)
     refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
+    if not any(map(_has_a_row, data_files)):  # (said after a 0/0 progress line before)
+        raise ValueError(f"{data_label(data_files)}: no rows (the "
+                         f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.

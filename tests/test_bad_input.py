@@ -111,3 +111,19 @@ def test_rejects_keep_a_long_row_whole(tiny_model_dir, tmp_path):
     huge = Rejection(str(data), 3, None, "too long", raw="z" * (REJECT_RAW_LIMIT + 5))
     record = huge.as_dict()
     assert len(record["raw"]) == REJECT_RAW_LIMIT and record["raw_truncated"] is True
+
+
+def test_an_empty_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_path):
+    """An empty (or blank) file printed a 0/0 progress line before saying it was empty."""
+    runner = CliRunner()
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    for data, what in ((["empty.jsonl"], "empty.jsonl: no rows (the file is empty)"),
+                       (["empty.jsonl", "blank.jsonl"], "no rows (the files are empty)")):
+        result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir),
+                                     *[arg for name in data
+                                       for arg in ("--data", str(tmp_path / name))],
+                                     "--out", str(tmp_path / "c"), "--on-bad", "skip"])
+        assert result.exit_code == 2, result.output
+        assert what in " ".join(result.output.split())
+        assert "scoring" not in result.output and "Loading weights" not in result.output

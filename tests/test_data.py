@@ -1008,7 +1008,8 @@ def test_a_folder_or_a_pattern_reads_its_files_in_name_order(tiny_tokenizer, tmp
 
 def test_data_names_that_give_no_file_or_mix_splits_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="is a folder with no .jsonl, .jsonl.gz or .parquet"):
+    with pytest.raises(DataError,
+                       match=r"is a folder with no .jsonl, .ndjson \(or either .gz\) or .parquet"):
         resolve_data(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="no file matches this pattern"):
         resolve_data(str(tmp_path / "empty" / "*.jsonl"))
