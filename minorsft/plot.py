@@ -8,6 +8,7 @@ dependency, no extra to install) and its Agg backend, so no display is needed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -144,10 +145,16 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
             axis.axhline(0.0, color="grey", linewidth=0.8)
     for axis in axes[1]:
         axis.set_xlabel("optimizer step")
-    axes[0, 0].legend(fontsize=8)
+    # One legend under the panels: inside the m_theta panel it covered the curves.
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    columns = min(len(labels), 3)
+    rows = math.ceil(len(labels) / columns)
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8,
+                  frameon=False)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
+    # (the legend's rows of 8-point text, in figure fractions of the 7-inch height)
+    figure.tight_layout(rect=(0, min(0.5, 0.01 + rows * 0.033), 1, 1))
     out = Path(out)
     if not os.path.splitext(str(out))[1][1:]:
         out = Path(str(out).rstrip(".") + ".png")  # what savefig would write: report that
