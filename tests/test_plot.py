@@ -158,7 +158,7 @@ def test_legend_tells_runs_of_the_same_settings_apart(tmp_path, saved_figures):
     """Two runs with equal loss, lr and beta (say, other data) had the same legend label."""
     runs = [_fake_run(tmp_path / "seed1" / "minor"), _fake_run(tmp_path / "seed2" / "minor")]
     plot_runs(runs, tmp_path / "curves.png")
-    legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    legends = [[text.get_text() for text in figure.legends[0].get_texts()]
                for figure in saved_figures]
     assert legends == [["seed1/minor: minorsft lr=0.001 beta=0.04",
                         "seed2/minor: minorsft lr=0.001 beta=0.04"]]
@@ -190,7 +190,7 @@ def test_cli_plot_leaves_out_a_run_that_has_just_started(tmp_path, saved_figures
                                       str(tmp_path / "x.png")])
     assert result.exit_code == 0, result.output
     assert "started/metrics.jsonl: no steps logged; its run is left out" in result.output
-    legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    legends = [[text.get_text() for text in figure.legends[0].get_texts()]
                for figure in saved_figures]
     assert legends == [["done: minorsft lr=0.001 beta=0.04"]]
     # only such runs: nothing to draw
