@@ -257,6 +257,10 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
                        "must be JSON Lines: one JSON object per line (convert with "
                        f"jq -c {shlex.quote('.[]') if array else '.'} {path.name} > "
                        f"{lines_file_name(path)})")
+        if "\x00" in text:  # (UTF-16 without its byte-order mark reads as UTF-8 with NULs)
+            reason += ("; the line holds NUL characters: is the file UTF-16 without a "
+                       "byte-order mark? Convert it with iconv -f UTF-16LE -t UTF-8 "
+                       f"{path.name} > {path.stem}.utf8.jsonl (UTF-16BE for a big-endian one)")
         if _looks_like_cr_line_endings(text):
             reason += ("; the line holds a carriage return followed by '{': the file uses CR "
                        f"line endings; convert with tr '\\r' '\\n' < {path.name} > "

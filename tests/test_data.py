@@ -963,6 +963,13 @@ def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
     cut.write_bytes(text.encode("utf-16")[:-1])
     with pytest.raises(DataError, match=r"cut.jsonl: not valid UTF-16 after line 1 \(trunc"):
         list(iter_examples(cut, tiny_tokenizer))
+    # without its byte-order mark it reads as UTF-8 with NULs: a hint, not a bare "malformed"
+    no_mark = tmp_path / "no_mark.jsonl"
+    no_mark.write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"no_mark.jsonl:1: malformed JSON .*; the line holds NUL "
+                       r"characters: is the file UTF-16 without a byte-order mark\? Convert it "
+                       r"with iconv -f UTF-16LE -t UTF-8 no_mark.jsonl > no_mark.utf8.jsonl"):
+        list(iter_examples(no_mark, tiny_tokenizer))
 
 
 def test_a_folder_or_a_pattern_reads_its_files_in_name_order(tiny_tokenizer, tmp_path):
