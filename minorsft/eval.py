@@ -256,6 +256,10 @@ def _read_choices_csv(path: Path, limit: int | None) -> list[Question]:
                 continue
             hint = HEADER_HINT if is_first and _looks_like_header(cells) else ""
             if len(cells) != 6:
+                if any("," in cell for cell in cells):  # (a cut quote said nothing of it)
+                    hint += (f"; a cell holds commas: a quote (\") opened on line {index} is "
+                             f"not closed where it should be, so the text up to line "
+                             f"{reader.line_num} was read as one cell")
                 raise DataError(str(path), index, None,
                                 f"expected 6 columns (question, A, B, C, D, answer), got "
                                 f"{len(cells)}{hint}")

@@ -233,6 +233,23 @@ def test_csv_bad_answer_without_header_look_gets_no_hint(tmp_path):
     assert caught.value.field == "answer" and "header" not in str(caught.value)
 
 
+def test_an_unclosed_csv_quote_gets_a_hint(tmp_path):
+    """A quote opened and not closed makes the rest of the file one cell: "got 1 column"
+    alone did not say why."""
+    path = tmp_path / "unclosed.csv"
+    path.write_text('What is 2 + 2?,3,4,5,22,B\n"What is 3 + 3?,5,6,7,8,B\nWhy?,a,b,c,d,A\n')
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert caught.value.line == 2
+    assert str(caught.value).endswith(
+        "got 1; a cell holds commas: a quote (\") opened on line 2 is not closed where it "
+        "should be, so the text up to line 3 was read as one cell")
+    path.write_text("What is 2 + 2?,3,4,5\n")  # too few columns, no quote: no hint
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert str(caught.value).endswith("got 4")
+
+
 THINKING_CHATML = CHATML.replace(
     "message['role'] + '\n' + message['content']",
     "message['role'] + '\n' + ('<think>\n\n</think>\n\n' if message['role'] == 'assistant' "
