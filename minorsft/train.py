@@ -594,6 +594,12 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
         + escape(lora_note)
     )
+    if (device.type == "cpu" and world.is_main and torch.bfloat16 in (dtype, autocast)
+            and not cpu_has_bf16()):
+        # (measured: docs/performance.md 2b, on a CPU without them bf16-mixed was >16 x slower)
+        console.print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 "
+                      "math is emulated and much slower than float32 here (docs/performance.md"
+                      " 2b); --dtype float32 is the faster choice on it", highlight=False)
     if device.type == "cpu" and config.dtype == "auto" and world.is_main and cpu_has_bf16():
         console.print(f"hint: this CPU has bf16 instructions: --dtype {MIXED_PRECISION} (bf16 "
                       "autocast on fp32 weights) trained SmolLM2 at 1.89 x the tokens/s of "

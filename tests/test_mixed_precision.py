@@ -93,10 +93,14 @@ def test_precompute_in_bf16_mixed_scores_under_autocast(tiny_model_dir, tmp_path
     torch.testing.assert_close(cached, mixed, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(("has_bf16", "dtype", "hinted"), [
-    (True, "auto", True), (False, "auto", False), (True, "float32", False)])
+@pytest.mark.parametrize(("has_bf16", "dtype", "hinted", "warned"), [
+    (True, "auto", True, False), (False, "auto", False, False), (True, "float32", False, False),
+    (False, "bf16-mixed", False, True), (True, "bf16-mixed", False, False),
+    (False, "bf16", False, True)])
 def test_cpus_with_bf16_get_a_hint_about_bf16_mixed(tiny_model_dir, tmp_path, monkeypatch,
-                                                     has_bf16, dtype, hinted):
+                                                     has_bf16, dtype, hinted, warned):
+    """... and CPUs without them a note when bf16 is asked for (emulated: >16 x slower on one,
+    docs/performance.md 2b; it said nothing)."""
     from rich.console import Console
 
     monkeypatch.setattr("minorsft.train.cpu_has_bf16", lambda: has_bf16)
@@ -104,7 +108,9 @@ def test_cpus_with_bf16_get_a_hint_about_bf16_mixed(tiny_model_dir, tmp_path, mo
     console = Console(record=True, width=200)
     run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"), batch_size=4,
                           micro_batch_size=4, max_steps=1, dtype=dtype, device="cpu"), console)
-    assert ("--dtype bf16-mixed" in console.export_text()) == hinted
+    said = console.export_text()
+    assert ("--dtype bf16-mixed" in said) == hinted
+    assert ("this CPU has no bf16 instructions" in said) == warned
 
 
 # --- fp16-mixed: fp16 autocast with dynamic loss scaling -----------------------------------------
