@@ -369,14 +369,17 @@ def collect_parts(directory: Path, manifests: list[dict]) -> dict[int, dict]:
 
     for manifest in manifests:
         for key in ("settings", "input", "part_rows"):
-            if manifest.get(key) != first.get(key):
-                # (first's value before the arrow, as first is named first)
-                if key == "settings":
-                    what = "; ".join(diff_settings(first[key], manifest[key]))
-                elif key == "input":
-                    what = input_change(first[key], manifest[key])
-                else:
-                    what = f"{key}: {first.get(key)!r} -> {manifest.get(key)!r}"
+            # (first's value before the arrow, as first is named first)
+            if key == "input":  # the same content under other file names is the same input,
+                # as precompute's resume check takes it
+                what = input_change(first[key], manifest[key])
+            elif manifest.get(key) == first.get(key):
+                what = None
+            elif key == "settings":
+                what = "; ".join(diff_settings(first[key], manifest[key]))
+            else:
+                what = f"{key}: {first.get(key)!r} -> {manifest.get(key)!r}"
+            if what:
                 raise CacheError(
                     f"{where(first)} and {where(manifest)} were written with different {key} "
                     f"and cannot form one cache: {what}")
@@ -574,7 +577,8 @@ def value_problems(files: list[Path], batch_rows: int = 8192) -> Iterator[str]:
                     if what not in first_rows:
                         first_rows[what] = batch.slice(pc.index(mask, True).as_py(),
                                                        1).to_pylist()[0]
-        for what, row in list(first_rows.items())[:1]:  # the first kind found
+        if first_rows:  # the first kind found
+            what, row = next(iter(first_rows.items()))
             yield (f"{file}: {counts[what]} row(s) where {what}, first id {row['id']!r} "
                    f"({input_place(row)}, ref_logps/num_tokens {row['ref_logps']!r}/"
                    f"{row['num_tokens']!r}). The cache is corrupt or was written by a broken "

@@ -216,6 +216,28 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
     assert "cannot create its folder" in merge(*shards, "--out", notes / "merged")
 
 
+def test_merge_takes_shards_of_the_same_files_under_other_names(tiny_model_dir, demo_jsonl,
+                                                                tmp_path):
+    """The same content under other file names is the same input for precompute's resume
+    check; merge refused it (with a message that read "None")."""
+    lines = demo_jsonl.read_text().splitlines(keepends=True)
+    shards = []
+    for index, folder in enumerate(("machine-a", "machine-b")):
+        (tmp_path / folder).mkdir()
+        names = []
+        for half, part in enumerate((lines[:8], lines[8:])):
+            names.append(tmp_path / folder / f"{folder}-{half}.jsonl")
+            names[-1].write_text("".join(part))
+        shards.append(tmp_path / f"shard-{index}")
+        run_precompute(PrecomputeConfig(model=str(tiny_model_dir), data=[str(n) for n in names],
+                                        out=str(shards[-1]), part_rows=6, max_batch_tokens=256,
+                                        shard=f"{index}/2", verify_sample=0))
+    result = CliRunner().invoke(app, ["cache", "merge", *map(str, shards), "--out",
+                                      str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert len(list(iter_rows(tmp_path / "merged"))) == len(lines)
+
+
 def test_merge_over_a_cache_with_a_damaged_part_leaves_it_as_it_was(parts_cache, tmp_path):
     """--overwrite replaced the good cache first and found the damage after: both were lost."""
     good = tmp_path / "good"
