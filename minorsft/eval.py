@@ -256,7 +256,9 @@ def _read_choices_csv(path: Path, limit: int | None) -> list[Question]:
                 continue
             hint = HEADER_HINT if is_first and _looks_like_header(cells) else ""
             if len(cells) != 6:
-                if any("," in cell for cell in cells):  # (a cut quote said nothing of it)
+                # An unclosed quote takes the rest of the file into one cell (a cut quote
+                # said nothing of it); a well-quoted cell with commas mid-file does not.
+                if any("," in cell for cell in cells) and next(reader, None) is None:
                     hint += (f"; a cell holds commas: a quote (\") opened on line {index} is "
                              f"not closed where it should be, so the text up to line "
                              f"{reader.line_num} was read as one cell")

@@ -244,6 +244,11 @@ def test_an_unclosed_csv_quote_gets_a_hint(tmp_path):
     assert str(caught.value).endswith(
         "got 1; a cell holds commas: a quote (\") opened on line 2 is not closed where it "
         "should be, so the text up to line 3 was read as one cell")
+    # a well-quoted cell with commas in a row of too few columns, mid-file: no quote hint
+    path.write_text('"What is 1,000 + 1?",1001,2,3,A\nWhat is 2 + 2?,3,4,5,22,B\n')
+    with pytest.raises(DataError) as caught:
+        read_choices(path)
+    assert str(caught.value).endswith("got 5")
     path.write_text("What is 2 + 2?,3,4,5\n")  # too few columns, no quote: no hint
     with pytest.raises(DataError) as caught:
         read_choices(path)
