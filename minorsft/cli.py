@@ -16,15 +16,16 @@ from rich.markup import escape
 from minorsft import __version__
 from minorsft.models import DEFAULT_MODEL, is_first_rank
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # (-h was an unknown option)
 app = typer.Typer(
     help="Fine-tune chat LLMs with the MinorSFT loss (arXiv 2408.10642): score answers once "
          "under the reference model (precompute), then train the policy against that cache.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=HELP_OPTIONS,
 )
 cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True,
-                        context_settings={"help_option_names": ["-h", "--help"]})
+                        context_settings=HELP_OPTIONS)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
