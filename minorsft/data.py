@@ -471,8 +471,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
         column = FORMATS[row_format][0]
         turns = _chat_messages(record[column], path, line, column,
                                CHAT_ROLES if row_format == "chat" else SHAREGPT_ROLES)
-        return _last_turn_only(_chat_conversation(
-            head, [turns], spec.system_field, texts, path, line, column, defined), spec)
+        return _chat_conversation(head, [turns], spec, texts, path, line, column, defined)
     if row_format == "prompt/completion":
         prompt, completion = record["prompt"], record["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -480,9 +479,8 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
             # assistant turns are the answer.
             turns = [_chat_messages(prompt, path, line, "prompt", CHAT_ROLES, answers=False),
                      _chat_messages(completion, path, line, "completion", CHAT_ROLES)]
-            return _last_turn_only(_chat_conversation(
-                head, turns, spec.system_field, texts, path, line, "prompt, completion",
-                defined), spec)
+            return _chat_conversation(head, turns, spec, texts, path, line,
+                                      "prompt, completion", defined)
         return single_turn("prompt", "completion")
     if row_format == "prompt/response":
         return single_turn("prompt", "response")
@@ -504,7 +502,7 @@ class _Turns:
     texts: dict[str, str] = field(default_factory=dict)  # contents and calls, by field
 
 
-def _chat_conversation(head: list[dict], parts: list[_Turns], system_field: str,
+def _chat_conversation(head: list[dict], parts: list[_Turns], spec: FieldSpec,
                        texts: dict[str, str], path: str, line: int,
                        fields: str, defined: list[dict] | None) -> Conversation:
     chat = [message for part in parts for message in part.messages]
@@ -512,23 +510,26 @@ def _chat_conversation(head: list[dict], parts: list[_Turns], system_field: str,
     message_fields = [name for part in parts for name in part.fields]
     for part in parts:
         texts.update(part.texts)
-    messages = _with_system_column(head, chat, message_fields, system_field, path, line)
+    messages = _with_system_column(head, chat, message_fields, spec.system_field, path, line)
+    if spec.train_turns == "last":
+        trained = _last_turn_only(trained)
+    # Only an answer must say something: an empty turn that is prompt (marked weight 0, in a
+    # TRL prompt, or before the last with --train-turns last) is context like any other.
+    for message, name, flag in zip(chat, message_fields, trained, strict=True):
+        if flag and not message.get("tool_calls") and not message["content"].strip():
+            raise DataError(path, line, name, "empty answer")
     answer_fields = [name for name, flag in zip(message_fields, trained, strict=True) if flag]
     return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields,
                         defined)
 
 
-def _last_turn_only(conversation: Conversation, spec: FieldSpec) -> Conversation:
-    """With `--train-turns last`, the conversation with its last trained turn the only answer:
-    the earlier ones stay, as prompt (and are not checked against the prompt that generation
-    would start them from: Qwen3.5's template writes earlier turns without the thinking block
-    its generation prompt opens)."""
-    if spec.train_turns != "last":
-        return conversation
-    last = max(index for index, trained in enumerate(conversation.trained) if trained)
-    conversation.trained = [index == last for index in range(len(conversation.trained))]
-    conversation.answer_fields = conversation.answer_fields[-1:]
-    return conversation
+def _last_turn_only(trained: list[bool]) -> list[bool]:
+    """With `--train-turns last`, the last trained turn is the only answer: the earlier ones
+    stay, as prompt (and are not checked against the prompt that generation would start them
+    from: Qwen3.5's template writes earlier turns without the thinking block its generation
+    prompt opens)."""
+    last = max(index for index, flag in enumerate(trained) if flag)
+    return [index == last for index in range(len(trained))]
 
 
 def _alpaca_input(record: dict, path: str, line: int) -> str:
@@ -682,8 +683,6 @@ def _read_message(message: dict, given_role: str, role: str, content_key: str, p
     # A turn that calls tools may say nothing else (its content null or "").
     content = ("" if calls and not message.get(content_key) else
                _message_text(message.get(content_key), path, line, f"{where}.{content_key}"))
-    if role == "assistant" and not calls and not content.strip():
-        raise DataError(path, line, f"{where}.{content_key}", "empty answer")
     read = {"role": role, "content": content}
     if calls:
         read["tool_calls"] = calls

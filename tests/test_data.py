@@ -1118,6 +1118,30 @@ def test_train_turns_last_trains_the_last_answer_and_lets_qwen35_chats_through(t
         FieldSpec(train_turns="first")
 
 
+def test_an_empty_assistant_turn_that_is_prompt_is_context_and_an_empty_answer_is_refused(
+        tmp_path):
+    """Only an answer must say something: an empty assistant turn before the last with
+    --train-turns last, marked weight 0, or in a TRL prompt is prompt (it was refused as
+    "empty answer"); an empty turn that trains is refused, naming its field."""
+    tokenizer = build_tiny_tokenizer()
+    chat = [_user("Hi"), _assistant(""), _user("Again?"), _assistant("Yes")]
+    rows = [{"messages": chat},
+            {"messages": [chat[0], _assistant(" ", weight=0), *chat[2:]]},
+            {"prompt": chat[:3], "completion": chat[3:]},
+            {"messages": [*chat[:3], _assistant("")]}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    every = list(iter_examples(path, tokenizer, on_bad="skip"))
+    assert [(row.field, row.reason) for row in every if isinstance(row, Rejection)] == [
+        ("messages[1].content", "empty answer")] * 2
+    last, marked, trl, empty_last = iter_examples(path, tokenizer, FieldSpec(train_turns="last"),
+                                                  on_bad="skip")
+    for example in (last, marked, trl):
+        assert answer_text(tokenizer, example) == "Yes<|im_end|>"
+    assert last.input_ids == trl.input_ids
+    assert tokenizer.decode(last.input_ids).count("<|im_start|>assistant\n<|im_end|>") == 1
+    assert isinstance(empty_last, Rejection) and empty_last.field == "messages[3].content"
+
+
 def test_the_one_pass_answer_mask_equals_testing_every_span():
     """`_overlaps` (a pointer into the sorted spans) marks a token exactly when it covers text
     of some span: random offsets with empty tokens, tokens sharing offsets (a character's bytes
