@@ -8,7 +8,7 @@ how far the resident high-water mark rose above the child's resident memory befo
 - whole: `polars.read_parquet(path).iter_rows(named=True)`, the file loaded at once, and each
   row's JSON text made for the rejects report (minorsft read Parquet so until 0.5.0);
 - polars-streamed: `polars.scan_parquet(path).collect_batches(chunk_size=4096)`;
-- streamed: `minorsft.data.read_rows`, which decodes `PARQUET_BATCH_ROWS` rows at a time
+- streamed: `minorsft.row_reading.read_rows`, which decodes `PARQUET_BATCH_ROWS` rows at a time
   through pyarrow.
 
 Both give the same rows (tests/test_data.py checks it). Usage:
@@ -40,12 +40,12 @@ def _status_mib(key: str) -> float:
 def _read(method: str, path: str, queue) -> None:
     import polars as pl
 
-    from minorsft.data import read_rows
+    from minorsft.row_reading import read_rows
 
     before = _status_mib("VmRSS")
     started = time.perf_counter()
     count = 0
-    if method == "whole":  # as minorsft.data read Parquet until 0.5.0, the row's raw text too
+    if method == "whole":  # as minorsft read Parquet until 0.5.0, the row's raw text too
         for record in pl.read_parquet(path).iter_rows(named=True):
             json.dumps(record, default=str)
             count += 1

@@ -62,11 +62,12 @@ def main() -> None:
                         help="rows joined into one multi-turn chat")
     args = parser.parse_args()
 
+    import minorsft.answer_spans as answer_spans
     import minorsft.data as data
     from minorsft.models import load_tokenizer, resolve_model
     from minorsft.row_workers import RowWorkers
 
-    one_pass = data._overlaps
+    one_pass = answer_spans._overlaps
     methods = {  # name: (worker processes, rows per tokenizer call, answer mask)
         f"0.8.0: {args.workers} worker processes": (args.workers, data.TOKENIZE_BATCH_ROWS,
                                                      one_pass),
@@ -95,7 +96,7 @@ def main() -> None:
         try:
             for _ in range(args.repeats):
                 for name, (count, batch_rows, overlaps) in methods.items():
-                    data._overlaps = overlaps
+                    answer_spans._overlaps = overlaps
                     started = time.perf_counter()
                     items = [item for _, item in data.classify_rows(
                         rows_file, tokenizer, spec, args.max_length, batch_rows=batch_rows,
@@ -103,7 +104,7 @@ def main() -> None:
                     seconds[name].append(time.perf_counter() - started)
                     masks[name] = [getattr(item, "answer_mask", None) for item in items]
         finally:
-            data._overlaps = one_pass
+            answer_spans._overlaps = one_pass
             if workers is not None:
                 workers.close()
     first, *others = masks.values()

@@ -1,5 +1,5 @@
-"""The error every bad input row raises: its own module, so that the readers of parts of a row
-(`minorsft.tools`) and `minorsft.data`, which uses them, can both raise it."""
+"""The error every bad input row raises: its own module, so that each module that reads a part
+of a row (`minorsft.row_reading`, `minorsft.conversations`, `minorsft.tools`) can raise it."""
 
 
 class DataError(ValueError):

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from minorsft.answer_spans import refuse_special_tokens, special_token_pattern
+from minorsft.answer_spans import tokenize_conversation as _tokenize_conversation
 from minorsft.cache import (
     CacheError,
     atomic_write_text,
@@ -52,12 +54,8 @@ from minorsft.data import (
     data_label,
     data_source,
     iter_examples,
-    lines_file_name,
-    refuse_special_tokens,
     resolve_data,
-    special_token_pattern,
 )
-from minorsft.data import tokenize_conversation as _tokenize_conversation
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
 from minorsft.jsonl import json_safe, malformed_json_reason
 from minorsft.logprobs import final_logit_transform, pad_batch
@@ -72,6 +70,7 @@ from minorsft.models import (
     refuse_lengths_past_learned_positions,
     resolve_model,
 )
+from minorsft.row_reading import lines_file_name
 
 # The paper's ceval-exam prompt (section 4), verbatim up to the placeholders.
 CEVAL_PROMPT = (

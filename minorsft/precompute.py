@@ -67,9 +67,7 @@ from minorsft.data import (
     Rejection,
     classify_rows,
     data_label,
-    read_rows,
     resolve_data,
-    utf8_lines,
 )
 from minorsft.engines import make_engine
 from minorsft.models import (
@@ -84,6 +82,7 @@ from minorsft.models import (
 )
 from minorsft.progress import progress
 from minorsft.read_ahead import read_ahead
+from minorsft.row_reading import read_rows, utf8_lines
 from minorsft.row_workers import RowWorkers, auto_workers
 from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute_drift_check
 

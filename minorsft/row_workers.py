@@ -2,8 +2,8 @@
 
 The chat template renders in Python, a row at a time, on one core: about 0.35 ms for a GSM8K
 row and far more for a multi-turn chat, each of whose assistant turns is rendered several
-times (`data._answer_span`). On a GPU that one core can fall behind the scoring engine. Here
-batches of rows go to processes of their own and come back in order: the items are those
+times (`answer_spans._answer_span`). On a GPU that one core can fall behind the scoring engine.
+Here batches of rows go to processes of their own and come back in order: the items are those
 `data.classify_rows` gives in one process (tested). What needs the input in order (row ids
 and their repeats) stays in the process that reads it.
 
@@ -27,14 +27,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from minorsft.data import (
-    Batch,
-    Example,
-    FieldSpec,
-    Rejection,
-    render_and_tokenize,
-    special_token_pattern,
-)
+from minorsft.answer_spans import special_token_pattern
+from minorsft.data import Batch, Example, FieldSpec, Rejection, render_and_tokenize
 
 # Batches a worker has queued beyond the one it works on: enough that it never waits for the
 # reader, few enough that a stop does not wait for much (each batch is TOKENIZE_BATCH_ROWS rows).

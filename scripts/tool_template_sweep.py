@@ -20,7 +20,8 @@ import json
 import re
 from importlib import resources
 
-from minorsft.data import FieldSpec, read_conversation, tokenize_conversation
+from minorsft.answer_spans import tokenize_conversation
+from minorsft.conversations import FieldSpec, read_conversation
 from minorsft.data_errors import DataError
 from minorsft.models import load_tokenizer, resolve_model
 

@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from minorsft.answer_spans import _overlaps, tokenize_conversation
 from minorsft.data import (
     DataError,
     Example,
     FieldSpec,
     Rejection,
-    _overlaps,
     classify_rows,
     iter_examples,
     resolve_data,
-    tokenize_conversation,
 )
 from minorsft.data_files import split_of
 from minorsft.row_workers import RowWorkers
@@ -293,7 +292,7 @@ def test_consecutive_assistant_turns_are_rejected_with_their_own_reason(tmp_path
 
 
 def test_a_row_holding_the_probe_string_is_rejected_with_that_reason(tiny_tokenizer, tmp_path):
-    from minorsft.data import ANSWER_PROBE
+    from minorsft.answer_spans import ANSWER_PROBE
 
     rows = [{"prompt": f"say {ANSWER_PROBE}", "response": "ok"}]
     (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tiny_tokenizer,
@@ -382,9 +381,9 @@ def test_parquet_is_streamed_in_batches_with_the_rows_a_whole_read_gives(tmp_pat
 
     import polars as pl
 
-    import minorsft.data as data
+    import minorsft.row_reading as row_reading
 
-    monkeypatch.setattr(data, "PARQUET_BATCH_ROWS", 7)
+    monkeypatch.setattr(row_reading, "PARQUET_BATCH_ROWS", 7)
     rows = [{"id": index if index % 4 else None, "score": index / 3 if index % 5 else None,
              "messages": [{"role": "user", "content": f"q{index}", "weight": None},
                           {"role": "assistant", "content": f"a{index}",
@@ -396,12 +395,12 @@ def test_parquet_is_streamed_in_batches_with_the_rows_a_whole_read_gives(tmp_pat
     pl.DataFrame(rows).with_columns(pl.col("kind").cast(pl.Categorical)).write_parquet(
         path, row_group_size=20)
     whole = list(pl.read_parquet(path).iter_rows(named=True))
-    streamed = list(data.read_rows(path))
+    streamed = list(row_reading.read_rows(path))
     assert [row.record for row in streamed] == whole
     assert [row.line for row in streamed] == list(range(1, 51))
     (tmp_path / "cut.parquet").write_bytes(path.read_bytes()[:300])
     with pytest.raises(DataError, match="cannot read Parquet"):
-        list(data.read_rows(tmp_path / "cut.parquet"))
+        list(row_reading.read_rows(tmp_path / "cut.parquet"))
     # a type polars cannot convert panics in Rust (a BaseException): one DataError all the same
     import decimal
 
@@ -411,7 +410,7 @@ def test_parquet_is_streamed_in_batches_with_the_rows_a_whole_read_gives(tmp_pat
     pq.write_table(pa.table({"prompt": ["x"], "response": ["y"], "price": pa.array(
         [decimal.Decimal("1.00")], pa.decimal256(40, 2))}), tmp_path / "wide.parquet")
     with pytest.raises(DataError, match="cannot read Parquet: .*Int256") as raised:
-        list(data.read_rows(tmp_path / "wide.parquet"))
+        list(row_reading.read_rows(tmp_path / "wide.parquet"))
     assert "\n" not in str(raised.value)
 
 
@@ -1067,7 +1066,7 @@ def test_rows_without_tools_or_with_both_sharegpt_layouts_are_read(tiny_tokenize
 def test_a_rejected_line_that_is_not_utf8_keeps_its_bytes_byte_order_mark_and_all(tmp_path):
     import base64
 
-    from minorsft.data import read_rows
+    from minorsft.row_reading import read_rows
 
     line = codecs.BOM_UTF8 + b'{"prompt": "caf\xe9", "response": "x"}'
     path = tmp_path / "latin1.jsonl"
