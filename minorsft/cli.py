@@ -498,10 +498,10 @@ def cache_info(
         typer.echo(f"{'status':>20}: INCOMPLETE, what is there so far is shown "
                    f"(train and verify refuse it until it is whole): "
                    + "; ".join(info["incomplete"]))
-    elif info["problems"]:
+    if info["problems"]:  # (an incomplete cache's rows so far too: they will not heal)
         typer.echo(f"{'status':>20}: CORRUPT (train, eval and verify refuse it): "
                    + " ".join(info["problems"]))
-    else:
+    if not (info["incomplete"] or info["problems"]):
         typer.echo(f"{'status':>20}: complete")
     counts = ("rows", "rows_in", "rows_rejected")  # shown together in the "rows" line below
     for key, value in metadata.items():

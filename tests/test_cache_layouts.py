@@ -7,6 +7,8 @@ import os
 import shutil
 import stat
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -115,6 +117,18 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     assert "status: INCOMPLETE" in text and "shard 1/2 has not started" in text
     info = json.loads(runner.invoke(app, ["cache", "info", shards[0], "--json"]).output)
     assert 0 < info["rows"] < 16 and "shard 1/2 has not started" in info["incomplete"][0]
+    assert "CORRUPT" not in text and "complete" not in text.replace("INCOMPLETE", "")
+    # rows so far that are corrupt are said to be, not only that more are to come
+    corrupt = shutil.copytree(shards[0], tmp_path / "corrupt-shard")
+    part = next(corrupt.glob("part-*.parquet"))
+    table = pq.read_table(part)
+    column = table.schema.get_field_index("ref_logps")
+    nan = pa.array([float("nan")] * table.num_rows, pa.float64())
+    pq.write_table(table.set_column(column, table.schema.field(column), nan)
+                   .replace_schema_metadata(table.schema.metadata), part)
+    text = " ".join(runner.invoke(app, ["cache", "info", str(corrupt)]).output.split())
+    assert "status: INCOMPLETE" in text and "status: CORRUPT" in text, text
+    assert "where ref_logps is not finite" in text
     result = runner.invoke(app, ["train", "--cache", shards[0], "--output",
                                  str(tmp_path / "partial-run")])
     assert result.exit_code == 2 and "shard 1/2 has not started" in result.output
