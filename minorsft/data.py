@@ -219,7 +219,7 @@ def _identify_row(row: RawRow, path_str: str, spec: FieldSpec,
 
 
 def _rejection(row: RawRow, path_str: str, error: DataError) -> Rejection:
-    return Rejection(path_str, row.line, error.field, error.reason, row.raw, error,
+    return Rejection(path_str, row.line, error.field, error.reason, row.text, error,
                      row.raw_bytes)
 
 

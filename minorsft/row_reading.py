@@ -25,9 +25,18 @@ class RawRow:
     line: int
     record: dict | None = None
     error: DataError | None = None
-    raw: str = ""
+    # the line as read; None for a Parquet row, whose JSON is made only if it is rejected
+    # (not for every row read, nor sent to the tokenize workers with it)
+    raw: str | None = None
     extra: dict = field(default_factory=dict)
     raw_bytes: bytes | None = None  # the line as read, where it is not UTF-8
+
+    @property
+    def text(self) -> str:
+        """The row as the rejects report shows it: its line, or a Parquet row as JSON."""
+        if self.raw is not None:
+            return self.raw
+        return "" if self.record is None else json.dumps(self.record, default=str)
 
 
 def read_rows(path: Path) -> Iterator[RawRow]:
@@ -250,7 +259,7 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
             for record in pl.from_arrow(batch).iter_rows(named=True):
                 row_no += 1
-                yield RawRow(row_no, record=record, raw=json.dumps(record, default=str))
+                yield RawRow(row_no, record=record)
     except (OSError, pa.ArrowException, pl.exceptions.PolarsError,
             pl.exceptions.PanicException) as error:  # not Parquet, cut off, an odd type
         where = f" (after row {row_no})" if row_no else ""

@@ -362,6 +362,8 @@ def test_parquet_integer_ids_stored_as_floats_are_ids(tiny_tokenizer, tmp_path):
     kept_3, kept_hash, rejected = iter_examples(path, tiny_tokenizer, on_bad="skip")
     assert kept_3.id == "3" and kept_hash.id.startswith("sha256:")
     assert rejected.field == "id" and "got float" in rejected.reason
+    # a rejected Parquet row is shown as JSON in the report (made only for rejected rows)
+    assert json.loads(rejected.as_dict()["raw"]) == {"id": 2.5, "prompt": "c", "response": "z"}
 
 
 def test_parquet_input(tiny_tokenizer, tmp_path):
@@ -1072,7 +1074,7 @@ def test_a_rejected_line_that_is_not_utf8_keeps_its_bytes_byte_order_mark_and_al
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(line + b"\r\n")
     (row,) = read_rows(path)
-    record = Rejection(str(path), row.line, None, row.error.reason, row.raw, row.error,
+    record = Rejection(str(path), row.line, None, row.error.reason, row.text, row.error,
                        row.raw_bytes).as_dict()
     assert base64.b64decode(record["raw_base64"]) == line
     assert record["raw"] == '{"prompt": "caf\ufffd", "response": "x"}'
