@@ -110,6 +110,7 @@ class Conversation:
     answer_fields: list[str]  # the fields of the trained answers, in order
     fields: str  # what a template refusal names: `messages`, or `system, prompt, response`
     tools: list[dict] | None = None  # the tool definitions the template is given
+    tools_field: str = "tools"  # their column (or OpenAI's older `functions`)
 
 
 def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
@@ -119,6 +120,15 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     may join two of them (alpaca's instruction and input).
     """
     texts: dict[str, str] = {}
+    conversation = _read_conversation(record, spec, path, line, texts)
+    if conversation.tools:
+        conversation.tools_field = next(column for column in tools.DEFINITION_COLUMNS
+                                        if column in texts)
+    return conversation
+
+
+def _read_conversation(record: dict, spec: FieldSpec, path: str, line: int,
+                       texts: dict[str, str]) -> Conversation:
 
     def text(key: str) -> str:
         texts[key] = _require_text(record, key, path, line)
@@ -141,14 +151,20 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
         return one_turn(text(prompt_key), answer_key)
 
     # Named columns (both, FieldSpec checks) win over any known format's columns the row also
-    # has (a `tools` column among them is not this prompt's).
-    named = bool(spec.prompt_field or spec.response_field)
-    defined = None if named else tools.read_tools(record.get("tools"), path, line)
-    if defined:
-        texts["tools"] = tools.as_text(defined)
-    if named:
+    # has (a `tools` column among them is not this prompt's; precompute says it is left out).
+    if spec.prompt_field or spec.response_field:
+        defined = None
         return single_turn(spec.prompt_field, spec.response_field)
     row_format = _row_format(record, path, line)
+    # OpenAI's older `functions` column is read beside chats only, the layout it comes in
+    # (elsewhere a column of that name may hold anything).
+    chat = row_format in ("chat", "sharegpt") or (
+        row_format == "prompt/completion"
+        and any(isinstance(record[column], list) for column in ("prompt", "completion")))
+    defined, column = tools.read_definitions(
+        record, path, line, tools.DEFINITION_COLUMNS if chat else tools.DEFINITION_COLUMNS[:1])
+    if defined:
+        texts[column] = tools.as_text(defined)
     if row_format in ("chat", "sharegpt"):
         column = FORMATS[row_format][0]
         turns = _chat_messages(record[column], path, line, column,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minorsft import tools
 from minorsft.answer_spans import (
     answer_tokens,
     refuse_answer_probe,
@@ -288,8 +289,10 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
             text, spans = render_conversation(tokenizer, conversation.messages, special,
                                               conversation.trained, conversation.tools)
         except ValueError as error:  # the template's, about the conversation as a whole
-            raise DataError(path_str, row.line, getattr(error, "field", conversation.fields),
-                            str(error)) from error
+            field_name = (conversation.tools_field
+                          if isinstance(error, tools.DefinitionsNotRendered)
+                          else conversation.fields)
+            raise DataError(path_str, row.line, field_name, str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0])
     except DataError as error:

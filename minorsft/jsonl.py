@@ -1,4 +1,5 @@
-"""JSON that strict parsers read: for the JSON and JSONL files minorsft writes."""
+"""JSON helpers: JSON that strict parsers read (for the JSON and JSONL files minorsft writes),
+and the rows' JSON read strictly (a key given twice refused, a malformed line said where)."""
 
 import json
 import math
@@ -28,3 +29,18 @@ def malformed_json_reason(error: json.JSONDecodeError, text: str) -> str:
     at = "" if error.msg.endswith(" at") else " at"
     at_end = ", the end of the line" if error.pos >= len(text.rstrip()) else ""
     return f"malformed JSON ({error.msg}{at} column {error.colno}{at_end})"
+
+
+class RepeatedKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def object_without_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object builder, refusing a key given twice (it would keep the last value)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen = set()
+        raise RepeatedKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return record

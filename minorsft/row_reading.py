@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minorsft.data_errors import DataError, type_name
-from minorsft.jsonl import malformed_json_reason
+from minorsft.jsonl import (
+    RepeatedKeyError,
+    malformed_json_reason,
+    object_without_repeated_keys,
+)
 
 
 @dataclass
@@ -155,7 +159,7 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
         return RawRow(line_no, error=DataError(str(path), line_no, field_name, reason), raw=text)
 
     try:
-        record = json.loads(text, object_pairs_hook=_object_without_repeated_keys)
+        record = json.loads(text, object_pairs_hook=object_without_repeated_keys)
     except RepeatedKeyError as error:
         return bad(f"the key {error.key!r} appears twice in one JSON object (JSON readers "
                    "silently keep one of the values)", error.key)
@@ -171,21 +175,6 @@ def _parse_line(path: Path, line_no: int, text: str) -> RawRow:
     if "\\u" in text and (found := _unpaired_surrogate(record)) is not None:
         return bad(*found)
     return RawRow(line_no, record=record, raw=text)
-
-
-class RepeatedKeyError(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _object_without_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads' object builder, refusing a key given twice (it would keep the last value)."""
-    record = dict(pairs)
-    if len(record) != len(pairs):
-        seen = set()
-        raise RepeatedKeyError(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return record
 
 
 def lines_file_name(path: Path) -> str:

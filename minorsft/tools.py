@@ -5,7 +5,7 @@ assistant message's `tool_calls`, `tool` messages), from the layouts datasets us
 
 - `tools`: a list of definitions (OpenAI's `{type: function, function: {name, description,
   parameters}}` or a bare `{name, ...}`), or that list as a JSON string (as Parquet datasets
-  store it, their schemas differing per row);
+  store it, their schemas differing per row); OpenAI's older `functions` column the same;
 - an assistant turn's `tool_calls`: `[{type: function, id?, function: {name, arguments}}]`, the
   arguments an object or a JSON string of one (OpenAI's fine-tuning files); OpenAI's older
   single `function_call: {name, arguments}`; ShareGPT's `function_call` turns (LLaMA-Factory's
@@ -25,6 +25,7 @@ import json
 from collections.abc import Callable
 
 from minorsft.data_errors import DataError, type_name
+from minorsft.jsonl import RepeatedKeyError, object_without_repeated_keys
 
 # Roles of a tool's result, mapped to the one templates know.
 TOOL_RESULT_ROLES = ("tool", "ipython", "function", "observation")
@@ -32,13 +33,31 @@ TOOL_RESULT_ROLES = ("tool", "ipython", "function", "observation")
 TOOL_RESULT_KEYS = ("name", "tool_call_id")
 
 
-def read_tools(value, path: str, line: int) -> list[dict] | None:
-    """The row's tool definitions, or None where it defines none (null, false, 0, empty, "[]",
-    "null")."""
+# Columns of tool definitions: `tools`, and OpenAI's older `functions` (bare definitions, beside
+# the older `function_call` turns), read alike.
+DEFINITION_COLUMNS = ("tools", "functions")
+
+
+def read_definitions(record: dict, path: str, line: int,
+                     columns: tuple[str, ...] = DEFINITION_COLUMNS,
+                     ) -> tuple[list[dict] | None, str]:
+    """The row's tool definitions, from the first of `columns` that has some, and that column
+    (None and "tools" where none has)."""
+    found = [(defined, column) for column in columns
+             if (defined := read_tools(record.get(column), path, line, column))]
+    if len(found) > 1:
+        raise DataError(path, line, found[1][1], "the row has tool definitions in both "
+                        f"{found[0][1]!r} and {found[1][1]!r}; give them in one column")
+    return found[0] if found else (None, columns[0])
+
+
+def read_tools(value, path: str, line: int, column: str = "tools") -> list[dict] | None:
+    """The tool definitions of column `column`, or None where it defines none (null, false, 0,
+    empty, "[]", "null")."""
     if value is None or value == "" or value is False or value == 0:
         return None
     if isinstance(value, str):
-        value = _loads(value, path, line, "tools",
+        value = _loads(value, path, line, column,
                        "expected a list of tool definitions or a JSON string of one")
         if value is None:
             return None
@@ -47,10 +66,10 @@ def read_tools(value, path: str, line: int) -> list[dict] | None:
     if isinstance(value, dict):
         value = [] if not value else [value]  # one definition, not in a list
     if not isinstance(value, list):
-        raise DataError(path, line, "tools", "expected a list of tool definitions, got "
+        raise DataError(path, line, column, "expected a list of tool definitions, got "
                         f"{type_name(value)}")
     for index, definition in enumerate(value):
-        tool_name(definition, path, line, f"tools[{index}]")
+        tool_name(definition, path, line, f"{column}[{index}]")
     return value or None
 
 
@@ -99,11 +118,16 @@ def read_tool_calls(message: dict, path: str, line: int, where: str) -> list[dic
 
 def _loads(text: str, path: str, line: int, where: str, expected: str):
     """A JSON string inside a row (`tools`, a call or its arguments), as a DataError where it
-    cannot be read: not JSON, a number past Python's 4300 digits, nesting past the recursion
-    limit, or an unpaired surrogate escape (\\ud800), which no tokenizer takes."""
+    cannot be read: not JSON, a key given twice in one object, a number past Python's 4300
+    digits, nesting past the recursion limit, or an unpaired surrogate escape (\\ud800), which
+    no tokenizer takes."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=object_without_repeated_keys)
         json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except RepeatedKeyError as error:  # (as in a row's own JSON: one value would be dropped)
+        raise DataError(path, line, where, f"{expected}; the key {error.key!r} appears twice "
+                        "in one JSON object (JSON readers silently keep one of the values)") \
+            from None
     except json.JSONDecodeError as error:
         raise DataError(path, line, where, f"{expected}; not JSON ({error.msg} at character "
                         f"{error.pos})") from None
@@ -203,10 +227,8 @@ def with_result_probes(messages: list[dict]) -> list[dict]:
 
 
 class DefinitionsNotRendered(ValueError):
-    """The template leaves out the row's tool definitions: the refusal names its `tools`
-    field (it named the messages, which hold nothing wrong)."""
-
-    field = "tools"
+    """The template leaves out the row's tool definitions: the refusal names their column
+    (`tools` or `functions`; it named the messages, which hold nothing wrong)."""
 
 
 def unrendered(render: Callable[[list[dict], list[dict] | None], str], full_text: str,

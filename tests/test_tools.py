@@ -108,7 +108,7 @@ def test_a_calling_turn_is_answer_and_definitions_and_results_are_prompt(tmp_pat
 
 @pytest.mark.parametrize("layout", [
     "dict arguments", "bare call", "older function_call", "tools as a JSON string",
-    "calls as a JSON string",
+    "calls as a JSON string", "older functions and function_call",
     "a lone definition", "ipython result", "function result", "sharegpt", "sharegpt list",
 ])
 def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layout):
@@ -125,6 +125,12 @@ def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layou
     elif layout == "older function_call":
         del call["tool_calls"]
         call["function_call"] = function
+    elif layout == "older functions and function_call":  # (OpenAI's legacy layout, whole)
+        del call["tool_calls"], row["tools"]
+        call["function_call"] = function
+        row["functions"] = [WEATHER["function"]]
+        result.update(role="function", name="get_weather")
+        del result["tool_call_id"]
     elif layout == "calls as a JSON string":
         call["tool_calls"] = json.dumps(call["tool_calls"])
     elif layout == "tools as a JSON string":
@@ -141,7 +147,9 @@ def test_each_layout_of_a_tool_calling_row_gives_the_same_tokens(tmp_path, layou
             {"from": "observation", "value": "sunny, 21 C"},
             {"from": "gpt", "value": "It is sunny in Paris."}]}
     tokenizer = tokenizer_with(HERMES)
-    (expected,), (example,) = (read_rows(tokenizer, tmp_path, [ROW]),
+    # (the older `functions` hold bare definitions, which this template writes as they are)
+    same = dict(ROW, tools=[WEATHER["function"]]) if "functions" in row else ROW
+    (expected,), (example,) = (read_rows(tokenizer, tmp_path, [same]),
                                read_rows(tokenizer, tmp_path, [row]))
     assert not isinstance(example, Rejection), example
     # (the call id is not rendered by this template, so rows without one match too)
@@ -209,6 +217,9 @@ def test_a_template_that_leaves_tools_out_is_refused_per_part(tmp_path):
                                                without_tools])
     # the definitions' refusal names the row's `tools` (it named `messages`)
     assert [r.field for r in rejected] == ["tools", "tools", "messages", "messages"]
+    older = dict(without_tools, functions=[WEATHER["function"]])  # (OpenAI's older column)
+    (rejected_older,) = read_rows(tokenizer, tmp_path, [older])
+    assert rejected_older.field == "functions", rejected_older
     assert "does not render tool definitions (the text is the same" in rejected[0].reason
     assert "does not render tool definitions" in rejected[1].reason
     assert "does not render tool calls (assistant turn 1's call 1, to 'get_weather', is not in " \
@@ -331,6 +342,14 @@ def test_parquet_calls_and_definitions_lose_the_nulls_of_other_rows_keys(tmp_pat
      "special token '<|im_start|>'"),
     (lambda row: row["messages"].pop(0), "messages",
      "assistant turn 1 calls a tool before any prompt"),
+    # a key given twice in a JSON string, as in the row's own JSON: one value would be lost
+    (lambda row: row["messages"][1]["tool_calls"][0]["function"].update(
+        arguments='{"city": "Paris", "city": "Rome"}'),
+     "messages[1].tool_calls[0].function.arguments", "the key 'city' appears twice"),
+    (lambda row: row.update(functions=[WEATHER["function"]]), "functions",
+     "tool definitions in both 'tools' and 'functions'; give them in one column"),
+    (lambda row: row.update(tools=None, functions=["get_weather"]), "functions[0]",
+     "expected a tool definition"),
 ])
 def test_bad_tool_calling_rows_are_rejected_naming_the_field(tmp_path, change, field, reason):
     row = json.loads(json.dumps(ROW))
@@ -357,3 +376,14 @@ def test_a_tool_calling_cache_matches_a_fresh_forward_pass_and_trains(tiny_model
     history = run_train(TrainConfig(cache=str(cache), output=str(tmp_path / "run"),
                                     batch_size=3, max_steps=1), Console(quiet=True))
     assert abs(history[0]["m_theta"]) < 1e-5  # the policy starts as the reference
+
+
+def test_a_functions_column_is_read_beside_chats_only(tmp_path):
+    """OpenAI's older `functions` column is its chats' tool definitions; beside a single-turn
+    row (prompt/response, alpaca) a column of that name may hold anything and is left alone."""
+    tokenizer = tokenizer_with(HERMES)
+    single = {"prompt": "Name two functions of a cell.", "response": "Growth and repair.",
+              "functions": ["growth", "repair"]}
+    (example,) = read_rows(tokenizer, tmp_path, [single])
+    assert not isinstance(example, Rejection), example
+    assert "<tools>" not in tokenizer.decode(example.input_ids)
