@@ -96,6 +96,11 @@ def render_conversation(
         return _render(tokenizer, some, generation_prompt, tool_definitions)
 
     full_text = render(messages, generation_prompt=False)
+    for message in messages:
+        # (trimmed: templates may trim a turn's text, as Llama 3's and Gemma's do)
+        if message["role"] == "system" and (text := message["content"].strip()) \
+                and text not in full_text:
+            raise SystemNotRendered(text)
     answered = [index for index, message in enumerate(messages)
                 if message["role"] == "assistant" and (trained is None or trained[index])]
     try:
@@ -170,6 +175,19 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
 
 # Stands in for an assistant turn's content, to find where the template puts the content.
 ANSWER_PROBE = "MINORSFT_ANSWER_PROBE_7F3A"
+
+
+class SystemNotRendered(ValueError):
+    """The template leaves out the row's system message (some write only user and assistant
+    turns): the row would train as if it had none, its answer following an instruction the model
+    never saw. `text` finds the field that holds it."""
+
+    def __init__(self, text: str):
+        super().__init__("the chat template leaves out the system message (its text is not in "
+                         "the rendered conversation): the answer would be trained without the "
+                         "instruction it follows; give a template that writes system messages "
+                         "with --chat-template, or drop the system prompt")
+        self.text = text
 
 
 def _answer_span(render: Callable[[list[dict], bool], str], messages: list[dict], index: int,

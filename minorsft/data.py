@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from minorsft import tools
 from minorsft.answer_spans import (
+    SystemNotRendered,
     answer_tokens,
     refuse_answer_probe,
     refuse_special_tokens,
@@ -289,9 +290,12 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
             text, spans = render_conversation(tokenizer, conversation.messages, special,
                                               conversation.trained, conversation.tools)
         except ValueError as error:  # the template's, about the conversation as a whole
-            field_name = (conversation.tools_field
-                          if isinstance(error, tools.DefinitionsNotRendered)
-                          else conversation.fields)
+            field_name = conversation.fields
+            if isinstance(error, tools.DefinitionsNotRendered):
+                field_name = conversation.tools_field
+            elif isinstance(error, SystemNotRendered):
+                field_name = next((name for name, text in conversation.texts.items()
+                                   if text.strip() == error.text), field_name)
             raise DataError(path_str, row.line, field_name, str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0])

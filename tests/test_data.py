@@ -129,7 +129,9 @@ END_OF_CONVERSATION_EOS_TEMPLATE = (
 def test_the_answers_first_word_fused_with_the_templates_space_is_answer(tmp_path):
     # It was left out: a one-word answer trained on its end-of-turn token alone.
     tokenizer = tokenizer_with_template(SPACE_BEFORE_TEMPLATE)
-    rows = [DEMO_ROWS[0], {"prompt": "2 plus 3", "response": "5"}, DEMO_ROWS[3]]
+    # (DEMO_ROWS[3] without its system message, which this template leaves out)
+    rows = [DEMO_ROWS[0], {"prompt": "2 plus 3", "response": "5"},
+            {"messages": DEMO_ROWS[3]["messages"][1:]}]
     examples = list(iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer))
     assert [answer_text(tokenizer, e) for e in examples] == [
         " The capital of France is Paris.<|im_end|>", " 5<|im_end|>",
@@ -252,16 +254,36 @@ def test_reasoning_the_template_moves_into_a_block_of_its_own_is_answer(tmp_path
 
 
 def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_path):
+    """Mistral's v0.2/v0.3 templates write the system message into the conversation's last
+    turn when it is a user turn: a training row, which ends with an answer, is written without
+    it. It was rejected as a history that renders otherwise; now the reason says what is lost."""
     tokenizer = tokenizer_with_template(SYSTEM_IN_LAST_USER_TEMPLATE)
     without_system = {"messages": DEMO_ROWS[3]["messages"][1:]}
     kept, rejected = iter_examples(  # DEMO_ROWS[3] has a system message
         write_jsonl(tmp_path / "rows.jsonl", [without_system, DEMO_ROWS[3]]), tokenizer,
         on_bad="skip")
     assert answer_text(tokenizer, kept) == " 5<|im_end|> 10<|im_end|>"
-    assert isinstance(rejected, Rejection) and rejected.field == "messages"
-    assert rejected.reason.startswith("the chat template renders the conversation before "
-                                      "assistant turn 1 otherwise than the prompt")
-    assert "system message into the last user turn" in rejected.reason
+    assert isinstance(rejected, Rejection) and rejected.field == "messages[0].content"
+    assert rejected.reason.startswith("the chat template leaves out the system message")
+
+
+def test_a_system_prompt_the_template_leaves_out_is_refused_naming_its_field(tmp_path):
+    """A template that writes only user and assistant turns trained the answer without the
+    instruction it follows, silently: a system turn, a developer turn or a `system` column."""
+    tokenizer = tokenizer_with_template(SPACE_BEFORE_TEMPLATE)
+    rows = [{"system": "Answer in French.", "prompt": "hi", "response": "Bonjour"},
+            {"messages": [{"role": "developer", "content": " Answer in French. "},
+                          {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "Bonjour"}]},
+            {"system": "  ", "prompt": "hi", "response": "Bonjour"}]  # (blank: none)
+    column, developer, blank = iter_examples(write_jsonl(tmp_path / "rows.jsonl", rows),
+                                             tokenizer, on_bad="skip")
+    assert (column.field, developer.field) == ("system", "messages[0].content")
+    assert "leaves out the system message" in developer.reason
+    assert not isinstance(blank, Rejection)
+    chatml = build_tiny_tokenizer()  # (writes system turns: kept)
+    assert not any(isinstance(row, Rejection) for row in iter_examples(
+        tmp_path / "rows.jsonl", chatml, on_bad="skip"))
 
 
 # Qwen3's own rule: the thinking block goes into the last assistant turn after the last user
