@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
-from minorsft import __version__
+from minorsft import __version__, tools
 from minorsft.cache import (
     FORMAT_VERSION,
     PARTS_FORMAT,
@@ -293,15 +293,23 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                                       batch_rows=1), (0, None))
         if isinstance(first, Rejection) and first.error is not None:
             raise first.error
-    if spec.system_field != FieldSpec.system_field:
+    first_row = next(read_rows(data_files[0]), None)
+    first_record = first_row.record if first_row is not None else None
+    if spec.system_field != FieldSpec.system_field and first_record is not None \
+            and spec.system_field not in first_record:
         # The column is optional per row, so a mistyped name would silently give no row one.
-        first_row = next(read_rows(data_files[0]), None)
-        if first_row is not None and first_row.record is not None \
-                and spec.system_field not in first_row.record:
-            console.print(f"note: the first row has no {spec.system_field!r} column "
-                          f"(--system-field); rows without it get no system message from it "
-                          f"(its columns: {', '.join(sorted(first_row.record))})",
-                          highlight=False, markup=False)
+        console.print(f"note: the first row has no {spec.system_field!r} column "
+                      f"(--system-field); rows without it get no system message from it "
+                      f"(its columns: {', '.join(sorted(first_record))})",
+                      highlight=False, markup=False)
+    if spec.prompt_field and first_record is not None and (definitions := [
+            column for column in tools.DEFINITION_COLUMNS if first_record.get(column)]):
+        # (a tools column beside named ones may be anything; if it is the prompt's tools, the
+        # answers would be trained without them: say so rather than leave it unseen)
+        console.print(f"note: the rows' {definitions[0]!r} column is not given to the chat "
+                      "template with --prompt-field/--response-field; for tool calling, give "
+                      "the rows as chats (a 'messages' column beside 'tools')",
+                      highlight=False, markup=False)
     shard = config.shard_spec
     created = not out.exists()
     if not out.is_file():  # (a file is prepare_output's to refuse or replace)

@@ -217,6 +217,18 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert ("note: the first row has no 'sytem_prompt' column (--system-field)"
             in " ".join(result.output.split())), result.output
+    assert "is not given to the chat template" not in result.output
+    # named columns beside a `tools` column (xLAM's layout): the tools are not the template's,
+    # which is said rather than left unseen
+    data = write_jsonl(tmp_path / "xlam.jsonl", [
+        {"query": "Weather in Paris?", "answers": '[{"name": "get_weather"}]',
+         "tools": '[{"name": "get_weather", "parameters": {}}]'}])
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(tmp_path / "c3"), "--prompt-field",
+                                 "query", "--response-field", "answers", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    assert ("note: the rows' 'tools' column is not given to the chat template with "
+            "--prompt-field/--response-field" in " ".join(result.output.split())), result.output
 
 
 def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, tmp_path):
