@@ -14,6 +14,7 @@ goes on.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 from collections.abc import Callable
@@ -83,10 +84,11 @@ def tokenize_conversation(
 def render_conversation(
     tokenizer, messages: list[dict], special: re.Pattern | None | bool = True,
     trained: list[bool] | None = None, tool_definitions: list[dict] | None = None,
-) -> tuple[str, list[tuple[int, int]]]:
+) -> tuple[str, list[tuple[int, int, int]]]:
     """The conversation as the template writes it, and where in that text its answers lie
-    (character offsets), for :func:`tokenize_conversation` (which see) to tokenize. Split from
-    it so that the texts of many rows can go to the tokenizer at once (`classify_rows`)."""
+    (character offsets: start, stop, and where the generation prompt before it ends), for
+    :func:`tokenize_conversation` (which see) to tokenize. Split from it so that the texts of
+    many rows can go to the tokenizer at once (`classify_rows`)."""
     if special is True:
         special = special_token_pattern(tokenizer)
     if any(ANSWER_PROBE in message["content"] for message in messages):
@@ -123,13 +125,30 @@ def render_conversation(
         def render_with(some: list[dict], definitions: list[dict] | None) -> str:
             return _render(tokenizer, some, False, definitions)
 
-        if reason := tools.unrendered(render_with, full_text, answers, messages,
-                                      tool_definitions):
+        if reason := tools.unrendered(render_with, full_text,
+                                      {index: span[:2] for index, span in answers.items()},
+                                      messages, tool_definitions):
             raise ValueError(reason)
     return full_text, list(answers.values())
 
 
-def answer_tokens(input_ids, offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+def prompt_joined(offsets: list[tuple[int, int]],
+                  spans: list[tuple[int, int, int]]) -> int | None:
+    """The first token that is answer but also holds text of the prompt that generation starts
+    its turn from (None: no such token), as when an answer starting with a newline follows
+    ChatML's "assistant\n" (one "\n\n" token) or a prompt ends with a space that the answer's
+    first word takes. Training reads that token where generation, whose prompt ends inside it,
+    would not write it. A space the template writes after the generation prompt, which the
+    first word takes ("Assistant:" + " The"), is not such a token: generation writes it."""
+    for start, stop, prompt_end in spans:
+        token = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
+        if token < len(offsets) and offsets[token][0] < min(prompt_end, stop) \
+                and offsets[token][0] < offsets[token][1]:
+            return token
+    return None
+
+
+def answer_tokens(input_ids, offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]],
                   max_length: int | None) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, from the tokenizer's ids and
     character offsets of a conversation's text and its answer `spans` in that text."""
@@ -146,7 +165,7 @@ def answer_tokens(input_ids, offsets: list[tuple[int, int]], spans: list[tuple[i
     return input_ids, answer_mask, truncated
 
 
-def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, ...]]) -> list[bool]:
     """Per token (its (start, stop) character offsets), whether it covers text of a span.
 
     The tokens of one text start in order, so one pass with a pointer into the spans sorted by
@@ -169,7 +188,7 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     else:
         return mask
     return [token_start < token_stop
-            and any(token_start < stop and token_stop > start for start, stop in spans)
+            and any(token_start < stop and token_stop > start for start, stop, *_ in spans)
             for token_start, token_stop in offsets]
 
 
@@ -237,7 +256,8 @@ def _answer_span(render: Callable[[list[dict], bool], str], messages: list[dict]
     own_tail = tail if index == len(messages) - 1 else render(
         [*messages[:index], probe_turn], False).split(ANSWER_PROBE)[-1]
     turn_end = os.path.commonprefix([own_tail, tail])
-    return start, content_end + _end_of_turn(turn_end, special)
+    return (start, content_end + _end_of_turn(turn_end, special),
+            start if before is None else len(before))
 
 
 class HistoryDiffers(ValueError):
@@ -326,7 +346,7 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
         stop = start + len(ending)
     if stop <= start:
         raise ValueError(f"cannot locate assistant turn {turn}'s tool call in the rendered text")
-    return start, stop
+    return start, stop, len(before)
 
 
 def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[dict],

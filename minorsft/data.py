@@ -22,6 +22,7 @@ from minorsft import tools
 from minorsft.answer_spans import (
     SystemNotRendered,
     answer_tokens,
+    prompt_joined,
     refuse_answer_probe,
     refuse_special_tokens,
     render_conversation,
@@ -53,6 +54,8 @@ class Example:
     answer_mask: list[bool]
     truncated: bool = False
     file: str = ""  # the input file the row came from
+    # the first answer token that also holds text of the generation prompt (`prompt_joined`)
+    prompt_joined: int | None = field(default=None, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -243,7 +246,7 @@ class _Rendered:
     row: RawRow
     path: str
     text: str
-    spans: list[tuple[int, int]]
+    spans: list[tuple[int, int, int]]  # (start, stop, generation prompt's end) per answer
     answer_field: str
 
 
@@ -268,8 +271,10 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
                                   f"{max_length} (the prompt alone has {len(input_ids)}+ tokens)")
                 item = _rejection(item.row, item.path, error)
             else:
+                joined = prompt_joined(offsets, item.spans)
                 item = Example(item.example_id, item.row.line, input_ids, answer_mask,
-                               truncated, item.path)
+                               truncated, item.path,
+                               joined if joined is not None and joined < len(input_ids) else None)
         yield index, item
 
 

@@ -504,6 +504,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                       f"{task['rows_s']:.1f} rows/s  {task['tok_s']:.0f} tok/s"),
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
+    joined: dict = {}  # rows whose first answer token holds prompt text: count, first
     part: _PartBuilder | None = None
     input_rows = None
     rows_total = 0
@@ -548,6 +549,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                         raise item.error
                     part.reject(item, index)
                     continue
+                if item.prompt_joined is not None:
+                    joined["first"] = joined.get("first", item)
+                    joined["rows"] = joined.get("rows", 0) + 1
                 part.add(item, index)
             if part is not None:
                 finish(part)
@@ -565,10 +569,26 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                          f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
     manifest.update(input_rows=rows_total, parts_total=math.ceil(rows_total / config.part_rows))
     write_manifest(out, manifest)
+    if joined:
+        console.print(_prompt_joined_note(joined["rows"], joined["first"], tokenizer),
+                      highlight=False, markup=False)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
     _check_drift(config, out, summary, engine, model_path, console)
     engine.close()
     return summary
+
+
+def _prompt_joined_note(rows: int, first: Example, tokenizer) -> str:
+    """What to say of rows whose first answer token also holds the end of the generation prompt
+    (`answer_spans.prompt_joined`): they are cached as they are, but trained on a token that
+    generation from that prompt would not write."""
+    token = tokenizer.decode([first.input_ids[first.prompt_joined]])
+    return (f"note: {rows} cached row(s) have an answer whose first token also holds the "
+            f"end of the prompt (first: {first.file}, line {first.line}: {token!r}), as when "
+            "an answer starts with a space or newline, or a prompt ends with one: the model "
+            "learns that token after a prompt cut short, not the answer generation writes "
+            "after the whole prompt; strip the answers' leading (or the prompts' trailing) "
+            "whitespace to train them as generated")
 
 
 def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary, engine,

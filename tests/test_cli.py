@@ -231,6 +231,26 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
             "--prompt-field/--response-field" in " ".join(result.output.split())), result.output
 
 
+def test_answers_whose_first_token_holds_the_prompts_end_get_a_note(tiny_model_dir, tmp_path):
+    """A generation prompt that ends with a space the answer's first word takes: the rows are
+    cached as they are, and precompute says how many and which first."""
+    template = tmp_path / "spaced.jinja"
+    template.write_text("{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ 'User: ' + m['content'] + '\n\n' }}{% else %}"
+                        "{{ 'Assistant: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2 plus 3", "response": "5"},
+                                              {"prompt": "4 plus 4", "response": "8"}])
+    result = CliRunner().invoke(app, [
+        "precompute", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+        str(tmp_path / "c"), "--chat-template", str(template), "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert ("note: 2 cached row(s) have an answer whose first token also holds the end of the "
+            "prompt (first: ") in text and "d.jsonl, line 1: ' 5')" in text, text
+    assert len(list(iter_rows(tmp_path / "c"))) == 2
+
+
 def test_a_max_length_past_a_rotary_models_context_gets_a_note(tiny_model_dir, tmp_path):
     """Nothing fails there, but the rows past it are scored beyond what the model learned."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}] * 2)

@@ -142,6 +142,53 @@ def test_the_answers_first_word_fused_with_the_templates_space_is_answer(tmp_pat
     assert tokenizer.decode(first.input_ids[start - 1]) == ":"
 
 
+# SPACE_BEFORE_TEMPLATE's generation prompt with the space: "Assistant: " (the space is prompt).
+SPACE_IN_PROMPT_TEMPLATE = SPACE_BEFORE_TEMPLATE.replace("{{ 'Assistant:' }}",
+                                                         "{{ 'Assistant: ' }}")
+
+
+def test_an_answer_token_that_holds_the_end_of_the_generation_prompt_is_flagged():
+    """Where the generation prompt ends inside the answer's first token (its trailing space
+    fused with the first word; an answer starting with a newline after ChatML's
+    "assistant\n"), training reads a token generation would not write: the example says which
+    token, so that precompute can say so. A space the template writes after the generation
+    prompt is generation's own: not flagged."""
+    plain = {"prompt": "2 plus 3", "response": "5 is it"}
+    spaced = tokenizer_with_template(SPACE_IN_PROMPT_TEMPLATE)
+    ids, _, _ = tokenize_conversation(spaced, [{"role": "user", "content": "2 plus 3"},
+                                               {"role": "assistant", "content": "5 is it"}],
+                                      None)
+    examples = {}
+    for name, tokenizer, row in [
+            ("space in prompt", spaced, plain),
+            ("template's space", tokenizer_with_template(SPACE_BEFORE_TEMPLATE), plain),
+            ("chatml", build_tiny_tokenizer(), plain)]:
+        (examples[name],) = classify_example(tokenizer, row)
+    joined = {name: example.prompt_joined for name, example in examples.items()}
+    assert joined["template's space"] is None and joined["chatml"] is None
+    first_answer = examples["space in prompt"].answer_mask.index(True)
+    assert joined["space in prompt"] == first_answer
+    assert spaced.decode(ids[first_answer]) == " 5"
+    # SmolLM2's tokenizer writes "\n\n" as one token: the template's newline and the answer's
+    from minorsft.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+
+    smollm2 = load_tokenizer(resolve_model(DEFAULT_MODEL))
+    for response, token in [("\n\n5", "\n\n"), ("\n5", None), ("5", None), (" 5", None)]:
+        (example,) = classify_example(smollm2, dict(plain, response=response))
+        assert (example.prompt_joined is not None) == (token is not None), response
+        if token is not None:
+            assert example.prompt_joined == example.answer_mask.index(True)
+            assert smollm2.decode(example.input_ids[example.prompt_joined]) == token
+
+
+def classify_example(tokenizer, row: dict) -> list:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        return list(iter_examples(write_jsonl(Path(folder) / "rows.jsonl", [row]), tokenizer))
+
+
 def build_metaspace_tokenizer(template: str):
     """A SentencePiece-style tokenizer (words carry a leading "▁"), as Llama-2's and Mistral's."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
