@@ -637,12 +637,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         refuse_lengths_past_learned_positions(config.max_length, config.reference, ref_config)
         if note := context_note(config.max_length, config.reference, ref_config):
             console.print(f"note: {note}", highlight=False, markup=False)
-    engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
-                                max_batch_tokens=config.max_batch_tokens)
-    result: dict = {"model": config.model, "reference": config.reference,
-                    "dtype": engine.precision, "config": asdict(config)}
-
-    examples, ref_logps = None, None
+    # The rows before the model: a bad held-out row or cache fails before minutes of loading.
+    examples, ref_logps, metadata, data = None, None, None, None
     if looks_like_cache(config.reference):
         examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
                                                         config.max_rows)
@@ -651,10 +647,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             raise ValueError(f"--reference {config.reference}: rows of up to {longest} tokens, "
                              f"more than the {position_limit} positions of {config.model}'s "
                              "learned position embeddings")
-        result["data"] = metadata.get("source")
-        if metadata.get("dtype") != result["dtype"]:
-            console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
-                          f"this model in {result['dtype']}; m_theta includes that difference")
+        data = metadata.get("source")
     elif config.data is not None:
         data_files = resolve_data(config.data, prefer_split="test")
         spec = FieldSpec(config.prompt_field, config.response_field, config.system_field,
@@ -666,8 +659,17 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         if not examples:
             raise DataError(data_label(data_files), None, None, "no rows (the "
                             f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
-        result["data"] = (str(data_files[0]) if len(data_files) == 1
-                          else data_source(config.data))
+        data = str(data_files[0]) if len(data_files) == 1 else data_source(config.data)
+
+    engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
+                                max_batch_tokens=config.max_batch_tokens)
+    result: dict = {"model": config.model, "reference": config.reference,
+                    "dtype": engine.precision, "config": asdict(config)}
+    if examples is not None:
+        result["data"] = data
+    if metadata is not None and metadata.get("dtype") != result["dtype"]:
+        console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
+                      f"this model in {result['dtype']}; m_theta includes that difference")
 
     policy_logps = None
     if examples:

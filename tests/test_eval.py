@@ -29,7 +29,7 @@ from minorsft.eval import (
 from minorsft.logprobs import pad_batch, sequence_logps
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
-from .conftest import CHATML, build_tiny_tokenizer
+from .conftest import CHATML, build_tiny_tokenizer, write_jsonl
 
 # Four questions with known answers; quoted cells hold commas, as in the real MMLU files.
 CHOICES_CSV = (
@@ -135,11 +135,23 @@ def test_empty_choices_file_is_an_error_naming_it(tiny_model_dir, tmp_path, name
     assert f"{name}: no questions" in " ".join(result.output.split())
 
 
-def test_empty_heldout_data_is_an_error(tiny_model_dir, tmp_path):
+def test_empty_or_bad_heldout_data_is_an_error_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    """A bad held-out row stopped eval only after the model had loaded (minutes for a 7B)."""
+    import minorsft.eval as eval_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rows were read")
+
+    monkeypatch.setattr(eval_module, "TransformersEngine", no_model)
     path = tmp_path / "empty.jsonl"
     path.write_text("")
     with pytest.raises(DataError, match="no rows"):
         run_eval(EvalConfig(model=str(tiny_model_dir), data=str(path)))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2 plus 3", "response": "5"},
+                                               {"prompt": "4 plus 4"}])
+    with pytest.raises(DataError, match="bad.jsonl:2: field 'response': missing"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), data=str(bad)))
 
 
 def test_json_safe_maps_non_finite_numbers_to_null():
