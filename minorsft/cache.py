@@ -752,7 +752,9 @@ def cache_stats(path: Path) -> dict:
                   else [])
     tables = [pq.read_table(f, columns=["num_tokens", "ref_logps", "truncated"])
               for f in layout.files]
-    table = pa.concat_tables(tables) if tables else None
+    # (parts may differ in a column's nullability, which the schema check leaves alone, as
+    # train does: a rewritten part's)
+    table = pa.concat_tables(tables, promote_options="default") if tables else None
     if table is None or table.num_rows == 0:
         if incomplete:
             raise CacheError(f"{path}: incomplete cache with no rows yet: "
