@@ -442,6 +442,12 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
     refuse_earlier_checkpoints(config)  # (a stopped run: minutes of model loading saved)
+    if is_main:  # made now, not after minutes of model loading (a file in its path, say)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--output {output}: cannot create the folder "
+                             f"({error.strerror or error})") from error
 
 
 def _model_files(output: Path) -> list[str]:

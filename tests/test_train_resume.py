@@ -549,7 +549,8 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
     run_train(config(cache, output, max_steps=1, loss="sft", overwrite=True))
     assert json.loads((output / "run_config.json").read_text())["config"]["loss"] == "sft"
     assert len(metrics(output)) == 1 and not (output / "checkpoints").exists()
-    for wrong, message in ((cache, "is the cache"), (tmp_path / "file.txt", "is a file")):
+    for wrong, message in ((cache, "is the cache"), (tmp_path / "file.txt", "is a file"),
+                           (tmp_path / "file.txt" / "run", "cannot create the folder")):
         (tmp_path / "file.txt").write_text("x")
         with pytest.raises(ValueError, match=message):
             run_train(config(cache, wrong))
