@@ -631,9 +631,13 @@ def eval_command(
             _check_writable_file(path, option)
     result = _run(run_eval, config)
     text = json.dumps(result, indent=2, allow_nan=False)  # NaN is not JSON: fail, not write
+    typer.echo(text if as_json else format_table(result))  # (first: a failed write loses none)
     if json_out:
-        json_out.write_text(text + "\n")
-    typer.echo(text if as_json else format_table(result))
+        try:
+            json_out.write_text(text + "\n")
+        except OSError as error:
+            _fail(f"--json-out {json_out}: cannot write it ({error.strerror or error}); the "
+                  "result is printed above")
 
 
 @app.command()

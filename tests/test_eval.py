@@ -173,6 +173,30 @@ def test_cli_eval_json_has_no_nan_or_infinity(tiny_model_dir, demo_jsonl, monkey
     assert "| NLL per answer token | n/a |" in format_table({"heldout": held})
 
 
+def test_a_json_out_that_fails_to_write_loses_no_result(tiny_model_dir, demo_jsonl, tmp_path,
+                                                       monkeypatch):
+    """Written before the table was printed, outside the error handling: a full disk at the end
+    lost the whole evaluation in a traceback."""
+    from pathlib import Path
+
+    target = tmp_path / "result.json"
+    real_write = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self == target:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(tiny_model_dir), "--data", str(demo_jsonl), "--max-rows", "2",
+        "--json-out", str(target)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "NLL per answer token" in text  # the table, printed before the failed write
+    assert "cannot write it (No space left on device); the result is printed above" in text
+
+
 def test_choice_file_labels_are_stems_unless_stems_repeat():
     assert choice_file_labels(["mmlu/geo.csv", "mmlu/facts.jsonl"]) == {
         "mmlu/geo.csv": "geo", "mmlu/facts.jsonl": "facts"}
