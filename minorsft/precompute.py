@@ -70,6 +70,7 @@ from minorsft.data import (
     resolve_data,
 )
 from minorsft.engines import make_engine
+from minorsft.folder_lock import folder_lock
 from minorsft.models import (
     check_dtype,
     context_length,
@@ -358,37 +359,13 @@ def _shard_lock(out: Path, shard):
     kill -9, and the next run resumes.
     """
     lock_name = _shard_lock_name(shard)
-    with _cache_lock(out, lock_name, wait=False) as held:
+    with folder_lock(out, lock_name, wait=False) as held:
         if not held:
             what = f"shard {shard[0]}/{shard[1]} of " if shard else ""
             raise CacheError(f"{out}: another precompute is writing {what}this cache (it holds "
                              f"{lock_name}); let it finish, or stop it and run this command "
                              "again to resume")
         yield out / lock_name
-
-
-@contextlib.contextmanager
-def _cache_lock(out: Path, name: str, wait: bool = True):
-    """Hold an flock on `out/name`, waiting for it or not; yields False if it was busy.
-
-    Nothing is locked (True is yielded) where fcntl does not exist (Windows) or `out` is not a
-    directory (a single-file cache about to be refused or replaced).
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield True
-        return
-    if not out.is_dir():
-        yield True
-        return
-    with (out / name).open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
 
 
 def _model_len_for(config: PrecomputeConfig, model_config) -> int | None:
@@ -601,7 +578,7 @@ def _check_drift(config: PrecomputeConfig, out: Path, summary: PrecomputeSummary
     """
     if not (config.verify_sample and summary.complete):
         return
-    with _cache_lock(out, "._drift.lock"):
+    with folder_lock(out, "._drift.lock"):
         if "drift" in read_metadata(out):
             return
         report = precompute_drift_check(out, engine, model_path, config.verify_sample,

@@ -15,6 +15,7 @@ those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -69,6 +70,7 @@ from minorsft.distributed import (
     rank_slice,
     wrap_policy,
 )
+from minorsft.folder_lock import folder_lock
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
@@ -924,8 +926,46 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
     return changed
 
 
+TRAIN_LOCK = ".minorsft-train.lock"
+
+
+@contextlib.contextmanager
+def _output_lock(output: Path) -> Iterator[None]:
+    """Hold --output for this run: a second train on the same folder (a job restarted while the
+    first still runs) pruned the first's checkpoints from under it and both wrote the model.
+    One process of a torchrun job holds it."""
+    if not is_first_rank():
+        yield
+        return
+    existed = output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError:  # (a file in its path: check_output says so)
+        yield
+        return
+    lock = output / TRAIN_LOCK
+    had_lock = lock.exists()
+    with folder_lock(output, TRAIN_LOCK, wait=False) as held:
+        if not held:
+            raise ValueError(f"--output {output}: another minorsft train is writing this folder "
+                             f"(it holds {TRAIN_LOCK}); let it finish, or stop it and pass "
+                             "--resume to continue from its last checkpoint")
+        try:
+            yield
+        finally:  # nothing left behind: no lock file, no empty folder of a refused run
+            if not had_lock:
+                lock.unlink(missing_ok=True)
+            if not existed and output.is_dir() and not any(output.iterdir()):
+                output.rmdir()
+
+
 def run_train(config: TrainConfig, console: Console | None = None) -> list[dict]:
     console = console or Console(stderr=True)
+    with _output_lock(Path(config.output)):
+        return _run_train(config, console)
+
+
+def _run_train(config: TrainConfig, console: Console) -> list[dict]:
     if config.resume and (finished := _finished_run(config)) is not None:
         # A job script passes --resume on every (re)start: after the last one, nothing is left.
         # ("nothing to do" right after "merged ..." read as if the merge had not happened)

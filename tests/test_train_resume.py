@@ -556,6 +556,27 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
             run_train(config(cache, wrong))
 
 
+def test_a_second_train_on_the_same_output_is_refused_while_the_first_runs(cache, tmp_path):
+    """Nothing stopped it: a job restarted with --resume while the first still ran pruned the
+    first's checkpoints from under it (a traceback there) and both wrote the model."""
+    from minorsft.folder_lock import folder_lock
+    from minorsft.train import TRAIN_LOCK
+
+    output = tmp_path / "run"
+    output.mkdir()
+    with folder_lock(output, TRAIN_LOCK, wait=False) as held:  # (as a running train holds it)
+        assert held
+        with pytest.raises(ValueError, match="another minorsft train is writing this folder"):
+            run_train(config(cache, output, max_steps=1, resume=True))
+    (output / TRAIN_LOCK).unlink()  # (the test made it; a train removes its own)
+    run_train(config(cache, output, max_steps=1))
+    assert (output / "run_config.json").exists() and not (output / TRAIN_LOCK).exists()
+    # a run refused before training leaves no folder behind
+    with pytest.raises(CacheError):
+        run_train(config(tmp_path / "no-cache", tmp_path / "refused", max_steps=1))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_overwriting_a_full_run_with_lora_leaves_no_model_config_behind(cache, tmp_path):
     """--overwrite kept the full run's config.json beside the new adapters: the folder then
     looked like a model without weights, and loading it ended in transformers' traceback."""
