@@ -55,6 +55,32 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.path = step, path
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (cut short by a full disk, overwritten): named,
+    with the way on, instead of the reader's traceback (torch's even advised weights_only=False,
+    which would run whatever the file holds)."""
+
+    def __init__(self, path: Path, error: Exception):
+        # (the first sentence: torch's goes on to advise weights_only=False, which would run
+        # whatever code a file that is no checkpoint of ours holds)
+        reason = " ".join(str(error).split()).split(". ")[0][:200] or "unreadable"
+        super().__init__(f"{path}: cannot read it ({type(error).__name__}: {reason}); the "
+                         f"checkpoint {path.parent} is damaged")
+
+
+def _read(path: Path, read):
+    """`read(path)`, a checkpoint file's reader, with any failure as :class:`DamagedCheckpoint`.
+    (Only the reading: a setting that differs is refused by the caller as such.)"""
+    try:
+        return read(path)
+    except Exception as error:
+        raise DamagedCheckpoint(path, error) from error
+
+
+def _torch_file(path: Path):
+    return torch.load(path, weights_only=True)
+
+
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to checkpoint and stop after the
     current step; a second Ctrl-C stops at once, without saving (a second SIGTERM does not).
@@ -189,7 +215,7 @@ def _restore_rng(path: Path, world) -> None:
     """This rank's RNG states from a checkpoint. Where the world size changed (and in
     checkpoints of minorsft <= 0.2.x, which kept only rank 0's), rank 0's states, from which
     every rank then draws a seed of its own: ranks must not draw the same dropout masks."""
-    saved = torch.load(path / "rng.pt", weights_only=True)
+    saved = _read(path / "rng.pt", _torch_file)
     ranks = saved.get("ranks", [saved])
     same_world = len(ranks) == world.world_size
     rng = ranks[world.rank] if same_world else ranks[0]
@@ -255,7 +281,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     """Restore a checkpoint into `state`; returns the number of steps it had done."""
     from safetensors.torch import load_file
 
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
     saved, now = trainer_state["settings"], _resume_settings(state, config)
     saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
     if _same_model(saved["model"], state, config):
@@ -285,14 +311,15 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
                          + "\n  ".join(changed) + "\nResume with the original settings, or "
                          "start a new run in another --output.")
     device = "cpu" if fsdp else str(state.device)
-    weights = load_file(path / "model.safetensors", device=device)
+    weights = _read(path / "model.safetensors", lambda f: load_file(f, device=device))
     # in the optimizer's numbering: its index-keyed state and master weights follow it
     trainable = optimizer_order([(name, p) for name, p in state.model.named_parameters()
                                  if p.requires_grad], config.weight_decay)
     names = [name for name, _ in trainable]
     if set(weights) != set(names):
         raise ValueError(f"{path}: its weights do not match the model's trainable parameters")
-    optimizer_state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer_state = _read(path / "optimizer.pt",
+                            lambda f: torch.load(f, map_location=device, weights_only=True))
     if len(optimizer_state["param_groups"]) != len(state.optimizer.param_groups):
         raise ValueError(f"cannot resume from {path}: its optimizer has "
                          f"{len(optimizer_state['param_groups'])} parameter group(s), this run's "
@@ -323,9 +350,9 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
                     exact[name].float() for name, p in trainable if p.dtype in LOW_PRECISION]
         state.model.load_state_dict(exact, strict=False)  # cast to the parameters' dtype
         state.optimizer.load_state_dict(optimizer_state)
-    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    state.scheduler.load_state_dict(_read(path / "scheduler.pt", _torch_file))
     if state.scaler is not None and (path / "scaler.pt").exists():
-        state.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        state.scaler.load_state_dict(_read(path / "scaler.pt", _torch_file))
     _restore_rng(path, state.world)
     return int(trainer_state["step"])
 
@@ -387,7 +414,14 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
                           "starting from step 0", markup=False)
         return
     step, path = checkpoints[-1]
-    state.start_step = load_checkpoint(state, config, path)
+    try:
+        state.start_step = load_checkpoint(state, config, path)
+    except DamagedCheckpoint as error:
+        earlier = (f"delete it to resume from the one before, {checkpoints[-2][1].name}"
+                   if len(checkpoints) > 1 else "there is no earlier one: delete it to start "
+                   "over from step 0")
+        raise ValueError(f"{error}: {earlier}, or pass --overwrite to start a new "
+                         "run") from error
     if state.world.is_main:
         console.print(f"resumed from {path} ({step} of {state.total_steps} steps done)",
                       markup=False)

@@ -387,6 +387,12 @@ def train(
             console.print(f"[yellow]stopped:[/] {escape(str(stopped))}", highlight=False)
         _leave_torchrun_worker(130)
         raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (or one while loading): it ended in silence
+        if is_first_rank():
+            console.print(f"[yellow]stopped at once:[/] {escape(_resume_point(output))}",
+                          highlight=False)
+        _leave_torchrun_worker(130)
+        raise typer.Exit(code=130) from None
     except typer.Exit as stop:  # an error already said in one line
         _leave_torchrun_worker(stop.exit_code)
         raise
@@ -657,6 +663,18 @@ def plot(
     except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(str(error))
     console.print(f"[green]wrote[/] {escape(str(written))}", highlight=False)
+
+
+def _resume_point(output: Path) -> str:
+    """Where `train --resume` would go on from, after a stop that saved nothing."""
+    from minorsft.checkpoints import list_checkpoints
+
+    if checkpoints := list_checkpoints(output):
+        step, path = checkpoints[-1]
+        return (f"no checkpoint was saved now; --resume continues from step {step} ({path}), "
+                "the steps after it are trained again")
+    return (f"no checkpoint was saved and {output} has none: --resume (or --overwrite) starts "
+            "from step 0")
 
 
 def main():

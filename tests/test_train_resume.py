@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from rich.console import Console
+from typer.testing import CliRunner
 
 import minorsft.train as train_module
 from minorsft.cache import CacheError, iter_rows
 from minorsft.checkpoints import TrainingInterrupted, list_checkpoints
+from minorsft.cli import app
 from minorsft.precompute import PrecomputeConfig, run_precompute
 from minorsft.train import TrainConfig, run_train
 
@@ -141,6 +144,51 @@ def test_a_weight_decay_checkpoint_of_one_group_is_refused_with_the_reason(cache
     torch.save(state, path)
     with pytest.raises(ValueError, match="Before 0.4.1, --weight-decay decayed biases and norm"):
         run_train(config(cache, run, weight_decay=0.1, save_every=2, resume=True))
+
+
+def test_a_damaged_checkpoint_is_named_with_the_way_on(cache, tmp_path):
+    """A checkpoint file cut short (a full disk) or overwritten was safetensors' or torch's
+    traceback on --resume (torch's advising weights_only=False)."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, save_every=1))
+    run = as_killed_after(output, 4)  # (step-3 and step-4 kept)
+    newest = run / "checkpoints" / "step-4"
+    with (newest / "model.safetensors").open("r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(ValueError) as caught:
+        run_train(config(cache, run, save_every=1, resume=True))
+    message = str(caught.value)
+    assert f"{newest / 'model.safetensors'}: cannot read it (" in message
+    assert "is damaged: delete it to resume from the one before, step-3" in message
+    shutil.rmtree(newest)
+    (run / "checkpoints" / "step-3" / "optimizer.pt").write_text("garbage")
+    with pytest.raises(ValueError, match=r"optimizer.pt: cannot read it \(UnpicklingError") \
+            as caught:
+        run_train(config(cache, run, save_every=1, resume=True))
+    assert "there is no earlier one" in str(caught.value)
+    assert "weights_only=False" not in str(caught.value)
+
+
+def test_a_second_ctrl_c_says_where_resume_goes_on(cache, tmp_path, monkeypatch):
+    """It stopped at once, as it should, but in silence: no word of what was saved."""
+    real_step, done = train_module.train_step, []
+
+    def step_then_two_interrupts(*args):
+        result = real_step(*args)
+        done.append(1)
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", step_then_two_interrupts)
+    output = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--cache", str(cache), "--output", str(output),
+                                      "--batch-size", "4", "--micro-batch-size", "2",
+                                      "--max-steps", "4", "--save-every", "1"])
+    assert result.exit_code == 130, result.output
+    text = " ".join(result.output.split())
+    assert "stopped at once: no checkpoint was saved now; --resume continues from step 1" in text
 
 
 def test_periodic_saves_keep_the_newest_and_a_failed_save_keeps_the_previous(
@@ -319,9 +367,6 @@ def test_nan_missing_parts_and_schema_mismatch_are_refused(cache, tmp_path):
     with pytest.raises(CacheError, match=r"1 row\(s\) where ref_logps is not finite, first id"):
         run_train(config(cache, tmp_path / "run"))
     # eval showed an unexplained "n/a", verify a nan drift, cache info a nan mean unflagged
-    from typer.testing import CliRunner
-
-    from minorsft.cli import app
     from minorsft.eval import EvalConfig, run_eval
     from minorsft.verify import VerifyConfig, run_verify
 
