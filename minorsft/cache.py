@@ -377,6 +377,10 @@ def collect_parts(directory: Path, manifests: list[dict]) -> dict[int, dict]:
                 what = None
             elif key == "settings":
                 what = "; ".join(diff_settings(first[key], manifest[key]))
+                versions = {m[key].get("minorsft_version") for m in (first, manifest)}
+                if len(versions) > 1:  # (an upgrade between shards)
+                    what += ("; score every shard with one minorsft version (parts scored by "
+                             "two could differ)")
             else:
                 what = f"{key}: {first.get(key)!r} -> {manifest.get(key)!r}"
             if what:

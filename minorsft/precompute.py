@@ -637,11 +637,17 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
             changes.append("the chat template differs from the cache's, which was "
                            + (f"--chat-template {given}" if given else "the model's own"))
         if changes:
+            old = manifest["settings"].get("minorsft_version")
+            resume = ("Run the original command to resume it"
+                      if "minorsft_version" not in settings or old == settings["minorsft_version"]
+                      # (an upgrade mid-cache: the same command runs the new version)
+                      else f"Finish it with minorsft {old}, which started it (parts scored by "
+                      "two versions could differ)")
             raise CacheError(
                 f"{out} already holds a cache ({manifest['_file']}) made from another input or "
                 "with other settings, and mixing them would give a wrong cache:\n  "
-                + "\n  ".join(changes) + "\nRun the original command to resume it, pass "
-                "--overwrite to start over, or choose another --out.")
+                + "\n  ".join(changes) + f"\n{resume}, pass --overwrite to start over, or "
+                "choose another --out.")
     return manifests
 
 

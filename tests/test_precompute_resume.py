@@ -279,6 +279,14 @@ def test_changed_setting_or_input_is_refused_naming_it(tiny_model_dir, tmp_path,
         precompute(tiny_model_dir, data, out, max_length=64, part_rows=5)
     with pytest.raises(CacheError, match=r"\n  fields.train_turns: 'all' -> 'last'\n"):
         precompute(tiny_model_dir, data, out, max_length=64, train_turns="last")
+    assert "Run the original command to resume it" in str(caught.value)
+    # an upgrade mid-cache: the original command now runs the new version, so it is no advice
+    with monkeypatch.context() as upgraded:
+        upgraded.setattr(minorsft.precompute, "__version__", "99.0")
+        with pytest.raises(CacheError, match=r"minorsft_version: '[0-9.]+' -> '99.0'") as caught:
+            precompute(tiny_model_dir, data, out, max_length=64)
+    assert "Finish it with minorsft " in str(caught.value)
+    assert "Run the original command" not in str(caught.value)
     monkeypatch.setattr(minorsft.precompute, "make_engine", make_engine)
     with pytest.raises(CacheError, match="max_batch_tokens: 256 -> 128"):  # known once it loads
         precompute(tiny_model_dir, data, out, max_length=64, max_batch_tokens=128)
@@ -329,6 +337,14 @@ def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
     assert list(iter_rows(tmp_path / "merged")) == expected
     with pytest.raises(CacheError, match="shards: 1 -> 2"):  # no mixing of schemes
         precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
+    # shards scored by two versions (an upgrade between them): said so, with the way on
+    manifest_path = next(node_b.glob("_manifest*.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["settings"]["minorsft_version"] = "99.0"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="-> '99.0'; score every shard with one minorsft "
+                                         "version"):
+        merge_caches([node_a, node_b], tmp_path / "merged-2")
 
 
 def test_merge_names_where_the_users_files_are_when_moving_them_back_fails(
