@@ -602,6 +602,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
         + escape(lora_note)
     )
+    if config.batch_size > rows and world.is_main:  # ("global batch 64" read as 64 a step)
+        console.print(f"note: --batch-size {config.batch_size} is more than the cache's {rows} "
+                      f"rows: a step's batch never spans two epochs, so each step takes all "
+                      f"{rows}", highlight=False)
     if (device.type == "cpu" and world.is_main and torch.bfloat16 in (dtype, autocast)
             and not cpu_has_bf16()):
         # (measured: docs/performance.md 2b, on a CPU without them bf16-mixed was >16 x slower)

@@ -1031,3 +1031,15 @@ def test_a_cache_from_before_the_new_fingerprint_fields_still_trains(cache, tmp_
                                             ("weights", "tokenizer", "chat_template")}})
     assert set(read_metadata(cache)["fingerprint"]) == {"weights", "tokenizer", "chat_template"}
     assert len(run_train(config(cache, tmp_path / "run", max_steps=1))) == 1
+
+
+def test_a_batch_larger_than_the_cache_gets_a_note(cache, tmp_path):
+    """The start-up line said "global batch 32" of a 16-row cache; each step took the 16."""
+    import io
+
+    out = io.StringIO()
+    run_train(config(cache, tmp_path / "run", batch_size=32, micro_batch_size=4, max_steps=1),
+              Console(file=out, width=300))
+    assert ("note: --batch-size 32 is more than the cache's 16 rows: a step's batch never spans "
+            "two epochs, so each step takes all 16") in out.getvalue()
+    assert metrics(tmp_path / "run")[0]["samples"] == 16
