@@ -113,8 +113,14 @@ class EvalConfig:
                 and not Path(self.reference).exists():  # no model is named so: a mistyped cache
             raise ValueError(f"--reference {self.reference}: no such cache")
         if self.data is None and not self.choices and not looks_like_cache(self.reference):
+            given = ""
+            if self.reference:  # (a mistyped cache path read as "give a cache")
+                missing = not Path(self.reference).exists()
+                given = (f" (--reference {self.reference} is "
+                         + ("no such path" if missing else "not a cache") + "; a reference "
+                         "model is compared on --data)")
             raise ValueError("nothing to evaluate: give --data, --choices, or a cache as "
-                             "--reference")
+                             f"--reference{given}")
         if self.data is not None and looks_like_cache(self.reference):
             # The cache's rows are the held-out set (its token ids and reference log-probs);
             # scoring them instead of --data would report numbers for data the user did not ask

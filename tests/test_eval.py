@@ -530,6 +530,14 @@ def test_cli_eval_errors(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference", typo])
     assert result.exit_code == 2 and f"--reference {typo}: no such cache" in " ".join(
         result.output.split())
+    # a cache folder's name mistyped (no .parquet): said to be no such path
+    for reference, what in ((tmp_path / "ref-cache", "no such path"),
+                            (tiny_model_dir, "not a cache")):
+        result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--reference",
+                                     str(reference)])
+        assert result.exit_code == 2 and (f"(--reference {reference} is {what}; a reference "
+                                          "model is compared on --data)") in " ".join(
+            result.output.split()), result.output
     bad = tmp_path / "bad.csv"
     bad.write_text("q,a,b,c,d,Z\n")
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--choices", str(bad)])
