@@ -61,7 +61,9 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a `minorsft train` output)")
     rows = []
-    with metrics_path.open(encoding="utf-8") as handle:
+    # (bytes that are not UTF-8, a damaged disk's: their line is skipped below, not the file
+    # refused with a decoding error that named no file)
+    with metrics_path.open(encoding="utf-8", errors="replace") as handle:
         for line_no, text in enumerate(handle, start=1):
             if not text.strip():
                 continue

@@ -88,6 +88,12 @@ def test_read_run_skips_unparsable_lines_with_a_warning(tmp_path, capsys):
     assert f"{metrics}:2:" in warnings[0] and f"{metrics}:4:" in warnings[1]
     # where in the line (json's "Invalid control character at" read as cut short)
     assert warnings[1].endswith("(malformed JSON (Unterminated string starting at column 13))")
+    # bytes that are not UTF-8 (a damaged disk): their line is skipped, not the file refused
+    # with a decoding error that named no file
+    metrics.write_bytes("\n".join([good[0], good[1]]).encode() + b"\n\xff\xfe{\n")
+    _, rows, _ = read_run(run_dir)
+    assert [row["step"] for row in rows] == [0, 1]
+    assert f"{metrics}:3: skipped" in capsys.readouterr().err
 
 
 def test_read_run_refuses_a_run_without_a_parsable_line(tmp_path, capsys):
