@@ -232,8 +232,7 @@ def precompute(
     try:
         summary = _run(run_precompute, config)
     except KeyboardInterrupt:
-        console.print("[yellow]stopped:[/] the parts finished so far are kept; run the same "
-                      "command again to resume", highlight=False)
+        console.print(f"[yellow]stopped:[/] {escape(_parts_kept(out))}", highlight=False)
         raise typer.Exit(code=130) from None
     skipped = summary.parts_skipped
     resumed = (f" ({skipped} part{' was' if skipped == 1 else 's were'} already done)"
@@ -663,6 +662,21 @@ def plot(
     except (FileNotFoundError, ValueError, ImportError) as error:
         _fail(str(error))
     console.print(f"[green]wrote[/] {escape(str(written))}", highlight=False)
+
+
+def _parts_kept(out: Path) -> str:
+    """What a stopped precompute leaves to resume from (it said "the parts finished so far are
+    kept" where none was)."""
+    from minorsft.cache import CacheError, load_manifests
+
+    try:
+        done = sum(len(m["parts"]) for m in load_manifests(out)) if out.is_dir() else 0
+    except CacheError:
+        done = 0
+    if not done:
+        return "no part was finished, so nothing is kept; the same command starts it again"
+    return (f"the {done} part{'s' * (done != 1)} finished so far {'are' if done != 1 else 'is'} "
+            "kept; run the same command again to resume")
 
 
 def _resume_point(output: Path) -> str:

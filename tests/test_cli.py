@@ -602,3 +602,27 @@ def test_h_is_help_everywhere():
         assert result.exit_code == 0 and "Usage: minorsft" in result.output, (command,
                                                                                 result.output)
     assert "{RUN_DIR}..." in runner.invoke(app, ["plot", "-h"], prog_name="minorsft").output
+
+
+def test_a_stopped_precompute_says_what_it_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """It said "the parts finished so far are kept" where none was (no folder at all)."""
+    import minorsft.precompute
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": "a"}
+                                              for i in range(4)])
+    runner = CliRunner()
+    done = tmp_path / "done"
+    assert runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data", str(data),
+                               "--out", str(done), "--part-rows", "2", "--verify-sample",
+                               "0"]).exit_code == 0
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minorsft.precompute, "run_precompute", stopped)
+    for out, said in ((tmp_path / "never", "no part was finished, so nothing is kept"),
+                      (done, "the 2 parts finished so far are kept")):
+        result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                     str(data), "--out", str(out)])
+        assert result.exit_code == 130 and said in " ".join(result.output.split()), \
+            result.output
