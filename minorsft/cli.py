@@ -557,7 +557,9 @@ def cache_merge(
                   highlight=False)
     if "drift" not in metadata:  # shards in separate folders never got to the drift check
         console.print(f"drift between the cache and the trainer is not measured yet: `minorsft "
-                      f"verify --cache {escape(str(out))}` measures it", highlight=False)
+                      f"verify --cache {escape(str(out))}` measures and shows it "
+                      "(the cache's metadata keeps no drift: `cache info` says not measured)",
+                      highlight=False)
 
 
 @app.command("eval", context_settings=EXTRA_ARGUMENTS)
