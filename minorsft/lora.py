@@ -7,6 +7,7 @@ MinorSFT coefficient is 1/2 (2 sigmoid(0) = 1), as with full fine-tuning.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -50,12 +51,18 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
         task_type="CAUSAL_LM",
     )
+    with _without_peft_deprecations():
+        return peft.get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _without_peft_deprecations():
+    """peft asks transformers' deprecated `is_gradient_checkpointing` (when it wraps a model and
+    when it loads saved adapters): its warning is for peft's authors, not for the user."""
     with warnings.catch_warnings():
-        # peft asks transformers' deprecated `is_gradient_checkpointing`: its warning is for
-        # peft's authors, not for the user training
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
-        return peft.get_peft_model(model, config)
+        yield
 
 
 def _refuse_merging_a_tied_embedding(model, targets: str | list[str]) -> None:
@@ -127,7 +134,9 @@ def merge_saved_adapters(output: Path, base_path: str, tokenizer=None, dtype="au
     targets = _peft().PeftConfig.from_pretrained(output).target_modules
     _refuse_merging_a_tied_embedding(base, sorted(targets) if isinstance(targets, set)
                                      else targets)
-    return _save_merged(_peft().PeftModel.from_pretrained(base, output).merge_and_unload(),
+    with _without_peft_deprecations():
+        adapted = _peft().PeftModel.from_pretrained(base, output)
+    return _save_merged(adapted.merge_and_unload(),
                         output, tokenizer)
 
 
