@@ -67,9 +67,15 @@ def resolve_model(name: str, option: str = "--model") -> str:
             raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():
-            hint = ("; it is a training checkpoint, which holds what `train --resume` needs "
-                    "(weights, optimizer and scheduler states), not a model: give the finished "
-                    "run's --output folder" if (path / "trainer_state.json").exists() else "")
+            hint = ""
+            if (path / "trainer_state.json").exists():
+                hint = ("; it is a training checkpoint, which holds what `train --resume` needs "
+                        "(weights, optimizer and scheduler states), not a model: give the "
+                        "finished run's --output folder")
+            elif (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():
+                hint = ("; it is a `minorsft train` output that has not finished (it holds "
+                        "metrics or checkpoints, no model yet): finish it with the same train "
+                        "command and --resume")
             raise ModelError(f"{option} {path}: not a model folder (no config.json in it)"
                              + hint)
         # absolute (and without ..): caches and run configs record it, and are read from

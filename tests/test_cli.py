@@ -194,6 +194,12 @@ def test_a_training_checkpoint_as_model_says_what_it_is(tmp_path):
     result = runner.invoke(app, ["eval", "--model", str(checkpoint), "--data", str(data)])
     assert result.exit_code == 2, result.output
     assert "it is a training checkpoint" in " ".join(result.output.split())
+    # the run folder itself, not finished (stopped with checkpoints): said so, with the way on
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(data)])
+    assert result.exit_code == 2, result.output
+    assert ("it is a `minorsft train` output that has not finished (it holds metrics or "
+            "checkpoints, no model yet): finish it with the same train command and --resume"
+            in " ".join(result.output.split())), result.output
 
 
 def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
