@@ -514,6 +514,9 @@ def _file_metadata(path: Path) -> dict:
     try:
         file_metadata = pq.read_metadata(path)
     except (pa.ArrowInvalid, OSError) as error:
+        if path.name.startswith(MANIFEST_PREFIX) and path.suffix == ".json":
+            raise CacheError(f"{path}: a cache's manifest, not a cache; give its folder, "
+                             f"{path.parent}") from error
         hint = "" if _starts_like_parquet(path) else _INPUT_HINT  # else a damaged cache, perhaps
         raise CacheError(f"{path}: not a readable Parquet file ({error}){hint}") from error
     raw = (file_metadata.metadata or {}).get(METADATA_KEY)

@@ -356,3 +356,12 @@ def test_lost_rejects_are_recomputed_and_damage_is_named(tiny_model_dir, tmp_pat
     manifest.write_text(json.dumps({"format": "minorsft-parts"}))
     result = runner.invoke(app, ["cache", "info", str(out)])
     assert result.exit_code == 2 and "damaged manifest (no settings" in result.output
+
+
+def test_a_manifest_given_as_the_cache_points_to_its_folder(parts_cache):
+    """`cache info CACHE/_manifest.json` said "not a readable Parquet file ... if it is SFT
+    data, precompute turns it into a cache"."""
+    result = CliRunner().invoke(app, ["cache", "info", str(parts_cache / "_manifest.json")])
+    assert result.exit_code == 2
+    assert f"a cache's manifest, not a cache; give its folder, {parts_cache}" in " ".join(
+        result.output.split())
