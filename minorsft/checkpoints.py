@@ -234,8 +234,10 @@ def _restore_rng(path: Path, world) -> None:
 def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder: Path,
                       target: Path, save_file, weights: dict, optimizer_state: dict,
                       optimizer_format: str, rng: dict) -> None:
-    if target.exists():
+    if (target / "trainer_state.json").exists():
         return
+    if target.exists():  # (one without its trainer state, a hand-damaged one: written anew)
+        shutil.rmtree(target)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".step-*"):  # a save killed midway (SIGKILL skips the cleanup)
         shutil.rmtree(stale, ignore_errors=True)
@@ -414,6 +416,13 @@ def resume_from_checkpoint(state: TrainState, config: TrainConfig, console: Cons
                           "starting from step 0", markup=False)
         return
     step, path = checkpoints[-1]
+    if state.world.is_main:
+        for later in sorted(Path(config.output, CHECKPOINTS).glob("step-*")):
+            number = later.name.removeprefix("step-")
+            if number.isdigit() and int(number) > step:  # (it was passed over in silence)
+                console.print(f"note: {later} has no trainer_state.json, so it is no whole "
+                              f"checkpoint: resuming from {path.name} (it is written anew when "
+                              "training gets there)", markup=False)
     try:
         state.start_step = load_checkpoint(state, config, path)
     except DamagedCheckpoint as error:

@@ -169,6 +169,24 @@ def test_a_damaged_checkpoint_is_named_with_the_way_on(cache, tmp_path):
     assert "weights_only=False" not in str(caught.value)
 
 
+def test_a_checkpoint_without_its_trainer_state_is_said_and_written_anew(cache, tmp_path):
+    """Passed over in silence, and never written again: the save of that step saw the folder
+    and skipped it."""
+    import io
+
+    output = tmp_path / "run"
+    run_train(config(cache, output, save_every=1))
+    expected = metrics(output)
+    run = as_killed_after(output, 4)
+    (run / "checkpoints" / "step-4" / "trainer_state.json").unlink()
+    said = io.StringIO()
+    run_train(config(cache, run, save_every=1, resume=True), Console(file=said, width=300))
+    assert (f"note: {run / 'checkpoints' / 'step-4'} has no trainer_state.json, so it is no "
+            "whole checkpoint: resuming from step-3") in said.getvalue()
+    assert (run / "checkpoints" / "step-4" / "trainer_state.json").exists()
+    assert metrics(run) == expected
+
+
 def test_a_second_ctrl_c_says_where_resume_goes_on(cache, tmp_path, monkeypatch):
     """It stopped at once, as it should, but in silence: no word of what was saved."""
     real_step, done = train_module.train_step, []
