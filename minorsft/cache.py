@@ -227,6 +227,15 @@ def honour_umask(path: Path) -> None:
     os.chmod(path, base & ~_current_umask())
 
 
+def readable_weights(folder: Path) -> None:
+    """The permissions the umask gives to the .safetensors files in `folder`: safetensors
+    (0.8.1 on) writes them through a private temporary file, so they were 0600 whatever the
+    umask (safetensors issue 782) where config.json beside them is 0644: a model trained here
+    could not be served by another user (a vLLM server's, say)."""
+    for file in Path(folder).glob("*.safetensors"):
+        honour_umask(file)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
     path = Path(path)

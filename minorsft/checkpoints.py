@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from minorsft import __version__
-from minorsft.cache import honour_umask
+from minorsft.cache import honour_umask, readable_weights
 from minorsft.distributed import all_reduce_sum, barrier
 from minorsft.models import dtype_name, precision_name
 from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW, optimizer_order
@@ -245,6 +245,7 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
     honour_umask(staging)
     try:
         save_file(weights, staging / "model.safetensors")
+        readable_weights(staging)
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(state.scheduler.state_dict(), staging / "scheduler.pt")
         if state.scaler is not None:  # fp16-mixed: the loss scale found so far

@@ -13,6 +13,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+from minorsft.cache import readable_weights
+
 
 def _peft():
     try:
@@ -111,6 +113,7 @@ def save_lora(model, output: Path, merge: bool, tokenizer=None, state_dict: dict
     `generation_config`: the run's, where it is not the base model's, saved beside the adapters.
     """
     model.save_pretrained(output, safe_serialization=True, state_dict=state_dict)
+    readable_weights(output)
     # the run's stop tokens where they are not the base model's (chat_templates.
     # stop_at_end_of_turn), for a merge from the saved adapters, which loads the base's own
     if generation_config is not None:
@@ -149,6 +152,7 @@ def _save_merged(merged, output: Path, tokenizer) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     merged.config.use_cache = True
     merged.save_pretrained(staging, safe_serialization=True)
+    readable_weights(staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     shutil.rmtree(merged_dir, ignore_errors=True)

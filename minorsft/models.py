@@ -163,11 +163,15 @@ def _materialise_builtin(name: str) -> Path:
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    from minorsft.cache import honour_umask  # (pyarrow, which models.py needs nowhere else)
+    from minorsft.cache import (  # (pyarrow, which models.py needs nowhere else)
+        honour_umask,
+        readable_weights,
+    )
 
     honour_umask(staging)
     try:
         plain.save_pretrained(staging)
+        readable_weights(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)  # atomic: a half-written folder is never seen as the model
     except OSError:

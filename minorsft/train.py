@@ -43,6 +43,7 @@ from minorsft.cache import (
     input_place,
     iter_rows,
     read_metadata,
+    readable_weights,
     validate_values,
 )
 from minorsft.chat_templates import cached_chat_template, stop_at_end_of_turn
@@ -821,6 +822,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
     else:
         state.model.save_pretrained(output, state_dict=weights, safe_serialization=True)
     state.tokenizer.save_pretrained(output)
+    readable_weights(output)
     run_config = {"config": asdict(config), "minorsft_version": __version__,
                   "cache_metadata": state.metadata, "model_path": state.model_path,
                   "total_steps": state.total_steps,

@@ -200,6 +200,12 @@ def test_resume_merge_lora_merges_a_finished_run_trained_without_it(tiny_cache, 
         merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(input_ids=ids).logits
     torch.testing.assert_close(adapter, merged, atol=1e-4, rtol=1e-4)
     assert (out / "merged" / "tokenizer_config.json").exists()
+    # weights readable as the umask allows, as config files are (safetensors wrote them 0600)
+    import stat
+
+    mode = stat.S_IMODE((out / "adapter_config.json").stat().st_mode)
+    for weights in (out / "adapter_model.safetensors", out / "merged" / "model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == mode, weights
 
 
 def test_a_finished_bf16_run_merges_into_bf16_weights(tiny_cache, tmp_path):

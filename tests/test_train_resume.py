@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1061,3 +1062,15 @@ def test_a_batch_larger_than_the_cache_gets_a_note(cache, tmp_path):
     assert ("note: --batch-size 32 is more than the cache's 16 rows: a step's batch never spans "
             "two epochs, so each step takes all 16") in out.getvalue()
     assert metrics(tmp_path / "run")[0]["samples"] == 16
+
+
+def test_saved_weights_get_the_permissions_the_umask_gives(cache, tmp_path):
+    """safetensors (0.8.1 on) writes through a private temporary file: model.safetensors was
+    0600 beside a 0644 config.json, so another user (a vLLM server's) could not load the model."""
+    output = tmp_path / "run"
+    run_train(config(cache, output, max_steps=2, save_every=1))
+    mode = stat.S_IMODE((output / "config.json").stat().st_mode)  # (what the umask gives)
+    assert mode & 0o044  # (a usual umask: others may read; the test means nothing otherwise)
+    for weights in (output / "model.safetensors",
+                    output / "checkpoints" / "step-2" / "model.safetensors"):
+        assert stat.S_IMODE(weights.stat().st_mode) == mode, weights
