@@ -109,8 +109,9 @@ class Conversation:
     trained: list[bool]  # per message: an assistant turn that is answer
     answer_fields: list[str]  # the fields of the trained answers, in order
     fields: str  # what a template refusal names: `messages`, or `system, prompt, response`
-    tools: list[dict] | None = None  # the tool definitions the template is given
-    tools_field: str = "tools"  # their column (or OpenAI's older `functions`)
+    # the tool definitions the template is given (their column is among `texts`: `tools`, or
+    # OpenAI's older `functions`)
+    tools: list[dict] | None = None
 
 
 def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
@@ -120,15 +121,6 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     may join two of them (alpaca's instruction and input).
     """
     texts: dict[str, str] = {}
-    conversation = _read_conversation(record, spec, path, line, texts)
-    if conversation.tools:
-        conversation.tools_field = next(column for column in tools.DEFINITION_COLUMNS
-                                        if column in texts)
-    return conversation
-
-
-def _read_conversation(record: dict, spec: FieldSpec, path: str, line: int,
-                       texts: dict[str, str]) -> Conversation:
 
     def text(key: str) -> str:
         texts[key] = _require_text(record, key, path, line)

@@ -297,7 +297,8 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
         except ValueError as error:  # the template's, about the conversation as a whole
             field_name = conversation.fields
             if isinstance(error, tools.DefinitionsNotRendered):
-                field_name = conversation.tools_field
+                field_name = next(column for column in tools.DEFINITION_COLUMNS
+                                  if column in conversation.texts)
             elif isinstance(error, SystemNotRendered):
                 field_name = next((name for name, text in conversation.texts.items()
                                    if text.strip() == error.text), field_name)
