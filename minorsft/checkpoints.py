@@ -69,11 +69,17 @@ class DamagedCheckpoint(ValueError):
 
 
 def _read(path: Path, read):
-    """`read(path)`, a checkpoint file's reader, with any failure as :class:`DamagedCheckpoint`.
-    (Only the reading: a setting that differs is refused by the caller as such.)"""
+    """`read(path)`, a checkpoint file's reader, with a failure of the file as
+    :class:`DamagedCheckpoint`. (Only the reading: a setting that differs is refused by the
+    caller as such.) Memory that ran out and a file this user may not read are no damage: the
+    advice to delete the checkpoint would lose a good one, so they pass as they are."""
     try:
         return read(path)
+    except (MemoryError, torch.OutOfMemoryError, PermissionError):
+        raise
     except Exception as error:
+        if "out of memory" in str(error).lower():  # (a reader's own wording of it)
+            raise
         raise DamagedCheckpoint(path, error) from error
 
 

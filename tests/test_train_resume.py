@@ -147,13 +147,23 @@ def test_a_weight_decay_checkpoint_of_one_group_is_refused_with_the_reason(cache
         run_train(config(cache, run, weight_decay=0.1, save_every=2, resume=True))
 
 
-def test_a_damaged_checkpoint_is_named_with_the_way_on(cache, tmp_path):
+def test_a_damaged_checkpoint_is_named_with_the_way_on(cache, tmp_path, monkeypatch):
     """A checkpoint file cut short (a full disk) or overwritten was safetensors' or torch's
     traceback on --resume (torch's advising weights_only=False)."""
     output = tmp_path / "run"
     run_train(config(cache, output, save_every=1))
     run = as_killed_after(output, 4)  # (step-3 and step-4 kept)
     newest = run / "checkpoints" / "step-4"
+    # memory that runs out, or a file this user may not read, is no damage: never "delete it"
+    real_load = torch.load
+    for failure in (torch.OutOfMemoryError("CUDA out of memory"), PermissionError(13, "denied")):
+        def failing_load(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(torch, "load", failing_load)
+        with pytest.raises(type(failure)):
+            run_train(config(cache, run, save_every=1, resume=True))
+    monkeypatch.setattr(torch, "load", real_load)
     with (newest / "model.safetensors").open("r+b") as handle:
         handle.truncate(1000)
     with pytest.raises(ValueError) as caught:
