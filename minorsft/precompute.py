@@ -294,8 +294,10 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                                       batch_rows=1), (0, None))
         if isinstance(first, Rejection) and first.error is not None:
             raise first.error
-    first_row = next(read_rows(data_files[0]), None)
-    first_record = first_row.record if first_row is not None else None
+    first_record = None  # (read only for the notes below)
+    if spec.system_field != FieldSpec.system_field or spec.prompt_field:
+        first_row = next(read_rows(data_files[0]), None)
+        first_record = first_row.record if first_row is not None else None
     if spec.system_field != FieldSpec.system_field and first_record is not None \
             and spec.system_field not in first_record:
         # The column is optional per row, so a mistyped name would silently give no row one.

@@ -445,12 +445,6 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
         raise ValueError(f"{output} holds a finished run (run_config.json): pass --overwrite to "
                          "replace it, or choose another --output")
     refuse_earlier_checkpoints(config)  # (a stopped run: minutes of model loading saved)
-    if is_main:  # made now, not after minutes of model loading (a file in its path, say)
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"--output {output}: cannot create the folder "
-                             f"({error.strerror or error})") from error
 
 
 def _model_files(output: Path) -> list[str]:
@@ -944,11 +938,14 @@ def _output_lock(output: Path) -> Iterator[None]:
         yield
         return
     existed = output.exists()
-    try:
+    try:  # made now, not after minutes of model loading (a file in its path, say)
         output.mkdir(parents=True, exist_ok=True)
-    except OSError:  # (a file in its path: check_output says so)
-        yield
-        return
+    except OSError as error:
+        if output.is_file():  # (check_output says so, as it says of every --output it refuses)
+            yield
+            return
+        raise ValueError(f"--output {output}: cannot create the folder "
+                         f"({error.strerror or error})") from error
     lock = output / TRAIN_LOCK
     had_lock = lock.exists()
     with folder_lock(output, TRAIN_LOCK, wait=False) as held:
