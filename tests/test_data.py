@@ -312,6 +312,18 @@ def test_a_system_message_the_template_moves_is_rejected_with_the_reason(tmp_pat
     assert answer_text(tokenizer, kept) == " 5<|im_end|> 10<|im_end|>"
     assert isinstance(rejected, Rejection) and rejected.field == "messages[0].content"
     assert rejected.reason.startswith("the chat template leaves out the system message")
+    # The variant that writes it into the last *user* turn keeps it in a training row, but the
+    # earlier answers follow a prompt without it: refused as a history that renders otherwise.
+    last_user = SYSTEM_IN_LAST_USER_TEMPLATE.replace(
+        "{% if loop.last and system %}",
+        "{% if message == (chat | selectattr('role', 'equalto', 'user') | list)[-1] "
+        "and system %}")
+    (rejected,) = iter_examples(write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[3]]),
+                                tokenizer_with_template(last_user), on_bad="skip")
+    assert isinstance(rejected, Rejection) and rejected.field == "messages"
+    assert rejected.reason.startswith("the chat template renders the conversation before "
+                                      "assistant turn 1 otherwise than the prompt")
+    assert "system message into the last user turn" in rejected.reason
 
 
 def test_a_system_prompt_the_template_leaves_out_is_refused_naming_its_field(tmp_path):
