@@ -596,6 +596,10 @@ def eval_command(
     max_length: Annotated[int, _heldout(help="Truncation of --data as in precompute; 0 "
                                                  "for none.")] = 2048,
     max_rows: Annotated[int | None, _heldout(help="Only the first N held-out rows.")] = None,
+    on_bad: Annotated[str, _heldout(
+        help="What a bad --data row does: 'error' stops with file, line and field; 'skip' "
+             "scores the others, says how many were rejected and lists them with the reason "
+             "in --json-out.")] = "error",
     max_questions: Annotated[int | None, _choices(
         help="Only the first N questions of each --choices file.")] = None,
     dtype: Annotated[str, _scoring(
@@ -629,7 +633,7 @@ def eval_command(
             system_field=system_field, train_turns=train_turns, chat_template=chat_template,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
-            per_item=str(per_item) if per_item else None)
+            per_item=str(per_item) if per_item else None, on_bad=on_bad)
     except ValueError as error:
         _fail(str(error))
     # before minutes of scoring: a path it cannot write would lose them

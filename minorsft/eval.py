@@ -51,6 +51,7 @@ from minorsft.data import (
     DataError,
     Example,
     FieldSpec,
+    Rejection,
     data_label,
     data_source,
     iter_examples,
@@ -104,9 +105,12 @@ class EvalConfig:
     device: str = "auto"
     max_batch_tokens: int | None = None
     per_item: str | None = None  # JSONL: one line per held-out row and per question
+    on_bad: str = "error"  # a bad --data row: "error" stops, "skip" scores the rest and lists it
 
     def __post_init__(self):
         # checks them before any work
+        if self.on_bad not in {"error", "skip"}:
+            raise ValueError(f"--on-bad must be 'error' or 'skip', got {self.on_bad!r}")
         FieldSpec(self.prompt_field, self.response_field, self.system_field,
                   train_turns=self.train_turns)
         if self.reference and self.reference.endswith(".parquet") \
@@ -645,6 +649,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             console.print(f"note: {note}", highlight=False, markup=False)
     # The rows before the model: a bad held-out row or cache fails before minutes of loading.
     examples, ref_logps, metadata, data = None, None, None, None
+    rejected: list[Rejection] = []
     if looks_like_cache(config.reference):
         examples, ref_logps, metadata = _cache_examples(Path(config.reference), model_fp,
                                                         config.max_rows)
@@ -660,11 +665,19 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                          train_turns=config.train_turns)
         # islice takes the first N rows; a bad row past them is not theirs and raises nothing
         # (the reader may have rendered up to a tokenizer batch more, unused)
-        examples = list(islice(iter_examples(data_files, tokenizer, spec, config.max_length,
-                                             on_bad="error"), config.max_rows))
+        examples, rejected = [], []
+        for item in islice(iter_examples(data_files, tokenizer, spec, config.max_length,
+                                         on_bad=config.on_bad), config.max_rows):
+            (rejected if isinstance(item, Rejection) else examples).append(item)
         if not examples:
-            raise DataError(data_label(data_files), None, None, "no rows (the "
-                            f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
+            raise DataError(data_label(data_files), None, None, (
+                f"no row could be scored ({len(rejected)} rejected; the first: "
+                f"{rejected[0].error})") if rejected else (
+                f"no rows (the {'file is' if len(data_files) == 1 else 'files are'} empty)"))
+        if rejected:
+            console.print(f"note: {len(rejected)} held-out row{'s' * (len(rejected) != 1)} "
+                          f"rejected and not scored (the first: {rejected[0].error}); "
+                          "--json-out lists them all", highlight=False, markup=False)
         data = str(data_files[0]) if len(data_files) == 1 else data_source(config.data)
 
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
@@ -711,6 +724,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         result["heldout"] = heldout_metrics(policy_logps, ref_logps,
                                             [e.num_tokens for e in examples],
                                             sum(e.truncated for e in examples))
+        if config.on_bad == "skip" and config.data is not None:
+            result["heldout"]["rejected_rows"] = len(rejected)
+            result["rejected"] = [rejection.as_dict() for rejection in rejected]
         if config.per_item:
             items = heldout_items(examples, policy_logps, ref_logps) + items
     if choices is not None:
@@ -733,6 +749,8 @@ def format_table(result: dict) -> str:
     if held := result.get("heldout"):
         cut = (f"; {held['truncated_rows']} cut at the maximum length"
                if held.get("truncated_rows") else "")
+        if held.get("rejected_rows"):
+            cut += f"; {held['rejected_rows']} rejected rows not scored"
         lines.append(f"| held-out rows | {held['rows']} ({held['answer_tokens']} answer "
                      f"tokens{cut}) |")
         lines.append(f"| NLL per answer token | {_number(held['nll_per_token'], '.4f')} |")

@@ -458,6 +458,35 @@ def test_max_rows_reads_no_further_than_its_rows(tiny_model_dir, demo_jsonl, tmp
         run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data), max_rows=4))
 
 
+def test_on_bad_skip_scores_the_good_rows_and_lists_the_bad(tiny_model_dir, demo_jsonl,
+                                                           tmp_path):
+    """A bad held-out row stopped eval with no way round it but editing the file; with
+    --on-bad skip the others are scored (the same numbers as without the bad rows) and every
+    rejected row is named, with its reason, in the JSON result."""
+    good = demo_jsonl.read_text().splitlines()[:3]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join([good[0], '{"prompt": "q"}', good[1], "not json", good[2]]) + "\n")
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(good) + "\n")
+    with pytest.raises(DataError, match="mixed.jsonl:2: field 'response'"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), data=str(data)))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
+                                      str(data), "--on-bad", "skip", "--json"])
+    assert result.exit_code == 0, result.output
+    skipped = _strict_json(result.stdout)
+    expected = run_eval(EvalConfig(model=str(tiny_model_dir), data=str(clean)))["heldout"]
+    assert skipped["heldout"] == {**expected, "rejected_rows": 2}
+    assert [(r["file"], r["line"], r["field"]) for r in skipped["rejected"]] == [
+        (str(data), 2, "response"), (str(data), 4, None)]
+    assert "2 held-out rows rejected and not scored" in " ".join(result.stderr.split())
+    assert "2 rejected rows not scored" in format_table(skipped)
+    with pytest.raises(DataError, match=r"no row could be scored \(1 rejected; the first: .*:1"):
+        run_eval(EvalConfig(model=str(tiny_model_dir), on_bad="skip",
+                            data=str(write_jsonl(tmp_path / "all_bad.jsonl", [{"prompt": "q"}]))))
+    with pytest.raises(ValueError, match="--on-bad must be 'error' or 'skip'"):
+        EvalConfig(model=str(tiny_model_dir), data=str(data), on_bad="drop")
+
+
 def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv, tmp_path):
     """A `train --lora-r --merge-lora` output holds adapters at the top and the whole model in
     merged/; eval of the top folder names merged/ rather than "no config.json"."""
