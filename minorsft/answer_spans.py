@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from minorsft import tools
 from minorsft.data_errors import DataError
@@ -98,11 +98,7 @@ def render_conversation(
         return _render(tokenizer, some, generation_prompt, tool_definitions)
 
     full_text = render(messages, generation_prompt=False)
-    for message in messages:
-        # (trimmed: templates may trim a turn's text, as Llama 3's and Gemma's do)
-        if message["role"] == "system" and (text := message["content"].strip()) \
-                and text not in full_text:
-            raise SystemNotRendered(text)
+    _refuse_unrendered_system(render, messages, full_text, tool_definitions)
     answered = [index for index, message in enumerate(messages)
                 if message["role"] == "assistant" and (trained is None or trained[index])]
     try:
@@ -130,6 +126,40 @@ def render_conversation(
                                       messages, tool_definitions):
             raise ValueError(reason)
     return full_text, list(answers.values())
+
+
+def _refuse_unrendered_system(render: Callable[[list[dict], bool], str], messages: list[dict],
+                              full_text: str, tool_definitions: list[dict] | None) -> None:
+    """A SystemNotRendered for a system message that `full_text` (the conversation rendered)
+    lacks. Its (trimmed: templates may trim a turn's text, as Llama 3's and Gemma's do) text not
+    in the rendered conversation settles it, as it does for most rows; where the text is there
+    but also in another turn (or the tools), that turn may be where it comes from, so the row is
+    rendered once more with a probe in its place."""
+    for index, message in enumerate(messages):
+        if message["role"] != "system" or not (text := message["content"].strip()):
+            continue
+        if text not in full_text:
+            raise SystemNotRendered(text)
+        elsewhere = (string for other in [*messages[:index], *messages[index + 1:],
+                                          tool_definitions]
+                     for string in _strings(other))
+        if full_text.count(text) > 1 or any(text in string for string in elsewhere):
+            probed = [*messages[:index], dict(message, content=SYSTEM_PROBE),
+                      *messages[index + 1:]]
+            if SYSTEM_PROBE not in render(probed, False):
+                raise SystemNotRendered(text)
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string in a row's value (a message, its tool calls, tool definitions)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
 
 
 def prompt_joined(offsets: list[tuple[int, int]],
@@ -194,6 +224,8 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, ...]]) -> l
 
 # Stands in for an assistant turn's content, to find where the template puts the content.
 ANSWER_PROBE = "MINORSFT_ANSWER_PROBE_7F3A"
+# Stands in for a system message, to see whether the template writes it at all.
+SYSTEM_PROBE = "MINORSFT_SYSTEM_PROBE_7F3A"
 
 
 class SystemNotRendered(ValueError):

@@ -343,6 +343,19 @@ def test_a_system_prompt_the_template_leaves_out_is_refused_naming_its_field(tmp
     chatml = build_tiny_tokenizer()  # (writes system turns: kept)
     assert not any(isinstance(row, Rejection) for row in iter_examples(
         tmp_path / "rows.jsonl", chatml, on_bad="skip"))
+    # A system text that another turn repeats was taken as written (a substring test): the
+    # template's leaving it out is found by rendering the row with a probe in its place.
+    echoed = [{"system": "Answer in French.", "prompt": "Answer in French. hi",
+               "response": "Bonjour"},
+              {"messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Be brief, as the system says"},
+                            {"role": "assistant", "content": "Be brief."}]}]
+    path = write_jsonl(tmp_path / "echoed.jsonl", echoed)
+    column, turn = iter_examples(path, tokenizer, on_bad="skip")
+    assert (column.field, turn.field) == ("system", "messages[0].content")
+    assert "leaves out the system message" in turn.reason
+    assert not any(isinstance(row, Rejection) for row in iter_examples(path, chatml,
+                                                                       on_bad="skip"))
 
 
 # Qwen3's own rule: the thinking block goes into the last assistant turn after the last user
