@@ -49,6 +49,7 @@ _models = partial(typer.Option, rich_help_panel="Models")
 _heldout = partial(typer.Option, rich_help_panel="Held-out data")
 _choices = partial(typer.Option, rich_help_panel="Multiple choice")
 _report = partial(typer.Option, rich_help_panel="Output")
+_evaluation = partial(typer.Option, rich_help_panel="Held-out evaluation")
 
 
 def _fail(message: str) -> None:
@@ -267,6 +268,16 @@ def train(
                                               "and run_config.json.")] = Path("runs/minorsft"),
     model: Annotated[str | None, _files(
         help="The policy's starting model; default: the model that wrote the cache.")] = None,
+    eval_cache: Annotated[Path | None, _evaluation(
+        help="A cache `minorsft precompute` wrote from held-out rows: the policy's NLL per "
+             "answer token and m_theta against its reference log-probs, before the first "
+             "step and every --eval-every steps, go to <output>/eval_metrics.jsonl and the "
+             "plot.", show_default=False)] = None,
+    eval_every: Annotated[int | None, _evaluation(
+        help="Steps between held-out evaluations (default: about ten over the run; the "
+             "last step is always evaluated).", show_default=False)] = None,
+    eval_rows: Annotated[int | None, _evaluation(
+        help="Only the first N rows of --eval-cache.", show_default=False)] = None,
     loss: Annotated[str, _loss(
         help="minorsft (eq. 7), sft (raw SFT, eq. 5) or sft-dpo (SFT using DPO, eq. 3).")
     ] = "minorsft",
@@ -376,7 +387,9 @@ def train(
             step0_tolerance=step0_tolerance,
             packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, merge_lora=merge_lora,
-            master_weights=master_weights, torch_compile=torch_compile)
+            master_weights=master_weights, torch_compile=torch_compile,
+            eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
+            eval_rows=eval_rows)
     except ValueError as error:
         _fail(str(error))
     try:

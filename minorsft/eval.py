@@ -58,6 +58,7 @@ from minorsft.data import (
     resolve_data,
 )
 from minorsft.engines.hf import TransformersEngine, token_budget_batches
+from minorsft.heldout import TOKENIZER_FIELDS, heldout_metrics
 from minorsft.jsonl import json_safe, malformed_json_reason
 from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import (
@@ -535,30 +536,7 @@ def write_items(path: Path, items: list[dict]) -> None:
                                     for item in items))
 
 
-def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
-                    num_tokens: list[int], truncated_rows: int = 0) -> dict:
-    """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta;
-    `truncated_rows`: how many rows --max-length cut (the answer is scored up to the cut)."""
-    metrics = {
-        "rows": len(policy_logps),
-        "truncated_rows": truncated_rows,
-        "answer_tokens": sum(num_tokens),
-        "nll_per_token": -sum(policy_logps) / sum(num_tokens),
-        "mean_nll": sum(-p / m for p, m in zip(policy_logps, num_tokens, strict=True))
-        / len(policy_logps),
-    }
-    if ref_logps is not None:
-        # Summed in float64 in this order so that a model against itself gives exactly 0.
-        ratios = [(p - r) / m for p, r, m in zip(policy_logps, ref_logps, num_tokens, strict=True)]
-        metrics["m_theta"] = sum(ratios) / len(ratios)
-    return metrics
-
-
 # --- the stage ---------------------------------------------------------------------------------
-
-# What must match for token ids to mean the same text and to be the ids the model is given.
-TOKENIZER_FIELDS = ("tokenizer", "tokenization", "chat_template")
-
 
 def _cache_examples(path: Path, tokenizer_fp: dict, max_rows: int | None):
     metadata = read_metadata(path)

@@ -25,6 +25,12 @@ PANELS = (
     ("reward", "mean reward beta r"),
     ("lr", "learning rate"),
 )
+# (eval_metrics.jsonl key, panel title): `train --eval-cache`'s held-out numbers, drawn where
+# a run has them (they are measured every few steps, so their curves have fewer points).
+HELDOUT_PANELS = (
+    ("m_theta", "held-out m_theta (eq. 8)"),
+    ("nll_per_token", "held-out answer NLL per token"),
+)
 LOSS_COLOURS = {"sft": "tab:blue", "sft-dpo": "tab:orange", "minorsft": "tab:green"}
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -103,8 +109,25 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     return label, rows, config
 
 
+def read_heldout(run_dir: Path) -> list[dict]:
+    """The held-out records of a run trained with --eval-cache (eval_metrics.jsonl), or none;
+    a line that does not parse (a run killed while writing it) is skipped."""
+    path = Path(run_dir) / "eval_metrics.jsonl"
+    records = []
+    if path.is_file():
+        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
-    """Draw the six panels for every run into one PNG at `out`; returns the path written.
+    """Draw the six panels for every run into one PNG at `out`, and two of held-out numbers
+    where a run has them; returns the path written.
 
     An `out` without an extension gets `.png`, as matplotlib would add it.
     """
@@ -114,19 +137,24 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs, empty = [], []
+    runs, empty, heldout = [], [], []
     for run_dir, name in zip(run_dirs, run_names(run_dirs), strict=True):
         try:
             runs.append(read_run(Path(run_dir), name))
+            heldout.append(read_heldout(Path(run_dir)))
         except NoStepsYet as error:  # a run that has just started: plot the others
             empty.append(error)
     if not runs:
         raise empty[0]
     for error in empty:
         print(f"warning: {error}; its run is left out", file=sys.stderr)
-    figure, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+    panels = [(key, title, False) for key, title in PANELS]
+    if any(heldout):
+        panels[5:5] = [(key, title, True) for key, title in HELDOUT_PANELS]
+    columns = len(panels) // 2
+    figure, axes = plt.subplots(2, columns, figsize=(13 * columns / 3, 7), sharex=True)
     style_index: dict[str, int] = {}
-    for label, rows, config in runs:
+    for (label, rows, config), records in zip(runs, heldout, strict=True):
         loss = config.get("loss")
         # grey for a run whose loss is not known yet: matplotlib's default blue and orange
         # would pass it off as an sft or sft-dpo run
@@ -134,12 +162,16 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         # Runs of the same loss share a colour; their lrs differ by line style.
         linestyle = LINESTYLES[style_index.get(loss, 0) % len(LINESTYLES)]
         style_index[loss] = style_index.get(loss, 0) + 1
-        steps = [row["step"] for row in rows]
-        for axis, (key, _) in zip(axes.flat, PANELS, strict=True):
-            values = [row.get(key, float("nan")) for row in rows]
+        for axis, (key, _, held) in zip(axes.flat, panels, strict=True):
+            series = records if held else rows
+            if not series:
+                continue
+            steps = [row["step"] for row in series]
+            # (json_safe wrote a value that was not finite as null)
+            values = [float("nan") if row.get(key) is None else row[key] for row in series]
             axis.plot(steps, values, label=label, color=colour, linestyle=linestyle,
                       marker="." if len(steps) < 40 else None)
-    for axis, (key, panel_title) in zip(axes.flat, PANELS, strict=True):
+    for axis, (key, panel_title, _) in zip(axes.flat, panels, strict=True):
         axis.set_title(panel_title, fontsize=10)
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at 0.5
@@ -149,9 +181,9 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         axis.set_xlabel("optimizer step")
     # One legend under the panels: inside the m_theta panel it covered the curves.
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    columns = min(len(labels), 3)
-    rows = math.ceil(len(labels) / columns)
-    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8,
+    legend_columns = min(len(labels), 3)
+    rows = math.ceil(len(labels) / legend_columns)
+    figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8,
                   frameon=False)
     if title:
         figure.suptitle(title)

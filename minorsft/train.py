@@ -72,6 +72,7 @@ from minorsft.distributed import (
     wrap_policy,
 )
 from minorsft.folder_lock import folder_lock
+from minorsft.heldout import eval_every, evaluate, is_eval_step, read_heldout_rows
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
@@ -156,6 +157,11 @@ class TrainConfig:
     # torch.compile the decoder layers and the head's block arithmetic (minorsft.compiling).
     # None: on CUDA (COMPILE_BY_DEVICE)
     torch_compile: bool | None = None
+    # Held-out rows (a precompute cache) scored every `eval_every` steps (None: about ten times
+    # over the run) and before the first step, into eval_metrics.jsonl; `eval_rows`: the first N
+    eval_cache: str | None = None
+    eval_every: int | None = None
+    eval_rows: int | None = None
 
     def __post_init__(self):
         if self.loss not in LOSS_NAMES:
@@ -213,6 +219,18 @@ class TrainConfig:
             raise ValueError("--save-every must be positive")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
+        if (self.eval_every is not None and self.eval_every < 1) or \
+                (self.eval_rows is not None and self.eval_rows < 1):
+            raise ValueError("--eval-every and --eval-rows must be positive")
+        if self.eval_cache is None and (given := [
+                f"--{name.replace('_', '-')} {getattr(self, name)}"
+                for name in ("eval_every", "eval_rows") if getattr(self, name) is not None]):
+            raise ValueError(f"{', '.join(given)}: held-out evaluation needs --eval-cache (a "
+                             "cache that `minorsft precompute` wrote from held-out rows)")
+        if self.eval_cache is not None and Path(self.eval_cache).resolve() == \
+                Path(self.cache).resolve():
+            raise ValueError("--eval-cache is the training cache: held-out numbers need rows "
+                             "the policy does not train on")
         if self.lora_r < 0 or (self.merge_lora and not self.lora_r):
             raise ValueError("--lora-r must be >= 0, and --merge-lora needs --lora-r > 0")
         if not self.lora_r and (given := [
@@ -363,6 +381,7 @@ class TrainState:
     # the model's own non-zero dropout rates (turned off unless --keep-dropout)
     model_dropout: dict = field(default_factory=dict)
     config_dropout: dict = field(default_factory=dict)  # the config's own, for saving
+    heldout_rows: list[dict] = field(default_factory=list)  # --eval-cache's rows
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -406,7 +425,7 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
 RUN_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
              "config.json",
              "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
-             "metrics.jsonl", "run_config.json")
+             "metrics.jsonl", "eval_metrics.jsonl", "run_config.json")
 RUN_FOLDERS = ("checkpoints", "merged")
 
 
@@ -449,7 +468,7 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
 
 def _model_files(output: Path) -> list[str]:
     """The files of a run's model in `output` (not its metrics, which a crashed run leaves)."""
-    return sorted(f.name for pattern in RUN_FILES if pattern != "metrics.jsonl"
+    return sorted(f.name for pattern in RUN_FILES if not pattern.endswith("metrics.jsonl")
                   for f in output.glob(pattern))
 
 
@@ -515,6 +534,12 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to train on")
     validate_values(cache)
+    heldout_rows = []
+    if config.eval_cache is not None:  # (before minutes of model loading, as the cache's checks)
+        heldout_rows, note = read_heldout_rows(Path(config.eval_cache), metadata,
+                                               config.eval_rows)
+        if note and world.is_main:
+            console.print(f"note: {note}", highlight=False, markup=False)
     if config.strategy == "fsdp" and not world.distributed and world.is_main:
         console.print("note: --strategy fsdp applies under torchrun with several processes; "
                       "this is one process, trained without it", highlight=False)
@@ -617,7 +642,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
-                       scaler=scaler, model_dropout=rates, config_dropout=config_rates)
+                       scaler=scaler, model_dropout=rates, config_dropout=config_rates,
+                       heldout_rows=heldout_rows)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -729,10 +755,13 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
     # A resumed run's `elapsed` goes on from its checkpoint's (the time it was stopped not
     # counted), so that wall-clock curves have no jump back to 0.
     elapsed_before = trim_metrics(metrics_path, first) if main else 0.0
+    heldout = _HeldoutLog(state, config, console, output, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             progress(console, columns, _describe_training, disable=not main) as bar:
         task = bar.add_task("train", total=state.total_steps, completed=first,
                             loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
+        if first == 0:
+            heldout.after(0)  # the starting point of the held-out curves
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
             metrics = train_step(state, config, rows)
@@ -755,6 +784,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
             bar.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
             done = step + 1
+            heldout.after(done)  # (before a checkpoint at `done`: a resume keeps its record)
             stopping = stop.agreed(state)
             if stopping or (config.save_every and done % config.save_every == 0):
                 path = save_checkpoint(state, config, done)
@@ -763,6 +793,39 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
                 if stopping or (done < state.total_steps and stop.agreed(state)):
                     raise TrainingInterrupted(done, path)
     return history
+
+
+class _HeldoutLog:
+    """--eval-cache's evaluations during `fit`: the policy scored on the held-out rows every
+    few steps, each record a line of <output>/eval_metrics.jsonl (main process) and a line on
+    the console. Does nothing without --eval-cache."""
+
+    def __init__(self, state: TrainState, config: TrainConfig, console: Console, output: Path,
+                 first: int):
+        self.state, self.config, self.console = state, config, console
+        self.every = eval_every(config.eval_every, state.total_steps)
+        self.path = output / "eval_metrics.jsonl"
+        if state.world.is_main:
+            # a resumed run keeps the records up to its checkpoint's step, evaluated there
+            if first:
+                trim_metrics(self.path, first + 1)
+            else:
+                self.path.unlink(missing_ok=True)
+
+    def after(self, done: int) -> None:
+        state = self.state
+        if not state.heldout_rows or not is_eval_step(done, self.every, state.total_steps):
+            return
+        record = evaluate(lambda rows: policy_logps(state, self.config, rows),
+                          state.heldout_rows, done)
+        if not state.world.is_main:
+            return
+        with self.path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self.console.print(
+            f"held-out after {done} step{'s' * (done != 1)}: NLL per token "
+            f"{record['nll_per_token']:.4f}, m_theta {record['m_theta']:+.3e} "
+            f"({record['rows']} rows, {record['seconds']:.1f} s)", highlight=False)
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -1025,6 +1088,28 @@ STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, MIXED_PRECI
                    FP16_MIXED_PRECISION: 0.1}
 
 
+def policy_logps(state: TrainState, config: TrainConfig, rows: list[dict]) -> list[float]:
+    """The policy's summed answer log-probs of cache `rows`, as the cache was scored: in eval
+    mode (no dropout), without gradients, in the training precision, a micro-batch at a time.
+
+    Every rank scores all the rows (FSDP needs every rank in each forward). No random numbers
+    are drawn, so a run's training is the same with or without these looks at the policy.
+    """
+    was_training = state.model.training
+    state.model.eval()
+    scores = []
+    try:
+        with torch.no_grad(), compute_precision(state):
+            for start in range(0, len(rows), config.micro_batch_size):
+                micro = rows[start: start + config.micro_batch_size]
+                logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device,
+                                        state.packing)
+                scores.extend(logps.tolist())
+    finally:
+        state.model.train(was_training)
+    return scores
+
+
 def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dict:
     """Before the first step: the policy's own log-probs on a few cache rows must match the cache.
 
@@ -1036,17 +1121,7 @@ def check_step0(state: TrainState, config: TrainConfig, console: Console) -> dic
     With `allow_mismatch` (a different starting model on purpose) it warns instead of stopping.
     """
     rows = list(islice(iter_rows(Path(config.cache)), STEP0_ROWS))
-    was_training = state.model.training
-    state.model.eval()  # the cache was scored in eval mode (no dropout)
-    policy = []
-    # every rank scores the same rows (FSDP needs all of them to), in the training precision
-    with torch.no_grad(), compute_precision(state):
-        for start in range(0, len(rows), config.micro_batch_size):
-            micro = rows[start: start + config.micro_batch_size]
-            logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device,
-                                    state.packing)
-            policy.extend(logps.tolist())
-    state.model.train(was_training)
+    policy = policy_logps(state, config, rows)
     per_token = [(p - r["ref_logps"]) / r["num_tokens"]
                  for p, r in zip(policy, rows, strict=True)]
     m_theta = sum(per_token) / len(per_token)

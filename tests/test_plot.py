@@ -257,3 +257,23 @@ def test_replicate_script_end_to_end_tiny(tiny_model_dir, tmp_path):
     assert "| minorsft vs sft, lr 0.001 |" in (out / "results.md").read_text()
     assert replicate.sign_test(14, 2) == pytest.approx(0.00418, abs=1e-5)  # 2 x 137 / 2**16
     assert replicate.sign_test(3, 3) == 1.0 and replicate.sign_test(0, 0) == 1.0
+
+
+def test_held_out_panels_appear_where_a_run_has_them(tmp_path, saved_figures):
+    """A run trained with --eval-cache has eval_metrics.jsonl: its held-out m_theta and NLL
+    get two panels (a run without them draws nothing there); without any, six panels."""
+    plain = _fake_run(tmp_path / "plain", loss="sft")
+    evaluated = _fake_run(tmp_path / "evaluated")
+    records = [{"step": 0, "m_theta": 0.0, "nll_per_token": 2.0},
+               {"step": 2, "m_theta": 0.03, "nll_per_token": None}]  # (null: not finite)
+    (evaluated / "eval_metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "m_th')
+    plot_runs([plain, evaluated], tmp_path / "curves.png")
+    plot_runs([plain], tmp_path / "plain.png")
+    with_heldout, without = saved_figures
+    titles = [axis.get_title() for axis in with_heldout.axes]
+    assert len(titles) == 8 and len(without.axes) == 6
+    m_theta = with_heldout.axes[titles.index("held-out m_theta (eq. 8)")]
+    (line,) = [line for line in m_theta.get_lines() if not line.get_label().startswith("_")]
+    assert line.get_label().startswith("evaluated") and list(line.get_xdata()) == [0, 2]
+    assert list(line.get_ydata()) == [0.0, 0.03]

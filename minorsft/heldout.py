@@ -1,0 +1,98 @@
+"""Held-out numbers: NLL per answer token and the paper's m_theta (eq. 8) against the reference,
+from summed log-probs. `minorsft eval` computes them once for a model; `minorsft train
+--eval-cache` computes them every few steps for the policy being trained, on a cache of held-out
+rows (precompute's: its reference log-probs are the m_theta baseline), into eval_metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from itertools import islice
+from pathlib import Path
+
+from minorsft.cache import CacheError, iter_rows, read_metadata, validate_values
+from minorsft.models import FINGERPRINT_FIELDS_BEFORE_0_4_2
+
+# What must match for token ids to mean the same text and to be the ids the model is given.
+TOKENIZER_FIELDS = ("tokenizer", "tokenization", "chat_template")
+# Evaluations over a run when --eval-every is not given (and one before the first step).
+DEFAULT_EVALUATIONS = 10
+
+
+def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
+                    num_tokens: list[int], truncated_rows: int = 0) -> dict:
+    """NLL per token (token-weighted and sample mean) and, given reference log-probs, m_theta;
+    `truncated_rows`: how many rows --max-length cut (the answer is scored up to the cut)."""
+    metrics = {
+        "rows": len(policy_logps),
+        "truncated_rows": truncated_rows,
+        "answer_tokens": sum(num_tokens),
+        "nll_per_token": -sum(policy_logps) / sum(num_tokens),
+        "mean_nll": sum(-p / m for p, m in zip(policy_logps, num_tokens, strict=True))
+        / len(policy_logps),
+    }
+    if ref_logps is not None:
+        # Summed in float64 in this order so that a model against itself gives exactly 0.
+        ratios = [(p - r) / m for p, r, m in zip(policy_logps, ref_logps, num_tokens, strict=True)]
+        metrics["m_theta"] = sum(ratios) / len(ratios)
+    return metrics
+
+
+def eval_every(every: int | None, total_steps: int) -> int:
+    """Steps between evaluations: `every`, or about DEFAULT_EVALUATIONS over the run."""
+    return every or max(1, math.ceil(total_steps / DEFAULT_EVALUATIONS))
+
+
+def is_eval_step(done: int, every: int, total_steps: int) -> bool:
+    """Whether the policy is evaluated after `done` optimizer steps (0: before the first)."""
+    return done % every == 0 or done == total_steps
+
+
+def read_heldout_rows(path: Path, training_metadata: dict, limit: int | None
+                      ) -> tuple[list[dict], str | None]:
+    """The first `limit` (None: all) rows of the held-out cache at `path`, and a note where its
+    reference is not the training cache's (its m_theta then measures against another model).
+
+    Refused: a cache tokenized otherwise than the training cache (its token ids would not be
+    the ones the policy reads), one with no rows, one with a value that is not finite.
+    """
+    label = f"--eval-cache {path}"
+    try:
+        metadata = read_metadata(path)
+    except (CacheError, OSError) as error:
+        raise CacheError(f"{label}: {error}") from error
+    cached = metadata.get("fingerprint") or {}
+    training = training_metadata.get("fingerprint") or {}
+    for key in TOKENIZER_FIELDS:
+        comparable = key in FINGERPRINT_FIELDS_BEFORE_0_4_2 or (key in cached and key in training)
+        if comparable and cached.get(key) != training.get(key):
+            raise CacheError(f"{label}: tokenized with a different {key} than the training cache "
+                             f"({training_metadata.get('model')}); its token ids do not apply. "
+                             "Write it with the same model (and --chat-template) as the "
+                             "training cache")
+    validate_values(path)
+    rows = list(islice(iter_rows(path), limit))
+    if not rows:
+        raise CacheError(f"{label}: the cache has no rows (were they all rejected? see its "
+                         "_rejects.jsonl): nothing to evaluate")
+    note = None
+    if cached.get("weights") != training.get("weights") or metadata.get("dtype") != \
+            training_metadata.get("dtype"):
+        note = (f"{label} was scored under {metadata.get('model')} ({metadata.get('dtype')}), "
+                f"the training cache under {training_metadata.get('model')} "
+                f"({training_metadata.get('dtype')}): held-out m_theta measures against the "
+                "former")
+    return rows, note
+
+
+def evaluate(score, rows: list[dict], step: int) -> dict:
+    """The held-out record after `step` optimizer steps: `score(rows)` gives the policy's
+    summed log-probs of the rows' answers."""
+    started = time.perf_counter()
+    policy_logps = score(rows)
+    record = {"step": step, **heldout_metrics(
+        policy_logps, [row["ref_logps"] for row in rows], [row["num_tokens"] for row in rows],
+        sum(bool(row.get("truncated")) for row in rows))}
+    record["seconds"] = time.perf_counter() - started
+    return record

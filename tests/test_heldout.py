@@ -1,0 +1,112 @@
+"""`train --eval-cache`: held-out NLL and m_theta of the policy every few steps, the same
+numbers `minorsft eval` gives for the saved model, with training itself unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from minorsft.cache import CacheError
+from minorsft.checkpoints import TrainingInterrupted
+from minorsft.eval import EvalConfig, run_eval
+from minorsft.heldout import eval_every, is_eval_step
+from minorsft.train import TrainConfig, run_train
+
+from .conftest import build_tiny_model, build_tiny_tokenizer, demo_rows, precompute_rows
+from .test_train_resume import interrupt_after
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model_dir, tmp_path_factory):
+    """A training cache and a held-out one of other rows, under the tiny model."""
+    folder = tmp_path_factory.mktemp("heldout")
+    (folder / "train").mkdir()
+    (folder / "heldout").mkdir()
+    train = precompute_rows(str(tiny_model_dir), folder / "train", demo_rows(4),
+                            max_batch_tokens=256)
+    held = [{"id": f"held-{n}", "prompt": f"{n} plus {n}", "response": f"{2 * n} in total."}
+            for n in range(8)]
+    return train, precompute_rows(str(tiny_model_dir), folder / "heldout", held,
+                                  max_batch_tokens=256)
+
+
+def config(caches, output, **overrides):
+    train, held = caches
+    settings = dict(cache=str(train), output=str(output), batch_size=4, micro_batch_size=2,
+                    lr=1e-3, max_steps=4, shuffle_buffer=8, eval_cache=str(held))
+    return TrainConfig(**{**settings, **overrides})
+
+
+def records(output):
+    lines = (output / "eval_metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_evaluations_match_eval_and_leave_training_as_it_was(caches, tmp_path):
+    run_train(config(caches, tmp_path / "with", eval_every=3), QUIET)
+    evaluated = records(tmp_path / "with")
+    assert [r["step"] for r in evaluated] == [0, 3, 4]  # before the first step, every 3, last
+    assert all(r["rows"] == 8 for r in evaluated)
+    # before any update the policy is the reference that scored the held-out cache
+    assert abs(evaluated[0]["m_theta"]) < 1e-5
+    assert evaluated[-1]["m_theta"] > evaluated[0]["m_theta"] + 1e-3  # trained (lr 1e-3)
+    # the last record is what `minorsft eval` measures for the saved model
+    final = run_eval(EvalConfig(model=str(tmp_path / "with"), reference=str(caches[1])),
+                     QUIET)
+    for key in ("rows", "answer_tokens", "nll_per_token", "mean_nll", "m_theta"):
+        assert final["heldout"][key] == pytest.approx(evaluated[-1][key], rel=1e-5, abs=1e-6)
+    # looking at the policy draws no random numbers and changes no weight
+    run_train(config(caches, tmp_path / "without", eval_cache=None), QUIET)
+    a = load_file(tmp_path / "with" / "model.safetensors")
+    b = load_file(tmp_path / "without" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not (tmp_path / "without" / "eval_metrics.jsonl").exists()
+
+
+def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_path,
+                                                                  monkeypatch):
+    run_train(config(caches, tmp_path / "a", eval_every=1), QUIET)
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(caches, tmp_path / "b", eval_every=1), QUIET)
+    monkeypatch.undo()
+    assert [r["step"] for r in records(tmp_path / "b")] == [0, 1, 2]
+    with (tmp_path / "b" / "eval_metrics.jsonl").open("a") as log:  # (as if killed after 3)
+        log.write(json.dumps({"step": 3, "rows": 8}) + "\n")
+    run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
+    assert records(tmp_path / "b") == records(tmp_path / "a")
+
+
+def test_held_out_settings_are_checked_before_the_model_loads(caches, tmp_path, monkeypatch):
+    train, _ = caches
+    with pytest.raises(ValueError, match="--eval-every 2: held-out evaluation needs "
+                                         "--eval-cache"):
+        config(caches, tmp_path / "run", eval_cache=None, eval_every=2)
+    with pytest.raises(ValueError, match="--eval-every and --eval-rows must be positive"):
+        config(caches, tmp_path / "run", eval_rows=0)
+    with pytest.raises(ValueError, match="--eval-cache is the training cache"):
+        config(caches, tmp_path / "run", eval_cache=str(train))
+    # a held-out cache tokenized by another tokenizer: its ids would mean other text
+    other = tmp_path / "other"
+    other.mkdir()
+    tokenizer = build_tiny_tokenizer(extra_corpus=("zebra quokka",))
+    build_tiny_model(tokenizer).save_pretrained(other / "model")
+    tokenizer.save_pretrained(other / "model")
+    foreign = precompute_rows(str(other / "model"), other, demo_rows(1), max_batch_tokens=256)
+    monkeypatch.setattr("minorsft.train.load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(CacheError, match=f"--eval-cache {foreign}: tokenized with a different "
+                                         "tokenizer than the training cache"):
+        run_train(config(caches, tmp_path / "run", eval_cache=str(foreign)), QUIET)
+
+
+def test_evaluation_steps():
+    assert eval_every(None, 100) == 10 and eval_every(None, 3) == 1 and eval_every(7, 3) == 7
+    assert [d for d in range(26) if is_eval_step(d, eval_every(None, 25), 25)] == [
+        0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
