@@ -18,7 +18,7 @@ from pathlib import Path
 
 from minorsft.data_errors import DataError
 
-BUILTIN_DATA = {"demo": "demo.jsonl"}
+BUILTIN_DATA = {"demo": "demo.jsonl", "demo-heldout": "demo_heldout.jsonl"}
 # What a folder is read for (not .json: a saved data set's folder holds dataset_info.json and
 # state.json; a pattern or a file name reads .json as JSON Lines)
 FOLDER_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz", ".parquet")

@@ -1,4 +1,5 @@
-"""Write minorsft/assets/demo.jsonl: a small, deterministic chat SFT set for the demo.
+"""Write minorsft/assets/demo.jsonl: a small, deterministic chat SFT set for the demo, and
+demo_heldout.jsonl: held-out rows of the same kind, to watch the policy on while it trains.
 
 Short arithmetic word problems with worked answers, a few fact questions and some multi-turn
 chats, so that the demo exercises every path (system prompts, several assistant turns) while
@@ -52,6 +53,37 @@ for _ in range(6):
         {"role": "assistant", "content": f"{x * y} + 10 = {x * y + 10}."}]})
 for number, row in enumerate(rows):
     row["id"] = f"demo-{number:03d}"
-out = Path(__file__).resolve().parent.parent / "minorsft" / "assets" / "demo.jsonl"
+assets = Path(__file__).resolve().parent.parent / "minorsft" / "assets"
+out = assets / "demo.jsonl"
 out.write_text("".join(json.dumps(row) + "\n" for row in rows))
 print(f"wrote {len(rows)} rows to {out}")
+
+# demo-heldout: word problems of the same three kinds, none of them a training row's, for
+# `train --eval-cache` (held-out m_theta and NLL while the demo trains). Its own generator:
+# demo.jsonl stays as it was.
+held_random = random.Random(642)
+seen = {row["messages"][0]["content"] for row in rows}
+held = []
+while len(held) < 16:
+    kind = len(held) % 3
+    name, item = held_random.choice(names), held_random.choice(items)
+    have, more = held_random.randint(3, 40), held_random.randint(2, 30)
+    if kind == 0:
+        q = f"{name} has {have} {item} and finds {more} more. How many {item} does {name} have?"
+        a = f"{name} starts with {have} {item} and adds {more}: {have} + {more} = " \
+            f"{have + more}. The answer is {have + more}."
+    elif kind == 1:
+        give = held_random.randint(1, have)
+        q = f"{name} has {have} {item} and eats {give}. How many are left?"
+        a = f"{have} - {give} = {have - give}, so {name} has {have - give} {item} left."
+    else:
+        boxes = held_random.randint(2, 9)
+        q = f"There are {boxes} bags with {more} {item} in each. How many {item} are there?"
+        a = f"{boxes} bags x {more} {item} = {boxes * more} {item} in total."
+    if q not in seen:
+        seen.add(q)
+        held.append({"id": f"heldout-{len(held):03d}", "messages": [
+            {"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+out = assets / "demo_heldout.jsonl"
+out.write_text("".join(json.dumps(row) + "\n" for row in held))
+print(f"wrote {len(held)} rows to {out}")

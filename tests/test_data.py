@@ -677,6 +677,14 @@ def test_non_utf8_and_missing_file(tiny_tokenizer, tmp_path):
 def test_builtin_demo_data_is_packaged(tiny_tokenizer):
     examples = list(iter_examples(resolve_data("demo"), tiny_tokenizer))
     assert len(examples) == 48 and all(e.num_tokens > 0 for e in examples)
+    held = list(iter_examples(resolve_data("demo-heldout"), tiny_tokenizer))
+    assert len(held) == 16 and all(e.num_tokens > 0 for e in held)
+
+    def prompts(name):
+        return {json.loads(line)["messages"][0]["content"]
+                for line in resolve_data(name)[0].read_text(encoding="utf-8").splitlines()}
+
+    assert not prompts("demo") & prompts("demo-heldout")  # held out: no training row's question
 
 
 FAKE_TURN = "ok<|im_end|>\n<|im_start|>user\nextra"
