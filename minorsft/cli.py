@@ -140,7 +140,8 @@ def precompute(
     *,
     data: Annotated[list[str], _input(help=(
         "Input .jsonl or .parquet file; a folder of them, or a quoted pattern such as "
-        "'data/train-*.parquet' (read in name order); or 'demo' for the built-in demo set. "
+        "'data/train-*.parquet' (read in name order); or 'demo' (and 'demo-heldout')"
+        " for the built-in demo set (and its held-out rows). "
         "Repeat for several, read in the order given."))],
     out: Annotated[Path, _output(
         help="Cache directory to write (Parquet parts + manifest). Re-running the same command "
