@@ -165,11 +165,12 @@ def _strings(value) -> Iterator[str]:
 def prompt_joined(offsets: list[tuple[int, int]],
                   spans: list[tuple[int, int, int]]) -> int | None:
     """The first token that is answer but also holds text of the prompt that generation starts
-    its turn from (None: no such token), as when an answer starting with a newline follows
-    ChatML's "assistant\n" (one "\n\n" token) or a prompt ends with a space that the answer's
-    first word takes. Training reads that token where generation, whose prompt ends inside it,
-    would not write it. A space the template writes after the generation prompt, which the
-    first word takes ("Assistant:" + " The"), is not such a token: generation writes it."""
+    its turn from (None: no such token), as when an answer starting with two newlines follows
+    ChatML's "assistant\n" (SmolLM2's tokenizer: "\n\n" then "\n") or a prompt ends with a
+    space that the answer's first word takes. Training reads that token where generation, whose
+    prompt ends inside it, would not write it. A space the template writes after the generation
+    prompt, which the first word takes ("Assistant:" + " The"), is not such a token: generation
+    writes it."""
     for start, stop, prompt_end in spans:
         token = bisect.bisect_right(offsets, start, key=lambda offset: offset[1])
         if token < len(offsets) and offsets[token][0] < min(prompt_end, stop) \

@@ -169,7 +169,8 @@ def test_an_answer_token_that_holds_the_end_of_the_generation_prompt_is_flagged(
     first_answer = examples["space in prompt"].answer_mask.index(True)
     assert joined["space in prompt"] == first_answer
     assert spaced.decode(ids[first_answer]) == " 5"
-    # SmolLM2's tokenizer writes "\n\n" as one token: the template's newline and the answer's
+    # SmolLM2's tokenizer writes "\n\n\n" as "\n\n" + "\n" (but "\n\n" as two tokens): the
+    # template's newline and the first of an answer's two
     from minorsft.models import DEFAULT_MODEL, load_tokenizer, resolve_model
 
     smollm2 = load_tokenizer(resolve_model(DEFAULT_MODEL))
