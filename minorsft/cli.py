@@ -469,6 +469,9 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     allow_mismatch: Annotated[bool, typer.Option(
         help="Check even if the cache was written by a different model/tokenizer.")] = False,
+    store: Annotated[bool, typer.Option(
+        help="Write the figures into the cache's metadata, where `cache info` shows them (as "
+             "precompute's --verify-sample does; replaces figures stored before).")] = False,
 ):
     """Measure how far the cache's reference log-probs are from what training computes."""
     from minorsft.verify import VerifyConfig, run_verify
@@ -477,7 +480,7 @@ def verify(
         config = VerifyConfig(
             cache=str(cache), model=model, sample=sample, seed=seed, beta=beta, dtype=dtype,
             device=device, max_batch_tokens=max_batch_tokens, max_delta_r=max_delta_r,
-            rescore=rescore, allow_mismatch=allow_mismatch)
+            rescore=rescore, allow_mismatch=allow_mismatch, store=store)
     except ValueError as error:
         _fail(str(error))
     report = _run(run_verify, config)
@@ -571,8 +574,8 @@ def cache_merge(
                   highlight=False)
     if "drift" not in metadata:  # shards in separate folders never got to the drift check
         console.print(f"drift between the cache and the trainer is not measured yet: `minorsft "
-                      f"verify --cache {escape(str(out))}` measures and shows it "
-                      "(the cache's metadata keeps no drift: `cache info` says not measured)",
+                      f"verify --cache {escape(str(out))} --store` measures it and keeps it "
+                      "in the cache's metadata, where `cache info` shows it",
                       highlight=False)
 
 

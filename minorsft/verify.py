@@ -218,8 +218,13 @@ class VerifyConfig:
     max_delta_r: float = DEFAULT_MAX_DELTA_R
     rescore: bool = False  # recompute the sample with the cache's engine for per-token figures
     allow_mismatch: bool = False
+    # write the figures into the cache's metadata, as precompute's check does (`cache info`)
+    store: bool = False
 
     def __post_init__(self):
+        if self.store and self.allow_mismatch:
+            raise ValueError("--store writes the figures into the cache as its own; with "
+                             "--allow-mismatch they may be another model's: drop one of them")
         if self.sample < 1:
             raise ValueError("--sample must be positive")
         if not (math.isfinite(self.beta) and self.beta > 0):  # (nan gave nan and "OK")
@@ -277,6 +282,12 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
                            config.max_delta_r, reference_tokens)
     trainer.close()
     console.print(format_report(report), highlight=False, markup=False)
+    if config.store:
+        from minorsft.cache import update_metadata
+
+        update_metadata(cache, {"drift": report.as_dict()})
+        console.print(f"stored in {cache}'s metadata (`minorsft cache info` shows it)",
+                      highlight=False, markup=False)
     return report
 
 

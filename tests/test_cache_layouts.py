@@ -138,8 +138,8 @@ def test_cache_merge_and_info_refusals_on_the_command_line(tiny_model_dir, demo_
     assert result.exit_code == 0, result.output
     assert "3 parts, 16 rows cached" in " ".join(result.output.split())
     # shards in folders of their own never reach the drift check: merge says how to run it
-    assert (f"`minorsft verify --cache {merged}` measures and shows it (the cache's metadata "
-            "keeps no drift") in " ".join(result.output.split())
+    assert (f"`minorsft verify --cache {merged} --store` measures it and keeps it in the "
+            "cache's metadata") in " ".join(result.output.split())
     assert list(iter_rows(merged)) == list(iter_rows(parts_cache))
     result = runner.invoke(app, ["cache", "merge", *shards, "--out", str(merged)])
     assert result.exit_code == 2 and "--overwrite" in result.output

@@ -141,6 +141,15 @@ def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_js
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["token_abs_max"] < 1e-4
+    assert "drift" not in read_metadata(cache)  # (only --store writes it)
+    # --store keeps the figures where `cache info` shows them, as precompute's check does
+    result = runner.invoke(app, ["verify", "--cache", str(cache), "--sample", "4", "--store",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert read_metadata(cache)["drift"] == json.loads(result.stdout)
+    assert "drift rows: 4" in runner.invoke(app, ["cache", "info", str(cache)]).output
+    result = runner.invoke(app, ["verify", "--cache", str(cache), "--store", "--allow-mismatch"])
+    assert result.exit_code == 2 and "--store writes the figures" in result.output
 
     # The same cache with every reference log-prob moved by 2 nats: |delta r| = 2 > 1.
     shifted = tmp_path / "shifted.parquet"
