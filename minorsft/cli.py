@@ -17,7 +17,30 @@ from minorsft import __version__
 from minorsft.models import DEFAULT_MODEL, is_first_rank
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # (-h was an unknown option)
+
+
+class _PlainFlags:
+    """Help without a value placeholder after flags: typer 0.29 shows `--json <bool>`, read as
+    taking a value (`--json true` is an error)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_PlainFlags, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainFlags, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Fine-tune chat LLMs with the MinorSFT loss (arXiv 2408.10642): score answers once "
          "under the reference model (precompute), then train the policy against that cache.",
     no_args_is_help=True,
@@ -25,7 +48,7 @@ app = typer.Typer(
     context_settings=HELP_OPTIONS,
 )
 cache_app = typer.Typer(help="Inspect and merge reference caches.", no_args_is_help=True,
-                        context_settings=HELP_OPTIONS)
+                        context_settings=HELP_OPTIONS, cls=_Group)
 app.add_typer(cache_app, name="cache")
 console = Console(stderr=True)
 
@@ -134,7 +157,7 @@ def main_options(
     """minorsft: MinorSFT fine-tuning with a precomputed reference cache."""
 
 
-@app.command(context_settings=EXTRA_ARGUMENTS)
+@app.command(cls=_Command, context_settings=EXTRA_ARGUMENTS)
 def precompute(
     context: typer.Context,
     *,
@@ -260,7 +283,7 @@ def precompute(
                       markup=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     *,
     cache: Annotated[Path, _files(help="Cache written by `minorsft precompute`.")] = Path(
@@ -441,7 +464,7 @@ def _leave_torchrun_worker(code: int = 0) -> None:
         os._exit(code)
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     *,
     cache: Annotated[Path, typer.Option(help="Cache written by `minorsft precompute`.")] = Path(
@@ -503,7 +526,7 @@ def _plain_value(value) -> str:
     return str(value)
 
 
-@cache_app.command("info")
+@cache_app.command("info", cls=_Command)
 def cache_info(
     path: Annotated[Path, typer.Argument(help="A cache (parts directory or single file).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -556,7 +579,7 @@ def cache_info(
         typer.echo(f"{'drift':>20}: {drift}")
 
 
-@cache_app.command("merge")
+@cache_app.command("merge", cls=_Command)
 def cache_merge(
     sources: Annotated[list[Path], typer.Argument(
         help="Parts directories to combine (e.g. one per --shard run).")],
@@ -579,7 +602,7 @@ def cache_merge(
                       highlight=False)
 
 
-@app.command("eval", context_settings=EXTRA_ARGUMENTS)
+@app.command("eval", cls=_Command, context_settings=EXTRA_ARGUMENTS)
 def eval_command(
     context: typer.Context,
     *,
@@ -668,7 +691,7 @@ def eval_command(
                   "result is printed above")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Folders written by `minorsft train`.",
                                                    metavar="RUN_DIR")],

@@ -53,8 +53,19 @@ def resolve_data(names: str | list[str], prefer_split: str = "train") -> list[Pa
 
 
 def _resolve_one(name: str) -> list[Path]:
-    if name in BUILTIN_DATA and not Path(name).exists():
-        return [Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))]
+    if name in BUILTIN_DATA:
+        if not Path(name).exists():
+            return [Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))]
+        try:  # a file or folder of that name here is what the user has: it wins
+            return _resolve_path(name)
+        except DataError as error:
+            raise DataError(error.path, error.line, error.field, f"{error.reason} (this "
+                            f"{name!r} here hides the built-in data set {name!r}: run from "
+                            "another folder to use that)") from None
+    return _resolve_path(name)
+
+
+def _resolve_path(name: str) -> list[Path]:
     path = Path(name).expanduser()
     if any(char in name for char in "*?[") and not path.exists():
         found = sorted(Path(match) for match in glob.glob(str(path), recursive=True))

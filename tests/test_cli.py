@@ -632,3 +632,12 @@ def test_a_stopped_precompute_says_what_it_kept(tiny_model_dir, tmp_path, monkey
                                      str(data), "--out", str(out)])
         assert result.exit_code == 130 and said in " ".join(result.output.split()), \
             result.output
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["precompute"], ["eval"], ["verify"],
+                                     ["cache", "info"], ["cache", "merge"], ["plot"]])
+def test_help_shows_no_value_placeholder_after_flags(command):
+    """typer 0.29 showed `--json <bool>`, read as taking a value (`--json true` is an error)."""
+    result = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output and "<bool>" not in result.output
