@@ -760,8 +760,7 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
             progress(console, columns, _describe_training, disable=not main) as bar:
         task = bar.add_task("train", total=state.total_steps, completed=first,
                             loss=float("nan"), m_theta=0.0, coef=0.5, tok_s=0.0)
-        if first == 0:
-            heldout.after(0)  # the starting point of the held-out curves
+        heldout.start(first)
         for step, rows in zip(range(first, state.total_steps), batches, strict=False):
             step_started = time.perf_counter()
             metrics = train_step(state, config, rows)
@@ -784,8 +783,9 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
             bar.update(task, advance=1, loss=metrics["loss"], m_theta=metrics["m_theta"],
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
             done = step + 1
-            heldout.after(done)  # (before a checkpoint at `done`: a resume keeps its record)
             stopping = stop.agreed(state)
+            if not stopping:  # (a stop goes to its checkpoint at once; the resume evaluates)
+                heldout.after(done)
             if stopping or (config.save_every and done % config.save_every == 0):
                 path = save_checkpoint(state, config, done)
                 # a signal that came during the save: this checkpoint is the one to stop at
@@ -805,12 +805,26 @@ class _HeldoutLog:
         self.state, self.config, self.console = state, config, console
         self.every = eval_every(config.eval_every, state.total_steps)
         self.path = output / "eval_metrics.jsonl"
+        self.resumed_record = False
         if state.world.is_main:
             # a resumed run keeps the records up to its checkpoint's step, evaluated there
             if first:
                 trim_metrics(self.path, first + 1)
+                self.resumed_record = any(record.get("step") == first
+                                          for record in _records(self.path))
             else:
                 self.path.unlink(missing_ok=True)
+        if state.heldout_rows:
+            # (every rank evaluates, or none: FSDP needs them all in each forward; rank 0 knows)
+            found = to_device(torch.tensor([float(self.resumed_record)]), state.device)
+            self.resumed_record = bool(all_reduce_sum(found, state.world).item())
+
+    def start(self, first: int) -> None:
+        """Before the first step of this session: the starting point of the curves, or, for a
+        run resumed from a checkpoint that a stop request wrote before its evaluation, that
+        evaluation."""
+        if not self.resumed_record:
+            self.after(first)
 
     def after(self, done: int) -> None:
         state = self.state
@@ -826,6 +840,21 @@ class _HeldoutLog:
             f"held-out after {done} step{'s' * (done != 1)}: NLL per token "
             f"{record['nll_per_token']:.4f}, m_theta {record['m_theta']:+.3e} "
             f"({record['rows']} rows, {record['seconds']:.1f} s)", highlight=False)
+
+
+def _records(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file's lines (none where it is missing; bad lines skipped)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def check_finite(metrics: dict, step: int) -> None:

@@ -4,12 +4,14 @@ numbers `minorsft eval` gives for the saved model, with training itself unchange
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+import minorsft.train as train_module
 from minorsft.cache import CacheError
 from minorsft.checkpoints import TrainingInterrupted
 from minorsft.eval import EvalConfig, run_eval
@@ -77,10 +79,22 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     with pytest.raises(TrainingInterrupted):
         run_train(config(caches, tmp_path / "b", eval_every=1), QUIET)
     monkeypatch.undo()
-    assert [r["step"] for r in records(tmp_path / "b")] == [0, 1, 2]
-    with (tmp_path / "b" / "eval_metrics.jsonl").open("a") as log:  # (as if killed after 3)
-        log.write(json.dumps({"step": 3, "rows": 8}) + "\n")
+    # the stop goes to its checkpoint without the evaluation at 2 (minutes, for a large set,
+    # of a scheduler's grace period): the resumed run makes it first
+    assert [r["step"] for r in records(tmp_path / "b")] == [0, 1]
     run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
+    assert records(tmp_path / "b") == records(tmp_path / "a")
+    # a record past the checkpoint (a kill after the evaluation at 3) goes; the one at the
+    # checkpoint's step stays and is not made again
+    (tmp_path / "b" / "run_config.json").unlink()
+    for later in ("step-3", "step-4"):
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / later, ignore_errors=True)
+    evaluated = []
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda score, rows, step: evaluated.append(step) or real(score, rows, step))
+    run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
+    assert evaluated == [3, 4]
     assert records(tmp_path / "b") == records(tmp_path / "a")
 
 
