@@ -382,6 +382,7 @@ class TrainState:
     model_dropout: dict = field(default_factory=dict)
     config_dropout: dict = field(default_factory=dict)  # the config's own, for saving
     heldout_rows: list[dict] = field(default_factory=list)  # --eval-cache's rows
+    heldout_seconds: dict = field(default_factory=dict)  # steps done -> its evaluation's time
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -621,6 +622,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"{escape(compile_note)}; "
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
         + escape(lora_note)
+        + (f"; held-out: {len(heldout_rows)} rows of {escape(str(config.eval_cache))}, "
+           f"before step 0 and every {eval_every(config.eval_every, total_steps)} steps"
+           if heldout_rows else "")
     )
     if config.batch_size > rows and world.is_main:  # ("global batch 64" read as 64 a step)
         console.print(f"note: --batch-size {config.batch_size} is more than the cache's {rows} "
@@ -832,6 +836,7 @@ class _HeldoutLog:
             return
         record = evaluate(lambda rows: policy_logps(state, self.config, rows),
                           state.heldout_rows, done)
+        state.heldout_seconds[done] = record["seconds"]
         if not state.world.is_main:
             return
         with self.path.open("a", encoding="utf-8") as log:
@@ -1097,10 +1102,15 @@ def _run_train(config: TrainConfig, console: Console) -> list[dict]:
         last = history[-1]
         # this process's training time: `elapsed` counts a resumed run's earlier ones too
         seconds = last["elapsed"] - history[0]["elapsed"] + history[0]["step_seconds"]
+        # (the evaluations after this session's steps but before its last: the tok/s are
+        # training's)
+        evaluating = sum(spent for done, spent in state.heldout_seconds.items()
+                         if history[0]["step"] < done <= last["step"])
+        held = f" ({evaluating:.1f} s of them held-out evaluations)" if evaluating else ""
         console.print(
-            f"done: {len(history)} step{'s' * (len(history) != 1)} in {seconds:.0f} s on "
-            f"{state.world.world_size} "
-            f"process(es), {sum(h['tokens'] for h in history) / seconds:.0f} tok/s overall; "
+            f"done: {len(history)} step{'s' * (len(history) != 1)} in {seconds:.0f} s{held} on "
+            f"{state.world.world_size} process(es), "
+            f"{sum(h['tokens'] for h in history) / (seconds - evaluating):.0f} tok/s overall; "
             f"final loss {last['loss']:.4f}, m_theta {last['m_theta']:+.3e}; model and metrics "
             f"in {config.output}", markup=False)
     return history
