@@ -14,21 +14,31 @@ random.seed(2408)
 rows = []
 items = ["apples", "pencils", "books", "marbles", "stickers", "cookies"]
 names = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana"]
+# (gain, loss, container) per data set: the held-out problems are worded a little otherwise
+TRAIN_WORDS = ("buys", "gives away", "boxes")
+HELD_OUT_WORDS = ("finds", "eats", "bags")
+
+
+def word_problem(rng, kind: int, words: tuple[str, str, str]) -> tuple[str, str]:
+    """A question and its worked answer: adding (kind 0), taking away (1) or multiplying (2)."""
+    gain, loss, containers = words
+    name, item = rng.choice(names), rng.choice(items)
+    have, more = rng.randint(3, 40), rng.randint(2, 30)
+    if kind == 0:
+        return (f"{name} has {have} {item} and {gain} {more} more. How many {item} does {name} "
+                "have?", f"{name} starts with {have} {item} and adds {more}: {have} + {more} = "
+                f"{have + more}. The answer is {have + more}.")
+    if kind == 1:
+        give = rng.randint(1, have)
+        return (f"{name} has {have} {item} and {loss} {give}. How many are left?",
+                f"{have} - {give} = {have - give}, so {name} has {have - give} {item} left.")
+    boxes = rng.randint(2, 9)
+    return (f"There are {boxes} {containers} with {more} {item} in each. How many {item} are "
+            "there?", f"{boxes} {containers} x {more} {item} = {boxes * more} {item} in total.")
+
+
 for index in range(36):
-    name, item = random.choice(names), random.choice(items)
-    have, more = random.randint(3, 40), random.randint(2, 30)
-    if index % 3 == 0:
-        q = f"{name} has {have} {item} and buys {more} more. How many {item} does {name} have?"
-        a = f"{name} starts with {have} {item} and adds {more}: {have} + {more} = {have + more}. " \
-            f"The answer is {have + more}."
-    elif index % 3 == 1:
-        give = random.randint(1, have)
-        q = f"{name} has {have} {item} and gives away {give}. How many are left?"
-        a = f"{have} - {give} = {have - give}, so {name} has {have - give} {item} left."
-    else:
-        boxes = random.randint(2, 9)
-        q = f"There are {boxes} boxes with {more} {item} in each. How many {item} are there?"
-        a = f"{boxes} boxes x {more} {item} = {boxes * more} {item} in total."
+    q, a = word_problem(random, index % 3, TRAIN_WORDS)
     rows.append({"messages": [{"role": "user", "content": q},
                               {"role": "assistant", "content": a}]})
 facts = [
@@ -65,21 +75,7 @@ held_random = random.Random(642)
 seen = {row["messages"][0]["content"] for row in rows}
 held = []
 while len(held) < 16:
-    kind = len(held) % 3
-    name, item = held_random.choice(names), held_random.choice(items)
-    have, more = held_random.randint(3, 40), held_random.randint(2, 30)
-    if kind == 0:
-        q = f"{name} has {have} {item} and finds {more} more. How many {item} does {name} have?"
-        a = f"{name} starts with {have} {item} and adds {more}: {have} + {more} = " \
-            f"{have + more}. The answer is {have + more}."
-    elif kind == 1:
-        give = held_random.randint(1, have)
-        q = f"{name} has {have} {item} and eats {give}. How many are left?"
-        a = f"{have} - {give} = {have - give}, so {name} has {have - give} {item} left."
-    else:
-        boxes = held_random.randint(2, 9)
-        q = f"There are {boxes} bags with {more} {item} in each. How many {item} are there?"
-        a = f"{boxes} bags x {more} {item} = {boxes * more} {item} in total."
+    q, a = word_problem(held_random, len(held) % 3, HELD_OUT_WORDS)
     if q not in seen:
         seen.add(q)
         held.append({"id": f"heldout-{len(held):03d}", "messages": [
