@@ -814,8 +814,15 @@ class _HeldoutLog:
             # a resumed run keeps the records up to its checkpoint's step, evaluated there
             if first:
                 trim_metrics(self.path, first + 1)
-                self.resumed_record = any(record.get("step") == first
-                                          for record in _records(self.path))
+                kept = _records(self.path)
+                self.resumed_record = any(record.get("step") == first for record in kept)
+                rows = state.heldout_rows
+                if kept and rows and (kept[-1].get("rows"), kept[-1].get("answer_tokens")) != (
+                        len(rows), sum(row["num_tokens"] for row in rows)):
+                    console.print(f"note: {self.path} holds evaluations on another held-out "
+                                  f"set ({kept[-1].get('rows')} rows, up to step "
+                                  f"{kept[-1].get('step')}); this run's go after them",
+                                  highlight=False, markup=False)
             else:
                 self.path.unlink(missing_ok=True)
         if state.heldout_rows:

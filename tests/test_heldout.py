@@ -96,6 +96,12 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
     assert evaluated == [3, 4]
     assert records(tmp_path / "b") == records(tmp_path / "a")
+    # resumed on fewer held-out rows: the file mixes two sets, and the run says so
+    (tmp_path / "b" / "run_config.json").unlink()
+    console = Console(record=True, width=200)
+    run_train(config(caches, tmp_path / "b", eval_every=1, eval_rows=3, resume=True), console)
+    assert "holds evaluations on another held-out set (8 rows, up to step 2)" in \
+        console.export_text()
 
 
 def test_held_out_settings_are_checked_before_the_model_loads(caches, tmp_path, monkeypatch):
