@@ -748,7 +748,9 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
     history = []
     started = time.perf_counter()
     first = state.start_step
+    heldout = _HeldoutLog(state, config, console, output, first)
     if first >= state.total_steps:  # resumed at the end: no bar of 3/3 steps with loss nan
+        heldout.start(first)  # (a stop at the last step skipped its evaluation)
         return history
     batches = islice(batches, first, None)  # the stream is a pure function of (cache, seed)
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
@@ -759,7 +761,6 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
     # A resumed run's `elapsed` goes on from its checkpoint's (the time it was stopped not
     # counted), so that wall-clock curves have no jump back to 0.
     elapsed_before = trim_metrics(metrics_path, first) if main else 0.0
-    heldout = _HeldoutLog(state, config, console, output, first)
     with metrics_path.open("a" if first else "w", encoding="utf-8") as log, \
             progress(console, columns, _describe_training, disable=not main) as bar:
         task = bar.add_task("train", total=state.total_steps, completed=first,

@@ -96,6 +96,14 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
     assert evaluated == [3, 4]
     assert records(tmp_path / "b") == records(tmp_path / "a")
+    # a stop at the last step: its checkpoint is the end, and the resume evaluates it
+    interrupt_after(monkeypatch, 4)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(caches, tmp_path / "c", eval_every=1), QUIET)
+    monkeypatch.undo()
+    assert [r["step"] for r in records(tmp_path / "c")] == [0, 1, 2, 3]
+    run_train(config(caches, tmp_path / "c", eval_every=1, resume=True), QUIET)
+    assert records(tmp_path / "c") == records(tmp_path / "a")
     # resumed on fewer held-out rows: the file mixes two sets, and the run says so
     (tmp_path / "b" / "run_config.json").unlink()
     console = Console(record=True, width=200)
