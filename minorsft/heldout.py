@@ -6,12 +6,14 @@ rows (precompute's: its reference log-probs are the m_theta baseline), into eval
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from itertools import islice
 from pathlib import Path
 
-from minorsft.cache import CacheError, iter_rows, read_metadata, validate_values
+from minorsft.cache import CacheError, iter_rows, open_cache, validate_values
 from minorsft.models import FINGERPRINT_FIELDS_BEFORE_0_4_2
 
 # What must match for token ids to mean the same text and to be the ids the model is given.
@@ -49,19 +51,34 @@ def is_eval_step(done: int, every: int, total_steps: int) -> bool:
     return done % every == 0 or done == total_steps
 
 
-def read_heldout_rows(path: Path, training_metadata: dict, limit: int | None
+def input_hashes(layout) -> set[str]:
+    """The content hashes of the input files a cache was scored from (its manifests keep them;
+    none known for a single-file cache)."""
+    return {manifest["input"]["sha256"] for manifest in layout.manifests
+            if isinstance(manifest.get("input"), dict) and "sha256" in manifest["input"]}
+
+
+def read_heldout_rows(path: Path, training_cache: Path, limit: int | None
                       ) -> tuple[list[dict], str | None]:
     """The first `limit` (None: all) rows of the held-out cache at `path`, and a note where its
     reference is not the training cache's (its m_theta then measures against another model).
 
     Refused: a cache tokenized otherwise than the training cache (its token ids would not be
-    the ones the policy reads), one with no rows, one with a value that is not finite.
+    the ones the policy reads), one scored from the same input files (a copy or merge of the
+    training cache), one with no rows, one with a value that is not finite.
     """
     label = f"--eval-cache {path}"
+    training = open_cache(training_cache)
+    training_metadata = training.metadata
     try:
-        metadata = read_metadata(path)
+        layout = open_cache(path)
+        metadata = layout.metadata
     except (CacheError, OSError) as error:
         raise CacheError(f"{label}: {error}") from error
+    if (same := input_hashes(layout)) and same == input_hashes(training):
+        raise CacheError(f"{label}: scored from the same input as the training cache "
+                         f"{training_cache}: held-out numbers need rows the policy does not "
+                         "train on")
     cached = metadata.get("fingerprint") or {}
     training = training_metadata.get("fingerprint") or {}
     for key in TOKENIZER_FIELDS:
@@ -71,7 +88,10 @@ def read_heldout_rows(path: Path, training_metadata: dict, limit: int | None
                              f"({training_metadata.get('model')}); its token ids do not apply. "
                              "Write it with the same model (and --chat-template) as the "
                              "training cache")
-    validate_values(path)
+    try:
+        validate_values(path)
+    except CacheError as error:
+        raise CacheError(f"{label}: {error}") from error
     rows = list(islice(iter_rows(path), limit))
     if not rows:
         raise CacheError(f"{label}: the cache has no rows (were they all rejected? see its "
@@ -86,13 +106,24 @@ def read_heldout_rows(path: Path, training_metadata: dict, limit: int | None
     return rows, note
 
 
-def evaluate(score, rows: list[dict], step: int) -> dict:
+def heldout_set(rows: list[dict]) -> str:
+    """A short hash of the held-out rows (ids, token ids, reference log-probs): two sets of the
+    same size, or the same rows scored by another reference, differ."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([row["id"], row["input_ids"], row["ref_logps"]]).encode())
+    return digest.hexdigest()[:16]
+
+
+def evaluate(score, rows: list[dict], step: int, set_hash: str | None = None) -> dict:
     """The held-out record after `step` optimizer steps: `score(rows)` gives the policy's
-    summed log-probs of the rows' answers."""
+    summed log-probs of the rows' answers; `set_hash` (`heldout_set`) names the rows."""
     started = time.perf_counter()
     policy_logps = score(rows)
     record = {"step": step, **heldout_metrics(
         policy_logps, [row["ref_logps"] for row in rows], [row["num_tokens"] for row in rows],
         sum(bool(row.get("truncated")) for row in rows))}
+    if set_hash is not None:
+        record["heldout_set"] = set_hash
     record["seconds"] = time.perf_counter() - started
     return record

@@ -72,7 +72,13 @@ from minorsft.distributed import (
     wrap_policy,
 )
 from minorsft.folder_lock import folder_lock
-from minorsft.heldout import eval_every, evaluate, is_eval_step, read_heldout_rows
+from minorsft.heldout import (
+    eval_every,
+    evaluate,
+    heldout_set,
+    is_eval_step,
+    read_heldout_rows,
+)
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
@@ -537,8 +543,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     validate_values(cache)
     heldout_rows = []
     if config.eval_cache is not None:  # (before minutes of model loading, as the cache's checks)
-        heldout_rows, note = read_heldout_rows(Path(config.eval_cache), metadata,
-                                               config.eval_rows)
+        heldout_rows, note = read_heldout_rows(Path(config.eval_cache), cache, config.eval_rows)
         if note and world.is_main:
             console.print(f"note: {note}", highlight=False, markup=False)
     if config.strategy == "fsdp" and not world.distributed and world.is_main:
@@ -622,9 +627,6 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         f"{escape(compile_note)}; "
         + _update_note(optimizer, dtype, fsdp, autocast) + escape(dropout_note)
         + escape(lora_note)
-        + (f"; held-out: {len(heldout_rows)} rows of {escape(str(config.eval_cache))}, "
-           f"before step 0 and every {eval_every(config.eval_every, total_steps)} steps"
-           if heldout_rows else "")
     )
     if config.batch_size > rows and world.is_main:  # ("global batch 64" read as 64 a step)
         console.print(f"note: --batch-size {config.batch_size} is more than the cache's {rows} "
@@ -789,8 +791,10 @@ def fit(state: TrainState, config: TrainConfig, console: Console,
                             coef=metrics["coefficient"], tok_s=metrics["tokens_per_s"])
             done = step + 1
             stopping = stop.agreed(state)
-            if not stopping:  # (a stop goes to its checkpoint at once; the resume evaluates)
-                heldout.after(done)
+            # (a stop goes to its checkpoint at once, and one that came during an evaluation
+            # right after it; the resumed run makes a skipped evaluation first)
+            if not stopping and heldout.after(done):
+                stopping = stop.agreed(state)
             if stopping or (config.save_every and done % config.save_every == 0):
                 path = save_checkpoint(state, config, done)
                 # a signal that came during the save: this checkpoint is the one to stop at
@@ -811,17 +815,17 @@ class _HeldoutLog:
         self.every = eval_every(config.eval_every, state.total_steps)
         self.path = output / "eval_metrics.jsonl"
         self.resumed_record = False
+        self.set_hash = heldout_set(state.heldout_rows) if state.heldout_rows else None
         if state.world.is_main:
             # a resumed run keeps the records up to its checkpoint's step, evaluated there
             if first:
                 trim_metrics(self.path, first + 1)
                 kept = _records(self.path)
                 self.resumed_record = any(record.get("step") == first for record in kept)
-                rows = state.heldout_rows
-                if kept and rows and (kept[-1].get("rows"), kept[-1].get("answer_tokens")) != (
-                        len(rows), sum(row["num_tokens"] for row in rows)):
+                if kept and self.set_hash and kept[-1].get("heldout_set") != self.set_hash:
                     console.print(f"note: {self.path} holds evaluations on another held-out "
-                                  f"set ({kept[-1].get('rows')} rows, up to step "
+                                  f"set (other rows or reference log-probs: "
+                                  f"{kept[-1].get('rows')} rows, up to step "
                                   f"{kept[-1].get('step')}); this run's go after them",
                                   highlight=False, markup=False)
             else:
@@ -832,27 +836,42 @@ class _HeldoutLog:
             self.resumed_record = bool(all_reduce_sum(found, state.world).item())
 
     def start(self, first: int) -> None:
-        """Before the first step of this session: the starting point of the curves, or, for a
-        run resumed from a checkpoint that a stop request wrote before its evaluation, that
-        evaluation."""
+        """Before the first step of this session: say when the policy is evaluated, and make
+        the starting point of the curves, or, for a run resumed from a checkpoint that a stop
+        request wrote before its evaluation, that evaluation."""
+        state = self.state
+        if not state.heldout_rows:
+            return
+        if state.world.is_main:
+            steps = [done for done in range(first + self.resumed_record, state.total_steps + 1)
+                     if is_eval_step(done, self.every, state.total_steps)]
+            if len(steps) > 6:
+                steps = [*steps[:3], "...", *steps[-2:]]
+            self.console.print(
+                f"held-out: {len(state.heldout_rows)} rows of {self.config.eval_cache}, "
+                f"evaluated after steps {', '.join(map(str, steps))}", highlight=False,
+                markup=False)
         if not self.resumed_record:
             self.after(first)
 
-    def after(self, done: int) -> None:
+    def after(self, done: int) -> bool:
+        """Evaluate the policy after `done` steps if that is an evaluation step; whether it
+        was."""
         state = self.state
         if not state.heldout_rows or not is_eval_step(done, self.every, state.total_steps):
-            return
+            return False
         record = evaluate(lambda rows: policy_logps(state, self.config, rows),
-                          state.heldout_rows, done)
+                          state.heldout_rows, done, self.set_hash)
         state.heldout_seconds[done] = record["seconds"]
         if not state.world.is_main:
-            return
+            return True
         with self.path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self.console.print(
             f"held-out after {done} step{'s' * (done != 1)}: NLL per token "
             f"{record['nll_per_token']:.4f}, m_theta {record['m_theta']:+.3e} "
             f"({record['rows']} rows, {record['seconds']:.1f} s)", highlight=False)
+        return True
 
 
 def _records(path: Path) -> list[dict]:

@@ -92,7 +92,8 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     evaluated = []
     real = train_module.evaluate
     monkeypatch.setattr(train_module, "evaluate",
-                        lambda score, rows, step: evaluated.append(step) or real(score, rows, step))
+                        lambda score, rows, step, *more: evaluated.append(step)
+                        or real(score, rows, step, *more))
     run_train(config(caches, tmp_path / "b", eval_every=1, resume=True), QUIET)
     assert evaluated == [3, 4]
     assert records(tmp_path / "b") == records(tmp_path / "a")
@@ -104,12 +105,35 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     assert [r["step"] for r in records(tmp_path / "c")] == [0, 1, 2, 3]
     run_train(config(caches, tmp_path / "c", eval_every=1, resume=True), QUIET)
     assert records(tmp_path / "c") == records(tmp_path / "a")
-    # resumed on fewer held-out rows: the file mixes two sets, and the run says so
+    # resumed on other held-out rows: the file mixes two sets, and the run says so
     (tmp_path / "b" / "run_config.json").unlink()
     console = Console(record=True, width=200)
     run_train(config(caches, tmp_path / "b", eval_every=1, eval_rows=3, resume=True), console)
-    assert "holds evaluations on another held-out set (8 rows, up to step 2)" in \
-        console.export_text()
+    text = console.export_text()
+    assert "holds evaluations on another held-out set (other rows or reference log-probs: 8 " \
+           "rows, up to step 2)" in text
+    assert "held-out: 3 rows of" in text and "evaluated after steps 3, 4" in text
+
+
+def test_a_stop_during_an_evaluation_checkpoints_right_after_it(caches, tmp_path,
+                                                               monkeypatch):
+    """A Ctrl-C that came while the policy was evaluated stopped only after one more step."""
+    import os
+    import signal
+
+    real, evaluated = train_module.evaluate, []
+
+    def evaluate_then_interrupt(score, rows, step, *more):
+        evaluated.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(score, rows, step, *more)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_interrupt)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        run_train(config(caches, tmp_path / "run", eval_every=2), QUIET)
+    assert stopped.value.step == 2 and evaluated == [0, 2]
+    assert [r["step"] for r in records(tmp_path / "run")] == [0, 2]
 
 
 def test_held_out_settings_are_checked_before_the_model_loads(caches, tmp_path, monkeypatch):
@@ -121,6 +145,11 @@ def test_held_out_settings_are_checked_before_the_model_loads(caches, tmp_path, 
         config(caches, tmp_path / "run", eval_rows=0)
     with pytest.raises(ValueError, match="--eval-cache is the training cache"):
         config(caches, tmp_path / "run", eval_cache=str(train))
+    shutil.copytree(train, tmp_path / "copy.parquet")  # (or a merge of it)
+    monkeypatch.setattr("minorsft.train.load_model", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(CacheError, match="scored from the same input as the training cache"):
+        run_train(config(caches, tmp_path / "run", eval_cache=str(tmp_path / "copy.parquet")),
+                  QUIET)
     # a held-out cache tokenized by another tokenizer: its ids would mean other text
     other = tmp_path / "other"
     other.mkdir()
@@ -128,7 +157,6 @@ def test_held_out_settings_are_checked_before_the_model_loads(caches, tmp_path, 
     build_tiny_model(tokenizer).save_pretrained(other / "model")
     tokenizer.save_pretrained(other / "model")
     foreign = precompute_rows(str(other / "model"), other, demo_rows(1), max_batch_tokens=256)
-    monkeypatch.setattr("minorsft.train.load_model", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(CacheError, match=f"--eval-cache {foreign}: tokenized with a different "
                                          "tokenizer than the training cache"):
         run_train(config(caches, tmp_path / "run", eval_cache=str(foreign)), QUIET)
