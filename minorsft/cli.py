@@ -574,7 +574,9 @@ def cache_info(
         typer.echo(f"{'drift':>20}: not measured for this cache")
     elif isinstance(drift, dict):
         for key, value in drift.items():
-            typer.echo(f"{'drift ' + key:>20}: {_plain_value(value)}")
+            # (per-token figures need the scoring engine's own values: `verify --rescore`)
+            shown = "not measured" if value is None else _plain_value(value)
+            typer.echo(f"{'drift ' + key:>20}: {shown}")
     else:
         typer.echo(f"{'drift':>20}: {drift}")
 

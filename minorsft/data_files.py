@@ -56,7 +56,11 @@ def _resolve_one(name: str) -> list[Path]:
     if name in BUILTIN_DATA:
         if not Path(name).exists():
             return [Path(str(resources.files("minorsft.assets") / BUILTIN_DATA[name]))]
-        try:  # a file or folder of that name here is what the user has: it wins
+        if Path(name).is_file():  # (no file type: the reader would refuse it, naming none)
+            raise DataError(name, None, None, f"a file without a type (.jsonl, .parquet) hides "
+                            f"the built-in data set {name!r} here: rename it (say "
+                            f"{name}.jsonl), or run from another folder to use the built-in")
+        try:  # a folder of that name here is what the user has: it wins
             return _resolve_path(name)
         except DataError as error:
             raise DataError(error.path, error.line, error.field, f"{error.reason} (this "

@@ -140,7 +140,8 @@ class EvalConfig:
                     ("--response-field", self.response_field, None),
                     ("--system-field", self.system_field, EvalConfig.system_field),
                     ("--train-turns", self.train_turns, EvalConfig.train_turns),
-                    ("--max-length", self.max_length, EvalConfig.max_length))
+                    ("--max-length", self.max_length, EvalConfig.max_length),
+                    ("--on-bad", self.on_bad, EvalConfig.on_bad))
                 if value != unset]):
             # they shape how --data is read; a cache's rows were tokenized and cut by precompute
             raise ValueError(f"{', '.join(given)} apply to --data, and there is none"
@@ -655,7 +656,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         if rejected:
             console.print(f"note: {len(rejected)} held-out row{'s' * (len(rejected) != 1)} "
                           f"rejected and not scored (the first: {rejected[0].error}); "
-                          "--json-out lists them all", highlight=False, markup=False)
+                          "the JSON (--json, --json-out) lists them all", highlight=False,
+                          markup=False)
         data = str(data_files[0]) if len(data_files) == 1 else data_source(config.data)
 
     engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,

@@ -598,8 +598,14 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
                            config.lora_target_modules, merge=config.merge_lora)
     lora_note = _lora_note(config, model) if config.lora_r else ""
     model.train()
+    offload = config.cpu_offload
+    if offload and fsdp and device.type == "cpu":  # (FSDP's offload wants an accelerator)
+        offload = False
+        if world.is_main:
+            console.print("note: --cpu-offload moves FSDP's state off a GPU; this run computes "
+                          "on the CPU, where it is already: ignored", highlight=False)
     policy = wrap_policy(model, world, config.strategy, device, dtype if fsdp else None,
-                         config.cpu_offload)
+                         offload)
     if world.distributed:
         # Every rank built the same model from the same seed (FSDP does not broadcast it); from
         # here each draws its own dropout masks, as different samples should get.

@@ -485,6 +485,8 @@ def test_on_bad_skip_scores_the_good_rows_and_lists_the_bad(tiny_model_dir, demo
                             data=str(write_jsonl(tmp_path / "all_bad.jsonl", [{"prompt": "q"}]))))
     with pytest.raises(ValueError, match="--on-bad must be 'error' or 'skip'"):
         EvalConfig(model=str(tiny_model_dir), data=str(data), on_bad="drop")
+    with pytest.raises(ValueError, match="--on-bad apply to --data, and there is none"):
+        EvalConfig(model=str(tiny_model_dir), choices=["mmlu.csv"], on_bad="skip")
 
 
 def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv, tmp_path):

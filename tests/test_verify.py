@@ -147,7 +147,10 @@ def test_verify_cli_passes_then_fails_on_a_shifted_cache(tiny_model_dir, demo_js
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert read_metadata(cache)["drift"] == json.loads(result.stdout)
-    assert "drift rows: 4" in runner.invoke(app, ["cache", "info", str(cache)]).output
+    info = runner.invoke(app, ["cache", "info", str(cache)]).output
+    assert "drift rows: 4" in info and "drift token_abs_max: not measured" in info
+    assert not any(line.strip().startswith("drift") and "None" in line
+                   for line in info.splitlines())
     result = runner.invoke(app, ["verify", "--cache", str(cache), "--store", "--allow-mismatch"])
     assert result.exit_code == 2 and "--store writes the figures" in result.output
 
