@@ -10,6 +10,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -58,8 +60,27 @@ def input_hashes(layout) -> set[str]:
             if isinstance(manifest.get("input"), dict) and "sha256" in manifest["input"]}
 
 
-def read_heldout_rows(path: Path, training_cache: Path, limit: int | None
-                      ) -> tuple[list[dict], str | None]:
+@dataclass
+class HeldoutSet:
+    """The first `limit` rows of a held-out cache: what the metrics need of them (reference
+    log-probs, answer lengths) in memory, their token ids read from the cache at each
+    evaluation (a large set's ids as Python lists would take ~40 bytes per token)."""
+
+    path: Path
+    limit: int | None
+    ref_logps: list[float]
+    num_tokens: list[int]
+    truncated_rows: int
+    set_hash: str  # the rows and their reference log-probs, hashed: another set differs
+
+    def batches(self, rows: int = 256) -> Iterator[list[dict]]:
+        stream = islice(iter_rows(self.path), self.limit)
+        while batch := list(islice(stream, rows)):
+            yield batch
+
+
+def read_heldout(path: Path, training_cache: Path, limit: int | None
+                 ) -> tuple[HeldoutSet, str | None]:
     """The first `limit` (None: all) rows of the held-out cache at `path`, and a note where its
     reference is not the training cache's (its m_theta then measures against another model).
 
@@ -92,8 +113,16 @@ def read_heldout_rows(path: Path, training_cache: Path, limit: int | None
         validate_values(path)
     except CacheError as error:
         raise CacheError(f"{label}: {error}") from error
-    rows = list(islice(iter_rows(path), limit))
-    if not rows:
+    held = HeldoutSet(path, limit, [], [], 0, "")
+    digest = hashlib.sha256()
+    for batch in held.batches():
+        for row in batch:
+            held.ref_logps.append(row["ref_logps"])
+            held.num_tokens.append(row["num_tokens"])
+            held.truncated_rows += bool(row.get("truncated"))
+            digest.update(json.dumps([row["id"], row["input_ids"], row["ref_logps"]]).encode())
+    held.set_hash = digest.hexdigest()[:16]
+    if not held.ref_logps:
         raise CacheError(f"{label}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to evaluate")
     note = None
@@ -103,27 +132,15 @@ def read_heldout_rows(path: Path, training_cache: Path, limit: int | None
                 f"the training cache under {training_metadata.get('model')} "
                 f"({training_metadata.get('dtype')}): held-out m_theta measures against the "
                 "former")
-    return rows, note
+    return held, note
 
 
-def heldout_set(rows: list[dict]) -> str:
-    """A short hash of the held-out rows (ids, token ids, reference log-probs): two sets of the
-    same size, or the same rows scored by another reference, differ."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps([row["id"], row["input_ids"], row["ref_logps"]]).encode())
-    return digest.hexdigest()[:16]
-
-
-def evaluate(score, rows: list[dict], step: int, set_hash: str | None = None) -> dict:
+def evaluate(score, held: HeldoutSet, step: int) -> dict:
     """The held-out record after `step` optimizer steps: `score(rows)` gives the policy's
-    summed log-probs of the rows' answers; `set_hash` (`heldout_set`) names the rows."""
+    summed log-probs of a batch of the rows' answers."""
     started = time.perf_counter()
-    policy_logps = score(rows)
-    record = {"step": step, **heldout_metrics(
-        policy_logps, [row["ref_logps"] for row in rows], [row["num_tokens"] for row in rows],
-        sum(bool(row.get("truncated")) for row in rows))}
-    if set_hash is not None:
-        record["heldout_set"] = set_hash
-    record["seconds"] = time.perf_counter() - started
+    policy_logps = [logp for batch in held.batches() for logp in score(batch)]
+    record = {"step": step, **heldout_metrics(policy_logps, held.ref_logps, held.num_tokens,
+                                              held.truncated_rows),
+              "heldout_set": held.set_hash, "seconds": time.perf_counter() - started}
     return record

@@ -72,13 +72,7 @@ from minorsft.distributed import (
     wrap_policy,
 )
 from minorsft.folder_lock import folder_lock
-from minorsft.heldout import (
-    eval_every,
-    evaluate,
-    heldout_set,
-    is_eval_step,
-    read_heldout_rows,
-)
+from minorsft.heldout import HeldoutSet, eval_every, evaluate, is_eval_step, read_heldout
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
@@ -387,7 +381,7 @@ class TrainState:
     # the model's own non-zero dropout rates (turned off unless --keep-dropout)
     model_dropout: dict = field(default_factory=dict)
     config_dropout: dict = field(default_factory=dict)  # the config's own, for saving
-    heldout_rows: list[dict] = field(default_factory=list)  # --eval-cache's rows
+    heldout: HeldoutSet | None = None  # --eval-cache's rows
     heldout_seconds: dict = field(default_factory=dict)  # steps done -> its evaluation's time
 
 
@@ -541,9 +535,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to train on")
     validate_values(cache)
-    heldout_rows = []
+    heldout = None
     if config.eval_cache is not None:  # (before minutes of model loading, as the cache's checks)
-        heldout_rows, note = read_heldout_rows(Path(config.eval_cache), cache, config.eval_rows)
+        heldout, note = read_heldout(Path(config.eval_cache), cache, config.eval_rows)
         if note and world.is_main:
             console.print(f"note: {note}", highlight=False, markup=False)
     if config.strategy == "fsdp" and not world.distributed and world.is_main:
@@ -655,7 +649,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
                        scaler=scaler, model_dropout=rates, config_dropout=config_rates,
-                       heldout_rows=heldout_rows)
+                       heldout=heldout)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -821,14 +815,14 @@ class _HeldoutLog:
         self.every = eval_every(config.eval_every, state.total_steps)
         self.path = output / "eval_metrics.jsonl"
         self.resumed_record = False
-        self.set_hash = heldout_set(state.heldout_rows) if state.heldout_rows else None
         if state.world.is_main:
             # a resumed run keeps the records up to its checkpoint's step, evaluated there
             if first:
                 trim_metrics(self.path, first + 1)
                 kept = _records(self.path)
                 self.resumed_record = any(record.get("step") == first for record in kept)
-                if kept and self.set_hash and kept[-1].get("heldout_set") != self.set_hash:
+                if kept and state.heldout and \
+                        kept[-1].get("heldout_set") != state.heldout.set_hash:
                     console.print(f"note: {self.path} holds evaluations on another held-out "
                                   f"set (other rows or reference log-probs: "
                                   f"{kept[-1].get('rows')} rows, up to step "
@@ -836,7 +830,7 @@ class _HeldoutLog:
                                   highlight=False, markup=False)
             else:
                 self.path.unlink(missing_ok=True)
-        if state.heldout_rows:
+        if state.heldout:
             # (every rank evaluates, or none: FSDP needs them all in each forward; rank 0 knows)
             found = to_device(torch.tensor([float(self.resumed_record)]), state.device)
             self.resumed_record = bool(all_reduce_sum(found, state.world).item())
@@ -846,7 +840,7 @@ class _HeldoutLog:
         the starting point of the curves, or, for a run resumed from a checkpoint that a stop
         request wrote before its evaluation, that evaluation."""
         state = self.state
-        if not state.heldout_rows:
+        if not state.heldout:
             return
         if state.world.is_main:
             steps = [done for done in range(first + self.resumed_record, state.total_steps + 1)
@@ -854,7 +848,7 @@ class _HeldoutLog:
             if len(steps) > 6:
                 steps = [*steps[:3], "...", *steps[-2:]]
             self.console.print(
-                f"held-out: {len(state.heldout_rows)} rows of {self.config.eval_cache}, "
+                f"held-out: {len(state.heldout.ref_logps)} rows of {self.config.eval_cache}, "
                 f"evaluated after steps {', '.join(map(str, steps))}", highlight=False,
                 markup=False)
         if not self.resumed_record:
@@ -864,10 +858,10 @@ class _HeldoutLog:
         """Evaluate the policy after `done` steps if that is an evaluation step; whether it
         was."""
         state = self.state
-        if not state.heldout_rows or not is_eval_step(done, self.every, state.total_steps):
+        if not state.heldout or not is_eval_step(done, self.every, state.total_steps):
             return False
-        record = evaluate(lambda rows: policy_logps(state, self.config, rows),
-                          state.heldout_rows, done, self.set_hash)
+        record = evaluate(lambda rows: policy_logps(state, self.config, rows), state.heldout,
+                          done)
         state.heldout_seconds[done] = record["seconds"]
         if not state.world.is_main:
             return True
