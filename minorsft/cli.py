@@ -641,7 +641,7 @@ def eval_command(
     on_bad: Annotated[str, _heldout(
         help="What a bad --data row does: 'error' stops with file, line and field; 'skip' "
              "scores the others, says how many were rejected and lists them with the reason "
-             "in --json-out.")] = "error",
+             "in the JSON (--json, --json-out).")] = "error",
     max_questions: Annotated[int | None, _choices(
         help="Only the first N questions of each --choices file.")] = None,
     dtype: Annotated[str, _scoring(

@@ -644,7 +644,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                          train_turns=config.train_turns)
         # islice takes the first N rows; a bad row past them is not theirs and raises nothing
         # (the reader may have rendered up to a tokenizer batch more, unused)
-        examples, rejected = [], []
+        examples = []
         for item in islice(iter_examples(data_files, tokenizer, spec, config.max_length,
                                          on_bad=config.on_bad), config.max_rows):
             (rejected if isinstance(item, Rejection) else examples).append(item)

@@ -16,12 +16,14 @@ from itertools import islice
 from pathlib import Path
 
 from minorsft.cache import CacheError, iter_rows, open_cache, validate_values
-from minorsft.models import FINGERPRINT_FIELDS_BEFORE_0_4_2
+from minorsft.models import comparable_fields
 
 # What must match for token ids to mean the same text and to be the ids the model is given.
 TOKENIZER_FIELDS = ("tokenizer", "tokenization", "chat_template")
 # Evaluations over a run when --eval-every is not given (and one before the first step).
 DEFAULT_EVALUATIONS = 10
+# `train --eval-cache`'s records, one line per evaluation, in the run's --output folder
+EVAL_METRICS = "eval_metrics.jsonl"
 
 
 def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
@@ -41,6 +43,21 @@ def heldout_metrics(policy_logps: list[float], ref_logps: list[float] | None,
         ratios = [(p - r) / m for p, r, m in zip(policy_logps, ref_logps, num_tokens, strict=True)]
         metrics["m_theta"] = sum(ratios) / len(ratios)
     return metrics
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of an eval_metrics.jsonl (none where there is no file); a line that does not
+    parse (a run killed while writing it) or is not a step's record is skipped."""
+    records = []
+    if Path(path).is_file():
+        for text in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
 
 
 def eval_every(every: int | None, total_steps: int) -> int:
@@ -89,22 +106,23 @@ def read_heldout(path: Path, training_cache: Path, limit: int | None
     training cache), one with no rows, one with a value that is not finite.
     """
     label = f"--eval-cache {path}"
-    training = open_cache(training_cache)
-    training_metadata = training.metadata
+    training_layout = open_cache(training_cache)
+    training_metadata = training_layout.metadata
     try:
         layout = open_cache(path)
         metadata = layout.metadata
     except (CacheError, OSError) as error:
         raise CacheError(f"{label}: {error}") from error
-    if (same := input_hashes(layout)) and same == input_hashes(training):
+    if (same := input_hashes(layout)) and same == input_hashes(training_layout):
         raise CacheError(f"{label}: scored from the same input as the training cache "
                          f"{training_cache}: held-out numbers need rows the policy does not "
                          "train on")
     cached = metadata.get("fingerprint") or {}
     training = training_metadata.get("fingerprint") or {}
-    for key in TOKENIZER_FIELDS:
-        comparable = key in FINGERPRINT_FIELDS_BEFORE_0_4_2 or (key in cached and key in training)
-        if comparable and cached.get(key) != training.get(key):
+    # (the fields both caches have, as for a model against a cache: older caches lack some)
+    for key in comparable_fields(cached, {key: training.get(key) for key in TOKENIZER_FIELDS
+                                          if key in training}):
+        if cached.get(key) != training.get(key):
             raise CacheError(f"{label}: tokenized with a different {key} than the training cache "
                              f"({training_metadata.get('model')}); its token ids do not apply. "
                              "Write it with the same model (and --chat-template) as the "

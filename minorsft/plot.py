@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from minorsft.heldout import EVAL_METRICS, read_records
 from minorsft.jsonl import malformed_json_reason
 
 # (metrics key, panel title). nll is the per-token answer NLL, comparable across losses; the
@@ -109,22 +110,6 @@ def read_run(run_dir: Path, name: str | None = None) -> tuple[str, list[dict], d
     return label, rows, config
 
 
-def read_heldout(run_dir: Path) -> list[dict]:
-    """The held-out records of a run trained with --eval-cache (eval_metrics.jsonl), or none;
-    a line that does not parse (a run killed while writing it) is skipped."""
-    path = Path(run_dir) / "eval_metrics.jsonl"
-    records = []
-    if path.is_file():
-        for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
-
-
 def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path:
     """Draw the six panels for every run into one PNG at `out`, and two of held-out numbers
     where a run has them; returns the path written.
@@ -141,7 +126,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     for run_dir, name in zip(run_dirs, run_names(run_dirs), strict=True):
         try:
             runs.append(read_run(Path(run_dir), name))
-            heldout.append(read_heldout(Path(run_dir)))
+            heldout.append(read_records(Path(run_dir) / EVAL_METRICS))
         except NoStepsYet as error:  # a run that has just started: plot the others
             empty.append(error)
     if not runs:

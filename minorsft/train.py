@@ -72,7 +72,15 @@ from minorsft.distributed import (
     wrap_policy,
 )
 from minorsft.folder_lock import folder_lock
-from minorsft.heldout import HeldoutSet, eval_every, evaluate, is_eval_step, read_heldout
+from minorsft.heldout import (
+    EVAL_METRICS,
+    HeldoutSet,
+    eval_every,
+    evaluate,
+    is_eval_step,
+    read_heldout,
+    read_records,
+)
 from minorsft.jsonl import json_safe
 from minorsft.logprobs import final_logit_transform
 from minorsft.loss import LOSS_NAMES, compute_loss
@@ -426,7 +434,7 @@ def _version_tuple(version: str | None) -> tuple[int, ...]:
 RUN_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
              "config.json",
              "generation_config.json", "adapter_model.safetensors", "adapter_config.json",
-             "metrics.jsonl", "eval_metrics.jsonl", "run_config.json")
+             "metrics.jsonl", EVAL_METRICS, "run_config.json")
 RUN_FOLDERS = ("checkpoints", "merged")
 
 
@@ -813,13 +821,13 @@ class _HeldoutLog:
                  first: int):
         self.state, self.config, self.console = state, config, console
         self.every = eval_every(config.eval_every, state.total_steps)
-        self.path = output / "eval_metrics.jsonl"
+        self.path = output / EVAL_METRICS
         self.resumed_record = False
         if state.world.is_main:
             # a resumed run keeps the records up to its checkpoint's step, evaluated there
             if first:
                 trim_metrics(self.path, first + 1)
-                kept = _records(self.path)
+                kept = read_records(self.path)
                 self.resumed_record = any(record.get("step") == first for record in kept)
                 if kept and state.heldout and \
                         kept[-1].get("heldout_set") != state.heldout.set_hash:
@@ -872,21 +880,6 @@ class _HeldoutLog:
             f"{record['nll_per_token']:.4f}, m_theta {record['m_theta']:+.3e} "
             f"({record['rows']} rows, {record['seconds']:.1f} s)", highlight=False)
         return True
-
-
-def _records(path: Path) -> list[dict]:
-    """The JSON objects of a JSONL file's lines (none where it is missing; bad lines skipped)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def check_finite(metrics: dict, step: int) -> None:
