@@ -8,7 +8,9 @@ alternating. Usage:
         --prompt-field question --response-field answer --rows 2000 --repeats 3 --workers 2
 
 `--turns N` joins N rows into one chat of N user and N assistant turns (every assistant turn
-trained), whose every answer the template renders several times: multi-turn data.
+trained), whose every answer the template renders several times: multi-turn data. There 0.9.1
+finds every answer's content from one render with a probe in each place, where earlier versions
+rendered the whole chat once per answer for it (the row "0.9.1: one process" against "0.7.0").
 
 A fast tokenizer encodes a batch of texts on all cores, outside the GIL; the chat template
 renders row by row on one. On a GPU, scoring a small model can outrun one core tokenizing
@@ -34,7 +36,7 @@ from common import add_data_arguments, machine, read_records, table, to_chat  # 
 def every_span(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """The answer mask as minorsft found it until 0.7.0: every span tested for every token."""
     return [start < stop and any(start < span_stop and stop > span_start
-                                 for span_start, span_stop in spans)
+                                 for span_start, span_stop, *_ in spans)
             for start, stop in offsets]
 
 
@@ -67,17 +69,24 @@ def main() -> None:
     from minorsft.models import load_tokenizer, resolve_model
     from minorsft.row_workers import RowWorkers
 
-    one_pass = answer_spans._overlaps
-    methods = {  # name: (worker processes, rows per tokenizer call, answer mask)
-        f"0.8.0: {args.workers} worker processes": (args.workers, data.TOKENIZE_BATCH_ROWS,
-                                                     one_pass),
-        "0.7.0: one process, 64 rows a call, mask in one pass": (0, data.TOKENIZE_BATCH_ROWS,
-                                                                 one_pass),
-        "a row a call, mask in one pass": (0, 1, one_pass),
-        "before 0.7.0: a row a call, every span per token": (0, 1, every_span),
+    one_pass, one_render = answer_spans._overlaps, answer_spans._content_places
+
+    def turn_by_turn(*_) -> dict:
+        return {}  # (each answer's content found with a render of the whole chat of its own)
+
+    batch = data.TOKENIZE_BATCH_ROWS
+    methods = {  # name: (worker processes, rows per tokenizer call, answer mask, answer places)
+        f"0.9.1: {args.workers} worker processes": (args.workers, batch, one_pass, one_render),
+        "0.9.1: one process, contents found in one render": (0, batch, one_pass, one_render),
+        "0.7.0: one process, 64 rows a call, mask in one pass": (0, batch, one_pass,
+                                                                 turn_by_turn),
+        "a row a call, mask in one pass": (0, 1, one_pass, turn_by_turn),
+        "before 0.7.0: a row a call, every span per token": (0, 1, every_span, turn_by_turn),
     }
     if not args.workers:
         methods.pop(next(iter(methods)))
+    if args.turns == 1:  # (a single answer is found the same both ways)
+        methods.pop("0.9.1: one process, contents found in one render")
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     masks: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -95,8 +104,8 @@ def main() -> None:
         start_s = time.perf_counter() - started
         try:
             for _ in range(args.repeats):
-                for name, (count, batch_rows, overlaps) in methods.items():
-                    answer_spans._overlaps = overlaps
+                for name, (count, batch_rows, overlaps, places) in methods.items():
+                    answer_spans._overlaps, answer_spans._content_places = overlaps, places
                     started = time.perf_counter()
                     items = [item for _, item in data.classify_rows(
                         rows_file, tokenizer, spec, args.max_length, batch_rows=batch_rows,
@@ -104,7 +113,7 @@ def main() -> None:
                     seconds[name].append(time.perf_counter() - started)
                     masks[name] = [getattr(item, "answer_mask", None) for item in items]
         finally:
-            answer_spans._overlaps = one_pass
+            answer_spans._overlaps, answer_spans._content_places = one_pass, one_render
             if workers is not None:
                 workers.close()
     first, *others = masks.values()

@@ -1448,3 +1448,78 @@ def test_a_data_error_crosses_processes_whole():
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.path, copy.line, copy.field, copy.reason, str(copy)) == (
         error.path, error.line, error.field, error.reason, str(error))
+
+
+def _chat(*contents: str, system: str | None = None) -> list[dict]:
+    """User and assistant turns alternating, from the user: (user, assistant, user, ...)."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user" if number % 2 == 0 else "assistant", "content": content}
+                   for number, content in enumerate(contents)]
+
+
+ONE_RENDER_CHATS = [
+    _chat("2 plus 3", "5", "times 2", "10", "minus 1", "9", system="Be brief."),
+    _chat("a", "5", "b", "5", "c", "5"),  # the same answer thrice
+    _chat("a", "  padded\n", "b", "plain", "c", "\nlast "),  # what trimming templates change
+    _chat("a", "<think>add</think>5", "b", "<think>double</think>10"),  # reasoning moved out
+    _chat("a", "", "b", "x"),  # an empty answer
+    _chat("a", "assistant\n", "b", "<|im_start|>user\n"),  # contents that look like markup
+    [{"role": "assistant", "content": "first"}, *_chat("then", "second")],
+    [*_chat("a", "one"), {"role": "assistant", "content": "two"}, *_chat("b", "three")[1:]],
+]
+ONE_RENDER_TEMPLATES = [CHATML, DEFAULT_SYSTEM_TEMPLATE, THINKING_TEMPLATE, SPACE_BEFORE_TEMPLATE,
+                        END_OF_CONVERSATION_EOS_TEMPLATE, SPACE_IN_PROMPT_TEMPLATE,
+                        THINKING_AFTER_LAST_USER_TEMPLATE, SYSTEM_IN_LAST_USER_TEMPLATE,
+                        REASONING_TEMPLATE, THINKING_IN_LAST_TURN_TEMPLATE]
+
+
+def _rendered_or_refused(tokenizer, messages, trained):
+    from minorsft.answer_spans import render_conversation
+
+    try:
+        return render_conversation(tokenizer, messages, trained=trained)
+    except ValueError as error:
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("template", range(len(ONE_RENDER_TEMPLATES)))
+def test_answers_found_from_one_render_are_those_found_turn_by_turn(template, monkeypatch):
+    """0.9.1 finds every answer's content from one render with a probe in each place, where
+    the template writes the conversation the same whatever the contents; turn by turn (a render
+    of the whole chat per turn) is how it was found before, and where that check fails."""
+    import minorsft.answer_spans as answer_spans
+
+    tokenizer = tokenizer_with_template(ONE_RENDER_TEMPLATES[template])
+    one_render = answer_spans._content_places
+    for messages in ONE_RENDER_CHATS:
+        answered = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for trained in (None, [i == answered[-1] for i in range(len(messages))],
+                        [i != answered[-1] for i in range(len(messages))]):
+            monkeypatch.setattr(answer_spans, "_content_places", one_render)
+            found = _rendered_or_refused(tokenizer, messages, trained)
+            monkeypatch.setattr(answer_spans, "_content_places", lambda *_: {})
+            assert found == _rendered_or_refused(tokenizer, messages, trained), (
+                messages, trained)
+
+
+def test_one_render_finds_plain_contents_and_leaves_changed_ones_to_each_turn():
+    from minorsft.answer_spans import _content_places, _render
+
+    def places(template, messages):
+        tokenizer = tokenizer_with_template(template)
+
+        def render(some, generation_prompt):
+            return _render(tokenizer, some, generation_prompt)
+
+        answered = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return _content_places(render, messages, answered, render(messages, False))
+
+    chat = ONE_RENDER_CHATS[0]
+    found = places(CHATML, chat)
+    text = tokenizer_with_template(CHATML).apply_chat_template(chat, tokenize=False)
+    assert {index: text[start:stop] for index, (start, stop) in found.items()} == {
+        2: "5", 4: "10", 6: "9"}
+    assert places(THINKING_AFTER_LAST_USER_TEMPLATE, chat).keys() == {2, 4, 6}
+    # a content the template trims, and reasoning it moves out: each turn alone
+    assert places(THINKING_TEMPLATE, ONE_RENDER_CHATS[2]) == {}
+    assert places(REASONING_TEMPLATE, ONE_RENDER_CHATS[3]) == {}
