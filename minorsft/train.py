@@ -868,8 +868,8 @@ class _HeldoutLog:
         state = self.state
         if not state.heldout or not is_eval_step(done, self.every, state.total_steps):
             return False
-        record = evaluate(lambda rows: policy_logps(state, self.config, rows), state.heldout,
-                          done)
+        record = evaluate(lambda rows: policy_logps(state, self.config, rows, split=True),
+                          state.heldout, done)
         state.heldout_seconds[done] = record["seconds"]
         if not state.world.is_main:
             return True
@@ -1147,25 +1147,38 @@ STEP0_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.1, MIXED_PRECI
                    FP16_MIXED_PRECISION: 0.1}
 
 
-def policy_logps(state: TrainState, config: TrainConfig, rows: list[dict]) -> list[float]:
+def policy_logps(state: TrainState, config: TrainConfig, rows: list[dict],
+                 split: bool = False) -> list[float]:
     """The policy's summed answer log-probs of cache `rows`, as the cache was scored: in eval
     mode (no dropout), without gradients, in the training precision, a micro-batch at a time.
 
-    Every rank scores all the rows (FSDP needs every rank in each forward). No random numbers
-    are drawn, so a run's training is the same with or without these looks at the policy.
+    Every rank gets them all. With `split` the ranks share the micro-batches (rank r scores the
+    r-th, and every world-size-th after it) and add up what they scored (each row's score and
+    zeros: exact); otherwise every rank scores every row. Each rank runs as many forwards either
+    way (one with none left repeats its first and drops the result): FSDP needs every rank in
+    each forward, and DDP's may sync buffers. No random numbers are drawn, so a run's training
+    is the same with or without these looks at the policy.
     """
+    ranks, rank = (state.world.world_size, state.world.rank) if split else (1, 0)
+    starts = range(0, len(rows), config.micro_batch_size)
+    scores = [0.0] * len(rows)
     was_training = state.model.training
     state.model.eval()
-    scores = []
     try:
         with torch.no_grad(), compute_precision(state):
-            for start in range(0, len(rows), config.micro_batch_size):
+            for turn in range(math.ceil(len(starts) / ranks)):
+                index = rank + turn * ranks
+                start = starts[index] if index < len(starts) else starts[0]
                 micro = rows[start: start + config.micro_batch_size]
                 logps, _ = state.policy(micro, state.tokenizer.pad_token_id, state.device,
                                         state.packing)
-                scores.extend(logps.tolist())
+                if index < len(starts):
+                    scores[start: start + len(micro)] = logps.tolist()
     finally:
         state.model.train(was_training)
+    if ranks > 1:
+        total = torch.tensor(scores, dtype=torch.float64, device=state.device)
+        scores = all_reduce_sum(total, state.world).tolist()
     return scores
 
 

@@ -199,22 +199,28 @@ def test_ranks_draw_their_own_dropout_masks(tiny_model_dir, tmp_path):
     assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
-def test_fsdp_held_out_evaluations_and_cpu_offload_on_a_cpu(cache, tiny_model_dir, tmp_path):
-    """Every rank evaluates (FSDP needs each in every forward), rank 0 writes; --cpu-offload on
-    a CPU run was a RuntimeError ("Cannot access accelerator device") and is now ignored."""
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_held_out_evaluations_under_torchrun_and_fsdp_cpu_offload_on_a_cpu(
+        strategy, cache, tiny_model_dir, tmp_path):
+    """The ranks share the held-out micro-batches (9 rows, 3 micro-batches: rank 1 repeats one
+    to keep FSDP's and DDP's forwards in step) and rank 0 writes what they add up to: the
+    records of one process. --cpu-offload on a CPU run was a RuntimeError ("Cannot access
+    accelerator device") and is now ignored."""
     (tmp_path / "held").mkdir()
     held = precompute_rows(str(tiny_model_dir), tmp_path / "held",
                            [{"id": f"h{n}", "prompt": f"{n} plus 1", "response": f"{n + 1}."}
-                            for n in range(5)])
+                            for n in range(9)])
     single, multi = tmp_path / "single", tmp_path / "multi"
     run_train(TrainConfig(cache=str(cache), output=str(single), batch_size=8,
                           micro_batch_size=4, lr=1e-3, warmup_ratio=0.0, seed=5,
                           eval_cache=str(held), eval_every=2), Console(quiet=True))
-    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--strategy", "fsdp",
-                            "--cpu-offload", "--micro-batch-size", "4", "--eval-cache",
+    offload = ["--cpu-offload"] if strategy == "fsdp" else []
+    result = torchrun_train("--cache", str(cache), "--output", str(multi), "--strategy",
+                            strategy, *offload, "--micro-batch-size", "4", "--eval-cache",
                             str(held), "--eval-every", "2", *COMMON)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "--cpu-offload moves FSDP's state off a GPU" in " ".join(result.stderr.split())
+    if offload:
+        assert "--cpu-offload moves FSDP's state off a GPU" in " ".join(result.stderr.split())
 
     def records(run):
         return [json.loads(line) for line in (run / "eval_metrics.jsonl").read_text().splitlines()]

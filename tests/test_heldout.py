@@ -166,3 +166,43 @@ def test_evaluation_steps():
     assert eval_every(None, 100) == 10 and eval_every(None, 3) == 1 and eval_every(7, 3) == 7
     assert [d for d in range(26) if is_eval_step(d, eval_every(None, 25), 25)] == [
         0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
+
+
+def test_ranks_share_the_held_out_micro_batches_and_each_gets_every_score(monkeypatch):
+    """Under torchrun each rank scores every world-size-th micro-batch, runs as many forwards as
+    the others (FSDP and DDP need that) and, once their scores are added up, has every row's:
+    exactly what one process scoring them all gets."""
+    from types import SimpleNamespace
+
+    from minorsft.distributed import World
+
+    rows = [{"id": n} for n in range(11)]  # micro-batches of 3: 0-2, 3-5, 6-8, 9-10
+    forwards: dict[int, list[list[int]]] = {}
+
+    def state_of(rank: int, world_size: int) -> SimpleNamespace:
+        def policy(micro, pad_token_id, device, packing):
+            forwards.setdefault(rank, []).append([row["id"] for row in micro])
+            return torch.tensor([-1.37 * row["id"] - 0.1 for row in micro]), None
+
+        return SimpleNamespace(world=World(rank=rank, world_size=world_size),
+                               model=torch.nn.Linear(1, 1), policy=policy,
+                               tokenizer=SimpleNamespace(pad_token_id=0),
+                               device=torch.device("cpu"), packing=False, autocast=None)
+
+    config = SimpleNamespace(micro_batch_size=3)
+    alone = train_module.policy_logps(state_of(0, 1), config, rows, split=True)
+    assert forwards.pop(0) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    shares = []
+    monkeypatch.setattr(train_module, "all_reduce_sum",
+                        lambda tensor, world: shares.append(tensor.clone()) or tensor)
+    for rank in range(3):
+        train_module.policy_logps(state_of(rank, 3), config, rows, split=True)
+    assert forwards == {0: [[0, 1, 2], [9, 10]], 1: [[3, 4, 5], [0, 1, 2]],
+                        2: [[6, 7, 8], [0, 1, 2]]}  # (ranks 1 and 2 repeat the first)
+    assert sum(shares).tolist() == alone
+    assert all(int((share != 0).sum()) == count for share, count in zip(shares, [5, 3, 3],
+                                                                         strict=True))
+    # without `split` (the step-0 check) every rank scores every row
+    forwards.clear()
+    assert train_module.policy_logps(state_of(1, 3), config, rows) == alone
+    assert forwards == {1: [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]}
