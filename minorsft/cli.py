@@ -21,7 +21,8 @@ HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}  # (-h was an unknown opt
 
 class _PlainFlags:
     """Help without a value placeholder after flags: typer 0.29 shows `--json <bool>`, read as
-    taking a value (`--json true` is an error)."""
+    taking a value (`--json true` is an error). And an empty path refused: typer reads
+    `--output ""` (a script's unset variable) as the working folder."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -29,6 +30,38 @@ class _PlainFlags:
             if getattr(param, "is_flag", False) and param.metavar is None:
                 param.metavar = ""
         return params
+
+    def parse_args(self, ctx, args):
+        params = self.get_params(ctx)
+        takes_path = {name: _is_path(param) for param in params
+                      if not getattr(param, "is_flag", False)
+                      and isinstance(param, typer.core.TyperOption)
+                      for name in param.opts}
+        path_arguments = [param for param in params if _is_path(param)
+                          and isinstance(param, typer.core.TyperArgument)]
+        index = 0
+        while index < len(args):
+            name, equals, value = args[index].partition("=")
+            if name in takes_path:  # (an option and its value)
+                if not equals:
+                    index += 1
+                    value = args[index] if index < len(args) else None
+                if takes_path[name] and value == "":
+                    _fail(f"{name} is empty; give a path")
+            elif args[index] == "" and path_arguments:
+                _fail(f"an empty {path_arguments[0].name.upper()} argument; give a path")
+            elif args[index] == "--":
+                break
+            index += 1
+        return super().parse_args(ctx, args)
+
+
+def _is_path(param) -> bool:
+    """Whether a command's option or argument takes paths (Path, Path | None, list[Path])."""
+    descriptor = getattr(param, "type_descriptor", None)
+    annotation = str(getattr(descriptor, "annotation", ""))
+    return annotation in {str(Path), str(Path | None), str(list[Path]),
+                          str(list[Path] | None)}
 
 
 class _Command(_PlainFlags, typer.core.TyperCommand):

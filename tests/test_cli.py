@@ -641,3 +641,27 @@ def test_help_shows_no_value_placeholder_after_flags(command):
     result = CliRunner().invoke(app, [*command, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "--help" in result.output and "<bool>" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--cache", ""], "--cache is empty; give a path"),
+    (["train", "--output=", "--max-steps", "1"], "--output is empty; give a path"),
+    (["train", "--eval-cache", ""], "--eval-cache is empty; give a path"),
+    (["precompute", "--data", "x.jsonl", "--out", ""], "--out is empty; give a path"),
+    (["plot", "run", "-o", ""], "-o is empty; give a path"),
+    (["cache", "info", ""], "an empty PATH argument; give a path"),
+    (["cache", "merge", "a", "", "--out", "b"], "an empty SOURCES argument; give a path"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(args, message, tmp_path,
+                                                                 monkeypatch):
+    """`--output ""` (a script's unset variable) was read as "." and trained into the working
+    folder; nothing is written now."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_value_of_an_option_that_takes_no_path_is_left_to_it():
+    result = runner.invoke(app, ["train", "--lr", ""])
+    assert result.exit_code == 2 and "is empty; give a path" not in result.output
