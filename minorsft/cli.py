@@ -46,14 +46,22 @@ class _PlainFlags:
                 if not equals:
                     index += 1
                     value = args[index] if index < len(args) else None
-                if takes_path[name] and value == "":
-                    _fail(f"{name} is empty; give a path")
+                if value == "" and (takes_path[name] or name in NOT_EMPTY):
+                    _fail(f"{name} is empty; give {NOT_EMPTY.get(name, 'a path')}")
             elif args[index] == "" and path_arguments:
                 _fail(f"an empty {path_arguments[0].name.upper()} argument; give a path")
             elif args[index] == "--":
                 break
             index += 1
         return super().parse_args(ctx, args)
+
+
+# Options besides those typed Path whose empty value is a mistake (a script's unset variable):
+# `--data ""` read every data file in the working folder, `--prompt-field ""` was no option.
+NOT_EMPTY = {"--data": "a file, folder or built-in data set", "--model": "a model",
+             "--reference": "a model or cache", "--choices": "a file",
+             **dict.fromkeys(("--prompt-field", "--response-field", "--system-field"),
+                             "a column name")}
 
 
 def _is_path(param) -> bool:

@@ -56,6 +56,9 @@ class FieldSpec:
         if self.system_field in (self.prompt_field, self.response_field):
             raise ValueError(f"--system-field {self.system_field!r} is also the prompt or the "
                              "answer column; give each its own column")
+        if self.system_field == self.id_field:  # (every row's id was its system message)
+            raise ValueError(f"--system-field {self.system_field!r} is the rows' id column; "
+                             "give the column that holds the system prompt")
         # The same column twice would train the model to repeat its prompt as the answer.
         if self.prompt_field and self.prompt_field == self.response_field:
             raise ValueError(f"--prompt-field and --response-field name the same column "
@@ -68,9 +71,22 @@ def _require_text(record: dict, key: str, path: str, line: int, allow_empty=Fals
     value = record[key]
     if not isinstance(value, str):
         raise DataError(path, line, key, f"expected a string, got {type_name(value)}")
-    if not allow_empty and not value.strip():
-        raise DataError(path, line, key, "empty")
+    if not allow_empty and (reason := blank_reason(value)):
+        raise DataError(path, line, key, reason)
     return value
+
+
+def blank_reason(text: str) -> str | None:
+    """Why `text` says nothing, or None where it does: empty or white space, or only characters
+    that show nothing (zero-width spaces, soft hyphens, control characters: "\u200b" passed
+    `str.strip()` and was trained as an answer)."""
+    if not text.strip():
+        return "empty"
+    if any(character.isprintable() and not character.isspace() for character in text):
+        return None
+    shown = " ".join(sorted({f"U+{ord(character):04X}" for character in text
+                             if not character.isspace()}))
+    return f"holds only characters that show nothing ({shown})"
 
 
 # The known formats and the columns each needs (alpaca's `input` is optional).
@@ -82,6 +98,8 @@ FORMATS = {
     "alpaca": ("instruction", "output"),
 }
 
+# Alpaca's optional column, read beside its two.
+ALPACA_EXTRA = ("input",)
 # Role names of a `messages` chat (OpenAI's `developer` is its newer name for `system`), and of
 # a ShareGPT one (`from`: human, gpt), mapped to the template's.
 # A tool's result is a `tool` turn, whichever name the data gives it (see `minorsft.tools`);
@@ -148,6 +166,12 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
         defined = None
         return single_turn(spec.prompt_field, spec.response_field)
     row_format = _row_format(record, path, line)
+    if spec.system_field in (*FORMATS[row_format], *ALPACA_EXTRA * (row_format == "alpaca")):
+        # (`--system-field instruction` on alpaca rows wrote the instruction twice)
+        raise DataError(path, line, spec.system_field,
+                        f"--system-field {spec.system_field!r} is a column the row's "
+                        f"{row_format} format reads too: its text would be both the system "
+                        "message and part of the chat; give a column of its own")
     # OpenAI's older `functions` column is read beside chats only, the layout it comes in
     # (elsewhere a column of that name may hold anything).
     chat = row_format in ("chat", "sharegpt") or (
@@ -206,8 +230,8 @@ def _chat_conversation(head: list[dict], parts: list[_Turns], spec: FieldSpec,
     # Only an answer must say something: an empty turn that is prompt (marked weight 0, in a
     # TRL prompt, or before the last with --train-turns last) is context like any other.
     for message, name, flag in zip(chat, message_fields, trained, strict=True):
-        if flag and not message.get("tool_calls") and not message["content"].strip():
-            raise DataError(path, line, name, "empty answer")
+        if flag and not message.get("tool_calls") and (reason := blank_reason(message["content"])):
+            raise DataError(path, line, name, f"{reason} answer" if reason == "empty" else reason)
     answer_fields = [name for name, flag in zip(message_fields, trained, strict=True) if flag]
     return Conversation(messages, texts, [False] * len(head) + trained, answer_fields, fields,
                         defined)

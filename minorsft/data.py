@@ -56,6 +56,9 @@ class Example:
     file: str = ""  # the input file the row came from
     # the first answer token that also holds text of the generation prompt (`prompt_joined`)
     prompt_joined: int | None = field(default=None, compare=False)
+    # a row read with --prompt-field/--response-field that has tool definitions the template
+    # is not given (precompute counts them in a note)
+    tools_left_out: bool = field(default=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -248,6 +251,7 @@ class _Rendered:
     text: str
     spans: list[tuple[int, int, int]]  # (start, stop, generation prompt's end) per answer
     answer_field: str
+    tools_left_out: bool = False  # (Example's)
 
 
 def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]], tokenizer,
@@ -274,7 +278,8 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
                 joined = prompt_joined(offsets, item.spans)
                 item = Example(item.example_id, item.row.line, input_ids, answer_mask,
                                truncated, item.path,
-                               joined if joined is not None and joined < len(input_ids) else None)
+                               joined if joined is not None and joined < len(input_ids) else None,
+                               item.tools_left_out)
         yield index, item
 
 
@@ -304,7 +309,9 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
                                    if text.strip() == error.text), field_name)
             raise DataError(path_str, row.line, field_name, str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
-                         conversation.answer_fields[0])
+                         conversation.answer_fields[0],
+                         bool(spec.prompt_field) and any(
+                             row.record.get(column) for column in tools.DEFINITION_COLUMNS))
     except DataError as error:
         return _rejection(row, path_str, error)
 

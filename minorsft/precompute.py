@@ -484,6 +484,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     joined: dict = {}  # rows whose first answer token holds prompt text: count, first
+    tools_left_out: dict = {}  # rows whose tool definitions the template is not given: the same
     part: _PartBuilder | None = None
     input_rows = None
     rows_total = 0
@@ -528,9 +529,11 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                         raise item.error
                     part.reject(item, index)
                     continue
-                if item.prompt_joined is not None:
-                    joined["first"] = joined.get("first", item)
-                    joined["rows"] = joined.get("rows", 0) + 1
+                for kept, counts in ((item.prompt_joined is not None, joined),
+                                     (item.tools_left_out, tools_left_out)):
+                    if kept:
+                        counts["first"] = counts.get("first", item)
+                        counts["rows"] = counts.get("rows", 0) + 1
                 part.add(item, index)
             if part is not None:
                 finish(part)
@@ -550,6 +553,12 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     write_manifest(out, manifest)
     if joined:
         console.print(_prompt_joined_note(joined["rows"], joined["first"], tokenizer),
+                      highlight=False, markup=False)
+    if tools_left_out:  # (every row's, where the note before scoring looked at the first)
+        first = tools_left_out["first"]
+        console.print(f"note: {tools_left_out['rows']} cached row(s) have tool definitions "
+                      f"(the first: {first.file}:{first.line}) that the chat "
+                      "template is not given with --prompt-field/--response-field",
                       highlight=False, markup=False)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
     _check_drift(config, out, summary, engine, model_path, console)

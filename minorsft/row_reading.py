@@ -68,12 +68,31 @@ def _read_jsonl(path: Path, compressed: bool = False) -> Iterator[RawRow]:
                         f"not a readable gzip file ({error or type(error).__name__})") from None
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# Files that start so are not text: what they are, and what to do (a .jsonl that holds one).
+NOT_TEXT = [
+    (GZIP_MAGIC, "a gzip-compressed file", "name it .jsonl.gz, which is read as it is"),
+    (b"PAR1", "a Parquet file", "name it .parquet, which is read as it is"),
+    (b"PK\x03\x04", "a zip archive", "unzip it and give the .jsonl inside"),
+    (b"\x28\xb5\x2f\xfd", "a zstd-compressed file", "decompress it (zstd -d)"),
+    (b"\xfd7zXZ\x00", "an xz-compressed file", "decompress it (xz -d)"),
+    (b"BZh", "a bzip2-compressed file", "decompress it (bunzip2)"),
+]
+
+
 def utf8_lines(path: Path, handle) -> tuple[Iterator[bytes], bool]:
     """The lines of a JSON Lines file open as `handle` (binary), as UTF-8 bytes, and whether
     they were decoded from UTF-16 (a file that starts with its byte-order mark). A UTF-32 file
     is refused, naming it."""
-    start = handle.peek(4)[:4]
-    if start in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):  # (before UTF-16's: FF FE)
+    start = handle.peek(6)[:6]
+    for magic, what, hint in NOT_TEXT:
+        if start.startswith(magic):  # (read as text, it said "not valid UTF-8" at line 1)
+            if magic == GZIP_MAGIC and isinstance(handle, gzip.GzipFile):
+                hint = "it is compressed twice: decompress it once (gunzip) and name it .jsonl.gz"
+            raise DataError(str(path), None, None,
+                            f"not JSON Lines text: {what} (it starts with the bytes "
+                            f"{magic.hex(' ')}); {hint}")
+    if start[:4] in (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE):  # (before UTF-16's: FF FE)
         raise DataError(str(path), None, None, "starts with UTF-32's byte-order mark; UTF-8 "
                         "and UTF-16 are read: save it as UTF-8 (PowerShell: Out-File "
                         "-Encoding utf8)")

@@ -73,7 +73,8 @@ def test_skip_accounts_for_every_row_across_parts(tiny_model_dir, tmp_path):
 
 
 def test_cli_reports_bad_row_with_exit_code_2(tiny_model_dir, tmp_path):
-    data = write_lines(tmp_path / "rows.jsonl", case_file_lines(CASES[12][1]))
+    robot = next(line for name, line, _, _ in CASES if name == "unknown role")
+    data = write_lines(tmp_path / "rows.jsonl", case_file_lines(robot))
     out = tmp_path / "ref.parquet"
     runner = CliRunner()
     result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",

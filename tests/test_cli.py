@@ -235,6 +235,21 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert ("note: the rows' 'tools' column is not given to the chat template with "
             "--prompt-field/--response-field" in " ".join(result.output.split())), result.output
+    # rows after the first are counted too: the note looked at the first row only
+    data = write_jsonl(tmp_path / "xlam2.jsonl", [
+        {"query": "Hi", "answers": "Hello"},
+        {"query": "Weather in Paris?", "answers": '[{"name": "get_weather"}]',
+         "tools": '[{"name": "get_weather", "parameters": {}}]'},
+        {"query": "Bye", "answers": "Goodbye", "tools": ""}])
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                 str(data), "--out", str(tmp_path / "c4"), "--prompt-field",
+                                 "query", "--response-field", "answers", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "the rows' 'tools' column" not in output
+    assert (f"note: 1 cached row(s) have tool definitions (the first: {data}:2) "
+            "that the chat template is not given with --prompt-field/--response-field"
+            in output), output
 
 
 def test_answers_whose_first_token_holds_the_prompts_end_get_a_note(tiny_model_dir, tmp_path):
@@ -651,6 +666,10 @@ def test_help_shows_no_value_placeholder_after_flags(command):
     (["plot", "run", "-o", ""], "-o is empty; give a path"),
     (["cache", "info", ""], "an empty PATH argument; give a path"),
     (["cache", "merge", "a", "", "--out", "b"], "an empty SOURCES argument; give a path"),
+    (["precompute", "--data", ""], "--data is empty; give a file, folder or built-in data set"),
+    (["precompute", "--data=x.jsonl", "--prompt-field", "", "--response-field", ""],
+     "--prompt-field is empty; give a column name"),
+    (["eval", "--model", "m", "--reference="], "--reference is empty; give a model or cache"),
 ])
 def test_an_empty_path_is_refused_not_read_as_the_working_folder(args, message, tmp_path,
                                                                  monkeypatch):

@@ -1034,6 +1034,28 @@ def test_a_named_system_column_is_the_system_message(tiny_tokenizer, tmp_path):
     assert answer_text(tiny_tokenizer, named) == "cinq<|im_end|>"
     with pytest.raises(ValueError, match="--system-field 'question' is also the prompt"):
         FieldSpec("question", "response", "question")
+    with pytest.raises(ValueError, match="--system-field 'id' is the rows' id column"):
+        FieldSpec(system_field="id")
+
+
+def test_a_system_column_the_rows_format_reads_too_is_refused(tiny_tokenizer, tmp_path):
+    """`--system-field instruction` on alpaca rows wrote the instruction as the system message
+    and again as the prompt."""
+    rows = [{"id": "a", "instruction": "Translate to French", "input": "cat", "output": "chat"},
+            {"id": "b", "instruction": "Translate", "input": "dog", "output": "chien"},
+            {"id": "c", "prompt": "Q", "response": "A", "input": "the system prompt"}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for column, lines in (("instruction", [1, 2]), ("input", [1, 2]), ("output", [1, 2])):
+        found = iter_examples(path, tiny_tokenizer, FieldSpec(system_field=column),
+                              on_bad="skip")
+        assert [item.line for item in found if isinstance(item, Rejection)] == lines
+        assert all(item.field == column and "reads too" in item.reason
+                   for item in found if isinstance(item, Rejection))
+    # a column the prompt/response format does not read is a system column like any other
+    *_, third = iter_examples(path, tiny_tokenizer, FieldSpec(system_field="input"),
+                              on_bad="skip")
+    assert "<|im_start|>system\nthe system prompt<|im_end|>" in tiny_tokenizer.decode(
+        third.input_ids)
 
 
 def test_gzip_jsonl_and_utf16_files_are_read(tiny_tokenizer, tmp_path):
@@ -1523,3 +1545,28 @@ def test_one_render_finds_plain_contents_and_leaves_changed_ones_to_each_turn():
     # a content the template trims, and reasoning it moves out: each turn alone
     assert places(THINKING_TEMPLATE, ONE_RENDER_CHATS[2]) == {}
     assert places(REASONING_TEMPLATE, ONE_RENDER_CHATS[3]) == {}
+
+
+def test_a_compressed_or_parquet_file_named_jsonl_is_named_for_what_it_is(tiny_tokenizer,
+                                                                          tmp_path):
+    """Read as text, such a file was "not valid UTF-8 (byte 0x8b at column 2)" at line 1, or,
+    for Parquet, a hint about UTF-16 without a byte-order mark."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "2 plus 3?", "response": "5"}]
+    plain = write_jsonl(tmp_path / "rows.jsonl", rows).read_bytes()
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(plain))
+    (tmp_path / "twice.jsonl.gz").write_bytes(gzip.compress(gzip.compress(plain)))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq.jsonl")
+    expected = {"gz.jsonl": "not JSON Lines text: a gzip-compressed file (it starts with the "
+                            "bytes 1f 8b); name it .jsonl.gz",
+                "twice.jsonl.gz": "it is compressed twice",
+                "pq.jsonl": "not JSON Lines text: a Parquet file (it starts with the bytes "
+                            "50 41 52 31); name it .parquet"}
+    for name, message in expected.items():
+        with pytest.raises(DataError, match=re.escape(message)) as raised:
+            list(iter_examples(tmp_path / name, tiny_tokenizer))
+        assert str(raised.value).startswith(str(tmp_path / name))
