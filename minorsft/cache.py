@@ -470,16 +470,20 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     if require_complete and (problems := missing_pieces(manifests, parts)):
         raise CacheError(f"{path}: incomplete cache: " + "; ".join(problems))
     files = []
+    merged_from = next((m["merged_from"] for m in manifests if m.get("merged_from")), None)
+    # (a merged cache has no precompute command of its own: its shards' made it)
+    again = ("run the same precompute command again to recompute it" if not merged_from else
+             "recompute it where the shard was scored (the same precompute command) and merge "
+             f"again (minorsft cache merge {' '.join(merged_from)} --out {path} --overwrite)")
     for index in sorted(parts):
         file = path / parts[index]["file"]
         if not file.exists():
-            raise CacheError(f"{file}: part {index} is listed in the manifest but missing; run "
-                             "the same precompute command again to recompute it")
+            raise CacheError(f"{file}: part {index} is listed in the manifest but missing; "
+                             f"{again}")
         try:
             file_metadata = pq.read_metadata(file)
         except (OSError, pa.ArrowException) as error:
-            raise CacheError(f"{file}: part {index} is damaged ({error}); run the same "
-                             "precompute command again to recompute it") from error
+            raise CacheError(f"{file}: part {index} is damaged ({error}); {again}") from error
         rows = file_metadata.num_rows
         if rows != parts[index]["rows_cached"]:
             raise CacheError(f"{file}: has {rows} rows, the manifest says "
@@ -488,8 +492,7 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
         rejects = parts[index].get("rejects")
         if rejects and not (path / rejects).exists():
             raise CacheError(f"{path / rejects}: the rejected rows of part {index} are listed in "
-                             "the manifest but missing; run the same precompute command again "
-                             "to recompute the part")
+                             f"the manifest but missing; {again}")
         files.append(file)
     entries = list(parts.values())
     metadata = dict(manifests[0]["metadata"])
@@ -656,6 +659,10 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
         raise CacheError(f"{out}: the merged cache must go to a new --out, not a source")
     if len({s.resolve() for s in sources}) < len(sources):
         raise CacheError("a source is given twice: " + " ".join(str(s) for s in sources))
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        # (--overwrite would move the working folder aside: "Device or resource busy")
+        raise CacheError(f"--out {out} is the working folder or holds it; give a new folder "
+                         "for the merged cache")
     manifests, origin, twice = [], {}, []
     for source in sources:
         if not source.exists():
@@ -771,25 +778,29 @@ def cache_stats(path: Path) -> dict:
     # (parts may differ in a column's nullability, which the schema check leaves alone, as
     # train does: a rewritten part's)
     table = pa.concat_tables(tables, promote_options="default") if tables else None
+    schema = pq.read_schema(layout.files[0]) if layout.files else SCHEMA
+    info = {
+        "path": str(path), "layout": layout.kind, "files": len(layout.files),
+        "incomplete": incomplete,
+        "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
+        "metadata": layout.metadata, "rows": 0 if table is None else table.num_rows,
+    }
     if table is None or table.num_rows == 0:
         if incomplete:
             raise CacheError(f"{path}: incomplete cache with no rows yet: "
                              + "; ".join(incomplete))
-        rejected = _lookup(layout.metadata, "rows_rejected")
-        raise CacheError(f"{path}: the cache has no rows" + (
-            f" (all {rejected} input rows were rejected: see its _rejects.jsonl)"
-            if rejected else ""))
+        if not _lookup(layout.metadata, "rows_rejected"):
+            raise CacheError(f"{path}: the cache has no rows")
+        # every input row rejected: what the cache says of them (train refuses it)
+        return {**info, "num_tokens": None, "ref_logps_per_token": None, "truncated": 0,
+                "problems": []}
     num_tokens = table["num_tokens"].cast(pa.float64())
     per_token = pc.divide(table["ref_logps"], num_tokens)
     # token counts are whole numbers: "nearest" quantiles, min and max are shown as integers
     quantiles = [int(q) for q in pc.quantile(num_tokens, q=[0.1, 0.5, 0.9],
                                              interpolation="nearest").to_pylist()]
-    schema = pq.read_schema(layout.files[0])
     return {
-        "path": str(path), "layout": layout.kind, "files": len(layout.files),
-        "incomplete": incomplete,
-        "schema": ", ".join(f"{f.name}: {f.type}" for f in schema if f.name in SCHEMA.names),
-        "metadata": layout.metadata, "rows": table.num_rows,
+        **info,
         "num_tokens": {"mean": pc.mean(num_tokens).as_py(),
                        "min": int(pc.min(num_tokens).as_py()),
                        "p10": quantiles[0], "p50": quantiles[1], "p90": quantiles[2],

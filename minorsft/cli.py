@@ -168,6 +168,28 @@ def _check_writable_file(path: Path, option: str) -> None:
         _fail(f"{option} {path}: not writable")
 
 
+def _refuse_writing_over_inputs(outputs: dict[str, Path | None],
+                                inputs: dict[str, list[str]]) -> None:
+    """Fail if an output file is one of the inputs, an existing file in an input folder (a
+    model's config.json), a file in a --data folder (the next run would read it as data), or
+    the other output: `eval --per-item held.jsonl --data held.jsonl` replaced the data."""
+    given = {option: path.resolve() for option, path in outputs.items() if path}
+    if len(set(given.values())) < len(given):
+        _fail(f"{' and '.join(given)} name the same file; give each its own")
+    for option, out in given.items():
+        for input_option, names in inputs.items():
+            for name in names:
+                source = Path(name).expanduser()
+                if not source.exists():  # (a built-in name, a hub id, a pattern)
+                    continue
+                source = source.resolve()
+                inside = source.is_dir() and out.is_relative_to(source)
+                if out == source or (inside and (out.exists() or input_option == "--data")):
+                    _fail(f"{option} {outputs[option]} would write over "
+                          f"{'' if out == source else 'a file of '}{input_option} {name}; "
+                          "write it elsewhere")
+
+
 # `--data data/train-*.parquet` unquoted: the shell gives the files after the first as
 # arguments (left out of the usage line: they are --data's, not arguments of their own).
 EXTRA_ARGUMENTS = {"allow_extra_args": True}
@@ -587,7 +609,10 @@ def cache_info(
     if info["problems"]:  # (an incomplete cache's rows so far too: they will not heal)
         typer.echo(f"{'status':>20}: CORRUPT (train, eval and verify refuse it): "
                    + " ".join(info["problems"]))
-    if not (info["incomplete"] or info["problems"]):
+    if not info["rows"]:  # (every input row rejected)
+        typer.echo(f"{'status':>20}: NO ROWS (train refuses it): every input row was "
+                   "rejected; see its _rejects.jsonl")
+    elif not (info["incomplete"] or info["problems"]):
         typer.echo(f"{'status':>20}: complete")
     counts = ("rows", "rows_in", "rows_rejected")  # shown together in the "rows" line below
     for key, value in metadata.items():
@@ -603,12 +628,12 @@ def cache_info(
     typer.echo(f"{'rows':>20}: {info['rows']} cached"
                + (f" + {metadata.get('rows_rejected')} rejected = {metadata.get('rows_in')} "
                   "input rows" if metadata.get("rows_in") is not None else ""))
-    m = info["num_tokens"]
-    typer.echo(f"{'answer tokens m':>20}: mean {m['mean']:.1f}, min {m['min']}, p10 {m['p10']}, "
-               f"median {m['p50']}, p90 {m['p90']}, max {m['max']}")
-    r = info["ref_logps_per_token"]
-    typer.echo(f"{'ref log-prob/token':>20}: mean {r['mean']:.4f}, min {r['min']:.4f}, "
-               f"max {r['max']:.4f}")
+    if m := info["num_tokens"]:
+        typer.echo(f"{'answer tokens m':>20}: mean {m['mean']:.1f}, min {m['min']}, "
+                   f"p10 {m['p10']}, median {m['p50']}, p90 {m['p90']}, max {m['max']}")
+    if r := info["ref_logps_per_token"]:
+        typer.echo(f"{'ref log-prob/token':>20}: mean {r['mean']:.4f}, min {r['min']:.4f}, "
+                   f"max {r['max']:.4f}")
     typer.echo(f"{'truncated rows':>20}: {info['truncated']}")
     drift = metadata.get("drift")
     if drift is None:
@@ -723,6 +748,9 @@ def eval_command(
     for path, option in ((json_out, "--json-out"), (per_item, "--per-item")):
         if path:
             _check_writable_file(path, option)
+    _refuse_writing_over_inputs({"--json-out": json_out, "--per-item": per_item}, {
+        "--model": [model], "--reference": [reference] if reference else [],
+        "--data": list(data or []), "--choices": list(choices or [])})
     result = _run(run_eval, config)
     text = json.dumps(result, indent=2, allow_nan=False)  # NaN is not JSON: fail, not write
     typer.echo(text if as_json else format_table(result))  # (first: a failed write loses none)

@@ -13,6 +13,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+import torch
+
 from minorsft.cache import readable_weights
 
 
@@ -47,6 +49,7 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     """
     peft = _peft()
     targets = parse_target_modules(target_modules)
+    _refuse_unmatched_targets(model, targets)
     if merge:
         _refuse_merging_a_tied_embedding(model, targets)
     config = peft.LoraConfig(
@@ -55,6 +58,24 @@ def apply_lora(model, r: int, alpha: float, dropout: float, target_modules: str,
     )
     with _without_peft_deprecations():
         return peft.get_peft_model(model, config)
+
+
+def _refuse_unmatched_targets(model, targets: str | list[str]) -> None:
+    """A ValueError naming the --lora-target-modules that match no module of the model (as peft
+    matches them: the name, or its last parts): peft adapted the others and said nothing of a
+    mistyped one, or gave its own message without the option when none matched."""
+    if isinstance(targets, str):  # (all-linear)
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [target for target in targets
+                 if not any(name == target or name.endswith("." + target) for name in names)]
+    if unmatched:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+        raise ValueError(f"--lora-target-modules: {', '.join(unmatched)} "
+                         f"{'matches' if len(unmatched) == 1 else 'match'} no module of "
+                         f"the model; its linear layers: {', '.join(linear) or 'none'} (or "
+                         "all-linear)")
 
 
 @contextlib.contextmanager

@@ -63,7 +63,8 @@ def resolve_model(name: str, option: str = "--model") -> str:
         if (path / "adapter_config.json").exists() and not _has_full_weights(path):
             merged = path / "merged"
             hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
-                    else "train with --merge-lora to get a plain model in <output>/merged")
+                    else "run the same train command again with --resume --merge-lora to get "
+                    "a plain model in <output>/merged")
             raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
                              f"not a whole model; {hint}")
         if not (path / "config.json").exists():

@@ -175,8 +175,12 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     # (the legend's rows of 8-point text, in figure fractions of the 7-inch height)
     figure.tight_layout(rect=(0, min(0.5, 0.01 + rows * 0.033), 1, 1))
     out = Path(out)
-    if not os.path.splitext(str(out))[1][1:]:
+    if not (extension := os.path.splitext(str(out))[1][1:]):
         out = Path(str(out).rstrip(".") + ".png")  # what savefig would write: report that
+    elif extension.lower() not in (kinds := figure.canvas.get_supported_filetypes()):
+        plt.close(figure)  # (matplotlib's own message did not name the option)
+        raise ValueError(f"-o {out}: .{extension} is no picture format matplotlib writes; "
+                         f"use one of {', '.join('.' + kind for kind in sorted(kinds))}")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80)
     plt.close(figure)

@@ -230,6 +230,14 @@ def test_merge_mistakes_are_named(parts_cache, tiny_model_dir, demo_jsonl, tmp_p
     assert "is a shard given twice?" in merge(*shards, copy, "--out", tmp_path / "m2")
     # a file where a folder of --out's path should be: one line, not a traceback
     assert "cannot create its folder" in merge(*shards, "--out", notes / "merged")
+    # the working folder (empty): --overwrite would move it aside, a traceback ("busy")
+    (tmp_path / "empty").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path / "empty")
+        for out in (".", ".."):
+            assert "is the working folder or holds it" in merge(*shards, "--out", out,
+                                                                "--overwrite")
+    assert (tmp_path / "empty").is_dir()
 
 
 def test_merge_takes_shards_of_the_same_files_under_other_names(tiny_model_dir, demo_jsonl,

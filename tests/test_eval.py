@@ -420,10 +420,15 @@ def test_a_cache_with_no_rows_as_reference_is_an_error(tiny_model_dir, tmp_path)
                                       str(cache)])
     assert result.exit_code == 2, result.output
     assert "the cache has no rows" in " ".join(result.output.split())
+    # cache info shows it for what it is (it refused it, and --json printed no JSON)
     result = CliRunner().invoke(app, ["cache", "info", str(cache)])
-    assert result.exit_code != 0
-    assert ("the cache has no rows (all 1 input rows were rejected: see its _rejects.jsonl)"
-            in " ".join(result.output.split())), result.output
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert ("status: NO ROWS (train refuses it): every input row was rejected; see its "
+            "_rejects.jsonl" in text and "rows: 0 cached + 1 rejected = 1 input rows" in text)
+    result = CliRunner().invoke(app, ["cache", "info", str(cache), "--json"])
+    info = json.loads(result.output)
+    assert (info["rows"], info["metadata"]["rows_rejected"], info["num_tokens"]) == (0, 1, None)
 
 
 def test_cache_reference_with_data_is_refused(tiny_model_dir, demo_jsonl, tmp_path):
@@ -550,6 +555,39 @@ def test_per_item_lines_add_up_to_the_summary(tiny_model_dir, demo_jsonl, choice
         "--per-item", str(tmp_path)])  # a folder: refused before any scoring
     assert result.exit_code == 2 and "--per-item" in result.output
     assert "scoring" not in result.output
+
+
+def test_eval_outputs_may_not_write_over_its_inputs(tiny_model_dir, choices_csv, tmp_path):
+    """`--per-item held.jsonl --data held.jsonl` replaced the held-out data with the per-item
+    lines, and `--json-out <model>/config.json` the model's config."""
+    held = tmp_path / "data"
+    held.mkdir()
+    (held / "held.jsonl").write_text('{"prompt": "2 plus 3", "response": "5"}\n')
+    kept = {path: path.read_bytes() for path in [held / "held.jsonl", choices_csv,
+                                                 tiny_model_dir / "config.json"]}
+    base = ["eval", "--model", str(tiny_model_dir), "--data", str(held), "--choices",
+            str(choices_csv)]
+    for extra, message in [
+        (["--per-item", held / "held.jsonl"], "--per-item {} would write over a file of --data"),
+        (["--json-out", choices_csv], "--json-out {} would write over --choices"),
+        (["--json-out", tiny_model_dir / "config.json"],
+         "--json-out {} would write over a file of --model"),
+        (["--per-item", held / "items.jsonl"], "--per-item {} would write over a file of --data"),
+        (["--json-out", tmp_path / "same.json", "--per-item", tmp_path / "same.json"],
+         "--json-out and --per-item name the same file"),
+    ]:
+        result = CliRunner().invoke(app, [*base, *map(str, extra)])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and message.format(extra[1]) in text, text
+        assert "scoring" not in text
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert not (held / "items.jsonl").exists()
+    # a new file beside the model's is fine (results next to the run they are of)
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--choices",
+                                      str(choices_csv), "--json-out",
+                                      str(tiny_model_dir / "eval.json")])
+    assert result.exit_code == 0, result.output
+    (tiny_model_dir / "eval.json").unlink()
 
 
 def test_cli_eval_errors(tiny_model_dir, tmp_path):

@@ -209,10 +209,12 @@ def test_cli_plot_output_mistakes_are_one_line(tmp_path):
     (tmp_path / "a.csv").write_text("x")
     (tmp_path / "folder").mkdir()
     for out, message in ((tmp_path / "a.csv" / "x.png", "cannot create its folder"),
-                         (tmp_path / "folder", "is a folder; give a file name")):
+                         (tmp_path / "folder", "is a folder; give a file name"),
+                         (tmp_path / "curves.txt", "-o {}: .txt is no picture format "
+                                                   "matplotlib writes; use one of")):
         result = CliRunner().invoke(app, ["plot", str(run_dir), "-o", str(out)])
-        assert result.exit_code == 2 and message in " ".join(result.output.split())
-    assert not (tmp_path / "folder.png").exists()
+        assert result.exit_code == 2 and message.format(out) in " ".join(result.output.split())
+    assert not (tmp_path / "folder.png").exists() and not (tmp_path / "curves.txt").exists()
     result = CliRunner().invoke(app, ["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "z")])
     assert result.exit_code == 2 and "nope: no such folder" in " ".join(result.output.split())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,14 @@ import pytest
 import torch
 
 import minorsft.precompute
-from minorsft.cache import CacheError, iter_rows, load_manifests, read_metadata, update_metadata
+from minorsft.cache import (
+    CacheError,
+    iter_rows,
+    load_manifests,
+    open_cache,
+    read_metadata,
+    update_metadata,
+)
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
 from .conftest import DEMO_ROWS, write_jsonl
@@ -335,6 +343,16 @@ def test_shards_in_one_directory_and_merged_from_two(tiny_model_dir, tmp_path):
     assert (tmp_path / "merged" / ".hidden").read_text() == "mine too"
     assert not list(tmp_path.glob(".merged.*"))  # no staging or old cache left beside it
     assert list(iter_rows(tmp_path / "merged")) == expected
+    # a part gone from a merged cache: merge again (it said to run "the same precompute
+    # command", which a merged cache has none of)
+    copy = tmp_path / "merged-copy"
+    shutil.copytree(tmp_path / "merged", copy)
+    (copy / load_manifests(copy)[0]["parts"]["1"]["file"]).unlink()
+    with pytest.raises(CacheError, match=re.escape(
+            f"part 1 is listed in the manifest but missing; recompute it where the shard was "
+            f"scored (the same precompute command) and merge again (minorsft cache merge "
+            f"{node_a} {node_b} --out {copy} --overwrite)")):
+        open_cache(copy)
     with pytest.raises(CacheError, match="shards: 1 -> 2"):  # no mixing of schemes
         precompute(tiny_model_dir, data, tmp_path / "merged", shard="0/2")
     # shards scored by two versions (an upgrade between them): said so, with the way on

@@ -11,7 +11,7 @@ import torch
 
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import demo_rows, precompute_rows
+from .conftest import build_tiny_model, build_tiny_tokenizer, demo_rows, precompute_rows
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,21 @@ def test_lora_config_errors(tiny_cache, tmp_path):
         with pytest.raises(ValueError, match=f"{shown}: LoRA settings apply with --lora-r > 0"):
             TrainConfig(cache=str(tiny_cache), output=str(tmp_path), **setting)
     TrainConfig(cache=str(tiny_cache), output=str(tmp_path), lora_r=4, lora_alpha=8.0)
+
+
+def test_target_modules_that_match_nothing_are_named():
+    """A mistyped name beside a good one was silently left out (peft adapted q_proj only)."""
+    from minorsft.lora import apply_lora
+
+    for targets in ("q_proj,foo", "foo_proj"):
+        with pytest.raises(ValueError) as raised:
+            apply_lora(build_tiny_model(build_tiny_tokenizer()), 4, 8.0, 0.0, targets)
+        unmatched = targets.split(",")[-1]
+        assert str(raised.value).startswith(
+            f"--lora-target-modules: {unmatched} matches no module of the model; its linear "
+            "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    model = build_tiny_model(build_tiny_tokenizer())
+    assert apply_lora(model, 4, 8.0, 0.0, "q_proj,self_attn.v_proj") is not None
 
 
 def test_merging_an_adapter_on_a_tied_embedding_is_refused(tmp_path):
