@@ -146,7 +146,8 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
 
     system = record.get(spec.system_field)
     if system is not None and not isinstance(system, str):
-        raise DataError(path, line, spec.system_field, "expected a string")
+        raise DataError(path, line, spec.system_field,
+                        f"expected a string, got {type_name(system)}")
     # an empty, null or blank `system` is none: the template's default system prompt applies
     head = [{"role": "system", "content": system}] if system and system.strip() else []
     if head:

@@ -278,6 +278,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                              "is written to: choose an --out outside the input's folder")
     if len(data_files) > 1:
         names = [path.name for path in data_files]
+        if len(set(names)) < len(names):  # (two folders' train.jsonl read as "x, x")
+            names = [str(path) for path in data_files]
         if len(names) > 6:  # (a data set of 500 shards: the first and last few say the order)
             names = [*names[:3], f"... {len(names) - 5} more ...", *names[-2:]]
         console.print(f"reading {len(data_files)} files in this order: {', '.join(names)}",
@@ -285,8 +287,13 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     model_config = read_model_config(model_path)
     refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     if not any(map(_has_a_row, data_files)):  # (said after a 0/0 progress line before)
-        raise ValueError(f"{data_label(data_files)}: no rows (the "
-                         f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
+        one = len(data_files) == 1
+        if any(path.stat().st_size for path in data_files):  # (blank lines, "the file is empty")
+            what = "file holds" if one else "files hold"
+            what += " only blank lines"
+        else:
+            what = "file is empty" if one else "files are empty"
+        raise ValueError(f"{data_label(data_files)}: no rows (the {what})")
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.

@@ -33,7 +33,7 @@ CASES = [
      "expected a string, got int"),
     ("wrongly typed field (system is a number)",
      _json({"id": "c7", "system": 5, "prompt": "x", "response": "y"}), "system",
-     "expected a string"),
+     "expected a string, got int"),
     ("wrongly typed field (messages is a string)", _json({"id": "c8", "messages": "hi"}),
      "messages", "expected a non-empty list of {role, content}, got str"),
     ("wrongly typed field (content is a list of strings, not of text parts)",

@@ -120,7 +120,10 @@ def test_an_empty_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_pat
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     for data, what in ((["empty.jsonl"], "empty.jsonl: no rows (the file is empty)"),
-                       (["empty.jsonl", "blank.jsonl"], "no rows (the files are empty)")):
+                       (["blank.jsonl"], "blank.jsonl: no rows (the file holds only blank "
+                                         "lines)"),
+                       (["empty.jsonl", "blank.jsonl"], "no rows (the files hold only blank "
+                                                        "lines)")):
         result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir),
                                      *[arg for name in data
                                        for arg in ("--data", str(tmp_path / name))],

@@ -684,3 +684,17 @@ def test_an_empty_path_is_refused_not_read_as_the_working_folder(args, message, 
 def test_an_empty_value_of_an_option_that_takes_no_path_is_left_to_it():
     result = runner.invoke(app, ["train", "--lr", ""])
     assert result.exit_code == 2 and "is empty; give a path" not in result.output
+
+
+def test_files_of_one_name_are_listed_by_their_paths(tiny_model_dir, tmp_path):
+    """Two folders' train.jsonl were listed as "train.jsonl, train.jsonl"."""
+    files = []
+    for folder, row in (("a", DEMO_ROWS[0]), ("b", DEMO_ROWS[1])):
+        (tmp_path / folder).mkdir()
+        files.append(write_jsonl(tmp_path / folder / "train.jsonl", [row]))
+    result = runner.invoke(app, ["precompute", "--model", str(tiny_model_dir), "--out",
+                                 str(tmp_path / "cache"), "--verify-sample", "0",
+                                 *[arg for path in files for arg in ("--data", str(path))]])
+    assert result.exit_code == 0, result.output
+    assert (f"reading 2 files in this order: {files[0]}, {files[1]}"
+            in " ".join(result.output.split()))
