@@ -371,10 +371,16 @@ def _end_of_turn(turn_end: str, special: re.Pattern | None) -> int:
     Not the template's newline after it, which the model never has to generate, nor what a
     template writes after the marker (Phi-3's eos at the end of a conversation). A template
     without special tokens keeps its trailing text, minus whitespace.
+
+    Nothing past the first line break: `turn_end` is what a turn that ends the conversation
+    and one that goes on have in common, and with markers that are text, not special tokens
+    (a template given with --chat-template), that ran on by chance into what follows: Phi-3's
+    "<|end|>\n" then "<|user|>" or "<|endoftext|>" share "<|end|>\n<|", which was answer.
     """
-    if special is not None and (found := special.search(turn_end)):
+    own_line = turn_end.split("\n", 1)[0]
+    if special is not None and (found := special.search(own_line)):
         return found.end()
-    return len(turn_end.rstrip())
+    return len(own_line.rstrip())
 
 
 def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[dict],
@@ -450,7 +456,7 @@ def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[di
         return None
     tail = rendered.split(ANSWER_PROBE)[1]
     turn_end = os.path.commonprefix([tail, last.split(ANSWER_PROBE)[1]])
-    found = special.search(turn_end) if special else None
+    found = special.search(turn_end.split("\n", 1)[0]) if special else None  # (_end_of_turn)
     if found is None or not full_text.endswith(tail):  # (an end-of-turn token, not a "<")
         return None
     return len(full_text) - len(tail) + found.end()

@@ -258,6 +258,10 @@ def precompute(
     dtype: Annotated[str, _model(
         help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16 or (transformers "
              "engine) bf16-mixed, fp16-mixed. Score in the dtype you will train in.")] = "auto",
+    load_in_4bit: Annotated[bool, _model(
+        "--load-in-4bit", help="Score under the model with its linear layers in 4-bit NF4 "
+        "(bitsandbytes; transformers engine), the base that `train --load-in-4bit` (QLoRA) "
+        "starts from.")] = False,
     engine: Annotated[str, _scoring(
         help="Scoring engine: vllm, transformers, or auto (vllm when it is installed and a "
              "CUDA GPU is present, else transformers).")] = "auto",
@@ -310,6 +314,7 @@ def precompute(
             response_field=response_field, system_field=system_field,
             train_turns=train_turns,
             chat_template=chat_template, max_length=max_length or None, dtype=dtype,
+            load_in_4bit=load_in_4bit,
             engine=engine, device=device, max_batch_tokens=max_batch_tokens, on_bad=on_bad,
             part_rows=part_rows, shard=shard, overwrite=overwrite,
             tokenize_workers=tokenize_workers, tensor_parallel_size=tensor_parallel_size,
@@ -443,6 +448,11 @@ def train(
     ] = "all-linear",
     merge_lora: Annotated[bool, _lora(
         help="Besides the adapters, save a merged plain model in <output>/merged.")] = False,
+    load_in_4bit: Annotated[bool, _lora(
+        "--load-in-4bit", help="QLoRA: the base model's linear layers in 4-bit NF4 "
+        "(bitsandbytes: `pip install 'minorsft\\[qlora]'`), LoRA adapters trained on them; "
+        "the cache must be scored by `precompute --load-in-4bit`. --merge-lora merges into "
+        "the base read again in --dtype.")] = False,
     master_weights: Annotated[bool, _speed(
         help="With bf16/fp16 weights, let AdamW update fp32 copies of them (12 more bytes per "
              "parameter). Without, updates under half a bf16 step (most, at lr 2e-5) are "
@@ -474,6 +484,7 @@ def train(
             step0_tolerance=step0_tolerance,
             packing=packing, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_target_modules=lora_target_modules, merge_lora=merge_lora,
+            load_in_4bit=load_in_4bit,
             master_weights=master_weights, torch_compile=torch_compile,
             eval_cache=str(eval_cache) if eval_cache else None, eval_every=eval_every,
             eval_rows=eval_rows)
@@ -622,6 +633,8 @@ def cache_info(
         elif key == "source_files" and isinstance(value, list) and len(value) > 6:
             typer.echo(f"{key:>20}: {len(value)} files, {', '.join(value[:2])}, ..., "
                        f"{value[-1]} (--json lists them)")
+        elif key == "quantization" and value is None:  # (not scored in 4-bit)
+            continue
         elif key != "drift" and key not in counts:
             typer.echo(f"{key:>20}: {_plain_value(value)}")
     typer.echo(f"{'schema':>20}: {info['schema']}")

@@ -144,11 +144,15 @@ def read_heldout(path: Path, training_cache: Path, limit: int | None
         raise CacheError(f"{label}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to evaluate")
     note = None
-    if cached.get("weights") != training.get("weights") or metadata.get("dtype") != \
-            training_metadata.get("dtype"):
-        note = (f"{label} was scored under {metadata.get('model')} ({metadata.get('dtype')}), "
+
+    def precision(of: dict) -> str:  # (a 4-bit cache's: "float32, nf4")
+        return ", ".join(filter(None, [of.get("dtype"), of.get("quantization")]))
+
+    if cached.get("weights") != training.get("weights") or \
+            precision(metadata) != precision(training_metadata):
+        note = (f"{label} was scored under {metadata.get('model')} ({precision(metadata)}), "
                 f"the training cache under {training_metadata.get('model')} "
-                f"({training_metadata.get('dtype')}): held-out m_theta measures against the "
+                f"({precision(training_metadata)}): held-out m_theta measures against the "
                 "former")
     return held, note
 

@@ -357,18 +357,44 @@ def pick_attention(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
+# What --load-in-4bit loads (QLoRA's recipe): NF4 weights, their scales quantized too.
+QUANTIZATION_4BIT = "nf4"
+
+
+def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attention: str = "sdpa",
+               quantization: str | None = None):
+    """The model in `dtype` on `device`; with `quantization` ("nf4", --load-in-4bit) its linear
+    layers (not the output head) in 4-bit NF4 through bitsandbytes, computing in `dtype`."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    extra = {}
+    if quantization is not None:
+        extra = {"quantization_config": four_bit_config(dtype), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, attn_implementation=attention
+            model_path, dtype=dtype, attn_implementation=attention, **extra
         )
     except (OSError, SafetensorError) as error:  # no weights, a truncated file: one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ModelError(f"{model_path}: could not load the model ({reason})") from error
-    return model.to(device)
+    # (a 4-bit model is placed by device_map: bitsandbytes refuses .to())
+    return model if quantization is not None else model.to(device)
+
+
+def four_bit_config(dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for --load-in-4bit; a ModelError without bitsandbytes."""
+    import importlib.util
+    import logging
+
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("--load-in-4bit needs bitsandbytes: pip install 'minorsft[qlora]'")
+    # (on a CPU it says, at import, that it falls back from a kernels package it lacks)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANTIZATION_4BIT,
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
 def read_model_config(model_path: str):

@@ -72,6 +72,7 @@ from minorsft.data import (
 from minorsft.engines import make_engine
 from minorsft.folder_lock import folder_lock
 from minorsft.models import (
+    QUANTIZATION_4BIT,
     check_dtype,
     context_length,
     context_note,
@@ -91,7 +92,7 @@ from minorsft.verify import DEFAULT_PRECOMPUTE_SAMPLE, format_report, precompute
 # (--on-bad is not among them: finished parts are the same whether later bad rows stop or skip.)
 SETTINGS_KEYS = ("fingerprint", "max_length", "truncation", "dtype", "engine", "engine_version",
                  "minorsft_version", "fields", "part_rows", "window_rows", "max_batch_tokens",
-                 "shards")
+                 "shards", "quantization")
 
 
 @dataclass
@@ -109,6 +110,9 @@ class PrecomputeConfig:
     chat_template: str | None = None
     max_length: int | None = 2048
     dtype: str = "auto"
+    # --load-in-4bit: scored under the model in 4-bit NF4, as `train --load-in-4bit` (QLoRA)
+    # starts from it
+    load_in_4bit: bool = False
     engine: str = "auto"
     device: str = "auto"
     max_batch_tokens: int | None = None  # None: the engine's default for its device
@@ -428,10 +432,13 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
         "part_rows": config.part_rows,
         "window_rows": config.window_rows,
         "shards": shard[1] if shard else 1,
+        # (None for caches before 0.9.1 too: a resume with --load-in-4bit is refused)
+        "quantization": QUANTIZATION_4BIT if config.load_in_4bit else None,
     }
     refuse_other_settings(out, settings, source)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
-                         config.max_batch_tokens, tensor_parallel_size=config.tensor_parallel_size,
+                         config.max_batch_tokens, settings["quantization"],
+                         tensor_parallel_size=config.tensor_parallel_size,
                          gpu_memory_utilization=config.gpu_memory_utilization,
                          max_model_len=config.max_model_len or _model_len_for(config, model_config))
     vllm_only = [option for option, value in (

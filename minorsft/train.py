@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -89,6 +90,7 @@ from minorsft.models import (
     FP16_MIXED_PRECISION,
     MIXED_PRECISION,
     MIXED_PRECISIONS,
+    QUANTIZATION_4BIT,
     ModelError,
     autocast_context,
     config_dropout,
@@ -160,6 +162,9 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
     merge_lora: bool = False  # also save the merged model in <output>/merged
+    # QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes), LoRA adapters on them;
+    # the cache must have been scored under that 4-bit model (precompute --load-in-4bit)
+    load_in_4bit: bool = False
     # bf16/fp16 weights: AdamW updates fp32 copies (see minorsft.optim); False: pure bf16/fp16
     master_weights: bool = True
     # torch.compile the decoder layers and the head's block arithmetic (minorsft.compiling).
@@ -241,6 +246,9 @@ class TrainConfig:
                              "the policy does not train on")
         if self.lora_r < 0 or (self.merge_lora and not self.lora_r):
             raise ValueError("--lora-r must be >= 0, and --merge-lora needs --lora-r > 0")
+        if self.load_in_4bit and not self.lora_r:
+            raise ValueError("--load-in-4bit trains LoRA adapters on the 4-bit base (QLoRA), "
+                             "whose own weights cannot be trained: give --lora-r")
         if not self.lora_r and (given := [
                 f"--{name.replace('_', '-')} {getattr(self, name)}" for name in LORA_SETTINGS
                 if getattr(self, name) != getattr(TrainConfig, name)]):
@@ -557,6 +565,14 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     model_name, model_path, tokenizer = load_cache_model(config.model, metadata, cache)
     if not config.allow_mismatch:
         check_model_matches(metadata, model_path, tokenizer, cache)
+    quantization = QUANTIZATION_4BIT if config.load_in_4bit else None
+    if (cached := metadata.get("quantization")) != quantization:
+        message = _quantization_mismatch(cached, cache)
+        if not config.allow_mismatch:
+            raise CacheError(message)
+        if world.is_main:
+            console.print(f"note: {message} (--allow-mismatch: trained all the same)",
+                          highlight=False, markup=False)
     if world.is_main and (note := _old_answer_span_note(metadata.get("minorsft_version"))):
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     torch.manual_seed(config.seed)
@@ -568,12 +584,21 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         raise ValueError(f"--dtype {config.dtype} is for one process or DDP (--strategy ddp); "
                          "FSDP computes in bf16 on fp32 master weights already: use --dtype "
                          "bfloat16 on GPUs that have bf16")
+    if quantization and fsdp:
+        raise ValueError("--load-in-4bit trains in one process or under --strategy ddp; FSDP "
+                         "does not shard 4-bit weights here")
     dtype, autocast = pick_precision(config.dtype, device)
     load_dtype = torch.float32 if fsdp else dtype
     if config.attention == "flex_attention" and device.type != "cuda":
         # torch's flex attention has no CPU backward: training would fail at the first step
         raise ValueError("--attention flex_attention trains only on CUDA GPUs; use sdpa")
-    model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device))
+    model = load_model(model_path, load_dtype, device, pick_attention(config.attention, device),
+                       quantization)
+    if quantization:
+        # torch warns of "silently incorrect" gradients through bitsandbytes' 4-bit matrix-
+        # vector op, which computes them right (tests/test_qlora.py)
+        warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd "
+                                "kernel was not registered")
     # (a model's own template is left to its own generation config)
     if cached_chat_template(metadata) and (note := stop_at_end_of_turn(model, tokenizer)) \
             and world.is_main:
@@ -592,7 +617,9 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
     packing, packing_note = prepare_packing(model, config.packing)
-    compile_note = _compile_layers(model, config.torch_compile, device, fsdp)
+    # (bitsandbytes' 4-bit layers under torch.compile are not tested here: off unless asked)
+    compile_note = _compile_layers(model, False if quantization and config.torch_compile is None
+                                   else config.torch_compile, device, fsdp)
     if config.lora_r:
         from minorsft.lora import apply_lora
 
@@ -882,6 +909,18 @@ class _HeldoutLog:
         return True
 
 
+def _quantization_mismatch(cached: str | None, cache: Path) -> str:
+    """Why a cache scored with other quantization than the run's is not its reference: the
+    reference must be the model the policy starts from (else r is not 0 at step 0)."""
+    if cached:
+        return (f"{cache} was scored under the model in 4-bit ({cached}), the base of a QLoRA "
+                "run: train with --load-in-4bit --lora-r N, or score the cache without "
+                "--load-in-4bit")
+    return (f"--load-in-4bit: {cache} was scored under the model as it is, not in 4-bit; the "
+            "reference must be the model the policy starts from: score it with `minorsft "
+            "precompute --load-in-4bit`")
+
+
 def check_finite(metrics: dict, step: int) -> None:
     """Stop at a step whose loss or gradient norm is NaN or infinite: its update (or the next)
     has made or would make the weights NaN, and nothing after it would be worth saving."""
@@ -914,11 +953,13 @@ def save(state: TrainState, config: TrainConfig) -> Path:
         from minorsft.lora import save_lora
 
         # Under FSDP the live adapters are shards: save the gathered ones, and merge them into
-        # the base read from disk again (the sharded model cannot merge in place).
+        # the base read from disk again (the sharded model cannot merge in place); a 4-bit
+        # base too, so that the merged model has the base's own weights, not 4-bit ones.
         sharded = is_fsdp_run(state, config)
         save_lora(state.model, output, config.merge_lora, state.tokenizer,
                   state_dict=weights if sharded else None,
-                  base_path=state.model_path if sharded else None, dtype=state.dtype,
+                  base_path=state.model_path if sharded or config.load_in_4bit else None,
+                  dtype=state.dtype,
                   generation_config=state.model.generation_config
                   if cached_chat_template(state.metadata) else None)
     elif is_fsdp_run(state, config) and state.dtype != torch.float32:
@@ -975,9 +1016,12 @@ def _lora_note(config: TrainConfig, model) -> str:
     """What the start-up line says of LoRA (it said nothing: a LoRA run looked like full
     fine-tuning until the adapters were saved). Counted before FSDP shards the tensors."""
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # (a 4-bit weight's numel counts its packed bytes, two weights each: its shape is kept)
+    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None
+                else p.numel() for p in model.parameters())
     return (f"; LoRA r={config.lora_r} alpha={config.lora_alpha:g} on "
-            f"{config.lora_target_modules}: {trained:,} of {total:,} parameters trained "
+            f"{config.lora_target_modules}{' of a 4-bit NF4 base' * config.load_in_4bit}: "
+            f"{trained:,} of {total:,} parameters trained "
             f"({100 * trained / total:.2f} %)"
             + (", merged model saved at the end" if config.merge_lora else ""))
 

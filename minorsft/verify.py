@@ -234,7 +234,9 @@ class VerifyConfig:
 
 
 def reference_of(metadata: dict) -> dict:
-    return {key: metadata.get(key) for key in ("engine", "engine_version", "dtype")}
+    """What wrote the cache, for the report (and "quantization" where it was scored in 4-bit)."""
+    quantized = ("quantization",) if metadata.get("quantization") else ()
+    return {key: metadata.get(key) for key in ("engine", "engine_version", "dtype", *quantized)}
 
 
 def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftReport:
@@ -271,13 +273,16 @@ def run_verify(config: VerifyConfig, console: Console | None = None) -> DriftRep
             vllm_settings["gpu_memory_utilization"] = None
         engine = make_engine(metadata.get("engine", "transformers"), model_path,
                              metadata.get("dtype", "auto"), config.device,
-                             config.max_batch_tokens, **vllm_settings)
+                             config.max_batch_tokens, metadata.get("quantization"),
+                             **vllm_settings)
         try:
             reference_tokens = engine.score_tokens(rows_to_examples(rows))
         finally:
             engine.close()
+    # (a cache scored in 4-bit is for a QLoRA run, whose policy starts from that model)
     trainer = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
-                                 max_batch_tokens=config.max_batch_tokens)
+                                 max_batch_tokens=config.max_batch_tokens,
+                                 quantization=metadata.get("quantization"))
     report = measure_drift(rows, trainer, config.beta, reference_of(metadata),
                            config.max_delta_r, reference_tokens)
     trainer.close()
@@ -316,7 +321,8 @@ def precompute_drift_check(cache: Path, engine, model_path: str, sample: int,
     else:
         engine.close()
         trainer = TransformersEngine(model_path, dtype=train_dtype, device=device,
-                                     max_batch_tokens=max_batch_tokens)
+                                     max_batch_tokens=max_batch_tokens,
+                                     quantization=metadata.get("quantization"))
     report = measure_drift(rows, trainer, beta, reference_of(metadata),
                            reference_token_logps=reference_tokens)
     trainer.close()

@@ -1570,3 +1570,24 @@ def test_a_compressed_or_parquet_file_named_jsonl_is_named_for_what_it_is(tiny_t
         with pytest.raises(DataError, match=re.escape(message)) as raised:
             list(iter_examples(tmp_path / name, tiny_tokenizer))
         assert str(raised.value).startswith(str(tmp_path / name))
+
+
+# Phi-3's layout with its markers as text (a tokenizer without them, --chat-template): every
+# turn ends "<|end|>\n", the conversation with the eos token after that.
+PHI3_AS_TEXT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_a_turns_end_written_as_text_stops_at_its_line(tmp_path):
+    """A turn that ends the chat ("<|end|>\\n<|endoftext|>") and one that goes on
+    ("<|end|>\\n<|user|>") share "<|end|>\\n<|", which was answer; the last turn's ran on
+    through the newline to the eos token."""
+    tokenizer = tokenizer_with_template(PHI3_AS_TEXT_TEMPLATE)
+    rows = [DEMO_ROWS[3], DEMO_ROWS[1]]
+    texts = [answer_text(tokenizer, e) for e in iter_examples(
+        write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer)]
+    assert texts == ["5<|end|>10<|end|>", "He has 7 apples.<|end|>"]

@@ -56,12 +56,20 @@ def resolve_engine_name(name: str) -> str:
 
 
 def make_engine(name: str, model_path: str, dtype: str, device: str = "auto",
-                max_batch_tokens: int | None = None, **vllm_options) -> ScoringEngine:
+                max_batch_tokens: int | None = None, quantization: str | None = None,
+                **vllm_options) -> ScoringEngine:
     """Build the engine `name` (see `resolve_engine_name`).
 
+    `quantization` ("nf4", --load-in-4bit) is the transformers engine's: a cache for a QLoRA
+    run is scored under the 4-bit model that run starts from (`auto` picks transformers).
     `vllm_options` (tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager)
     go to the vLLM engine and are ignored by the transformers engine.
     """
+    if quantization is not None:
+        if name == "vllm":  # (vLLM's own bitsandbytes kernels would give other log-probs)
+            raise ValueError("--load-in-4bit scores with the transformers engine, as training "
+                             "computes; use --engine transformers (or auto)")
+        name = "transformers"
     resolved = resolve_engine_name(name)
     if resolved == "vllm":
         from minorsft.engines.vllm_engine import VLLMEngine, vllm_available
@@ -88,4 +96,4 @@ def make_engine(name: str, model_path: str, dtype: str, device: str = "auto",
     from minorsft.engines.hf import TransformersEngine
 
     return TransformersEngine(model_path, dtype=dtype, device=device,
-                              max_batch_tokens=max_batch_tokens)
+                              max_batch_tokens=max_batch_tokens, quantization=quantization)

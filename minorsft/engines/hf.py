@@ -54,12 +54,14 @@ class TransformersEngine:
     version = transformers.__version__
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto",
-                 max_batch_tokens: int | None = None, attention: str = "auto"):
+                 max_batch_tokens: int | None = None, attention: str = "auto",
+                 quantization: str | None = None):
         self.device = pick_device(device)
         # bf16-mixed: fp32 weights, scored under bf16 autocast (as `train --dtype bf16-mixed`)
         self.dtype, self.autocast = pick_precision(dtype, self.device)
+        self.quantization = quantization  # "nf4": --load-in-4bit, as train's QLoRA base
         self.model = load_model(model_path, self.dtype, self.device,
-                                pick_attention(attention, self.device))
+                                pick_attention(attention, self.device), quantization)
         self.model.eval()
         final_logit_transform(self.model)  # probed once here, not inside the first batch
         self.pad_id = self.model.config.pad_token_id or 0
@@ -99,7 +101,8 @@ class TransformersEngine:
     def describe(self) -> dict:
         """The settings worth recording in the cache metadata."""
         return {"dtype": self.precision, "device": self.device.type,
-                "max_batch_tokens": self.max_batch_tokens}
+                "max_batch_tokens": self.max_batch_tokens,
+                **({"quantization": self.quantization} if self.quantization else {})}
 
     def close(self) -> None:
         """Drop the model so its memory can be reused."""
