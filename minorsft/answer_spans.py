@@ -411,9 +411,8 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
         raise ValueError(tools.dropped_text_reason(turn))  # (the turn's text would be lost)
     if probed.count(ANSWER_PROBE) == 1:  # the template writes the content of a calling turn
         head = probed.split(ANSWER_PROBE)[0]
-        names = [call["function"]["name"] for call in messages[index]["tool_calls"]]
         if (full_text.startswith(head) and head.startswith(before)
-                and not any(name in head[start:] for name in names)):
+                and not _calls_before_content(render, messages, index, before, head[start:])):
             # (not the empty thinking block Qwen3's writes before the content; but the calls,
             # where a template writes them before the content, are answer)
             start = len(head)
@@ -431,6 +430,23 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
     if stop <= start:
         raise ValueError(f"cannot locate assistant turn {turn}'s tool call in the rendered text")
     return start, stop, len(before)
+
+
+def _calls_before_content(render: Callable[[list[dict], bool], str], messages: list[dict],
+                          index: int, before: str, written: str) -> bool:
+    """Whether `written`, what the template writes between the generation prompt `before` and
+    calling turn `index`'s content, holds its calls. Not where a turn without calls in its
+    place gets the same text there (Qwen3's empty thinking block); else, where a call's name is
+    in it (a name alone misread a tool called "think" as written in "<think>")."""
+    plain = {"role": "assistant", "content": ANSWER_PROBE}
+    try:
+        rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
+    except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
+        rendered = ""
+    if rendered.count(ANSWER_PROBE) == 1 and rendered.startswith(before) \
+            and rendered.split(ANSWER_PROBE)[0][len(before):] == written:
+        return False
+    return any(call["function"]["name"] in written for call in messages[index]["tool_calls"])
 
 
 def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[dict],

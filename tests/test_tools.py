@@ -181,6 +181,28 @@ def test_the_answer_of_a_calling_turn_under_other_templates(tmp_path, template, 
     assert answers(tokenizer, example) == [call_answer, "It is sunny in Paris.<|im_end|>"]
 
 
+# Qwen3's way, written small: an empty thinking block before every assistant turn's content,
+# which generation's prompt does not hold.
+THINKING_HERMES = HERMES.replace(
+    "'<|im_start|>' + message['role'] + '\\n' + message['content']",
+    "'<|im_start|>' + message['role'] + '\\n' + ('<think>\\n\\n</think>\\n\\n' if "
+    "message['role'] == 'assistant' else '') + message['content']")
+
+
+@pytest.mark.parametrize("name", ["get_weather", "think", "in"])
+def test_a_thinking_block_before_a_calling_turn_is_not_answer_whatever_the_tool(tmp_path, name):
+    """A tool whose name is in the template's own text before the content ("think" in
+    "<think>") was taken for calls written there: the empty thinking block was answer."""
+    assert THINKING_HERMES != HERMES
+    row = json.loads(json.dumps(ROW).replace("get_weather", name))
+    row["messages"][1]["content"] = "Let me check."
+    tokenizer = tokenizer_with(THINKING_HERMES)
+    (example,) = read_rows(tokenizer, tmp_path, [row])
+    assert answers(tokenizer, example) == [
+        "Let me check." + CALL_ANSWER.replace("get_weather", name),
+        "It is sunny in Paris.<|im_end|>"]
+
+
 def test_the_builtin_chatml_writes_the_definitions_after_the_rows_system_text(tmp_path):
     """`--chat-template chatml` (base models) renders tool calling; without tools a row renders
     as the plain ChatML template does (tests/test_chat_templates.py)."""
