@@ -2,6 +2,7 @@
 peak memory, tokens/s and the loss of the same steps, each run in a fresh process. Usage:
 
     python benchmarks/bench_qlora.py --rows 64 --steps 8 --repeats 2
+    python benchmarks/bench_qlora.py --layer-check   # the 4-bit layers' precision
 
 Each configuration trains from its own cache, scored under the model it starts from (as
 `precompute --load-in-4bit` does for QLoRA). Peak memory is the process's resident high-water
@@ -68,11 +69,42 @@ def weights_mib(args) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def layer_check(model_name: str) -> None:
+    """How far each 4-bit layer of the first decoder layer computes from its dequantized
+    weights' product, for a few input shapes (`--layer-check`)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as functional
+    import torch
+
+    from minorsft.models import QUANTIZATION_4BIT, load_model, resolve_model
+
+    model = load_model(resolve_model(model_name), torch.float32, torch.device("cpu"), "sdpa",
+                       QUANTIZATION_4BIT)
+    torch.manual_seed(0)
+    rows = []
+    for name, layer in model.named_modules():
+        if not (isinstance(layer, bnb.nn.Linear4bit) and ".layers.0." in name):
+            continue
+        weight = functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        for shape in [(1, 1), (1, 64), (4, 64)]:
+            inputs = torch.randn(*shape, weight.shape[1])
+            with torch.no_grad():
+                error = (layer(inputs) - inputs @ weight.T).abs().max()
+                scale = (inputs @ weight.T).abs().max()
+            rows.append([name, f"{tuple(weight.shape)}", f"{shape}", f"{error / scale:.2e}"])
+    print(f"{machine()}\n{model_name}: max |4-bit layer - x W_dequantized^T| / max |x "
+          "W_dequantized^T|, float32 inputs\n")
+    print(table(["layer", "weight", "input rows", "relative error"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser, rows=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--layer-check", action="store_true",
+                        help="only: how far the 4-bit layers compute from their dequantized "
+                             "weights' product")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--cache")
     parser.add_argument("--output")
@@ -80,6 +112,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.layer_check:
+        return layer_check(args.model)
 
     from rich.console import Console
 

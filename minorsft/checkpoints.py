@@ -36,11 +36,13 @@ CHECKPOINTS = "checkpoints"
 RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
                "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
                "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights", "lora_r",
-               "lora_alpha", "lora_dropout", "lora_target_modules", "batching", "keep_dropout")
+               "lora_alpha", "lora_dropout", "lora_target_modules", "batching", "keep_dropout",
+               "load_in_4bit")
 # What a checkpoint written before a setting existed ran with (None: not known, not compared).
 RESUME_DEFAULTS = {"master_weights": False, "lora_r": None, "lora_alpha": None,
                    "lora_dropout": None, "lora_target_modules": None,
-                   "batching": "one stream over all epochs", "keep_dropout": None}
+                   "batching": "one stream over all epochs", "keep_dropout": None,
+                   "load_in_4bit": False}
 # How steps take their samples: the batches of each epoch apart (since 0.3.0); before, one
 # stream over all epochs, whose batches could span two epochs.
 BATCHING = "per epoch"

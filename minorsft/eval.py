@@ -669,6 +669,11 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if metadata is not None and metadata.get("dtype") != result["dtype"]:
         console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
                       f"this model in {result['dtype']}; m_theta includes that difference")
+    if metadata is not None and metadata.get("quantization"):
+        # (eval loads models as they are: a QLoRA run's merged model, say)
+        console.print(f"[yellow]note:[/] reference cache scored under the model in 4-bit "
+                      f"({metadata['quantization']}), this model as it is; m_theta includes "
+                      "that difference")
 
     policy_logps = None
     if examples:

@@ -66,16 +66,22 @@ def _refuse_unmatched_targets(model, targets: str | list[str]) -> None:
     mistyped one, or gave its own message without the option when none matched."""
     if isinstance(targets, str):  # (all-linear)
         return
-    names = [name for name, _ in model.named_modules()]
-    unmatched = [target for target in targets
-                 if not any(name == target or name.endswith("." + target) for name in names)]
-    if unmatched:
-        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+    modules = list(model.named_modules())
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules
+                     if isinstance(module, torch.nn.Linear)} - {"lm_head"})
+    layers = f"its linear layers: {', '.join(linear) or 'none'} (or all-linear)"
+    matched = {target: [module for name, module in modules
+                        if name == target or name.endswith("." + target)] for target in targets}
+    if unmatched := [target for target, found in matched.items() if not found]:
         raise ValueError(f"--lora-target-modules: {', '.join(unmatched)} "
                          f"{'matches' if len(unmatched) == 1 else 'match'} no module of "
-                         f"the model; its linear layers: {', '.join(linear) or 'none'} (or "
-                         "all-linear)")
+                         f"the model; {layers}")
+    # (peft's own message printed the whole block, one line per layer in it)
+    if blocks := [target for target, found in matched.items()
+                  if all(next(module.children(), None) is not None for module in found)]:
+        kind = type(matched[blocks[0]][0]).__name__
+        raise ValueError(f"--lora-target-modules: {', '.join(blocks)} names a block of layers "
+                         f"({kind}), not a layer; {layers}")
 
 
 @contextlib.contextmanager

@@ -171,8 +171,10 @@ def format_report(report: DriftReport) -> str:
     q = report.delta_r_abs
     lines = [
         f"drift check on {report.rows} rows ({report.answer_tokens} answer tokens): cache by "
-        f"{ref.get('engine')} {ref.get('engine_version', '')} ({ref.get('dtype')}) vs trainer "
-        f"{trn['engine']} ({trn['dtype']})",
+        f"{ref.get('engine')} {ref.get('engine_version', '')} ({ref.get('dtype')}"
+        f"{', 4-bit ' + ref['quantization'] if ref.get('quantization') else ''}) vs trainer "
+        f"{trn['engine']} ({trn['dtype']}"
+        f"{', 4-bit ' + trn['quantization'] if trn.get('quantization') else ''})",
     ]
     if report.token_abs_mean is not None:
         # Against a fresh rescoring, not against the cache: batching can move the cached sums

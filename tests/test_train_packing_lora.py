@@ -120,6 +120,9 @@ def test_target_modules_that_match_nothing_are_named():
         assert str(raised.value).startswith(
             f"--lora-target-modules: {unmatched} matches no module of the model; its linear "
             "layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    with pytest.raises(ValueError, match=r"--lora-target-modules: mlp names a block of layers "
+                                         r"\(LlamaMLP\), not a layer; its linear layers: "):
+        apply_lora(build_tiny_model(build_tiny_tokenizer()), 4, 8.0, 0.0, "q_proj,mlp")
     model = build_tiny_model(build_tiny_tokenizer())
     assert apply_lora(model, 4, 8.0, 0.0, "q_proj,self_attn.v_proj") is not None
 
