@@ -182,6 +182,20 @@ def prompt_joined(offsets: list[tuple[int, int]],
     return None
 
 
+def answer_runs_on(offsets: list[tuple[int, int]],
+                   spans: list[tuple[int, int, int]]) -> int | None:
+    """The first answer token that also holds text the template writes after the answer (None:
+    no such token), as when its end-of-turn marker is text the tokenizer fuses with the next
+    header's ("<|eot_id|><|start_header_id|>" as "...", "><", ...: a tokenizer without those
+    tokens). Training reads that token as answer, so the model learns to write the start of
+    what follows. The twin of :func:`prompt_joined`, at the answer's other end."""
+    for _, stop, _ in spans:
+        token = bisect.bisect_left(offsets, stop, key=lambda offset: offset[1])
+        if token < len(offsets) and offsets[token][0] < stop < offsets[token][1]:
+            return token
+    return None
+
+
 def answer_tokens(input_ids, offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]],
                   max_length: int | None) -> tuple[list[int], list[bool], bool]:
     """Token ids, answer mask and whether truncation happened, from the tokenizer's ids and

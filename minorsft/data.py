@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from minorsft import tools
 from minorsft.answer_spans import (
     SystemNotRendered,
+    answer_runs_on,
     answer_tokens,
     prompt_joined,
     refuse_answer_probe,
@@ -56,6 +57,8 @@ class Example:
     file: str = ""  # the input file the row came from
     # the first answer token that also holds text of the generation prompt (`prompt_joined`)
     prompt_joined: int | None = field(default=None, compare=False)
+    # the first answer token that also holds text after the answer (`answer_runs_on`)
+    runs_on: int | None = field(default=None, compare=False)
     # a row read with --prompt-field/--response-field that has tool definitions the template
     # is not given (precompute counts them in a note)
     tools_left_out: bool = field(default=False, compare=False)
@@ -276,10 +279,13 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
                 item = _rejection(item.row, item.path, error)
             else:
                 joined = prompt_joined(offsets, item.spans)
-                item = Example(item.example_id, item.row.line, input_ids, answer_mask,
-                               truncated, item.path,
-                               joined if joined is not None and joined < len(input_ids) else None,
-                               item.tools_left_out)
+                runs_on = answer_runs_on(offsets, item.spans)
+                item = Example(
+                    item.example_id, item.row.line, input_ids, answer_mask, truncated, item.path,
+                    prompt_joined=joined if joined is not None and joined < len(input_ids)
+                    else None,
+                    runs_on=runs_on if runs_on is not None and runs_on < len(input_ids) else None,
+                    tools_left_out=item.tools_left_out)
         yield index, item
 
 

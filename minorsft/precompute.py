@@ -499,6 +499,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     joined: dict = {}  # rows whose first answer token holds prompt text: count, first
     tools_left_out: dict = {}  # rows whose tool definitions the template is not given: the same
+    runs_on: dict = {}  # rows whose last answer token holds text after the answer: the same
     part: _PartBuilder | None = None
     input_rows = None
     rows_total = 0
@@ -544,7 +545,8 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                     part.reject(item, index)
                     continue
                 for kept, counts in ((item.prompt_joined is not None, joined),
-                                     (item.tools_left_out, tools_left_out)):
+                                     (item.tools_left_out, tools_left_out),
+                                     (item.runs_on is not None, runs_on)):
                     if kept:
                         counts["first"] = counts.get("first", item)
                         counts["rows"] = counts.get("rows", 0) + 1
@@ -567,6 +569,16 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     write_manifest(out, manifest)
     if joined:
         console.print(_prompt_joined_note(joined["rows"], joined["first"], tokenizer),
+                      highlight=False, markup=False)
+    if runs_on:
+        first = runs_on["first"]
+        token = tokenizer.decode([first.input_ids[first.runs_on]])
+        console.print(f"note: {runs_on['rows']} cached row(s) have an answer whose last token "
+                      f"also holds text the template writes after it (first: {first.file}, "
+                      f"line {first.line}: {token!r}), as when its end-of-turn marker is text "
+                      "the tokenizer fuses with what follows: the model learns to write the "
+                      "start of that too; a template whose markers are the tokenizer's special "
+                      "tokens, or with a line break after them, keeps answers apart",
                       highlight=False, markup=False)
     if tools_left_out:  # (every row's, where the note before scoring looked at the first)
         first = tools_left_out["first"]

@@ -1591,3 +1591,36 @@ def test_a_turns_end_written_as_text_stops_at_its_line(tmp_path):
     texts = [answer_text(tokenizer, e) for e in iter_examples(
         write_jsonl(tmp_path / "rows.jsonl", rows), tokenizer)]
     assert texts == ["5<|end|>10<|end|>", "He has 7 apples.<|end|>"]
+
+
+def test_an_answer_token_that_runs_into_what_follows_is_found():
+    from minorsft.answer_spans import answer_runs_on
+
+    offsets = [(0, 3), (3, 6), (6, 9)]
+    assert answer_runs_on(offsets, [(2, 5, 2)]) == 1  # "3-6" holds text after the answer's 5
+    assert answer_runs_on(offsets, [(0, 6, 0)]) is None  # ends where a token ends
+    assert answer_runs_on(offsets, [(0, 3, 0), (6, 8, 6)]) == 2
+
+
+@pytest.mark.smollm2
+def test_an_end_of_turn_marker_written_as_text_fused_with_the_next_header_gets_a_note(tmp_path):
+    """Llama 3's layout with its markers as text (a tokenizer without them): SmolLM2's tokenizer
+    writes "<|eot_id|><|start_header_id|>" with one "><" token, answer and header at once."""
+    from rich.console import Console
+
+    from minorsft.precompute import PrecomputeConfig, run_precompute
+
+    template = tmp_path / "llama3.jinja"
+    template.write_text(
+        "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>"
+        "\\n\\n' }}{% endif %}")
+    data = write_jsonl(tmp_path / "rows.jsonl", [DEMO_ROWS[3]])
+    console = Console(record=True, width=200)
+    run_precompute(PrecomputeConfig(model="smollm2-135m-instruct", data=str(data),
+                                    out=str(tmp_path / "cache"), chat_template=str(template),
+                                    verify_sample=0), console)
+    text = console.export_text()
+    assert ("note: 1 cached row(s) have an answer whose last token also holds text the "
+            "template writes after it (first: " in text and "line 1: '><')" in text), text
