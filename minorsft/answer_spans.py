@@ -423,14 +423,21 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
                      *messages[index + 1:]], False)
     if messages[index]["content"].strip() and probed.count(ANSWER_PROBE) != 1:
         raise ValueError(tools.dropped_text_reason(turn))  # (the turn's text would be lost)
+    # The conversation with a plain turn (the probe, no calls) in this one's place, which both
+    # checks below compare with (None: the template refuses it, as gpt-oss's wants a result to
+    # follow a call)
+    try:
+        plain = render([*messages[:index], PLAIN_TURN, *messages[index + 1:]], False)
+    except ValueError:
+        plain = None
     if probed.count(ANSWER_PROBE) == 1:  # the template writes the content of a calling turn
         head = probed.split(ANSWER_PROBE)[0]
         if (full_text.startswith(head) and head.startswith(before)
-                and not _calls_before_content(render, messages, index, before, head[start:])):
+                and not _calls_before_content(messages[index], plain, before, head[start:])):
             # (not the empty thinking block Qwen3's writes before the content; but the calls,
             # where a template writes them before the content, are answer)
             start = len(head)
-    stop = _plain_turn_end(render, messages, index, full_text, special)
+    stop = _plain_turn_end(render, messages, index, full_text, special, plain)
     if stop is None:
         upto = full_text if index == len(messages) - 1 else render(messages[: index + 1], False)
         ending = upto[start:].rstrip()
@@ -446,36 +453,36 @@ def _tool_call_span(render: Callable[[list[dict], bool], str], messages: list[di
     return start, stop, len(before)
 
 
-def _calls_before_content(render: Callable[[list[dict], bool], str], messages: list[dict],
-                          index: int, before: str, written: str) -> bool:
+# An assistant turn with plain content (the probe) and no calls, in place of a calling turn.
+PLAIN_TURN = {"role": "assistant", "content": ANSWER_PROBE}
+
+
+def _calls_before_content(turn: dict, plain: str | None, before: str, written: str) -> bool:
     """Whether `written`, what the template writes between the generation prompt `before` and
-    calling turn `index`'s content, holds its calls. Not where a turn without calls in its
-    place gets the same text there (Qwen3's empty thinking block); else, where a call's name is
-    in it (a name alone misread a tool called "think" as written in "<think>")."""
-    plain = {"role": "assistant", "content": ANSWER_PROBE}
-    try:
-        rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
-    except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
-        rendered = ""
-    if rendered.count(ANSWER_PROBE) == 1 and rendered.startswith(before) \
-            and rendered.split(ANSWER_PROBE)[0][len(before):] == written:
+    calling `turn`'s content, holds its calls. Not where the conversation with a plain turn in
+    its place (`plain`) gets the same text there (Qwen3's empty thinking block); else, where a
+    call's name is in it (a name alone misread a tool called "think" as written in "<think>")."""
+    if plain is not None and plain.count(ANSWER_PROBE) == 1 and plain.startswith(before) \
+            and plain.split(ANSWER_PROBE)[0][len(before):] == written:
         return False
-    return any(call["function"]["name"] in written for call in messages[index]["tool_calls"])
+    return any(call["function"]["name"] in written for call in turn["tool_calls"])
 
 
 def _plain_turn_end(render: Callable[[list[dict], bool], str], messages: list[dict],
-                    index: int, full_text: str, special: re.Pattern | None) -> int | None:
+                    index: int, full_text: str, special: re.Pattern | None,
+                    rendered: str | None) -> int | None:
     """Where turn `index` ends in `full_text` if the template ends it as a turn with plain
-    content (the probe) in its place, and writes what follows the same; None where not."""
-    plain = {"role": "assistant", "content": ANSWER_PROBE}
+    content (the probe) in its place, and writes what follows the same; None where not.
+    `rendered`: the conversation with that plain turn (None: the template refused it)."""
     later = tools.with_result_probes(messages)[index + 1:]
     results = [tools.RESULT_PROBE.format(i) for i, message in enumerate(later, index + 1)
                if message["role"] == "tool"]
+    if rendered is None:
+        return None
     try:
-        rendered = render([*messages[:index], plain, *messages[index + 1:]], False)
-        last = rendered if index == len(messages) - 1 else render([*messages[:index], plain],
-                                                                   False)
-        probed = render([*messages[:index], plain, *later], False) if results else ""
+        last = rendered if index == len(messages) - 1 else render(
+            [*messages[:index], PLAIN_TURN], False)
+        probed = render([*messages[:index], PLAIN_TURN, *later], False) if results else ""
     except ValueError:  # a template that wants a result to follow a call (gpt-oss's)
         return None
     if rendered.count(ANSWER_PROBE) != 1 or last.count(ANSWER_PROBE) != 1:
