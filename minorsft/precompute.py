@@ -208,6 +208,16 @@ class PrecomputeSummary:
 READ_AHEAD = True
 
 
+def _no_rows(data_files: list[Path]) -> ValueError:
+    """The error for input that holds no row: empty files, or only blank lines."""
+    one = len(data_files) == 1
+    if any(path.stat().st_size for path in data_files):  # (blank lines were "the file is empty")
+        what = "file holds only blank lines" if one else "files hold only blank lines"
+    else:
+        what = "file is empty" if one else "files are empty"
+    return ValueError(f"{data_label(data_files)}: no rows (the {what})")
+
+
 def _has_a_row(path: Path) -> bool:
     """Whether the file holds a row (a line that is not blank), good or bad: reads up to the
     first. A file the reader cannot open counts as having one (the reader says what is wrong
@@ -291,13 +301,7 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
     model_config = read_model_config(model_path)
     refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
     if not any(map(_has_a_row, data_files)):  # (said after a 0/0 progress line before)
-        one = len(data_files) == 1
-        if any(path.stat().st_size for path in data_files):  # (blank lines, "the file is empty")
-            what = "file holds" if one else "files hold"
-            what += " only blank lines"
-        else:
-            what = "file is empty" if one else "files are empty"
-        raise ValueError(f"{data_label(data_files)}: no rows (the {what})")
+        raise _no_rows(data_files)
     if config.on_bad == "error" and config.shard_spec is None:
         # A file of the wrong shape (a JSON array, other columns) fails on its first row: say so
         # now, not after loading the model (minutes for a 7B one). Reads the first row only.
@@ -563,8 +567,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 part.abort()
         raise
     if rows_total == 0:
-        raise ValueError(f"{data_label(data_files)}: no rows (the "
-                         f"{'file is' if len(data_files) == 1 else 'files are'} empty)")
+        raise _no_rows(data_files)
     manifest.update(input_rows=rows_total, parts_total=math.ceil(rows_total / config.part_rows))
     write_manifest(out, manifest)
     if joined:
