@@ -8,9 +8,9 @@ Each configuration trains from its own cache, scored under the model it starts f
 `precompute --load-in-4bit` does for QLoRA). Peak memory is the process's resident high-water
 mark (benchmarks/common.py) over its whole life: model loading, the step-0 check and training;
 "base weights" are the loaded model's parameters and buffers (4-bit ones as packed bytes). On a
-CPU, bitsandbytes loads the weights before it quantizes them and computes each 4-bit layer from
-its weights dequantized for that layer, so the process peak need not fall: the saving is the
-weights' resident size, which on a GPU is what bounds the model that fits (not measured here).
+CPU the process peak need not fall (bitsandbytes loads the weights before it quantizes them, and
+its CPU kernels likely work on dequantized copies): the saving is the weights' resident size,
+which on a GPU is what bounds the model that fits (not measured here).
 """
 
 from __future__ import annotations
