@@ -688,9 +688,10 @@ def eval_command(
     context: typer.Context,
     *,
     model: Annotated[str, _models(help="Model to evaluate (a `minorsft train` output "
-                                            "folder, a model folder or the built-in name; not "
-                                            "a --save-every checkpoint, which is for "
-                                            "--resume).")],
+                                            "folder, a LoRA run's scored as it trained: "
+                                            "adapters on its base, 4-bit for QLoRA; a model "
+                                            "folder or the built-in name; not a --save-every "
+                                            "checkpoint, which is for --resume).")],
     reference: Annotated[str | None, _models(
         help="Reference for m_theta: a model (needs --data), or a cache written by `minorsft "
              "precompute` on the held-out data (its token ids and log-probs are reused; then "

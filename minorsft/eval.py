@@ -62,6 +62,9 @@ from minorsft.heldout import TOKENIZER_FIELDS, heldout_metrics
 from minorsft.jsonl import json_safe, malformed_json_reason
 from minorsft.logprobs import final_logit_transform, pad_batch
 from minorsft.models import (
+    TOKENIZER_FILES,
+    AdapterRun,
+    adapter_run,
     autocast_context,
     comparable_fields,
     context_note,
@@ -588,6 +591,50 @@ def _refuse_special_tokens_in_questions(question_sets: dict[str, list[Question]]
             refuse_special_tokens(fields, special, path, question.line)
 
 
+@dataclass(frozen=True)
+class _ScoredModel:
+    """A model eval scores: a model folder or hub id, or a LoRA run's adapters on its base
+    (scored unmerged, on a 4-bit base where the run was QLoRA: the policy as it trained)."""
+
+    name: str  # as given
+    option: str  # --model or --reference
+    path: str  # what from_pretrained loads (the base, for adapters)
+    dtype: str  # --dtype; "auto" for adapters: the precision their run trained in
+    adapters: AdapterRun | None
+
+    @classmethod
+    def resolve(cls, name: str, option: str, dtype: str) -> _ScoredModel:
+        path = resolve_model(name, option=option, adapters=True)
+        run = adapter_run(path)
+        if run is not None and dtype == "auto" and run.dtype:
+            dtype = run.dtype
+        return cls(name, option, run.base if run else path, dtype, run)
+
+    def tokenizer(self, template: ChatTemplate | None):
+        """The run's tokenizer saved beside its adapters (chat template included), else the
+        model's."""
+        folder = self.path
+        if self.adapters and any((Path(self.adapters.adapters) / file).exists()
+                                 for file in TOKENIZER_FILES):
+            folder = self.adapters.adapters
+        return load_tokenizer(folder, option=self.option, chat_template=template)
+
+    def note(self) -> str | None:
+        if self.adapters is None:
+            return None
+        four_bit = (f" in 4-bit {self.adapters.quantization} (QLoRA)"
+                    if self.adapters.quantization else "")
+        return (f"LoRA adapters, scored unmerged on their base {self.path}{four_bit}, "
+                f"in {self.dtype}")
+
+    def engine(self, config: EvalConfig) -> TransformersEngine:
+        run = self.adapters
+        return TransformersEngine(self.path, dtype=self.dtype, device=config.device,
+                                  max_batch_tokens=config.max_batch_tokens,
+                                  quantization=run.quantization if run else None,
+                                  adapters=run.adapters if run else None)
+
+
 def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     """Score the model on held-out answers and/or multiple-choice files; return a result dict."""
     console = console or Console(stderr=True)
@@ -595,26 +642,25 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     question_sets = {path: read_choices(Path(path), config.max_questions)
                      for path in config.choices}
     template = _chat_template_for(config)
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path, chat_template=template)
+    model = _ScoredModel.resolve(config.model, "--model", config.dtype)
+    tokenizer = model.tokenizer(template)
     for note in template_notes(tokenizer, template) if config.chat_template else ():
         console.print(f"note: {note}", highlight=False, markup=False)
     _refuse_special_tokens_in_questions(question_sets, tokenizer)
     # GPT-2-like models index a table of positions: a longer row was an IndexError
-    model_config = read_model_config(model_path)
+    model_config = read_model_config(model.path)
     position_limit = learned_position_limit(model_config)
     if config.data is not None and not looks_like_cache(config.reference):
         refuse_lengths_past_learned_positions(config.max_length, config.model, model_config)
         if note := context_note(config.max_length, config.model, model_config):
             console.print(f"note: {note}", highlight=False, markup=False)
     refuse_questions_past_learned_positions(question_sets, tokenizer, position_limit)
-    model_fp = fingerprint(model_path, tokenizer).as_dict()
-    ref_path = None
+    model_fp = fingerprint(model.path, tokenizer).as_dict()
+    ref_model = None
     if config.reference and not looks_like_cache(config.reference):
         # Before any scoring: a mistyped --reference should not cost the policy's whole pass.
-        ref_path = resolve_model(config.reference, option="--reference")
-        ref_tokenizer = load_tokenizer(ref_path, option="--reference", chat_template=template)
-        ref_fp = fingerprint(ref_path, ref_tokenizer).as_dict()
+        ref_model = _ScoredModel.resolve(config.reference, "--reference", config.dtype)
+        ref_fp = fingerprint(ref_model.path, ref_model.tokenizer(template)).as_dict()
         for key in TOKENIZER_FIELDS:
             if ref_fp[key] != model_fp[key]:
                 fix = (" (give both one template with --chat-template)"
@@ -622,7 +668,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                 raise ValueError(f"--reference {config.reference} has a different {key} "
                                  f"than --model: log-ratios would compare different tokens{fix}")
         # it reads the same rows, after the policy's whole pass
-        ref_config = read_model_config(ref_path)
+        ref_config = read_model_config(ref_model.path)
         refuse_lengths_past_learned_positions(config.max_length, config.reference, ref_config)
         if note := context_note(config.max_length, config.reference, ref_config):
             console.print(f"note: {note}", highlight=False, markup=False)
@@ -660,8 +706,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                           markup=False)
         data = str(data_files[0]) if len(data_files) == 1 else data_source(config.data)
 
-    engine = TransformersEngine(model_path, dtype=config.dtype, device=config.device,
-                                max_batch_tokens=config.max_batch_tokens)
+    if note := model.note():
+        console.print(f"{config.model}: {note}", highlight=False, markup=False)
+    engine = model.engine(config)
     result: dict = {"model": config.model, "reference": config.reference,
                     "dtype": engine.precision, "config": asdict(config)}
     if examples is not None:
@@ -669,11 +716,14 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     if metadata is not None and metadata.get("dtype") != result["dtype"]:
         console.print(f"[yellow]note:[/] reference cache scored in {metadata.get('dtype')}, "
                       f"this model in {result['dtype']}; m_theta includes that difference")
-    if metadata is not None and metadata.get("quantization"):
-        # (eval loads models as they are: a QLoRA run's merged model, say)
-        console.print(f"[yellow]note:[/] reference cache scored under the model in 4-bit "
-                      f"({metadata['quantization']}), this model as it is; m_theta includes "
-                      "that difference")
+    if metadata is not None and metadata.get("quantization") != engine.quantization:
+        # (a QLoRA run's merged model against its 4-bit cache, say)
+        cache_side, model_side = (
+            (f"under the model in 4-bit ({metadata['quantization']})", "this model as it is")
+            if metadata.get("quantization") else
+            ("under the model as it is", f"this model's base in 4-bit ({engine.quantization})"))
+        console.print(f"[yellow]note:[/] reference cache scored {cache_side}, {model_side}; "
+                      "m_theta includes that difference")
 
     policy_logps = None
     if examples:
@@ -695,14 +745,15 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
             all_logps += logps
         choices = {"overall": choice_metrics(all_questions, all_logps), "files": per_file}
 
-    if examples and ref_path is not None:
+    if examples and ref_model is not None:
         # One model in memory at a time: the policy's engine goes before the reference's comes.
         engine.close()
         # Scored again even when the weights are the same: a model against itself then
         # checks that the two passes agree (m_theta exactly 0).
         console.print(f"scoring them under the reference {config.reference}", markup=False)
-        ref_engine = TransformersEngine(ref_path, dtype=config.dtype, device=config.device,
-                                        max_batch_tokens=config.max_batch_tokens)
+        if note := ref_model.note():
+            console.print(f"{config.reference}: {note}", highlight=False, markup=False)
+        ref_engine = ref_model.engine(config)
         ref_logps = ref_engine.score(examples)
         ref_engine.close()
     if examples:

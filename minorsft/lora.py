@@ -170,6 +170,15 @@ def merge_saved_adapters(output: Path, base_path: str, tokenizer=None, dtype="au
                         output, tokenizer)
 
 
+def load_adapters(model, folder: str):
+    """`model` with the saved adapters of `folder` on top, unmerged: the policy as it trained
+    (merging folds them into weights of another precision, a 4-bit base's above all). Returns
+    the model itself (its layers now peft's), which scores as any model does."""
+    with _without_peft_deprecations():
+        adapted = _peft().PeftModel.from_pretrained(model, folder, is_trainable=False)
+    return adapted.get_base_model()
+
+
 def _save_merged(merged, output: Path, tokenizer) -> Path:
     """Write the merged model whole under a hidden name, then rename it to output/merged: a
     merge killed part way leaves no `merged/` that looks finished (its config.json comes

@@ -51,16 +51,19 @@ def cache_dir() -> Path:
     return Path(base) / "minorsft"
 
 
-def resolve_model(name: str, option: str = "--model") -> str:
+def resolve_model(name: str, option: str = "--model", adapters: bool = False) -> str:
     """Turn `--model` (or the `option` that names a model) into something `from_pretrained`
-    accepts (a folder path or a hub id)."""
+    accepts (a folder path or a hub id). `adapters`: a folder of LoRA adapters is taken too
+    (eval scores it through `adapter_run`), not refused."""
     if name in BUILTIN_MODELS:
         return str(_materialise_builtin(name))
     path = Path(name).expanduser()
     if path.exists():
         # LoRA adapters, perhaps beside the config of a full run that --overwrite replaced
         # (minorsft <= 0.3.0 left it): no weights of a whole model
-        if (path / "adapter_config.json").exists() and not _has_full_weights(path):
+        if is_adapter_folder(path):
+            if adapters:
+                return os.path.abspath(path)
             merged = path / "merged"
             hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
                     else "run the same train command again with --resume --merge-lora to get "
@@ -134,6 +137,61 @@ def check_hub_reachable() -> bool:
 
 def _has_full_weights(folder: Path) -> bool:
     return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """LoRA adapters without the weights of a whole model (a `train --lora-r` output)."""
+    return (folder / "adapter_config.json").exists() and not _has_full_weights(folder)
+
+
+@dataclass(frozen=True)
+class AdapterRun:
+    """A folder of LoRA adapters, scored as it trained: the base model it trained on with the
+    adapters unmerged on top, the base in 4-bit NF4 where the run was QLoRA."""
+
+    adapters: str  # the folder with adapter_config.json (and the run's tokenizer)
+    base: str  # what from_pretrained loads the base model from
+    quantization: str | None  # QUANTIZATION_4BIT for a `train --load-in-4bit` run
+    dtype: str | None  # the precision the run trained in (run_config.json), if it says
+
+
+def adapter_run(path: str) -> AdapterRun | None:
+    """The base and settings of the LoRA adapters in `path`, or None where it holds a whole
+    model. A `minorsft train` output says them in its run_config.json; another peft folder
+    names its base in adapter_config.json (quantization then unknown: none)."""
+    folder = Path(path)
+    if not folder.is_dir() or not is_adapter_folder(folder):
+        return None
+    try:
+        run_config = json.loads((folder / "run_config.json").read_text())
+    except (OSError, ValueError):
+        run_config = {}
+    settings = run_config.get("config") or {}
+    return AdapterRun(adapters=path, base=lora_base(folder, run_config),
+                      quantization=QUANTIZATION_4BIT if settings.get("load_in_4bit") else None,
+                      dtype=run_config.get("dtype"))
+
+
+def lora_base(output: Path, run_config: dict) -> str:
+    """The model the adapters in `output` trained on: the run's model path, else the base
+    peft recorded. A built-in model's conversion that is gone is made again; a user's folder
+    that is gone cannot be, and is named."""
+    try:
+        recorded = json.loads((output / "adapter_config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{output / 'adapter_config.json'}: cannot be read ({error})") from error
+    base = run_config.get("model_path") or recorded.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{output}: the adapters do not say which model they trained on "
+                         "(no base_model_name_or_path in adapter_config.json)")
+    if not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")):
+        name = ((run_config.get("config") or {}).get("model")
+                or (run_config.get("cache_metadata") or {}).get("model"))
+        if name not in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
+            raise ModelError(f"{base}: the model this run trained from is not there any "
+                             f"more (the base of the LoRA adapters in {output})")
+        base = resolve_model(name)
+    return base
 
 
 def _materialise_builtin(name: str) -> Path:

@@ -1036,17 +1036,9 @@ def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Con
             and not any((output / "merged").glob("*.safetensors")) and is_first_rank()):
         return False  # (under torchrun, one process merges: the others have nothing to do)
     from minorsft.lora import merge_saved_adapters
-    from minorsft.models import BUILTIN_MODELS, load_tokenizer, resolve_model
+    from minorsft.models import load_tokenizer, lora_base
 
-    base = (run_config.get("model_path")
-            or json.loads((output / "adapter_config.json").read_text())["base_model_name_or_path"])
-    if not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")):
-        name = (run_config["config"].get("model")
-                or (run_config.get("cache_metadata") or {}).get("model"))
-        if name not in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
-            raise ModelError(f"{base}: the model this run trained from is not there any more; "
-                             "the adapters cannot be merged without it")
-        base = resolve_model(name)
+    base = lora_base(output, run_config)
     # in the dtype the run's weights trained in (bf16-mixed and fp16-mixed: fp32), as a merge
     # at the end of that training would have written it
     trained = run_config.get("dtype")

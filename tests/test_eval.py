@@ -494,9 +494,9 @@ def test_on_bad_skip_scores_the_good_rows_and_lists_the_bad(tiny_model_dir, demo
         EvalConfig(model=str(tiny_model_dir), choices=["mmlu.csv"], on_bad="skip")
 
 
-def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv, tmp_path):
-    """A `train --lora-r --merge-lora` output holds adapters at the top and the whole model in
-    merged/; eval of the top folder names merged/ rather than "no config.json"."""
+def test_adapters_without_their_base_are_named(tiny_model_dir, choices_csv, tmp_path):
+    """Adapters are scored on the base they name (tests/test_qlora.py); adapters that name
+    none, or a base that is gone, get one line, and merged/ beside them is a model as any."""
     import shutil
 
     run = tmp_path / "lora-run"
@@ -505,7 +505,15 @@ def test_lora_run_folder_points_to_its_merged_model(tiny_model_dir, choices_csv,
     result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
                                       str(choices_csv)])
     assert result.exit_code == 2
-    assert f"use {run / 'merged'}, the merged model" in " ".join(result.output.split())
+    assert "the adapters do not say which model they trained on (no base_model_name_or_path" \
+        in " ".join(result.output.split())
+    gone = tmp_path / "gone"
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gone)}))
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
+                                      str(choices_csv)])
+    assert result.exit_code == 2
+    assert f"{gone}: the model this run trained from is not there any more (the base of the " \
+        f"LoRA adapters in {run})" in " ".join(result.output.split())
     merged = run_eval(EvalConfig(model=str(run / "merged"), choices=[str(choices_csv)]))
     assert merged["choices"]["overall"]["questions"] == 4
 

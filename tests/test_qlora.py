@@ -182,3 +182,29 @@ def test_qlora_under_ddp_takes_the_steps_of_one_process(caches, tmp_path):
                             "--load-in-4bit", "--lora-r", "4", "--batch-size", "4",
                             "--strategy", "fsdp")
     assert result.returncode != 0 and "FSDP does not shard 4-bit weights" in result.stderr
+
+
+@pytest.mark.parametrize("four_bit", [True, False], ids=["qlora", "lora"])
+def test_eval_scores_a_lora_run_as_it_trained(caches, tiny_model_dir, tmp_path, four_bit):
+    """`eval --model <a LoRA run>` loads the base (in 4-bit for a QLoRA run) with the adapters
+    unmerged: the held-out m_theta is the one training logged for its last step."""
+    nf4, full = caches
+    rows = [{"id": f"h{n}", "prompt": f"What is {n} plus {n}?", "response": f"{2 * n}, I think."}
+            for n in range(5)]
+    held = precompute_rows(str(tiny_model_dir), tmp_path, rows, load_in_4bit=four_bit)
+    run = tmp_path / "run"
+    run_train(qlora(nf4 if four_bit else full, run, load_in_4bit=four_bit, lr=3e-3,
+                    eval_cache=str(held)), QUIET)
+    trained = [json.loads(line) for line in (run / "eval_metrics.jsonl").read_text().splitlines()]
+    assert trained[-1]["step"] == 4 and abs(trained[-1]["m_theta"]) > 1e-3
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--reference", str(held),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"LoRA adapters, scored unmerged on their base {tiny_model_dir}" in text
+    assert (" in 4-bit nf4 (QLoRA)" in text) == four_bit
+    assert "m_theta includes that difference" not in text  # (the cache's kind is the run's)
+    report = json.loads(result.output[result.output.index("{\n"):])
+    assert report["heldout"]["m_theta"] == pytest.approx(trained[-1]["m_theta"], abs=1e-5)
+    assert report["heldout"]["nll_per_token"] == pytest.approx(trained[-1]["nll_per_token"],
+                                                               abs=1e-5)

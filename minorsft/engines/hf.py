@@ -55,13 +55,17 @@ class TransformersEngine:
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int | None = None, attention: str = "auto",
-                 quantization: str | None = None):
+                 quantization: str | None = None, adapters: str | None = None):
         self.device = pick_device(device)
         # bf16-mixed: fp32 weights, scored under bf16 autocast (as `train --dtype bf16-mixed`)
         self.dtype, self.autocast = pick_precision(dtype, self.device)
         self.quantization = quantization  # "nf4": --load-in-4bit, as train's QLoRA base
         self.model = load_model(model_path, self.dtype, self.device,
                                 pick_attention(attention, self.device), quantization)
+        if adapters is not None:  # a LoRA run's output, scored as it trained (eval)
+            from minorsft.lora import load_adapters
+
+            self.model = load_adapters(self.model, adapters)
         self.model.eval()
         final_logit_transform(self.model)  # probed once here, not inside the first batch
         self.pad_id = self.model.config.pad_token_id or 0
