@@ -130,6 +130,15 @@ class Conversation:
     # the tool definitions the template is given (their column is among `texts`: `tools`, or
     # OpenAI's older `functions`)
     tools: list[dict] | None = None
+    # the row's columns this reading takes (whether they hold anything or not)
+    columns: frozenset[str] = frozenset()
+
+
+# Columns some reading takes as text: one the row's own reading leaves holds text the cache
+# would silently lack (alpaca's `input` beside `prompt`/`response`, say). Other columns (ids,
+# sources, scores) are a dataset's own, and none of minorsft's concern.
+TEXT_COLUMNS = frozenset({column for columns in FORMATS.values() for column in columns}
+                         | {*ALPACA_EXTRA, *tools.DEFINITION_COLUMNS})
 
 
 def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
@@ -138,6 +147,48 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
     The text fields are what later checks name (`response`, `messages[1].content`): one message
     may join two of them (alpaca's instruction and input).
     """
+    conversation = _read_conversation(record, spec, path, line)
+    conversation.columns = _columns_read(record, spec)
+    return conversation
+
+
+def _columns_read(record: dict, spec: FieldSpec) -> frozenset[str]:
+    """The columns `_read_conversation` takes from a row it read."""
+    if spec.prompt_field or spec.response_field:
+        return frozenset({spec.prompt_field, spec.response_field, spec.system_field})
+    row_format = _row_format(record, "", 0)
+    definitions = tools.DEFINITION_COLUMNS if _chat_like(record, row_format) \
+        else tools.DEFINITION_COLUMNS[:1]
+    return frozenset({*FORMATS[row_format], *ALPACA_EXTRA * (row_format == "alpaca"),
+                      *definitions, spec.system_field})
+
+
+def unread_columns(record: dict, columns: frozenset[str], rendered: str) -> list[str]:
+    """The row's TEXT_COLUMNS outside `columns` (those its reading took) that hold text the
+    `rendered` chat does not contain: what its cache row lacks. ultrachat's `prompt` beside
+    its `messages` repeats the first user turn, and is not counted."""
+    return [column for column in sorted(TEXT_COLUMNS - columns)
+            if holds_something(value := record.get(column))
+            and not (isinstance(value, str) and value.strip() in rendered)]
+
+
+def holds_something(value) -> bool:
+    """Whether a column's value holds anything: not None, blank, empty, nor a string of JSON
+    for nothing ("[]", "{}", "null"), as datasets write a tools column of a row with none."""
+    if isinstance(value, str):
+        return value.strip() not in ("", "[]", "{}", "null", '""')
+    return bool(value)  # (None, [], {}: nothing)
+
+
+def _chat_like(record: dict, row_format: str) -> bool:
+    """Whether the row is a chat (messages, ShareGPT, or TRL's conversational prompt and
+    completion), beside which OpenAI's older `functions` column is read too."""
+    return row_format in ("chat", "sharegpt") or (
+        row_format == "prompt/completion"
+        and any(isinstance(record[column], list) for column in ("prompt", "completion")))
+
+
+def _read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:
     texts: dict[str, str] = {}
 
     def text(key: str) -> str:
@@ -175,9 +226,7 @@ def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Co
                         "message and part of the chat; give a column of its own")
     # OpenAI's older `functions` column is read beside chats only, the layout it comes in
     # (elsewhere a column of that name may hold anything).
-    chat = row_format in ("chat", "sharegpt") or (
-        row_format == "prompt/completion"
-        and any(isinstance(record[column], list) for column in ("prompt", "completion")))
+    chat = _chat_like(record, row_format)
     defined, column = tools.read_definitions(
         record, path, line, tools.DEFINITION_COLUMNS if chat else tools.DEFINITION_COLUMNS[:1])
     if defined:

@@ -29,7 +29,7 @@ from minorsft.answer_spans import (
     render_conversation,
     special_token_pattern,
 )
-from minorsft.conversations import FieldSpec, read_conversation
+from minorsft.conversations import FieldSpec, read_conversation, unread_columns
 from minorsft.data_errors import DataError, type_name
 from minorsft.data_files import (  # noqa: F401  (re-exported: callers read input via data)
     BUILTIN_DATA,
@@ -59,9 +59,10 @@ class Example:
     prompt_joined: int | None = field(default=None, compare=False)
     # the first answer token that also holds text after the answer (`answer_runs_on`)
     runs_on: int | None = field(default=None, compare=False)
-    # a row read with --prompt-field/--response-field that has tool definitions the template
-    # is not given (precompute counts them in a note)
-    tools_left_out: bool = field(default=False, compare=False)
+    # columns of the row that hold text its reading left out (`conversations.unread_columns`:
+    # alpaca's `input` beside `prompt`/`response`, tool definitions beside named columns);
+    # precompute counts them in a note
+    left_out: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -254,7 +255,7 @@ class _Rendered:
     text: str
     spans: list[tuple[int, int, int]]  # (start, stop, generation prompt's end) per answer
     answer_field: str
-    tools_left_out: bool = False  # (Example's)
+    left_out: tuple[str, ...] = ()  # (Example's)
 
 
 def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]], tokenizer,
@@ -285,7 +286,7 @@ def _tokenize(pending: list[tuple[int, Example | Rejection | _Rendered | None]],
                     prompt_joined=joined if joined is not None and joined < len(input_ids)
                     else None,
                     runs_on=runs_on if runs_on is not None and runs_on < len(input_ids) else None,
-                    tools_left_out=item.tools_left_out)
+                    left_out=item.left_out)
         yield index, item
 
 
@@ -316,8 +317,7 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
             raise DataError(path_str, row.line, field_name, str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0],
-                         bool(spec.prompt_field) and any(
-                             row.record.get(column) for column in tools.DEFINITION_COLUMNS))
+                         tuple(unread_columns(row.record, conversation.columns, text)))
     except DataError as error:
         return _rejection(row, path_str, error)
 

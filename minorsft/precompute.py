@@ -59,6 +59,7 @@ from minorsft.cache import (
     write_rejects,
 )
 from minorsft.chat_templates import read_chat_template, template_notes
+from minorsft.conversations import holds_something
 from minorsft.data import (
     TRUNCATION_RULE,
     DataError,
@@ -321,7 +322,8 @@ def run_precompute(config: PrecomputeConfig, console: Console | None = None) -> 
                       f"(its columns: {', '.join(sorted(first_record))})",
                       highlight=False, markup=False)
     if spec.prompt_field and first_record is not None and (definitions := [
-            column for column in tools.DEFINITION_COLUMNS if first_record.get(column)]):
+            column for column in tools.DEFINITION_COLUMNS
+            if holds_something(first_record.get(column))]):
         # (a tools column beside named ones may be anything; if it is the prompt's tools, the
         # answers would be trained without them: say so rather than leave it unseen)
         console.print(f"note: the rows' {definitions[0]!r} column is not given to the chat "
@@ -502,7 +504,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     joined: dict = {}  # rows whose first answer token holds prompt text: count, first
-    tools_left_out: dict = {}  # rows whose tool definitions the template is not given: the same
+    left_out: dict = {}  # column -> rows with text there that their reading left out: the same
     runs_on: dict = {}  # rows whose last answer token holds text after the answer: the same
     part: _PartBuilder | None = None
     input_rows = None
@@ -549,8 +551,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                     part.reject(item, index)
                     continue
                 for kept, counts in ((item.prompt_joined is not None, joined),
-                                     (item.tools_left_out, tools_left_out),
-                                     (item.runs_on is not None, runs_on)):
+                                     (item.runs_on is not None, runs_on),
+                                     *((True, left_out.setdefault(column, {}))
+                                       for column in item.left_out)):
                     if kept:
                         counts["first"] = counts.get("first", item)
                         counts["rows"] = counts.get("rows", 0) + 1
@@ -583,16 +586,29 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                       "start of that too; a template whose markers are the tokenizer's special "
                       "tokens, or with a line break after them, keeps answers apart",
                       highlight=False, markup=False)
-    if tools_left_out:  # (every row's, where the note before scoring looked at the first)
-        first = tools_left_out["first"]
-        console.print(f"note: {tools_left_out['rows']} cached row(s) have tool definitions "
-                      f"(the first: {first.file}:{first.line}) that the chat "
-                      "template is not given with --prompt-field/--response-field",
-                      highlight=False, markup=False)
+    if left_out:  # (every row's, where the note before scoring looked at the first)
+        console.print(_left_out_note(left_out, bool(spec.prompt_field)), highlight=False,
+                      markup=False)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
     _check_drift(config, out, summary, engine, model_path, console)
     engine.close()
     return summary
+
+
+def _left_out_note(left_out: dict, named: bool) -> str:
+    """What to say of cached rows with text in a column their reading did not take
+    (`conversations.unread_columns`): the cache lacks it, and nothing else would say so."""
+    columns = "; ".join(
+        f"{column!r} in {counts['rows']} (the first: {counts['first'].file}:"
+        f"{counts['first'].line})" for column, counts in left_out.items())
+    tools_hint = ("; tool definitions are given to the chat template only with rows as chats "
+                  "(a 'messages' column beside 'tools')"
+                  if any(column in tools.DEFINITION_COLUMNS for column in left_out) else "")
+    fix = ("a column left out is not read with --prompt-field/--response-field"
+           if named else "a row is read in one format (README: data formats); to read other "
+           "columns, name them with --prompt-field/--response-field")
+    return (f"note: cached rows have text in columns that were not read, which the cache "
+            f"does not hold: {columns}. {fix[0].upper()}{fix[1:]}{tools_hint}")
 
 
 def _prompt_joined_note(rows: int, first: Example, tokenizer) -> str:

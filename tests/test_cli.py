@@ -236,8 +236,9 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
     assert ("note: the rows' 'tools' column is not given to the chat template with "
             "--prompt-field/--response-field" in " ".join(result.output.split())), result.output
     # rows after the first are counted too: the note looked at the first row only
+    # (a row that defines none, "[]" as datasets write it, is not counted)
     data = write_jsonl(tmp_path / "xlam2.jsonl", [
-        {"query": "Hi", "answers": "Hello"},
+        {"query": "Hi", "answers": "Hello", "tools": "[]"},
         {"query": "Weather in Paris?", "answers": '[{"name": "get_weather"}]',
          "tools": '[{"name": "get_weather", "parameters": {}}]'},
         {"query": "Bye", "answers": "Goodbye", "tools": ""}])
@@ -247,9 +248,38 @@ def test_system_field_option_reaches_the_cache(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "the rows' 'tools' column" not in output
-    assert (f"note: 1 cached row(s) have tool definitions (the first: {data}:2) "
-            "that the chat template is not given with --prompt-field/--response-field"
-            in output), output
+    assert (f"note: cached rows have text in columns that were not read, which the cache does "
+            f"not hold: 'tools' in 1 (the first: {data}:2). A column left out is not read with "
+            "--prompt-field/--response-field; tool definitions are given to the chat template "
+            "only with rows as chats" in output), output
+
+
+def test_text_in_a_column_the_rows_format_leaves_out_is_counted(tiny_model_dir, tmp_path):
+    """Every input row ends up in the cache or the rejects, and what a cached row leaves out is
+    said: alpaca's `input` beside `prompt`+`response` was dropped unseen. A column whose text
+    the chat holds anyway (ultrachat's `prompt` beside its `messages`) is not counted."""
+    chat = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."}]
+    data = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"prompt": "Translate.", "response": "Bonjour.", "input": "Hello."},
+        {"prompt": "Add.", "response": "3", "input": ""},
+        {"prompt": "Name a colour.", "messages": chat},
+        {"messages": chat, "completion": "Blue."},
+        {"prompt": "Sum.", "response": "5", "input": "2 and 3"},
+        {"instruction": "Say hi.", "output": "Hi.", "input": "", "category": "greeting"}])
+    result = CliRunner().invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                      str(data), "--out", str(tmp_path / "c"),
+                                      "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert (f"not hold: 'input' in 2 (the first: {data}:1); 'completion' in 1 (the first: "
+            f"{data}:4). A row is read in one format" in output), output
+    clean = write_jsonl(tmp_path / "clean.jsonl", [
+        {"prompt": "Name a colour.", "messages": chat},
+        {"instruction": "Say hi.", "output": "Hi.", "input": "   "}])
+    result = CliRunner().invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                      str(clean), "--out", str(tmp_path / "c3"),
+                                      "--verify-sample", "0"])
+    assert result.exit_code == 0 and "not read" not in result.output, result.output
 
 
 def test_answers_whose_first_token_holds_the_prompts_end_get_a_note(tiny_model_dir, tmp_path):
@@ -413,7 +443,9 @@ def test_lora_adapter_folder_as_model_points_to_the_merged_model(tmp_path):
     run = tmp_path / "lora-run"
     run.mkdir()
     (run / "adapter_config.json").write_text("{}")
-    result = runner.invoke(app, ["eval", "--model", str(run), "--data", "demo"])
+    # (eval scores adapters on their base: tests/test_qlora.py; precompute takes a whole model)
+    result = runner.invoke(app, ["precompute", "--model", str(run), "--data", "demo",
+                                 "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "--merge-lora" in " ".join(result.output.split())
 
 
