@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,23 @@ CORPUS = [
     "system user assistant question answer instruction input output response",
     "0 1 2 3 4 5 6 7 8 9 + - = x times plus minus how many are left in total",
 ]
+
+
+def run_command(command: list[str], timeout: float, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
+    """`command` run to its end with its output captured, as `subprocess.run(...,
+    capture_output=True, text=True)`, but in a process group of its own that is killed whole
+    when it runs past `timeout` (or the test stops otherwise): subprocess.run killed torchrun's
+    launcher alone, and its ranks lived on after the test."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def build_tiny_tokenizer(extra_corpus: tuple[str, ...] = ()):

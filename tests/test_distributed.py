@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from minorsft.train import TrainConfig, run_train
 
-from .conftest import DEMO_ROWS, as_killed_after, demo_rows, precompute_rows
+from .conftest import DEMO_ROWS, as_killed_after, demo_rows, precompute_rows, run_command
 
 
 def free_port() -> int:
@@ -42,7 +42,7 @@ def torchrun_train(*args: str, timeout: int = 300) -> subprocess.CompletedProces
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-port", str(free_port()), "-m", "minorsft", "train", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    return run_command(command, timeout=timeout, env=env)
 
 
 def read_run(folder):

@@ -27,7 +27,7 @@ from minorsft.cache import (
 )
 from minorsft.precompute import PrecomputeConfig, run_precompute
 
-from .conftest import DEMO_ROWS, write_jsonl
+from .conftest import DEMO_ROWS, run_command, write_jsonl
 
 SETTINGS = {"part_rows": 6, "window_rows": 4, "max_batch_tokens": 256}
 
@@ -79,7 +79,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tiny_model_dir, tmp_pat
     assert 2 <= done_before < 40, "the process was not killed mid-run"
     with pytest.raises(CacheError, match="has not finished"):
         read_metadata(out)  # an interrupted cache is refused, not read short
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    resumed = run_command(command, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done_before} parts were already done" in resumed.stderr
     assert list(iter_rows(out)) == list(iter_rows(reference_cli))
@@ -204,7 +204,7 @@ def test_tokenize_workers_of_a_killed_run_exit_and_the_run_resumes(tiny_model_di
     while time.monotonic() < deadline and any(map(running, workers)):
         time.sleep(0.05)
     assert not any(map(running, workers)), "workers outlived their killed parent"
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    resumed = run_command(command, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert re.search(r"\(\d+ parts? (was|were) already done\)", resumed.stderr)
     assert read_metadata(out)["rows"] == 240

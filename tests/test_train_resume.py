@@ -34,6 +34,7 @@ from .conftest import (
     build_tiny_tokenizer,
     demo_rows,
     precompute_rows,
+    run_command,
 )
 
 TIMING = {"tokens_per_s", "rank_tokens_per_s", "step_seconds", "elapsed", "peak_rss_gib"}
@@ -293,7 +294,7 @@ def test_a_signal_during_the_final_save_waits_for_it(cache, tmp_path, name):
                str(cache), "--output", str(output), "--batch-size", "4", "--micro-batch-size",
                "2", "--max-steps", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_command(command, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     assert "the stop request came while the model was being saved" in done.stderr
     assert json.loads((output / "run_config.json").read_text())["total_steps"] == 2
@@ -455,7 +456,7 @@ def test_ddp_checkpoint_resumes_in_one_process(cache, tmp_path):
                "--output", str(multi), "--batch-size", "4", "--micro-batch-size", "1",
                "--lr", "1e-3", "--max-steps", "4", "--save-every", "2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_command(command, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [s for s, _ in list_checkpoints(multi)] == [2, 4]
     resumed = as_killed_after(multi, 2, copy_to=tmp_path / "resumed")
@@ -486,7 +487,7 @@ def fsdp_torchrun(cache, output, *extra, fails: str | None = None):
                "--micro-batch-size", "1", "--lr", "1e-3", "--max-steps", "4",
                "--save-every", "2", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = run_command(command, timeout=300, env=env)
     if fails is not None:
         assert result.returncode != 0 and fails in result.stderr + result.stdout
         return
