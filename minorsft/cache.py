@@ -39,6 +39,7 @@ Two layouts are read alike (`read_metadata`, `iter_rows`, `validate_cache`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -579,6 +580,27 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
     """
     for problem in value_problems(open_cache(path).files, batch_rows):
         raise CacheError(problem)
+
+
+# The metadata key under which train keeps `content_hash` (in checkpoints and run_config.json).
+CONTENT_HASH = "content_hash"
+
+
+def content_hash(path: Path, batch_rows: int = 65536) -> str:
+    """A hash of what training takes from the cache's rows, in order: reference log-probs and
+    answer lengths. A cache of other data, another --max-length or another model differs in
+    it even where the row count and the model's fingerprint agree, so a resumed run cannot
+    silently go on with other rows (scoring the same rows again elsewhere may differ in the
+    last bits, and differ too). Two narrow columns, read once at start-up."""
+    digest = hashlib.sha256()
+    for file in open_cache(path).files:
+        parquet = pq.ParquetFile(file)
+        for batch in parquet.iter_batches(batch_size=batch_rows,
+                                          columns=["ref_logps", "num_tokens"]):
+            for name, dtype in (("ref_logps", "<f8"), ("num_tokens", "<i8")):
+                values = batch.column(name).to_numpy(zero_copy_only=False)
+                digest.update(values.astype(dtype).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def value_problems(files: list[Path], batch_rows: int = 8192) -> Iterator[str]:

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from minorsft import __version__
-from minorsft.cache import honour_umask, readable_weights
+from minorsft.cache import CONTENT_HASH, honour_umask, readable_weights
 from minorsft.distributed import all_reduce_sum, barrier
 from minorsft.models import dtype_name, precision_name
 from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW, optimizer_order
@@ -33,16 +33,19 @@ if TYPE_CHECKING:
 CHECKPOINTS = "checkpoints"
 # Settings that must not change between a run and its resumption (else the metrics would not
 # continue those of an uninterrupted run). micro_batch_size may change: accumulation is exact.
-RESUME_KEYS = ("cache_rows", "cache_fingerprint", "model", "loss", "beta", "lr", "batch_size",
-               "epochs", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "shuffle", "shuffle_buffer", "total_steps", "dtype", "master_weights", "lora_r",
-               "lora_alpha", "lora_dropout", "lora_target_modules", "batching", "keep_dropout",
-               "load_in_4bit")
+RESUME_KEYS = ("cache_rows", "cache_fingerprint", "cache_content", "model", "loss", "beta",
+               "lr", "batch_size", "epochs", "max_steps", "warmup_ratio", "weight_decay",
+               "max_grad_norm", "seed", "shuffle", "shuffle_buffer", "total_steps", "dtype",
+               "master_weights", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+               "batching", "keep_dropout", "load_in_4bit")
 # What a checkpoint written before a setting existed ran with (None: not known, not compared).
-RESUME_DEFAULTS = {"master_weights": False, "lora_r": None, "lora_alpha": None,
-                   "lora_dropout": None, "lora_target_modules": None,
+RESUME_DEFAULTS = {"cache_content": None, "master_weights": False, "lora_r": None,
+                   "lora_alpha": None, "lora_dropout": None, "lora_target_modules": None,
                    "batching": "one stream over all epochs", "keep_dropout": None,
                    "load_in_4bit": False}
+# What a changed cache_content means (cache.content_hash).
+OTHER_ROWS = (" (the cache's rows or reference log-probs are not the run's: another --data, "
+              "--max-length or model, or the rows scored again; give the run's own cache)")
 # How steps take their samples: the batches of each epoch apart (since 0.3.0); before, one
 # stream over all epochs, whose batches could span two epochs.
 BATCHING = "per epoch"
@@ -142,6 +145,8 @@ def _resume_settings(state: TrainState, config: TrainConfig) -> dict:
     values = asdict(config)
     values.update(cache_rows=state.metadata.get("rows"),
                   cache_fingerprint=state.metadata.get("fingerprint"),
+                  # (rows and log-probs: another cache of as many rows and the same model)
+                  cache_content=state.metadata.get(CONTENT_HASH),
                   # the model as loaded: --model naming the cache's model is the same run
                   model=state.model_path,
                   total_steps=state.total_steps, dtype=precision_name(state.dtype, state.autocast),
@@ -306,6 +311,7 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     if fsdp:
         now["master_weights"] = now["dtype"] in LOW_PRECISION_NAMES
     changed = [f"{key}: checkpoint {saved[key]!r}, this run {now[key]!r}"
+               + (OTHER_ROWS if key == "cache_content" else "")
                for key in RESUME_KEYS if saved[key] is not None and saved[key] != now[key]]
     if ("keep_dropout" not in trainer_state["settings"] and state.model_dropout
             and not config.keep_dropout):

@@ -711,6 +711,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     engine = model.engine(config)
     result: dict = {"model": config.model, "reference": config.reference,
                     "dtype": engine.precision, "config": asdict(config)}
+    if model.adapters is not None:  # what the adapters were scored on
+        result["adapters_on"] = {"base": model.path,
+                                 "quantization": model.adapters.quantization}
     if examples is not None:
         result["data"] = data
     if metadata is not None and metadata.get("dtype") != result["dtype"]:

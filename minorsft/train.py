@@ -37,9 +37,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from minorsft import __version__
 from minorsft.cache import (
+    CONTENT_HASH,
     CacheError,
     atomic_write_text,
     check_model_matches,
+    content_hash,
     diff_settings,
     input_place,
     iter_rows,
@@ -49,6 +51,7 @@ from minorsft.cache import (
 )
 from minorsft.chat_templates import cached_chat_template, stop_at_end_of_turn
 from minorsft.checkpoints import (
+    OTHER_ROWS,
     RESUME_KEYS,
     StopRequest,
     TrainingInterrupted,
@@ -551,6 +554,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to train on")
     validate_values(cache)
+    metadata[CONTENT_HASH] = content_hash(cache)  # what a resume must find again
     heldout = None
     if config.eval_cache is not None:  # (before minutes of model loading, as the cache's checks)
         heldout, note = read_heldout(Path(config.eval_cache), cache, config.eval_rows)
@@ -1065,6 +1069,9 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
     for key in ("fingerprint", "rows"):
         if cache and saved_cache.get(key) is not None and saved_cache[key] != cache.get(key):
             changed.append(f"cache {key}: {saved_cache[key]!r} -> {cache.get(key)!r}")
+    if cache and not changed and saved_cache.get(CONTENT_HASH) is not None and \
+            (now := content_hash(Path(config.cache))) != saved_cache[CONTENT_HASH]:
+        changed.append(f"cache content: {saved_cache[CONTENT_HASH]!r} -> {now!r}{OTHER_ROWS}")
     # The model folder (or hub id) it trained from, recorded since 0.4.1 (before, --model as
     # given, which a relative path or a built-in name does not pin down: not compared).
     if trained_from := run_config.get("model_path"):

@@ -205,6 +205,8 @@ def test_eval_scores_a_lora_run_as_it_trained(caches, tiny_model_dir, tmp_path, 
     assert (" in 4-bit nf4 (QLoRA)" in text) == four_bit
     assert "m_theta includes that difference" not in text  # (the cache's kind is the run's)
     report = json.loads(result.output[result.output.index("{\n"):])
+    assert report["adapters_on"] == {"base": str(tiny_model_dir),
+                                     "quantization": "nf4" if four_bit else None}
     assert report["heldout"]["m_theta"] == pytest.approx(trained[-1]["m_theta"], abs=1e-5)
     assert report["heldout"]["nll_per_token"] == pytest.approx(trained[-1]["nll_per_token"],
                                                                abs=1e-5)

@@ -800,6 +800,49 @@ def test_resume_of_a_finished_run_refuses_another_cache_or_model(cache, tiny_mod
         run_train(config(cache, output, max_steps=2, resume=True, model=str(other)))
 
 
+def test_resume_refuses_a_cache_of_other_rows_with_as_many_rows(cache, demo_jsonl,
+                                                                 tiny_model_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Row count and model fingerprint agreed, so a cache of other answers (or the same rows
+    cut by another --max-length) went on from a checkpoint silently: the run mixed two data
+    sets. Its rows' content is compared too; the same cache elsewhere is the same run."""
+    import shutil
+
+    rows = [json.loads(line) for line in demo_jsonl.read_text().splitlines()]
+    other = tmp_path / "other"
+    other.mkdir()
+    for row in rows:  # the same rows, one answer longer
+        for key in ("response", "output"):
+            if key in row:
+                row[key] += " Yes."
+    other_cache = precompute_rows(str(tiny_model_dir), other, rows)
+    output = tmp_path / "run"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(cache, output))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"cache_content: checkpoint '\w+', this run '\w+' "
+                                         r"\(the cache's rows or reference log-probs are not the "
+                                         "run's: another --data, --max-length"):
+        run_train(config(other_cache, output, resume=True))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    # the run's own rows, half of them cut short (all 16 kept)
+    cut_cache = precompute_rows(str(tiny_model_dir), cut, demo_rows(4), max_length=32)
+    with pytest.raises(ValueError, match="cache_content: checkpoint"):
+        run_train(config(cut_cache, output, resume=True))
+    moved = tmp_path / "moved.parquet"
+    shutil.copytree(cache, moved)
+    assert [m["step"] for m in run_train(config(moved, output, resume=True))] == [2, 3]
+    # and a finished run: "nothing to do" with the other cache was as silent
+    with pytest.raises(ValueError, match=r"other settings(.|\n)*cache content: '\w+' -> '\w+' "
+                                         r"\(the cache's rows"):
+        run_train(config(other_cache, output, resume=True))
+    capsys.readouterr()
+    assert run_train(config(moved, output, resume=True)) == []
+    assert "nothing to do" in capsys.readouterr().err
+
+
 def test_resume_refuses_other_lora_settings_and_takes_the_same_model_by_name(cache, tmp_path,
                                                                            monkeypatch):
     output = tmp_path / "run"
