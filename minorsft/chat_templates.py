@@ -277,8 +277,13 @@ def stop_at_end_of_turn(model, tokenizer) -> str | None:
     the first added token (special or not) after the answer; one that is plain text, no token,
     is left to precompute's note. Returns a note where the token could not be added.
     """
-    rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
+    try:
+        rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
+    except Exception:  # noqa: BLE001  (a template that wants another conversation: no marker)
+        return None
     answer = _CHECK_CONVERSATION[-1]["content"]
+    if answer not in rendered:
+        return None
     after = rendered[rendered.rindex(answer) + len(answer):]
     added = {str(token) for token in getattr(tokenizer, "all_special_tokens", None) or ()}
     added |= {token.content for token in (getattr(tokenizer, "added_tokens_decoder", None)

@@ -16,6 +16,7 @@ those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -402,6 +403,9 @@ class TrainState:
     config_dropout: dict = field(default_factory=dict)  # the config's own, for saving
     heldout: HeldoutSet | None = None  # --eval-cache's rows
     heldout_seconds: dict = field(default_factory=dict)  # steps done -> its evaluation's time
+    # the template's end of turn was added to the generation config's stop tokens (saved beside
+    # LoRA adapters too, for a merge from them)
+    stops_added: bool = False
 
 
 # Versions that changed which tokens of some chats are answer, and what they changed: a cache
@@ -603,9 +607,10 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
         # vector op, which computes them right (tests/test_qlora.py)
         warnings.filterwarnings("ignore", message=r"bitsandbytes::gemv_4bit: an autograd "
                                 "kernel was not registered")
-    # (a model's own template is left to its own generation config)
-    if cached_chat_template(metadata) and (note := stop_at_end_of_turn(model, tokenizer)) \
-            and world.is_main:
+    # (its own template too: a base model's, Qwen2.5's say, ends turns with <|im_end|> while
+    # its generation config stops at <|endoftext|> only)
+    stops = copy.deepcopy(model.generation_config.eos_token_id)
+    if (note := stop_at_end_of_turn(model, tokenizer)) and world.is_main:
         console.print(f"note: {note}", highlight=False, markup=False)
     # Decided now, before packing, compiling or wrapping change the model: whether its logits
     # are its output head's (the blocked head's path) or must come from its own forward.
@@ -689,7 +694,8 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     state = TrainState(model, policy, world, tokenizer, optimizer, scheduler, device, dtype,
                        total_steps, metadata, model_path, packing, autocast=autocast,
                        scaler=scaler, model_dropout=rates, config_dropout=config_rates,
-                       heldout=heldout)
+                       heldout=heldout,
+                       stops_added=model.generation_config.eos_token_id != stops)
     resume_from_checkpoint(state, config, console)
     return state
 
@@ -966,7 +972,7 @@ def save(state: TrainState, config: TrainConfig) -> Path:
                   base_path=state.model_path if sharded or config.load_in_4bit else None,
                   dtype=state.dtype,
                   generation_config=state.model.generation_config
-                  if cached_chat_template(state.metadata) else None)
+                  if state.stops_added else None)
     elif is_fsdp_run(state, config) and state.dtype != torch.float32:
         # FSDP trained fp32 weights computing in --dtype: saved in that dtype, as a one-process
         # run saves its bf16 weights (rounded from its fp32 master weights), not at twice the

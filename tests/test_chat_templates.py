@@ -302,7 +302,10 @@ def test_the_trained_model_stops_at_the_templates_end_of_turn(tmp_path, lora):
         assert set(GenerationConfig.from_pretrained(again).eos_token_id) == set(stops)
 
 
-def test_a_models_own_template_leaves_its_generation_config_as_it_was(tmp_path):
+def test_a_models_own_template_stops_at_its_end_of_turn_too(tmp_path):
+    """A base model whose own tokenizer has a ChatML template (Qwen2.5's base models) and whose
+    eos is <|endoftext|>: the trained model stopped only there, running past the <|im_end|> it
+    learned to end answers with (it was left as it was without --chat-template)."""
     folder, tokenizer = _base_model(tmp_path / "qwen-like",
                                     ("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     (folder / "chat_template.jinja").write_text(CHATML)
@@ -311,7 +314,8 @@ def test_a_models_own_template_leaves_its_generation_config_as_it_was(tmp_path):
     run_train(TrainConfig(cache=str(tmp_path / "c"), output=str(tmp_path / "run"),
                           batch_size=2, max_steps=1), QUIET)
     saved = json.loads((tmp_path / "run" / "generation_config.json").read_text())
-    assert saved["eos_token_id"] == tokenizer.eos_token_id
+    assert saved["eos_token_id"] == [tokenizer.eos_token_id,
+                                     tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
 
 def test_odd_option_values_are_refused(tmp_path):
