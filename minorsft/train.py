@@ -46,6 +46,7 @@ from minorsft.cache import (
     diff_settings,
     input_place,
     iter_rows,
+    looks_like_cache,
     read_metadata,
     readable_weights,
     validate_values,
@@ -463,6 +464,11 @@ def check_output(config: TrainConfig, is_main: bool, model_dir: str | None = Non
                          "another --output")
     if output.resolve() == cache.resolve():
         raise ValueError(f"--output {output} is the cache: choose another --output")
+    if output.is_dir() and looks_like_cache(output):
+        # (the --eval-cache, or any other: a model and run files among its parts)
+        raise ValueError(f"--output {output} is a minorsft cache (it holds a manifest of "
+                         "parts): train would write its model and run files among them; "
+                         "choose another --output")
     if model_dir and Path(model_dir).is_dir() and (
             Path(model_dir).resolve().is_relative_to(output.resolve())):
         # (also a model inside it: a previous run's merged/ model, which --overwrite removes)

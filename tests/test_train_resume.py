@@ -624,11 +624,18 @@ def test_an_output_holding_a_run_is_refused_unless_overwritten(cache, tmp_path):
     run_train(config(cache, output, max_steps=1, loss="sft", overwrite=True))
     assert json.loads((output / "run_config.json").read_text())["config"]["loss"] == "sft"
     assert len(metrics(output)) == 1 and not (output / "checkpoints").exists()
+    import shutil
+
+    other_cache = tmp_path / "held"  # (an --eval-cache, say: a model written among its parts)
+    shutil.copytree(cache, other_cache)
     for wrong, message in ((cache, "is the cache"), (tmp_path / "file.txt", "is a file"),
-                           (tmp_path / "file.txt" / "run", "cannot create the folder")):
+                           (tmp_path / "file.txt" / "run", "cannot create the folder"),
+                           (other_cache, "is a minorsft cache .*: train would write its model")):
         (tmp_path / "file.txt").write_text("x")
         with pytest.raises(ValueError, match=message):
             run_train(config(cache, wrong))
+    assert sorted(path.name for path in other_cache.iterdir()) == \
+        sorted(path.name for path in cache.iterdir())
 
 
 def test_a_second_train_on_the_same_output_is_refused_while_the_first_runs(cache, tmp_path):
