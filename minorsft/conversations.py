@@ -137,8 +137,12 @@ class Conversation:
 # Columns some reading takes as text: one the row's own reading leaves holds text the cache
 # would silently lack (alpaca's `input` beside `prompt`/`response`, say). Other columns (ids,
 # sources, scores) are a dataset's own, and none of minorsft's concern.
+# System prompts under other names than --system-field's default (OpenOrca's `system_prompt`)
+# and Dolly's `context` are text of the row too.
+SYSTEM_COLUMNS = ("system", "system_prompt", "system_message")
 TEXT_COLUMNS = frozenset({column for columns in FORMATS.values() for column in columns}
-                         | {*ALPACA_EXTRA, *tools.DEFINITION_COLUMNS})
+                         | {*ALPACA_EXTRA, *tools.DEFINITION_COLUMNS, *SYSTEM_COLUMNS,
+                            "context"})
 
 
 def read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> Conversation:

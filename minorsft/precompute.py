@@ -59,7 +59,7 @@ from minorsft.cache import (
     write_rejects,
 )
 from minorsft.chat_templates import read_chat_template, template_notes
-from minorsft.conversations import holds_something
+from minorsft.conversations import SYSTEM_COLUMNS, holds_something
 from minorsft.data import (
     TRUNCATION_RULE,
     DataError,
@@ -604,6 +604,8 @@ def _left_out_note(left_out: dict, named: bool) -> str:
     tools_hint = ("; tool definitions are given to the chat template only with rows as chats "
                   "(a 'messages' column beside 'tools')"
                   if any(column in tools.DEFINITION_COLUMNS for column in left_out) else "")
+    if system := [column for column in left_out if column in SYSTEM_COLUMNS]:
+        tools_hint += f"; --system-field {system[0]} reads {system[0]!r} as the system prompt"
     fix = ("a column left out is not read with --prompt-field/--response-field"
            if named else "a row is read in one format (README: data formats); to read other "
            "columns, name them with --prompt-field/--response-field")

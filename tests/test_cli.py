@@ -273,6 +273,18 @@ def test_text_in_a_column_the_rows_format_leaves_out_is_counted(tiny_model_dir, 
     output = " ".join(result.output.split())
     assert (f"not hold: 'input' in 2 (the first: {data}:1); 'completion' in 1 (the first: "
             f"{data}:4). A row is read in one format" in output), output
+    # OpenOrca's layout: its system prompt column is not --system-field's default name
+    orca = write_jsonl(tmp_path / "orca.jsonl", [
+        {"id": "o1", "system_prompt": "Be brief.", "question": "2 plus 3?", "response": "5"},
+        {"id": "o2", "system_prompt": "", "question": "3 plus 3?", "response": "6"}])
+    result = CliRunner().invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
+                                      str(orca), "--out", str(tmp_path / "c2"),
+                                      "--prompt-field", "question", "--response-field",
+                                      "response", "--verify-sample", "0"])
+    assert result.exit_code == 0, result.output
+    assert (f"not hold: 'system_prompt' in 1 (the first: {orca}:1). A column left out is not "
+            "read with --prompt-field/--response-field; --system-field system_prompt reads "
+            "'system_prompt' as the system prompt" in " ".join(result.output.split()))
     clean = write_jsonl(tmp_path / "clean.jsonl", [
         {"prompt": "Name a colour.", "messages": chat},
         {"instruction": "Say hi.", "output": "Hi.", "input": "   "}])
