@@ -19,6 +19,9 @@ from minorsft.cache import readable_weights
 
 
 def _peft():
+    from minorsft.models import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # (peft imports it where installed)
     try:
         import peft
     except ImportError as error:

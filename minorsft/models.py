@@ -440,17 +440,24 @@ def load_model(model_path: str, dtype: torch.dtype, device: torch.device, attent
     return model if quantization is not None else model.to(device)
 
 
+def quiet_bitsandbytes() -> None:
+    """Before bitsandbytes is imported (by transformers for --load-in-4bit, by peft for any
+    LoRA run where it is installed): on a CPU it warns at import that it falls back from a
+    `kernels` package it lacks, a line every LoRA run printed for nothing."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def four_bit_config(dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for --load-in-4bit; a ModelError without bitsandbytes."""
     import importlib.util
-    import logging
 
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelError("--load-in-4bit needs bitsandbytes: pip install 'minorsft[qlora]'")
-    # (on a CPU it says, at import, that it falls back from a kernels package it lacks)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_bitsandbytes()
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=QUANTIZATION_4BIT,
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 

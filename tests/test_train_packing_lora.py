@@ -240,3 +240,19 @@ def test_a_finished_bf16_run_merges_into_bf16_weights(tiny_cache, tmp_path):
     for run in (tmp_path / "at-the-end", later):
         weights = load_file(run / "merged" / "model.safetensors")
         assert {w.dtype for w in weights.values()} == {torch.bfloat16}, run
+
+
+def test_peft_imports_bitsandbytes_without_its_kernels_warning():
+    """peft imports bitsandbytes where it is installed, which on a CPU with bf16 instructions
+    warned of a missing `kernels` package at every LoRA run. (Where bitsandbytes has nothing
+    to say on this CPU, this passes either way.)"""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    code = ("from minorsft.lora import _peft; _peft(); import bitsandbytes, peft.tuners.lora; "
+            "print('imported')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "imported" in done.stdout, done.stderr
+    assert "kernels" not in done.stderr, done.stderr
