@@ -277,13 +277,21 @@ def stop_at_end_of_turn(model, tokenizer) -> str | None:
     the first added token (special or not) after the answer; one that is plain text, no token,
     is left to precompute's note. Returns a note where the token could not be added.
     """
-    try:
-        rendered = tokenizer.apply_chat_template(_CHECK_CONVERSATION, tokenize=False)
-    except Exception:  # noqa: BLE001  (a template that wants another conversation: no marker)
-        return None
     answer = _CHECK_CONVERSATION[-1]["content"]
-    if answer not in rendered:
-        return None
+    rendered = None
+    # (a template may want a system turn first, and refuse the chat without one)
+    for conversation in (_CHECK_CONVERSATION,
+                         [{"role": "system", "content": "You help."}, *_CHECK_CONVERSATION]):
+        try:
+            rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+            break
+        except Exception:  # noqa: BLE001, S112  (the template's own error, whatever its kind)
+            continue
+    if rendered is None or answer not in rendered:
+        return ("the chat template's end-of-turn token could not be found (the template "
+                "refuses a plain user/assistant chat, or leaves out its answer), so it is not "
+                "added to the saved generation_config.json's eos_token_id: check that "
+                "generation stops where the answers trained here end")
     after = rendered[rendered.rindex(answer) + len(answer):]
     added = {str(token) for token in getattr(tokenizer, "all_special_tokens", None) or ()}
     added |= {token.content for token in (getattr(tokenizer, "added_tokens_decoder", None)

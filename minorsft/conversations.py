@@ -167,13 +167,16 @@ def _columns_read(record: dict, spec: FieldSpec) -> frozenset[str]:
                       *definitions, spec.system_field})
 
 
-def unread_columns(record: dict, columns: frozenset[str], rendered: str) -> list[str]:
-    """The row's TEXT_COLUMNS outside `columns` (those its reading took) that hold text the
-    `rendered` chat does not contain: what its cache row lacks. ultrachat's `prompt` beside
-    its `messages` repeats the first user turn, and is not counted."""
-    return [column for column in sorted(TEXT_COLUMNS - columns)
+def unread_columns(record: dict, conversation: Conversation) -> list[str]:
+    """The row's TEXT_COLUMNS outside those its reading took that hold something other than a
+    message of the `conversation` word for word: what its cache row lacks. ultrachat's
+    `prompt` beside its `messages` repeats the first user turn, and is not counted; a value
+    found merely somewhere in the chat ("2", "Paris", "assistant") is not a repeat."""
+    contents = {message["content"].strip() for message in conversation.messages
+                if isinstance(message.get("content"), str)}
+    return [column for column in sorted(TEXT_COLUMNS - conversation.columns)
             if holds_something(value := record.get(column))
-            and not (isinstance(value, str) and value.strip() in rendered)]
+            and not (isinstance(value, str) and value.strip() in contents)]
 
 
 def holds_something(value) -> bool:

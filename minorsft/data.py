@@ -317,7 +317,7 @@ def _render_row(item: _Identified, tokenizer, spec: FieldSpec,
             raise DataError(path_str, row.line, field_name, str(error)) from error
         return _Rendered(item.example_id, row, path_str, text, spans,
                          conversation.answer_fields[0],
-                         tuple(unread_columns(row.record, conversation.columns, text)))
+                         tuple(unread_columns(row.record, conversation)))
     except DataError as error:
         return _rejection(row, path_str, error)
 

@@ -612,11 +612,14 @@ class _ScoredModel:
 
     def tokenizer(self, template: ChatTemplate | None):
         """The run's tokenizer saved beside its adapters (chat template included), else the
-        model's."""
+        model's, with the template the run's cache was rendered with where it was given one
+        (adapters copied without the tokenizer beside them)."""
         folder = self.path
         if self.adapters and any((Path(self.adapters.adapters) / file).exists()
                                  for file in TOKENIZER_FILES):
             folder = self.adapters.adapters
+        elif self.adapters and template is None:
+            template = cached_chat_template(self.adapters.cache_metadata)
         return load_tokenizer(folder, option=self.option, chat_template=template)
 
     def note(self) -> str | None:
@@ -624,8 +627,9 @@ class _ScoredModel:
             return None
         four_bit = (f" in 4-bit {self.adapters.quantization} (QLoRA)"
                     if self.adapters.quantization else "")
+        precision = "its saved dtype" if self.dtype == "auto" else self.dtype
         return (f"LoRA adapters, scored unmerged on their base {self.path}{four_bit}, "
-                f"in {self.dtype}")
+                f"in {precision}")
 
     def engine(self, config: EvalConfig) -> TransformersEngine:
         run = self.adapters
@@ -711,9 +715,9 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     engine = model.engine(config)
     result: dict = {"model": config.model, "reference": config.reference,
                     "dtype": engine.precision, "config": asdict(config)}
-    if model.adapters is not None:  # what the adapters were scored on
-        result["adapters_on"] = {"base": model.path,
-                                 "quantization": model.adapters.quantization}
+    for key, scored in (("adapters_on", model), ("reference_adapters_on", ref_model)):
+        if scored is not None and scored.adapters is not None:  # what they were scored on
+            result[key] = {"base": scored.path, "quantization": scored.adapters.quantization}
     if examples is not None:
         result["data"] = data
     if metadata is not None and metadata.get("dtype") != result["dtype"]:

@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -153,6 +153,8 @@ class AdapterRun:
     base: str  # what from_pretrained loads the base model from
     quantization: str | None  # QUANTIZATION_4BIT for a `train --load-in-4bit` run
     dtype: str | None  # the precision the run trained in (run_config.json), if it says
+    # the metadata of the cache the run trained with (its chat template, say), if it says
+    cache_metadata: dict = field(default_factory=dict, compare=False)
 
 
 def adapter_run(path: str) -> AdapterRun | None:
@@ -169,7 +171,8 @@ def adapter_run(path: str) -> AdapterRun | None:
     settings = run_config.get("config") or {}
     return AdapterRun(adapters=path, base=lora_base(folder, run_config),
                       quantization=QUANTIZATION_4BIT if settings.get("load_in_4bit") else None,
-                      dtype=run_config.get("dtype"))
+                      dtype=run_config.get("dtype"),
+                      cache_metadata=run_config.get("cache_metadata") or {})
 
 
 def lora_base(output: Path, run_config: dict) -> str:
@@ -191,7 +194,24 @@ def lora_base(output: Path, run_config: dict) -> str:
             raise ModelError(f"{base}: the model this run trained from is not there any "
                              f"more (the base of the LoRA adapters in {output})")
         base = resolve_model(name)
+    _refuse_another_base(output, base, run_config)
     return base
+
+
+def _refuse_another_base(output: Path, base: str, run_config: dict) -> None:
+    """Refuse a base model whose weights are not those the run trained from: the cache it
+    trained with was scored under them (train refuses another model unless --allow-mismatch),
+    and adapters on other weights are another model. A folder replaced since was scored, and
+    merged, without a word."""
+    recorded = (run_config.get("cache_metadata") or {}).get("fingerprint") or {}
+    if (run_config.get("config") or {}).get("allow_mismatch") or not Path(base).is_dir():
+        return  # (a run that trained on other weights than its cache's, or a hub id)
+    for key, compute in (("weights", weights_fingerprint), ("tensors", tensors_fingerprint)):
+        if recorded.get(key) is not None and compute(base) != recorded[key]:
+            raise ModelError(f"{base}: not the model the LoRA run in {output} trained from (its "
+                             f"{key} differ from those its cache was scored under): the "
+                             "adapters would sit on another model; put the run's base model "
+                             "back there")
 
 
 def _materialise_builtin(name: str) -> Path:

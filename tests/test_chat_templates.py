@@ -469,3 +469,28 @@ def test_plain_scores_a_choice_letter_with_its_space(tmp_path):
     # (this tokenizer has no " A" token: the space stays prompt, as generation would see it)
     assert [text.strip() for text in scored] == ["A", "B", "C", "D"]
     assert tokenizer.decode(examples[1].input_ids).endswith("Your answer is: B<|im_end|>")
+
+
+def test_a_template_that_wants_a_system_turn_still_gets_its_stop_token(tmp_path):
+    """The end of turn was looked for in a user/assistant chat only: a template that raises
+    without a system turn first left the saved stop tokens as they were, without a word."""
+    from minorsft.chat_templates import stop_at_end_of_turn
+
+    from .conftest import build_tiny_model
+
+    _, tokenizer = _base_model(tmp_path / "base", ("<|endoftext|>", "<|im_start|>",
+                                                   "<|im_end|>"))
+    wants_system = ("{% if messages[0]['role'] != 'system' %}"
+                    "{{ raise_exception('a system turn first') }}{% endif %}" + CHATML)
+    model = build_tiny_model(tokenizer)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.chat_template = wants_system
+    assert stop_at_end_of_turn(model, tokenizer) is None
+    assert model.generation_config.eos_token_id == [
+        tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    # one that refuses both chats: said, not silent
+    tokenizer.chat_template = "{{ raise_exception('never') }}"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    note = stop_at_end_of_turn(model, tokenizer)
+    assert note is not None and "end-of-turn token could not be found" in note
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id

@@ -265,13 +265,15 @@ def test_text_in_a_column_the_rows_format_leaves_out_is_counted(tiny_model_dir, 
         {"prompt": "Name a colour.", "messages": chat},
         {"messages": chat, "completion": "Blue."},
         {"prompt": "Sum.", "response": "5", "input": "2 and 3"},
+        {"prompt": "Multiply 12 by it.", "response": "24", "input": "2"},  # (in the chat, but
+        {"prompt": "Its country?", "response": "France", "input": "assistant"},  # not a turn)
         {"instruction": "Say hi.", "output": "Hi.", "input": "", "category": "greeting"}])
     result = CliRunner().invoke(app, ["precompute", "--model", str(tiny_model_dir), "--data",
                                       str(data), "--out", str(tmp_path / "c"),
                                       "--verify-sample", "0"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert (f"not hold: 'input' in 2 (the first: {data}:1); 'completion' in 1 (the first: "
+    assert (f"not hold: 'input' in 4 (the first: {data}:1); 'completion' in 1 (the first: "
             f"{data}:4). A row is read in one format" in output), output
     # OpenOrca's layout: its system prompt column is not --system-field's default name
     orca = write_jsonl(tmp_path / "orca.jsonl", [

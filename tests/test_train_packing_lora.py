@@ -256,3 +256,41 @@ def test_peft_imports_bitsandbytes_without_its_kernels_warning():
                           timeout=120)
     assert done.returncode == 0 and "imported" in done.stdout, done.stderr
     assert "kernels" not in done.stderr, done.stderr
+
+
+def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tmp_path):
+    """eval (and a merge) put the adapters on whatever model the run's base path holds: a
+    folder replaced since gave other numbers without a word. And adapters copied without the
+    run's tokenizer are rendered with the template the run's cache was, not the base's own."""
+    import shutil
+
+    from minorsft.eval import EvalConfig, run_eval
+    from minorsft.models import ModelError
+
+    pytest.importorskip("peft")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    rows = [{"id": f"r{n}", "prompt": f"{n} plus 1", "response": f"{n + 1}."} for n in range(6)]
+    (tmp_path / "c").mkdir()
+    cache = precompute_rows(str(base), tmp_path / "c", rows, chat_template="plain")
+    run = tmp_path / "run"
+    _train(cache, run, lora_r=4, lr=1e-2, batch_size=3, micro_batch_size=3)
+    held = str(tmp_path / "c" / "sft.jsonl")
+    whole = run_eval(EvalConfig(model=str(run), data=held))["heldout"]
+    # the adapters alone (no tokenizer beside them): the cache's template, the same numbers
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json"):
+        shutil.copy(run / name, bare / name)
+    assert run_eval(EvalConfig(model=str(bare), data=held))["heldout"] == whole
+    # another model in the base's place: refused by eval and by a merge
+    shutil.rmtree(base)
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, seed=7).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run in {run} trained "
+                                         "from .*put the run's base model back there"):
+        run_eval(EvalConfig(model=str(run), data=held))
+    with pytest.raises(ModelError, match="not the model the LoRA run"):
+        _train(cache, run, lora_r=4, lr=1e-2, batch_size=3, micro_batch_size=3, resume=True,
+               merge_lora=True)
