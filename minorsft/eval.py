@@ -365,7 +365,8 @@ def choice_examples(tokenizer, question: Question) -> list[Example]:
         input_ids, mask, _ = _tokenize_conversation(tokenizer, messages + [answer],
                                                     max_length=None)
         positions = [i for i, m in enumerate(mask) if m]
-        if (span := _letter_span(tokenizer, [input_ids[i] for i in positions], letter)):
+        if (span := _letter_span(tokenizer, [input_ids[i] for i in positions], letter,
+                                 with_space=bool(before_letter))):
             keep = set(positions[span[0]:span[1]])
             mask = [m and i in keep for i, m in enumerate(mask)]
         elif len(positions) > 1 and input_ids[positions[-1]] == tokenizer.eos_token_id:
@@ -374,13 +375,21 @@ def choice_examples(tokenizer, question: Question) -> list[Example]:
     return examples
 
 
-def _letter_span(tokenizer, answer_ids: list[int], letter: str) -> tuple[int, int] | None:
+def _letter_span(tokenizer, answer_ids: list[int], letter: str,
+                 with_space: bool = False) -> tuple[int, int] | None:
     """The shortest run of answer tokens that spells `letter` alone, earliest first (a template
-    may put text before it, e.g. an empty <think></think>, and the turn's end after it)."""
+    may put text before it, e.g. an empty <think></think>, and the turn's end after it).
+    `with_space`: the answer is " A" (the `plain` template), and a space the tokenizer keeps
+    apart from the letter is part of it: else a letter split so was scored without its space's
+    log-prob, against letters whose token holds the space (" B"), and won unfairly."""
     for length in range(1, len(answer_ids) + 1):
         for start in range(len(answer_ids) - length + 1):
             if tokenizer.decode(answer_ids[start:start + length]).strip() == letter:
-                return start, start + length
+                stop = start + length
+                while with_space and start and not tokenizer.decode(
+                        answer_ids[start - 1:start]).strip():
+                    start -= 1
+                return start, stop
     return None
 
 

@@ -327,6 +327,21 @@ def test_choice_examples_mask_only_the_letter(tiny_tokenizer, choices_csv, eos, 
         assert tokenizer.decode(answer_ids).lstrip(" ") == letter
 
 
+def test_a_letter_split_from_its_space_is_scored_with_it_under_plain(choices_csv):
+    """The `plain` template's answer is " A". A tokenizer that knows " B" as one token but
+    splits " A" into a space and "A" had A scored without its space: log p(A | prompt + " ")
+    against log p(" B" | prompt), and A won whatever the model thought."""
+    from minorsft.chat_templates import apply_chat_template, read_chat_template
+
+    tokenizer = build_tiny_tokenizer(extra_corpus=(" B C D",) * 20)
+    assert len(tokenizer.tokenize(" A")) == 2 and len(tokenizer.tokenize(" B")) == 1
+    apply_chat_template(tokenizer, read_chat_template("plain"))
+    examples = choice_examples(tokenizer, read_choices(choices_csv)[0])
+    for letter, example in zip(LETTERS, examples, strict=True):
+        answer_ids = [t for t, m in zip(example.input_ids, example.answer_mask, strict=True) if m]
+        assert tokenizer.decode(answer_ids) == " " + letter
+
+
 def test_choice_logps_fast_path_equals_full_logits(tiny_model_dir, tiny_tokenizer, choices_csv):
     questions = read_choices(choices_csv)
     engine = TransformersEngine(str(tiny_model_dir), dtype="float32", device="cpu")
