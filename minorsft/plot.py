@@ -34,6 +34,16 @@ HELDOUT_PANELS = (
 )
 LOSS_COLOURS = {"sft": "tab:blue", "sft-dpo": "tab:orange", "minorsft": "tab:green"}
 LINESTYLES = ("-", "--", ":", "-.")
+# From the fifth run of a loss on, a marker too: colour and line style alone repeated.
+MARKERS = ("o", "s", "^", "x", "D")
+
+
+def literal(text: str) -> str:
+    """`text` as matplotlib draws it literally: `$` read as a formula's bounds (a title "costs
+    $5 and $6" lost its dollars, an unbalanced one failed the plot), and a legend label that
+    starts with `_` is left out of the legend (a run folder named `_scratch`)."""
+    text = text.replace("$", r"\$")
+    return "\N{ZERO WIDTH SPACE}" + text if text.startswith("_") else text
 
 
 def run_names(run_dirs: list[Path]) -> list[str]:
@@ -144,9 +154,13 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
         # grey for a run whose loss is not known yet: matplotlib's default blue and orange
         # would pass it off as an sft or sft-dpo run
         colour = LOSS_COLOURS.get(loss, "tab:gray")
-        # Runs of the same loss share a colour; their lrs differ by line style.
-        linestyle = LINESTYLES[style_index.get(loss, 0) % len(LINESTYLES)]
-        style_index[loss] = style_index.get(loss, 0) + 1
+        # Runs of the same loss share a colour; their lrs differ by line style, and from the
+        # fifth on by a marker too.
+        index = style_index.get(loss, 0)
+        style_index[loss] = index + 1
+        linestyle = LINESTYLES[index % len(LINESTYLES)]
+        marker = MARKERS[(index // len(LINESTYLES) - 1) % len(MARKERS)] \
+            if index >= len(LINESTYLES) else None
         for axis, (key, _, held) in zip(axes.flat, panels, strict=True):
             series = records if held else rows
             if not series:
@@ -154,8 +168,9 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
             steps = [row["step"] for row in series]
             # (json_safe wrote a value that was not finite as null)
             values = [float("nan") if row.get(key) is None else row[key] for row in series]
-            axis.plot(steps, values, label=label, color=colour, linestyle=linestyle,
-                      marker="." if len(steps) < 40 else None)
+            axis.plot(steps, values, label=literal(label), color=colour, linestyle=linestyle,
+                      marker=marker or ("." if len(steps) < 40 else None),
+                      markevery=max(1, len(steps) // 12) if marker else None)
     for axis, (key, panel_title, _) in zip(axes.flat, panels, strict=True):
         axis.set_title(panel_title, fontsize=10)
         axis.grid(alpha=0.3)
@@ -171,7 +186,7 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str | None = None) -> Path
     figure.legend(handles, labels, loc="lower center", ncol=legend_columns, fontsize=8,
                   frameon=False)
     if title:
-        figure.suptitle(title)
+        figure.suptitle(literal(title))
     # (the legend's rows of 8-point text, in figure fractions of the 7-inch height)
     figure.tight_layout(rect=(0, min(0.5, 0.01 + rows * 0.033), 1, 1))
     out = Path(out)

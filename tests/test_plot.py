@@ -170,6 +170,23 @@ def test_legend_tells_runs_of_the_same_settings_apart(tmp_path, saved_figures):
                         "seed2/minor: minorsft lr=0.001 beta=0.04"]]
 
 
+def test_labels_and_title_are_drawn_as_written(tmp_path, saved_figures):
+    """matplotlib leaves a label starting with `_` out of the legend and reads `$...$` as a
+    formula (an unbalanced one failed the plot); many runs of one loss repeated their style."""
+    runs = [_fake_run(tmp_path / "_scratch"), _fake_run(tmp_path / "$x$", lr=2e-3),
+            *(_fake_run(tmp_path / f"r{n}", lr=n * 1e-3) for n in range(3, 7))]
+    plot_runs(runs, tmp_path / "curves.png", title=r"costs $5 and $\frac{x$")
+    figure = saved_figures[0]
+    figure.canvas.draw()  # (a formula that does not parse fails here)
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert len(labels) == 6 and labels[0].endswith("_scratch: minorsft lr=0.001 beta=0.04")
+    assert labels[1] == r"\$x\$: minorsft lr=0.002 beta=0.04"
+    assert figure._suptitle.get_text() == r"costs \$5 and \$\frac{x\$"
+    lines = figure.axes[1].get_lines()  # (the first panel has a line at m_theta = 0 too)
+    styles = [(line.get_linestyle(), line.get_marker()) for line in lines]
+    assert len(set(styles)) == len(styles) == 6
+
+
 def test_cli_plot_writes_png(two_runs, tmp_path):
     out = tmp_path / "fig" / "curves.png"
     result = CliRunner().invoke(app, ["plot", *map(str, two_runs), "-o", str(out),
