@@ -873,6 +873,11 @@ class _HeldoutLog:
                 trim_metrics(self.path, first + 1)
                 kept = read_records(self.path)
                 self.resumed_record = any(record.get("step") == first for record in kept)
+                if kept and not state.heldout:
+                    console.print(f"note: {self.path} holds held-out evaluations up to step "
+                                  f"{kept[-1].get('step')}, and this run has no --eval-cache: "
+                                  "its curve ends there (resume with the same --eval-cache to "
+                                  "go on with it)", highlight=False, markup=False)
                 if kept and state.heldout and \
                         kept[-1].get("heldout_set") != state.heldout.set_hash:
                     console.print(f"note: {self.path} holds evaluations on another held-out "

@@ -113,6 +113,13 @@ def test_a_resumed_run_keeps_the_evaluations_up_to_its_checkpoint(caches, tmp_pa
     assert "holds evaluations on another held-out set (other rows or reference log-probs: 8 " \
            "rows, up to step 2)" in text
     assert "held-out: 3 rows of" in text and "evaluated after steps 3, 4" in text
+    # resumed without --eval-cache: the curve ends at the checkpoint, which is said
+    (tmp_path / "c" / "run_config.json").unlink()
+    console = Console(record=True, width=200)
+    run_train(config(caches, tmp_path / "c", resume=True, eval_cache=None, eval_every=None),
+              console)
+    assert "eval_metrics.jsonl holds held-out evaluations up to step 4, and this run has no " \
+           "--eval-cache: its curve ends there" in console.export_text()
 
 
 def test_a_stop_during_an_evaluation_checkpoints_right_after_it(caches, tmp_path,
