@@ -207,7 +207,19 @@ def read_choices(path: Path, limit: int | None = None) -> list[Question]:
                                                "(MMLU layout) or .jsonl")
     if not questions:
         # An accuracy of 0/0 is no result; as with empty SFT data, stop and name the file.
-        raise DataError(str(path), None, None, "no questions (the file is empty)")
+        raise DataError(str(path), None, None, "no questions (" + (
+            "the file is empty)" if not _read_text(path).strip() else "only the header row)"))
+    for question in questions:  # (a blank cell or string: a malformed question, not one)
+        for name, text in (("question", question.question),
+                           *zip(LETTERS, question.options, strict=True)):
+            if not text.strip():
+                raise DataError(str(path), question.line, name, "empty")
+    first_line: dict[str, int] = {}
+    for question in questions:
+        if (first := first_line.setdefault(question.id, question.line)) != question.line:
+            raise DataError(str(path), question.line, "id",
+                            f"duplicate id {question.id!r} (first on line {first}): "
+                            "--per-item could not tell the two apart")
     return questions
 
 
@@ -234,6 +246,8 @@ def _answer_letter(value, path: str, line: int, numbers: bool = True) -> str:
     if isinstance(value, str) and value.strip().upper() in LETTERS:
         return value.strip().upper()
     also = " (or the number 0-3)" if numbers else ""
+    if value is None:
+        raise DataError(path, line, "answer", f"missing (one of A, B, C, D{also})")
     if numbers and isinstance(value, str) and value.strip() in {"0", "1", "2", "3"}:
         also += f" (an index is a JSON number: write {value.strip()}, not {json.dumps(value)})"
     raise DataError(path, line, "answer", f"expected one of A, B, C, D{also}, got {value!r}")
@@ -752,7 +766,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
         per_file, all_questions, all_logps = {}, [], []
         labels = choice_file_labels(list(question_sets))
         for choice_path, questions in question_sets.items():
-            console.print(f"scoring {len(questions)} questions of {choice_path}", markup=False)
+            console.print(f"scoring {len(questions)} question{'s' * (len(questions) != 1)} "
+                          f"of {choice_path}", markup=False)
             logps = choice_logps(engine, tokenizer, questions)
             per_file[labels[choice_path]] = choice_metrics(questions, logps)
             if config.per_item:

@@ -90,6 +90,8 @@ def test_read_choices_jsonl(tmp_path):
     # line 4, which an editor shows (it was named as row 2)
     ('"def f():\n    return 1\n",a,b,c,d,B\nq,a,b,c,d,E\n', 4, "answer"),
     ("\nq,a,b,c,d,B\n\nq,a,b,c,d,E\n", 4, "answer"),  # blank lines count too
+    ("q,a,b,c,d,B\nq2,,,,,A\n", 2, "A"),  # empty cells were scored as options
+    (",a,b,c,d,B\n", 1, "question"),
 ])
 def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
     path = tmp_path / "bad.csv"
@@ -98,6 +100,22 @@ def test_read_choices_bad_rows_name_line_and_field(tmp_path, text, line, field):
         read_choices(path)
     assert (caught.value.line, caught.value.field) == (line, field)
     assert str(path) in str(caught.value)
+
+
+def test_jsonl_missing_answers_and_repeated_ids_are_named(tmp_path):
+    path = tmp_path / "q.jsonl"
+    row = {"question": "q", "choices": ["a", "b", "c", "d"]}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match="'answer': missing"):
+        read_choices(path)
+    path.write_text(json.dumps({**row, "id": 7, "answer": "A"}) + "\n"
+                    + json.dumps({**row, "id": 7, "answer": "B"}) + "\n")
+    with pytest.raises(DataError, match=r":2: field 'id': duplicate id '7' \(first on line 1\)"):
+        read_choices(path)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("question,A,B,C,D,answer\n")
+    with pytest.raises(DataError, match=r"no questions \(only the header row\)"):
+        read_choices(header_only)
 
 
 @pytest.mark.parametrize("record, field, message", [
