@@ -569,7 +569,7 @@ def input_place(row: dict) -> str:
         f"input line {row['line']}"
 
 
-def validate_values(path: Path, batch_rows: int = 8192) -> None:
+def validate_values(path: Path, batch_rows: int = 8192) -> str:
     """Refuse rows the losses would silently get wrong, naming the first one of each kind.
 
     Non-finite reference log-probs; no answer tokens; a `num_tokens` (the losses' m) that is not
@@ -577,9 +577,12 @@ def validate_values(path: Path, batch_rows: int = 8192) -> None:
     answer mask set at position 0 (no position predicts a row's first token, so it is never
     scored). Reads everything but the text once, at start-up, `batch_rows` rows at a time (a
     large part or an old single-file cache is never held whole, on any rank).
+    Returns the cache's `content_hash`, taken in the same pass.
     """
-    for problem in value_problems(open_cache(path).files, batch_rows):
+    digests = _content_digests()
+    for problem in value_problems(open_cache(path).files, batch_rows, digests):
         raise CacheError(problem)
+    return _content_hex(digests)
 
 
 # The metadata key under which train keeps `content_hash` (in checkpoints and run_config.json).
@@ -591,26 +594,48 @@ def content_hash(path: Path, batch_rows: int = 65536) -> str:
     answer lengths. A cache of other data, another --max-length or another model differs in
     it even where the row count and the model's fingerprint agree, so a resumed run cannot
     silently go on with other rows (scoring the same rows again elsewhere may differ in the
-    last bits, and differ too). Two narrow columns, read once at start-up."""
-    digest = hashlib.sha256()
+    last bits, and differ too). `validate_values` returns it from its own pass; this reads
+    only those two columns, for a cache that is not validated (a finished run's)."""
+    digests = _content_digests()
     for file in open_cache(path).files:
         parquet = pq.ParquetFile(file)
-        for batch in parquet.iter_batches(batch_size=batch_rows,
-                                          columns=["ref_logps", "num_tokens"]):
-            for name, dtype in (("ref_logps", "<f8"), ("num_tokens", "<i8")):
-                values = batch.column(name).to_numpy(zero_copy_only=False)
-                digest.update(values.astype(dtype).tobytes())
-    return digest.hexdigest()[:16]
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(CONTENT_COLUMNS)):
+            _hash_content(digests, batch)
+    return _content_hex(digests)
 
 
-def value_problems(files: list[Path], batch_rows: int = 8192) -> Iterator[str]:
-    """`validate_values`'s findings as messages, the first kind of each file (none: all well)."""
+# The columns `content_hash` takes, each hashed apart (so batch sizes do not change it).
+CONTENT_COLUMNS = {"ref_logps": "<f8", "num_tokens": "<i8"}
+
+
+def _content_digests() -> dict:
+    return {name: hashlib.sha256() for name in CONTENT_COLUMNS}
+
+
+def _hash_content(digests: dict, batch: pa.RecordBatch) -> None:
+    """Add a batch's reference log-probs and answer lengths to `digests` (`content_hash`)."""
+    for name, dtype in CONTENT_COLUMNS.items():
+        values = batch.column(name).to_numpy(zero_copy_only=False)
+        digests[name].update(values.astype(dtype).tobytes())
+
+
+def _content_hex(digests: dict) -> str:
+    return hashlib.sha256("".join(digest.hexdigest() for digest in digests.values())
+                          .encode()).hexdigest()[:16]
+
+
+def value_problems(files: list[Path], batch_rows: int = 8192,
+                   digests: dict | None = None) -> Iterator[str]:
+    """`validate_values`'s findings as messages, the first kind of each file (none: all well);
+    with `digests` (`_content_digests`), the rows' `content_hash` is taken on the way."""
     for file in files:
         counts: dict[str, int] = {}
         first_rows: dict[str, dict] = {}
         parquet = pq.ParquetFile(file)
         columns = VALUE_CHECK_COLUMNS + ["file"] * ("file" in parquet.schema_arrow.names)
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            if digests is not None:
+                _hash_content(digests, batch)
             for mask, what in _value_checks(batch):
                 count = pc.sum(mask).as_py() or 0
                 if count:

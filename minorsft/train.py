@@ -563,8 +563,7 @@ def setup(config: TrainConfig, console: Console) -> TrainState:
     if not int(metadata.get("rows") or 0):
         raise CacheError(f"{cache}: the cache has no rows (were they all rejected? see its "
                          "_rejects.jsonl): nothing to train on")
-    validate_values(cache)
-    metadata[CONTENT_HASH] = content_hash(cache)  # what a resume must find again
+    metadata[CONTENT_HASH] = validate_values(cache)  # (its hash: what a resume must find)
     heldout = None
     if config.eval_cache is not None:  # (before minutes of model loading, as the cache's checks)
         heldout, note = read_heldout(Path(config.eval_cache), cache, config.eval_rows)

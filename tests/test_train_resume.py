@@ -838,6 +838,14 @@ def test_resume_refuses_a_cache_of_other_rows_with_as_many_rows(cache, demo_json
     cut_cache = precompute_rows(str(tiny_model_dir), cut, demo_rows(4), max_length=32)
     with pytest.raises(ValueError, match="cache_content: checkpoint"):
         run_train(config(cut_cache, output, resume=True))
+    # the hash is the rows', whatever the parts and read batches (one column at a time)
+    from minorsft.cache import content_hash, validate_values
+
+    parted = tmp_path / "parted"
+    parted.mkdir()
+    parted_cache = precompute_rows(str(tiny_model_dir), parted, demo_rows(4), part_rows=5)
+    assert content_hash(parted_cache, batch_rows=3) == validate_values(cache) \
+        == content_hash(cache)
     moved = tmp_path / "moved.parquet"
     shutil.copytree(cache, moved)
     assert [m["step"] for m in run_train(config(moved, output, resume=True))] == [2, 3]
