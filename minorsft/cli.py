@@ -697,6 +697,9 @@ def eval_command(
              "precompute` on the held-out data (its token ids and log-probs are reused; then "
              "no --data).")
     ] = None,
+    base_model: Annotated[str | None, _models(
+        help="Where the base model of a LoRA run given to --model is now, if it moved since "
+             "training (checked to hold the same weights).", show_default=False)] = None,
     data: Annotated[list[str] | None, _heldout(help=(
         "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern; repeat for "
         "several), any format `precompute` reads."))] = None,
@@ -755,7 +758,8 @@ def eval_command(
             system_field=system_field, train_turns=train_turns, chat_template=chat_template,
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
-            per_item=str(per_item) if per_item else None, on_bad=on_bad)
+            per_item=str(per_item) if per_item else None, on_bad=on_bad,
+            base_model=base_model)
     except ValueError as error:
         _fail(str(error))
     # before minutes of scoring: a path it cannot write would lose them

@@ -110,6 +110,7 @@ class EvalConfig:
     max_batch_tokens: int | None = None
     per_item: str | None = None  # JSONL: one line per held-out row and per question
     on_bad: str = "error"  # a bad --data row: "error" stops, "skip" scores the rest and lists it
+    base_model: str | None = None  # where --model's LoRA base is now, if it moved since training
 
     def __post_init__(self):
         # checks them before any work
@@ -626,9 +627,13 @@ class _ScoredModel:
     adapters: AdapterRun | None
 
     @classmethod
-    def resolve(cls, name: str, option: str, dtype: str) -> _ScoredModel:
+    def resolve(cls, name: str, option: str, dtype: str,
+                base_model: str | None = None) -> _ScoredModel:
         path = resolve_model(name, option=option, adapters=True)
-        run = adapter_run(path)
+        run = adapter_run(path, base_model)
+        if run is None and base_model is not None:
+            raise ValueError(f"--base-model is where the base of LoRA adapters is now, and "
+                             f"{option} {name} is a whole model, not adapters")
         if run is not None and dtype == "auto" and run.dtype:
             dtype = run.dtype
         return cls(name, option, run.base if run else path, dtype, run)
@@ -669,7 +674,7 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     question_sets = {path: read_choices(Path(path), config.max_questions)
                      for path in config.choices}
     template = _chat_template_for(config)
-    model = _ScoredModel.resolve(config.model, "--model", config.dtype)
+    model = _ScoredModel.resolve(config.model, "--model", config.dtype, config.base_model)
     tokenizer = model.tokenizer(template)
     for note in template_notes(tokenizer, template) if config.chat_template else ():
         console.print(f"note: {note}", highlight=False, markup=False)

@@ -157,61 +157,89 @@ class AdapterRun:
     cache_metadata: dict = field(default_factory=dict, compare=False)
 
 
-def adapter_run(path: str) -> AdapterRun | None:
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # as peft saves them
+
+
+def adapter_run(path: str, base: str | None = None) -> AdapterRun | None:
     """The base and settings of the LoRA adapters in `path`, or None where it holds a whole
     model. A `minorsft train` output says them in its run_config.json; another peft folder
-    names its base in adapter_config.json (quantization then unknown: none)."""
+    names its base in adapter_config.json (quantization then unknown: none). `base`: where
+    the base model is now, if it moved since (checked to be the same weights)."""
     folder = Path(path)
     if not folder.is_dir() or not is_adapter_folder(folder):
         return None
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ModelError(f"{folder}: adapter_config.json but no adapter weights "
+                         f"({' or '.join(ADAPTER_WEIGHTS)}): not a whole set of LoRA adapters")
     try:
         run_config = json.loads((folder / "run_config.json").read_text())
     except (OSError, ValueError):
         run_config = {}
     settings = run_config.get("config") or {}
-    return AdapterRun(adapters=path, base=lora_base(folder, run_config),
+    return AdapterRun(adapters=path, base=lora_base(folder, run_config, base),
                       quantization=QUANTIZATION_4BIT if settings.get("load_in_4bit") else None,
                       dtype=run_config.get("dtype"),
                       cache_metadata=run_config.get("cache_metadata") or {})
 
 
-def lora_base(output: Path, run_config: dict) -> str:
+def lora_base(output: Path, run_config: dict, moved_to: str | None = None) -> str:
     """The model the adapters in `output` trained on: the run's model path, else the base
-    peft recorded. A built-in model's conversion that is gone is made again; a user's folder
-    that is gone cannot be, and is named."""
+    peft recorded, or `moved_to` where the user says it is now. A built-in model's conversion
+    that is gone is made again; a user's folder that is gone cannot be, and is named."""
     try:
         recorded = json.loads((output / "adapter_config.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelError(f"{output / 'adapter_config.json'}: cannot be read ({error})") from error
     base = run_config.get("model_path") or recorded.get("base_model_name_or_path")
-    if not base:
+    if moved_to is not None:
+        base = resolve_model(moved_to, option="--base-model")
+    elif not base:
         raise ModelError(f"{output}: the adapters do not say which model they trained on "
-                         "(no base_model_name_or_path in adapter_config.json)")
-    if not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")):
+                         "(no base_model_name_or_path in adapter_config.json); name it with "
+                         "--base-model")
+    elif not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")
+                                      or base.count("/") > 1):  # (a hub id is "org/name")
         name = ((run_config.get("config") or {}).get("model")
                 or (run_config.get("cache_metadata") or {}).get("model"))
         if name not in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
+            source = ("" if run_config.get("model_path") else
+                      f", as {output / 'adapter_config.json'} names it"
+                      + ("" if Path(base).is_absolute() else ", from the working folder"))
             raise ModelError(f"{base}: the model this run trained from is not there any "
-                             f"more (the base of the LoRA adapters in {output})")
+                             f"more (the base of the LoRA adapters in {output}{source}); if "
+                             "it moved, `minorsft eval --base-model` takes where it is now")
         base = resolve_model(name)
     _refuse_another_base(output, base, run_config)
     return base
 
 
+def base_fingerprint(model_path: str) -> dict:
+    """What a LoRA run records of the base it trained on (run_config.json), to check the base
+    its adapters are later put on: its cache's fingerprint is not the base's under
+    --allow-mismatch."""
+    return {"weights": weights_fingerprint(model_path), "tensors": tensors_fingerprint(model_path)}
+
+
 def _refuse_another_base(output: Path, base: str, run_config: dict) -> None:
-    """Refuse a base model whose weights are not those the run trained from: the cache it
-    trained with was scored under them (train refuses another model unless --allow-mismatch),
-    and adapters on other weights are another model. A folder replaced since was scored, and
-    merged, without a word."""
-    recorded = (run_config.get("cache_metadata") or {}).get("fingerprint") or {}
-    if (run_config.get("config") or {}).get("allow_mismatch") or not Path(base).is_dir():
-        return  # (a run that trained on other weights than its cache's, or a hub id)
+    """Refuse a base model whose weights are not those the run trained from: adapters on other
+    weights are another model (and the run's cache was scored under the base's weights). A
+    folder replaced since was scored, and merged, without a word. The run's own record of its
+    base is used where it has one (minorsft >= 0.9.3), else its cache's fingerprint, which is
+    the base's unless the run was --allow-mismatch."""
+    recorded, against = run_config.get("base_fingerprint"), "those it recorded"
+    if recorded is None:
+        if (run_config.get("config") or {}).get("allow_mismatch"):
+            return  # (trained on other weights than its cache's: nothing says which)
+        recorded = (run_config.get("cache_metadata") or {}).get("fingerprint") or {}
+        against = "those its cache was scored under"
+    if not Path(base).is_dir():
+        return  # (a hub id)
     for key, compute in (("weights", weights_fingerprint), ("tensors", tensors_fingerprint)):
         if recorded.get(key) is not None and compute(base) != recorded[key]:
             raise ModelError(f"{base}: not the model the LoRA run in {output} trained from (its "
-                             f"{key} differ from those its cache was scored under): the "
-                             "adapters would sit on another model; put the run's base model "
-                             "back there")
+                             f"{key} differ from {against}): the adapters would sit on "
+                             "another model; put the run's base model back there, or name "
+                             "where it is now (eval --base-model)")
 
 
 def _materialise_builtin(name: str) -> Path:

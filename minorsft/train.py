@@ -98,6 +98,7 @@ from minorsft.models import (
     QUANTIZATION_4BIT,
     ModelError,
     autocast_context,
+    base_fingerprint,
     config_dropout,
     cpu_has_bf16,
     disable_dropout,
@@ -1001,6 +1002,8 @@ def save(state: TrainState, config: TrainConfig) -> Path:
                   "total_steps": state.total_steps,
                   "dtype": training_precision(state), "device": str(state.device),
                   "world_size": state.world.world_size}
+    if config.lora_r:  # what eval and a later merge check the base they put the adapters on by
+        run_config["base_fingerprint"] = base_fingerprint(state.model_path)
     # whole or not at all: it marks the run finished, and plot and --resume read it
     atomic_write_text(output / "run_config.json", json.dumps(run_config, indent=2))
     return output

@@ -535,6 +535,7 @@ def test_adapters_without_their_base_are_named(tiny_model_dir, choices_csv, tmp_
     run = tmp_path / "lora-run"
     shutil.copytree(tiny_model_dir, run / "merged")
     (run / "adapter_config.json").write_text("{}")
+    (run / "adapter_model.safetensors").write_bytes(b"")  # (never read: refused before)
     result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
                                       str(choices_csv)])
     assert result.exit_code == 2
@@ -546,7 +547,24 @@ def test_adapters_without_their_base_are_named(tiny_model_dir, choices_csv, tmp_
                                       str(choices_csv)])
     assert result.exit_code == 2
     assert f"{gone}: the model this run trained from is not there any more (the base of the " \
-        f"LoRA adapters in {run})" in " ".join(result.output.split())
+        f"LoRA adapters in {run}, as {run / 'adapter_config.json'} names it); if it moved, " \
+        "`minorsft eval --base-model` takes where it is now" in " ".join(result.output.split())
+    # another tool's adapters naming a folder relative to where they were made
+    relative = "models/bases/tiny"
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": relative}))
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
+                                      str(choices_csv)])
+    assert result.exit_code == 2
+    assert f"{relative}: the model this run trained from is not there any more (the base of " \
+        f"the LoRA adapters in {run}, as {run / 'adapter_config.json'} names it, from the " \
+        "working folder)" in " ".join(result.output.split())
+    # named where it is now; but adapter_config.json without adapter weights is not adapters
+    (run / "adapter_model.safetensors").unlink()
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--base-model",
+                                      str(tiny_model_dir), "--choices", str(choices_csv)])
+    assert result.exit_code == 2
+    assert f"{run}: adapter_config.json but no adapter weights (adapter_model.safetensors or " \
+        "adapter_model.bin)" in " ".join(result.output.split())
     merged = run_eval(EvalConfig(model=str(run / "merged"), choices=[str(choices_csv)]))
     assert merged["choices"]["overall"]["questions"] == 4
 

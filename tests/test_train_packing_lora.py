@@ -284,7 +284,8 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
         shutil.copy(run / name, bare / name)
     assert run_eval(EvalConfig(model=str(bare), data=held))["heldout"] == whole
     # another model in the base's place: refused by eval and by a merge
-    shutil.rmtree(base)
+    moved = tmp_path / "moved"
+    shutil.move(base, moved)
     tokenizer = build_tiny_tokenizer()
     build_tiny_model(tokenizer, seed=7).save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -294,3 +295,20 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     with pytest.raises(ModelError, match="not the model the LoRA run"):
         _train(cache, run, lora_r=4, lr=1e-2, batch_size=3, micro_batch_size=3, resume=True,
                merge_lora=True)
+    # the base moved: eval is told where it is now, and checks it is the same model
+    assert run_eval(EvalConfig(model=str(run), data=held, base_model=str(moved)))[
+        "heldout"] == whole
+    with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run"):
+        run_eval(EvalConfig(model=str(run), data=held, base_model=str(base)))
+    with pytest.raises(ValueError, match="--base-model is where the base of LoRA adapters is "
+                                         f"now, and --model {base} is a whole model"):
+        run_eval(EvalConfig(model=str(base), data=held, base_model=str(moved)))
+    # a run trained on other weights than its cache's (--allow-mismatch): its adapters are
+    # checked against the base it trained on, recorded in its run_config.json
+    other = tmp_path / "other-run"
+    _train(cache, other, model=str(base), allow_mismatch=True, step0_check=False, lora_r=4,
+           lr=1e-2, batch_size=3, micro_batch_size=3)
+    run_eval(EvalConfig(model=str(other), data=held))
+    with pytest.raises(ModelError, match=f"{moved}: not the model the LoRA run in {other} "
+                                         "trained from .*differ from those it recorded"):
+        run_eval(EvalConfig(model=str(other), data=held, base_model=str(moved)))
