@@ -179,6 +179,33 @@ def unread_columns(record: dict, conversation: Conversation) -> list[str]:
             and not (isinstance(value, str) and value.strip() in contents)]
 
 
+def count_left_out(counts: dict, example) -> None:
+    """Count `example` (an Example) under each column it left out (`unread_columns`):
+    counts[column] = {"rows": n, "first": the first such example}."""
+    for column in example.left_out:
+        tally = counts.setdefault(column, {"rows": 0, "first": example})
+        tally["rows"] += 1
+
+
+def left_out_note(counts: dict, named: bool, rows: str, lacking: str) -> str:
+    """What to say of `rows` ("cached", "scored") rows with text in a column their reading did
+    not take (`count_left_out`'s counts): `lacking` ("the cache does not hold") it, and
+    nothing else would say so. `named`: the columns were named (--prompt-field)."""
+    columns = "; ".join(
+        f"{column!r} in {tally['rows']} (the first: {tally['first'].file}:"
+        f"{tally['first'].line})" for column, tally in counts.items())
+    hint = ("; tool definitions are given to the chat template only with rows as chats "
+            "(a 'messages' column beside 'tools')"
+            if any(column in tools.DEFINITION_COLUMNS for column in counts) else "")
+    if system := [column for column in counts if column in SYSTEM_COLUMNS]:
+        hint += f"; --system-field {system[0]} reads {system[0]!r} as the system prompt"
+    fix = ("a column left out is not read with --prompt-field/--response-field"
+           if named else "a row is read in one format (README: data formats); to read other "
+           "columns, name them with --prompt-field/--response-field")
+    return (f"note: {rows} rows have text in columns that were not read, which {lacking}: "
+            f"{columns}. {fix[0].upper()}{fix[1:]}{hint}")
+
+
 def holds_something(value) -> bool:
     """Whether a column's value holds anything: not None, blank, empty, nor a string of JSON
     for nothing ("[]", "{}", "null"), as datasets write a tools column of a row with none."""

@@ -47,6 +47,7 @@ from minorsft.chat_templates import (
     renders_plain_text,
     template_notes,
 )
+from minorsft.conversations import count_left_out, left_out_note
 from minorsft.data import (
     DataError,
     Example,
@@ -731,6 +732,12 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
                 f"no row could be scored ({len(rejected)} rejected; the first: "
                 f"{rejected[0].error})") if rejected else (
                 f"no rows (the {'file is' if len(data_files) == 1 else 'files are'} empty)"))
+        left_out: dict = {}
+        for example in examples:
+            count_left_out(left_out, example)
+        if left_out:
+            console.print(left_out_note(left_out, bool(spec.prompt_field), "scored",
+                                        "their scores leave out"), highlight=False, markup=False)
         if rejected:
             console.print(f"note: {len(rejected)} held-out row{'s' * (len(rejected) != 1)} "
                           f"rejected and not scored (the first: {rejected[0].error}); "

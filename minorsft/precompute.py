@@ -59,7 +59,7 @@ from minorsft.cache import (
     write_rejects,
 )
 from minorsft.chat_templates import read_chat_template, template_notes
-from minorsft.conversations import SYSTEM_COLUMNS, holds_something
+from minorsft.conversations import count_left_out, holds_something, left_out_note
 from minorsft.data import (
     TRUNCATION_RULE,
     DataError,
@@ -504,7 +504,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     joined: dict = {}  # rows whose first answer token holds prompt text: count, first
-    left_out: dict = {}  # column -> rows with text there that their reading left out: the same
+    left_out: dict = {}  # column -> rows with text there that their reading left out
     runs_on: dict = {}  # rows whose last answer token holds text after the answer: the same
     part: _PartBuilder | None = None
     input_rows = None
@@ -550,10 +550,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                         raise item.error
                     part.reject(item, index)
                     continue
+                count_left_out(left_out, item)
                 for kept, counts in ((item.prompt_joined is not None, joined),
-                                     (item.runs_on is not None, runs_on),
-                                     *((True, left_out.setdefault(column, {}))
-                                       for column in item.left_out)):
+                                     (item.runs_on is not None, runs_on)):
                     if kept:
                         counts["first"] = counts.get("first", item)
                         counts["rows"] = counts.get("rows", 0) + 1
@@ -587,30 +586,12 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                       "tokens, or with a line break after them, keeps answers apart",
                       highlight=False, markup=False)
     if left_out:  # (every row's, where the note before scoring looked at the first)
-        console.print(_left_out_note(left_out, bool(spec.prompt_field)), highlight=False,
-                      markup=False)
+        console.print(left_out_note(left_out, bool(spec.prompt_field), "cached",
+                                    "the cache does not hold"), highlight=False, markup=False)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
     _check_drift(config, out, summary, engine, model_path, console)
     engine.close()
     return summary
-
-
-def _left_out_note(left_out: dict, named: bool) -> str:
-    """What to say of cached rows with text in a column their reading did not take
-    (`conversations.unread_columns`): the cache lacks it, and nothing else would say so."""
-    columns = "; ".join(
-        f"{column!r} in {counts['rows']} (the first: {counts['first'].file}:"
-        f"{counts['first'].line})" for column, counts in left_out.items())
-    tools_hint = ("; tool definitions are given to the chat template only with rows as chats "
-                  "(a 'messages' column beside 'tools')"
-                  if any(column in tools.DEFINITION_COLUMNS for column in left_out) else "")
-    if system := [column for column in left_out if column in SYSTEM_COLUMNS]:
-        tools_hint += f"; --system-field {system[0]} reads {system[0]!r} as the system prompt"
-    fix = ("a column left out is not read with --prompt-field/--response-field"
-           if named else "a row is read in one format (README: data formats); to read other "
-           "columns, name them with --prompt-field/--response-field")
-    return (f"note: cached rows have text in columns that were not read, which the cache "
-            f"does not hold: {columns}. {fix[0].upper()}{fix[1:]}{tools_hint}")
 
 
 def _prompt_joined_note(rows: int, first: Example, tokenizer) -> str:

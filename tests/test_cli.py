@@ -275,6 +275,13 @@ def test_text_in_a_column_the_rows_format_leaves_out_is_counted(tiny_model_dir, 
     output = " ".join(result.output.split())
     assert (f"not hold: 'input' in 4 (the first: {data}:1); 'completion' in 1 (the first: "
             f"{data}:4). A row is read in one format" in output), output
+    # eval scores held-out rows read the same way: it says so too
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
+                                      str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert (f"note: scored rows have text in columns that were not read, which their scores "
+            f"leave out: 'input' in 4 (the first: {data}:1); 'completion' in 1 (the first: "
+            f"{data}:4)" in " ".join(result.stderr.split())), result.stderr
     # OpenOrca's layout: its system prompt column is not --system-field's default name
     orca = write_jsonl(tmp_path / "orca.jsonl", [
         {"id": "o1", "system_prompt": "Be brief.", "question": "2 plus 3?", "response": "5"},
