@@ -508,7 +508,20 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
         rows_rejected=sum(e["rows_rejected"] for e in entries),
         answer_tokens=sum(e["answer_tokens"] for e in entries),
     )
+    left_out: dict = {}  # (parts written by minorsft >= 0.9.3 count them)
+    for index in sorted(parts):
+        add_left_out(left_out, parts[index].get("left_out") or {})
+    if left_out:
+        metadata["left_out"] = left_out
     return CacheLayout(path, "parts", metadata, files, manifests, parts)
+
+
+def add_left_out(total: dict, counts: dict) -> None:
+    """Add `counts` (a part's columns with text its rows' reading left out, as
+    conversations.count_left_out counts them; its rows after those of `total`) to `total`."""
+    for column, tally in counts.items():
+        kept = total.setdefault(column, {"rows": 0, "first": tally["first"]})
+        kept["rows"] += tally["rows"]
 
 
 # Where a cache was expected and something else came, it is most often the input data.

@@ -635,6 +635,10 @@ def cache_info(
                        f"{value[-1]} (--json lists them)")
         elif key == "quantization" and value is None:  # (not scored in 4-bit)
             continue
+        elif key == "left_out" and isinstance(value, dict):  # (precompute's note, kept)
+            typer.echo(f"{'left-out columns':>20}: " + "; ".join(
+                f"{column!r} in {tally.get('rows')} rows (the first: {tally.get('first')})"
+                for column, tally in sorted(value.items())) + " (text the cache does not hold)")
         elif key != "drift" and key not in counts:
             typer.echo(f"{key:>20}: {_plain_value(value)}")
     typer.echo(f"{'schema':>20}: {info['schema']}")

@@ -181,9 +181,10 @@ def unread_columns(record: dict, conversation: Conversation) -> list[str]:
 
 def count_left_out(counts: dict, example) -> None:
     """Count `example` (an Example) under each column it left out (`unread_columns`):
-    counts[column] = {"rows": n, "first": the first such example}."""
+    counts[column] = {"rows": n, "first": "file:line" of the first such row}; kept in the
+    manifest of a cache's part, so JSON."""
     for column in example.left_out:
-        tally = counts.setdefault(column, {"rows": 0, "first": example})
+        tally = counts.setdefault(column, {"rows": 0, "first": f"{example.file}:{example.line}"})
         tally["rows"] += 1
 
 
@@ -192,8 +193,8 @@ def left_out_note(counts: dict, named: bool, rows: str, lacking: str) -> str:
     not take (`count_left_out`'s counts): `lacking` ("the cache does not hold") it, and
     nothing else would say so. `named`: the columns were named (--prompt-field)."""
     columns = "; ".join(
-        f"{column!r} in {tally['rows']} (the first: {tally['first'].file}:"
-        f"{tally['first'].line})" for column, tally in counts.items())
+        f"{column!r} in {tally['rows']} (the first: {tally['first']})"
+        for column, tally in sorted(counts.items()))  # (as a manifest keeps them)
     hint = ("; tool definitions are given to the chat template only with rows as chats "
             "(a 'messages' column beside 'tools')"
             if any(column in tools.DEFINITION_COLUMNS for column in counts) else "")

@@ -26,7 +26,7 @@ import re
 import shutil
 import time
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,6 +42,7 @@ from minorsft.cache import (
     REJECTS_DIR,
     CacheError,
     CacheWriter,
+    add_left_out,
     atomic_write_text,
     collect_parts,
     diff_settings,
@@ -202,6 +203,8 @@ class PrecomputeSummary:
     complete: bool = True
     waiting_for: str = ""  # what is missing when this shard is done but the cache is not
     rows_truncated: int = 0  # cached rows that --max-length cut
+    # column -> cached rows with text there that their reading left out (count_left_out's)
+    left_out: dict = field(default_factory=dict)
 
 
 # Tokenize in a background thread (read_ahead.py); off only to measure what it saves
@@ -504,7 +507,6 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
     )
     counters = {"rows": 0, "tokens": 0, "parts": 0}  # scored by this run
     joined: dict = {}  # rows whose first answer token holds prompt text: count, first
-    left_out: dict = {}  # column -> rows with text there that their reading left out
     runs_on: dict = {}  # rows whose last answer token holds text after the answer: the same
     part: _PartBuilder | None = None
     input_rows = None
@@ -550,7 +552,6 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                         raise item.error
                     part.reject(item, index)
                     continue
-                count_left_out(left_out, item)
                 for kept, counts in ((item.prompt_joined is not None, joined),
                                      (item.runs_on is not None, runs_on)):
                     if kept:
@@ -585,10 +586,12 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                       "start of that too; a template whose markers are the tokenizer's special "
                       "tokens, or with a line break after them, keeps answers apart",
                       highlight=False, markup=False)
-    if left_out:  # (every row's, where the note before scoring looked at the first)
+    summary = _summarise(out, shard, started, len(done), counters["parts"])
+    # (every row's, where the note before scoring looked at the first; the whole cache's once
+    # it is complete, else those this run scored)
+    if left_out := summary.left_out:
         console.print(left_out_note(left_out, bool(spec.prompt_field), "cached",
                                     "the cache does not hold"), highlight=False, markup=False)
-    summary = _summarise(out, shard, started, len(done), counters["parts"])
     _check_drift(config, out, summary, engine, model_path, console)
     engine.close()
     return summary
@@ -757,6 +760,7 @@ class _PartBuilder:
         self.rejections: list[str] = []
         self.answer_tokens = 0
         self.lines = [None, None]
+        self.left_out: dict = {}  # conversations.count_left_out's, for the manifest
 
     def _seen(self, index: int, line: int) -> None:
         self.rows_stop = index + 1
@@ -768,6 +772,7 @@ class _PartBuilder:
 
     def add(self, example: Example, index: int) -> None:
         self._seen(index, example.line)
+        count_left_out(self.left_out, example)
         self.window.append(example)
         if len(self.window) >= self.window_rows:
             self.flush()
@@ -807,7 +812,8 @@ class _PartBuilder:
                 "rows_stop": self.rows_stop, "lines": self.lines, "rows_in": rows_in,
                 "rows_cached": self.writer.rows, "rows_rejected": rows_rejected,
                 "answer_tokens": self.answer_tokens,
-                "rejects": f"{REJECTS_DIR}/{self.rejects_file.name}" if self.rejections else None}
+                "rejects": f"{REJECTS_DIR}/{self.rejects_file.name}" if self.rejections else None,
+                **({"left_out": self.left_out} if self.left_out else {})}
 
     def abort(self) -> None:
         self.writer.abort()
@@ -832,6 +838,9 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
             raise ValueError(f"{out}: no usable rows (all {rows_rejected} rejected; see "
                              f"{rejects_path})")
     # (a bool column per part: cheap; the summary did not say rows were cut at all)
+    left_out: dict = {}
+    for entry in entries:
+        add_left_out(left_out, entry.get("left_out") or {})
     truncated = sum(pc.sum(pq.read_table(out / e["file"], columns=["truncated"])["truncated"])
                     .as_py() or 0 for e in entries if e["rows_cached"])
     return PrecomputeSummary(
@@ -840,4 +849,4 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
         rows_rejected=rows_rejected, answer_tokens=sum(e["answer_tokens"] for e in entries),
         seconds=time.perf_counter() - started, rejects_path=rejects_path,
         parts_written=written, parts_skipped=skipped, complete=not problems,
-        waiting_for="; ".join(problems))
+        waiting_for="; ".join(problems), left_out=left_out)

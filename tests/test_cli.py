@@ -273,15 +273,38 @@ def test_text_in_a_column_the_rows_format_leaves_out_is_counted(tiny_model_dir, 
                                       "--verify-sample", "0"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
-    assert (f"not hold: 'input' in 4 (the first: {data}:1); 'completion' in 1 (the first: "
-            f"{data}:4). A row is read in one format" in output), output
+    assert (f"not hold: 'completion' in 1 (the first: {data}:4); 'input' in 4 (the first: "
+            f"{data}:1). A row is read in one format" in output), output
+    # two shards of two-row parts: each says its own rows, the one that completes the cache
+    # the whole cache's, which `cache info` shows (and a merge of the shards keeps)
+    sharded = tmp_path / "sharded"
+    said = []
+    for shard in ("0/2", "1/2"):
+        result = CliRunner().invoke(app, [
+            "precompute", "--model", str(tiny_model_dir), "--data", str(data), "--out",
+            str(sharded), "--verify-sample", "0", "--part-rows", "2", "--shard", shard])
+        assert result.exit_code == 0, result.output
+        said.append(" ".join(result.output.split()))
+    assert (f"not hold: 'input' in 3 (the first: {data}:1). " in said[0]
+            ), said[0]  # (its parts 0 and 2: rows 1, 2, 5, 6)
+    assert (f"not hold: 'completion' in 1 (the first: {data}:4); 'input' in 4 (the first: "
+            f"{data}:1)" in said[1]), said[1]
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(app, ["cache", "merge", str(sharded), "--out",
+                                    str(merged)]).exit_code == 0
+    for cache in (sharded, merged):
+        result = CliRunner().invoke(app, ["cache", "info", str(cache)])
+        assert result.exit_code == 0, result.output
+        assert (f"left-out columns: 'completion' in 1 rows (the first: {data}:4); 'input' in "
+                f"4 rows (the first: {data}:1) (text the cache does not hold)"
+                in " ".join(result.output.split())), result.output
     # eval scores held-out rows read the same way: it says so too
     result = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
                                       str(data), "--json"])
     assert result.exit_code == 0, result.output
     assert (f"note: scored rows have text in columns that were not read, which their scores "
-            f"leave out: 'input' in 4 (the first: {data}:1); 'completion' in 1 (the first: "
-            f"{data}:4)" in " ".join(result.stderr.split())), result.stderr
+            f"leave out: 'completion' in 1 (the first: {data}:4); 'input' in 4 (the first: "
+            f"{data}:1)" in " ".join(result.stderr.split())), result.stderr
     # OpenOrca's layout: its system prompt column is not --system-field's default name
     orca = write_jsonl(tmp_path / "orca.jsonl", [
         {"id": "o1", "system_prompt": "Be brief.", "question": "2 plus 3?", "response": "5"},
