@@ -588,7 +588,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                       highlight=False, markup=False)
     summary = _summarise(out, shard, started, len(done), counters["parts"])
     # (every row's, where the note before scoring looked at the first; the whole cache's once
-    # it is complete, else those this run scored)
+    # it is complete, else this shard's)
     if left_out := summary.left_out:
         console.print(left_out_note(left_out, bool(spec.prompt_field), "cached",
                                     "the cache does not hold"), highlight=False, markup=False)
