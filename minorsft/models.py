@@ -207,7 +207,9 @@ def lora_base(output: Path, run_config: dict, moved_to: str | None = None) -> st
                       + ("" if Path(base).is_absolute() else ", from the working folder"))
             raise ModelError(f"{base}: the model this run trained from is not there any "
                              f"more (the base of the LoRA adapters in {output}{source}); if "
-                             "it moved, `minorsft eval --base-model` takes where it is now")
+                             "it moved, name where it is now: `minorsft eval --base-model "
+                             "NEW`, or to merge, `minorsft train --resume --merge-lora --model "
+                             "NEW`")
         base = resolve_model(name)
     _refuse_another_base(output, base, run_config)
     return base
@@ -239,7 +241,7 @@ def _refuse_another_base(output: Path, base: str, run_config: dict) -> None:
             raise ModelError(f"{base}: not the model the LoRA run in {output} trained from (its "
                              f"{key} differ from {against}): the adapters would sit on "
                              "another model; put the run's base model back there, or name "
-                             "where it is now (eval --base-model)")
+                             "where it is now (eval --base-model, train --model)")
 
 
 def _materialise_builtin(name: str) -> Path:

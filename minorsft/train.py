@@ -1061,7 +1061,8 @@ def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Con
     from minorsft.lora import merge_saved_adapters
     from minorsft.models import load_tokenizer, lora_base
 
-    base = lora_base(output, run_config)
+    base = lora_base(output, run_config,
+                     moved_to=config.model if _base_moved(run_config, config) else None)
     # in the dtype the run's weights trained in (bf16-mixed and fp16-mixed: fp32), as a merge
     # at the end of that training would have written it
     trained = run_config.get("dtype")
@@ -1101,9 +1102,18 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
             if config.model is not None and Path(config.model).expanduser().exists():
                 raise  # there, but no model: an error as in any run
             wanted = None  # gone too, like the cache: nothing to compare
-        if wanted and os.path.abspath(trained_from) != os.path.abspath(wanted):
+        if wanted and os.path.abspath(trained_from) != os.path.abspath(wanted) and not \
+                _base_moved(run_config, config):
             changed.append(f"model: {trained_from} -> {wanted}")
     return changed
+
+
+def _base_moved(run_config: dict, config: TrainConfig) -> bool:
+    """Whether --model names where the base of a finished LoRA run to merge is now (it moved, or
+    its old folder holds another model since): the merge checks that it holds the weights the
+    run trained on (models.lora_base)."""
+    return bool(config.model is not None and config.merge_lora
+                and (run_config.get("config") or {}).get("lora_r"))
 
 
 TRAIN_LOCK = ".minorsft-train.lock"

@@ -295,9 +295,17 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     with pytest.raises(ModelError, match="not the model the LoRA run"):
         _train(cache, run, lora_r=4, lr=1e-2, batch_size=3, micro_batch_size=3, resume=True,
                merge_lora=True)
-    # the base moved: eval is told where it is now, and checks it is the same model
+    # the base moved: eval is told where it is now, and checks it is the same model; so is
+    # a merge (the model in the old place is refused there too)
     assert run_eval(EvalConfig(model=str(run), data=held, base_model=str(moved)))[
         "heldout"] == whole
+    lora = dict(lora_r=4, lr=1e-2, batch_size=3, micro_batch_size=3, resume=True,
+                merge_lora=True)
+    with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run"):
+        _train(cache, run, model=str(base), **lora)
+    _train(cache, run, model=str(moved), **lora)
+    merged = run_eval(EvalConfig(model=str(run / "merged"), data=held))["heldout"]
+    assert merged["nll_per_token"] == pytest.approx(whole["nll_per_token"], abs=1e-4)
     with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run"):
         run_eval(EvalConfig(model=str(run), data=held, base_model=str(base)))
     with pytest.raises(ValueError, match="--base-model is where the base of LoRA adapters is "
