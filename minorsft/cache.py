@@ -477,24 +477,7 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
              "recompute it where the shard was scored (the same precompute command) and merge "
              f"again (minorsft cache merge {' '.join(merged_from)} --out {path} --overwrite)")
     for index in sorted(parts):
-        file = path / parts[index]["file"]
-        if not file.exists():
-            raise CacheError(f"{file}: part {index} is listed in the manifest but missing; "
-                             f"{again}")
-        try:
-            file_metadata = pq.read_metadata(file)
-        except (OSError, pa.ArrowException) as error:
-            raise CacheError(f"{file}: part {index} is damaged ({error}); {again}") from error
-        rows = file_metadata.num_rows
-        if rows != parts[index]["rows_cached"]:
-            raise CacheError(f"{file}: has {rows} rows, the manifest says "
-                             f"{parts[index]['rows_cached']}; the part was replaced or damaged")
-        _check_schema(file, file_metadata.schema.to_arrow_schema())
-        rejects = parts[index].get("rejects")
-        if rejects and not (path / rejects).exists():
-            raise CacheError(f"{path / rejects}: the rejected rows of part {index} are listed in "
-                             f"the manifest but missing; {again}")
-        files.append(file)
+        files.append(_check_part(path, index, parts[index], again))
     entries = list(parts.values())
     metadata = dict(manifests[0]["metadata"])
     for manifest in manifests[1:]:  # keys added later (e.g. drift) to one shard's manifest
@@ -514,6 +497,29 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     if left_out:
         metadata["left_out"] = left_out
     return CacheLayout(path, "parts", metadata, files, manifests, parts)
+
+
+def _check_part(folder: Path, index: int, entry: dict, again: str) -> Path:
+    """The file of part `index` (its manifest `entry`) in `folder`, after checking that it is
+    there whole, with the rows the manifest says, and its rejects list beside it. `again`: how
+    to make it anew."""
+    file = folder / entry["file"]
+    if not file.exists():
+        raise CacheError(f"{file}: part {index} is listed in the manifest but missing; {again}")
+    try:
+        file_metadata = pq.read_metadata(file)
+    except (OSError, pa.ArrowException) as error:
+        raise CacheError(f"{file}: part {index} is damaged ({error}); {again}") from error
+    rows = file_metadata.num_rows
+    if rows != entry["rows_cached"]:
+        raise CacheError(f"{file}: has {rows} rows, the manifest says {entry['rows_cached']}; "
+                         "the part was replaced or damaged")
+    _check_schema(file, file_metadata.schema.to_arrow_schema())
+    rejects = entry.get("rejects")
+    if rejects and not (folder / rejects).exists():
+        raise CacheError(f"{folder / rejects}: the rejected rows of part {index} are listed in "
+                         f"the manifest but missing; {again}")
+    return file
 
 
 def add_left_out(total: dict, counts: dict) -> None:
@@ -760,11 +766,10 @@ def merge_caches(sources: list[Path], out: Path, overwrite: bool = False) -> Cac
     try:
         (staging / REJECTS_DIR).mkdir()
         for index, entry in parts.items():
+            # each part checked where it is, so that a damaged one is named in its source
+            _check_part(origin[index], index, entry, "re-run the precompute command that "
+                        "wrote it to recompute it, then merge")
             for name in (entry["file"], entry["rejects"]):
-                if name and not (origin[index] / name).exists():
-                    raise CacheError(f"{origin[index] / name}: part {index}'s file is listed in "
-                                     "its manifest but missing; re-run that shard's precompute "
-                                     "command to recompute it, then merge")
                 if name:
                     _link_or_copy(origin[index] / name, staging / name)
         first = manifests[0]
