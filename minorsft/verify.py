@@ -54,7 +54,8 @@ class DriftReport:
     reference_repeat_max: float | None = None  # |cache - same engine again|: non-determinism
     max_delta_r: float = DEFAULT_MAX_DELTA_R
     passed: bool = True
-    worst_rows: list = field(default_factory=list)  # (id, delta_r, m) of the largest |delta_r|
+    # (id, delta_r, m, where in the input) of the largest |delta_r|
+    worst_rows: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +131,8 @@ def measure_drift(
             repeats.append(abs(math.fsum(reference_tokens) - row["ref_logps"]))
     # A NaN (or inf) delta is the worst drift there is: sorted last (sorted() leaves a NaN
     # wherever it happens to be, and the largest magnitude then looked finite) and a failure.
+    from minorsft.cache import input_place  # (pyarrow: loaded only where a cache is read)
+
     magnitudes = sorted((abs(d) for d in deltas), key=_worst_last)
     coefficients = [_coefficient(beta, d) for d in deltas]
     order = sorted(range(len(rows)), key=lambda i: _worst_last(abs(deltas[i])),
@@ -155,7 +158,8 @@ def measure_drift(
         reference_repeat_max=max(repeats) if repeats else None,
         max_delta_r=max_delta_r,
         passed=all(map(math.isfinite, magnitudes)) and magnitudes[-1] <= max_delta_r,
-        worst_rows=[[rows[i]["id"], deltas[i], rows[i]["num_tokens"]] for i in order],
+        worst_rows=[[rows[i]["id"], deltas[i], rows[i]["num_tokens"], input_place(rows[i])]
+                    for i in order],
     )
     return report
 
@@ -194,11 +198,19 @@ def format_report(report: DriftReport) -> str:
         f"{report.coefficient['min']:.5f}, max {report.coefficient['max']:.5f} (1 without "
         f"drift; worst error {100 * report.coefficient_max_error:.3f} %)",
     ]
-    if report.reference_repeat_max is not None:
-        lines.append(f"  cache vs its own engine again: max {report.reference_repeat_max:.2e} "
-                     "nats (batching non-determinism)")
+    if (repeat := report.reference_repeat_max) is not None:
+        # (batching moves a sum by float rounding; past the threshold, the values are not the
+        # engine's for these rows: edited, damaged, or scored from other weights)
+        why = ("batching non-determinism" if repeat <= report.max_delta_r else
+               "more than batching moves them: the cached values are not what that engine "
+               "computes for these rows now")
+        lines.append(f"  cache vs its own engine again: max {repeat:.2e} nats ({why})")
     verdict = "OK" if report.passed else "ABOVE THRESHOLD"
     lines.append(f"  {verdict}: max |d r| {q['max']:.3g} vs --max-delta-r {report.max_delta_r}")
+    if not report.passed and report.worst_rows:
+        row_id, delta, tokens, *place = report.worst_rows[0]
+        lines.append(f"  worst row: id {row_id!r}{f' ({place[0]})' if place else ''}, d r "
+                     f"{delta:+.3g} over {tokens} answer tokens (--json lists the 5 worst)")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from minorsft.data import Example
 from minorsft.engines import make_engine, resolve_engine_name
 from minorsft.engines.hf import TransformersEngine
 from minorsft.precompute import PrecomputeConfig, run_precompute
-from minorsft.verify import measure_drift, sample_rows
+from minorsft.verify import format_report, measure_drift, sample_rows
 
 
 class FixedEngine:
@@ -63,6 +63,15 @@ def test_measure_drift_figures_by_hand():
     assert report.reference_repeat_max == pytest.approx(0.0)
     assert not report.passed  # 0.5 > 0.4
     assert json.dumps(report.as_dict())
+    assert "0.00e+00 nats (batching non-determinism)" in format_report(report)
+    # a cached sum 5 nats off its engine's (a value changed by hand): not batching
+    tampered = [_row("a", -6.5, 2), _row("b", -2.0, 4)]
+    text = format_report(measure_drift(tampered, trainer, beta=1.0, reference={"engine": "x"},
+                                       max_delta_r=0.4,
+                                       reference_token_logps=reference_tokens))
+    assert ("cache vs its own engine again: max 5.00e+00 nats (more than batching moves them: "
+            "the cached values are not what that engine computes for these rows now)" in text)
+    assert "worst row: id 'a' (input line 1), d r +5.5 over 2 answer tokens" in text
 
 
 def test_a_nan_drift_fails_the_check_and_heads_the_worst_rows():
@@ -74,6 +83,9 @@ def test_a_nan_drift_fails_the_check_and_heads_the_worst_rows():
     assert math.isnan(report.delta_r_abs["max"])
     assert report.worst_rows[0][0] == "b"
     assert [row[0] for row in report.worst_rows[1:]] == ["c", "a"]
+    # the text names it too, and where it is in the input
+    assert "  worst row: id 'b' (input line 1), d r +nan over 1 answer tokens (--json lists " \
+        "the 5 worst)" in format_report(report)
 
 
 def test_measure_drift_refuses_a_token_count_mismatch():
