@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -100,13 +101,17 @@ class Rejection:
 
 def row_id(record: dict, spec: FieldSpec, path: str = "", line: int | None = None) -> str:
     """The row's `id` column if it has one, else a hash of its content (stable across runs)."""
-    if (value := record.get(spec.id_field)) is not None:
+    value = record.get(spec.id_field)
+    if isinstance(value, float) and math.isnan(value):
+        value = None  # pandas writes a missing value of an integer column as NaN: no id
+    if value is not None:
         if isinstance(value, float) and value.is_integer():
             # pandas stores an integer column with missing values as float64 (3 -> 3.0)
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
+            shown = f" {value!r}" if isinstance(value, float) else ""
             raise DataError(path, line, spec.id_field,
-                            f"expected a string or integer id, got {type_name(value)}")
+                            f"expected a string or integer id, got {type_name(value)}{shown}")
         if not str(value).strip():
             raise DataError(path, line, spec.id_field, "empty id")
         return str(value)

@@ -452,11 +452,13 @@ def test_parquet_integer_ids_stored_as_floats_are_ids(tiny_tokenizer, tmp_path):
     import polars as pl
 
     path = tmp_path / "rows.parquet"
-    pl.DataFrame({"id": [3.0, None, 2.5], "prompt": ["a", "b", "c"],
-                  "response": ["x", "y", "z"]}).write_parquet(path)
-    kept_3, kept_hash, rejected = iter_examples(path, tiny_tokenizer, on_bad="skip")
+    pl.DataFrame({"id": [3.0, None, 2.5, float("nan")], "prompt": ["a", "b", "c", "d"],
+                  "response": ["x", "y", "z", "w"]}).write_parquet(path)
+    kept_3, kept_hash, rejected, nan_hash = iter_examples(path, tiny_tokenizer, on_bad="skip")
     assert kept_3.id == "3" and kept_hash.id.startswith("sha256:")
-    assert rejected.field == "id" and "got float" in rejected.reason
+    assert rejected.field == "id" and "got float 2.5" in rejected.reason
+    # pandas' missing value, NaN, is no id too (it was rejected as a float)
+    assert nan_hash.id.startswith("sha256:") and nan_hash.id != kept_hash.id
     # a rejected Parquet row is shown as JSON in the report (made only for rejected rows)
     assert json.loads(rejected.as_dict()["raw"]) == {"id": 2.5, "prompt": "c", "response": "z"}
 
