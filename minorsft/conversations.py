@@ -276,6 +276,15 @@ def _read_conversation(record: dict, spec: FieldSpec, path: str, line: int) -> C
         if isinstance(prompt, list) or isinstance(completion, list):
             # TRL's conversational form: the prompt's turns are context, the completion's
             # assistant turns are the answer.
+            if isinstance(prompt, str) or isinstance(completion, str):
+                text_column = "prompt" if isinstance(prompt, str) else "completion"
+                raise DataError(path, line, text_column, (
+                    f"a text beside a list of turns in "
+                    f"'{'completion' if text_column == 'prompt' else 'prompt'}': TRL's prompt "
+                    "and completion are both texts, or both lists of {role, content} turns "
+                    f"(the conversational form); give {text_column!r} as a list too, e.g. "
+                    + ('[{"role": "user", "content": ...}]' if text_column == "prompt" else
+                       '[{"role": "assistant", "content": ...}]')))
             turns = [_chat_messages(prompt, path, line, "prompt", CHAT_ROLES, answers=False),
                      _chat_messages(completion, path, line, "completion", CHAT_ROLES)]
             return _chat_conversation(head, turns, spec, texts, path, line,

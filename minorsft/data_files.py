@@ -127,21 +127,26 @@ def _refuse_several_splits(files: list[Path], given: str, prefer: str) -> None:
     one = next((split for split in by_split if split.split("_")[0] == prefer),
                sorted(by_split)[0])
     members = by_split[one]
-    if HF_SHARD.match(members[0].name.lower()):  # {split}-*, for the shards of any count
-        pattern = str(members[0].parent / (members[0].name[:len(one) + 1] + "*"))
-    elif len(members) > 1 and (prefix := os.path.commonprefix([p.name for p in members])):
-        pattern = str(members[0].parent / (prefix + "*"))
-    else:
-        pattern = str(members[0])
-    others = [path for split, paths in by_split.items() if split != one for path in paths]
-    if any(Path(match) in others for match in glob.glob(pattern)):
-        pattern = " ".join(str(path) for path in members[:3]) + (" ..." if len(members) > 3
-                                                                 else "")
+    others = {path for split, paths in by_split.items() if split != one for path in paths}
+    patterns = []  # {split}-*, for the shards of any count; the files' common start
+    if HF_SHARD.match(members[0].name.lower()):
+        patterns.append(str(members[0].parent / (members[0].name[:len(one) + 1] + "*")))
+    if len(members) > 1 and (prefix := os.path.commonprefix([p.name for p in members])):
+        patterns.append(str(members[0].parent / (prefix + "*")))
+    # one that names exactly these files (gsm8k_train.jsonl beside train-0000*: none does)
+    hint = next((f"--data '{pattern}' (quoted, so that minorsft, not the shell, expands it)"
+                 for pattern in patterns
+                 if {Path(match) for match in glob.glob(pattern)} & set(files) == set(members)
+                 and not others & {Path(match) for match in glob.glob(pattern)}), None)
+    if hint is None and len(members) <= 4:
+        hint = "".join(f" --data {path}" for path in members).strip()
+    elif hint is None:
+        hint = f"the {len(members)} {one} files (their own folder, say)"
     counts = ", ".join(f"{split} ({len(paths)} file{'s' * (len(paths) > 1)})"
                        for split, paths in sorted(by_split.items()))
     raise DataError(given, None, None, (
-        f"names files of several splits: {counts}; name the files of one, e.g. --data "
-        f"'{pattern}' (quoted, so that minorsft, not the shell, expands it); {JOIN_HINT}"))
+        f"names files of several splits: {counts}; name the files of one, e.g. {hint}; "
+        f"{JOIN_HINT}"))
 
 
 def data_source(names: str | list[str]) -> str:

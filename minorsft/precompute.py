@@ -135,7 +135,7 @@ class PrecomputeConfig:
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
-            raise ValueError("--max-length must be at least 2")
+            raise ValueError("--max-length must be at least 2 (0: no limit)")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError("--max-batch-tokens must be positive")
         if self.verify_sample < 0:
@@ -215,7 +215,11 @@ READ_AHEAD = True
 def _no_rows(data_files: list[Path]) -> ValueError:
     """The error for input that holds no row: empty files, or only blank lines."""
     one = len(data_files) == 1
-    if any(path.stat().st_size for path in data_files):  # (blank lines were "the file is empty")
+    if all(path.suffix == ".parquet" for path in data_files):  # (a table of 0 rows)
+        what = "file is a table of no rows" if one else "files are tables of no rows"
+    elif any(path.suffix == ".parquet" for path in data_files):
+        what = "files hold only blank lines or tables of no rows"
+    elif any(path.stat().st_size for path in data_files):  # (blank lines were "the file is empty")
         what = "file holds only blank lines" if one else "files hold only blank lines"
     else:
         what = "file is empty" if one else "files are empty"

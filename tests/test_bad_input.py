@@ -119,7 +119,14 @@ def test_an_empty_file_is_refused_before_the_model_loads(tiny_model_dir, tmp_pat
     runner = CliRunner()
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n  \n")
+    import polars as pl
+
+    pl.DataFrame({"prompt": [], "response": []}, schema={"prompt": pl.String,
+                                                         "response": pl.String}).write_parquet(
+        tmp_path / "none.parquet")
     for data, what in ((["empty.jsonl"], "empty.jsonl: no rows (the file is empty)"),
+                       (["none.parquet"], "none.parquet: no rows (the file is a table of no "
+                                          "rows)"),
                        (["blank.jsonl"], "blank.jsonl: no rows (the file holds only blank "
                                          "lines)"),
                        (["empty.jsonl", "blank.jsonl"], "no rows (the files hold only blank "

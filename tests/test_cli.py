@@ -146,6 +146,7 @@ def test_train_refuses_option_values_that_would_train_wrong(option, value, messa
     ("--gpu-memory-utilization", "nan", "--gpu-memory-utilization must lie in (0, 1]"),
     ("--tensor-parallel-size", "0", "--tensor-parallel-size must be positive"),
     ("--max-model-len", "1", "--max-model-len must be at least 2"),
+    ("--max-length", "-5", "--max-length must be at least 2 (0: no limit)"),
 ])
 def test_precompute_refuses_vllm_option_values_before_loading(option, value, message):
     result = runner.invoke(app, ["precompute", "--data", "demo", "--out", "unused", option,

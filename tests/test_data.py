@@ -895,6 +895,15 @@ def test_trl_prompt_completion_rows_train_on_the_completion_only(tiny_tokenizer,
         weighted.input_ids, weighted.answer_mask)
     assert "1 plus 1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>" in tiny_tokenizer.decode(
         chat_completion.input_ids)
+    # a text beside a list is neither form: named as that (it said the text was no list)
+    text_prompt, text_completion = read_all(tiny_tokenizer, tmp_path, [
+        {"prompt": "2 plus 3?", "completion": [_assistant("5")]},
+        {"prompt": [_user("2 plus 3?")], "completion": "5"}])
+    assert (text_prompt.field, text_completion.field) == ("prompt", "completion")
+    assert text_prompt.reason.startswith(
+        "a text beside a list of turns in 'completion': TRL's prompt and completion are both "
+        "texts, or both lists of {role, content} turns (the conversational form); give "
+        "'prompt' as a list too")
 
 
 def test_openai_turn_weights_choose_the_trained_turns(tiny_tokenizer, tmp_path):
@@ -1013,7 +1022,7 @@ def test_sharegpt_text_parts_and_developer_read_as_the_plain_chat(tiny_tokenizer
     ({"prompt": "Q"}, "response", "so it reads as the prompt/response format); with a "
      "'completion' column it reads as prompt/completion"),
     ({"prompt": "Q", "completion": [_assistant("A")]}, "prompt",
-     "expected a non-empty list of {role, content}, got str"),
+     "a text beside a list of turns in 'completion'"),
 ])
 def test_what_would_be_dropped_is_refused_with_the_field(tiny_tokenizer, tmp_path, row, field,
                                                          reason):
@@ -1179,6 +1188,16 @@ def test_data_names_that_give_no_file_or_mix_splits_are_refused(tmp_path):
         resolve_data(str(splits), prefer_split="test")  # (eval's)
     with pytest.raises(DataError, match="several splits"):  # as the shell expands splits/*
         resolve_data([str(path) for path in sorted(splits.iterdir())])
+    # no pattern names just the train files: all of them are named (the hint named the first)
+    for name in ("gsm8k_train.parquet", "train-00000-of-00002.parquet"):
+        (splits / name).write_bytes(b"")
+    (splits / "train-00000-of-00001.parquet").rename(splits / "train-00001-of-00002.parquet")
+    train = [splits / name for name in ("gsm8k_train.parquet", "train-00000-of-00002.parquet",
+                                        "train-00001-of-00002.parquet")]
+    with pytest.raises(DataError) as refused:
+        resolve_data(str(splits))
+    assert ("several splits: test (1 file), train (3 files); name the files of one, e.g. "
+            + " ".join(f"--data {path}" for path in train) + "; ") in str(refused.value)
     # Hugging Face's names: the split is the shards' prefix; else the name's last split word
     assert [split_of(Path(name)) for name in (
         "train_sft-00000-of-00003.parquet", "test_gen-00001-of-00002.parquet",
