@@ -47,9 +47,23 @@ def resolve_data(names: str | list[str], prefer_split: str = "train") -> list[Pa
             raise DataError(str(path), None, None, "named twice in --data (its rows would be "
                             "read twice)")
         seen.add(path.resolve())
+    _refuse_caches(files)
     if len(files) > 1:
         _refuse_several_splits(files, " ".join(given), prefer_split)
     return files
+
+
+def _refuse_caches(files: list[Path]) -> None:
+    """A cache given as input (a pattern matched a cache's parts, say): its rows would each be
+    rejected as of an unknown format."""
+    from minorsft.cache import is_single_file_cache  # (reads the Parquet footer only)
+
+    for path in files:
+        if path.suffix == ".parquet" and is_single_file_cache(path):
+            what = (f"a part of the minorsft cache {path.parent}"
+                    if any(path.parent.glob("_manifest*.json")) else "a minorsft cache")
+            raise DataError(str(path), None, None, f"is {what}, not input data (train reads "
+                            "a cache as --cache; eval as --reference)")
 
 
 def _resolve_one(name: str) -> list[Path]:

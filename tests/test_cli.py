@@ -676,6 +676,12 @@ def test_precompute_of_several_files_keeps_each_rows_file(tiny_model_dir, tmp_pa
     result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(out)])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "is a minorsft cache, not input data" in text
+    # its parts, reached by a pattern, too (each row was rejected as of an unknown format)
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data",
+                                 str(tmp_path / "**" / "*.parquet")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and (f"{out / 'part-00000.parquet'}: is a part of the "
+                                      f"minorsft cache {out}, not input data") in text, text
 
 
 def test_every_option_of_the_long_commands_has_a_help_panel():
