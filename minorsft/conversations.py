@@ -179,12 +179,13 @@ def unread_columns(record: dict, conversation: Conversation) -> list[str]:
             and not (isinstance(value, str) and value.strip() in contents)]
 
 
-def count_left_out(counts: dict, example) -> None:
+def count_left_out(counts: dict, example, file: str | None = None) -> None:
     """Count `example` (an Example) under each column it left out (`unread_columns`):
     counts[column] = {"rows": n, "first": "file:line" of the first such row}; kept in the
-    manifest of a cache's part, so JSON."""
+    manifest of a cache's part, so JSON. `file`: the example's file under another name."""
     for column in example.left_out:
-        tally = counts.setdefault(column, {"rows": 0, "first": f"{example.file}:{example.line}"})
+        place = f"{file or example.file}:{example.line}"
+        tally = counts.setdefault(column, {"rows": 0, "first": place})
         tally["rows"] += 1
 
 

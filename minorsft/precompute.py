@@ -448,7 +448,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
         # (None for caches before 0.9.1 too: a resume with --load-in-4bit is refused)
         "quantization": QUANTIZATION_4BIT if config.load_in_4bit else None,
     }
-    refuse_other_settings(out, settings, source)
+    names = _names_as_recorded(refuse_other_settings(out, settings, source), data_files)
     engine = make_engine(config.engine, model_path, config.dtype, config.device,
                          config.max_batch_tokens, settings["quantization"],
                          tensor_parallel_size=config.tensor_parallel_size,
@@ -474,8 +474,9 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
         "engine": engine.name,
         "engine_version": engine.version,
         "engine_settings": engine.describe(),
-        "source": str(data_files[0]) if len(data_files) == 1 else data_label(data_files),
-        **({"source_files": [str(path) for path in data_files]} if len(data_files) > 1 else {}),
+        "source": (names[str(data_files[0])] if len(data_files) == 1
+                   else data_label([Path(name) for name in names.values()])),
+        **({"source_files": list(names.values())} if len(data_files) > 1 else {}),
         # train, verify and eval render and fingerprint with it (the fingerprint has its hash)
         **({"chat_template": {"given": config.chat_template, "text": tokenizer.chat_template}}
            if config.chat_template else {}),
@@ -549,7 +550,7 @@ def _precompute_into(config: PrecomputeConfig, out: Path, shard, data_files: lis
                 if item is None:
                     continue
                 if part is None:
-                    part = _PartBuilder(out, index // config.part_rows, index, metadata,
+                    part = _PartBuilder(out, index // config.part_rows, index, metadata, names,
                                         config.window_rows, engine, scored)
                 if isinstance(item, Rejection):
                     if config.on_bad == "error":
@@ -697,6 +698,22 @@ def refuse_other_settings(out: Path, settings: dict, source: dict) -> list[dict]
     return manifests
 
 
+def _names_as_recorded(manifests: list[dict], data_files: list[Path]) -> dict[str, str]:
+    """Each input file's name (as this run spells it) -> its name in the cache's rows and
+    metadata. A resumed run, or another shard, may name the same files otherwise (an absolute
+    path where the first run gave a relative one; their contents were checked to be the same,
+    in the same order): it writes the names the cache has, so that a resumed cache is the one
+    an uninterrupted run writes, its `file` column of one spelling."""
+    names = {str(path): str(path) for path in data_files}
+    for manifest in manifests:
+        recorded = manifest.get("metadata") or {}
+        spelled = recorded.get("source_files") or (
+            [recorded["source"]] if len(data_files) == 1 and "source" in recorded else [])
+        if len(spelled) == len(data_files):
+            return dict(zip(names, spelled, strict=True))
+    return names
+
+
 def open_manifest(out: Path, shard: tuple[int, int] | None, metadata: dict,
                   source: dict) -> dict:
     """This process's manifest: the one found (after checking it matches) or a new one.
@@ -752,8 +769,9 @@ class _PartBuilder:
     """One part in the making: its Parquet file (written window by window) and its rejects."""
 
     def __init__(self, out: Path, index: int, first_row: int, metadata: dict,
-                 window_rows: int, engine, on_scored):
+                 names: dict[str, str], window_rows: int, engine, on_scored):
         self.out, self.index, self.window_rows = out, index, window_rows
+        self.names = names  # each input file's name as the cache has it
         self.engine, self.on_scored = engine, on_scored
         self.rows_start = self.rows_stop = first_row
         self.file = out / part_name(index)
@@ -772,11 +790,13 @@ class _PartBuilder:
 
     def reject(self, rejection: Rejection, index: int) -> None:
         self._seen(index, rejection.line)
-        self.rejections.append(json.dumps(rejection.as_dict(), ensure_ascii=False))
+        record = rejection.as_dict()
+        record["file"] = self.names.get(record["file"], record["file"])
+        self.rejections.append(json.dumps(record, ensure_ascii=False))
 
     def add(self, example: Example, index: int) -> None:
         self._seen(index, example.line)
-        count_left_out(self.left_out, example)
+        count_left_out(self.left_out, example, self.names.get(example.file, example.file))
         self.window.append(example)
         if len(self.window) >= self.window_rows:
             self.flush()
@@ -788,7 +808,7 @@ class _PartBuilder:
         scores = self.engine.score(window)
         self.writer.write({
             "id": [e.id for e in window],
-            "file": [e.file for e in window],
+            "file": [self.names.get(e.file, e.file) for e in window],
             "line": [e.line for e in window],
             "input_ids": [e.input_ids for e in window],
             "answer_mask": [e.answer_mask for e in window],

@@ -541,3 +541,26 @@ def test_vllm_model_len_is_not_capped_below_a_context_rope_scaling_extends():
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 1024})
     assert model_len(10_000, llama3) == model_len(None, llama3) == 8193
+
+
+def test_input_named_otherwise_on_resume_keeps_the_caches_names(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """A resume (or another shard) that names the same input otherwise (an absolute path
+    where the first run gave a relative one) wrote its rows under its own spelling: the
+    `file` column and the rejects list held two names for one file, and the cache was not
+    the uninterrupted run's."""
+    rows = [dict(DEMO_ROWS[i % 4], id=f"r{i}") for i in range(20)]
+    rows[13] = {"id": "bad", "prompt": "q"}  # (a rejected row in the second shard's parts)
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    precompute(tiny_model_dir, "rows.jsonl", "whole", on_bad="skip")
+    precompute(tiny_model_dir, "rows.jsonl", "shared", shard="0/2", on_bad="skip")
+    monkeypatch.chdir(tmp_path.parent)  # the same file, named from elsewhere
+    done = precompute(tiny_model_dir, tmp_path / "rows.jsonl", tmp_path / "shared",
+                      shard="1/2", on_bad="skip")
+    assert done.complete and done.rows_rejected == 1
+    assert list(iter_rows(tmp_path / "shared")) == list(iter_rows(tmp_path / "whole"))
+    assert {row["file"] for row in iter_rows(tmp_path / "shared")} == {"rows.jsonl"}
+    assert [json.loads(line)["file"] for line in
+            (tmp_path / "shared" / "_rejects.jsonl").read_text().splitlines()] == ["rows.jsonl"]
+    assert read_metadata(tmp_path / "shared")["source"] == "rows.jsonl"
