@@ -703,7 +703,10 @@ def eval_command(
     ] = None,
     base_model: Annotated[str | None, _models(
         help="Where the base model of a LoRA run given to --model is now, if it moved since "
-             "training (checked to hold the same weights).", show_default=False)] = None,
+             "training (checked against the run's record of it: weights, and config.json for "
+             "runs of 0.9.3 on).", show_default=False)] = None,
+    reference_base_model: Annotated[str | None, _models(
+        help="The same for a LoRA run given as --reference.", show_default=False)] = None,
     data: Annotated[list[str] | None, _heldout(help=(
         "Held-out SFT data (.jsonl/.parquet, a folder or a quoted pattern; repeat for "
         "several), any format `precompute` reads."))] = None,
@@ -763,7 +766,7 @@ def eval_command(
             max_length=max_length or None, max_rows=max_rows, max_questions=max_questions,
             dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
             per_item=str(per_item) if per_item else None, on_bad=on_bad,
-            base_model=base_model)
+            base_model=base_model, reference_base_model=reference_base_model)
     except ValueError as error:
         _fail(str(error))
     # before minutes of scoring: a path it cannot write would lose them

@@ -112,6 +112,7 @@ class EvalConfig:
     per_item: str | None = None  # JSONL: one line per held-out row and per question
     on_bad: str = "error"  # a bad --data row: "error" stops, "skip" scores the rest and lists it
     base_model: str | None = None  # where --model's LoRA base is now, if it moved since training
+    reference_base_model: str | None = None  # the same for a LoRA run as --reference
 
     def __post_init__(self):
         # checks them before any work
@@ -153,6 +154,9 @@ class EvalConfig:
                              + (f" (the cache {self.reference} holds rows precompute already "
                                 "tokenized and truncated)" if looks_like_cache(self.reference)
                                 else ""))
+        if self.reference_base_model and (not self.reference or looks_like_cache(self.reference)):
+            raise ValueError("--reference-base-model is where the base of a LoRA run given as "
+                             "--reference is now; there is no such --reference")
         if self.reference and not looks_like_cache(self.reference) and self.data is None:
             raise ValueError(f"--reference {self.reference} is what m_theta compares held-out "
                              "answers against: give them with --data (multiple-choice accuracy "
@@ -631,10 +635,12 @@ class _ScoredModel:
     def resolve(cls, name: str, option: str, dtype: str,
                 base_model: str | None = None) -> _ScoredModel:
         path = resolve_model(name, option=option, adapters=True)
-        run = adapter_run(path, base_model)
+        base_option = "--base-model" if option == "--model" else "--reference-base-model"
+        run = adapter_run(path, base_model, base_option)
         if run is None and base_model is not None:
-            raise ValueError(f"--base-model is where the base of LoRA adapters is now, and "
-                             f"{option} {name} is a whole model, not adapters")
+            raise ValueError(f"{base_option} is where the base of LoRA adapters given to "
+                             f"{option} is now, and {option} {name} is a whole model, not "
+                             "adapters")
         if run is not None and dtype == "auto" and run.dtype:
             dtype = run.dtype
         return cls(name, option, run.base if run else path, dtype, run)
@@ -657,8 +663,12 @@ class _ScoredModel:
         four_bit = (f" in 4-bit {self.adapters.quantization} (QLoRA)"
                     if self.adapters.quantization else "")
         precision = "its saved dtype" if self.dtype == "auto" else self.dtype
+        unchecked = "" if self.adapters.recorded else (
+            "; no run_config.json beside them (not a `minorsft train` output, or copied "
+            "without it), so nothing checks that this base, its precision (4-bit for QLoRA) "
+            "and the chat template are those the adapters trained with")
         return (f"LoRA adapters, scored unmerged on their base {self.path}{four_bit}, "
-                f"in {precision}")
+                f"in {precision}{unchecked}")
 
     def engine(self, config: EvalConfig) -> TransformersEngine:
         run = self.adapters
@@ -692,7 +702,8 @@ def run_eval(config: EvalConfig, console: Console | None = None) -> dict:
     ref_model = None
     if config.reference and not looks_like_cache(config.reference):
         # Before any scoring: a mistyped --reference should not cost the policy's whole pass.
-        ref_model = _ScoredModel.resolve(config.reference, "--reference", config.dtype)
+        ref_model = _ScoredModel.resolve(config.reference, "--reference", config.dtype,
+                                         config.reference_base_model)
         ref_fp = fingerprint(ref_model.path, ref_model.tokenizer(template)).as_dict()
         for key in TOKENIZER_FIELDS:
             if ref_fp[key] != model_fp[key]:

@@ -155,16 +155,20 @@ class AdapterRun:
     dtype: str | None  # the precision the run trained in (run_config.json), if it says
     # the metadata of the cache the run trained with (its chat template, say), if it says
     cache_metadata: dict = field(default_factory=dict, compare=False)
+    # whether a run_config.json says how it trained (base, quantization, template checked)
+    recorded: bool = True
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # as peft saves them
 
 
-def adapter_run(path: str, base: str | None = None) -> AdapterRun | None:
+def adapter_run(path: str, base: str | None = None,
+                base_option: str = "--base-model") -> AdapterRun | None:
     """The base and settings of the LoRA adapters in `path`, or None where it holds a whole
     model. A `minorsft train` output says them in its run_config.json; another peft folder
     names its base in adapter_config.json (quantization then unknown: none). `base`: where
-    the base model is now, if it moved since (checked to be the same weights)."""
+    the base model is now, if it moved since (checked to be the same model where the run
+    recorded it), given with `base_option`."""
     folder = Path(path)
     if not folder.is_dir() or not is_adapter_folder(folder):
         return None
@@ -176,72 +180,106 @@ def adapter_run(path: str, base: str | None = None) -> AdapterRun | None:
     except (OSError, ValueError):
         run_config = {}
     settings = run_config.get("config") or {}
-    return AdapterRun(adapters=path, base=lora_base(folder, run_config, base),
+    return AdapterRun(adapters=path, base=lora_base(folder, run_config, base, base_option),
                       quantization=QUANTIZATION_4BIT if settings.get("load_in_4bit") else None,
                       dtype=run_config.get("dtype"),
-                      cache_metadata=run_config.get("cache_metadata") or {})
+                      cache_metadata=run_config.get("cache_metadata") or {},
+                      recorded=bool(run_config))
 
 
-def lora_base(output: Path, run_config: dict, moved_to: str | None = None) -> str:
+def lora_base(output: Path, run_config: dict, moved_to: str | None = None,
+              moved_option: str = "--base-model") -> str:
     """The model the adapters in `output` trained on: the run's model path, else the base
-    peft recorded, or `moved_to` where the user says it is now. A built-in model's conversion
-    that is gone is made again; a user's folder that is gone cannot be, and is named."""
+    peft recorded, or `moved_to` where the user says it is now (given with `moved_option`).
+    A built-in model's conversion that is gone is made again; a user's folder that is gone
+    cannot be, and is named."""
     try:
         recorded = json.loads((output / "adapter_config.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelError(f"{output / 'adapter_config.json'}: cannot be read ({error})") from error
     base = run_config.get("model_path") or recorded.get("base_model_name_or_path")
+    hint = f"name where it is now with {moved_option}"
     if moved_to is not None:
-        base = resolve_model(moved_to, option="--base-model")
+        base = resolve_model(moved_to, option=moved_option)
     elif not base:
         raise ModelError(f"{output}: the adapters do not say which model they trained on "
-                         "(no base_model_name_or_path in adapter_config.json); name it with "
-                         "--base-model")
+                         f"(no base_model_name_or_path in adapter_config.json); {hint}")
     elif not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")
-                                      or base.count("/") > 1):  # (a hub id is "org/name")
+                                      or base.count("/") > 1 or not run_config):
+        # (a hub id is "org/name"; another tool's adapters name their base as it was given)
         name = ((run_config.get("config") or {}).get("model")
                 or (run_config.get("cache_metadata") or {}).get("model"))
-        if name not in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
+        if name in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
+            base = resolve_model(name)
+        elif run_config or Path(base).is_absolute() or base.startswith(".") \
+                or base.count("/") > 1:
             source = ("" if run_config.get("model_path") else
                       f", as {output / 'adapter_config.json'} names it"
                       + ("" if Path(base).is_absolute() else ", from the working folder"))
             raise ModelError(f"{base}: the model this run trained from is not there any "
                              f"more (the base of the LoRA adapters in {output}{source}); if "
-                             "it moved, name where it is now: `minorsft eval --base-model "
-                             "NEW`, or to merge, `minorsft train --resume --merge-lora --model "
-                             "NEW`")
-        base = resolve_model(name)
-    _refuse_another_base(output, base, run_config)
+                             f"it moved, {hint}")
+    elif Path(base).is_dir():
+        base = os.path.abspath(base)  # (a relative folder: named where it is)
+    _refuse_another_base(output, base, run_config, hint)
     return base
+
+
+# config.json entries that do not change a model's numbers, or that transformers writes by
+# version (a base checked against its record compares the others: rms_norm_eps, rope_theta...)
+CONFIG_NOT_COMPARED = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype",
+                                 "use_cache", "bos_token_id", "eos_token_id", "pad_token_id"})
 
 
 def base_fingerprint(model_path: str) -> dict:
     """What a LoRA run records of the base it trained on (run_config.json), to check the base
     its adapters are later put on: its cache's fingerprint is not the base's under
-    --allow-mismatch."""
-    return {"weights": weights_fingerprint(model_path), "tensors": tensors_fingerprint(model_path)}
+    --allow-mismatch, and does not cover config.json."""
+    return {"weights": weights_fingerprint(model_path), "tensors": tensors_fingerprint(model_path),
+            "config": _config_values(model_path)}
 
 
-def _refuse_another_base(output: Path, base: str, run_config: dict) -> None:
-    """Refuse a base model whose weights are not those the run trained from: adapters on other
-    weights are another model (and the run's cache was scored under the base's weights). A
-    folder replaced since was scored, and merged, without a word. The run's own record of its
-    base is used where it has one (minorsft >= 0.9.3), else its cache's fingerprint, which is
-    the base's unless the run was --allow-mismatch."""
+def _config_values(model_path: str) -> dict | None:
+    """The model's config.json as compared (less CONFIG_NOT_COMPARED), None where there is no
+    such file (a hub id)."""
+    try:
+        values = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {key: value for key, value in values.items() if key not in CONFIG_NOT_COMPARED}
+
+
+def _refuse_another_base(output: Path, base: str, run_config: dict, hint: str) -> None:
+    """Refuse a base model that is not the one the run trained from: adapters on other weights
+    are another model (and the run's cache was scored under the base's weights). A folder
+    replaced since was scored, and merged, without a word. The run's own record of its base is
+    used where it has one (minorsft >= 0.9.3, config.json too), else its cache's fingerprint,
+    which is the base's unless the run was --allow-mismatch. A hub id is known by its name
+    only (its fingerprint is the name)."""
     recorded, against = run_config.get("base_fingerprint"), "those it recorded"
     if recorded is None:
         if (run_config.get("config") or {}).get("allow_mismatch"):
             return  # (trained on other weights than its cache's: nothing says which)
         recorded = (run_config.get("cache_metadata") or {}).get("fingerprint") or {}
         against = "those its cache was scored under"
-    if not Path(base).is_dir():
-        return  # (a hub id)
+    fix = f"put the run's base model back there, or {hint}"
     for key, compute in (("weights", weights_fingerprint), ("tensors", tensors_fingerprint)):
-        if recorded.get(key) is not None and compute(base) != recorded[key]:
+        if recorded.get(key) is not None and (now := compute(base)) != recorded[key]:
+            was = recorded[key]
+            was = was.removeprefix("hub:") if was.startswith("hub:") else "a folder"
+            named = (f" (a hub id is checked by its name, and the run trained from {was}; "
+                     "give the base's folder)") if now.startswith("hub:") else ""
             raise ModelError(f"{base}: not the model the LoRA run in {output} trained from (its "
-                             f"{key} differ from {against}): the adapters would sit on "
-                             "another model; put the run's base model back there, or name "
-                             "where it is now (eval --base-model, train --model)")
+                             f"{key} differ from {against}{named}): the adapters would sit on "
+                             f"another model; {fix}")
+    now_config = _config_values(base)
+    if (was := recorded.get("config")) and now_config is not None and (changed := [
+            f"{key} {was[key]!r} -> {now_config[key]!r}" for key in sorted(was)
+            if key in now_config and now_config[key] != was[key]]):
+        raise ModelError(f"{base}: not the model the LoRA run in {output} trained from: its "
+                         f"config.json differs from the one it recorded ({'; '.join(changed[:3])}"
+                         f"{'; ...' if len(changed) > 3 else ''}), which changes what the model "
+                         f"computes; {fix}")
 
 
 def _materialise_builtin(name: str) -> Path:

@@ -1062,7 +1062,8 @@ def _merge_finished_lora_run(config: TrainConfig, run_config: dict, console: Con
     from minorsft.models import load_tokenizer, lora_base
 
     base = lora_base(output, run_config,
-                     moved_to=config.model if _base_moved(run_config, config) else None)
+                     moved_to=config.model if _base_moved(run_config, config) else None,
+                     moved_option="--model (with --resume --merge-lora)")
     # in the dtype the run's weights trained in (bf16-mixed and fp16-mixed: fp32), as a merge
     # at the end of that training would have written it
     trained = run_config.get("dtype")

@@ -283,6 +283,16 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json"):
         shutil.copy(run / name, bare / name)
     assert run_eval(EvalConfig(model=str(bare), data=held))["heldout"] == whole
+    # without run_config.json, nothing says how they trained: scored, and said
+    from rich.console import Console
+
+    (bare / "run_config.json").unlink()
+    said = io.StringIO()
+    run_eval(EvalConfig(model=str(bare), data=held), Console(file=said, width=400))
+    assert ("no run_config.json beside them (not a `minorsft train` output, or copied without "
+            "it), so nothing checks that this base, its precision (4-bit for QLoRA) and the "
+            "chat template are those the adapters trained with") in " ".join(
+                said.getvalue().split())
     # another model in the base's place: refused by eval and by a merge
     moved = tmp_path / "moved"
     shutil.move(base, moved)
@@ -308,9 +318,33 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     assert merged["nll_per_token"] == pytest.approx(whole["nll_per_token"], abs=1e-4)
     with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run"):
         run_eval(EvalConfig(model=str(run), data=held, base_model=str(base)))
-    with pytest.raises(ValueError, match="--base-model is where the base of LoRA adapters is "
-                                         f"now, and --model {base} is a whole model"):
+    with pytest.raises(ValueError, match="--base-model is where the base of LoRA adapters "
+                                         f"given to --model is now, and --model {base} is a "
+                                         "whole model"):
         run_eval(EvalConfig(model=str(base), data=held, base_model=str(moved)))
+    # as --reference, its own option (m_theta of the run against itself: 0)
+    with pytest.raises(ModelError, match="name where it is now with --reference-base-model"):
+        run_eval(EvalConfig(model=str(run), reference=str(run), data=held,
+                            base_model=str(moved)))
+    against_itself = run_eval(EvalConfig(model=str(run), reference=str(run), data=held,
+                                         base_model=str(moved),
+                                         reference_base_model=str(moved)))["heldout"]
+    assert against_itself["m_theta"] == 0 and against_itself["nll_per_token"] == whole[
+        "nll_per_token"]
+    # a hub id is known by its name only: not the folder the run trained from
+    with pytest.raises(ModelError, match="(a hub id is checked by its name, and the run "
+                                         "trained from a folder; give the base's folder)"):
+        run_eval(EvalConfig(model=str(run), data=held, base_model="someone/tiny-model"))
+    # the same weights under another config.json are another model too
+    edited = tmp_path / "edited"
+    shutil.copytree(moved, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["rms_norm_eps"] = 0.5
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=f"{edited}: not the model the LoRA run in {run} trained "
+                                         "from: its config.json differs from the one it "
+                                         r"recorded \(rms_norm_eps 1e-06 -> 0.5\)"):
+        run_eval(EvalConfig(model=str(run), data=held, base_model=str(edited)))
     # a run trained on other weights than its cache's (--allow-mismatch): its adapters are
     # checked against the base it trained on, recorded in its run_config.json
     other = tmp_path / "other-run"
