@@ -68,11 +68,16 @@ def resolve_model(name: str, option: str = "--model", adapters: bool = False) ->
             hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
                     else "run the same train command again with --resume --merge-lora to get "
                     "a plain model in <output>/merged")
-            raise ModelError(f"{path}: LoRA adapters only (a `minorsft train --lora-r` output), "
-                             f"not a whole model; {hint}")
+            if option.endswith("base-model"):  # (the base of adapters is a whole model)
+                hint = "give the folder of the model the adapters were trained on"
+            raise ModelError(f"{option} {path}: LoRA adapters only (a `minorsft train "
+                             f"--lora-r` output), not a whole model; {hint}")
         if not (path / "config.json").exists():
             hint = ""
-            if (path / "trainer_state.json").exists():
+            if any((path / name).exists() for name in ADAPTER_WEIGHTS):
+                hint = ("; it holds LoRA adapter weights without their adapter_config.json, "
+                        "which says their base and shape: copy it beside them")
+            elif (path / "trainer_state.json").exists():
                 hint = ("; it is a training checkpoint, which holds what `train --resume` needs "
                         "(weights, optimizer and scheduler states), not a model: give the "
                         "finished run's --output folder")

@@ -283,6 +283,15 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json"):
         shutil.copy(run / name, bare / name)
     assert run_eval(EvalConfig(model=str(bare), data=held))["heldout"] == whole
+    # a run as the base; adapters without their adapter_config.json: named as such
+    with pytest.raises(ModelError, match=f"--base-model {run}: LoRA adapters only .*; give the "
+                                         "folder of the model the adapters were trained on"):
+        run_eval(EvalConfig(model=str(bare), data=held, base_model=str(run)))
+    (bare / "adapter_config.json").rename(tmp_path / "adapter_config.json")
+    with pytest.raises(ModelError, match="not a model folder .*holds LoRA adapter weights "
+                                         "without their adapter_config.json"):
+        run_eval(EvalConfig(model=str(bare), data=held))
+    (tmp_path / "adapter_config.json").rename(bare / "adapter_config.json")
     # without run_config.json, nothing says how they trained: scored, and said
     from rich.console import Console
 
