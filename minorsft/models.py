@@ -224,10 +224,28 @@ def lora_base(output: Path, run_config: dict, moved_to: str | None = None,
             raise ModelError(f"{base}: the model this run trained from is not there any "
                              f"more (the base of the LoRA adapters in {output}{source}); if "
                              f"it moved, {hint}")
+        elif not _hub_can_give(base):  # (said here: the load's error would name --model)
+            raise ModelError(f"{base}: the base of the LoRA adapters in {output}, as "
+                             f"{output / 'adapter_config.json'} names it, is no folder here "
+                             "(from the working folder) nor a model in the local Hugging Face "
+                             f"cache, and the hub is offline; {hint}")
     elif Path(base).is_dir():
         base = os.path.abspath(base)  # (a relative folder: named where it is)
     _refuse_another_base(output, base, run_config, hint)
     return base
+
+
+def _hub_can_give(name: str) -> bool:
+    """Whether `name`, a hub id, may load: the hub is online, or it is in the local cache."""
+    check_hub_reachable()
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {
+        "1", "ON", "YES", "TRUE"}  # (the variable as set since huggingface_hub was imported)
+    try:
+        return not offline or isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # (huggingface_hub's HFValidationError: not a hub id at all)
+        return False
 
 
 # config.json entries that do not change a model's numbers, or that transformers writes by

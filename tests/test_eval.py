@@ -558,6 +558,15 @@ def test_adapters_without_their_base_are_named(tiny_model_dir, choices_csv, tmp_
     assert f"{relative}: the model this run trained from is not there any more (the base of " \
         f"the LoRA adapters in {run}, as {run / 'adapter_config.json'} names it, from the " \
         "working folder)" in " ".join(result.output.split())
+    # one that could be a hub id, offline and not in the local cache
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tinybase"}))
+    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
+                                      str(choices_csv)], env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 2
+    assert (f"tinybase: the base of the LoRA adapters in {run}, as "
+            f"{run / 'adapter_config.json'} names it, is no folder here (from the working "
+            "folder) nor a model in the local Hugging Face cache, and the hub is offline; name "
+            "where it is now with --base-model" in " ".join(result.output.split())), result.output
     # named where it is now; but adapter_config.json without adapter weights is not adapters
     (run / "adapter_model.safetensors").unlink()
     result = CliRunner().invoke(app, ["eval", "--model", str(run), "--base-model",
