@@ -7,6 +7,7 @@ those of an uninterrupted one. Ctrl-C or SIGTERM asks for a checkpoint after the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from rich.console import Console
 from minorsft import __version__
 from minorsft.cache import CONTENT_HASH, honour_umask, readable_weights
 from minorsft.distributed import all_reduce_sum, barrier
-from minorsft.models import dtype_name, precision_name
+from minorsft.models import base_fingerprint, dtype_name, precision_name
 from minorsft.optim import LOW_PRECISION, MasterWeightsAdamW, optimizer_order
 
 if TYPE_CHECKING:
@@ -266,7 +267,9 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
         torch.save(rng, staging / "rng.pt")
         trainer_state = {"step": step, "settings": _resume_settings(state, config),
                          "split": _split(state, config),
-                         "optimizer_format": optimizer_format, "minorsft_version": __version__}
+                         "optimizer_format": optimizer_format, "minorsft_version": __version__,
+                         # what the loaded model is, wherever it is: a resume finds it moved
+                         "model_fingerprint": _model_fingerprint(state.model_path)}
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         os.replace(staging, target)
     except BaseException:
@@ -285,6 +288,21 @@ def _same_model(saved: str | None, state: TrainState, config: TrainConfig) -> bo
     return saved == config.model or _same_folder(saved, state.model_path)
 
 
+@functools.cache
+def _model_fingerprint(model_path: str) -> dict:
+    """The loaded model's weights and config.json (models.base_fingerprint), once a process."""
+    return base_fingerprint(model_path)
+
+
+def _moved_model(saved: str | None, state: TrainState, trainer_state: dict) -> bool:
+    """Whether this run's model is the checkpoint's moved elsewhere: its folder is gone, and
+    the model loaded now has the weights and config.json the checkpoint recorded (since
+    0.9.3). A LoRA run's base above all, which the adapters are nothing without."""
+    recorded = trainer_state.get("model_fingerprint")
+    return bool(recorded and saved and Path(saved).is_absolute() and not Path(saved).exists()
+                and _model_fingerprint(state.model_path) == recorded)
+
+
 def _same_folder(recorded: str | None, model_path: str) -> bool:
     """Whether a recorded model (a folder, relative to where it ran before 0.3.1) is
     `model_path`, as `models.resolve_model` gives it."""
@@ -300,7 +318,8 @@ def load_checkpoint(state: TrainState, config: TrainConfig, path: Path) -> int:
     trainer_state = _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
     saved, now = trainer_state["settings"], _resume_settings(state, config)
     saved = {key: saved.get(key, RESUME_DEFAULTS.get(key)) for key in RESUME_KEYS}
-    if _same_model(saved["model"], state, config):
+    if _same_model(saved["model"], state, config) or _moved_model(saved["model"], state,
+                                                                   trainer_state):
         saved["model"] = now["model"]
     # FSDP updates fp32 weights whatever --master-weights says (its mixed-precision policy):
     # a bf16 run under FSDP continues as a bf16 run on master weights elsewhere, and back.

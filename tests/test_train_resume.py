@@ -1143,3 +1143,26 @@ def test_saved_weights_get_the_permissions_the_umask_gives(cache, tmp_path):
     for weights in (output / "model.safetensors",
                     output / "checkpoints" / "step-2" / "model.safetensors"):
         assert stat.S_IMODE(weights.stat().st_mode) == mode, weights
+
+
+def test_a_lora_run_resumes_with_its_base_moved(tiny_model_dir, tmp_path, monkeypatch):
+    """A checkpoint names its model's folder: a run whose base moved (the same weights and
+    config.json elsewhere) could not be resumed, and a LoRA run's adapters are nothing without
+    it. Checkpoints record the model's fingerprint, which the moved folder matches."""
+    pytest.importorskip("peft")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    rows = [{"id": f"r{n}", "prompt": f"{n} plus 1", "response": f"{n + 1}."} for n in range(8)]
+    (tmp_path / "c").mkdir()
+    cache = precompute_rows(str(base), tmp_path / "c", rows)
+    lora = dict(lora_r=4, max_steps=4, lr=1e-2)
+    run_train(config(cache, tmp_path / "whole", **lora))
+    output = tmp_path / "run"
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        run_train(config(cache, output, **lora))
+    monkeypatch.undo()
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    run_train(config(cache, output, resume=True, model=str(moved), **lora))
+    assert metrics(output) == metrics(tmp_path / "whole")
