@@ -620,6 +620,17 @@ def _refuse_special_tokens_in_questions(question_sets: dict[str, list[Question]]
             refuse_special_tokens(fields, special, path, question.line)
 
 
+def _holds_chat_template(folder: Path) -> bool:
+    """Whether a saved tokenizer in `folder` has its chat template with it (transformers
+    writes chat_template.jinja, older versions a chat_template key or chat_template.json)."""
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    try:
+        return "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class _ScoredModel:
     """A model eval scores: a model folder or hub id, or a LoRA run's adapters on its base
@@ -653,6 +664,11 @@ class _ScoredModel:
         if self.adapters and any((Path(self.adapters.adapters) / file).exists()
                                  for file in TOKENIZER_FILES):
             folder = self.adapters.adapters
+            if template is None and not _holds_chat_template(Path(folder)):
+                # (the tokenizer copied without its chat_template.jinja): the run's template
+                template = cached_chat_template(self.adapters.cache_metadata) or ChatTemplate(
+                    load_tokenizer(self.path, option=self.option).chat_template,
+                    f"the chat template of the base {self.path}")
         elif self.adapters and template is None:
             template = cached_chat_template(self.adapters.cache_metadata)
         return load_tokenizer(folder, option=self.option, chat_template=template)

@@ -283,6 +283,10 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json"):
         shutil.copy(run / name, bare / name)
     assert run_eval(EvalConfig(model=str(bare), data=held))["heldout"] == whole
+    # the tokenizer copied without its chat_template.jinja: the run's template all the same
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    assert run_eval(EvalConfig(model=str(partial), data=held))["heldout"] == whole
     # a run as the base; adapters without their adapter_config.json: named as such
     with pytest.raises(ModelError, match=f"--base-model {run}: LoRA adapters only .*; give the "
                                          "folder of the model the adapters were trained on"):
