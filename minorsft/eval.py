@@ -683,6 +683,10 @@ class _ScoredModel:
             "; no run_config.json beside them (not a `minorsft train` output, or copied "
             "without it), so nothing checks that this base, its precision (4-bit for QLoRA) "
             "and the chat template are those the adapters trained with")
+        if self.adapters.base_unchecked:
+            unchecked = ("; the run (--allow-mismatch, before 0.9.3) recorded nothing of its "
+                         "base's weights, so nothing checks that this base is the one it "
+                         "trained on")
         return (f"LoRA adapters, scored unmerged on their base {self.path}{four_bit}, "
                 f"in {precision}{unchecked}")
 

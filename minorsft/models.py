@@ -162,6 +162,8 @@ class AdapterRun:
     cache_metadata: dict = field(default_factory=dict, compare=False)
     # whether a run_config.json says how it trained (base, quantization, template checked)
     recorded: bool = True
+    # a run of --allow-mismatch before 0.9.3: nothing recorded its base's weights
+    base_unchecked: bool = False
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # as peft saves them
@@ -189,7 +191,9 @@ def adapter_run(path: str, base: str | None = None,
                       quantization=QUANTIZATION_4BIT if settings.get("load_in_4bit") else None,
                       dtype=run_config.get("dtype"),
                       cache_metadata=run_config.get("cache_metadata") or {},
-                      recorded=bool(run_config))
+                      recorded=bool(run_config),
+                      base_unchecked=bool(settings.get("allow_mismatch")
+                                          and not run_config.get("base_fingerprint")))
 
 
 def lora_base(output: Path, run_config: dict, moved_to: str | None = None,

@@ -367,3 +367,13 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     with pytest.raises(ModelError, match=f"{moved}: not the model the LoRA run in {other} "
                                          "trained from .*differ from those it recorded"):
         run_eval(EvalConfig(model=str(other), data=held, base_model=str(moved)))
+    # such a run from before 0.9.3 recorded nothing of its base: scored, and said
+    record = json.loads((other / "run_config.json").read_text())
+    del record["base_fingerprint"]
+    (other / "run_config.json").write_text(json.dumps(record))
+    said = io.StringIO()
+    run_eval(EvalConfig(model=str(other), data=held, base_model=str(moved)),
+             Console(file=said, width=400))
+    assert ("the run (--allow-mismatch, before 0.9.3) recorded nothing of its base's weights, "
+            "so nothing checks that this base is the one it trained on") in " ".join(
+                said.getvalue().split())
