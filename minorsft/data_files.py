@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def _refuse_several_splits(files: list[Path], given: str, prefer: str) -> None:
                  if {Path(match) for match in glob.glob(pattern)} & set(files) == set(members)
                  and not others & {Path(match) for match in glob.glob(pattern)}), None)
     if hint is None and len(members) <= 4:
-        hint = "".join(f" --data {path}" for path in members).strip()
+        hint = " ".join(f"--data {shlex.quote(str(path))}" for path in members)
     elif hint is None:
         hint = f"the {len(members)} {one} files (their own folder, say)"
     counts = ", ".join(f"{split} ({len(paths)} file{'s' * (len(paths) > 1)})"

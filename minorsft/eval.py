@@ -678,7 +678,8 @@ class _ScoredModel:
             return None
         four_bit = (f" in 4-bit {self.adapters.quantization} (QLoRA)"
                     if self.adapters.quantization else "")
-        precision = "its saved dtype" if self.dtype == "auto" else self.dtype
+        precision = ("--dtype auto (float32 on a CPU, bfloat16 on a GPU that has it)"
+                     if self.dtype == "auto" else self.dtype)
         unchecked = "" if self.adapters.recorded else (
             "; no run_config.json beside them (not a `minorsft train` output, or copied "
             "without it), so nothing checks that this base, its precision (4-bit for QLoRA) "

@@ -68,8 +68,6 @@ def resolve_model(name: str, option: str = "--model", adapters: bool = False) ->
             hint = (f"use {merged}, the merged model" if (merged / "config.json").exists()
                     else "run the same train command again with --resume --merge-lora to get "
                     "a plain model in <output>/merged")
-            if option.endswith("base-model"):  # (the base of adapters is a whole model)
-                hint = "give the folder of the model the adapters were trained on"
             raise ModelError(f"{option} {path}: LoRA adapters only (a `minorsft train "
                              f"--lora-r` output), not a whole model; {hint}")
         if not (path / "config.json").exists():
@@ -209,7 +207,14 @@ def lora_base(output: Path, run_config: dict, moved_to: str | None = None,
     base = run_config.get("model_path") or recorded.get("base_model_name_or_path")
     hint = f"name where it is now with {moved_option}"
     if moved_to is not None:
+        if is_adapter_folder(Path(moved_to).expanduser()):
+            raise ModelError(f"{moved_option} {moved_to}: LoRA adapters, not the whole model "
+                             "adapters are put on; give the folder of the model the run "
+                             "trained from")
         base = resolve_model(moved_to, option=moved_option)
+        if not Path(base).is_dir() and not _hub_can_give(base):
+            raise ModelError(f"{moved_option} {moved_to}: no such folder, nor a model in the "
+                             "local Hugging Face cache (the hub is offline)")
     elif not base:
         raise ModelError(f"{output}: the adapters do not say which model they trained on "
                          f"(no base_model_name_or_path in adapter_config.json); {hint}")
@@ -235,7 +240,10 @@ def lora_base(output: Path, run_config: dict, moved_to: str | None = None,
                              f"cache, and the hub is offline; {hint}")
     elif Path(base).is_dir():
         base = os.path.abspath(base)  # (a relative folder: named where it is)
-    _refuse_another_base(output, base, run_config, hint)
+    _refuse_another_base(output, base, run_config,
+                         f"give the folder of the model it trained from with {moved_option}"
+                         if moved_to is not None else
+                         f"put the run's base model back there, or {hint}")
     return base
 
 
@@ -276,7 +284,7 @@ def _config_values(model_path: str) -> dict | None:
     return {key: value for key, value in values.items() if key not in CONFIG_NOT_COMPARED}
 
 
-def _refuse_another_base(output: Path, base: str, run_config: dict, hint: str) -> None:
+def _refuse_another_base(output: Path, base: str, run_config: dict, fix: str) -> None:
     """Refuse a base model that is not the one the run trained from: adapters on other weights
     are another model (and the run's cache was scored under the base's weights). A folder
     replaced since was scored, and merged, without a word. The run's own record of its base is
@@ -289,16 +297,14 @@ def _refuse_another_base(output: Path, base: str, run_config: dict, hint: str) -
             return  # (trained on other weights than its cache's: nothing says which)
         recorded = (run_config.get("cache_metadata") or {}).get("fingerprint") or {}
         against = "those its cache was scored under"
-    fix = f"put the run's base model back there, or {hint}"
     for key, compute in (("weights", weights_fingerprint), ("tensors", tensors_fingerprint)):
         if recorded.get(key) is not None and (now := compute(base)) != recorded[key]:
             was = recorded[key]
             was = was.removeprefix("hub:") if was.startswith("hub:") else "a folder"
-            named = (f" (a hub id is checked by its name, and the run trained from {was}; "
-                     "give the base's folder)") if now.startswith("hub:") else ""
-            raise ModelError(f"{base}: not the model the LoRA run in {output} trained from (its "
-                             f"{key} differ from {against}{named}): the adapters would sit on "
-                             f"another model; {fix}")
+            why = (f"a hub id is checked by its name, and the run trained from {was}"
+                   if now.startswith("hub:") else f"its {key} differ from {against}")
+            raise ModelError(f"{base}: not the model the LoRA run in {output} trained from "
+                             f"({why}): the adapters would sit on another model; {fix}")
     now_config = _config_values(base)
     if (was := recorded.get("config")) and now_config is not None and (changed := [
             f"{key} {was[key]!r} -> {now_config[key]!r}" for key in sorted(was)

@@ -792,6 +792,10 @@ class _PartBuilder:
         self._seen(index, rejection.line)
         record = rejection.as_dict()
         record["file"] = self.names.get(record["file"], record["file"])
+        for spelled, name in self.names.items():  # ("duplicate id 'r0' (first on a.jsonl, ...")
+            if spelled != name:
+                record["reason"] = record["reason"].replace(f"{spelled}, line",
+                                                            f"{name}, line")
         self.rejections.append(json.dumps(record, ensure_ascii=False))
 
     def add(self, example: Example, index: int) -> None:

@@ -199,9 +199,10 @@ def format_report(report: DriftReport) -> str:
         f"drift; worst error {100 * report.coefficient_max_error:.3f} %)",
     ]
     if (repeat := report.reference_repeat_max) is not None:
-        # (batching moves a sum by float rounding; past the threshold, the values are not the
-        # engine's for these rows: edited, damaged, or scored from other weights)
-        why = ("batching non-determinism" if repeat <= report.max_delta_r else
+        # (batching moves a sum by float rounding, hundredths of a nat in bf16 at most; past
+        # a nat, or the threshold, the values are not the engine's for these rows: edited,
+        # damaged, or scored from other weights)
+        why = ("batching non-determinism" if repeat <= min(report.max_delta_r, 1.0) else
                "more than batching moves them: the cached values are not what that engine "
                "computes for these rows now")
         lines.append(f"  cache vs its own engine again: max {repeat:.2e} nats ({why})")

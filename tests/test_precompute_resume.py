@@ -48,7 +48,8 @@ def rows_file(tmp_path, count: int):
 
 
 def precompute(model, data, out, **overrides):
-    config = PrecomputeConfig(model=str(model), data=str(data), out=str(out),
+    config = PrecomputeConfig(model=str(model), out=str(out),
+                              data=data if isinstance(data, list) else str(data),
                               **{**SETTINGS, **overrides})
     return run_precompute(config)
 
@@ -551,16 +552,21 @@ def test_input_named_otherwise_on_resume_keeps_the_caches_names(tiny_model_dir, 
     the uninterrupted run's."""
     rows = [dict(DEMO_ROWS[i % 4], id=f"r{i}") for i in range(20)]
     rows[13] = {"id": "bad", "prompt": "q"}  # (a rejected row in the second shard's parts)
-    write_jsonl(tmp_path / "rows.jsonl", rows)
+    write_jsonl(tmp_path / "rows.jsonl", rows[:16])
+    write_jsonl(tmp_path / "more.jsonl", [*rows[16:], dict(DEMO_ROWS[0], id="r2")])
     monkeypatch.chdir(tmp_path)
-    precompute(tiny_model_dir, "rows.jsonl", "whole", on_bad="skip")
-    precompute(tiny_model_dir, "rows.jsonl", "shared", shard="0/2", on_bad="skip")
-    monkeypatch.chdir(tmp_path.parent)  # the same file, named from elsewhere
-    done = precompute(tiny_model_dir, tmp_path / "rows.jsonl", tmp_path / "shared",
-                      shard="1/2", on_bad="skip")
-    assert done.complete and done.rows_rejected == 1
+    names = ["rows.jsonl", "more.jsonl"]
+    precompute(tiny_model_dir, names, "whole", on_bad="skip")
+    precompute(tiny_model_dir, names, "shared", shard="0/2", on_bad="skip")
+    monkeypatch.chdir(tmp_path.parent)  # the same files, named from elsewhere
+    done = precompute(tiny_model_dir, [str(tmp_path / name) for name in names],
+                      tmp_path / "shared", shard="1/2", on_bad="skip")
+    assert done.complete and done.rows_rejected == 2
     assert list(iter_rows(tmp_path / "shared")) == list(iter_rows(tmp_path / "whole"))
-    assert {row["file"] for row in iter_rows(tmp_path / "shared")} == {"rows.jsonl"}
-    assert [json.loads(line)["file"] for line in
-            (tmp_path / "shared" / "_rejects.jsonl").read_text().splitlines()] == ["rows.jsonl"]
-    assert read_metadata(tmp_path / "shared")["source"] == "rows.jsonl"
+    assert {row["file"] for row in iter_rows(tmp_path / "shared")} == set(names)
+    rejects = [json.loads(line) for line in
+               (tmp_path / "shared" / "_rejects.jsonl").read_text().splitlines()]
+    assert [(reject["file"], reject["reason"].split(" (")[0]) for reject in rejects] == [
+        ("rows.jsonl", "missing"), ("more.jsonl", "duplicate id 'r2'")]
+    assert rejects[1]["reason"] == "duplicate id 'r2' (first on rows.jsonl, line 3)"
+    assert read_metadata(tmp_path / "shared")["source_files"] == names

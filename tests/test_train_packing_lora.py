@@ -258,7 +258,8 @@ def test_peft_imports_bitsandbytes_without_its_kernels_warning():
     assert "kernels" not in done.stderr, done.stderr
 
 
-def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tmp_path):
+def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tmp_path,
+                                                               monkeypatch):
     """eval (and a merge) put the adapters on whatever model the run's base path holds: a
     folder replaced since gave other numbers without a word. And adapters copied without the
     run's tokenizer are rendered with the template the run's cache was, not the base's own."""
@@ -288,8 +289,9 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
     shutil.copytree(run, partial, ignore=shutil.ignore_patterns("chat_template.jinja"))
     assert run_eval(EvalConfig(model=str(partial), data=held))["heldout"] == whole
     # a run as the base; adapters without their adapter_config.json: named as such
-    with pytest.raises(ModelError, match=f"--base-model {run}: LoRA adapters only .*; give the "
-                                         "folder of the model the adapters were trained on"):
+    with pytest.raises(ModelError, match=f"--base-model {run}: LoRA adapters, not the whole "
+                                         "model adapters are put on; give the folder of the "
+                                         "model the run trained from"):
         run_eval(EvalConfig(model=str(bare), data=held, base_model=str(run)))
     (bare / "adapter_config.json").rename(tmp_path / "adapter_config.json")
     with pytest.raises(ModelError, match="not a model folder .*holds LoRA adapter weights "
@@ -344,9 +346,24 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
                                          reference_base_model=str(moved)))["heldout"]
     assert against_itself["m_theta"] == 0 and against_itself["nll_per_token"] == whole[
         "nll_per_token"]
-    # a hub id is known by its name only: not the folder the run trained from
-    with pytest.raises(ModelError, match="(a hub id is checked by its name, and the run "
-                                         "trained from a folder; give the base's folder)"):
+    # a hub id is known by its name only: not the folder the run trained from, even where
+    # the local hub cache holds the same weights; one it does not hold is named as missing
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError, match="--base-model someone/tiny-model: no such folder, nor "
+                                         "a model in the local Hugging Face cache"):
+        run_eval(EvalConfig(model=str(run), data=held, base_model="someone/tiny-model"))
+    hub = tmp_path / "hub" / "models--someone--tiny-model"
+    shutil.copytree(moved, hub / "snapshots" / "abc")
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("abc")
+    with pytest.raises(ModelError, match=r"someone/tiny-model: not the model the LoRA run in "
+                                         f"{run} trained from \\(a hub id is checked by its "
+                                         r"name, and the run trained from a folder\): .*; give "
+                                         "the folder of the model it trained from with "
+                                         "--base-model"):
         run_eval(EvalConfig(model=str(run), data=held, base_model="someone/tiny-model"))
     # the same weights under another config.json are another model too
     edited = tmp_path / "edited"
