@@ -534,46 +534,38 @@ def test_adapters_without_their_base_are_named(tiny_model_dir, choices_csv, tmp_
 
     run = tmp_path / "lora-run"
     shutil.copytree(tiny_model_dir, run / "merged")
-    (run / "adapter_config.json").write_text("{}")
     (run / "adapter_model.safetensors").write_bytes(b"")  # (never read: refused before)
-    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
-                                      str(choices_csv)])
-    assert result.exit_code == 2
+
+    def refused(adapter_config: dict, *options: str) -> str:
+        (run / "adapter_config.json").write_text(json.dumps(adapter_config))
+        result = CliRunner().invoke(app, ["eval", "--model", str(run), *options, "--choices",
+                                          str(choices_csv)], env={"HF_HUB_OFFLINE": "1"})
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
     assert "the adapters do not say which model they trained on (no base_model_name_or_path" \
-        in " ".join(result.output.split())
+        in refused({})
     gone = tmp_path / "gone"
-    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gone)}))
-    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
-                                      str(choices_csv)])
-    assert result.exit_code == 2
     assert f"{gone}: the model this run trained from is not there any more (the base of the " \
         f"LoRA adapters in {run}, as {run / 'adapter_config.json'} names it); if it moved, " \
-        "name where it is now with --base-model" in " ".join(result.output.split())
+        "name where it is now with --base-model" in refused(
+            {"base_model_name_or_path": str(gone)})
     # another tool's adapters naming a folder relative to where they were made
     relative = "models/bases/tiny"
-    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": relative}))
-    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
-                                      str(choices_csv)])
-    assert result.exit_code == 2
     assert f"{relative}: the model this run trained from is not there any more (the base of " \
         f"the LoRA adapters in {run}, as {run / 'adapter_config.json'} names it, from the " \
-        "working folder)" in " ".join(result.output.split())
+        "working folder)" in refused({"base_model_name_or_path": relative})
     # one that could be a hub id, offline and not in the local cache
-    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tinybase"}))
-    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--choices",
-                                      str(choices_csv)], env={"HF_HUB_OFFLINE": "1"})
-    assert result.exit_code == 2
     assert (f"tinybase: the base of the LoRA adapters in {run}, as "
             f"{run / 'adapter_config.json'} names it, is no folder here (from the working "
             "folder) nor a model in the local Hugging Face cache, and the hub is offline; name "
-            "where it is now with --base-model" in " ".join(result.output.split())), result.output
+            "where it is now with --base-model" in refused(
+                {"base_model_name_or_path": "tinybase"}))
     # named where it is now; but adapter_config.json without adapter weights is not adapters
     (run / "adapter_model.safetensors").unlink()
-    result = CliRunner().invoke(app, ["eval", "--model", str(run), "--base-model",
-                                      str(tiny_model_dir), "--choices", str(choices_csv)])
-    assert result.exit_code == 2
     assert f"{run}: adapter_config.json but no adapter weights (adapter_model.safetensors or " \
-        "adapter_model.bin)" in " ".join(result.output.split())
+        "adapter_model.bin)" in refused({"base_model_name_or_path": "tinybase"},
+                                        "--base-model", str(tiny_model_dir))
     merged = run_eval(EvalConfig(model=str(run / "merged"), choices=[str(choices_csv)]))
     assert merged["choices"]["overall"]["questions"] == 4
 
