@@ -1097,7 +1097,9 @@ def _finished_run_inputs_changed(run_config: dict, config: TrainConfig) -> list[
     # given, which a relative path or a built-in name does not pin down: not compared).
     if trained_from := run_config.get("model_path"):
         try:
-            wanted = (resolve_model(config.model) if config.model is not None
+            # (adapters as the base of a merge: the merge says what to give instead)
+            wanted = (resolve_model(config.model, adapters=_base_moved(run_config, config))
+                      if config.model is not None
                       else cache.get("model_path") or cache.get("model"))
         except ModelError:
             if config.model is not None and Path(config.model).expanduser().exists():

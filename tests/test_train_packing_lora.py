@@ -328,6 +328,9 @@ def test_adapters_are_scored_only_on_the_base_they_trained_on(tiny_model_dir, tm
                 merge_lora=True)
     with pytest.raises(ModelError, match=f"{base}: not the model the LoRA run"):
         _train(cache, run, model=str(base), **lora)
+    with pytest.raises(ModelError, match=r"--model \(with --resume --merge-lora\) .*: LoRA "
+                                         "adapters, not the whole model adapters are put on"):
+        _train(cache, run, model=str(run), **lora)
     _train(cache, run, model=str(moved), **lora)
     merged = run_eval(EvalConfig(model=str(run / "merged"), data=held))["heldout"]
     assert merged["nll_per_token"] == pytest.approx(whole["nll_per_token"], abs=1e-4)
