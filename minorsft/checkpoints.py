@@ -7,7 +7,6 @@ those of an uninterrupted one. Ctrl-C or SIGTERM asks for a checkpoint after the
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -269,7 +268,7 @@ def _write_checkpoint(state: TrainState, config: TrainConfig, step: int, folder:
                          "split": _split(state, config),
                          "optimizer_format": optimizer_format, "minorsft_version": __version__,
                          # what the loaded model is, wherever it is: a resume finds it moved
-                         "model_fingerprint": _model_fingerprint(state.model_path)}
+                         "model_fingerprint": base_fingerprint(state.model_path)}
         (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         os.replace(staging, target)
     except BaseException:
@@ -288,19 +287,13 @@ def _same_model(saved: str | None, state: TrainState, config: TrainConfig) -> bo
     return saved == config.model or _same_folder(saved, state.model_path)
 
 
-@functools.cache
-def _model_fingerprint(model_path: str) -> dict:
-    """The loaded model's weights and config.json (models.base_fingerprint), once a process."""
-    return base_fingerprint(model_path)
-
-
 def _moved_model(saved: str | None, state: TrainState, trainer_state: dict) -> bool:
     """Whether this run's model is the checkpoint's moved elsewhere: its folder is gone, and
     the model loaded now has the weights and config.json the checkpoint recorded (since
     0.9.3). A LoRA run's base above all, which the adapters are nothing without."""
     recorded = trainer_state.get("model_fingerprint")
     return bool(recorded and saved and Path(saved).is_absolute() and not Path(saved).exists()
-                and _model_fingerprint(state.model_path) == recorded)
+                and base_fingerprint(state.model_path) == recorded)
 
 
 def _same_folder(recorded: str | None, model_path: str) -> bool:
