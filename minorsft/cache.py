@@ -470,15 +470,13 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
     parts = collect_parts(path, manifests)
     if require_complete and (problems := missing_pieces(manifests, parts)):
         raise CacheError(f"{path}: incomplete cache: " + "; ".join(problems))
-    files = []
     merged_from = next((m["merged_from"] for m in manifests if m.get("merged_from")), None)
     # (a merged cache has no precompute command of its own: its shards' made it)
     again = ("run the same precompute command again to recompute it" if not merged_from else
              "recompute it where the shard was scored (the same precompute command) and merge "
              f"again (minorsft cache merge {' '.join(merged_from)} --out {path} --overwrite)")
-    for index in sorted(parts):
-        files.append(_check_part(path, index, parts[index], again))
-    entries = list(parts.values())
+    files = [_check_part(path, index, parts[index], again) for index in sorted(parts)]
+    entries = [parts[index] for index in sorted(parts)]
     metadata = dict(manifests[0]["metadata"])
     for manifest in manifests[1:]:  # keys added later (e.g. drift) to one shard's manifest
         for key, value in manifest["metadata"].items():
@@ -491,10 +489,7 @@ def open_cache(path: Path, require_complete: bool = True) -> CacheLayout:
         rows_rejected=sum(e["rows_rejected"] for e in entries),
         answer_tokens=sum(e["answer_tokens"] for e in entries),
     )
-    left_out: dict = {}  # (parts written by minorsft >= 0.9.3 count them)
-    for index in sorted(parts):
-        add_left_out(left_out, parts[index].get("left_out") or {})
-    if left_out:
+    if left_out := left_out_of(entries):
         metadata["left_out"] = left_out
     return CacheLayout(path, "parts", metadata, files, manifests, parts)
 
@@ -522,12 +517,16 @@ def _check_part(folder: Path, index: int, entry: dict, again: str) -> Path:
     return file
 
 
-def add_left_out(total: dict, counts: dict) -> None:
-    """Add `counts` (a part's columns with text its rows' reading left out, as
-    conversations.count_left_out counts them; its rows after those of `total`) to `total`."""
-    for column, tally in counts.items():
-        kept = total.setdefault(column, {"rows": 0, "first": tally["first"]})
-        kept["rows"] += tally["rows"]
+def left_out_of(entries: list[dict]) -> dict:
+    """The columns with text their rows' reading left out, over the parts of manifest
+    `entries` in row order (each part's as conversations.count_left_out counts them; parts
+    written before 0.9.3 count none): rows summed, the first part's first row kept."""
+    total: dict = {}
+    for entry in entries:
+        for column, tally in (entry.get("left_out") or {}).items():
+            kept = total.setdefault(column, {"rows": 0, "first": tally["first"]})
+            kept["rows"] += tally["rows"]
+    return total
 
 
 # Where a cache was expected and something else came, it is most often the input data.

@@ -149,10 +149,10 @@ def _refuse_several_splits(files: list[Path], given: str, prefer: str) -> None:
     if len(members) > 1 and (prefix := os.path.commonprefix([p.name for p in members])):
         patterns.append(str(members[0].parent / (prefix + "*")))
     # one that names exactly these files (gsm8k_train.jsonl beside train-0000*: none does)
+    matched = {pattern: {Path(match) for match in glob.glob(pattern)} for pattern in patterns}
     hint = next((f"--data '{pattern}' (quoted, so that minorsft, not the shell, expands it)"
-                 for pattern in patterns
-                 if {Path(match) for match in glob.glob(pattern)} & set(files) == set(members)
-                 and not others & {Path(match) for match in glob.glob(pattern)}), None)
+                 for pattern, found in matched.items()
+                 if found & set(files) == set(members) and not found & others), None)
     if hint is None and len(members) <= 4:
         hint = " ".join(f"--data {shlex.quote(str(path))}" for path in members)
     elif hint is None:

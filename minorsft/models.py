@@ -218,15 +218,15 @@ def lora_base(output: Path, run_config: dict, moved_to: str | None = None,
     elif not base:
         raise ModelError(f"{output}: the adapters do not say which model they trained on "
                          f"(no base_model_name_or_path in adapter_config.json); {hint}")
-    elif not Path(base).is_dir() and (Path(base).is_absolute() or base.startswith(".")
-                                      or base.count("/") > 1 or not run_config):
+    elif not Path(base).is_dir() and ((a_path := Path(base).is_absolute()
+                                       or base.startswith(".") or base.count("/") > 1)
+                                      or not run_config):
         # (a hub id is "org/name"; another tool's adapters name their base as it was given)
         name = ((run_config.get("config") or {}).get("model")
                 or (run_config.get("cache_metadata") or {}).get("model"))
         if name in BUILTIN_MODELS:  # a built-in is made again; a user's folder cannot be
             base = resolve_model(name)
-        elif run_config or Path(base).is_absolute() or base.startswith(".") \
-                or base.count("/") > 1:
+        elif run_config or a_path:
             source = ("" if run_config.get("model_path") else
                       f", as {output / 'adapter_config.json'} names it"
                       + ("" if Path(base).is_absolute() else ", from the working folder"))

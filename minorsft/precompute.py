@@ -42,13 +42,13 @@ from minorsft.cache import (
     REJECTS_DIR,
     CacheError,
     CacheWriter,
-    add_left_out,
     atomic_write_text,
     collect_parts,
     diff_settings,
     input_change,
     is_own_name,
     is_single_file_cache,
+    left_out_of,
     load_manifests,
     looks_like_cache,
     manifest_name,
@@ -866,9 +866,6 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
             raise ValueError(f"{out}: no usable rows (all {rows_rejected} rejected; see "
                              f"{rejects_path})")
     # (a bool column per part: cheap; the summary did not say rows were cut at all)
-    left_out: dict = {}
-    for entry in entries:
-        add_left_out(left_out, entry.get("left_out") or {})
     truncated = sum(pc.sum(pq.read_table(out / e["file"], columns=["truncated"])["truncated"])
                     .as_py() or 0 for e in entries if e["rows_cached"])
     return PrecomputeSummary(
@@ -877,4 +874,4 @@ def _summarise(out: Path, shard, started: float, skipped: int, written: int) -> 
         rows_rejected=rows_rejected, answer_tokens=sum(e["answer_tokens"] for e in entries),
         seconds=time.perf_counter() - started, rejects_path=rejects_path,
         parts_written=written, parts_skipped=skipped, complete=not problems,
-        waiting_for="; ".join(problems), left_out=left_out)
+        waiting_for="; ".join(problems), left_out=left_out_of(entries))
