@@ -215,13 +215,12 @@ def read_choices(path: Path, limit: int | None = None) -> list[Question]:
         # An accuracy of 0/0 is no result; as with empty SFT data, stop and name the file.
         raise DataError(str(path), None, None, "no questions (" + (
             "the file is empty)" if not _read_text(path).strip() else "only the header row)"))
+    first_line: dict[str, int] = {}
     for question in questions:  # (a blank cell or string: a malformed question, not one)
         for name, text in (("question", question.question),
                            *zip(LETTERS, question.options, strict=True)):
             if not text.strip():
                 raise DataError(str(path), question.line, name, "empty")
-    first_line: dict[str, int] = {}
-    for question in questions:
         if (first := first_line.setdefault(question.id, question.line)) != question.line:
             raise DataError(str(path), question.line, "id",
                             f"duplicate id {question.id!r} (first on line {first}): "
